@@ -1,0 +1,201 @@
+"""The catalogue: providers, model aliases, provider model ids, prices and context windows.
+
+All of it is data (``catalog.json`` beside this file); users extend or override it with
+``Lunar(catalog=...)`` or the ``LUNAR_CATALOG`` environment variable (a JSON file path).
+This module only reads it, resolves names and does the cost math.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ._errors import NotFoundError
+from ._types import Model, Usage
+
+_BUILTIN = Path(__file__).with_name("catalog.json")
+
+
+@dataclass(frozen=True)
+class ProviderSpec:
+    name: str
+    protocol: str
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key_env_alt: tuple[str, ...] = ()
+    key_required: bool = True
+
+    @property
+    def base_url_env(self) -> str:
+        return f"{self.name.upper()}_BASE_URL"
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per 1M tokens."""
+
+    input: float
+    output: float
+    cached_input: float | None = None
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One provider's offer of a model: ``model`` is Lunar's name, ``provider_model`` the
+    provider's own id; ``prices`` is ``None`` for names the catalogue does not know."""
+
+    model: str
+    provider: str
+    provider_model: str
+    prices: Prices | None
+    context_window: int | None = None
+    max_output_tokens: int | None = None
+    capabilities: frozenset[str] = field(default_factory=frozenset)
+
+
+def cost(usage: Usage, prices: Prices) -> None:
+    """Fill the cost fields of ``usage`` in place: tokens / 1e6 x price, per side, rounded to
+    10 decimals. Cached input tokens are billed at the cached price when there is one."""
+    cached = min(usage.cached_tokens, usage.prompt_tokens) if prices.cached_input is not None else 0
+    input_cost = round((usage.prompt_tokens - cached) * prices.input / 1e6, 10)
+    cached_cost = round(cached * (prices.cached_input or 0.0) / 1e6, 10)
+    output_cost = round(usage.completion_tokens * prices.output / 1e6, 10)
+    usage.input_cost_usd = input_cost
+    usage.cached_input_cost_usd = cached_cost
+    usage.output_cost_usd = output_cost
+    usage.total_cost_usd = round(input_cost + cached_cost + output_cost, 10)
+
+
+def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for section in ("providers", "models"):
+        if section in extra:
+            merged = dict(base.get(section, {}))
+            merged.update(extra[section])
+            out[section] = merged
+    return out
+
+
+class Catalog:
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self.providers: dict[str, ProviderSpec] = {}
+        for name, p in data.get("providers", {}).items():
+            self.providers[name] = ProviderSpec(
+                name=name,
+                protocol=p.get("protocol", "openai"),
+                base_url=p.get("base_url"),
+                api_key_env=p.get("api_key_env"),
+                api_key_env_alt=tuple(p.get("api_key_env_alt", ())),
+                key_required=p.get("key_required", True),
+            )
+        self.models: dict[str, list[Deployment]] = {}
+        self._by_provider_id: dict[tuple[str, str], Deployment] = {}
+        self._aliases: dict[str, str] = {}
+        for name, m in data.get("models", {}).items():
+            caps = frozenset(m.get("capabilities", ()))
+            deployments = []
+            for d in m.get("deployments", ()):
+                prices = None
+                if d.get("input") is not None and d.get("output") is not None:
+                    prices = Prices(d["input"], d["output"], d.get("cached_input"))
+                dep = Deployment(
+                    model=name,
+                    provider=d["provider"],
+                    provider_model=d["id"],
+                    prices=prices,
+                    context_window=d.get("context_window", m.get("context_window")),
+                    max_output_tokens=m.get("max_output_tokens"),
+                    capabilities=caps,
+                )
+                deployments.append(dep)
+                self._by_provider_id[(dep.provider, dep.provider_model)] = dep
+            self.models[name] = deployments
+            if m.get("full_name"):
+                self._aliases[m["full_name"]] = name
+
+    @classmethod
+    def load(cls, extra: Mapping[str, Any] | str | os.PathLike[str] | None = None) -> Catalog:
+        data: dict[str, Any] = json.loads(_BUILTIN.read_text())
+        env_path = os.environ.get("LUNAR_CATALOG")
+        if env_path:
+            data = _merge(data, json.loads(Path(env_path).read_text()))
+        if isinstance(extra, (str, os.PathLike)):
+            data = _merge(data, json.loads(Path(extra).read_text()))
+        elif extra:
+            data = _merge(data, extra)
+        return cls(data)
+
+    def resolve(self, name: str, provider: str | None = None) -> list[Deployment]:
+        """Every deployment that can serve ``name``, in catalogue order.
+
+        ``name`` is an alias (``gpt-4o-mini``), a full name (``local/smollm2-135m-instruct``),
+        a provider's own id (``llama-3.1-8b-instant``) or ``provider/model`` to force a
+        provider, which also passes through names the catalogue does not know (unpriced).
+        """
+        name = self._aliases.get(name, name)
+        deployments = self.models.get(name)
+        if deployments is None:
+            prefix, _, rest = name.partition("/")
+            if rest and prefix in self.providers and (provider is None or provider == prefix):
+                return [self._forced(prefix, rest)]
+            deployments = [d for (_, pid), d in self._by_provider_id.items() if pid == name]
+        if not deployments:
+            raise self.unknown(name)
+        if provider is not None:
+            chosen = [d for d in deployments if d.provider == provider]
+            if not chosen:
+                offered = ", ".join(sorted({d.provider for d in deployments}))
+                raise NotFoundError(
+                    f"Model '{name}' is not offered by provider '{provider}' "
+                    f"(offered by: {offered})",
+                    param="provider",
+                    code="model_not_found",
+                )
+            return chosen
+        return deployments
+
+    def _forced(self, provider: str, model: str) -> Deployment:
+        known = self._by_provider_id.get((provider, model))
+        if known is not None:
+            return known
+        for dep in self.models.get(model, ()):
+            if dep.provider == provider:
+                return dep
+        return Deployment(
+            model=f"{provider}/{model}", provider=provider, provider_model=model, prices=None
+        )
+
+    def unknown(self, name: str) -> NotFoundError:
+        names = list(self.models) + list(self._aliases)
+        close = difflib.get_close_matches(name, names, n=3, cutoff=0.5)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        return NotFoundError(
+            f"Unknown model '{name}'.{hint} Use 'provider/model' to send any model id to a "
+            "provider, or `lunar models` to list the catalogue.",
+            param="model",
+            code="model_not_found",
+        )
+
+    def list_models(self) -> list[Model]:
+        out = []
+        for name, deps in self.models.items():
+            if not deps:
+                continue
+            first = deps[0]
+            out.append(
+                Model(
+                    id=name,
+                    owned_by=first.provider,
+                    providers=[d.provider for d in deps],
+                    context_window=first.context_window,
+                    input_price_per_1m=first.prices.input if first.prices else None,
+                    output_price_per_1m=first.prices.output if first.prices else None,
+                    capabilities=sorted(first.capabilities),
+                )
+            )
+        return out

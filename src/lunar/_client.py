@@ -1,0 +1,436 @@
+"""``Lunar`` and ``AsyncLunar``: configuration, resources, and nothing else.
+
+Everything that decides (routing, retries, fallbacks, cost) lives in the engine; everything
+that validates lives in ``_request``. The two clients differ only in awaiting.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Literal, overload
+
+import httpx
+
+from . import __version__
+from ._catalog import Catalog, Deployment, ProviderSpec
+from ._engine import AsyncEngine, Router, SyncEngine
+from ._errors import AuthenticationError, error_from_response
+from ._request import (
+    ChatParams,
+    CompletionParams,
+    completion_from_chat,
+    completion_from_chunk,
+    prepare,
+    prompt_messages,
+    validate_fallbacks,
+)
+from ._streaming import AsyncStream, Stream
+from ._types import ChatCompletion, ChatCompletionChunk, Completion, Model, SyncPage
+from .providers import Target
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+DEFAULT_TIMEOUT = 600.0
+_LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+
+
+class _Settings:
+    """What both clients derive from their arguments and the environment."""
+
+    def __init__(
+        self,
+        api_key: str | None,
+        jwt: str | None,
+        base_url: str | None,
+        timeout: float | httpx.Timeout | None,
+        max_retries: int,
+        fallbacks: Mapping[str, list[str]] | None,
+        default_headers: Mapping[str, str] | None,
+        providers: Mapping[str, Mapping[str, Any]] | None,
+        catalog: Any,
+    ) -> None:
+        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+            raise ValueError("max_retries must be a non-negative integer")
+        base_url = base_url or os.environ.get("LUNAR_BASE_URL") or None
+        self.catalog = Catalog.load(catalog)
+        self.max_retries = max_retries
+        self.headers = {"user-agent": f"lunar-python/{__version__}", **(default_headers or {})}
+        if timeout is None:
+            timeout = DEFAULT_TIMEOUT
+        self.timeout = (
+            timeout
+            if isinstance(timeout, httpx.Timeout)
+            else httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        )
+        remote = None
+        if base_url:
+            api_key = api_key or os.environ.get("LUNAR_API_KEY")
+            jwt = jwt or os.environ.get("LUNAR_JWT")
+            if jwt:
+                auth = {"authorization": f"Bearer {jwt}"}
+            elif api_key:
+                auth = {"x-api-key": api_key}
+            else:
+                raise AuthenticationError(
+                    f"No credentials for the Lunar gateway at {base_url}: set LUNAR_API_KEY "
+                    "(or LUNAR_JWT), or pass api_key=...",
+                    code="missing_api_key",
+                )
+            spec = ProviderSpec("lunar", "openai", base_url)
+            remote = Target(
+                Deployment("", "lunar", "", None), spec, base_url.rstrip("/"), None, auth
+            )
+        self.remote = remote
+        self.router = Router(self.catalog, providers, validate_fallback_map(fallbacks), remote)
+
+    def models_request(self) -> tuple[str, dict[str, str]]:
+        assert self.remote is not None
+        return self.remote.base_url + "/models", dict(self.remote.headers)
+
+
+def validate_fallback_map(fallbacks: Mapping[str, Any] | None) -> dict[str, list[str]]:
+    if fallbacks is None:
+        return {}
+    if not isinstance(fallbacks, Mapping):
+        raise ValueError("fallbacks must map a model name to a list of fallback models")
+    return {model: validate_fallbacks(chain) or [] for model, chain in fallbacks.items()}
+
+
+def _models_page(settings: _Settings, response: httpx.Response) -> SyncPage:
+    if response.status_code >= 400:
+        raise error_from_response(response.status_code, response.headers, response.content)
+    return SyncPage([Model.from_dict(m) for m in response.json().get("data", [])])
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class Lunar:
+    """The synchronous client. With no ``base_url`` (and no ``LUNAR_BASE_URL``) it routes
+    in-process to providers (direct mode); with one it talks to a Lunar gateway."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        jwt: str | None = None,
+        base_url: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        fallbacks: Mapping[str, list[str]] | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx.Client | None = None,
+        providers: Mapping[str, Mapping[str, Any]] | None = None,
+        catalog: Any = None,
+    ) -> None:
+        self._settings = _Settings(
+            api_key,
+            jwt,
+            base_url,
+            timeout,
+            max_retries,
+            fallbacks,
+            default_headers,
+            providers,
+            catalog,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.Client(
+            timeout=self._settings.timeout, limits=_LIMITS, headers=self._settings.headers
+        )
+        self._remote = self._settings.remote is not None
+        self._engine = SyncEngine(self._settings.router, self._http, max_retries)
+        self.chat = Chat(self)
+        self.completions = Completions(self)
+        self.models = Models(self)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._settings.catalog
+
+    def close(self) -> None:
+        if self._owns_http:
+            self._http.close()
+
+    def __enter__(self) -> Lunar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Chat:
+    def __init__(self, client: Lunar) -> None:
+        self.completions = ChatCompletions(client)
+
+
+class ChatCompletions:
+    def __init__(self, client: Lunar) -> None:
+        self._client = client
+
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Any],
+        stream: Literal[False] = False,
+        **kwargs: Unpack[ChatParams],
+    ) -> ChatCompletion: ...
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Any],
+        stream: Literal[True],
+        **kwargs: Unpack[ChatParams],
+    ) -> Stream[ChatCompletionChunk]: ...
+    @overload
+    def create(
+        self, *, model: str, messages: Iterable[Any], stream: bool, **kwargs: Unpack[ChatParams]
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]: ...
+
+    def create(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Any],
+        stream: bool = False,
+        **kwargs: Unpack[ChatParams],
+    ) -> ChatCompletion | Stream[ChatCompletionChunk]:
+        """A chat completion; ``stream=True`` gives a ``Stream`` of chunks. Arguments as in
+        the OpenAI API, plus ``fallbacks`` (models to try in order) and ``provider``."""
+        client = self._client
+        body, opts = prepare("create", model, messages, kwargs, remote=client._remote)
+        if stream:
+            return Stream(client._engine.stream(body, opts))
+        return client._engine.complete(body, opts)
+
+
+class Completions:
+    """Legacy text completions, served through chat: the prompt is the user's turn."""
+
+    def __init__(self, client: Lunar) -> None:
+        self._client = client
+
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str | list[str],
+        stream: Literal[False] = False,
+        **kwargs: Unpack[CompletionParams],
+    ) -> Completion: ...
+    @overload
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str | list[str],
+        stream: Literal[True],
+        **kwargs: Unpack[CompletionParams],
+    ) -> Stream[Completion]: ...
+
+    def create(
+        self,
+        *,
+        model: str,
+        prompt: str | list[str],
+        stream: bool = False,
+        **kwargs: Unpack[CompletionParams],
+    ) -> Completion | Stream[Completion]:
+        client = self._client
+        body, opts = prepare(
+            "create", model, prompt_messages(prompt), kwargs, legacy=True, remote=client._remote
+        )
+        if stream:
+            return Stream(client._engine.stream(body, opts), completion_from_chunk)
+        return completion_from_chat(client._engine.complete(body, opts))
+
+
+class Models:
+    def __init__(self, client: Lunar) -> None:
+        self._client = client
+
+    def list(self) -> SyncPage:
+        settings = self._client._settings
+        if settings.remote is None:
+            return SyncPage(settings.catalog.list_models())
+        url, headers = settings.models_request()
+        return _models_page(settings, self._client._http.get(url, headers=headers))
+
+    def retrieve(self, model: str) -> Model:
+        for m in self.list():
+            if m.id == model:
+                return m
+        raise self._client._settings.catalog.unknown(model)
+
+
+# --------------------------------------------------------------------------------------------
+
+
+class AsyncLunar:
+    """The asynchronous client: the same arguments and objects as ``Lunar``, awaited."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        *,
+        jwt: str | None = None,
+        base_url: str | None = None,
+        timeout: float | httpx.Timeout | None = DEFAULT_TIMEOUT,
+        max_retries: int = 2,
+        fallbacks: Mapping[str, list[str]] | None = None,
+        default_headers: Mapping[str, str] | None = None,
+        http_client: httpx.AsyncClient | None = None,
+        providers: Mapping[str, Mapping[str, Any]] | None = None,
+        catalog: Any = None,
+    ) -> None:
+        self._settings = _Settings(
+            api_key,
+            jwt,
+            base_url,
+            timeout,
+            max_retries,
+            fallbacks,
+            default_headers,
+            providers,
+            catalog,
+        )
+        self._owns_http = http_client is None
+        self._http = http_client or httpx.AsyncClient(
+            timeout=self._settings.timeout, limits=_LIMITS, headers=self._settings.headers
+        )
+        self._remote = self._settings.remote is not None
+        self._engine = AsyncEngine(self._settings.router, self._http, max_retries)
+        self.chat = AsyncChat(self)
+        self.completions = AsyncCompletions(self)
+        self.models = AsyncModels(self)
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._settings.catalog
+
+    async def close(self) -> None:
+        if self._owns_http:
+            await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncLunar:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+
+class AsyncChat:
+    def __init__(self, client: AsyncLunar) -> None:
+        self.completions = AsyncChatCompletions(client)
+
+
+class AsyncChatCompletions:
+    def __init__(self, client: AsyncLunar) -> None:
+        self._client = client
+
+    @overload
+    async def create(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Any],
+        stream: Literal[False] = False,
+        **kwargs: Unpack[ChatParams],
+    ) -> ChatCompletion: ...
+    @overload
+    async def create(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Any],
+        stream: Literal[True],
+        **kwargs: Unpack[ChatParams],
+    ) -> AsyncStream[ChatCompletionChunk]: ...
+    @overload
+    async def create(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Any],
+        stream: bool,
+        **kwargs: Unpack[ChatParams],
+    ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]: ...
+
+    async def create(
+        self,
+        *,
+        model: str,
+        messages: Iterable[Any],
+        stream: bool = False,
+        **kwargs: Unpack[ChatParams],
+    ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
+        client = self._client
+        body, opts = prepare("create", model, messages, kwargs, remote=client._remote)
+        if stream:
+            return AsyncStream(await client._engine.stream(body, opts))
+        return await client._engine.complete(body, opts)
+
+
+class AsyncCompletions:
+    def __init__(self, client: AsyncLunar) -> None:
+        self._client = client
+
+    @overload
+    async def create(
+        self,
+        *,
+        model: str,
+        prompt: str | list[str],
+        stream: Literal[False] = False,
+        **kwargs: Unpack[CompletionParams],
+    ) -> Completion: ...
+    @overload
+    async def create(
+        self,
+        *,
+        model: str,
+        prompt: str | list[str],
+        stream: Literal[True],
+        **kwargs: Unpack[CompletionParams],
+    ) -> AsyncStream[Completion]: ...
+
+    async def create(
+        self,
+        *,
+        model: str,
+        prompt: str | list[str],
+        stream: bool = False,
+        **kwargs: Unpack[CompletionParams],
+    ) -> Completion | AsyncStream[Completion]:
+        client = self._client
+        body, opts = prepare(
+            "create", model, prompt_messages(prompt), kwargs, legacy=True, remote=client._remote
+        )
+        if stream:
+            return AsyncStream(await client._engine.stream(body, opts), completion_from_chunk)
+        return completion_from_chat(await client._engine.complete(body, opts))
+
+
+class AsyncModels:
+    def __init__(self, client: AsyncLunar) -> None:
+        self._client = client
+
+    async def list(self) -> SyncPage:
+        settings = self._client._settings
+        if settings.remote is None:
+            return SyncPage(settings.catalog.list_models())
+        url, headers = settings.models_request()
+        return _models_page(settings, await self._client._http.get(url, headers=headers))
+
+    async def retrieve(self, model: str) -> Model:
+        for m in await self.list():
+            if m.id == model:
+                return m
+        raise self._client._settings.catalog.unknown(model)

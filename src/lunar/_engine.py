@@ -1,0 +1,658 @@
+"""The engine: model resolution, retries, fallbacks, timing and cost, in one place.
+
+The policy is pure and shared (``Router`` builds the chain of targets, ``Plan`` decides what
+to try next and how long to wait, ``StreamFinisher`` puts usage, cost and timing on the final
+chunk). Only the loops that wait on the network exist twice: ``SyncEngine`` and
+``AsyncEngine``. The gateway runs ``AsyncEngine`` too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from typing import Any
+
+import httpx
+
+from ._catalog import Catalog, Deployment, ProviderSpec, cost
+from ._errors import (
+    MAX_RETRY_AFTER_SECONDS,
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    Attempt,
+    AuthenticationError,
+    LunarError,
+    NotFoundError,
+    retry_after_seconds,
+)
+from ._request import RequestOptions
+from ._types import ChatCompletion, ChatCompletionChunk, Usage
+from .providers import Adapter, StreamTranslator, Target, adapter_for
+
+_now = time.perf_counter
+
+# ---------------------------------------------------------------------------------------------
+# Where to send: the chain of targets for one request
+
+
+class Router:
+    """Turns a model name plus fallbacks into the ordered targets to try, with credentials
+    and endpoints from explicit overrides first, then ``{PROVIDER}_API_KEY`` /
+    ``{PROVIDER}_BASE_URL`` from the environment, then the catalogue's defaults."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        providers: Mapping[str, Mapping[str, Any]] | None = None,
+        fallbacks: Mapping[str, list[str]] | None = None,
+        remote: Target | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.overrides = {k: dict(v) for k, v in (providers or {}).items()}
+        self.fallbacks = {k: list(v) for k, v in (fallbacks or {}).items()}
+        self.remote = remote
+        self._environ = os.environ if environ is None else environ
+        self._targets: dict[Deployment, Target | LunarError] = {}
+
+    def chain(self, opts: RequestOptions) -> list[tuple[str, Target | LunarError]]:
+        """``(model, target or the reason it cannot be tried)`` in the order to try them.
+        An unknown primary model raises at once: that is bad input, not an outage."""
+        if self.remote is not None:
+            dep = Deployment(opts.model, "lunar", opts.model, None)
+            return [
+                (
+                    opts.model,
+                    Target(dep, self.remote.spec, self.remote.base_url, None, self.remote.headers),
+                )
+            ]
+        fallbacks = (
+            opts.fallbacks if opts.fallbacks is not None else self.fallbacks.get(opts.model, [])
+        )
+        out: list[tuple[str, Target | LunarError]] = []
+        for i, name in enumerate([opts.model, *fallbacks]):
+            try:
+                deployments = self.catalog.resolve(name, opts.provider if i == 0 else None)
+            except NotFoundError as e:
+                if i == 0:
+                    raise
+                out.append((name, e))
+                continue
+            for dep in deployments:
+                out.append((name, self.target(dep)))
+        return out
+
+    def target(self, dep: Deployment) -> Target | LunarError:
+        cached = self._targets.get(dep)
+        if cached is None:
+            cached = self._targets[dep] = self._make_target(dep)
+        return cached
+
+    def _make_target(self, dep: Deployment) -> Target | LunarError:
+        spec = self.catalog.providers.get(dep.provider)
+        if spec is None:
+            return NotFoundError(
+                f"Unknown provider '{dep.provider}' for model '{dep.model}'", param="provider"
+            )
+        override = self.overrides.get(spec.name, {})
+        env = self._environ
+        api_key = override.get("api_key")
+        if api_key is None and spec.api_key_env:
+            api_key = env.get(spec.api_key_env)
+            for alt in spec.api_key_env_alt:
+                api_key = api_key or env.get(alt)
+        base_url = override.get("base_url") or env.get(spec.base_url_env) or spec.base_url
+        if spec.key_required and not api_key:
+            return missing_key_error(spec)
+        headers = dict(override.get("headers") or {})
+        return Target(dep, spec, base_url or "", api_key, headers)
+
+
+def missing_key_error(spec: ProviderSpec) -> AuthenticationError:
+    return AuthenticationError(
+        f"No API key for provider '{spec.name}': set {spec.api_key_env} or pass "
+        f"providers={{'{spec.name}': {{'api_key': ...}}}}",
+        code="missing_api_key",
+        provider=spec.name,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# What to try next: retries and fallbacks
+
+
+def may_fall_back(err: LunarError) -> bool:
+    """Fallbacks happen on 408, 409, 429, 5xx, connection errors and timeouts — never on
+    other 4xx, where another model would be refused the same way."""
+    if isinstance(err, APIConnectionError):
+        return True
+    if isinstance(err, APIError):
+        status = err.status_code
+        return status is None or status in (408, 409, 429) or status >= 500
+    return False
+
+
+def backoff(retry: int, rand: Callable[[], float] = random.random) -> float:
+    """Exponential backoff with jitter, as the official SDKs do: min(0.5 * 2**n, 8) x [0.75, 1]."""
+    return min(0.5 * 2.0**retry, 8.0) * (1 - 0.25 * rand())
+
+
+class Step:
+    __slots__ = ("delay", "model", "target")
+
+    def __init__(self, model: str, target: Target, delay: float) -> None:
+        self.model = model
+        self.target = target
+        self.delay = delay
+
+
+class Plan:
+    """The attempts for one request. ``next()`` says what to try and how long to wait first;
+    ``failed()`` is told what went wrong; ``error()`` is what to raise when nothing is left."""
+
+    def __init__(
+        self,
+        chain: list[tuple[str, Target | LunarError]],
+        max_retries: int,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self._chain = chain
+        self._max_retries = max_retries
+        self._rand = rand
+        self._index = 0
+        self._retries = 0
+        self._delay = 0.0
+        self._stopped = False
+        self._last_tried: LunarError | None = None
+        self._last_skipped: LunarError | None = None
+        self.attempts: list[Attempt] = []
+
+    def next(self) -> Step | None:
+        while not self._stopped and self._index < len(self._chain):
+            model, target = self._chain[self._index]
+            if isinstance(target, LunarError):
+                provider = getattr(target, "provider", None) or "?"
+                self.attempts.append(Attempt(model, provider, target))
+                self._last_skipped = target
+                self._index += 1
+                continue
+            delay, self._delay = self._delay, 0.0
+            return Step(model, target, delay)
+        return None
+
+    def failed(self, step: Step, err: LunarError) -> None:
+        self.attempts.append(Attempt(step.model, step.target.provider, err))
+        self._last_tried = err
+        if not may_fall_back(err):
+            self._stopped = True
+            return
+        if err.retryable and self._retries < self._max_retries:
+            headers = getattr(err, "headers", None)
+            wait = retry_after_seconds(headers) if headers else None
+            if wait is None:
+                wait = backoff(self._retries, self._rand)
+            if wait <= MAX_RETRY_AFTER_SECONDS:
+                self._retries += 1
+                self._delay = wait
+                return
+        self._index += 1
+        self._retries = 0
+
+    def error(self) -> LunarError:
+        err = self._last_tried or self._last_skipped
+        if err is None:
+            err = LunarError("No model to try")
+        err.attempts = self.attempts
+        return err
+
+
+# ---------------------------------------------------------------------------------------------
+# Usage, cost and timing
+
+
+def estimate_tokens(text_chars: int) -> int:
+    """Rough token count (~4 characters a token) for upstreams that report no usage."""
+    return (text_chars + 3) // 4
+
+
+def prompt_chars(body: Mapping[str, Any]) -> int:
+    total = 0
+    for msg in body.get("messages", ()):
+        content = msg.get("content")
+        if isinstance(content, str):
+            total += len(content)
+        elif isinstance(content, list):
+            total += sum(len(p.get("text", "")) for p in content if isinstance(p, Mapping))
+    return total
+
+
+def account(usage: Usage, target: Target, started: float, ttft: float | None) -> None:
+    """Put cost (when the catalogue prices the deployment) and timing on ``usage``."""
+    prices = target.deployment.prices
+    if prices is not None:
+        cost(usage, prices)
+    elapsed = _now() - started
+    usage.latency_ms = round(elapsed * 1000, 3)
+    usage.ttft_ms = round((elapsed if ttft is None else ttft) * 1000, 3)
+
+
+def finish_completion(
+    completion: ChatCompletion, target: Target, body: Mapping[str, Any], started: float
+) -> ChatCompletion:
+    usage = completion.usage
+    if usage is None:
+        chars = sum(len(c.message.content or "") for c in completion.choices)
+        usage = completion.usage = Usage(
+            estimate_tokens(prompt_chars(body)), estimate_tokens(chars)
+        )
+    completion.provider = target.provider
+    account(usage, target, started, None)
+    return completion
+
+
+class StreamFinisher:
+    """Hands chunks on as they come, except the one carrying ``finish_reason``: it is held
+    until the stream ends so that usage (which OpenAI sends in a separate chunk after it),
+    cost and timing can be put on it. The caller's last chunk thus has ``choices[0]`` and
+    ``usage`` both, and a plain ``chunk.choices[0].delta.content`` loop never breaks."""
+
+    __slots__ = ("_body", "_chars", "_held", "_last", "_started", "_target", "_ttft", "_usage")
+
+    def __init__(self, target: Target, body: Mapping[str, Any], started: float) -> None:
+        self._target = target
+        self._body = body
+        self._started = started
+        self._ttft: float | None = None
+        self._held: ChatCompletionChunk | None = None
+        self._last: ChatCompletionChunk | None = None
+        self._usage: Usage | None = None
+        self._chars = 0
+
+    def push(self, chunks: list[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
+        out = []
+        for chunk in chunks:
+            if chunk.usage is not None:
+                self._usage = chunk.usage
+                if not chunk.choices:
+                    continue
+            self._last = chunk
+            if self._held is not None:
+                out.append(self._held)
+                self._held = None
+            finishing = False
+            for choice in chunk.choices:
+                delta = choice.delta
+                if delta.content:
+                    self._chars += len(delta.content)
+                    if self._ttft is None:
+                        self._ttft = _now() - self._started
+                elif self._ttft is None and delta.tool_calls:
+                    self._ttft = _now() - self._started
+                if choice.finish_reason is not None:
+                    finishing = True
+            if finishing:
+                self._held = chunk
+            else:
+                out.append(chunk)
+        return out
+
+    def end(self) -> list[ChatCompletionChunk]:
+        final = self._held
+        if final is None:
+            last = self._last
+            final = ChatCompletionChunk(
+                id=last.id if last else "",
+                created=last.created if last else int(time.time()),
+                model=last.model if last else self._target.deployment.provider_model,
+                choices=[],
+                provider=self._target.provider,
+            )
+        usage = self._usage
+        if usage is None:
+            usage = Usage(estimate_tokens(prompt_chars(self._body)), estimate_tokens(self._chars))
+        final.usage = usage
+        account(usage, self._target, self._started, self._ttft)
+        self._held = None
+        return [final]
+
+    @property
+    def usage_so_far(self) -> Usage | None:
+        return self._usage
+
+
+# ---------------------------------------------------------------------------------------------
+# The drivers: the only code that waits on the network
+
+
+def connection_error(exc: Exception, target: Target) -> APIConnectionError:
+    where = f"provider '{target.provider}' at {target.base_url}"
+    if isinstance(exc, httpx.TimeoutException):
+        return APITimeoutError(f"Timed out waiting for {where} ({type(exc).__name__})")
+    detail = str(exc) or type(exc).__name__
+    return APIConnectionError(f"Connection to {where} failed: {detail}")
+
+
+def _timeout(opts: RequestOptions) -> Any:
+    return httpx.USE_CLIENT_DEFAULT if opts.timeout is None else opts.timeout
+
+
+def _headers(headers: dict[str, str], opts: RequestOptions) -> dict[str, str]:
+    if opts.extra_headers:
+        headers = {**headers, **opts.extra_headers}
+    return headers
+
+
+def has_substance(chunks: list[ChatCompletionChunk]) -> bool:
+    """Whether any chunk carries something for the caller. Providers send a role-only chunk
+    before generating; committing to a provider waits for more, so a failure right after
+    that empty chunk can still fall back."""
+    for chunk in chunks:
+        if chunk.usage is not None:
+            return True
+        for choice in chunk.choices:
+            d = choice.delta
+            if d.content or d.tool_calls or d.refusal or choice.finish_reason is not None:
+                return True
+    return False
+
+
+def _in_process(adapter: Adapter) -> Any:
+    """Adapters that run a model in this process (the local one) instead of sending HTTP."""
+    return getattr(adapter, "in_process", None)
+
+
+class SyncEngine:
+    def __init__(self, router: Router, http: httpx.Client, max_retries: int = 2) -> None:
+        self.router = router
+        self.http = http
+        self.max_retries = max_retries
+
+    def _plan(self, opts: RequestOptions) -> Plan:
+        return Plan(self.router.chain(opts), self.max_retries)
+
+    def complete(self, body: Mapping[str, Any], opts: RequestOptions) -> ChatCompletion:
+        started = _now()
+        plan = self._plan(opts)
+        while (step := plan.next()) is not None:
+            if step.delay:
+                time.sleep(step.delay)
+            try:
+                completion = self._complete_once(step.target, body, opts)
+            except LunarError as err:
+                plan.failed(step, err)
+                continue
+            return finish_completion(completion, step.target, body, started)
+        raise plan.error()
+
+    def _complete_once(
+        self, target: Target, body: Mapping[str, Any], opts: RequestOptions
+    ) -> ChatCompletion:
+        adapter = adapter_for(target.spec.protocol)
+        local = _in_process(adapter)
+        if local is not None:
+            result: ChatCompletion = local.complete(body, target)
+            return result
+        req = adapter.build_request(body, target, stream=False)
+        try:
+            resp = self.http.request(
+                req.method,
+                req.url,
+                headers=_headers(req.headers, opts),
+                content=req.content,
+                timeout=_timeout(opts),
+            )
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, target) from exc
+        if resp.status_code >= 400:
+            raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
+        return adapter.parse_response(resp.content, target)
+
+    def stream(
+        self, body: Mapping[str, Any], opts: RequestOptions
+    ) -> Iterator[ChatCompletionChunk]:
+        """Connects and waits for the first chunk before returning (falling back while
+        nothing has reached the caller); the iterator then yields every chunk as it comes."""
+        started = _now()
+        plan = self._plan(opts)
+        while (step := plan.next()) is not None:
+            if step.delay:
+                time.sleep(step.delay)
+            try:
+                opened = self._open(step.target, body, opts)
+            except LunarError as err:
+                plan.failed(step, err)
+                continue
+            finisher = StreamFinisher(step.target, body, started)
+            return self._iterate(step, opened, finisher, plan)
+        raise plan.error()
+
+    def _open(
+        self, target: Target, body: Mapping[str, Any], opts: RequestOptions
+    ) -> tuple[Any, Iterator[Any], StreamTranslator | None, list[ChatCompletionChunk]]:
+        adapter = adapter_for(target.spec.protocol)
+        local = _in_process(adapter)
+        if local is not None:
+            batches: Iterator[list[ChatCompletionChunk]] = local.stream(body, target)
+            try:
+                head = next(batches, [])
+            except BaseException:
+                batches.close()  # type: ignore[attr-defined]
+                raise
+            return batches, batches, None, head
+        req = adapter.build_request(body, target, stream=True)
+        resp = None
+        try:
+            request = self.http.build_request(
+                req.method,
+                req.url,
+                headers=_headers(req.headers, opts),
+                content=req.content,
+                timeout=_timeout(opts),
+            )
+            resp = self.http.send(request, stream=True)
+            if resp.status_code >= 400:
+                resp.read()
+                raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
+            translator = adapter.stream_translator(target)
+            raw = resp.iter_bytes()
+            first: list[ChatCompletionChunk] = []
+            for data in raw:
+                first += translator.feed(data)
+                if has_substance(first):
+                    break
+            else:
+                first += translator.close()
+                translator = None  # type: ignore[assignment]
+            return resp, raw, translator, first
+        except httpx.HTTPError as exc:
+            if resp is not None:
+                resp.close()
+            raise connection_error(exc, target) from exc
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
+
+    def _iterate(
+        self,
+        step: Step,
+        opened: tuple[Any, Iterator[Any], StreamTranslator | None, list[ChatCompletionChunk]],
+        finisher: StreamFinisher,
+        plan: Plan,
+    ) -> Iterator[ChatCompletionChunk]:
+        resp, raw, translator, first = opened
+        try:
+            yield from finisher.push(first)
+            if translator is None:  # in-process: batches of chunks already
+                for batch in raw:
+                    yield from finisher.push(batch)
+            else:
+                for data in raw:
+                    chunks = translator.feed(data)
+                    if chunks:
+                        yield from finisher.push(chunks)
+                yield from finisher.push(translator.close())
+            yield from finisher.end()
+        except httpx.HTTPError as exc:
+            err = connection_error(exc, step.target)
+            plan.failed(step, err)
+            err.attempts = plan.attempts
+            raise err from exc
+        except LunarError as err:
+            plan.failed(step, err)
+            err.attempts = plan.attempts
+            raise
+        finally:
+            resp.close()
+
+
+class AsyncEngine:
+    def __init__(self, router: Router, http: httpx.AsyncClient, max_retries: int = 2) -> None:
+        self.router = router
+        self.http = http
+        self.max_retries = max_retries
+
+    def _plan(self, opts: RequestOptions) -> Plan:
+        return Plan(self.router.chain(opts), self.max_retries)
+
+    async def complete(self, body: Mapping[str, Any], opts: RequestOptions) -> ChatCompletion:
+        started = _now()
+        plan = self._plan(opts)
+        while (step := plan.next()) is not None:
+            if step.delay:
+                await asyncio.sleep(step.delay)
+            try:
+                completion = await self._complete_once(step.target, body, opts)
+            except LunarError as err:
+                plan.failed(step, err)
+                continue
+            return finish_completion(completion, step.target, body, started)
+        raise plan.error()
+
+    async def _complete_once(
+        self, target: Target, body: Mapping[str, Any], opts: RequestOptions
+    ) -> ChatCompletion:
+        adapter = adapter_for(target.spec.protocol)
+        local = _in_process(adapter)
+        if local is not None:
+            result: ChatCompletion = await local.acomplete(body, target)
+            return result
+        req = adapter.build_request(body, target, stream=False)
+        try:
+            resp = await self.http.request(
+                req.method,
+                req.url,
+                headers=_headers(req.headers, opts),
+                content=req.content,
+                timeout=_timeout(opts),
+            )
+        except httpx.HTTPError as exc:
+            raise connection_error(exc, target) from exc
+        if resp.status_code >= 400:
+            raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
+        return adapter.parse_response(resp.content, target)
+
+    async def stream(
+        self, body: Mapping[str, Any], opts: RequestOptions
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        started = _now()
+        plan = self._plan(opts)
+        while (step := plan.next()) is not None:
+            if step.delay:
+                await asyncio.sleep(step.delay)
+            try:
+                opened = await self._open(step.target, body, opts)
+            except LunarError as err:
+                plan.failed(step, err)
+                continue
+            finisher = StreamFinisher(step.target, body, started)
+            return self._iterate(step, opened, finisher, plan)
+        raise plan.error()
+
+    async def _open(
+        self, target: Target, body: Mapping[str, Any], opts: RequestOptions
+    ) -> tuple[Any, AsyncIterator[Any], StreamTranslator | None, list[ChatCompletionChunk]]:
+        adapter = adapter_for(target.spec.protocol)
+        local = _in_process(adapter)
+        if local is not None:
+            batches: AsyncIterator[list[ChatCompletionChunk]] = local.astream(body, target)
+            try:
+                head: list[ChatCompletionChunk] = await anext(batches, [])
+            except BaseException:
+                await batches.aclose()  # type: ignore[attr-defined]
+                raise
+            return batches, batches, None, head
+        req = adapter.build_request(body, target, stream=True)
+        resp = None
+        try:
+            request = self.http.build_request(
+                req.method,
+                req.url,
+                headers=_headers(req.headers, opts),
+                content=req.content,
+                timeout=_timeout(opts),
+            )
+            resp = await self.http.send(request, stream=True)
+            if resp.status_code >= 400:
+                await resp.aread()
+                raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
+            translator = adapter.stream_translator(target)
+            raw = resp.aiter_bytes()
+            first: list[ChatCompletionChunk] = []
+            async for data in raw:
+                first += translator.feed(data)
+                if has_substance(first):
+                    break
+            else:
+                first += translator.close()
+                translator = None  # type: ignore[assignment]
+            return resp, raw, translator, first
+        except httpx.HTTPError as exc:
+            if resp is not None:
+                await resp.aclose()
+            raise connection_error(exc, target) from exc
+        except BaseException:
+            if resp is not None:
+                await resp.aclose()
+            raise
+
+    async def _iterate(
+        self,
+        step: Step,
+        opened: tuple[Any, AsyncIterator[Any], StreamTranslator | None, list[ChatCompletionChunk]],
+        finisher: StreamFinisher,
+        plan: Plan,
+    ) -> AsyncIterator[ChatCompletionChunk]:
+        closer, raw, translator, first = opened
+        try:
+            for chunk in finisher.push(first):
+                yield chunk
+            if translator is None:
+                async for batch in raw:
+                    for chunk in finisher.push(batch):
+                        yield chunk
+            else:
+                async for data in raw:
+                    chunks = translator.feed(data)
+                    if chunks:
+                        for chunk in finisher.push(chunks):
+                            yield chunk
+                for chunk in finisher.push(translator.close()):
+                    yield chunk
+            for chunk in finisher.end():
+                yield chunk
+        except httpx.HTTPError as exc:
+            err = connection_error(exc, step.target)
+            plan.failed(step, err)
+            err.attempts = plan.attempts
+            raise err from exc
+        except LunarError as err:
+            plan.failed(step, err)
+            err.attempts = plan.attempts
+            raise
+        finally:
+            await closer.aclose()

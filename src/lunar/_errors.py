@@ -1,0 +1,326 @@
+"""The exception hierarchy, and the one function that maps an HTTP answer to an exception."""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import time
+from collections.abc import Mapping
+from typing import Any
+
+
+class LunarError(Exception):
+    """Base of every error Lunar raises."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+        #: Every attempt made before giving up (model, provider, error); see ``Attempt``.
+        self.attempts: list[Attempt] = []
+
+    @property
+    def retryable(self) -> bool:
+        """Whether retrying the same request (or falling back) may succeed."""
+        return False
+
+
+class Attempt:
+    """One try against one provider, kept on the error raised when all of them fail."""
+
+    __slots__ = ("error", "model", "provider")
+
+    def __init__(self, model: str, provider: str, error: LunarError) -> None:
+        self.model = model
+        self.provider = provider
+        self.error = error
+
+    def __repr__(self) -> str:
+        return f"Attempt(model={self.model!r}, provider={self.provider!r}, error={self.error!s})"
+
+
+class APIError(LunarError):
+    """An error answer from a provider or gateway (or a request refused before sending)."""
+
+    status_code: int | None = None
+
+    def __init__(
+        self,
+        message: str,
+        status_code: int | None = None,
+        response_body: Any = None,
+        *,
+        headers: Mapping[str, str] | None = None,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+        provider: str | None = None,
+    ) -> None:
+        if status_code is not None:
+            self.status_code = status_code
+        prefix = f"[{self.status_code}] " if self.status_code is not None else ""
+        super().__init__(prefix + message)
+        self.message = message
+        self.response_body = response_body
+        self.headers: Mapping[str, str] = headers or {}
+        self.param = param
+        self.code = code
+        self.type = type or _DEFAULT_TYPES.get(self.status_code or 0, "api_error")
+        self.provider = provider
+
+    @property
+    def retryable(self) -> bool:
+        override = self.headers.get("x-should-retry")
+        if override == "true":
+            return True
+        if override == "false":
+            return False
+        return self.status_code in (408, 409, 429) or (self.status_code or 0) >= 500
+
+    def to_openai_dict(self) -> dict[str, Any]:
+        """The OpenAI error JSON shape: ``{"error": {"message", "type", "param", "code"}}``."""
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class BadRequestError(APIError):
+    status_code = 400
+
+
+class AuthenticationError(APIError):
+    status_code = 401
+
+
+class PermissionDeniedError(APIError):
+    status_code = 403
+
+
+class NotFoundError(APIError):
+    status_code = 404
+
+
+class ConflictError(APIError):
+    status_code = 409
+
+
+class RequestEntityTooLargeError(APIError):
+    status_code = 413
+
+
+class UnprocessableEntityError(APIError):
+    status_code = 422
+
+
+class RateLimitError(APIError):
+    """429. ``retry_after`` is the server's requested wait in seconds, when it gave one."""
+
+    status_code = 429
+
+    def __init__(self, message: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__(message, *args, **kwargs)
+        self.retry_after: float | None = retry_after_seconds(self.headers)
+
+
+class ServerError(APIError):
+    """5xx, and overloads such as Anthropic's 529."""
+
+    status_code = 500
+
+
+class ServiceUnavailableError(ServerError):
+    status_code = 503
+
+
+class GatewayTimeoutError(ServerError):
+    status_code = 504
+
+
+class StreamError(APIError):
+    """The upstream sent an error event in a stream, or broke the stream's framing."""
+
+    @property
+    def retryable(self) -> bool:
+        if self.status_code is not None:
+            return super().retryable
+        return True
+
+
+class APIConnectionError(LunarError):
+    """The request never got an answer: refused, reset, cut mid-stream, DNS …"""
+
+    @property
+    def retryable(self) -> bool:
+        return True
+
+
+class APITimeoutError(APIConnectionError):
+    """No byte came within the timeout (before the answer, or between two stream events)."""
+
+
+# The names WIRE-FORMATS.md documents; they shadow the builtins only where imported.
+ConnectionError = APIConnectionError
+TimeoutError = APITimeoutError
+
+_BY_STATUS: dict[int, type[APIError]] = {
+    400: BadRequestError,
+    401: AuthenticationError,
+    403: PermissionDeniedError,
+    404: NotFoundError,
+    409: ConflictError,
+    413: RequestEntityTooLargeError,
+    422: UnprocessableEntityError,
+    429: RateLimitError,
+    503: ServiceUnavailableError,
+    504: GatewayTimeoutError,
+}
+
+_DEFAULT_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "request_too_large",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "service_unavailable",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+# Beyond this, a server-given delay is not worth waiting for: give up (or fall back) instead.
+MAX_RETRY_AFTER_SECONDS = 60.0
+
+
+def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
+    """The wait a server asks for: ``retry-after-ms`` first, then ``retry-after`` (seconds or
+    an HTTP date). ``None`` when absent or unreadable."""
+    ms = headers.get("retry-after-ms")
+    if ms is not None:
+        try:
+            value = float(ms) / 1000.0
+            if value >= 0:
+                return value
+        except ValueError:
+            pass
+    ra = headers.get("retry-after")
+    if ra is None:
+        return None
+    try:
+        value = float(ra)
+        return value if value >= 0 else None
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(ra)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - (time.time() if now is None else now))
+
+
+def error_class_for(status: int) -> type[APIError]:
+    cls = _BY_STATUS.get(status)
+    if cls is not None:
+        return cls
+    if status >= 500:
+        return ServerError
+    return APIError
+
+
+def error_from_response(
+    status: int,
+    headers: Mapping[str, str],
+    body: bytes | str | Any,
+    provider: str | None = None,
+) -> APIError:
+    """Map an HTTP error answer (any provider's JSON shape, or text) to the right exception."""
+    parsed: Any = body
+    if isinstance(body, (bytes, str)):
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    message, etype, param, code = _describe(parsed)
+    if not message:
+        message = f"HTTP {status} from {provider or 'upstream'}"
+    elif provider:
+        message = f"{message} (provider: {provider})"
+    cls = error_class_for(status)
+    return cls(
+        message,
+        status,
+        parsed,
+        headers=headers,
+        param=param,
+        code=None if code is None else str(code),
+        type=etype,
+        provider=provider,
+    )
+
+
+def _describe(parsed: Any) -> tuple[str, str | None, str | None, Any]:
+    """message, type, param, code from the common error shapes:
+    OpenAI ``{"error": {...}}``, Anthropic ``{"type": "error", "error": {...}}``,
+    Gemini ``{"error": {"code", "message", "status"}}``, or ``{"detail": ...}``."""
+    if isinstance(parsed, str):
+        return parsed.strip()[:500], None, None, None
+    if not isinstance(parsed, dict):
+        return "", None, None, None
+    err = parsed.get("error", parsed)
+    if isinstance(err, str):
+        return err, None, None, None
+    if not isinstance(err, dict):
+        return "", None, None, None
+    message = err.get("message") or err.get("detail") or ""
+    if not isinstance(message, str):
+        message = json.dumps(message)
+    etype = err.get("type") or err.get("status")
+    return message, etype, err.get("param"), err.get("code")
+
+
+# Error ``type`` strings seen in streamed error events, mapped to the status they stand for.
+_STATUS_BY_TYPE = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "rate_limit_exceeded": 429,
+    "api_error": 500,
+    "server_error": 500,
+    "service_unavailable": 503,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+}
+
+
+def error_from_stream_event(err: Any, provider: str | None = None) -> APIError:
+    """An error that arrived as a stream event instead of a chunk. Its ``type`` (or numeric
+    ``code``) picks the class, so ``except RateLimitError`` works mid-stream too."""
+    message, etype, param, code = _describe({"error": err} if not isinstance(err, dict) else err)
+    status = _STATUS_BY_TYPE.get(etype or "")
+    if status is None and isinstance(code, int) and 400 <= code < 600:
+        status = code
+    text = f"Error event in the stream: {message or 'no message'}"
+    if provider:
+        text += f" (provider: {provider})"
+    cls: type[APIError] = error_class_for(status) if status else StreamError
+    return cls(
+        text,
+        status,
+        err,
+        param=param,
+        code=None if code is None else str(code),
+        type=etype,
+        provider=provider,
+    )

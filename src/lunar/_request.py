@@ -1,0 +1,327 @@
+"""Normalized requests: validation at the boundary, and the legacy-completions mapping.
+
+The normalized request *is* an OpenAI Chat Completions body (a dict); Lunar-only options
+(fallbacks, provider, timeout, headers) travel beside it in ``RequestOptions``. The client
+and the gateway both validate here, so bad input fails before any network call, with an
+error that names the field.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+from ._errors import BadRequestError
+from ._types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    CompletionChoice,
+)
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+_PART_TYPES = frozenset({"text", "image_url", "input_audio", "file", "refusal"})
+
+# Parameters passed to the provider as they are (after validation).
+CHAT_PARAMS = (
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "stop",
+    "n",
+    "presence_penalty",
+    "frequency_penalty",
+    "seed",
+    "user",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "response_format",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "logit_bias",
+)
+
+
+class ChatParams(TypedDict, total=False):
+    """The keyword arguments of ``chat.completions.create`` besides model/messages/stream."""
+
+    fallbacks: list[str] | None
+    temperature: float | None
+    top_p: float | None
+    max_tokens: int | None
+    max_completion_tokens: int | None
+    stop: str | list[str] | None
+    n: int | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    seed: int | None
+    user: str | None
+    tools: list[dict[str, Any]] | None
+    tool_choice: Any
+    parallel_tool_calls: bool | None
+    response_format: dict[str, Any] | None
+    stream_options: dict[str, Any] | None
+    logprobs: bool | None
+    top_logprobs: int | None
+    logit_bias: dict[str, float] | None
+    provider: str | None
+    timeout: float | None
+    extra_headers: Mapping[str, str] | None
+    extra_body: Mapping[str, Any] | None
+
+
+class CompletionParams(TypedDict, total=False):
+    """The keyword arguments of the legacy ``completions.create`` besides model/prompt."""
+
+    fallbacks: list[str] | None
+    max_tokens: int | None
+    temperature: float | None
+    top_p: float | None
+    n: int | None
+    stop: str | list[str] | None
+    presence_penalty: float | None
+    frequency_penalty: float | None
+    seed: int | None
+    user: str | None
+    provider: str | None
+    timeout: float | None
+    extra_headers: Mapping[str, str] | None
+    extra_body: Mapping[str, Any] | None
+
+
+_OPTION_NAMES = frozenset({"fallbacks", "provider", "timeout", "extra_headers", "extra_body"})
+_COMPLETION_PARAMS = frozenset(CompletionParams.__annotations__) - _OPTION_NAMES
+
+
+@dataclass
+class RequestOptions:
+    """What Lunar needs beside the body: routing and transport options of one call."""
+
+    model: str
+    fallbacks: list[str] | None = None
+    provider: str | None = None
+    timeout: float | None = None
+    extra_headers: Mapping[str, str] = field(default_factory=dict)
+
+
+def bad(message: str, param: str) -> BadRequestError:
+    return BadRequestError(f"{message} (param: {param})", param=param, code="invalid_value")
+
+
+def _number(value: Any, name: str, lo: float, hi: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+        raise bad(f"'{name}' must be a number, got {type(value).__name__}", name)
+    if not lo <= value <= hi:
+        raise bad(f"'{name}' must be between {lo:g} and {hi:g}, got {value!r}", name)
+
+
+def _positive_int(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"'{name}' must be an integer, got {type(value).__name__}", name)
+    if value < 1:
+        raise bad(f"'{name}' must be at least 1, got {value}", name)
+
+
+def _validate_content(content: Any, where: str, role: str, allow_none: bool) -> None:
+    if isinstance(content, str):
+        return
+    if content is None:
+        if allow_none:
+            return
+        raise bad(f"'{where}' is required for role '{role}'", where)
+    if isinstance(content, list):
+        for i, part in enumerate(content):
+            p = f"{where}[{i}]"
+            if not isinstance(part, Mapping):
+                raise bad(f"'{p}' must be an object with a 'type', got {type(part).__name__}", p)
+            ptype = part.get("type")
+            if ptype not in _PART_TYPES:
+                raise bad(f"'{p}.type' must be one of {sorted(_PART_TYPES)}, got {ptype!r}", p)
+            if ptype == "text" and not isinstance(part.get("text"), str):
+                raise bad(f"'{p}.text' must be a string", f"{p}.text")
+            if ptype == "image_url":
+                image = part.get("image_url")
+                url = image.get("url") if isinstance(image, Mapping) else image
+                if not isinstance(url, str) or not url:
+                    raise bad(f"'{p}.image_url.url' must be a URL or data URL", f"{p}.image_url")
+        return
+    raise bad(
+        f"'{where}' must be a string or a list of content parts, got {type(content).__name__}",
+        where,
+    )
+
+
+def validate_messages(messages: Any) -> None:
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+        raise bad("'messages' must be a list of {'role', 'content'} objects", "messages")
+    if not messages:
+        raise bad("'messages' must not be empty", "messages")
+    for i, msg in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(msg, Mapping):
+            raise bad(f"'{where}' must be an object, got {type(msg).__name__}", where)
+        role = msg.get("role")
+        if role not in ROLES:
+            raise bad(
+                f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got {role!r}",
+                f"{where}.role",
+            )
+        has_tool_calls = role == "assistant" and bool(msg.get("tool_calls"))
+        _validate_content(msg.get("content"), f"{where}.content", role, allow_none=has_tool_calls)
+        if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
+            param = f"{where}.tool_call_id"
+            raise bad(f"'{param}' is required for role 'tool'", param)
+
+
+def validate_params(body: Mapping[str, Any]) -> None:
+    """Check the sampling and tool parameters of an OpenAI-shaped body."""
+    get = body.get
+    if get("temperature") is not None:
+        _number(body["temperature"], "temperature", 0.0, 2.0)
+    if get("top_p") is not None:
+        _number(body["top_p"], "top_p", 0.0, 1.0)
+    for name in ("presence_penalty", "frequency_penalty"):
+        if get(name) is not None:
+            _number(body[name], name, -2.0, 2.0)
+    for name in ("n", "max_tokens", "max_completion_tokens"):
+        if get(name) is not None:
+            _positive_int(body[name], name)
+    seed = get("seed")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+        raise bad("'seed' must be an integer", "seed")
+    stop = get("stop")
+    if stop is not None and not isinstance(stop, str):
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad("'stop' must be a string or a list of strings", "stop")
+        if len(stop) > 4:
+            raise bad(f"'stop' takes at most 4 sequences, got {len(stop)}", "stop")
+    tools = get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise bad("'tools' must be a list", "tools")
+        for i, tool in enumerate(tools):
+            fn = tool.get("function") if isinstance(tool, Mapping) else None
+            if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+                raise bad(
+                    f"'tools[{i}]' must be {{'type': 'function', 'function': {{'name', …}}}}",
+                    f"tools[{i}]",
+                )
+    rf = get("response_format")
+    if rf is not None and not (isinstance(rf, Mapping) and isinstance(rf.get("type"), str)):
+        raise bad("'response_format' must be an object with a 'type'", "response_format")
+    so = get("stream_options")
+    if so is not None and not isinstance(so, Mapping):
+        raise bad("'stream_options' must be an object", "stream_options")
+
+
+def validate_model(model: Any) -> str:
+    if not isinstance(model, str) or not model.strip():
+        raise bad("'model' must be a non-empty string", "model")
+    return model
+
+
+def validate_fallbacks(fallbacks: Any) -> list[str] | None:
+    if fallbacks is None:
+        return None
+    if isinstance(fallbacks, str) or not isinstance(fallbacks, Iterable):
+        raise bad("'fallbacks' must be a list of model names", "fallbacks")
+    out = list(fallbacks)
+    for i, name in enumerate(out):
+        if not isinstance(name, str) or not name:
+            raise bad(f"'fallbacks[{i}]' must be a model name", f"fallbacks[{i}]")
+    return out
+
+
+def chat_body(
+    messages: Any,
+    params: Mapping[str, Any],
+    extra_body: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Validate and assemble a chat body from ``create()`` arguments (``None`` = not given)."""
+    validate_messages(messages)
+    body: dict[str, Any] = {"messages": list(messages)}
+    for name, value in params.items():
+        if value is not None:
+            body[name] = value
+    if extra_body:
+        body.update(extra_body)
+    validate_params(body)
+    return body
+
+
+def prepare(
+    method: str,
+    model: Any,
+    messages: Any,
+    kwargs: Mapping[str, Any],
+    legacy: bool = False,
+    remote: bool = False,
+) -> tuple[dict[str, Any], RequestOptions]:
+    """``create()``'s arguments -> (validated body, options). Unknown keywords are a
+    ``TypeError``, as for any Python function."""
+    allowed = _COMPLETION_PARAMS if legacy else CHAT_PARAMS
+    params: dict[str, Any] = {}
+    for name, value in kwargs.items():
+        if name in allowed:
+            params[name] = value
+        elif name not in _OPTION_NAMES:
+            raise TypeError(f"{method}() got an unexpected keyword argument '{name}'")
+    model = validate_model(model)
+    body = chat_body(messages, params, kwargs.get("extra_body"))
+    fallbacks = validate_fallbacks(kwargs.get("fallbacks"))
+    provider = kwargs.get("provider")
+    if remote:
+        # The gateway routes: Lunar's options travel in the body.
+        body["model"] = model
+        if fallbacks is not None:
+            body["fallbacks"] = fallbacks
+        if provider is not None:
+            body["provider"] = provider
+    opts = RequestOptions(
+        model, fallbacks, provider, kwargs.get("timeout"), kwargs.get("extra_headers") or {}
+    )
+    return body, opts
+
+
+def prompt_messages(prompt: Any) -> list[dict[str, Any]]:
+    """A legacy ``prompt`` as chat messages (the prompt becomes the user's turn)."""
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise bad("'prompt' must be a string (one prompt per request)", "prompt")
+    if not prompt:
+        raise bad("'prompt' must not be empty", "prompt")
+    return [{"role": "user", "content": prompt}]
+
+
+def completion_from_chat(chat: ChatCompletion) -> Completion:
+    return Completion(
+        id=chat.id.replace("chatcmpl", "cmpl", 1),
+        created=chat.created or int(time.time()),
+        model=chat.model,
+        choices=[
+            CompletionChoice(c.index, c.message.content or "", c.finish_reason)
+            for c in chat.choices
+        ],
+        usage=chat.usage,
+        provider=chat.provider,
+    )
+
+
+def completion_from_chunk(chunk: ChatCompletionChunk) -> Completion:
+    return Completion(
+        id=chunk.id.replace("chatcmpl", "cmpl", 1),
+        created=chunk.created,
+        model=chunk.model,
+        choices=[
+            CompletionChoice(c.index, c.delta.content or "", c.finish_reason) for c in chunk.choices
+        ],
+        usage=chunk.usage,
+        provider=chunk.provider,
+    )

@@ -1,0 +1,250 @@
+"""``Stream`` / ``AsyncStream``: what ``create(stream=True)`` returns, and the accumulator
+that assembles the whole ``ChatCompletion`` from chunks (shared by both)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from ._types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    Choice,
+    Function,
+    ToolCall,
+    Usage,
+)
+
+T = TypeVar("T")
+
+
+class _ChoiceState:
+    __slots__ = ("finish_reason", "parts", "refusal", "role", "tools")
+
+    def __init__(self) -> None:
+        self.role = "assistant"
+        self.parts: list[str] = []
+        self.refusal: list[str] = []
+        self.tools: dict[int, list[Any]] = {}  # index -> [id, name, [argument pieces]]
+        self.finish_reason: str | None = None
+
+
+class ChatAccumulator:
+    """Feed every chunk; ``completion()`` is the whole answer, tool-call arguments
+    concatenated by index."""
+
+    __slots__ = ("_choices", "_first", "_usage")
+
+    def __init__(self) -> None:
+        self._choices: dict[int, _ChoiceState] = {}
+        self._first: ChatCompletionChunk | None = None
+        self._usage: Usage | None = None
+
+    def add(self, chunk: ChatCompletionChunk) -> None:
+        if self._first is None:
+            self._first = chunk
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        for c in chunk.choices:
+            state = self._choices.get(c.index)
+            if state is None:
+                state = self._choices[c.index] = _ChoiceState()
+            delta = c.delta
+            if delta.content:
+                state.parts.append(delta.content)
+            if delta.role:
+                state.role = delta.role
+            if delta.refusal:
+                state.refusal.append(delta.refusal)
+            if delta.tool_calls:
+                for tc in delta.tool_calls:
+                    entry = state.tools.get(tc.index)
+                    if entry is None:
+                        entry = state.tools[tc.index] = [None, None, []]
+                    if tc.id:
+                        entry[0] = tc.id
+                    if tc.function is not None:
+                        if tc.function.name:
+                            entry[1] = tc.function.name
+                        if tc.function.arguments:
+                            entry[2].append(tc.function.arguments)
+            if c.finish_reason is not None:
+                state.finish_reason = c.finish_reason
+
+    def completion(self) -> ChatCompletion:
+        first = self._first
+        choices = []
+        for index in sorted(self._choices):
+            s = self._choices[index]
+            tool_calls = [
+                ToolCall(id or "", Function(name, "".join(args)))
+                for _, (id, name, args) in sorted(s.tools.items())
+            ] or None
+            message = ChatCompletionMessage(
+                role=s.role,
+                content="".join(s.parts) if s.parts or not tool_calls else None,
+                tool_calls=tool_calls,
+                refusal="".join(s.refusal) or None,
+            )
+            choices.append(Choice(index, message, s.finish_reason))
+        return ChatCompletion(
+            id=first.id if first else "",
+            created=first.created if first else 0,
+            model=first.model if first else "",
+            choices=choices,
+            usage=self._usage,
+            system_fingerprint=first.system_fingerprint if first else None,
+            provider=first.provider if first else None,
+        )
+
+
+def tool_arguments(call: ToolCall) -> Any:
+    """The parsed JSON arguments of a tool call."""
+    return json.loads(call.function.arguments or "{}")
+
+
+def _text(chunk: ChatCompletionChunk) -> str | None:
+    for choice in chunk.choices:
+        if choice.index == 0:
+            return choice.delta.content
+    return None
+
+
+class Stream(Generic[T]):
+    """Iterate it for chunks. Leaving the loop early, ``close()``, the ``with`` block's end
+    or garbage collection closes the upstream connection."""
+
+    def __init__(
+        self,
+        iterator: Iterator[ChatCompletionChunk],
+        convert: Callable[[ChatCompletionChunk], T] | None = None,
+    ) -> None:
+        self._iterator = iterator
+        self._convert = convert
+        self._acc = ChatAccumulator()
+        self._closed = False
+
+    def _next_chunk(self) -> ChatCompletionChunk:
+        chunk = next(self._iterator)
+        self._acc.add(chunk)
+        return chunk
+
+    def __iter__(self) -> Iterator[T]:
+        return self
+
+    def __next__(self) -> T:
+        chunk = self._next_chunk()
+        if self._convert is not None:
+            return self._convert(chunk)
+        return chunk  # type: ignore[return-value]
+
+    def __enter__(self) -> Stream[T]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._iterator.close()  # type: ignore[attr-defined]
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def until_done(self) -> Stream[T]:
+        while True:
+            try:
+                self._next_chunk()
+            except StopIteration:
+                return self
+
+    def get_final_completion(self) -> ChatCompletion:
+        """Reads the rest of the stream and returns the whole answer (the chunks already
+        iterated included)."""
+        self.until_done()
+        return self._acc.completion()
+
+    @property
+    def text_stream(self) -> Iterator[str]:
+        """Only the text of the first choice: ``for text in stream.text_stream: ...``."""
+
+        def texts() -> Iterator[str]:
+            while True:
+                try:
+                    text = _text(self._next_chunk())
+                except StopIteration:
+                    return
+                if text:
+                    yield text
+
+        return texts()
+
+
+class AsyncStream(Generic[T]):
+    """``async for`` it. Leaving the loop and ``await close()`` / ``async with`` release the
+    connection (an abandoned stream is closed by the event loop's generator finalizer)."""
+
+    def __init__(
+        self,
+        iterator: AsyncIterator[ChatCompletionChunk],
+        convert: Callable[[ChatCompletionChunk], T] | None = None,
+    ) -> None:
+        self._iterator = iterator
+        self._convert = convert
+        self._acc = ChatAccumulator()
+        self._closed = False
+
+    async def _next_chunk(self) -> ChatCompletionChunk:
+        chunk = await self._iterator.__anext__()
+        self._acc.add(chunk)
+        return chunk
+
+    def __aiter__(self) -> AsyncIterator[T]:
+        return self
+
+    async def __anext__(self) -> T:
+        chunk = await self._next_chunk()
+        if self._convert is not None:
+            return self._convert(chunk)
+        return chunk  # type: ignore[return-value]
+
+    async def __aenter__(self) -> AsyncStream[T]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            await self._iterator.aclose()  # type: ignore[attr-defined]
+
+    async def until_done(self) -> AsyncStream[T]:
+        while True:
+            try:
+                await self._next_chunk()
+            except StopAsyncIteration:
+                return self
+
+    async def get_final_completion(self) -> ChatCompletion:
+        await self.until_done()
+        return self._acc.completion()
+
+    @property
+    def text_stream(self) -> AsyncIterator[str]:
+        async def texts() -> AsyncIterator[str]:
+            while True:
+                try:
+                    text = _text(await self._next_chunk())
+                except StopAsyncIteration:
+                    return
+                if text:
+                    yield text
+
+        return texts()

@@ -1,0 +1,477 @@
+"""Wire types: OpenAI-shaped objects with Lunar's cost and timing fields.
+
+Plain classes with ``__slots__`` rather than a validation library: a streamed chunk is built
+once per event on the hot path, and these cost a few attribute stores each. ``from_dict``
+trusts the shape it is given (it comes from an adapter); ``to_dict`` gives the OpenAI JSON.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+
+class _Obj:
+    __slots__: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: _dump(getattr(self, name)) for name in self.__slots__}
+
+    model_dump = to_dict  # the name openai/pydantic users reach for
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        return f"{type(self).__name__}({fields})"
+
+
+def _dump(value: Any) -> Any:
+    if isinstance(value, _Obj):
+        return value.to_dict()
+    if isinstance(value, list):
+        return [_dump(v) for v in value]
+    return value
+
+
+class Usage(_Obj):
+    """Token counts, their cost in USD and the request's timing.
+
+    Costs are ``None`` only when the catalogue has no price for the model that answered.
+    """
+
+    __slots__ = (
+        "cached_input_cost_usd",
+        "cached_tokens",
+        "completion_tokens",
+        "input_cost_usd",
+        "latency_ms",
+        "output_cost_usd",
+        "prompt_tokens",
+        "total_cost_usd",
+        "total_tokens",
+        "ttft_ms",
+    )
+
+    def __init__(
+        self,
+        prompt_tokens: int = 0,
+        completion_tokens: int = 0,
+        total_tokens: int | None = None,
+        cached_tokens: int = 0,
+        input_cost_usd: float | None = None,
+        cached_input_cost_usd: float | None = None,
+        output_cost_usd: float | None = None,
+        total_cost_usd: float | None = None,
+        latency_ms: float | None = None,
+        ttft_ms: float | None = None,
+    ) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = completion_tokens
+        self.total_tokens = (
+            prompt_tokens + completion_tokens if total_tokens is None else total_tokens
+        )
+        self.cached_tokens = cached_tokens
+        self.input_cost_usd = input_cost_usd
+        self.cached_input_cost_usd = cached_input_cost_usd
+        self.output_cost_usd = output_cost_usd
+        self.total_cost_usd = total_cost_usd
+        self.latency_ms = latency_ms
+        self.ttft_ms = ttft_ms
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Usage:
+        details = d.get("prompt_tokens_details") or {}
+        return cls(
+            prompt_tokens=d.get("prompt_tokens") or 0,
+            completion_tokens=d.get("completion_tokens") or 0,
+            total_tokens=d.get("total_tokens"),
+            cached_tokens=d.get("cached_tokens") or details.get("cached_tokens") or 0,
+            input_cost_usd=d.get("input_cost_usd"),
+            cached_input_cost_usd=d.get("cached_input_cost_usd"),
+            output_cost_usd=d.get("output_cost_usd"),
+            total_cost_usd=d.get("total_cost_usd"),
+            latency_ms=d.get("latency_ms"),
+            ttft_ms=d.get("ttft_ms"),
+        )
+
+
+class Function(_Obj):
+    __slots__ = ("arguments", "name")
+
+    def __init__(self, name: str | None = None, arguments: str = "") -> None:
+        self.name = name
+        self.arguments = arguments
+
+
+class ToolCall(_Obj):
+    """A tool call in a whole message: ``function.arguments`` is the complete JSON text."""
+
+    __slots__ = ("function", "id", "type")
+
+    def __init__(self, id: str, function: Function, type: str = "function") -> None:
+        self.id = id
+        self.type = type
+        self.function = function
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ToolCall:
+        f = d.get("function") or {}
+        return cls(
+            id=d.get("id") or "",
+            type=d.get("type") or "function",
+            function=Function(f.get("name"), f.get("arguments") or ""),
+        )
+
+
+class ChoiceDeltaToolCall(_Obj):
+    """A piece of a streamed tool call: ``id`` and ``name`` arrive once, ``arguments`` in
+    pieces to concatenate by ``index``."""
+
+    __slots__ = ("function", "id", "index", "type")
+
+    def __init__(
+        self,
+        index: int,
+        id: str | None = None,
+        type: str | None = None,
+        function: Function | None = None,
+    ) -> None:
+        self.index = index
+        self.id = id
+        self.type = type
+        self.function = function
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ChoiceDeltaToolCall:
+        f = d.get("function")
+        return cls(
+            index=d.get("index", 0),
+            id=d.get("id"),
+            type=d.get("type"),
+            function=None if f is None else Function(f.get("name"), f.get("arguments") or ""),
+        )
+
+
+class ChoiceDelta(_Obj):
+    __slots__ = ("content", "refusal", "role", "tool_calls")
+
+    def __init__(
+        self,
+        role: str | None = None,
+        content: str | None = None,
+        tool_calls: list[ChoiceDeltaToolCall] | None = None,
+        refusal: str | None = None,
+    ) -> None:
+        self.role = role
+        self.content = content
+        self.tool_calls = tool_calls
+        self.refusal = refusal
+
+
+class ChunkChoice(_Obj):
+    __slots__ = ("delta", "finish_reason", "index", "logprobs")
+
+    def __init__(
+        self,
+        index: int = 0,
+        delta: ChoiceDelta | None = None,
+        finish_reason: str | None = None,
+        logprobs: Any = None,
+    ) -> None:
+        self.index = index
+        self.delta = ChoiceDelta() if delta is None else delta
+        self.finish_reason = finish_reason
+        self.logprobs = logprobs
+
+
+class ChatCompletionChunk(_Obj):
+    """One streamed event, as the OpenAI API shapes it, plus ``provider`` (who answered)."""
+
+    __slots__ = (
+        "choices",
+        "created",
+        "id",
+        "model",
+        "object",
+        "provider",
+        "system_fingerprint",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        created: int,
+        model: str,
+        choices: list[ChunkChoice],
+        usage: Usage | None = None,
+        system_fingerprint: str | None = None,
+        provider: str | None = None,
+        object: str = "chat.completion.chunk",
+    ) -> None:
+        self.id = id
+        self.object = object
+        self.created = created
+        self.model = model
+        self.system_fingerprint = system_fingerprint
+        self.choices = choices
+        self.usage = usage
+        self.provider = provider
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], provider: str | None = None) -> ChatCompletionChunk:
+        choices = []
+        for c in d.get("choices") or ():
+            delta = c.get("delta") or {}
+            tcs = delta.get("tool_calls")
+            choices.append(
+                ChunkChoice(
+                    c.get("index", 0),
+                    ChoiceDelta(
+                        delta.get("role"),
+                        delta.get("content"),
+                        None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
+                        delta.get("refusal"),
+                    ),
+                    c.get("finish_reason"),
+                    c.get("logprobs"),
+                )
+            )
+        usage = d.get("usage")
+        return cls(
+            id=d.get("id") or "",
+            created=d.get("created") or 0,
+            model=d.get("model") or "",
+            choices=choices,
+            usage=None if usage is None else Usage.from_dict(usage),
+            system_fingerprint=d.get("system_fingerprint"),
+            provider=d.get("provider", provider),
+        )
+
+
+class ChatCompletionMessage(_Obj):
+    __slots__ = ("content", "refusal", "role", "tool_calls")
+
+    def __init__(
+        self,
+        role: str = "assistant",
+        content: str | None = None,
+        tool_calls: list[ToolCall] | None = None,
+        refusal: str | None = None,
+    ) -> None:
+        self.role = role
+        self.content = content
+        self.tool_calls = tool_calls
+        self.refusal = refusal
+
+
+class Choice(_Obj):
+    __slots__ = ("finish_reason", "index", "logprobs", "message")
+
+    def __init__(
+        self,
+        index: int,
+        message: ChatCompletionMessage,
+        finish_reason: str | None,
+        logprobs: Any = None,
+    ) -> None:
+        self.index = index
+        self.message = message
+        self.finish_reason = finish_reason
+        self.logprobs = logprobs
+
+
+class ChatCompletion(_Obj):
+    __slots__ = (
+        "choices",
+        "created",
+        "id",
+        "model",
+        "object",
+        "provider",
+        "system_fingerprint",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        created: int,
+        model: str,
+        choices: list[Choice],
+        usage: Usage | None = None,
+        system_fingerprint: str | None = None,
+        provider: str | None = None,
+        object: str = "chat.completion",
+    ) -> None:
+        self.id = id
+        self.object = object
+        self.created = created
+        self.model = model
+        self.system_fingerprint = system_fingerprint
+        self.choices = choices
+        self.usage = usage
+        self.provider = provider
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], provider: str | None = None) -> ChatCompletion:
+        choices = []
+        for c in d.get("choices") or ():
+            m = c.get("message") or {}
+            tcs = m.get("tool_calls")
+            choices.append(
+                Choice(
+                    c.get("index", 0),
+                    ChatCompletionMessage(
+                        m.get("role") or "assistant",
+                        m.get("content"),
+                        [ToolCall.from_dict(t) for t in tcs] if tcs else None,
+                        m.get("refusal"),
+                    ),
+                    c.get("finish_reason"),
+                    c.get("logprobs"),
+                )
+            )
+        usage = d.get("usage")
+        return cls(
+            id=d.get("id") or "",
+            created=d.get("created") or 0,
+            model=d.get("model") or "",
+            choices=choices,
+            usage=None if usage is None else Usage.from_dict(usage),
+            system_fingerprint=d.get("system_fingerprint"),
+            provider=d.get("provider", provider),
+        )
+
+
+class CompletionChoice(_Obj):
+    __slots__ = ("finish_reason", "index", "logprobs", "text")
+
+    def __init__(
+        self, index: int, text: str, finish_reason: str | None, logprobs: Any = None
+    ) -> None:
+        self.index = index
+        self.text = text
+        self.finish_reason = finish_reason
+        self.logprobs = logprobs
+
+
+class Completion(_Obj):
+    """A legacy text completion (``object == "text_completion"``), whole or one streamed piece."""
+
+    __slots__ = ("choices", "created", "id", "model", "object", "provider", "usage")
+
+    def __init__(
+        self,
+        id: str,
+        created: int,
+        model: str,
+        choices: list[CompletionChoice],
+        usage: Usage | None = None,
+        provider: str | None = None,
+        object: str = "text_completion",
+    ) -> None:
+        self.id = id
+        self.object = object
+        self.created = created
+        self.model = model
+        self.choices = choices
+        self.usage = usage
+        self.provider = provider
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Completion:
+        usage = d.get("usage")
+        return cls(
+            id=d.get("id") or "",
+            created=d.get("created") or 0,
+            model=d.get("model") or "",
+            choices=[
+                CompletionChoice(
+                    c.get("index", 0),
+                    c.get("text") or "",
+                    c.get("finish_reason"),
+                    c.get("logprobs"),
+                )
+                for c in d.get("choices") or ()
+            ],
+            usage=None if usage is None else Usage.from_dict(usage),
+            provider=d.get("provider"),
+        )
+
+
+class Model(_Obj):
+    """A catalogue entry as ``/v1/models`` shows it, with Lunar's price and capability fields."""
+
+    __slots__ = (
+        "capabilities",
+        "context_window",
+        "created",
+        "id",
+        "input_price_per_1m",
+        "object",
+        "output_price_per_1m",
+        "owned_by",
+        "providers",
+    )
+
+    def __init__(
+        self,
+        id: str,
+        owned_by: str,
+        providers: list[str] | None = None,
+        context_window: int | None = None,
+        input_price_per_1m: float | None = None,
+        output_price_per_1m: float | None = None,
+        capabilities: list[str] | None = None,
+        created: int = 0,
+        object: str = "model",
+    ) -> None:
+        self.id = id
+        self.object = object
+        self.created = created
+        self.owned_by = owned_by
+        self.providers = providers or [owned_by]
+        self.context_window = context_window
+        self.input_price_per_1m = input_price_per_1m
+        self.output_price_per_1m = output_price_per_1m
+        self.capabilities = capabilities or []
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Model:
+        return cls(
+            id=d["id"],
+            owned_by=d.get("owned_by") or "",
+            providers=d.get("providers"),
+            context_window=d.get("context_window"),
+            input_price_per_1m=d.get("input_price_per_1m"),
+            output_price_per_1m=d.get("output_price_per_1m"),
+            capabilities=d.get("capabilities"),
+            created=d.get("created") or 0,
+        )
+
+
+class SyncPage(_Obj):
+    """A list endpoint's answer: iterate it, or read ``data``."""
+
+    __slots__ = ("data", "object")
+
+    def __init__(self, data: list[Model]) -> None:
+        self.object = "list"
+        self.data = data
+
+    def __iter__(self) -> Iterator[Model]:
+        return iter(self.data)
+
+    def __len__(self) -> int:
+        return len(self.data)

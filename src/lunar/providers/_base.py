@@ -1,0 +1,66 @@
+"""What every sans-I/O provider adapter offers, and the pieces they share.
+
+An adapter never touches a socket: it turns a normalized request (an OpenAI-shaped body)
+into an ``HTTPRequest``, turns response bytes into a ``ChatCompletion``, and gives a stream
+translator that is fed raw bytes and returns OpenAI-shaped chunks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+from .._catalog import Deployment, ProviderSpec
+from .._errors import APIError
+from .._types import ChatCompletion, ChatCompletionChunk
+
+
+@dataclass(frozen=True)
+class Target:
+    """A deployment made concrete: where to send, with which credentials."""
+
+    deployment: Deployment
+    spec: ProviderSpec
+    base_url: str
+    api_key: str | None = None
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def provider(self) -> str:
+        return self.deployment.provider
+
+    @property
+    def model(self) -> str:
+        return self.deployment.model
+
+
+class HTTPRequest(NamedTuple):
+    method: str
+    url: str
+    headers: dict[str, str]
+    content: bytes
+
+
+class StreamTranslator(Protocol):
+    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
+        """Bytes as they arrived in, the chunks they complete out. Raises ``StreamError``
+        on an error event."""
+
+    def close(self) -> list[ChatCompletionChunk]:
+        """End of the byte stream: the last chunks, or an ``APIConnectionError`` when the
+        stream ended before it was complete."""
+
+
+class Adapter(Protocol):
+    def build_request(
+        self, body: Mapping[str, Any], target: Target, stream: bool
+    ) -> HTTPRequest: ...
+
+    def parse_response(self, content: bytes, target: Target) -> ChatCompletion: ...
+
+    def stream_translator(self, target: Target) -> StreamTranslator: ...
+
+    def parse_error(
+        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
+    ) -> APIError: ...

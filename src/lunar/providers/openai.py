@@ -1,0 +1,128 @@
+"""The OpenAI Chat Completions wire protocol, spoken by OpenAI, Groq, Together, Fireworks,
+DeepSeek, Mistral, OpenRouter, Ollama, vLLM and Lunar's own gateway."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any
+
+from .._errors import (
+    APIConnectionError,
+    APIError,
+    StreamError,
+    error_class_for,
+    error_from_response,
+    error_from_stream_event,
+)
+from .._sse import SSEDecoder
+from .._types import ChatCompletion, ChatCompletionChunk
+from ._base import HTTPRequest, Target
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_loads = json.loads
+
+
+def invalid_json(provider: str, content: bytes | str) -> APIError:
+    """A 2xx answer whose body is not the JSON it should be: the provider misbehaved (502)."""
+    text = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
+    return error_class_for(502)(
+        f"Invalid JSON from provider '{provider}': {text!r}", 502, text, provider=provider
+    )
+
+
+class OpenAIStreamTranslator:
+    """OpenAI SSE bytes in, ``ChatCompletionChunk`` out. The chunks already have the shape
+    callers want, so this only frames, parses and checks that the stream ended properly."""
+
+    __slots__ = ("_done", "_finished", "_provider", "_sse")
+
+    def __init__(self, provider: str) -> None:
+        self._provider = provider
+        self._sse = SSEDecoder()
+        self._done = False
+        self._finished = False
+
+    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
+        out = []
+        for event in self._sse.feed(data):
+            text = event.data
+            if self._done:
+                continue
+            if text == "[DONE]":
+                self._done = True
+                continue
+            try:
+                obj = _loads(text)
+            except ValueError:
+                raise StreamError(
+                    f"Malformed event in the stream from '{self._provider}': {text[:200]!r}",
+                    provider=self._provider,
+                ) from None
+            if not isinstance(obj, dict):
+                raise StreamError(
+                    f"Unexpected event in the stream from '{self._provider}': {text[:200]!r}",
+                    provider=self._provider,
+                )
+            if "error" in obj and not obj.get("choices"):
+                raise error_from_stream_event(obj["error"], self._provider)
+            chunk = ChatCompletionChunk.from_dict(obj, self._provider)
+            if not self._finished:
+                for choice in chunk.choices:
+                    if choice.finish_reason is not None:
+                        self._finished = True
+            out.append(chunk)
+        return out
+
+    def close(self) -> list[ChatCompletionChunk]:
+        self._sse.flush()
+        if not self._done and not self._finished:
+            raise APIConnectionError(
+                f"The stream from '{self._provider}' ended before it was complete "
+                "(no finish_reason and no [DONE])"
+            )
+        return []
+
+
+class OpenAIAdapter:
+    def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
+        payload = dict(body)
+        payload["model"] = target.deployment.provider_model
+        if stream:
+            payload["stream"] = True
+            options = dict(payload.get("stream_options") or {})
+            options["include_usage"] = True
+            payload["stream_options"] = options
+        else:
+            payload.pop("stream", None)
+            payload.pop("stream_options", None)
+        headers = {"content-type": "application/json", "accept": "application/json"}
+        if stream:
+            headers["accept"] = "text/event-stream"
+        if target.api_key:
+            headers["authorization"] = f"Bearer {target.api_key}"
+        headers.update(target.headers)
+        url = target.base_url.rstrip("/") + "/chat/completions"
+        return HTTPRequest("POST", url, headers, _dumps(payload).encode())
+
+    def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
+        try:
+            obj = _loads(content)
+        except ValueError:
+            raise invalid_json(target.provider, content) from None
+        if not isinstance(obj, dict) or "choices" not in obj:
+            if isinstance(obj, dict) and "error" in obj:
+                raise error_from_stream_event(obj["error"], target.provider)
+            raise invalid_json(target.provider, content)
+        return ChatCompletion.from_dict(obj, target.provider)
+
+    def stream_translator(self, target: Target) -> OpenAIStreamTranslator:
+        return OpenAIStreamTranslator(target.provider)
+
+    def parse_error(
+        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
+    ) -> APIError:
+        return error_from_response(status, headers, content, target.provider)
+
+
+ADAPTER = OpenAIAdapter()

@@ -1,0 +1,112 @@
+"""The catalogue resolves names, forces providers, prices tokens."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lunar import NotFoundError, Usage
+from lunar._catalog import Catalog, Prices, cost
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return Catalog.load()
+
+
+def test_seed_aliases_resolve(catalog):
+    assert [(d.provider, d.provider_model) for d in catalog.resolve("gpt-4o-mini")] == [
+        ("openai", "gpt-4o-mini")
+    ]
+    assert catalog.resolve("claude-3-haiku")[0].provider_model == "claude-3-haiku-20240307"
+    llama = catalog.resolve("llama-3.1-8b")
+    assert llama[0].provider == "groq" and llama[0].provider_model == "llama-3.1-8b-instant"
+    assert {d.provider for d in llama} == {"groq", "together", "fireworks"}
+
+
+def test_provider_prefix_forces_provider(catalog):
+    [dep] = catalog.resolve("together/llama-3.1-8b")
+    assert dep.provider == "together"
+    assert dep.prices is not None
+    [dep] = catalog.resolve("openai/gpt-4o-mini")
+    assert dep.prices == Prices(0.15, 0.60, 0.075)
+
+
+def test_provider_prefix_passes_unknown_models_through_unpriced(catalog):
+    [dep] = catalog.resolve("openai/gpt-9-preview")
+    assert (dep.provider, dep.provider_model, dep.prices) == ("openai", "gpt-9-preview", None)
+
+
+def test_provider_model_id_and_full_name(catalog):
+    assert catalog.resolve("llama-3.1-8b-instant")[0].provider == "groq"
+    assert catalog.resolve("local/smollm2-135m-instruct")[0].model == "smollm2"
+
+
+def test_provider_argument_restricts(catalog):
+    [dep] = catalog.resolve("llama-3.1-8b", provider="fireworks")
+    assert dep.provider == "fireworks"
+    with pytest.raises(NotFoundError, match="not offered by provider 'openai'"):
+        catalog.resolve("llama-3.1-8b", provider="openai")
+
+
+def test_unknown_model_lists_close_matches(catalog):
+    with pytest.raises(NotFoundError) as info:
+        catalog.resolve("gpt-4o-mni")
+    assert "gpt-4o-mini" in str(info.value)
+    assert info.value.param == "model"
+
+
+def test_cost_is_tokens_over_a_million_times_price_rounded():
+    usage = Usage(prompt_tokens=1234, completion_tokens=567)
+    cost(usage, Prices(0.15, 0.60))
+    assert usage.input_cost_usd == round(1234 * 0.15 / 1e6, 10)
+    assert usage.output_cost_usd == round(567 * 0.60 / 1e6, 10)
+    assert usage.total_cost_usd == round(usage.input_cost_usd + usage.output_cost_usd, 10)
+
+
+def test_cached_tokens_billed_at_cached_price():
+    usage = Usage(prompt_tokens=1000, completion_tokens=0, cached_tokens=400)
+    cost(usage, Prices(2.0, 8.0, 0.5))
+    assert usage.input_cost_usd == round(600 * 2.0 / 1e6, 10)
+    assert usage.cached_input_cost_usd == round(400 * 0.5 / 1e6, 10)
+    assert usage.total_cost_usd == round(600 * 2.0 / 1e6 + 400 * 0.5 / 1e6, 10)
+
+
+def test_user_catalogue_extends_and_overrides(tmp_path, monkeypatch):
+    extra = {
+        "models": {
+            "my-model": {
+                "deployments": [
+                    {"provider": "vllm", "id": "org/my-model", "input": 0.01, "output": 0.02}
+                ]
+            }
+        }
+    }
+    path = tmp_path / "catalog.json"
+    path.write_text(json.dumps(extra))
+    monkeypatch.setenv("LUNAR_CATALOG", str(path))
+    catalog = Catalog.load(
+        {
+            "models": {
+                "gpt-4o-mini": {
+                    "deployments": [
+                        {
+                            "provider": "openrouter",
+                            "id": "openai/gpt-4o-mini",
+                            "input": 1,
+                            "output": 2,
+                        }
+                    ]
+                }
+            }
+        }
+    )
+    assert catalog.resolve("my-model")[0].provider_model == "org/my-model"
+    assert catalog.resolve("gpt-4o-mini")[0].provider == "openrouter"
+
+
+def test_models_list_has_prices(catalog):
+    models = {m.id: m for m in catalog.list_models()}
+    assert models["gpt-4o-mini"].input_price_per_1m == 0.15
+    assert models["llama-3.1-8b"].providers == ["groq", "together", "fireworks"]

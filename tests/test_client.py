@@ -1,0 +1,377 @@
+"""The SDK's public API against the emulator over real sockets: the quickstart, objects,
+usage and cost, remote mode, configuration, legacy completions and models."""
+
+from __future__ import annotations
+
+import gc
+import json
+
+import pytest
+
+from lunar import (
+    AsyncLunar,
+    AuthenticationError,
+    BadRequestError,
+    ChatCompletion,
+    ChatCompletionChunk,
+    Lunar,
+    NotFoundError,
+)
+from lunar.testing import Reply
+
+from .conftest import busy_connections
+
+MESSAGES = [{"role": "user", "content": "Write a short story about a robot."}]
+PRICE_IN, PRICE_OUT = 0.15, 0.60  # gpt-4o-mini, per 1M
+
+
+def expected_cost(usage):
+    return round(usage.prompt_tokens * PRICE_IN / 1e6, 10), round(
+        usage.completion_tokens * PRICE_OUT / 1e6, 10
+    )
+
+
+def test_quickstart_streams_openai_shaped_chunks(mock):
+    mock.default = Reply(chunks=6)
+    client = Lunar()
+    stream = client.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        stream=True,
+        fallbacks=["claude-3-haiku", "llama-3.1-8b"],
+    )
+    chunks = list(stream)
+    assert all(isinstance(c, ChatCompletionChunk) for c in chunks)
+    assert all(c.object == "chat.completion.chunk" and isinstance(c.created, int) for c in chunks)
+    assert all(c.choices and c.choices[0].index == 0 for c in chunks)  # loop never breaks
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert all(c.choices[0].delta.role is None for c in chunks[1:])
+    assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 1)
+    final = chunks[-1]
+    assert final.choices[0].finish_reason == "stop"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert len(text.split()) == 6
+    u = final.usage
+    assert u.completion_tokens == 6 and u.prompt_tokens > 0
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert (u.input_cost_usd, u.output_cost_usd) == expected_cost(u)
+    assert u.total_cost_usd == round(u.input_cost_usd + u.output_cost_usd, 10)
+    assert u.latency_ms >= u.ttft_ms > 0
+    assert all(c.usage is None for c in chunks[:-1])
+    assert final.provider == "openai"
+    sent = mock.requests[-1]
+    assert sent.json["stream_options"] == {"include_usage": True}
+    assert sent.headers["authorization"] == "Bearer sk-openai"
+    assert busy_connections(client) == 0
+
+
+def test_non_streaming_returns_chat_completion_with_cost(mock):
+    done = Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert isinstance(done, ChatCompletion)
+    assert done.object == "chat.completion"
+    assert done.choices[0].message.role == "assistant"
+    assert done.choices[0].message.content
+    assert done.choices[0].finish_reason == "stop"
+    u = done.usage
+    assert (u.input_cost_usd, u.output_cost_usd) == expected_cost(u)
+    assert u.latency_ms > 0 and u.ttft_ms == u.latency_ms
+
+
+async def test_async_client_gives_the_same_objects(mock):
+    mock.default = Reply(chunks=5)
+    async with AsyncLunar() as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+        chunks = [c async for c in stream]
+        assert chunks[0].choices[0].delta.role == "assistant"
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert chunks[-1].usage.total_cost_usd > 0
+        done = await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert done.usage.total_cost_usd > 0
+        assert busy_connections(client) == 0
+
+
+def test_every_parameter_reaches_the_provider(mock):
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    Lunar().chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        temperature=0.3,
+        top_p=0.9,
+        max_tokens=50,
+        stop=["END"],
+        n=1,
+        presence_penalty=0.1,
+        frequency_penalty=0.2,
+        seed=7,
+        user="u1",
+        tools=tools,
+        tool_choice="none",
+        response_format={"type": "json_object"},
+        extra_headers={"x-trace": "abc"},
+        extra_body={"metadata": {"k": "v"}},
+    )
+    sent = mock.requests[-1]
+    for key, value in [
+        ("temperature", 0.3),
+        ("top_p", 0.9),
+        ("max_tokens", 50),
+        ("stop", ["END"]),
+        ("n", 1),
+        ("presence_penalty", 0.1),
+        ("frequency_penalty", 0.2),
+        ("seed", 7),
+        ("user", "u1"),
+        ("tools", tools),
+        ("tool_choice", "none"),
+        ("response_format", {"type": "json_object"}),
+        ("metadata", {"k": "v"}),
+    ]:
+        assert sent.json[key] == value, key
+    assert sent.headers["x-trace"] == "abc"
+    assert sent.json["model"] == "gpt-4o-mini"
+
+
+def test_alias_resolves_to_provider_model_id_and_answer_names_the_model(mock):
+    done = Lunar().chat.completions.create(model="llama-3.1-8b", messages=MESSAGES)
+    assert mock.requests[-1].json["model"] == "llama-3.1-8b-instant"
+    assert done.model == "llama-3.1-8b-instant"
+    assert done.provider == "groq"
+
+
+def test_provider_prefix_and_provider_argument_force_a_provider(mock):
+    done = Lunar().chat.completions.create(model="together/llama-3.1-8b", messages=MESSAGES)
+    assert done.provider == "together"
+    assert mock.requests[-1].json["model"] == "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo"
+    done = Lunar().chat.completions.create(
+        model="llama-3.1-8b", provider="fireworks", messages=MESSAGES
+    )
+    assert done.provider == "fireworks"
+
+
+def test_tool_calls_stream_and_assemble(mock):
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
+    stream = Lunar().chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, tools=tools, stream=True
+    )
+    pieces = [tc for c in stream for tc in (c.choices[0].delta.tool_calls or [])]
+    assert pieces[0].id and pieces[0].function.name == "get_weather"
+    done = stream.get_final_completion()
+    [call] = done.choices[0].message.tool_calls
+    assert json.loads(call.function.arguments) == {"city": "robot"}
+    assert done.choices[0].finish_reason == "tool_calls"
+
+
+def test_get_final_completion_includes_chunks_already_read(mock):
+    mock.default = Reply(chunks=8)
+    stream = Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    first = [next(stream) for _ in range(3)]
+    done = stream.get_final_completion()
+    assert len(done.choices[0].message.content.split()) == 8
+    assert done.usage.completion_tokens == 8
+    assert first[0].choices[0].delta.role == "assistant"
+
+
+def test_text_stream_yields_only_text(mock):
+    mock.default = Reply(chunks=4)
+    stream = Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    texts = list(stream.text_stream)
+    assert len(texts) == 4 and all(isinstance(t, str) and t for t in texts)
+
+
+def test_break_releases_the_connection(mock):
+    mock.default = Reply(chunks=50)
+    client = Lunar()
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    stream.close()
+    assert busy_connections(client) == 0
+
+
+def test_garbage_collected_stream_releases_the_connection(mock):
+    mock.default = Reply(chunks=50)
+    client = Lunar()
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    next(stream)
+    assert busy_connections(client) == 1
+    del stream
+    gc.collect()
+    assert busy_connections(client) == 0
+
+
+def test_context_manager_closes_the_stream(mock):
+    mock.default = Reply(chunks=50)
+    client = Lunar()
+    with client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    ) as stream:
+        next(stream)
+    assert busy_connections(client) == 0
+
+
+async def test_async_break_and_close_release_the_connection(mock):
+    mock.default = Reply(chunks=50)
+    async with AsyncLunar() as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+        async for _ in stream:
+            break
+        await stream.close()
+        assert busy_connections(client) == 0
+        async with await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        ) as stream2:
+            await stream2.__anext__()
+        assert busy_connections(client) == 0
+
+
+def test_connections_are_reused(mock):
+    client = Lunar()
+    for _ in range(3):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        list(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True))
+    assert len(client._http._transport._pool.connections) == 1
+
+
+def test_missing_key_names_the_env_var(mock, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    with pytest.raises(AuthenticationError, match="set OPENAI_API_KEY") as info:
+        Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert info.value.status_code == 401
+    assert mock.requests == []
+
+
+def test_providers_argument_overrides_env(mock, monkeypatch):
+    monkeypatch.delenv("OPENAI_API_KEY")
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")
+    client = Lunar(providers={"openai": {"api_key": "sk-explicit", "base_url": mock.base_url}})
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-explicit"
+
+
+def test_default_headers_are_sent(mock):
+    Lunar(default_headers={"x-team": "a"}).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES
+    )
+    assert mock.requests[-1].headers["x-team"] == "a"
+    assert mock.requests[-1].headers["user-agent"].startswith("lunar-python/")
+
+
+def test_custom_http_client_is_used(mock):
+    import httpx
+
+    http = httpx.Client(headers={"x-custom": "1"})
+    Lunar(http_client=http).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].headers["x-custom"] == "1"
+    http.close()
+
+
+def test_remote_mode_sends_api_key_model_and_lunar_options(mock, monkeypatch):
+    monkeypatch.setenv("LUNAR_BASE_URL", mock.base_url)
+    monkeypatch.setenv("LUNAR_API_KEY", "lk-team")
+    client = Lunar()
+    list(
+        client.chat.completions.create(
+            model="anything-the-gateway-knows",
+            messages=MESSAGES,
+            stream=True,
+            fallbacks=["b"],
+            provider="groq",
+        )
+    )
+    sent = mock.requests[-1]
+    assert sent.path == "/v1/chat/completions"
+    assert sent.headers["x-api-key"] == "lk-team"
+    assert "authorization" not in sent.headers
+    assert (sent.json["model"], sent.json["fallbacks"], sent.json["provider"]) == (
+        "anything-the-gateway-knows",
+        ["b"],
+        "groq",
+    )
+
+
+def test_remote_mode_with_jwt_uses_bearer(mock):
+    client = Lunar(base_url=mock.base_url, jwt="eyJ.token")
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].headers["authorization"] == "Bearer eyJ.token"
+
+
+def test_remote_mode_without_credentials_says_what_to_set(mock):
+    with pytest.raises(AuthenticationError, match="LUNAR_API_KEY"):
+        Lunar(base_url=mock.base_url)
+
+
+def test_remote_models_list_asks_the_gateway(mock):
+    page = Lunar(base_url=mock.base_url, api_key="k").models.list()
+    assert [m.id for m in page] and mock.requests[-1].path == "/v1/models"
+
+
+def test_models_list_from_catalogue_in_direct_mode(mock):
+    models = {m.id: m for m in Lunar().models.list()}
+    assert {"gpt-4o-mini", "claude-3-haiku", "llama-3.1-8b", "smollm2"} <= set(models)
+    assert models["gpt-4o-mini"].output_price_per_1m == 0.60
+    assert Lunar().models.retrieve("gpt-4o-mini").owned_by == "openai"
+
+
+def test_legacy_completions_stream_and_not(mock):
+    mock.default = Reply(chunks=3)
+    client = Lunar()
+    done = client.completions.create(model="gpt-4o-mini", prompt="Say hi")
+    assert done.object == "text_completion"
+    assert len(done.choices[0].text.split()) == 3
+    assert done.usage.total_cost_usd > 0
+    pieces = list(client.completions.create(model="gpt-4o-mini", prompt="Say hi", stream=True))
+    assert "".join(p.choices[0].text for p in pieces if p.choices) == done.choices[0].text
+    assert pieces[-1].choices[0].finish_reason == "stop"
+    assert pieces[-1].usage.completion_tokens == 3
+    assert mock.requests[-1].json["messages"] == [{"role": "user", "content": "Say hi"}]
+
+
+def test_max_tokens_gives_length(mock):
+    mock.default = Reply(chunks=10)
+    chunks = list(
+        Lunar().chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, max_tokens=4, stream=True
+        )
+    )
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 4
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
+        ({"messages": [{"role": "user", "content": {"text": "x"}}]}, "messages[0].content"),
+        ({"messages": MESSAGES, "temperature": 2.5}, "temperature"),
+        ({"messages": MESSAGES, "temperature": -0.1}, "temperature"),
+        ({"messages": MESSAGES, "n": 0}, "n"),
+        ({"messages": MESSAGES, "fallbacks": "claude-3-haiku"}, "fallbacks"),
+    ],
+)
+def test_bad_input_fails_before_any_network_call(mock, kwargs, param):
+    with pytest.raises(BadRequestError) as info:
+        Lunar().chat.completions.create(model="gpt-4o-mini", **kwargs)
+    assert info.value.param == param
+    assert param in str(info.value)
+    assert mock.requests == []
+
+
+def test_unknown_model_lists_close_matches_before_any_network_call(mock):
+    with pytest.raises(NotFoundError, match="Did you mean: gpt-4o-mini") as info:
+        Lunar().chat.completions.create(model="gpt-4o-mni", messages=MESSAGES, stream=True)
+    assert info.value.param == "model"
+    assert mock.requests == []

@@ -1,0 +1,259 @@
+"""The fault matrix: every emulator fault x sync/async x stream/non-stream -> what a user sees.
+
+Faults are scripted on the emulator (real sockets). Before the first chunk reaches the
+caller a failure may be retried or fall back; after it, it raises in the caller's loop.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from lunar import (
+    APIConnectionError,
+    APITimeoutError,
+    AsyncLunar,
+    BadRequestError,
+    Lunar,
+    RateLimitError,
+    ServerError,
+    ServiceUnavailableError,
+    StreamError,
+)
+from lunar.testing import Reply
+
+from .conftest import busy_connections
+
+MESSAGES = [{"role": "user", "content": "Tell me a story."}]
+FAST = {"max_retries": 0, "timeout": 2.0}
+
+
+async def run(mode: str, *, stream: bool, client_kw: dict, **kw):
+    """Run one request in ``mode`` (sync/async); return (chunks or completion, client)."""
+    if mode == "sync":
+        client = Lunar(**client_kw)
+        result = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=stream, **kw
+        )
+        return (list(result) if stream else result), client
+    aclient = AsyncLunar(**client_kw)
+    result = await aclient.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=stream, **kw
+    )
+    if stream:
+        return [c async for c in result], aclient
+    return result, aclient
+
+
+def text_of(chunks) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+MODES = pytest.mark.parametrize("mode", ["sync", "async"])
+
+# Faults a stream survives: the same text, usage and finish as a clean stream.
+HARMLESS = {
+    "slow_trickle": Reply(chunks=6, pacing=0.01),
+    "crlf_framing": Reply(chunks=6, crlf=True),
+    "cr_framing": Reply(chunks=6, cr=True),
+    "comments_keepalives": Reply(chunks=6, comments=True),
+    "bytes_one_at_a_time": Reply(chunks=6, split_bytes=True),
+    "short_stall": Reply(chunks=6, stall_after=2, stall=0.2),
+    "delay_before_first_byte": Reply(chunks=6, delay=0.2),
+}
+
+
+@MODES
+@pytest.mark.parametrize("fault", list(HARMLESS))
+async def test_harmless_faults_give_the_clean_result(mock, mode, fault):
+    mock.default = Reply(chunks=6)
+    clean, _ = await run(mode, stream=True, client_kw=FAST)
+    mock.enqueue(HARMLESS[fault])
+    chunks, client = await run(mode, stream=True, client_kw=FAST)
+    assert text_of(chunks) == text_of(clean)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens == 6
+    assert busy_connections(client) == 0
+
+
+# Faults after the first chunk reached the caller: they raise in the caller's loop, never a
+# silent end, and nothing falls back (the fallback model is never asked).
+AFTER_FIRST_CHUNK = {
+    "cut": (Reply(chunks=8, cut_after=2), APIConnectionError),
+    "ends_without_done": (Reply(chunks=8, end_after=2), APIConnectionError),
+    "malformed_sse": (Reply(chunks=8, malformed_after=2), StreamError),
+    "error_event": (Reply(chunks=8, error_after=2), ServerError),
+    "rate_limit_event": (
+        Reply(chunks=8, error_after=2, error_type="rate_limit_error"),
+        RateLimitError,
+    ),
+    "stall_beyond_timeout": (Reply(chunks=8, stall_after=2, stall=3.0), APITimeoutError),
+}
+
+
+@MODES
+@pytest.mark.parametrize("fault", list(AFTER_FIRST_CHUNK))
+async def test_fault_after_first_chunk_raises_in_caller_loop(mock, mode, fault):
+    reply, error = AFTER_FIRST_CHUNK[fault]
+    mock.enqueue(reply, model="gpt-4o-mini")
+    seen = []
+    client_kw = {"max_retries": 2, "timeout": 1.0}
+    if mode == "sync":
+        client = Lunar(**client_kw)
+        stream = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, fallbacks=["llama-3.1-8b"]
+        )
+        with pytest.raises(error) as info:
+            for chunk in stream:
+                seen.append(chunk)
+    else:
+        client = AsyncLunar(**client_kw)
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, fallbacks=["llama-3.1-8b"]
+        )
+        with pytest.raises(error) as info:
+            async for chunk in stream:
+                seen.append(chunk)
+    assert text_of(seen)  # the caller got content first
+    assert all(c.choices[0].finish_reason is None for c in seen)  # never a clean stop
+    assert [r.json["model"] for r in mock.requests] == ["gpt-4o-mini"]  # no fallback, no retry
+    assert [a.provider for a in info.value.attempts] == ["openai"]
+    assert busy_connections(client) == 0
+
+
+# The same faults before the first chunk: the next candidate answers.
+BEFORE_FIRST_CHUNK = {
+    "status_429": Reply(status=429, retry_after=0),
+    "status_500": Reply(status=500),
+    "status_503": Reply(status=503),
+    "cut": Reply(cut_after=0),
+    "ends_without_done": Reply(end_after=0),
+    "malformed_sse": Reply(malformed_after=0),
+    "error_event": Reply(error_after=0),
+    "delay_beyond_timeout": Reply(delay=3.0),
+    "stall_beyond_timeout": Reply(stall_after=0, stall=3.0),
+}
+
+
+@MODES
+@pytest.mark.parametrize("fault", list(BEFORE_FIRST_CHUNK))
+async def test_stream_falls_back_before_first_chunk(mock, mode, fault):
+    mock.enqueue(BEFORE_FIRST_CHUNK[fault], model="gpt-4o-mini")
+    chunks, client = await run(
+        mode, stream=True, client_kw={"max_retries": 0, "timeout": 1.0}, fallbacks=["llama-3.1-8b"]
+    )
+    assert {c.provider for c in chunks} == {"groq"}
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage.total_cost_usd == round(
+        chunks[-1].usage.prompt_tokens * 0.05 / 1e6
+        + chunks[-1].usage.completion_tokens * 0.08 / 1e6,
+        10,
+    )
+    assert [r.json["model"] for r in mock.requests] == ["gpt-4o-mini", "llama-3.1-8b-instant"]
+    assert busy_connections(client) == 0
+
+
+NON_STREAM_FALLBACK = {
+    "status_429": Reply(status=429, retry_after=0),
+    "status_500": Reply(status=500),
+    "status_503": Reply(status=503),
+    "delay_beyond_timeout": Reply(delay=3.0),
+    "bad_json_body": Reply(status=200, body="<html>oops</html>"),
+}
+
+
+@MODES
+@pytest.mark.parametrize("fault", list(NON_STREAM_FALLBACK))
+async def test_non_stream_falls_back(mock, mode, fault):
+    mock.enqueue(NON_STREAM_FALLBACK[fault], model="gpt-4o-mini")
+    done, _ = await run(
+        mode, stream=False, client_kw={"max_retries": 0, "timeout": 1.0}, fallbacks=["llama-3.1-8b"]
+    )
+    assert done.provider == "groq"
+    assert done.model == "llama-3.1-8b-instant"
+    assert done.usage.total_cost_usd > 0
+
+
+@MODES
+@pytest.mark.parametrize("stream", [True, False])
+async def test_retry_after_is_honoured_then_succeeds(mock, mode, stream):
+    mock.enqueue(Reply(status=429, retry_after_ms=50), Reply(status=503, retry_after=0))
+    result, _ = await run(mode, stream=stream, client_kw={"max_retries": 2})
+    assert len(mock.requests) == 3
+    final = result[-1] if stream else result
+    assert final.usage.total_cost_usd > 0
+
+
+@MODES
+@pytest.mark.parametrize("stream", [True, False])
+async def test_rate_limit_error_carries_retry_after(mock, mode, stream):
+    mock.enqueue(Reply(status=429, retry_after=7))
+    with pytest.raises(RateLimitError) as info:
+        await run(mode, stream=stream, client_kw=FAST)
+    assert info.value.retry_after == 7.0
+    assert str(info.value).startswith("[429] ")
+    assert info.value.status_code == 429
+
+
+@MODES
+@pytest.mark.parametrize("stream", [True, False])
+async def test_server_error_after_retries_is_typed_with_attempts(mock, mode, stream):
+    mock.enqueue(*[Reply(status=503, retry_after=0)] * 3)
+    with pytest.raises(ServiceUnavailableError) as info:
+        await run(mode, stream=stream, client_kw={"max_retries": 2})
+    assert isinstance(info.value, ServerError)
+    assert len(info.value.attempts) == 3 and len(mock.requests) == 3
+
+
+@MODES
+@pytest.mark.parametrize("stream", [True, False])
+async def test_client_errors_do_not_fall_back(mock, mode, stream):
+    mock.enqueue(Reply(status=400), model="gpt-4o-mini")
+    with pytest.raises(BadRequestError):
+        await run(mode, stream=stream, client_kw={"max_retries": 2}, fallbacks=["llama-3.1-8b"])
+    assert len(mock.requests) == 1
+
+
+@MODES
+async def test_should_retry_false_is_obeyed(mock, mode):
+    mock.enqueue(Reply(status=500, should_retry=False))
+    with pytest.raises(ServerError):
+        await run(mode, stream=False, client_kw={"max_retries": 2})
+    assert len(mock.requests) == 1
+
+
+@MODES
+async def test_connection_refused_falls_back(mock, mode, unused_port):
+    client_kw = {
+        "max_retries": 1,
+        "providers": {"openai": {"base_url": f"http://127.0.0.1:{unused_port}/v1"}},
+    }
+    chunks, _ = await run(mode, stream=True, client_kw=client_kw, fallbacks=["llama-3.1-8b"])
+    assert chunks[-1].provider == "groq"
+
+
+@MODES
+async def test_every_candidate_failing_raises_last_error_with_all_attempts(mock, mode):
+    mock.enqueue(Reply(status=503), model="gpt-4o-mini")
+    for model in (
+        "llama-3.1-8b-instant",
+        "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo",
+        "accounts/fireworks/models/llama-v3p1-8b-instruct",
+    ):
+        mock.enqueue(Reply(status=429, retry_after=0), model=model)
+    with pytest.raises(RateLimitError) as info:
+        await run(mode, stream=True, client_kw={"max_retries": 0}, fallbacks=["llama-3.1-8b"])
+    assert [(a.model, a.provider) for a in info.value.attempts] == [
+        ("gpt-4o-mini", "openai"),
+        ("llama-3.1-8b", "groq"),
+        ("llama-3.1-8b", "together"),
+        ("llama-3.1-8b", "fireworks"),
+    ]
+
+
+@pytest.fixture
+def unused_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])

@@ -1,0 +1,172 @@
+"""The OpenAI-compatible adapter, sans I/O: bytes in, chunks out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lunar import APIConnectionError, RateLimitError, StreamError
+from lunar._catalog import Catalog
+from lunar._streaming import ChatAccumulator
+from lunar.providers import Target, adapter_for
+
+ADAPTER = adapter_for("openai")
+CATALOG = Catalog.load()
+TARGET = Target(
+    CATALOG.resolve("llama-3.1-8b")[0],
+    CATALOG.providers["groq"],
+    "http://127.0.0.1:9/openai/v1",
+    "gk",
+)
+
+
+def event(obj) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def chunk(delta, finish=None, **extra):
+    return {
+        "id": "c1",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+        **extra,
+    }
+
+
+TOOL_STREAM = b"".join(
+    [
+        event(
+            chunk(
+                {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "index": 0,
+                            "id": "call_1",
+                            "type": "function",
+                            "function": {"name": "get_weather", "arguments": ""},
+                        }
+                    ],
+                }
+            )
+        ),
+        event(chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]})),
+        event(chunk({"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]})),
+        event(chunk({}, "tool_calls")),
+        event(
+            {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "m",
+                "choices": [],
+                "usage": {"prompt_tokens": 9, "completion_tokens": 4, "total_tokens": 13},
+            }
+        ),
+        b"data: [DONE]\n\n",
+    ]
+)
+
+
+def feed_all(pieces):
+    t = ADAPTER.stream_translator(TARGET)
+    out = []
+    for p in pieces:
+        out.extend(t.feed(p))
+    out.extend(t.close())
+    return out
+
+
+def test_build_request_targets_provider_model_and_asks_for_usage():
+    req = ADAPTER.build_request(
+        {"messages": [], "temperature": 0.5, "stream_options": {"x": 1}}, TARGET, stream=True
+    )
+    assert req.url == "http://127.0.0.1:9/openai/v1/chat/completions"
+    assert req.headers["authorization"] == "Bearer gk"
+    body = json.loads(req.content)
+    assert body["model"] == "llama-3.1-8b-instant"
+    assert body["stream"] is True
+    assert body["stream_options"] == {"x": 1, "include_usage": True}
+    assert body["temperature"] == 0.5
+
+
+def test_tool_call_stream_assembles_arguments_by_index():
+    chunks = feed_all([TOOL_STREAM])
+    acc = ChatAccumulator()
+    for c in chunks:
+        acc.add(c)
+    done = acc.completion()
+    [call] = done.choices[0].message.tool_calls
+    assert (call.id, call.function.name) == ("call_1", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+    assert done.choices[0].finish_reason == "tool_calls"
+    assert done.usage.total_tokens == 13
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(0, len(TOOL_STREAM)), max_size=20))
+def test_any_split_gives_the_same_final_message(cuts):
+    points = sorted(set(cuts))
+    pieces = [TOOL_STREAM[a:b] for a, b in zip([0, *points], [*points, len(TOOL_STREAM)])]
+    acc = ChatAccumulator()
+    for c in feed_all(pieces):
+        acc.add(c)
+    assert json.loads(acc.completion().choices[0].message.tool_calls[0].function.arguments) == {
+        "city": "Paris"
+    }
+
+
+def test_error_event_raises_typed_error():
+    t = ADAPTER.stream_translator(TARGET)
+    t.feed(event(chunk({"content": "Hi"})))
+    with pytest.raises(RateLimitError, match="slow down"):
+        t.feed(event({"error": {"message": "slow down", "type": "rate_limit_error"}}))
+
+
+def test_malformed_event_raises_stream_error():
+    t = ADAPTER.stream_translator(TARGET)
+    with pytest.raises(StreamError, match="Malformed"):
+        t.feed(b'data: {"id": "broken\n\n')
+
+
+def test_stream_ending_without_done_or_finish_raises():
+    t = ADAPTER.stream_translator(TARGET)
+    t.feed(event(chunk({"content": "Hi"})))
+    with pytest.raises(APIConnectionError, match="ended before it was complete"):
+        t.close()
+
+
+def test_finish_reason_without_done_is_accepted():
+    t = ADAPTER.stream_translator(TARGET)
+    t.feed(event(chunk({"content": "Hi"}, "stop")))
+    assert t.close() == []
+
+
+def test_parse_response_and_invalid_json():
+    body = {
+        "id": "x",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {
+            "prompt_tokens": 3,
+            "completion_tokens": 1,
+            "total_tokens": 4,
+            "prompt_tokens_details": {"cached_tokens": 2},
+        },
+    }
+    done = ADAPTER.parse_response(json.dumps(body).encode(), TARGET)
+    assert done.choices[0].message.content == "Hi"
+    assert done.usage.cached_tokens == 2
+    assert done.provider == "groq"
+    with pytest.raises(Exception, match=r"\[502\] Invalid JSON"):
+        ADAPTER.parse_response(b"<html>", TARGET)
