@@ -56,6 +56,8 @@ class Deployment:
     context_window: int | None = None
     max_output_tokens: int | None = None
     capabilities: frozenset[str] = field(default_factory=frozenset)
+    #: False for ``provider/model`` names the catalogue does not know: nothing is assumed.
+    catalogued: bool = True
 
 
 def cost(usage: Usage, prices: Prices) -> None:
@@ -167,7 +169,11 @@ class Catalog:
             if dep.provider == provider:
                 return dep
         return Deployment(
-            model=f"{provider}/{model}", provider=provider, provider_model=model, prices=None
+            model=f"{provider}/{model}",
+            provider=provider,
+            provider_model=model,
+            prices=None,
+            catalogued=False,
         )
 
     def unknown(self, name: str) -> NotFoundError:

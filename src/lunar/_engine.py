@@ -9,6 +9,7 @@ chunk). Only the loops that wait on the network exist twice: ``SyncEngine`` and
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import time
@@ -25,10 +26,13 @@ from ._errors import (
     APITimeoutError,
     Attempt,
     AuthenticationError,
+    BadRequestError,
     LunarError,
     NotFoundError,
+    UnprocessableEntityError,
     retry_after_seconds,
 )
+from ._health import Health
 from ._request import RequestOptions
 from ._types import ChatCompletion, ChatCompletionChunk, Usage
 from .providers import Adapter, StreamTranslator, Target, adapter_for
@@ -51,19 +55,25 @@ class Router:
         fallbacks: Mapping[str, list[str]] | None = None,
         remote: Target | None = None,
         environ: Mapping[str, str] | None = None,
+        health: Health | None = None,
     ) -> None:
         self.catalog = catalog
+        self.health = health or Health()
         self.overrides = {k: dict(v) for k, v in (providers or {}).items()}
         self.fallbacks = {k: list(v) for k, v in (fallbacks or {}).items()}
         self.remote = remote
         self._environ = os.environ if environ is None else environ
         self._targets: dict[Deployment, Target | LunarError] = {}
 
-    def chain(self, opts: RequestOptions) -> list[tuple[str, Target | LunarError]]:
-        """``(model, target or the reason it cannot be tried)`` in the order to try them.
-        An unknown primary model raises at once: that is bad input, not an outage."""
+    def chain(
+        self, opts: RequestOptions, body: Mapping[str, Any] | None = None
+    ) -> list[tuple[str, Target | LunarError]]:
+        """``(model, target or the reason it cannot be tried)`` in the order to try them:
+        the model's deployments ranked by health, then each fallback's; deployments whose
+        breaker is open go last. An unknown primary model, or one that cannot take what the
+        request needs (tools, images), raises at once: that is bad input, not an outage."""
         if self.remote is not None:
-            dep = Deployment(opts.model, "lunar", opts.model, None)
+            dep = Deployment(opts.model, "lunar", opts.model, None, catalogued=False)
             return [
                 (
                     opts.model,
@@ -73,7 +83,9 @@ class Router:
         fallbacks = (
             opts.fallbacks if opts.fallbacks is not None else self.fallbacks.get(opts.model, [])
         )
+        needs = requirements(body) if body is not None else frozenset()
         out: list[tuple[str, Target | LunarError]] = []
+        cooling: list[tuple[str, Target | LunarError]] = []
         for i, name in enumerate([opts.model, *fallbacks]):
             try:
                 deployments = self.catalog.resolve(name, opts.provider if i == 0 else None)
@@ -82,9 +94,17 @@ class Router:
                     raise
                 out.append((name, e))
                 continue
-            for dep in deployments:
-                out.append((name, self.target(dep)))
-        return out
+            missing = needs - deployments[0].capabilities if deployments[0].catalogued else None
+            if missing:
+                err = capability_error(name, missing)
+                if i == 0:
+                    raise err
+                out.append((name, err))
+                continue
+            for dep in self.health.rank(deployments, lambda d: d):
+                entry = (name, self.target(dep))
+                (cooling if self.health.cooling_down(dep) else out).append(entry)
+        return out + cooling
 
     def target(self, dep: Deployment) -> Target | LunarError:
         cached = self._targets.get(dep)
@@ -110,6 +130,66 @@ class Router:
             return missing_key_error(spec)
         headers = dict(override.get("headers") or {})
         return Target(dep, spec, base_url or "", api_key, headers)
+
+
+def requirements(body: Mapping[str, Any]) -> frozenset[str]:
+    """Capabilities a request needs from a model: ``tools``, ``vision``."""
+    needs = set()
+    if body.get("tools"):
+        needs.add("tools")
+    for msg in body.get("messages", ()):
+        content = msg.get("content")
+        if isinstance(content, list) and any(
+            isinstance(p, Mapping) and p.get("type") == "image_url" for p in content
+        ):
+            needs.add("vision")
+            break
+    return frozenset(needs)
+
+
+def capability_error(model: str, missing: frozenset[str]) -> BadRequestError:
+    what = {"tools": "tool calling (tools)", "vision": "image inputs (vision)"}
+    names = " and ".join(what[m] for m in sorted(missing))
+    return BadRequestError(
+        f"Model '{model}' does not support {names}: choose a model that does "
+        "(`lunar models` lists capabilities)",
+        param="model",
+        code="unsupported_capability",
+    )
+
+
+def wants_json(body: Mapping[str, Any]) -> bool:
+    fmt = body.get("response_format")
+    return isinstance(fmt, Mapping) and fmt.get("type") in ("json_object", "json_schema")
+
+
+def body_for(body: Mapping[str, Any], target: Target) -> tuple[Mapping[str, Any], bool]:
+    """The body to send to ``target``, and whether its output must be checked as JSON:
+    for a model without native JSON mode, the response format becomes an instruction."""
+    dep = target.deployment
+    if not (wants_json(body) and dep.catalogued and "json" not in dep.capabilities):
+        return body, False
+    fmt = body["response_format"]
+    instruction = "Respond with one valid JSON value and nothing else: no prose, no code fences."
+    schema = (fmt.get("json_schema") or {}).get("schema")
+    if schema:
+        instruction += " It must conform to this JSON Schema: " + json.dumps(schema)
+    new = {k: v for k, v in body.items() if k != "response_format"}
+    new["messages"] = [{"role": "system", "content": instruction}, *body["messages"]]
+    return new, True
+
+
+def check_json(text: str, target: Target) -> None:
+    try:
+        json.loads(text)
+    except ValueError:
+        raise UnprocessableEntityError(
+            f"Model '{target.model}' did not return valid JSON (JSON mode is emulated for "
+            f"this model by instruction): {text[:200]!r}",
+            param="response_format",
+            code="invalid_json_output",
+            provider=target.provider,
+        ) from None
 
 
 def missing_key_error(spec: ProviderSpec) -> AuthenticationError:
@@ -159,7 +239,9 @@ class Plan:
         chain: list[tuple[str, Target | LunarError]],
         max_retries: int,
         rand: Callable[[], float] = random.random,
+        health: Health | None = None,
     ) -> None:
+        self._health = health
         self._chain = chain
         self._max_retries = max_retries
         self._rand = rand
@@ -187,7 +269,10 @@ class Plan:
     def failed(self, step: Step, err: LunarError) -> None:
         self.attempts.append(Attempt(step.model, step.target.provider, err))
         self._last_tried = err
-        if not may_fall_back(err):
+        overload = may_fall_back(err)
+        if self._health is not None:
+            self._health.failure(step.target.deployment, trips_breaker=overload)
+        if not overload:
             self._stopped = True
             return
         if err.retryable and self._retries < self._max_retries:
@@ -201,6 +286,10 @@ class Plan:
                 return
         self._index += 1
         self._retries = 0
+
+    def succeeded(self, step: Step, usage: Usage | None) -> None:
+        if self._health is not None and usage is not None:
+            self._health.success(step.target.deployment, usage.ttft_ms, usage.latency_ms)
 
     def error(self) -> LunarError:
         err = self._last_tried or self._last_skipped
@@ -241,8 +330,16 @@ def account(usage: Usage, target: Target, started: float, ttft: float | None) ->
 
 
 def finish_completion(
-    completion: ChatCompletion, target: Target, body: Mapping[str, Any], started: float
+    completion: ChatCompletion,
+    target: Target,
+    body: Mapping[str, Any],
+    started: float,
+    json_check: bool = False,
 ) -> ChatCompletion:
+    if json_check:
+        for choice in completion.choices:
+            if not choice.message.tool_calls:
+                check_json(choice.message.content or "", target)
     usage = completion.usage
     if usage is None:
         chars = sum(len(c.message.content or "") for c in completion.choices)
@@ -260,9 +357,23 @@ class StreamFinisher:
     cost and timing can be put on it. The caller's last chunk thus has ``choices[0]`` and
     ``usage`` both, and a plain ``chunk.choices[0].delta.content`` loop never breaks."""
 
-    __slots__ = ("_body", "_chars", "_held", "_last", "_started", "_target", "_ttft", "_usage")
+    __slots__ = (
+        "_body",
+        "_chars",
+        "_held",
+        "_last",
+        "_started",
+        "_target",
+        "_text",
+        "_ttft",
+        "_usage",
+    )
 
-    def __init__(self, target: Target, body: Mapping[str, Any], started: float) -> None:
+    def __init__(
+        self, target: Target, body: Mapping[str, Any], started: float, json_check: bool = False
+    ) -> None:
+        #: Text kept only when the output must be checked as JSON at the end.
+        self._text: list[str] | None = [] if json_check else None
         self._target = target
         self._body = body
         self._started = started
@@ -288,6 +399,8 @@ class StreamFinisher:
                 delta = choice.delta
                 if delta.content:
                     self._chars += len(delta.content)
+                    if self._text is not None and choice.index == 0:
+                        self._text.append(delta.content)
                     if self._ttft is None:
                         self._ttft = _now() - self._started
                 elif self._ttft is None and delta.tool_calls:
@@ -301,6 +414,8 @@ class StreamFinisher:
         return out
 
     def end(self) -> list[ChatCompletionChunk]:
+        if self._text is not None:
+            check_json("".join(self._text), self._target)
         final = self._held
         if final is None:
             last = self._last
@@ -371,21 +486,24 @@ class SyncEngine:
         self.http = http
         self.max_retries = max_retries
 
-    def _plan(self, opts: RequestOptions) -> Plan:
-        return Plan(self.router.chain(opts), self.max_retries)
+    def _plan(self, opts: RequestOptions, body: Mapping[str, Any]) -> Plan:
+        return Plan(self.router.chain(opts, body), self.max_retries, health=self.router.health)
 
     def complete(self, body: Mapping[str, Any], opts: RequestOptions) -> ChatCompletion:
         started = _now()
-        plan = self._plan(opts)
+        plan = self._plan(opts, body)
         while (step := plan.next()) is not None:
             if step.delay:
                 time.sleep(step.delay)
+            sent, json_check = body_for(body, step.target)
             try:
-                completion = self._complete_once(step.target, body, opts)
+                completion = self._complete_once(step.target, sent, opts)
+                completion = finish_completion(completion, step.target, body, started, json_check)
             except LunarError as err:
                 plan.failed(step, err)
                 continue
-            return finish_completion(completion, step.target, body, started)
+            plan.succeeded(step, completion.usage)
+            return completion
         raise plan.error()
 
     def _complete_once(
@@ -417,16 +535,17 @@ class SyncEngine:
         """Connects and waits for the first chunk before returning (falling back while
         nothing has reached the caller); the iterator then yields every chunk as it comes."""
         started = _now()
-        plan = self._plan(opts)
+        plan = self._plan(opts, body)
         while (step := plan.next()) is not None:
             if step.delay:
                 time.sleep(step.delay)
+            sent, json_check = body_for(body, step.target)
             try:
-                opened = self._open(step.target, body, opts)
+                opened = self._open(step.target, sent, opts)
             except LunarError as err:
                 plan.failed(step, err)
                 continue
-            finisher = StreamFinisher(step.target, body, started)
+            finisher = StreamFinisher(step.target, body, started, json_check)
             return self._iterate(step, opened, finisher, plan)
         raise plan.error()
 
@@ -496,7 +615,9 @@ class SyncEngine:
                     if chunks:
                         yield from finisher.push(chunks)
                 yield from finisher.push(translator.close())
-            yield from finisher.end()
+            final = finisher.end()
+            plan.succeeded(step, final[0].usage)
+            yield from final
         except httpx.HTTPError as exc:
             err = connection_error(exc, step.target)
             plan.failed(step, err)
@@ -516,21 +637,24 @@ class AsyncEngine:
         self.http = http
         self.max_retries = max_retries
 
-    def _plan(self, opts: RequestOptions) -> Plan:
-        return Plan(self.router.chain(opts), self.max_retries)
+    def _plan(self, opts: RequestOptions, body: Mapping[str, Any]) -> Plan:
+        return Plan(self.router.chain(opts, body), self.max_retries, health=self.router.health)
 
     async def complete(self, body: Mapping[str, Any], opts: RequestOptions) -> ChatCompletion:
         started = _now()
-        plan = self._plan(opts)
+        plan = self._plan(opts, body)
         while (step := plan.next()) is not None:
             if step.delay:
                 await asyncio.sleep(step.delay)
+            sent, json_check = body_for(body, step.target)
             try:
-                completion = await self._complete_once(step.target, body, opts)
+                completion = await self._complete_once(step.target, sent, opts)
+                completion = finish_completion(completion, step.target, body, started, json_check)
             except LunarError as err:
                 plan.failed(step, err)
                 continue
-            return finish_completion(completion, step.target, body, started)
+            plan.succeeded(step, completion.usage)
+            return completion
         raise plan.error()
 
     async def _complete_once(
@@ -560,16 +684,17 @@ class AsyncEngine:
         self, body: Mapping[str, Any], opts: RequestOptions
     ) -> AsyncIterator[ChatCompletionChunk]:
         started = _now()
-        plan = self._plan(opts)
+        plan = self._plan(opts, body)
         while (step := plan.next()) is not None:
             if step.delay:
                 await asyncio.sleep(step.delay)
+            sent, json_check = body_for(body, step.target)
             try:
-                opened = await self._open(step.target, body, opts)
+                opened = await self._open(step.target, sent, opts)
             except LunarError as err:
                 plan.failed(step, err)
                 continue
-            finisher = StreamFinisher(step.target, body, started)
+            finisher = StreamFinisher(step.target, body, started, json_check)
             return self._iterate(step, opened, finisher, plan)
         raise plan.error()
 
@@ -643,7 +768,9 @@ class AsyncEngine:
                             yield chunk
                 for chunk in finisher.push(translator.close()):
                     yield chunk
-            for chunk in finisher.end():
+            final = finisher.end()
+            plan.succeeded(step, final[0].usage)
+            for chunk in final:
                 yield chunk
         except httpx.HTTPError as exc:
             err = connection_error(exc, step.target)

@@ -3,7 +3,6 @@ DeepSeek, Mistral, OpenRouter, Ollama, vLLM and Lunar's own gateway."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping
 from typing import Any
 
@@ -11,24 +10,15 @@ from .._errors import (
     APIConnectionError,
     APIError,
     StreamError,
-    error_class_for,
     error_from_response,
     error_from_stream_event,
 )
 from .._sse import SSEDecoder
 from .._types import ChatCompletion, ChatCompletionChunk
 from ._base import HTTPRequest, Target
-
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-_loads = json.loads
-
-
-def invalid_json(provider: str, content: bytes | str) -> APIError:
-    """A 2xx answer whose body is not the JSON it should be: the provider misbehaved (502)."""
-    text = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
-    return error_class_for(502)(
-        f"Invalid JSON from provider '{provider}': {text!r}", 502, text, provider=provider
-    )
+from ._shared import dumps as _dumps
+from ._shared import invalid_json
+from ._shared import loads as _loads
 
 
 class OpenAIStreamTranslator:

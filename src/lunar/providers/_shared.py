@@ -1,0 +1,79 @@
+"""What several adapters need: JSON codecs, message text, images, tool arguments."""
+
+from __future__ import annotations
+
+import json
+import mimetypes
+from collections.abc import Mapping
+from typing import Any, NamedTuple
+
+from .._errors import APIError, BadRequestError, error_class_for
+
+dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+loads = json.loads
+
+
+def invalid_json(provider: str, content: bytes | str) -> APIError:
+    """A 2xx answer whose body is not the JSON it should be: the provider misbehaved (502)."""
+    text = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
+    return error_class_for(502)(
+        f"Invalid JSON from provider '{provider}': {text!r}", 502, text, provider=provider
+    )
+
+
+def text_of(content: Any) -> str:
+    """The text of a message's content, whether a string or a list of parts."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    return "".join(p.get("text", "") for p in content if p.get("type") == "text")
+
+
+def system_text(messages: list[Mapping[str, Any]]) -> str:
+    """All system (and developer) turns, joined: providers that take the system prompt as a
+    separate field get it whole, wherever it stood."""
+    return "\n\n".join(
+        text_of(m.get("content")) for m in messages if m.get("role") in ("system", "developer")
+    )
+
+
+class ImageSource(NamedTuple):
+    url: str | None
+    media_type: str
+    data: str | None  # base64, for data URLs
+
+
+def image_source(part: Mapping[str, Any]) -> ImageSource:
+    """An OpenAI ``image_url`` part: a ``data:`` URL (base64) or a plain URL."""
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, Mapping) else image
+    assert isinstance(url, str)
+    if url.startswith("data:"):
+        header, _, data = url[5:].partition(",")
+        media_type = header.split(";")[0] or "image/png"
+        if ";base64" not in header:
+            raise BadRequestError(
+                "Image data URLs must be base64: 'data:image/png;base64,...'",
+                param="messages.content.image_url",
+            )
+        return ImageSource(None, media_type, data)
+    media_type = mimetypes.guess_type(url.split("?")[0])[0] or "image/jpeg"
+    return ImageSource(url, media_type, None)
+
+
+def tool_arguments_object(arguments: Any) -> dict[str, Any]:
+    """An assistant tool call's JSON arguments as the object providers other than OpenAI
+    want back in the conversation."""
+    if isinstance(arguments, Mapping):
+        return dict(arguments)
+    if not arguments:
+        return {}
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        raise BadRequestError(
+            f"Tool call arguments must be JSON, got {str(arguments)[:100]!r}",
+            param="messages.tool_calls.function.arguments",
+        ) from None
+    return value if isinstance(value, dict) else {"value": value}

@@ -1,0 +1,320 @@
+"""Anthropic Messages: OpenAI-shaped requests in, Anthropic's wire out, and back again."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from .._errors import (
+    APIConnectionError,
+    APIError,
+    error_from_response,
+    error_from_stream_event,
+)
+from .._sse import SSEDecoder
+from .._types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    Choice,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChunkChoice,
+    Function,
+    ToolCall,
+    Usage,
+)
+from ._base import HTTPRequest, Target
+from ._shared import (
+    dumps,
+    image_source,
+    invalid_json,
+    loads,
+    system_text,
+    text_of,
+    tool_arguments_object,
+)
+
+API_VERSION = "2023-06-01"
+DEFAULT_MAX_TOKENS = 4096
+
+FINISH_REASONS = {
+    "end_turn": "stop",
+    "stop_sequence": "stop",
+    "pause_turn": "stop",
+    "max_tokens": "length",
+    "tool_use": "tool_calls",
+    "refusal": "content_filter",
+}
+
+
+def _content_blocks(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}] if content else []
+    blocks: list[dict[str, Any]] = []
+    for part in content or ():
+        kind = part.get("type")
+        if kind == "text":
+            blocks.append({"type": "text", "text": part["text"]})
+        elif kind == "image_url":
+            src = image_source(part)
+            source: dict[str, Any]
+            if src.data is not None:
+                source = {"type": "base64", "media_type": src.media_type, "data": src.data}
+            else:
+                source = {"type": "url", "url": src.url}
+            blocks.append({"type": "image", "source": source})
+    return blocks
+
+
+def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI turns -> Anthropic turns: tool results become user ``tool_result`` blocks,
+    assistant tool calls ``tool_use`` blocks, and consecutive same-role turns are merged
+    (the API requires alternation)."""
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        role = msg["role"]
+        if role in ("system", "developer"):
+            continue
+        if role in ("tool", "function"):
+            role = "user"
+            blocks = [
+                {
+                    "type": "tool_result",
+                    "tool_use_id": msg.get("tool_call_id", ""),
+                    "content": text_of(msg.get("content")),
+                }
+            ]
+        else:
+            blocks = _content_blocks(msg.get("content"))
+            for call in msg.get("tool_calls") or ():
+                fn = call.get("function", {})
+                blocks.append(
+                    {
+                        "type": "tool_use",
+                        "id": call.get("id", ""),
+                        "name": fn.get("name", ""),
+                        "input": tool_arguments_object(fn.get("arguments")),
+                    }
+                )
+        if out and out[-1]["role"] == role:
+            out[-1]["content"].extend(blocks)
+        else:
+            out.append({"role": role, "content": blocks})
+    return out
+
+
+def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
+    if choice is None and parallel is None:
+        return None
+    if isinstance(choice, Mapping):
+        out: dict[str, Any] = {"type": "tool", "name": choice.get("function", {}).get("name")}
+    else:
+        out = {"type": {"required": "any", "none": "none"}.get(choice or "auto", "auto")}
+    if parallel is False and out["type"] != "none":
+        out["disable_parallel_tool_use"] = True
+    return out
+
+
+def _usage(u: Mapping[str, Any], output_tokens: int | None = None) -> Usage:
+    cached = u.get("cache_read_input_tokens") or 0
+    created = u.get("cache_creation_input_tokens") or 0
+    return Usage(
+        prompt_tokens=(u.get("input_tokens") or 0) + cached + created,
+        completion_tokens=u.get("output_tokens", 0) if output_tokens is None else output_tokens,
+        cached_tokens=cached,
+    )
+
+
+class AnthropicStreamTranslator:
+    """Anthropic's event stream -> OpenAI-shaped chunks. Tool calls are numbered among tool
+    calls (OpenAI's ``index``), not among all content blocks (Anthropic's)."""
+
+    def __init__(self, target: Target) -> None:
+        self._provider = target.provider
+        self._sse = SSEDecoder()
+        self._id = ""
+        self._model = target.deployment.provider_model
+        self._created = int(time.time())
+        self._input: Mapping[str, Any] = {}
+        self._tool_index: dict[int, int] = {}
+        self._finished = False
+        self._stopped = False
+
+    def _chunk(
+        self, delta: ChoiceDelta, finish: str | None = None, usage: Usage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            self._id,
+            self._created,
+            self._model,
+            [ChunkChoice(0, delta, finish)],
+            usage,
+            provider=self._provider,
+        )
+
+    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
+        out = []
+        for event in self._sse.feed(data):
+            try:
+                obj = loads(event.data)
+            except ValueError:
+                raise invalid_json(self._provider, event.data) from None
+            kind = obj.get("type") or event.event
+            if kind == "content_block_delta":
+                delta = obj.get("delta") or {}
+                dtype = delta.get("type")
+                if dtype == "text_delta":
+                    out.append(self._chunk(ChoiceDelta(content=delta.get("text", ""))))
+                elif dtype == "input_json_delta":
+                    index = self._tool_index.get(obj.get("index", 0), 0)
+                    call = ChoiceDeltaToolCall(
+                        index, function=Function(None, delta.get("partial_json", ""))
+                    )
+                    out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
+            elif kind == "content_block_start":
+                block = obj.get("content_block") or {}
+                if block.get("type") == "tool_use":
+                    index = self._tool_index[obj.get("index", 0)] = len(self._tool_index)
+                    call = ChoiceDeltaToolCall(
+                        index, block.get("id"), "function", Function(block.get("name"), "")
+                    )
+                    out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
+                elif block.get("type") == "text" and block.get("text"):
+                    out.append(self._chunk(ChoiceDelta(content=block["text"])))
+            elif kind == "message_start":
+                message = obj.get("message") or {}
+                self._id = message.get("id", "")
+                self._model = message.get("model") or self._model
+                self._input = message.get("usage") or {}
+                out.append(self._chunk(ChoiceDelta(role="assistant", content="")))
+            elif kind == "message_delta":
+                reason = (obj.get("delta") or {}).get("stop_reason")
+                usage = obj.get("usage") or {}
+                self._finished = True
+                out.append(
+                    self._chunk(
+                        ChoiceDelta(),
+                        FINISH_REASONS.get(reason or "end_turn", "stop"),
+                        _usage(
+                            {
+                                **self._input,
+                                **{
+                                    k: v
+                                    for k, v in usage.items()
+                                    if v is not None and k != "output_tokens"
+                                },
+                            },
+                            usage.get("output_tokens", 0),
+                        ),
+                    )
+                )
+            elif kind == "message_stop":
+                self._stopped = True
+            elif kind == "error":
+                raise error_from_stream_event(obj.get("error") or obj, self._provider)
+            # ping, content_block_stop, thinking and unknown events carry nothing for callers
+        return out
+
+    def close(self) -> list[ChatCompletionChunk]:
+        self._sse.flush()
+        if not (self._finished or self._stopped):
+            raise APIConnectionError(
+                f"The stream from '{self._provider}' ended before it was complete "
+                "(no message_delta and no message_stop)"
+            )
+        return []
+
+
+class AnthropicAdapter:
+    def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
+        messages = body["messages"]
+        dep = target.deployment
+        payload: dict[str, Any] = {
+            "model": dep.provider_model,
+            "messages": _messages(messages),
+            "max_tokens": body.get("max_completion_tokens")
+            or body.get("max_tokens")
+            or dep.max_output_tokens
+            or DEFAULT_MAX_TOKENS,
+        }
+        system = system_text(messages)
+        if system:
+            payload["system"] = system
+        for src, dst in (("temperature", "temperature"), ("top_p", "top_p")):
+            if body.get(src) is not None:
+                payload[dst] = body[src]
+        stop = body.get("stop")
+        if stop:
+            payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
+        if body.get("user"):
+            payload["metadata"] = {"user_id": body["user"]}
+        tools = body.get("tools")
+        if tools:
+            payload["tools"] = [
+                {
+                    "name": t["function"]["name"],
+                    "description": t["function"].get("description", ""),
+                    "input_schema": t["function"].get("parameters")
+                    or {"type": "object", "properties": {}},
+                }
+                for t in tools
+            ]
+        choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
+        if choice is not None and tools:
+            payload["tool_choice"] = choice
+        if stream:
+            payload["stream"] = True
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream" if stream else "application/json",
+            "anthropic-version": API_VERSION,
+        }
+        if target.api_key:
+            headers["x-api-key"] = target.api_key
+        headers.update(target.headers)
+        url = target.base_url.rstrip("/") + "/v1/messages"
+        return HTTPRequest("POST", url, headers, dumps(payload).encode())
+
+    def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
+        try:
+            obj = loads(content)
+        except ValueError:
+            raise invalid_json(target.provider, content) from None
+        if not isinstance(obj, dict) or obj.get("type") == "error":
+            raise error_from_stream_event((obj or {}).get("error"), target.provider)
+        texts, calls = [], []
+        for block in obj.get("content") or ():
+            if block.get("type") == "text":
+                texts.append(block.get("text", ""))
+            elif block.get("type") == "tool_use":
+                calls.append(
+                    ToolCall(
+                        block.get("id", ""),
+                        Function(block.get("name"), dumps(block.get("input") or {})),
+                    )
+                )
+        message = ChatCompletionMessage(
+            content="".join(texts) if texts or not calls else None, tool_calls=calls or None
+        )
+        reason = FINISH_REASONS.get(obj.get("stop_reason") or "end_turn", "stop")
+        return ChatCompletion(
+            id=obj.get("id", ""),
+            created=int(time.time()),
+            model=obj.get("model") or target.deployment.provider_model,
+            choices=[Choice(0, message, reason)],
+            usage=_usage(obj.get("usage") or {}),
+            provider=target.provider,
+        )
+
+    def stream_translator(self, target: Target) -> AnthropicStreamTranslator:
+        return AnthropicStreamTranslator(target)
+
+    def parse_error(
+        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
+    ) -> APIError:
+        return error_from_response(status, headers, content, target.provider)
+
+
+ADAPTER = AnthropicAdapter()

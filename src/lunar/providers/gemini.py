@@ -1,0 +1,335 @@
+"""Google Gemini ``generateContent``: OpenAI-shaped requests in, Gemini's wire out, and back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+from urllib.parse import quote
+
+from .._errors import APIConnectionError, APIError, error_from_response, error_from_stream_event
+from .._sse import SSEDecoder
+from .._types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    Choice,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChunkChoice,
+    Function,
+    ToolCall,
+    Usage,
+)
+from ._base import HTTPRequest, Target
+from ._shared import (
+    dumps,
+    image_source,
+    invalid_json,
+    loads,
+    system_text,
+    text_of,
+    tool_arguments_object,
+)
+
+FINISH_REASONS = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length",
+    "SAFETY": "content_filter",
+    "RECITATION": "content_filter",
+    "BLOCKLIST": "content_filter",
+    "PROHIBITED_CONTENT": "content_filter",
+    "SPII": "content_filter",
+    "IMAGE_SAFETY": "content_filter",
+}
+
+# JSON-Schema keywords Gemini's responseSchema / function parameters do not accept.
+_UNSUPPORTED_SCHEMA_KEYS = frozenset({"additionalProperties", "$schema", "strict", "$defs"})
+
+
+def _schema(schema: Any) -> Any:
+    if isinstance(schema, Mapping):
+        return {k: _schema(v) for k, v in schema.items() if k not in _UNSUPPORTED_SCHEMA_KEYS}
+    if isinstance(schema, list):
+        return [_schema(v) for v in schema]
+    return schema
+
+
+def _parts(content: Any) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [{"text": content}] if content else []
+    parts: list[dict[str, Any]] = []
+    for part in content or ():
+        if part.get("type") == "text":
+            parts.append({"text": part["text"]})
+        elif part.get("type") == "image_url":
+            src = image_source(part)
+            if src.data is not None:
+                parts.append({"inlineData": {"mimeType": src.media_type, "data": src.data}})
+            else:
+                parts.append({"fileData": {"mimeType": src.media_type, "fileUri": src.url}})
+    return parts
+
+
+def _contents(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """OpenAI turns -> Gemini ``contents``: assistant is ``model``; tool results are
+    ``functionResponse`` parts named after the call they answer."""
+    names: dict[str, str] = {}
+    out: list[dict[str, Any]] = []
+    for msg in messages:
+        role = msg["role"]
+        if role in ("system", "developer"):
+            continue
+        if role in ("tool", "function"):
+            name = names.get(msg.get("tool_call_id", ""), msg.get("name", ""))
+            text = text_of(msg.get("content"))
+            try:
+                response = loads(text)
+            except ValueError:
+                response = None
+            if not isinstance(response, dict):
+                response = {"content": text if response is None else response}
+            parts = [{"functionResponse": {"name": name, "response": response}}]
+            role = "user"
+        else:
+            parts = _parts(msg.get("content"))
+            for call in msg.get("tool_calls") or ():
+                fn = call.get("function", {})
+                names[call.get("id", "")] = fn.get("name", "")
+                parts.append(
+                    {
+                        "functionCall": {
+                            "name": fn.get("name", ""),
+                            "args": tool_arguments_object(fn.get("arguments")),
+                        }
+                    }
+                )
+            role = "model" if role == "assistant" else "user"
+        if out and out[-1]["role"] == role:
+            out[-1]["parts"].extend(parts)
+        else:
+            out.append({"role": role, "parts": parts})
+    return out
+
+
+def _tool_config(choice: Any) -> dict[str, Any] | None:
+    if choice is None:
+        return None
+    if isinstance(choice, Mapping):
+        name = choice.get("function", {}).get("name")
+        return {"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": [name]}}
+    mode = {"auto": "AUTO", "required": "ANY", "none": "NONE"}.get(choice, "AUTO")
+    return {"functionCallingConfig": {"mode": mode}}
+
+
+def _usage(meta: Mapping[str, Any]) -> Usage:
+    return Usage(
+        prompt_tokens=meta.get("promptTokenCount") or 0,
+        completion_tokens=(meta.get("candidatesTokenCount") or 0)
+        + (meta.get("thoughtsTokenCount") or 0),
+        cached_tokens=meta.get("cachedContentTokenCount") or 0,
+    )
+
+
+def _finish(reason: str | None, made_calls: bool) -> str:
+    mapped = FINISH_REASONS.get(reason or "STOP", "stop")
+    return "tool_calls" if mapped == "stop" and made_calls else mapped
+
+
+class GeminiStreamTranslator:
+    """Each event is a whole ``GenerateContentResponse``; the stream simply ends (no
+    ``[DONE]``), so a ``finishReason`` is what tells a complete stream from a cut one."""
+
+    def __init__(self, target: Target) -> None:
+        self._provider = target.provider
+        self._model = target.deployment.provider_model
+        self._sse = SSEDecoder()
+        self._id = f"chatcmpl-gemini-{time.time_ns():x}"
+        self._created = int(time.time())
+        self._started = False
+        self._calls = 0
+        self._finish: str | None = None
+        self._usage: Usage | None = None
+
+    def _chunk(
+        self, delta: ChoiceDelta, finish: str | None = None, usage: Usage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            self._id,
+            self._created,
+            self._model,
+            [ChunkChoice(0, delta, finish)],
+            usage,
+            provider=self._provider,
+        )
+
+    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
+        out = []
+        for event in self._sse.feed(data):
+            try:
+                obj = loads(event.data)
+            except ValueError:
+                raise invalid_json(self._provider, event.data) from None
+            if "error" in obj:
+                raise error_from_stream_event(obj["error"], self._provider)
+            if not self._started:
+                self._started = True
+                self._model = obj.get("modelVersion") or self._model
+                out.append(self._chunk(ChoiceDelta(role="assistant", content="")))
+            if obj.get("usageMetadata"):
+                self._usage = _usage(obj["usageMetadata"])
+            candidates = obj.get("candidates") or ()
+            if not candidates and (obj.get("promptFeedback") or {}).get("blockReason"):
+                self._finish = "SAFETY"
+            for cand in candidates[:1]:
+                for part in (cand.get("content") or {}).get("parts") or ():
+                    if part.get("thought"):
+                        continue
+                    if "text" in part:
+                        out.append(self._chunk(ChoiceDelta(content=part["text"])))
+                    elif "functionCall" in part:
+                        call = part["functionCall"]
+                        out.append(
+                            self._chunk(
+                                ChoiceDelta(
+                                    tool_calls=[
+                                        ChoiceDeltaToolCall(
+                                            self._calls,
+                                            call.get("id") or f"call_{self._calls}",
+                                            "function",
+                                            Function(
+                                                call.get("name"), dumps(call.get("args") or {})
+                                            ),
+                                        )
+                                    ]
+                                )
+                            )
+                        )
+                        self._calls += 1
+                if cand.get("finishReason"):
+                    self._finish = cand["finishReason"]
+        return out
+
+    def close(self) -> list[ChatCompletionChunk]:
+        self._sse.flush()
+        if self._finish is None:
+            raise APIConnectionError(
+                f"The stream from '{self._provider}' ended before it was complete (no finishReason)"
+            )
+        return [self._chunk(ChoiceDelta(), _finish(self._finish, self._calls > 0), self._usage)]
+
+
+class GeminiAdapter:
+    def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
+        messages = body["messages"]
+        payload: dict[str, Any] = {"contents": _contents(messages)}
+        system = system_text(messages)
+        if system:
+            payload["systemInstruction"] = {"parts": [{"text": system}]}
+        config: dict[str, Any] = {}
+        for src, dst in (
+            ("temperature", "temperature"),
+            ("top_p", "topP"),
+            ("n", "candidateCount"),
+            ("seed", "seed"),
+            ("presence_penalty", "presencePenalty"),
+            ("frequency_penalty", "frequencyPenalty"),
+        ):
+            if body.get(src) is not None:
+                config[dst] = body[src]
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        if max_tokens:
+            config["maxOutputTokens"] = max_tokens
+        stop = body.get("stop")
+        if stop:
+            config["stopSequences"] = [stop] if isinstance(stop, str) else stop
+        fmt = body.get("response_format") or {}
+        if fmt.get("type") in ("json_object", "json_schema"):
+            config["responseMimeType"] = "application/json"
+            schema = (fmt.get("json_schema") or {}).get("schema")
+            if schema:
+                config["responseSchema"] = _schema(schema)
+        if config:
+            payload["generationConfig"] = config
+        tools = body.get("tools")
+        if tools:
+            payload["tools"] = [
+                {
+                    "functionDeclarations": [
+                        {
+                            k: v
+                            for k, v in {
+                                "name": t["function"]["name"],
+                                "description": t["function"].get("description"),
+                                "parameters": _schema(t["function"].get("parameters")),
+                            }.items()
+                            if v
+                        }
+                        for t in tools
+                    ]
+                }
+            ]
+            config_tools = _tool_config(body.get("tool_choice"))
+            if config_tools:
+                payload["toolConfig"] = config_tools
+        headers = {"content-type": "application/json"}
+        if target.api_key:
+            headers["x-goog-api-key"] = target.api_key
+        headers.update(target.headers)
+        model = quote(target.deployment.provider_model, safe="")
+        action = "streamGenerateContent?alt=sse" if stream else "generateContent"
+        url = f"{target.base_url.rstrip('/')}/v1beta/models/{model}:{action}"
+        return HTTPRequest("POST", url, headers, dumps(payload).encode())
+
+    def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
+        try:
+            obj = loads(content)
+        except ValueError:
+            raise invalid_json(target.provider, content) from None
+        if not isinstance(obj, dict):
+            raise invalid_json(target.provider, content)
+        if "error" in obj:
+            raise error_from_stream_event(obj["error"], target.provider)
+        choices = []
+        for i, cand in enumerate(obj.get("candidates") or ()):
+            texts: list[str] = []
+            calls: list[ToolCall] = []
+            for part in (cand.get("content") or {}).get("parts") or ():
+                if part.get("thought"):
+                    continue
+                if "text" in part:
+                    texts.append(part["text"])
+                elif "functionCall" in part:
+                    call = part["functionCall"]
+                    calls.append(
+                        ToolCall(
+                            call.get("id") or f"call_{len(calls)}",
+                            Function(call.get("name"), dumps(call.get("args") or {})),
+                        )
+                    )
+            message = ChatCompletionMessage(
+                content="".join(texts) if texts or not calls else None,
+                tool_calls=calls or None,
+            )
+            choices.append(Choice(i, message, _finish(cand.get("finishReason"), bool(calls))))
+        if not choices:  # the prompt itself was blocked
+            choices.append(Choice(0, ChatCompletionMessage(content=""), "content_filter"))
+        return ChatCompletion(
+            id=obj.get("responseId") or f"chatcmpl-gemini-{time.time_ns():x}",
+            created=int(time.time()),
+            model=obj.get("modelVersion") or target.deployment.provider_model,
+            choices=choices,
+            usage=_usage(obj.get("usageMetadata") or {}),
+            provider=target.provider,
+        )
+
+    def stream_translator(self, target: Target) -> GeminiStreamTranslator:
+        return GeminiStreamTranslator(target)
+
+    def parse_error(
+        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
+    ) -> APIError:
+        return error_from_response(status, headers, content, target.provider)
+
+
+ADAPTER = GeminiAdapter()

@@ -1,0 +1,158 @@
+"""Health-first ranking of a model's providers, and the circuit breaker — deterministic with
+an injected clock and random source."""
+
+from __future__ import annotations
+
+import pytest
+
+from lunar import BadRequestError
+from lunar._catalog import Catalog
+from lunar._engine import Router
+from lunar._health import Health, HealthPolicy
+from lunar._request import RequestOptions
+
+CATALOG = Catalog.load()
+LLAMA = {d.provider: d for d in CATALOG.resolve("llama-3.1-8b")}  # groq, together, fireworks
+KEYS = {"GROQ_API_KEY": "g", "TOGETHER_API_KEY": "t", "FIREWORKS_API_KEY": "f",
+        "OPENAI_API_KEY": "o", "ANTHROPIC_API_KEY": "a"}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def make(probe: float = 1.0, **policy):
+    clock = Clock()
+    rolls = iter([probe] * 1000)
+    return Health(HealthPolicy(**policy), clock=clock, rand=lambda: next(rolls)), clock
+
+
+def order(health) -> list[str]:
+    return [d.provider for d in health.rank(list(LLAMA.values()), lambda d: d)]
+
+
+def feed(health, provider, ok=0, failed=0, ttft=100.0):
+    for _ in range(ok):
+        health.success(LLAMA[provider], ttft, ttft * 2)
+    for _ in range(failed):
+        health.failure(LLAMA[provider], trips_breaker=False)
+
+
+def test_no_data_orders_by_price():
+    health, _ = make()
+    assert order(health) == ["groq", "together", "fireworks"]
+
+
+def test_faster_provider_goes_first_when_error_rates_are_equal():
+    health, _ = make()
+    feed(health, "groq", ok=10, ttft=300.0)
+    feed(health, "together", ok=10, ttft=80.0)
+    feed(health, "fireworks", ok=10, ttft=150.0)
+    assert order(health) == ["together", "fireworks", "groq"]
+
+
+def test_error_rate_outranks_speed_and_price():
+    health, _ = make()
+    feed(health, "groq", ok=7, failed=3, ttft=50.0)  # 30% errors
+    feed(health, "together", ok=10, ttft=200.0)
+    feed(health, "fireworks", ok=10, ttft=100.0)
+    assert order(health) == ["fireworks", "together", "groq"]
+
+
+def test_above_threshold_goes_behind_providers_with_no_data():
+    health, _ = make()
+    feed(health, "groq", ok=2, failed=8)
+    feed(health, "fireworks", ok=10)
+    assert order(health) == ["fireworks", "together", "groq"]
+
+
+def test_probe_moves_a_provider_with_no_recent_data_to_the_front():
+    health, _ = make(probe=0.0)  # every roll is below probe_rate
+    feed(health, "groq", ok=10)
+    feed(health, "fireworks", ok=10)
+    assert order(health)[0] == "together"
+    health, _ = make(probe=0.99)
+    feed(health, "groq", ok=10)
+    feed(health, "fireworks", ok=10)
+    assert order(health)[-1] == "together"
+
+
+def test_old_outcomes_age_out():
+    health, clock = make()
+    feed(health, "groq", ok=0, failed=10)
+    assert order(health)[-1] == "groq"
+    clock.now += 301
+    assert order(health) == ["groq", "together", "fireworks"]
+
+
+def test_breaker_opens_after_repeated_overloads_and_retries_after_cooldown():
+    health, clock = make(trip_after=3, cooldown=30.0)
+    for _ in range(3):
+        health.failure(LLAMA["groq"])
+    assert health.cooling_down(LLAMA["groq"])
+    assert order(health)[-1] == "groq"
+    clock.now += 31
+    assert not health.cooling_down(LLAMA["groq"])  # half-open: tried again
+    health.failure(LLAMA["groq"])  # fails again: re-opens with a longer cooldown
+    clock.now += 31
+    assert health.cooling_down(LLAMA["groq"])
+    clock.now += 30
+    health.success(LLAMA["groq"], 10.0, 20.0)  # a success closes it
+    assert not health.cooling_down(LLAMA["groq"])
+
+
+def test_client_errors_do_not_trip_the_breaker():
+    health, _ = make(trip_after=2)
+    for _ in range(5):
+        health.failure(LLAMA["groq"], trips_breaker=False)
+    assert not health.cooling_down(LLAMA["groq"])
+
+
+def test_router_puts_cooling_primary_behind_its_fallbacks():
+    health, _ = make(trip_after=1)
+    router = Router(CATALOG, environ=KEYS, health=health)
+    health.failure(CATALOG.resolve("gpt-4o-mini")[0])
+    chain = router.chain(RequestOptions("gpt-4o-mini", ["claude-3-haiku"]))
+    assert [t.provider for _, t in chain] == ["anthropic", "openai"]
+
+
+def test_snapshot_reports_rates_and_medians():
+    health, _ = make()
+    feed(health, "groq", ok=3, failed=1, ttft=100.0)
+    snap = health.snapshot(LLAMA["groq"])
+    assert snap["error_rate"] == 0.25 and snap["ttft_p50"] == 100.0
+    assert snap["latency_p50"] == 200.0 and snap["samples"] == 4
+
+
+TOOLS = [{"type": "function", "function": {"name": "f"}}]
+IMAGE = [{"role": "user", "content": [
+    {"type": "text", "text": "what is this"},
+    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+
+
+def test_tools_to_a_model_without_them_fail_fast_naming_model_and_capability():
+    router = Router(CATALOG, environ=KEYS)
+    with pytest.raises(BadRequestError, match=r"'smollm2' does not support tool calling"):
+        router.chain(RequestOptions("smollm2"), {"messages": [], "tools": TOOLS})
+    with pytest.raises(BadRequestError, match=r"'llama-3.1-8b' does not support image inputs"):
+        router.chain(RequestOptions("llama-3.1-8b"), {"messages": IMAGE})
+
+
+def test_incapable_fallback_is_skipped_with_a_reason():
+    router = Router(CATALOG, environ=KEYS)
+    chain = router.chain(RequestOptions("gpt-4o-mini", ["llama-3.1-8b", "claude-3-haiku"]),
+                         {"messages": IMAGE})
+    assert chain[0][1].provider == "openai"
+    assert "does not support image inputs" in str(chain[1][1])
+    assert chain[2][1].provider == "anthropic"
+
+
+def test_uncatalogued_models_are_not_second_guessed():
+    router = Router(CATALOG, environ=KEYS)
+    [(_, target)] = router.chain(RequestOptions("groq/some-new-vision-model"),
+                                 {"messages": IMAGE, "tools": TOOLS})
+    assert target.provider == "groq"
