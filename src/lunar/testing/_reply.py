@@ -1,0 +1,197 @@
+"""The scripted reply (`Reply`) and the recorded request (`RecordedRequest`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json as _json
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["RecordedRequest", "Reply"]
+
+DEFAULT_ERROR_TYPE = "server_error"
+DEFAULT_ERROR_MESSAGE = "The server had an error while processing your request."
+
+
+@dataclass
+class Reply:
+    """One scripted response of the emulator. Every field has a default; faults compose.
+
+    Streamed faults are positioned by ``k``, a number of *content chunks* already sent
+    (text pieces, or tool-call argument pieces; with ``n > 1`` one position covers the
+    chunks of all choices). ``k = 0`` means right after the role chunk(s), before any
+    content; a ``k`` at or beyond the number of pieces means after the last piece, before the
+    finish chunk. At one position the faults apply in this order: ``stall``,
+    ``malformed_after``, then the first of ``error_after`` / ``end_after`` / ``cut_after``.
+
+    Non-streamed requests: ``stall`` adds to ``delay``; ``cut_after`` sends the headers and
+    half of the body, then aborts the connection; ``end_after`` and ``malformed_after`` send a
+    truncated (invalid JSON) body with a matching ``content-length``; ``error_after`` answers
+    500 with ``{"error": {"message": error_message, "type": error_type, ...}}``; ``pacing``,
+    ``comments``, ``crlf``, ``cr`` and ``split_bytes`` are ignored.
+    """
+
+    status: int = 200
+    """HTTP status. Statuses >= 400 answer OpenAI error JSON (or ``body``)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    """Extra response headers (override the emulator's own of the same name)."""
+    body: bytes | str | dict[str, Any] | None = None
+    """Sent verbatim (a dict as JSON) instead of the normal or error body."""
+    retry_after: float | str | None = None
+    """Header ``retry-after``: a number (``2``, ``1.5``) or a string sent verbatim."""
+    retry_after_ms: float | None = None
+    """Header ``retry-after-ms``."""
+    should_retry: bool | None = None
+    """Header ``x-should-retry: true|false``."""
+    delay: float = 0.0
+    """Seconds to wait before sending the response headers."""
+    chunks: int = 8
+    """Number of content pieces (each one "token")."""
+    text: str | None = None
+    """Full content; default: ``chunks`` words of a fixed robot story."""
+    finish_reason: str | None = None
+    """None = natural (``stop``; ``length`` when max_tokens cut it; ``tool_calls``)."""
+    stall_after: int | None = None
+    stall: float = 0.0
+    cut_after: int | None = None
+    end_after: int | None = None
+    malformed_after: int | None = None
+    error_after: int | None = None
+    error_type: str = DEFAULT_ERROR_TYPE
+    error_message: str = DEFAULT_ERROR_MESSAGE
+    pacing: float = 0.0
+    """Seconds between two streamed events."""
+    crlf: bool = False
+    cr: bool = False
+    comments: bool = False
+    split_bytes: bool = False
+    usage: bool = True
+    """Honour ``stream_options.include_usage`` (False: behave as if it was not asked)."""
+    tool_calls: list[dict[str, Any]] | None = None
+    """Explicit tool calls: ``{"name": ..., "arguments": "<json text>" or dict, "id"?: ...}``."""
+    cached_tokens: int = 0
+    """When > 0, usage carries ``prompt_tokens_details: {"cached_tokens": N}``."""
+
+    def __post_init__(self) -> None:
+        if not 100 <= int(self.status) <= 599:
+            raise ValueError(f"status must be an HTTP status code, got {self.status!r}")
+        if self.chunks < 0:
+            raise ValueError("chunks must be >= 0")
+
+    # -- convenience constructors ---------------------------------------------------------
+
+    @classmethod
+    def status_error(
+        cls,
+        status: int,
+        message: str | None = None,
+        *,
+        type: str | None = None,
+        code: str | None = None,
+        **kwargs: Any,
+    ) -> Reply:
+        """An error status; ``message``/``type``/``code`` customise the OpenAI error JSON."""
+        if message is not None or type is not None or code is not None:
+            kwargs["body"] = {
+                "error": {
+                    "message": message if message is not None else default_error_message(status),
+                    "type": type if type is not None else error_type_for_status(status),
+                    "param": None,
+                    "code": code,
+                }
+            }
+        return cls(status=status, **kwargs)
+
+    @classmethod
+    def rate_limited(cls, retry_after: float | str | None = 1, **kwargs: Any) -> Reply:
+        """429 with a ``retry-after`` header."""
+        return cls(status=429, retry_after=retry_after, **kwargs)
+
+    def replace(self, **changes: Any) -> Reply:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    # -- internals ------------------------------------------------------------------------
+
+    def needs_async(self, stream: bool) -> bool:
+        """Whether the response cannot be written in one go."""
+        if self.delay > 0:
+            return True
+        if self.body is not None or self.status >= 400:
+            return False
+        faulted = (
+            self.cut_after is not None
+            or self.end_after is not None
+            or self.malformed_after is not None
+            or self.error_after is not None
+            or (self.stall_after is not None and self.stall > 0)
+        )
+        if not stream:
+            return faulted
+        return faulted or self.pacing > 0 or self.split_bytes
+
+
+def error_type_for_status(status: int) -> str:
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "server_error"
+    if status == 401:
+        return "authentication_error"
+    if status == 403:
+        return "permission_error"
+    if status == 404:
+        return "not_found_error"
+    return "invalid_request_error"
+
+
+_MESSAGES = {
+    400: "Invalid request.",
+    401: "Incorrect API key provided.",
+    403: "You are not allowed to access this resource.",
+    404: "The requested resource does not exist.",
+    408: "Request timed out.",
+    409: "Conflict.",
+    422: "Unprocessable entity.",
+    429: "Rate limit reached for requests. Please try again later.",
+    500: DEFAULT_ERROR_MESSAGE,
+    502: "Bad gateway.",
+    503: "The engine is currently overloaded, please try again later.",
+    504: "Gateway timeout.",
+}
+
+
+def default_error_message(status: int) -> str:
+    if status in _MESSAGES:
+        return _MESSAGES[status]
+    if status >= 500:
+        return DEFAULT_ERROR_MESSAGE
+    return f"Request failed with status {status}."
+
+
+@dataclass
+class RecordedRequest:
+    """One request the emulator received (every path, before any auth check)."""
+
+    method: str
+    path: str
+    """The path, without the query string."""
+    headers: dict[str, str]
+    """Lower-case names; repeated headers joined with ", "."""
+    body: bytes
+    json: Any
+    """The parsed JSON body, or None (no body or not JSON)."""
+    query: str = ""
+    """The query string (without "?"), "" if none."""
+
+    @property
+    def model(self) -> str | None:
+        """The ``model`` field of a JSON object body, if any."""
+        if isinstance(self.json, dict):
+            model = self.json.get("model")
+            return model if isinstance(model, str) else None
+        return None
+
+    def __repr__(self) -> str:
+        body = _json.dumps(self.json)[:80] if self.json is not None else repr(self.body[:80])
+        return f"RecordedRequest({self.method} {self.path} {body})"
