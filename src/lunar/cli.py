@@ -144,7 +144,7 @@ def cmd_models(args: argparse.Namespace) -> int:
     ]
     headers = ("model", "providers", "$/1M in", "$/1M out", "context", "capabilities")
     out = _Out()
-    if out.console is not None:
+    if out.console is not None and sys.stdout.isatty():
         from rich.table import Table
 
         table = Table(*headers)
@@ -152,6 +152,7 @@ def cmd_models(args: argparse.Namespace) -> int:
             table.add_row(*row)
         out.console.print(table)
     else:
+        # Plain columns when piped: one line per model, easy to grep.
         widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
         for row in [headers, *rows]:
             print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -203,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+    except BrokenPipeError:  # `lunar models | head`: the reader left; that is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     return result
 
 

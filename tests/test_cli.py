@@ -1,0 +1,88 @@
+"""The `lunar` command: chat streams to the terminal with a cost line; models lists prices."""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+
+import httpx
+
+from lunar.cli import default_model, main
+from lunar.testing import Reply
+
+
+def test_chat_streams_answer_then_summary(mock, capsys):
+    mock.default = Reply(text="Beep boop, said the robot.", chunks=5)
+    assert main(["chat", "--model", "gpt-4o-mini", "Write a short story about a robot."]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "Beep boop, said the robot."
+    assert "gpt-4o-mini via openai" in err and "$0.0000" in err and "TTFT" in err
+    assert mock.requests[-1].json["messages"][-1]["content"].startswith("Write a short story")
+
+
+def test_chat_no_stream_system_and_fallback(mock, capsys):
+    mock.enqueue(*[Reply(status=503, retry_after=0)] * 3, model="gpt-4o-mini")  # 1 + 2 retries
+    code = main(
+        [
+            "chat",
+            "-m",
+            "gpt-4o-mini",
+            "--fallback",
+            "llama-3.1-8b",
+            "--system",
+            "Be brief",
+            "--no-stream",
+            "--max-tokens",
+            "20",
+            "hi",
+        ]
+    )
+    assert code == 0
+    out, err = capsys.readouterr()
+    assert out.strip() and "via groq" in err
+    sent = mock.requests[-1].json
+    assert sent["messages"][0] == {"role": "system", "content": "Be brief"}
+    assert sent["max_tokens"] == 20
+
+
+def test_chat_error_exits_1_and_lists_attempts(mock, capsys):
+    mock.enqueue(Reply(status=401), model="gpt-4o-mini")
+    assert main(["chat", "-m", "gpt-4o-mini", "hi"]) == 1
+    _, err = capsys.readouterr()
+    assert "Error: [401]" in err and "tried gpt-4o-mini via openai" in err
+
+
+def test_default_model_prefers_configured_then_keyed_provider_then_local():
+    assert default_model({"LUNAR_DEFAULT_MODEL": "gpt-4o"}) == ("gpt-4o", None)
+    assert default_model({"ANTHROPIC_API_KEY": "k"})[0] == "claude-3-5-haiku"
+    model, note = default_model({})
+    assert model == "smollm2" and note is not None and "local model" in note
+
+
+def test_models_lists_catalogue_with_prices(capsys):
+    assert main(["models"]) == 0
+    out, _ = capsys.readouterr()
+    assert "gpt-4o-mini" in out and "0.15" in out and "claude-3-haiku" in out
+
+
+def test_mock_command_serves_the_emulator():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lunar.cli", "mock", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert f"127.0.0.1:{port}" in proc.stdout.readline()
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/chat/completions",
+            json={"model": "m", "messages": [{"role": "user", "content": "x"}]},
+        )
+        assert r.json()["object"] == "chat.completion"
+    finally:
+        proc.terminate()
+        proc.wait(10)
