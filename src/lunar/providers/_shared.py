@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 import mimetypes
+import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from .._errors import APIError, BadRequestError, error_class_for
+from .._errors import APIError, BadRequestError, error_class_for, error_from_response
+from .._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage
+from ._base import Target
 
 dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 loads = json.loads
@@ -77,3 +80,45 @@ def tool_arguments_object(arguments: Any) -> dict[str, Any]:
             param="messages.tool_calls.function.arguments",
         ) from None
     return value if isinstance(value, dict) else {"value": value}
+
+
+def json_object(content: bytes | str, provider: str) -> dict[str, Any]:
+    """A response body or event that must be a JSON object, or the provider misbehaved."""
+    try:
+        obj = loads(content)
+    except ValueError:
+        raise invalid_json(provider, content) from None
+    if not isinstance(obj, dict):
+        raise invalid_json(provider, content)
+    return obj
+
+
+class HTTPAdapter:
+    """What every HTTP adapter does the same way: errors come from one mapping."""
+
+    def parse_error(
+        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
+    ) -> APIError:
+        return error_from_response(status, headers, content, target.provider)
+
+
+class ChunkMaker:
+    """For translators that build OpenAI chunks themselves (one choice, index 0)."""
+
+    def __init__(self, target: Target, id: str) -> None:
+        self._provider = target.provider
+        self._model = target.deployment.provider_model
+        self._id = id
+        self._created = int(time.time())
+
+    def _chunk(
+        self, delta: ChoiceDelta, finish: str | None = None, usage: Usage | None = None
+    ) -> ChatCompletionChunk:
+        return ChatCompletionChunk(
+            self._id,
+            self._created,
+            self._model,
+            [ChunkChoice(0, delta, finish)],
+            usage,
+            provider=self._provider,
+        )

@@ -8,8 +8,6 @@ from typing import Any
 
 from .._errors import (
     APIConnectionError,
-    APIError,
-    error_from_response,
     error_from_stream_event,
 )
 from .._sse import SSEDecoder
@@ -20,17 +18,17 @@ from .._types import (
     Choice,
     ChoiceDelta,
     ChoiceDeltaToolCall,
-    ChunkChoice,
     Function,
     ToolCall,
     Usage,
 )
 from ._base import HTTPRequest, Target
 from ._shared import (
+    ChunkMaker,
+    HTTPAdapter,
     dumps,
     image_source,
-    invalid_json,
-    loads,
+    json_object,
     system_text,
     text_of,
     tool_arguments_object,
@@ -127,40 +125,22 @@ def _usage(u: Mapping[str, Any], output_tokens: int | None = None) -> Usage:
     )
 
 
-class AnthropicStreamTranslator:
+class AnthropicStreamTranslator(ChunkMaker):
     """Anthropic's event stream -> OpenAI-shaped chunks. Tool calls are numbered among tool
     calls (OpenAI's ``index``), not among all content blocks (Anthropic's)."""
 
     def __init__(self, target: Target) -> None:
-        self._provider = target.provider
+        super().__init__(target, "")
         self._sse = SSEDecoder()
-        self._id = ""
-        self._model = target.deployment.provider_model
-        self._created = int(time.time())
         self._input: Mapping[str, Any] = {}
         self._tool_index: dict[int, int] = {}
         self._finished = False
         self._stopped = False
 
-    def _chunk(
-        self, delta: ChoiceDelta, finish: str | None = None, usage: Usage | None = None
-    ) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            self._id,
-            self._created,
-            self._model,
-            [ChunkChoice(0, delta, finish)],
-            usage,
-            provider=self._provider,
-        )
-
     def feed(self, data: bytes) -> list[ChatCompletionChunk]:
         out = []
         for event in self._sse.feed(data):
-            try:
-                obj = loads(event.data)
-            except ValueError:
-                raise invalid_json(self._provider, event.data) from None
+            obj = json_object(event.data, self._provider)
             kind = obj.get("type") or event.event
             if kind == "content_block_delta":
                 delta = obj.get("delta") or {}
@@ -227,7 +207,7 @@ class AnthropicStreamTranslator:
         return []
 
 
-class AnthropicAdapter:
+class AnthropicAdapter(HTTPAdapter):
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         messages = body["messages"]
         dep = target.deployment
@@ -278,12 +258,9 @@ class AnthropicAdapter:
         return HTTPRequest("POST", url, headers, dumps(payload).encode())
 
     def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
-        try:
-            obj = loads(content)
-        except ValueError:
-            raise invalid_json(target.provider, content) from None
-        if not isinstance(obj, dict) or obj.get("type") == "error":
-            raise error_from_stream_event((obj or {}).get("error"), target.provider)
+        obj = json_object(content, target.provider)
+        if obj.get("type") == "error":
+            raise error_from_stream_event(obj.get("error"), target.provider)
         texts, calls = [], []
         for block in obj.get("content") or ():
             if block.get("type") == "text":
@@ -310,11 +287,6 @@ class AnthropicAdapter:
 
     def stream_translator(self, target: Target) -> AnthropicStreamTranslator:
         return AnthropicStreamTranslator(target)
-
-    def parse_error(
-        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
-    ) -> APIError:
-        return error_from_response(status, headers, content, target.provider)
 
 
 ADAPTER = AnthropicAdapter()

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from .._errors import APIConnectionError, APIError, error_from_response, error_from_stream_event
+from .._errors import APIConnectionError, error_from_stream_event
 from .._sse import SSEDecoder
 from .._types import (
     ChatCompletion,
@@ -16,16 +16,17 @@ from .._types import (
     Choice,
     ChoiceDelta,
     ChoiceDeltaToolCall,
-    ChunkChoice,
     Function,
     ToolCall,
     Usage,
 )
 from ._base import HTTPRequest, Target
 from ._shared import (
+    ChunkMaker,
+    HTTPAdapter,
     dumps,
     image_source,
-    invalid_json,
+    json_object,
     loads,
     system_text,
     text_of,
@@ -136,40 +137,22 @@ def _finish(reason: str | None, made_calls: bool) -> str:
     return "tool_calls" if mapped == "stop" and made_calls else mapped
 
 
-class GeminiStreamTranslator:
+class GeminiStreamTranslator(ChunkMaker):
     """Each event is a whole ``GenerateContentResponse``; the stream simply ends (no
     ``[DONE]``), so a ``finishReason`` is what tells a complete stream from a cut one."""
 
     def __init__(self, target: Target) -> None:
-        self._provider = target.provider
-        self._model = target.deployment.provider_model
+        super().__init__(target, f"chatcmpl-gemini-{time.time_ns():x}")
         self._sse = SSEDecoder()
-        self._id = f"chatcmpl-gemini-{time.time_ns():x}"
-        self._created = int(time.time())
         self._started = False
         self._calls = 0
         self._finish: str | None = None
         self._usage: Usage | None = None
 
-    def _chunk(
-        self, delta: ChoiceDelta, finish: str | None = None, usage: Usage | None = None
-    ) -> ChatCompletionChunk:
-        return ChatCompletionChunk(
-            self._id,
-            self._created,
-            self._model,
-            [ChunkChoice(0, delta, finish)],
-            usage,
-            provider=self._provider,
-        )
-
     def feed(self, data: bytes) -> list[ChatCompletionChunk]:
         out = []
         for event in self._sse.feed(data):
-            try:
-                obj = loads(event.data)
-            except ValueError:
-                raise invalid_json(self._provider, event.data) from None
+            obj = json_object(event.data, self._provider)
             if "error" in obj:
                 raise error_from_stream_event(obj["error"], self._provider)
             if not self._started:
@@ -219,7 +202,7 @@ class GeminiStreamTranslator:
         return [self._chunk(ChoiceDelta(), _finish(self._finish, self._calls > 0), self._usage)]
 
 
-class GeminiAdapter:
+class GeminiAdapter(HTTPAdapter):
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         messages = body["messages"]
         payload: dict[str, Any] = {"contents": _contents(messages)}
@@ -282,12 +265,7 @@ class GeminiAdapter:
         return HTTPRequest("POST", url, headers, dumps(payload).encode())
 
     def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
-        try:
-            obj = loads(content)
-        except ValueError:
-            raise invalid_json(target.provider, content) from None
-        if not isinstance(obj, dict):
-            raise invalid_json(target.provider, content)
+        obj = json_object(content, target.provider)
         if "error" in obj:
             raise error_from_stream_event(obj["error"], target.provider)
         choices = []
@@ -325,11 +303,6 @@ class GeminiAdapter:
 
     def stream_translator(self, target: Target) -> GeminiStreamTranslator:
         return GeminiStreamTranslator(target)
-
-    def parse_error(
-        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
-    ) -> APIError:
-        return error_from_response(status, headers, content, target.provider)
 
 
 ADAPTER = GeminiAdapter()

@@ -8,16 +8,14 @@ from typing import Any
 
 from .._errors import (
     APIConnectionError,
-    APIError,
     StreamError,
-    error_from_response,
     error_from_stream_event,
 )
 from .._sse import SSEDecoder
 from .._types import ChatCompletion, ChatCompletionChunk
 from ._base import HTTPRequest, Target
+from ._shared import HTTPAdapter, invalid_json, json_object
 from ._shared import dumps as _dumps
-from ._shared import invalid_json
 from ._shared import loads as _loads
 
 
@@ -74,7 +72,7 @@ class OpenAIStreamTranslator:
         return []
 
 
-class OpenAIAdapter:
+class OpenAIAdapter(HTTPAdapter):
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         payload = dict(body)
         payload["model"] = target.deployment.provider_model
@@ -96,23 +94,15 @@ class OpenAIAdapter:
         return HTTPRequest("POST", url, headers, _dumps(payload).encode())
 
     def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
-        try:
-            obj = _loads(content)
-        except ValueError:
-            raise invalid_json(target.provider, content) from None
-        if not isinstance(obj, dict) or "choices" not in obj:
-            if isinstance(obj, dict) and "error" in obj:
+        obj = json_object(content, target.provider)
+        if "choices" not in obj:
+            if "error" in obj:
                 raise error_from_stream_event(obj["error"], target.provider)
             raise invalid_json(target.provider, content)
         return ChatCompletion.from_dict(obj, target.provider)
 
     def stream_translator(self, target: Target) -> OpenAIStreamTranslator:
         return OpenAIStreamTranslator(target.provider)
-
-    def parse_error(
-        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
-    ) -> APIError:
-        return error_from_response(status, headers, content, target.provider)
 
 
 ADAPTER = OpenAIAdapter()
