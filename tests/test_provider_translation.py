@@ -548,3 +548,38 @@ def test_gemini_non_stream_response():
     assert done.choices[0].message.content == "Hi"
     assert done.choices[0].finish_reason == "length"
     assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (3, 3)
+
+
+def test_gemini_retry_info_becomes_retry_after_and_bad_key_is_401():
+    body = json.dumps(
+        {
+            "error": {
+                "code": 429,
+                "message": "Quota",
+                "status": "RESOURCE_EXHAUSTED",
+                "details": [
+                    {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "37s"}
+                ],
+            }
+        }
+    ).encode()
+    err = GEMINI.parse_error(429, {}, body, G_TARGET)
+    assert isinstance(err, RateLimitError) and err.retry_after == 37.0
+    body = json.dumps(
+        {
+            "error": {
+                "code": 400,
+                "message": "API key not valid.",
+                "status": "INVALID_ARGUMENT",
+                "details": [
+                    {
+                        "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                        "reason": "API_KEY_INVALID",
+                    }
+                ],
+            }
+        }
+    ).encode()
+    from lunar import AuthenticationError
+
+    assert isinstance(GEMINI.parse_error(400, {}, body, G_TARGET), AuthenticationError)

@@ -365,6 +365,7 @@ class StreamFinisher:
         "_started",
         "_target",
         "_text",
+        "_tools",
         "_ttft",
         "_usage",
     )
@@ -374,6 +375,7 @@ class StreamFinisher:
     ) -> None:
         #: Text kept only when the output must be checked as JSON at the end.
         self._text: list[str] | None = [] if json_check else None
+        self._tools = False  # an answer made of tool calls is not checked as JSON
         self._target = target
         self._body = body
         self._started = started
@@ -403,8 +405,10 @@ class StreamFinisher:
                         self._text.append(delta.content)
                     if self._ttft is None:
                         self._ttft = _now() - self._started
-                elif self._ttft is None and delta.tool_calls:
-                    self._ttft = _now() - self._started
+                if delta.tool_calls:
+                    self._tools = True
+                    if self._ttft is None:
+                        self._ttft = _now() - self._started
                 if choice.finish_reason is not None:
                     finishing = True
             if finishing:
@@ -414,7 +418,7 @@ class StreamFinisher:
         return out
 
     def end(self) -> list[ChatCompletionChunk]:
-        if self._text is not None:
+        if self._text is not None and not self._tools:
             check_json("".join(self._text), self._target)
         final = self._held
         if final is None:

@@ -222,9 +222,11 @@ class AnthropicAdapter(HTTPAdapter):
         system = system_text(messages)
         if system:
             payload["system"] = system
-        for src, dst in (("temperature", "temperature"), ("top_p", "top_p")):
-            if body.get(src) is not None:
-                payload[dst] = body[src]
+        if body.get("temperature") is not None:
+            # OpenAI's range is 0-2, Anthropic's 0-1: the top of one is the top of the other.
+            payload["temperature"] = min(float(body["temperature"]), 1.0)
+        if body.get("top_p") is not None:
+            payload["top_p"] = body["top_p"]
         stop = body.get("stop")
         if stop:
             payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
@@ -281,7 +283,7 @@ class AnthropicAdapter(HTTPAdapter):
             created=int(time.time()),
             model=obj.get("model") or target.deployment.provider_model,
             choices=[Choice(0, message, reason)],
-            usage=_usage(obj.get("usage") or {}),
+            usage=_usage(obj["usage"]) if obj.get("usage") else None,
             provider=target.provider,
         )
 

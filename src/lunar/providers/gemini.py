@@ -7,7 +7,12 @@ from collections.abc import Mapping
 from typing import Any
 from urllib.parse import quote
 
-from .._errors import APIConnectionError, error_from_stream_event
+from .._errors import (
+    APIConnectionError,
+    APIError,
+    error_from_response,
+    error_from_stream_event,
+)
 from .._sse import SSEDecoder
 from .._types import (
     ChatCompletion,
@@ -50,10 +55,25 @@ _UNSUPPORTED_SCHEMA_KEYS = frozenset({"additionalProperties", "$schema", "strict
 
 def _schema(schema: Any) -> Any:
     if isinstance(schema, Mapping):
-        return {k: _schema(v) for k, v in schema.items() if k not in _UNSUPPORTED_SCHEMA_KEYS}
+        return {
+            # The keys of `properties` are the user's field names, not keywords: keep them all.
+            k: {n: _schema(p) for n, p in v.items()}
+            if k == "properties" and isinstance(v, Mapping)
+            else _schema(v)
+            for k, v in schema.items()
+            if k not in _UNSUPPORTED_SCHEMA_KEYS
+        }
     if isinstance(schema, list):
         return [_schema(v) for v in schema]
     return schema
+
+
+def _parameters(schema: Any) -> Any:
+    """A tool's parameters; Gemini refuses an object schema with no properties, so a tool
+    without arguments is declared without ``parameters``."""
+    if not schema or (schema.get("type") == "object" and not schema.get("properties")):
+        return None
+    return _schema(schema)
 
 
 def _parts(content: Any) -> list[dict[str, Any]]:
@@ -244,7 +264,7 @@ class GeminiAdapter(HTTPAdapter):
                             for k, v in {
                                 "name": t["function"]["name"],
                                 "description": t["function"].get("description"),
-                                "parameters": _schema(t["function"].get("parameters")),
+                                "parameters": _parameters(t["function"].get("parameters")),
                             }.items()
                             if v
                         }
@@ -297,12 +317,35 @@ class GeminiAdapter(HTTPAdapter):
             created=int(time.time()),
             model=obj.get("modelVersion") or target.deployment.provider_model,
             choices=choices,
-            usage=_usage(obj.get("usageMetadata") or {}),
+            usage=_usage(obj["usageMetadata"]) if obj.get("usageMetadata") else None,
             provider=target.provider,
         )
 
     def stream_translator(self, target: Target) -> GeminiStreamTranslator:
         return GeminiStreamTranslator(target)
+
+    def parse_error(
+        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
+    ) -> APIError:
+        """Gemini says how long to wait in the body (``RetryInfo.retryDelay``) and reports a
+        bad key as 400 ``API_KEY_INVALID``: both become what the rest of Lunar expects."""
+        details: list[Any] = []
+        try:
+            details = json_object(content, target.provider)["error"].get("details") or []
+        except (APIError, KeyError, AttributeError):
+            pass
+        extra: dict[str, str] = {}
+        for d in details:
+            if not isinstance(d, dict):
+                continue
+            delay = d.get("retryDelay")
+            if isinstance(delay, str) and delay.endswith("s") and "retry-after" not in headers:
+                extra["retry-after"] = delay[:-1]
+            if d.get("reason") == "API_KEY_INVALID":
+                status = 401
+        if extra:
+            headers = {**headers, **extra}
+        return error_from_response(status, headers, content, target.provider)
 
 
 ADAPTER = GeminiAdapter()

@@ -13,7 +13,9 @@ from ._server import serve
 
 def build_parser(prog: str = "python -m lunar.testing") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog=prog, description="Serve the Lunar OpenAI-compatible emulator in the foreground."
+        prog=prog,
+        description="Serve the Lunar emulator (OpenAI, Anthropic and Gemini wires) in the "
+        "foreground.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=4010, help="port (0: a free one; default 4010)")
@@ -26,7 +28,12 @@ def build_parser(prog: str = "python -m lunar.testing") -> argparse.ArgumentPars
     parser.add_argument(
         "--delay-ms", type=float, default=0.0, help="milliseconds before the response headers"
     )
-    parser.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY'")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="require KEY (OpenAI: 'Authorization: Bearer KEY'; Anthropic: 'x-api-key'; "
+        "Gemini: 'x-goog-api-key' or '?key=')",
+    )
     return parser
 
 

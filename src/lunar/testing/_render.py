@@ -1,30 +1,41 @@
-"""Rendering of OpenAI-shaped bodies: texts, token counts, tool calls, chunks.
+"""The wire-neutral part of the emulator: texts, pieces, token counts, tool calls, jobs, plans.
 
-Token accounting (deterministic, so tests can compute expected usage and costs):
+One engine decides *what* a reply says (`Job`: the pieces, the tool calls, the finish, the
+token counts); each wire (`_openai`, `_anthropic`, `_gemini`) only renders a job in its own
+shape, as one JSON body or as a `Plan` of SSE events around the content positions at which
+`_server` applies the scripted faults.
 
-* ``prompt_tokens`` for chat: for every message, the number of whitespace-separated words of
-  its content (a string, or a list of parts of which only the ``text`` of text parts counts;
-  ``None`` counts 0) plus 3. For legacy completions: the words of ``prompt`` (a list of
-  strings: the sum over them; a list of token ids: its length), no per-message overhead.
-* ``completion_tokens``: the number of content pieces actually produced (``Reply.chunks``, or
-  fewer when ``max_tokens`` / ``max_completion_tokens`` cut it) times ``n``. For a tool-call
-  reply: the number of argument pieces over all calls, times ``n``.
-* ``total_tokens = prompt_tokens + completion_tokens``.
+Token accounting, the same on every wire (deterministic, so tests can compute expected usage
+and costs):
+
+* input tokens: for every message (a system prompt counts as one message, on the wires that
+  take it apart), the number of whitespace-separated words of its text plus 3
+  (``MESSAGE_OVERHEAD``). What counts as text: a string content; the ``text`` of text
+  parts/blocks; an Anthropic ``tool_result``'s content; a Gemini ``functionResponse``'s
+  ``response`` as JSON text (``json.dumps``, default separators). Images and tool calls
+  count 0. Legacy completions: the words of ``prompt``, no overhead.
+* output tokens: the content pieces actually produced (``Reply.chunks``, or fewer when the
+  request's max tokens cut them) times the number of choices/candidates; for a tool-call
+  reply, the argument pieces over all calls (3 per call, or fewer for short arguments).
+* total = input + output. Cached tokens (``Reply.cached_tokens``) are part of the input.
 """
 
 from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Any
 
 from ._reply import Reply
 
-FINGERPRINT = "fp_lunar_mock"
+dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_dumps = dumps
 
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+MESSAGE_OVERHEAD = 3
+"""Input tokens added per message."""
 
 STORY_TEXT = (
     "Once upon a time a small robot named Lunar woke up in a quiet workshop. "
@@ -35,6 +46,11 @@ STORY: tuple[str, ...] = tuple(STORY_TEXT.split())
 """The default content: ``chunks`` words of this story, cycled."""
 
 _WORD = re.compile(r"\s*\S+")
+
+
+def words(text: Any) -> int:
+    """Whitespace-separated words of a string (0 for anything else)."""
+    return len(text.split()) if isinstance(text, str) else 0
 
 
 def count_words(value: Any) -> int:
@@ -50,32 +66,6 @@ def count_words(value: Any) -> int:
                 text = part.get("text")
                 if isinstance(text, str):
                     total += len(text.split())
-        return total
-    return 0
-
-
-def prompt_tokens_chat(messages: list[Any]) -> int:
-    """Σ over messages of (words of the content + 3)."""
-    total = 0
-    for message in messages:
-        content = message.get("content") if isinstance(message, dict) else None
-        total += count_words(content) + 3
-    return total
-
-
-def prompt_tokens_completion(prompt: Any) -> int:
-    """Words of the prompt (list of strings: summed; list of token ids: its length)."""
-    if isinstance(prompt, str):
-        return len(prompt.split())
-    if isinstance(prompt, list):
-        total = 0
-        for item in prompt:
-            if isinstance(item, str):
-                total += len(item.split())
-            elif isinstance(item, int):
-                total += 1
-            elif isinstance(item, list):
-                total += len(item)
         return total
     return 0
 
@@ -109,12 +99,12 @@ def split_text(text: str, n: int) -> tuple[str, ...]:
     """
     if n <= 0 or not text:
         return ()
-    words = _WORD.findall(text)
-    consumed = sum(len(w) for w in words)
-    if words and consumed < len(text):  # trailing whitespace goes with the last word
-        words[-1] += text[consumed:]
-    if len(words) >= n:
-        return tuple(split_even(words, n))
+    found = _WORD.findall(text)
+    consumed = sum(len(w) for w in found)
+    if found and consumed < len(text):  # trailing whitespace goes with the last word
+        found[-1] += text[consumed:]
+    if len(found) >= n:
+        return tuple(split_even(found, n))
     return tuple(split_even(list(text), min(n, len(text))))
 
 
@@ -125,7 +115,9 @@ def content_pieces(reply: Reply) -> tuple[str, ...]:
 
 
 def example_from_schema(schema: Any, depth: int = 0) -> Any:
-    """A deterministic value for a JSON schema: strings "robot", numbers 42, booleans true."""
+    """A deterministic value for a JSON schema: strings "robot", numbers 42, booleans true.
+
+    Type names are matched case-insensitively (Gemini writes ``OBJECT``, ``STRING`` …)."""
     if not isinstance(schema, dict) or depth > 8:
         return "robot"
     if "const" in schema:
@@ -139,8 +131,10 @@ def example_from_schema(schema: Any, depth: int = 0) -> Any:
             return example_from_schema(options[0], depth + 1)
     kind = schema.get("type")
     if isinstance(kind, list):
-        kinds = [k for k in kind if k != "null"]
+        kinds = [k for k in kind if isinstance(k, str) and k.lower() != "null"]
         kind = kinds[0] if kinds else "null"
+    if isinstance(kind, str):
+        kind = kind.lower()
     if kind is None and isinstance(schema.get("properties"), dict):
         kind = "object"
     if kind == "object":
@@ -159,25 +153,56 @@ def example_from_schema(schema: Any, depth: int = 0) -> Any:
     return "robot"
 
 
+# -- tool calls ---------------------------------------------------------------------------
+
+
 @dataclass
 class ToolCall:
     id: str
+    """"" when the wire has no id for it (Gemini, unless ``Reply.tool_calls`` gives one)."""
     name: str
     arguments: str
     pieces: tuple[str, ...] = field(default=())
+
+    def arguments_object(self) -> dict[str, Any]:
+        """The arguments as the JSON object Anthropic and Gemini carry (``{}`` when the
+        scripted text is not a JSON object; a stream still sends the text verbatim)."""
+        try:
+            value = json.loads(self.arguments)
+        except ValueError:
+            return {}
+        return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True)
+class ToolOffer:
+    """What a request offers about tools, in wire-neutral terms."""
+
+    functions: tuple[tuple[str, Any], ...]
+    """``(name, JSON schema of the arguments)`` of each function tool, in order."""
+    mode: str = "auto"
+    """``auto`` | ``none`` | ``required`` (any tool must be called)."""
+    forced: str | None = None
+    """The one tool that must be called, if the request names it."""
+    after_tool_result: bool = False
+    """The conversation's last turn carries tool results."""
+
+
+NO_TOOLS = ToolOffer(())
 
 
 def _pieces_of_arguments(arguments: str) -> tuple[str, ...]:
     return split_text(arguments, 3) if arguments else ("",)
 
 
-def resolve_tool_calls(request: dict[str, Any], reply: Reply, number: int) -> list[ToolCall]:
+def resolve_tool_calls(offer: ToolOffer, reply: Reply, id_prefix: str | None) -> list[ToolCall]:
     """The tool calls to answer (empty: answer text).
 
-    Explicit ``Reply.tool_calls`` win. Otherwise, when the request offers ``tools`` and
-    ``tool_choice`` is not ``"none"``: one call to the forced tool, or to the first tool.
-    Exception (so agent loops terminate): when the last message has role ``tool`` and the
-    tool choice is not forced (``"required"`` or a named function), answer text.
+    Explicit ``Reply.tool_calls`` win. Otherwise, when the request offers tools and the mode
+    is not ``none``: one call to the forced tool, or to the first tool. Exception (so agent
+    loops terminate): when the last turn carries tool results and the choice is not forced
+    (``required`` or a named tool), answer text. Ids are ``{id_prefix}{i}``, or "" when
+    ``id_prefix`` is None.
     """
     calls: list[ToolCall] = []
     if reply.tool_calls is not None:
@@ -185,58 +210,51 @@ def resolve_tool_calls(request: dict[str, Any], reply: Reply, number: int) -> li
             args = spec.get("arguments", "{}")
             if not isinstance(args, str):
                 args = _dumps(args)
-            call_id = spec.get("id") or f"call_mock_{number}_{i}"
+            call_id = spec.get("id") or (f"{id_prefix}{i}" if id_prefix is not None else "")
             calls.append(ToolCall(str(call_id), str(spec.get("name", "tool")), args))
     else:
-        tools = request.get("tools")
-        choice = request.get("tool_choice")
-        if not isinstance(tools, list) or not tools or choice == "none":
+        if not offer.functions or offer.mode == "none":
             return []
-        functions: list[dict[str, Any]] = [
-            t["function"]
-            for t in tools
-            if isinstance(t, dict) and isinstance(t.get("function"), dict)
-        ]
-        if not functions:
+        forced = offer.forced
+        if offer.after_tool_result and forced is None and offer.mode != "required":
             return []
-        forced: str | None = None
-        if isinstance(choice, dict):
-            fn = choice.get("function")
-            if isinstance(fn, dict) and isinstance(fn.get("name"), str):
-                forced = fn["name"]
-        messages = request.get("messages")
-        last_is_tool = (
-            isinstance(messages, list)
-            and bool(messages)
-            and isinstance(messages[-1], dict)
-            and messages[-1].get("role") == "tool"
-        )
-        if last_is_tool and forced is None and choice != "required":
-            return []
-        target = functions[0]
+        name, schema = offer.functions[0]
         if forced is not None:
-            target = next((f for f in functions if f.get("name") == forced), {"name": forced})
-        args = _dumps(example_from_schema(target.get("parameters", {"type": "object"})))
-        calls.append(ToolCall(f"call_mock_{number}_0", str(target.get("name", "tool")), args))
+            name, schema = next(
+                ((n, s) for n, s in offer.functions if n == forced), (forced, {"type": "object"})
+            )
+        args = _dumps(example_from_schema(schema))
+        call_id = f"{id_prefix}0" if id_prefix is not None else ""
+        calls.append(ToolCall(call_id, name, args))
     for call in calls:
         call.pieces = _pieces_of_arguments(call.arguments)
     return calls
 
 
+# -- jobs -----------------------------------------------------------------------------------
+
+
 @dataclass
 class Job:
-    """Everything needed to render one successful completion."""
+    """Everything needed to render one successful completion, on any wire."""
 
-    kind: str  # "chat" | "completion"
+    kind: str  # "chat" | "completion" (OpenAI) | "anthropic" | "gemini"
     model: str
     stream: bool
     n: int
     include_usage: bool
+    """Whether usage is reported (OpenAI streams: when asked; non-streamed OpenAI bodies
+    always carry it). Anthropic and Gemini: ``Reply.usage``."""
     prompt_tokens: int
     pieces: tuple[str, ...]
     tool_calls: list[ToolCall]
     finish_reason: str
+    """In OpenAI's words (``stop`` …) or a verbatim override; each wire maps it."""
     cached_tokens: int
+    stop_sequence: str | None = None
+    """Anthropic: the ``stop_sequence`` reported with a ``stop_sequence`` finish."""
+    sse: bool = True
+    """Gemini: False for ``streamGenerateContent`` without ``alt=sse`` (a JSON array)."""
 
     @property
     def completion_tokens(self) -> int:
@@ -244,7 +262,13 @@ class Job:
             return sum(len(c.pieces) for c in self.tool_calls) * self.n
         return len(self.pieces) * self.n
 
+    @property
+    def event_stream(self) -> bool:
+        """Whether the answer is an SSE stream (the streamed faults apply)."""
+        return self.stream and self.sse
+
     def usage(self) -> dict[str, Any]:
+        """OpenAI's usage object."""
         completion = self.completion_tokens
         usage: dict[str, Any] = {
             "prompt_tokens": self.prompt_tokens,
@@ -268,141 +292,87 @@ class Job:
             self.pieces,
             self.finish_reason,
             self.cached_tokens,
+            self.stop_sequence,
+            self.sse,
         )
+
+
+def make_job(
+    kind: str,
+    model: str,
+    reply: Reply,
+    *,
+    stream: bool,
+    prompt_tokens: int,
+    calls: list[ToolCall],
+    limit: Any = None,
+    n: int = 1,
+    include_usage: bool = True,
+    stop_sequence: str | None = None,
+    sse: bool = True,
+) -> Job:
+    """The pieces and the natural finish: tool calls (no text), or the reply's pieces cut to
+    ``limit`` (then ``length``); ``Reply.finish_reason`` overrides the finish."""
+    pieces = content_pieces(reply)
+    finish = "stop"
+    if calls:
+        finish = "tool_calls"
+        pieces = ()
+    elif isinstance(limit, int) and not isinstance(limit, bool) and limit < len(pieces):
+        pieces = pieces[: max(limit, 0)]
+        finish = "length"
+    if reply.finish_reason is not None:
+        finish = reply.finish_reason
+    return Job(
+        kind=kind,
+        model=model,
+        stream=stream,
+        n=n,
+        include_usage=include_usage,
+        prompt_tokens=prompt_tokens,
+        pieces=pieces,
+        tool_calls=calls,
+        finish_reason=finish,
+        cached_tokens=reply.cached_tokens,
+        stop_sequence=stop_sequence,
+        sse=sse,
+    )
+
+
+# -- streamed bodies ------------------------------------------------------------------------
+
+Event = str | tuple[str, str]
+"""One SSE event: its data, or ``(event name, data)``."""
+
+
+def frame(event: Event, nl: str, comment: str = "") -> str:
+    """The SSE text of one event (``comment`` is a whole comment event to put before it)."""
+    if isinstance(event, str):
+        return f"{comment}data: {event}{nl}{nl}"
+    return f"{comment}event: {event[0]}{nl}data: {event[1]}{nl}{nl}"
 
 
 @dataclass
 class Plan:
-    """A streamed body as un-framed SSE payloads, around the content positions."""
+    """A streamed body as un-framed SSE events, around the content positions.
 
-    pre: list[str]
-    positions: list[list[str]]
-    post: list[str]
+    ``pre`` opens the stream, ``positions[k]`` carries the k-th content piece, ``post``
+    closes it. ``final``, when set, stands for ``positions[-1] + post`` when no fault sits
+    at the end (Gemini puts the finish on the last piece's event)."""
 
+    pre: list[Event]
+    positions: list[list[Event]]
+    post: list[Event]
+    final: list[Event] | None = None
 
-def error_payload(message: str, type_: str, code: str | None = None) -> str:
-    return _dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
-
-
-def render_stream(job: Job, id_: str, created: str) -> Plan:
-    """The events of a streamed completion (``[DONE]`` excluded). ``created`` is JSON text."""
-    model = _dumps(job.model)
-    n = job.n
-    if job.kind == "chat":
-        prefix = (
-            f'{{"id":"{id_}","object":"chat.completion.chunk","created":{created},'
-            f'"model":{model},"system_fingerprint":"{FINGERPRINT}","choices":['
-        )
-    else:
-        prefix = (
-            f'{{"id":"{id_}","object":"text_completion","created":{created},'
-            f'"model":{model},"system_fingerprint":"{FINGERPRINT}","choices":['
-        )
-    suffix = '],"usage":null}' if job.include_usage else "]}"
-    finish = _dumps(job.finish_reason)
-    pre: list[str] = []
-    positions: list[list[str]] = []
-    post: list[str] = []
-
-    if job.kind == "chat":
-
-        def event(i: int, delta: str, finish_json: str = "null") -> str:
-            return (
-                f'{prefix}{{"index":{i},"delta":{delta},"logprobs":null,'
-                f'"finish_reason":{finish_json}}}{suffix}'
-            )
-
-        if job.tool_calls:
-            for i in range(n):
-                first = job.tool_calls[0]
-                header = _tool_header(0, first)
-                pre.append(
-                    event(i, f'{{"role":"assistant","content":null,"tool_calls":[{header}]}}')
-                )
-            for index, call in enumerate(job.tool_calls):
-                for j, piece in enumerate(call.pieces):
-                    position: list[str] = []
-                    for i in range(n):
-                        if j == 0 and index > 0:
-                            position.append(
-                                event(i, f'{{"tool_calls":[{_tool_header(index, call)}]}}')
-                            )
-                        position.append(
-                            event(
-                                i,
-                                f'{{"tool_calls":[{{"index":{index},'
-                                f'"function":{{"arguments":{_dumps(piece)}}}}}]}}',
-                            )
-                        )
-                    positions.append(position)
-        else:
-            pre = [event(i, '{"role":"assistant","content":""}') for i in range(n)]
-            for piece in job.pieces:
-                delta = f'{{"content":{_dumps(piece)}}}'
-                positions.append([event(i, delta) for i in range(n)])
-        post = [event(i, "{}", finish) for i in range(n)]
-    else:
-
-        def tevent(i: int, text: str, finish_json: str = "null") -> str:
-            return (
-                f'{prefix}{{"text":{text},"index":{i},"logprobs":null,'
-                f'"finish_reason":{finish_json}}}{suffix}'
-            )
-
-        for piece in job.pieces:
-            text = _dumps(piece)
-            positions.append([tevent(i, text) for i in range(n)])
-        post = [tevent(i, '""', finish) for i in range(n)]
-    if job.include_usage:
-        post.append(f'{prefix}],"usage":{_dumps(job.usage())}}}')
-    return Plan(pre, positions, post)
-
-
-def _tool_header(index: int, call: ToolCall) -> str:
-    return (
-        f'{{"index":{index},"id":{_dumps(call.id)},"type":"function",'
-        f'"function":{{"name":{_dumps(call.name)},"arguments":""}}}}'
-    )
-
-
-def render_json(job: Job, id_: str, created: str) -> str:
-    """The body of a non-streamed completion. ``created`` is JSON text."""
-    finish = _dumps(job.finish_reason)
-    text = "".join(job.pieces)
-    choices: list[str] = []
-    if job.kind == "chat":
-        message: dict[str, Any]
-        if job.tool_calls:
-            message = {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": c.id,
-                        "type": "function",
-                        "function": {"name": c.name, "arguments": c.arguments},
-                    }
-                    for c in job.tool_calls
-                ],
-                "refusal": None,
-            }
-        else:
-            message = {"role": "assistant", "content": text, "refusal": None}
-        message_json = _dumps(message)
-        for i in range(job.n):
-            choices.append(
-                f'{{"index":{i},"message":{message_json},"logprobs":null,"finish_reason":{finish}}}'
-            )
-        obj = "chat.completion"
-    else:
-        text_json = _dumps(text)
-        for i in range(job.n):
-            choices.append(
-                f'{{"text":{text_json},"index":{i},"logprobs":null,"finish_reason":{finish}}}'
-            )
-        obj = "text_completion"
-    return (
-        f'{{"id":"{id_}","object":"{obj}","created":{created},"model":{_dumps(job.model)},'
-        f'"system_fingerprint":"{FINGERPRINT}","choices":[{",".join(choices)}],'
-        f'"usage":{_dumps(job.usage())}}}'
-    )
+    def events(self) -> Iterator[Event]:
+        """Every event of a stream without faults."""
+        yield from self.pre
+        if self.final is not None and self.positions:
+            for position in self.positions[:-1]:
+                yield from position
+            yield from self.final
+            return
+        for position in self.positions:
+            yield from position
+        yield from self.post

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json as _json
+import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import unquote
 
 __all__ = ["RecordedRequest", "Reply"]
 
@@ -15,24 +17,34 @@ DEFAULT_ERROR_MESSAGE = "The server had an error while processing your request."
 
 @dataclass
 class Reply:
-    """One scripted response of the emulator. Every field has a default; faults compose.
+    """One scripted response of the emulator, on any of its wires (OpenAI Chat Completions,
+    Anthropic Messages, Google Gemini). Every field has a default; faults compose.
 
     Streamed faults are positioned by ``k``, a number of *content chunks* already sent
     (text pieces, or tool-call argument pieces; with ``n > 1`` one position covers the
-    chunks of all choices). ``k = 0`` means right after the role chunk(s), before any
-    content; a ``k`` at or beyond the number of pieces means after the last piece, before the
-    finish chunk. At one position the faults apply in this order: ``stall``,
-    ``malformed_after``, then the first of ``error_after`` / ``end_after`` / ``cut_after``.
+    chunks of all choices). ``k = 0`` means right after the opening event(s) (OpenAI: the
+    role chunk; Anthropic: ``message_start``, the first ``content_block_start`` and a
+    ``ping``), before any content; a ``k`` at or beyond the number of pieces means after the
+    last piece, before the finish (OpenAI: the finish chunk; Anthropic: the last
+    ``content_block_stop``, ``message_delta`` and ``message_stop``; Gemini: the event with
+    ``finishReason``, which then comes apart from the last piece). Gemini sends each tool
+    call whole in one event, so there a position is a call. At one position the faults apply
+    in this order: ``stall``, ``malformed_after``, then the first of ``error_after`` /
+    ``end_after`` / ``cut_after``.
 
     Non-streamed requests: ``stall`` adds to ``delay``; ``cut_after`` sends the headers and
     half of the body, then aborts the connection; ``end_after`` and ``malformed_after`` send a
     truncated (invalid JSON) body with a matching ``content-length``; ``error_after`` answers
-    500 with ``{"error": {"message": error_message, "type": error_type, ...}}``; ``pacing``,
-    ``comments``, ``crlf``, ``cr`` and ``split_bytes`` are ignored.
+    an error JSON in the wire's shape (OpenAI: 500; Anthropic and Gemini: the status of the
+    error type, e.g. 529 for ``overloaded_error``); ``pacing``, ``comments``, ``crlf``,
+    ``cr`` and ``split_bytes`` are ignored.
     """
 
     status: int = 200
-    """HTTP status. Statuses >= 400 answer OpenAI error JSON (or ``body``)."""
+    """HTTP status. Statuses >= 400 answer the wire's error JSON (or ``body``): OpenAI
+    ``{"error": {...}}``, Anthropic ``{"type": "error", "error": {...}}`` (529:
+    ``overloaded_error``), Gemini ``{"error": {"code", "message", "status"}}``.
+    ``error_message`` / ``error_type`` customise it when set."""
     headers: dict[str, str] = field(default_factory=dict)
     """Extra response headers (override the emulator's own of the same name)."""
     body: bytes | str | dict[str, Any] | None = None
@@ -50,15 +62,22 @@ class Reply:
     text: str | None = None
     """Full content; default: ``chunks`` words of a fixed robot story."""
     finish_reason: str | None = None
-    """None = natural (``stop``; ``length`` when max_tokens cut it; ``tool_calls``)."""
+    """None = natural (``stop``; ``length`` when max_tokens cut it; ``tool_calls``).
+    OpenAI names are mapped to each wire (Anthropic ``end_turn`` / ``max_tokens`` /
+    ``tool_use`` / ``refusal``; Gemini ``STOP`` / ``MAX_TOKENS`` / ``SAFETY``); any other
+    value (``stop_sequence``, ``RECITATION`` …) is sent verbatim."""
     stall_after: int | None = None
     stall: float = 0.0
     cut_after: int | None = None
     end_after: int | None = None
     malformed_after: int | None = None
     error_after: int | None = None
-    error_type: str = DEFAULT_ERROR_TYPE
-    error_message: str = DEFAULT_ERROR_MESSAGE
+    error_type: str | None = None
+    """Of ``error_after`` and status errors. None: the wire's default (OpenAI
+    ``server_error``; Anthropic ``overloaded_error`` mid-stream, ``server_error`` is sent as
+    ``api_error``; Gemini ``UNAVAILABLE``; OpenAI-style names map to Gemini statuses)."""
+    error_message: str | None = None
+    """None: the wire's default message for the error."""
     pacing: float = 0.0
     """Seconds between two streamed events."""
     crlf: bool = False
@@ -66,14 +85,18 @@ class Reply:
     comments: bool = False
     split_bytes: bool = False
     usage: bool = True
-    """Honour ``stream_options.include_usage`` (False: behave as if it was not asked)."""
+    """OpenAI: honour ``stream_options.include_usage`` (False: behave as if it was not
+    asked). Anthropic: False leaves out every ``usage`` object; Gemini: ``usageMetadata``."""
     tool_calls: list[dict[str, Any]] | None = None
     """Explicit tool calls: ``{"name": ..., "arguments": "<json text>" or dict, "id"?: ...}``."""
     cached_tokens: int = 0
-    """When > 0, usage carries ``prompt_tokens_details: {"cached_tokens": N}``."""
+    """When > 0, usage reports N of the input tokens as read from a cache: OpenAI
+    ``prompt_tokens_details.cached_tokens``; Anthropic ``cache_read_input_tokens`` (then
+    ``input_tokens`` counts only the uncached rest, as Anthropic does); Gemini
+    ``cachedContentTokenCount``."""
 
     def __post_init__(self) -> None:
-        if not 100 <= int(self.status) <= 599:
+        if not 100 <= int(self.status) <= 599:  # 529 (Anthropic's "overloaded") included
             raise ValueError(f"status must be an HTTP status code, got {self.status!r}")
         if self.chunks < 0:
             raise ValueError("chunks must be >= 0")
@@ -90,7 +113,8 @@ class Reply:
         code: str | None = None,
         **kwargs: Any,
     ) -> Reply:
-        """An error status; ``message``/``type``/``code`` customise the OpenAI error JSON."""
+        """An error status; ``message``/``type``/``code`` customise the OpenAI error JSON
+        (for the other wires use ``Reply(status=..., error_message=..., error_type=...)``)."""
         if message is not None or type is not None or code is not None:
             kwargs["body"] = {
                 "error": {
@@ -158,6 +182,7 @@ _MESSAGES = {
     502: "Bad gateway.",
     503: "The engine is currently overloaded, please try again later.",
     504: "Gateway timeout.",
+    529: "Overloaded",
 }
 
 
@@ -167,6 +192,15 @@ def default_error_message(status: int) -> str:
     if status >= 500:
         return DEFAULT_ERROR_MESSAGE
     return f"Request failed with status {status}."
+
+
+_GEMINI_PATH = re.compile(r"^/v1(?:beta)?/models/([^:]+):[A-Za-z]+$")
+
+
+def gemini_model(path: str) -> str | None:
+    """The ``{model}`` of a Gemini ``/v1beta/models/{model}:ACTION`` path, else None."""
+    match = _GEMINI_PATH.match(path)
+    return unquote(match.group(1)) if match else None
 
 
 @dataclass
@@ -186,11 +220,12 @@ class RecordedRequest:
 
     @property
     def model(self) -> str | None:
-        """The ``model`` field of a JSON object body, if any."""
+        """The ``model`` field of a JSON object body, else the ``{model}`` of a Gemini path."""
         if isinstance(self.json, dict):
             model = self.json.get("model")
-            return model if isinstance(model, str) else None
-        return None
+            if isinstance(model, str):
+                return model
+        return gemini_model(self.path)
 
     def __repr__(self) -> str:
         body = _json.dumps(self.json)[:80] if self.json is not None else repr(self.body[:80])

@@ -1,4 +1,10 @@
-"""The emulator's HTTP/1.1 server: asyncio Protocol + h11 for parsing, hand-written responses."""
+"""The emulator's HTTP/1.1 server: asyncio Protocol + h11 for parsing, hand-written responses.
+
+Routing, the script (queues), the render cache and the fault engine live here, shared by the
+wires: ``/v1/chat/completions`` and ``/v1/completions`` (`_openai`), ``/v1/messages``
+(`_anthropic`), ``/v1beta/models/{model}:generateContent`` and ``:streamGenerateContent``
+(`_gemini`).
+"""
 
 from __future__ import annotations
 
@@ -19,18 +25,13 @@ from typing import Any
 
 import h11
 
-from ._render import (
-    Job,
-    Plan,
-    content_pieces,
-    error_payload,
-    prompt_tokens_chat,
-    prompt_tokens_completion,
-    render_json,
-    render_stream,
-    resolve_tool_calls,
-)
-from ._reply import RecordedRequest, Reply, default_error_message, error_type_for_status
+from ._anthropic import ANTHROPIC
+from ._gemini import GEMINI
+from ._openai import CHAT, COMPLETION
+from ._openai import error_body as _error_body
+from ._render import Event, Job, Plan, frame
+from ._reply import RecordedRequest, Reply, gemini_model
+from ._wire import Incoming, Rejection, Wire
 
 __all__ = ["DEFAULT_MODELS", "MockServer", "serve"]
 
@@ -67,6 +68,8 @@ def _http_date() -> str:
 
 
 def _reason(status: int) -> str:
+    if status == 529:
+        return "Site Overloaded"
     try:
         return http.HTTPStatus(status).phrase
     except ValueError:
@@ -91,16 +94,6 @@ def _reply_headers(reply: Reply) -> list[tuple[str, str]]:
         out.append(("x-should-retry", "true" if reply.should_retry else "false"))
     out.extend(reply.headers.items())
     return out
-
-
-def _error_body(status: int, message: str | None = None, **extra: Any) -> bytes:
-    error: dict[str, Any] = {
-        "message": message if message is not None else default_error_message(status),
-        "type": extra.pop("type", None) or error_type_for_status(status),
-        "param": extra.pop("param", None),
-        "code": extra.pop("code", None),
-    }
-    return json.dumps({"error": error}).encode()
 
 
 def _base_url(host: str, port: int) -> str:
@@ -197,10 +190,17 @@ class _State:
                 return self._method_not_allowed(conn, method, path)
             conn.send(200, "application/json", b'{"status":"ok"}')
             return None
-        if path == "/v1/models" or path.startswith("/v1/models/"):
+        wire: Wire
+        if path == "/v1/chat/completions" or path == "/v1/completions":
+            wire = CHAT if path == "/v1/chat/completions" else COMPLETION
+        elif path == "/v1/messages" or path == "/v1/messages/count_tokens":
+            wire = ANTHROPIC
+        elif gemini_model(path) is not None:
+            wire = GEMINI
+        elif path == "/v1/models" or path.startswith("/v1/models/"):
             if method != "GET":
                 return self._method_not_allowed(conn, method, path)
-            if not self._authorized(conn, headers):
+            if not self._authorized(conn, CHAT, headers, query):
                 return None
             if path == "/v1/models":
                 data = [self._model(m) for m in self.models]
@@ -208,82 +208,66 @@ class _State:
             else:
                 conn.send(200, "application/json", json.dumps(self._model(path[11:])))
             return None
-        if path in ("/v1/chat/completions", "/v1/completions"):
-            if method != "POST":
-                return self._method_not_allowed(conn, method, path)
-            if not self._authorized(conn, headers):
+        else:
+            conn.send(
+                404,
+                "application/json",
+                _error_body(404, f"Invalid URL ({method} {path})", type="invalid_request_error"),
+            )
+            return None
+        if method != "POST":
+            return self._method_not_allowed(conn, method, path, wire)
+        if not self._authorized(conn, wire, headers, query):
+            return None
+        if wire is ANTHROPIC and path.endswith("/count_tokens"):
+            counted = ANTHROPIC.count_tokens(parsed, headers)
+            return self._counted(conn, counted, "input_tokens")
+        if wire is GEMINI:
+            action = path.rpartition(":")[2]
+            if action == "countTokens":
+                return self._counted(conn, GEMINI.count_tokens(parsed), "totalTokens")
+            if action not in ("generateContent", "streamGenerateContent"):
+                message = f"Method {action} not found for this model."
+                conn.send(404, "application/json", GEMINI.error_body(404, message))
                 return None
-            kind = "chat" if path == "/v1/chat/completions" else "completion"
-            return self._completion(conn, kind, parsed, number)
-        conn.send(
-            404,
-            "application/json",
-            _error_body(404, f"Invalid URL ({method} {path})", type="invalid_request_error"),
-        )
-        return None
+        incoming = wire.parse(parsed, headers, path, query)
+        if isinstance(incoming, Rejection):
+            conn.send(incoming.status, "application/json", incoming.body)
+            return None
+        return self._generate(conn, wire, incoming, number)
 
     @staticmethod
     def _model(model_id: str) -> dict[str, Any]:
         return {"id": model_id, "object": "model", "created": 0, "owned_by": "lunar-mock"}
 
     @staticmethod
-    def _method_not_allowed(conn: _Conn, method: str, path: str) -> None:
-        body = _error_body(
-            405, f"Method {method} not allowed on {path}", type="invalid_request_error"
-        )
-        conn.send(405, "application/json", body)
+    def _method_not_allowed(conn: _Conn, method: str, path: str, wire: Wire = CHAT) -> None:
+        message = f"Method {method} not allowed on {path}"
+        conn.send(405, "application/json", wire.error_body(405, message, "invalid_request_error"))
 
-    def _authorized(self, conn: _Conn, headers: dict[str, str]) -> bool:
+    def _authorized(self, conn: _Conn, wire: Wire, headers: dict[str, str], query: str) -> bool:
         key = self.require_api_key
         if key is None:
             return True
-        given = headers.get("authorization")
-        if given == f"Bearer {key}":
+        refused = wire.authorize(headers, query, key)
+        if refused is None:
             return True
-        if not given:
-            message = (
-                "You didn't provide an API key. You need to provide your API key in an "
-                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
-            )
-        else:
-            shown = given.removeprefix("Bearer ").strip()
-            shown = (
-                shown[:3] + "*" * max(0, len(shown) - 7) + shown[-4:] if len(shown) > 8 else "***"
-            )
-            message = f"Incorrect API key provided: {shown}."
-        conn.send(401, "application/json", _error_body(401, message, code="invalid_api_key"))
+        conn.send(refused.status, "application/json", refused.body)
         return False
 
-    def _bad_request(self, conn: _Conn, message: str, param: str | None = None) -> None:
-        conn.send(400, "application/json", _error_body(400, message, param=param))
+    @staticmethod
+    def _counted(conn: _Conn, counted: int | Rejection, field: str) -> None:
+        if isinstance(counted, Rejection):
+            conn.send(counted.status, "application/json", counted.body)
+        else:
+            conn.send(200, "application/json", json.dumps({field: counted}))
 
-    def _completion(
-        self, conn: _Conn, kind: str, request: Any, number: int
+    def _generate(
+        self, conn: _Conn, wire: Wire, incoming: Incoming, number: int
     ) -> Coroutine[Any, Any, None] | None:
-        if not isinstance(request, dict):
-            self._bad_request(
-                conn,
-                "We could not parse the JSON body of your request. (HINT: This likely means "
-                "you aren't using your HTTP library correctly. The OpenAI API expects a JSON "
-                "payload, but what was sent was not valid JSON.)",
-            )
-            return None
-        second = "messages" if kind == "chat" else "prompt"
-        for name in ("model", second):
-            if name not in request:
-                self._bad_request(conn, f"Missing required parameter: '{name}'.", name)
-                return None
-        model = request["model"]
-        if not isinstance(model, str):
-            self._bad_request(conn, "Invalid type for 'model': expected a string.", "model")
-            return None
-        if kind == "chat" and not isinstance(request["messages"], list):
-            self._bad_request(conn, "Invalid type for 'messages': expected an array.", "messages")
-            return None
-
-        reply = self.take(model)
+        """Take the model's next scripted reply and answer it on ``wire``."""
+        reply = self.take(incoming.model)
         extra = _reply_headers(reply)
-        stream = bool(request.get("stream"))
 
         # A fixed body: an override or an error status.
         fixed: tuple[str, bytes] | None = None
@@ -296,80 +280,38 @@ class _State:
                 looks_json = data.lstrip()[:1] in (b"{", b"[")
                 fixed = ("application/json" if looks_json else "text/plain; charset=utf-8", data)
         elif reply.status >= 400:
-            fixed = ("application/json", _error_body(reply.status))
+            fixed = ("application/json", wire.status_error(reply))
         if fixed is not None:
             if reply.delay > 0:
                 return self._delayed_fixed(conn, reply, fixed, extra)
             conn.send(reply.status, fixed[0], fixed[1], extra)
             return None
 
-        job = self._job(kind, model, request, reply, number, stream)
-        id_ = f"chatcmpl-{number}" if kind == "chat" else f"cmpl-{number}"
+        job = wire.job(incoming, reply, number)
+        id_ = wire.response_id(number, job)
         created = str(int(time.time()))
-        if reply.needs_async(stream):
-            return self._run(conn, reply, job, id_, created, extra)
+        sse = job.event_stream
+        if reply.needs_async(sse):
+            return self._run(conn, wire, reply, job, id_, created, extra)
         nl = "\r\n" if reply.crlf else "\r" if reply.cr else "\n"
-        body = self._rendered(job, nl, reply.comments, id_, created)
-        if stream:
+        body = self._rendered(wire, job, nl, reply.comments, id_, created)
+        if sse:
             conn.send_stream(reply.status, body, extra)
         else:
             conn.send(reply.status, "application/json", body, extra)
         return None
 
-    @staticmethod
-    def _job(
-        kind: str, model: str, request: dict[str, Any], reply: Reply, number: int, stream: bool
-    ) -> Job:
-        n = request.get("n")
-        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
-            n = 1
-        options = request.get("stream_options")
-        include_usage = (
-            stream
-            and reply.usage
-            and isinstance(options, dict)
-            and options.get("include_usage") is True
-        )
-        limit = request.get("max_completion_tokens")
-        if limit is None:
-            limit = request.get("max_tokens")
-        calls = resolve_tool_calls(request, reply, number) if kind == "chat" else []
-        pieces = content_pieces(reply)
-        finish = "stop"
-        if calls:
-            finish = "tool_calls"
-            pieces = ()
-        elif isinstance(limit, int) and not isinstance(limit, bool) and limit < len(pieces):
-            pieces = pieces[: max(limit, 0)]
-            finish = "length"
-        if reply.finish_reason is not None:
-            finish = reply.finish_reason
-        if kind == "chat":
-            prompt_tokens = prompt_tokens_chat(request["messages"])
-        else:
-            prompt_tokens = prompt_tokens_completion(request["prompt"])
-        return Job(
-            kind=kind,
-            model=model,
-            stream=stream,
-            n=n,
-            include_usage=include_usage,
-            prompt_tokens=prompt_tokens,
-            pieces=pieces,
-            tool_calls=calls,
-            finish_reason=finish,
-            cached_tokens=reply.cached_tokens,
-        )
-
-    def _rendered(self, job: Job, nl: str, comments: bool, id_: str, created: str) -> bytes:
-        """The whole body (SSE text with [DONE], or JSON), from the cache when possible."""
+    def _rendered(
+        self, wire: Wire, job: Job, nl: str, comments: bool, id_: str, created: str
+    ) -> bytes:
+        """The whole body (SSE text, or JSON), from the cache when possible."""
         key = job.cache_key()
         if key is None:
-            return self._render_whole(job, nl, comments, id_, created)
+            return self._render_whole(wire, job, nl, comments, id_, created)
         full_key = (*key, nl, comments)
         entry = self.cache.get(full_key)
         if entry is None:
-            template = self._render_whole(job, nl, comments, _ID, _CREATED)
+            template = self._render_whole(wire, job, nl, comments, _ID, _CREATED)
             entry = _Cached([p.split(_CREATED_B) for p in template.split(_ID_B)])
             if len(self.cache) >= _CACHE_MAX:
                 self.cache.clear()
@@ -381,13 +323,14 @@ class _State:
         return id_.encode().join(entry.by_id)
 
     @staticmethod
-    def _render_whole(job: Job, nl: str, comments: bool, id_: str, created: str) -> bytes:
-        if not job.stream:
-            return render_json(job, id_, created).encode()
-        plan = render_stream(job, id_, created)
+    def _render_whole(
+        wire: Wire, job: Job, nl: str, comments: bool, id_: str, created: str
+    ) -> bytes:
+        if not job.event_stream:
+            return wire.render_json(job, id_, created).encode()
+        plan = wire.render_stream(job, id_, created)
         comment = f": keep-alive{nl}{nl}" if comments else ""
-        events = [*plan.pre, *(e for pos in plan.positions for e in pos), *plan.post, "[DONE]"]
-        return "".join(f"{comment}data: {e}{nl}{nl}" for e in events).encode()
+        return "".join([frame(e, nl, comment) for e in plan.events()]).encode()
 
     # -- slow paths ---------------------------------------------------------------------
 
@@ -401,6 +344,7 @@ class _State:
     async def _run(
         self,
         conn: _Conn,
+        wire: Wire,
         reply: Reply,
         job: Job,
         id_: str,
@@ -409,14 +353,16 @@ class _State:
     ) -> None:
         if reply.delay > 0:
             await asyncio.sleep(reply.delay)
-        if job.stream:
-            await self._run_stream(conn, reply, render_stream(job, id_, created), extra)
+        if job.event_stream:
+            plan = wire.render_stream(job, id_, created)
+            await self._run_stream(conn, wire, reply, plan, extra)
         else:
-            await self._run_json(conn, reply, job, id_, created, extra)
+            await self._run_json(conn, wire, reply, job, id_, created, extra)
 
     @staticmethod
     async def _run_json(
         conn: _Conn,
+        wire: Wire,
         reply: Reply,
         job: Job,
         id_: str,
@@ -426,10 +372,10 @@ class _State:
         if reply.stall_after is not None and reply.stall > 0:
             await asyncio.sleep(reply.stall)
         if reply.error_after is not None:
-            body = error_payload(reply.error_message, reply.error_type).encode()
-            conn.send(500, "application/json", body, extra)
+            status, error = wire.error_response(reply)
+            conn.send(status, "application/json", error, extra)
             return
-        body = render_json(job, id_, created).encode()
+        body = wire.render_json(job, id_, created).encode()
         if reply.cut_after is not None:
             conn.write(conn.head(reply.status, "application/json", extra, len(body)))
             conn.write(body[: len(body) // 2])
@@ -441,7 +387,7 @@ class _State:
 
     @staticmethod
     async def _run_stream(
-        conn: _Conn, reply: Reply, plan: Plan, extra: list[tuple[str, str]]
+        conn: _Conn, wire: Wire, reply: Reply, plan: Plan, extra: list[tuple[str, str]]
     ) -> None:
         nl = "\r\n" if reply.crlf else "\r" if reply.cr else "\n"
         comment = f": keep-alive{nl}{nl}" if reply.comments else ""
@@ -461,12 +407,12 @@ class _State:
                 conn.write_chunk(data)
                 await conn.drain()
 
-        async def emit(payload: str) -> None:
+        async def emit(event: Event) -> None:
             nonlocal first
             if not first and pacing > 0:
                 await asyncio.sleep(pacing)
             first = False
-            await out(f"{comment}data: {payload}{nl}{nl}".encode())
+            await out(frame(event, nl, comment).encode())
 
         conn.write(conn.head(reply.status, "text/event-stream", extra, None))
         for event in plan.pre:
@@ -481,15 +427,21 @@ class _State:
         error_at = at(reply.error_after)
         end_at = at(reply.end_after)
         cut_at = at(reply.cut_after)
+        # Gemini puts the finish on the last piece, unless a fault sits between them.
+        merged = (
+            plan.final is not None
+            and count > 0
+            and count not in (stall_at, malformed_at, error_at, end_at, cut_at)
+        )
         for k in range(count + 1):
             if conn.closed:
                 return
             if k == stall_at:
                 await asyncio.sleep(reply.stall)
             if k == malformed_at:
-                await emit('{"id": "broken')
+                await emit(wire.malformed)
             if k == error_at:
-                await emit(error_payload(reply.error_message, reply.error_type))
+                await emit(wire.stream_error(reply))
                 conn.end_chunks()
                 return
             if k == end_at:
@@ -499,11 +451,15 @@ class _State:
                 conn.abort()
                 return
             if k < count:
-                for event in plan.positions[k]:
+                if merged and k == count - 1 and plan.final is not None:
+                    events = plan.final
+                else:
+                    events = plan.positions[k]
+                for event in events:
                     await emit(event)
-        for event in plan.post:
-            await emit(event)
-        await emit("[DONE]")
+        if not merged:
+            for event in plan.post:
+                await emit(event)
         conn.end_chunks()
 
 
@@ -772,18 +728,25 @@ class _Conn(asyncio.Protocol):
 
 
 class MockServer:
-    """An emulator of the OpenAI API on 127.0.0.1, served by a daemon thread.
+    """An emulator of the OpenAI, Anthropic and Gemini APIs on 127.0.0.1, served by a daemon
+    thread.
 
     ``with MockServer() as mock:`` (or ``async with``, or ``start()``/``stop()``) runs it on a
-    free port; give ``mock.base_url`` to an OpenAI-compatible client. Each completion request
-    takes the next scripted `Reply`: first from the queue of its model (``enqueue(...,
-    model=...)``), then from the global queue, else ``mock.default``.
+    free port; give ``mock.base_url`` (``…/v1``) to an OpenAI-compatible client and
+    ``mock.url`` (the host root) to an Anthropic or Gemini one. Each generation request takes
+    the next scripted `Reply`: first from the queue of its model (``enqueue(...,
+    model=...)``: the body's ``model``, or Gemini's ``{model}`` path segment), then from the
+    global queue, else ``mock.default``. Requests refused before that (bad JSON, missing
+    fields, auth) take no reply.
 
-    Token accounting (deterministic): ``prompt_tokens`` = Σ over messages of (whitespace
-    separated words of the content + 3) for chat (text parts of list contents count; legacy
-    completions: the words of ``prompt``, no overhead); ``completion_tokens`` = content
-    pieces sent (``Reply.chunks``, or ``max_tokens`` when smaller; tool calls: argument
-    pieces) times ``n``; ``total_tokens`` is their sum.
+    Token accounting (deterministic, the same on every wire): input tokens = Σ over messages
+    (a system prompt the wire takes apart counts as one message) of (whitespace separated
+    words of the text + 3) (legacy completions: the words of ``prompt``, no overhead); output
+    tokens = content pieces sent (``Reply.chunks``, or the request's max tokens when smaller;
+    tool calls: argument pieces) times ``n`` (Gemini: ``candidateCount``). Reported as
+    OpenAI ``prompt_tokens``/``completion_tokens``, Anthropic ``input_tokens`` (minus
+    ``cache_read_input_tokens``)/``output_tokens``, Gemini
+    ``promptTokenCount``/``candidatesTokenCount``.
 
     ``disconnects`` counts responses the client abandoned while the emulator was still
     producing them (during ``delay``, ``stall``, ``pacing``, slow reading): a small reply
@@ -817,7 +780,7 @@ class MockServer:
 
     @property
     def url(self) -> str:
-        """``http://HOST:PORT``."""
+        """``http://HOST:PORT``: the base URL of Anthropic and Gemini clients."""
         return _base_url(self.host, self.port)
 
     @property

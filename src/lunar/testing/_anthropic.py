@@ -1,0 +1,561 @@
+"""The Anthropic Messages wire: ``POST /v1/messages`` (and ``/v1/messages/count_tokens``).
+
+Requests are validated as Anthropic does, with its error messages, so an adapter that sends
+what the real API would refuse is refused here too: ``anthropic-version`` header, required
+``max_tokens``, no unknown top-level fields, roles ``user``/``assistant`` only, non-empty
+content and text blocks, known block types, ``temperature`` and ``top_p`` in [0, 1], and
+every ``tool_result`` answering a ``tool_use`` of the previous (assistant) message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._render import (
+    MESSAGE_OVERHEAD,
+    NO_TOOLS,
+    Event,
+    Job,
+    Plan,
+    ToolOffer,
+    dumps,
+    make_job,
+    resolve_tool_calls,
+    words,
+)
+from ._reply import Reply, default_error_message
+from ._wire import Incoming, Rejection, Wire
+
+FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "max_tokens",
+        "system",
+        "stop_sequences",
+        "stream",
+        "temperature",
+        "top_p",
+        "top_k",
+        "tools",
+        "tool_choice",
+        "metadata",
+        "thinking",
+        "service_tier",
+        "container",
+        "mcp_servers",
+        "context_management",
+    }
+)
+BLOCK_TYPES = (
+    "text",
+    "image",
+    "document",
+    "search_result",
+    "thinking",
+    "redacted_thinking",
+    "tool_use",
+    "tool_result",
+    "server_tool_use",
+    "web_search_tool_result",
+)
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+FINISH = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+"""OpenAI finish reasons -> Anthropic stop reasons (other values are sent verbatim)."""
+
+PING: Event = ("ping", '{"type": "ping"}')
+
+TYPE_BY_STATUS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
+STATUS_BY_TYPE = {v: k for k, v in TYPE_BY_STATUS.items()}
+MESSAGES = {
+    "invalid_request_error": "Invalid request.",
+    "authentication_error": "invalid x-api-key",
+    "permission_error": "Your API key does not have permission to use the specified resource.",
+    "not_found_error": "The requested resource could not be found.",
+    "request_too_large": "Request exceeds the maximum allowed number of bytes.",
+    "rate_limit_error": "Number of requests has exceeded your rate limit. Please try again later.",
+    "api_error": "Internal server error",
+    "overloaded_error": "Overloaded",
+}
+
+
+def error_type_for_status(status: int) -> str:
+    known = TYPE_BY_STATUS.get(status)
+    if known is not None:
+        return known
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+def wire_error_type(type_: str | None, default: str) -> str:
+    """A ``Reply.error_type`` in Anthropic's words (``server_error`` is ``api_error``)."""
+    if type_ is None:
+        return default
+    return "api_error" if type_ == "server_error" else type_
+
+
+def error_json(type_: str, message: str) -> str:
+    return dumps({"type": "error", "error": {"type": type_, "message": message}})
+
+
+def invalid(message: str) -> Rejection:
+    return Rejection(400, error_json("invalid_request_error", message).encode())
+
+
+def _text_words(content: Any) -> int:
+    """Words of a content: a string, or the text (and tool results) of a list of blocks."""
+    if isinstance(content, str):
+        return words(content)
+    total = 0
+    if isinstance(content, list):
+        for block in content:
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "text":
+                total += words(block.get("text"))
+            elif kind == "tool_result":
+                total += _text_words(block.get("content"))
+    return total
+
+
+def prompt_tokens(request: dict[str, Any]) -> int:
+    """The system prompt (as one message) and each message: words + 3."""
+    total = 0
+    system = request.get("system")
+    if system:
+        total += _text_words(system) + MESSAGE_OVERHEAD
+    for message in request.get("messages") or ():
+        total += _text_words(message.get("content")) + MESSAGE_OVERHEAD
+    return total
+
+
+def _tool_use_ids(message: Any) -> list[str]:
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        return []
+    content = message.get("content")
+    if not isinstance(content, list):
+        return []
+    return [
+        str(b.get("id")) for b in content if isinstance(b, dict) and b.get("type") == "tool_use"
+    ]
+
+
+def _check_block(block: Any, where: str, role: str) -> str | None:
+    """An error message for a bad content block, or None."""
+    if not isinstance(block, dict):
+        return f"{where}: Input should be a valid dictionary or object to extract fields from"
+    kind = block.get("type")
+    if kind not in BLOCK_TYPES:
+        tags = ", ".join(f"'{t}'" for t in BLOCK_TYPES)
+        return (
+            f"{where}: Input tag '{kind}' found using 'type' does not match any of the "
+            f"expected tags: {tags}"
+        )
+    if kind == "text":
+        text = block.get("text")
+        if not isinstance(text, str):
+            return f"{where}.text: Field required"
+        if not text:
+            return "messages: text content blocks must be non-empty"
+    elif kind == "image":
+        source = block.get("source")
+        if not isinstance(source, dict):
+            return f"{where}.image.source: Field required"
+        stype = source.get("type")
+        if stype == "base64":
+            if source.get("media_type") not in IMAGE_TYPES:
+                return (
+                    f"{where}.image.source.base64.media_type: Input should be 'image/jpeg', "
+                    "'image/png', 'image/gif' or 'image/webp'"
+                )
+            if not isinstance(source.get("data"), str) or not source["data"]:
+                return f"{where}.image.source.base64.data: Field required"
+        elif stype == "url":
+            if not isinstance(source.get("url"), str) or not source["url"]:
+                return f"{where}.image.source.url.url: Field required"
+        else:
+            return (
+                f"{where}.image.source: Input tag '{stype}' found using 'type' does not match "
+                "any of the expected tags: 'base64', 'url', 'file'"
+            )
+    elif kind == "tool_use":
+        if role != "assistant":
+            return f"{where}: tool_use blocks can only be in assistant messages"
+        for name in ("id", "name"):
+            if not isinstance(block.get(name), str) or not block[name]:
+                return f"{where}.tool_use.{name}: Field required"
+        if not isinstance(block.get("input"), dict):
+            return f"{where}.tool_use.input: Input should be a valid dictionary"
+    elif kind == "tool_result":
+        if role != "user":
+            return f"{where}: tool_result blocks can only be in user messages"
+        if not isinstance(block.get("tool_use_id"), str) or not block["tool_use_id"]:
+            return f"{where}.tool_result.tool_use_id: Field required"
+        inner = block.get("content")
+        if inner is not None and not isinstance(inner, (str, list)):
+            return f"{where}.tool_result.content: Input should be a valid list"
+    return None
+
+
+def validate(request: dict[str, Any]) -> str | None:
+    """An error message in Anthropic's words for a request it would refuse, or None."""
+    for key in request:
+        if key not in FIELDS:
+            return f"{key}: Extra inputs are not permitted"
+    for name in ("model", "messages", "max_tokens"):
+        if name not in request:
+            return f"{name}: Field required"
+    if not isinstance(request["model"], str) or not request["model"]:
+        return "model: Input should be a valid string"
+    limit = request["max_tokens"]
+    if not isinstance(limit, int) or isinstance(limit, bool):
+        return "max_tokens: Input should be a valid integer"
+    if limit < 1:
+        return "max_tokens: Input should be greater than or equal to 1"
+    for name in ("temperature", "top_p"):
+        value = request.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            return f"{name}: Input should be a valid number"
+        if not 0 <= value <= 1:
+            return f"{name}: Input should be less than or equal to 1"
+    system = request.get("system")
+    if system is not None and not isinstance(system, str):
+        if not isinstance(system, list):
+            return "system: Input should be a valid string"
+        for i, block in enumerate(system):
+            if not isinstance(block, dict) or block.get("type") != "text":
+                return f"system.{i}.type: Input should be 'text'"
+            if not isinstance(block.get("text"), str) or not block["text"]:
+                return "system: text content blocks must be non-empty"
+    stops = request.get("stop_sequences")
+    if stops is not None and (
+        not isinstance(stops, list) or not all(isinstance(s, str) for s in stops)
+    ):
+        return "stop_sequences: Input should be a valid list of strings"
+    if "stream" in request and not isinstance(request["stream"], bool):
+        return "stream: Input should be a valid boolean"
+    messages = request["messages"]
+    if not isinstance(messages, list):
+        return "messages: Input should be a valid list"
+    if not messages:
+        return "messages: at least one message is required"
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            return f"messages.{i}: Input should be a valid dictionary"
+        role = message.get("role")
+        if role not in ("user", "assistant"):
+            return f"messages.{i}.role: Input should be 'user' or 'assistant'"
+        content = message.get("content")
+        if not isinstance(content, (str, list)):
+            return f"messages.{i}.content: Input should be a valid list"
+        last_assistant = i == len(messages) - 1 and role == "assistant"
+        if not content and not last_assistant:
+            return (
+                f"messages.{i}: all messages must have non-empty content except for the "
+                "optional final assistant message"
+            )
+        if isinstance(content, list):
+            for j, block in enumerate(content):
+                error = _check_block(block, f"messages.{i}.content.{j}", str(role))
+                if error is not None:
+                    return error
+        # Tool results answer the tool uses of the message right before, all of them.
+        asked = _tool_use_ids(messages[i - 1]) if i > 0 else []
+        answered = [
+            str(b.get("tool_use_id"))
+            for b in (content if isinstance(content, list) else ())
+            if b.get("type") == "tool_result"
+        ]
+        for j, tool_use_id in enumerate(answered):
+            if tool_use_id not in asked:
+                return (
+                    f"messages.{i}.content.{j}: unexpected `tool_use_id` found in "
+                    f"`tool_result` blocks: {tool_use_id}. Each `tool_result` block must have "
+                    "a corresponding `tool_use` block in the previous message."
+                )
+        if asked and role == "user":
+            missing = [t for t in asked if t not in answered]
+            if missing:
+                return (
+                    f"messages.{i - 1}: `tool_use` ids were found without `tool_result` blocks "
+                    f"immediately after: {', '.join(missing)}. Each `tool_use` block must have "
+                    "a corresponding `tool_result` block in the next message."
+                )
+    tools = request.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            return "tools: Input should be a valid list"
+        for i, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                return f"tools.{i}: Input should be a valid dictionary"
+            if tool.get("type") not in (None, "custom"):
+                continue  # a server tool (web search, bash …): not checked
+            if not isinstance(tool.get("name"), str) or not tool["name"]:
+                return f"tools.{i}.custom.name: Field required"
+            schema = tool.get("input_schema")
+            if not isinstance(schema, dict):
+                return f"tools.{i}.custom.input_schema: Field required"
+            if schema.get("type") != "object":
+                return f"tools.{i}.custom.input_schema.type: Input should be 'object'"
+    choice = request.get("tool_choice")
+    if choice is not None:
+        if not isinstance(choice, dict) or choice.get("type") not in (
+            "auto",
+            "any",
+            "tool",
+            "none",
+        ):
+            return (
+                "tool_choice: Input tag found using 'type' does not match any of the expected "
+                "tags: 'auto', 'any', 'tool', 'none'"
+            )
+        if choice["type"] == "tool" and not isinstance(choice.get("name"), str):
+            return "tool_choice.tool.name: Field required"
+    return None
+
+
+def tool_offer(request: dict[str, Any]) -> ToolOffer:
+    tools = request.get("tools")
+    if not isinstance(tools, list) or not tools:
+        return NO_TOOLS
+    functions = tuple(
+        (str(t["name"]), t.get("input_schema") or {"type": "object"})
+        for t in tools
+        if isinstance(t, dict) and t.get("type") in (None, "custom") and "name" in t
+    )
+    choice = request.get("tool_choice")
+    mode, forced = "auto", None
+    if isinstance(choice, dict):
+        kind = choice.get("type")
+        if kind == "none":
+            mode = "none"
+        elif kind == "any":
+            mode = "required"
+        elif kind == "tool":
+            forced = str(choice.get("name"))
+    messages = request["messages"]
+    last = messages[-1] if messages else {}
+    content = last.get("content")
+    after_result = (
+        last.get("role") == "user"
+        and isinstance(content, list)
+        and any(isinstance(b, dict) and b.get("type") == "tool_result" for b in content)
+    )
+    return ToolOffer(functions, mode, forced, after_result)
+
+
+def _with_id(id_: str, obj: dict[str, Any]) -> str:
+    """``obj`` as JSON with ``"id"`` first, inserted verbatim (it may be a cache placeholder,
+    which ``dumps`` would escape)."""
+    return f'{{"id":"{id_}",{dumps(obj)[1:]}'
+
+
+class AnthropicWire(Wire):
+    name = "anthropic"
+    malformed: Event = ("content_block_delta", '{"type": "broken')
+
+    def authorize(self, headers: dict[str, str], query: str, key: str) -> Rejection | None:
+        given = headers.get("x-api-key")
+        if given == key:
+            return None
+        message = "x-api-key header is required" if not given else "invalid x-api-key"
+        return Rejection(401, error_json("authentication_error", message).encode())
+
+    def parse(
+        self, request: Any, headers: dict[str, str], path: str, query: str
+    ) -> Incoming | Rejection:
+        if not headers.get("anthropic-version"):
+            return invalid("anthropic-version: header is required")
+        if not isinstance(request, dict):
+            return invalid(
+                "There was an error parsing the body of your request: the body must be a "
+                "JSON object"
+            )
+        error = validate(request)
+        if error is not None:
+            return invalid(error)
+        return Incoming(request["model"], request.get("stream") is True, request)
+
+    def count_tokens(self, request: Any, headers: dict[str, str]) -> int | Rejection:
+        """``/v1/messages/count_tokens``: the request of a message, without ``max_tokens``."""
+        if not isinstance(request, dict):
+            return invalid("There was an error parsing the body of your request")
+        full = {"max_tokens": 1, **request}
+        full.pop("stream", None)
+        checked = self.parse(full, headers, "/v1/messages", "")
+        if isinstance(checked, Rejection):
+            return checked
+        return prompt_tokens(request)
+
+    def job(self, incoming: Incoming, reply: Reply, number: int) -> Job:
+        request = incoming.request
+        calls = resolve_tool_calls(tool_offer(request), reply, f"toolu_mock_{number}_")
+        job = make_job(
+            "anthropic",
+            incoming.model,
+            reply,
+            stream=incoming.stream,
+            prompt_tokens=prompt_tokens(request),
+            calls=calls,
+            limit=request["max_tokens"],
+            include_usage=reply.usage,
+        )
+        if job.finish_reason == "stop_sequence":
+            stops = request.get("stop_sequences")
+            job.stop_sequence = stops[0] if stops else None
+        return job
+
+    def response_id(self, number: int, job: Job) -> str:
+        return f"msg_mock_{number}"
+
+    def error_body(
+        self, status: int, message: str | None = None, type_: str | None = None
+    ) -> bytes:
+        kind = wire_error_type(type_, error_type_for_status(status))
+        if message is None:
+            message = MESSAGES.get(kind) or default_error_message(status)
+        return error_json(kind, message).encode()
+
+    def _error(self, reply: Reply) -> tuple[str, str]:
+        kind = wire_error_type(reply.error_type, "overloaded_error")
+        message = reply.error_message
+        if message is None:
+            message = MESSAGES.get(kind, "Internal server error")
+        return kind, message
+
+    def error_response(self, reply: Reply) -> tuple[int, bytes]:
+        kind, message = self._error(reply)
+        return STATUS_BY_TYPE.get(kind, 500), error_json(kind, message).encode()
+
+    def stream_error(self, reply: Reply) -> Event:
+        return ("error", error_json(*self._error(reply)))
+
+    # -- rendering --------------------------------------------------------------------------
+
+    @staticmethod
+    def _usage(job: Job, output_tokens: int) -> dict[str, Any]:
+        cached = job.cached_tokens
+        usage: dict[str, Any] = {
+            "input_tokens": max(job.prompt_tokens - cached, 0) if cached > 0 else job.prompt_tokens,
+            "output_tokens": output_tokens,
+        }
+        if cached > 0:
+            usage["cache_read_input_tokens"] = cached
+        return usage
+
+    @staticmethod
+    def _text_block(job: Job) -> bool:
+        return bool(job.pieces) or not job.tool_calls
+
+    def render_json(self, job: Job, id_: str, created: str) -> str:
+        content: list[dict[str, Any]] = []
+        if self._text_block(job):
+            content.append({"type": "text", "text": "".join(job.pieces)})
+        for call in job.tool_calls:
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": call.id,
+                    "name": call.name,
+                    "input": call.arguments_object(),
+                }
+            )
+        message: dict[str, Any] = {
+            "type": "message",
+            "role": "assistant",
+            "model": job.model,
+            "content": content,
+            "stop_reason": FINISH.get(job.finish_reason, job.finish_reason),
+            "stop_sequence": job.stop_sequence,
+        }
+        if job.include_usage:
+            message["usage"] = self._usage(job, job.completion_tokens)
+        return _with_id(id_, message)
+
+    def render_stream(self, job: Job, id_: str, created: str) -> Plan:
+        start: dict[str, Any] = {
+            "type": "message",
+            "role": "assistant",
+            "model": job.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+        }
+        if job.include_usage:
+            start["usage"] = self._usage(job, 1)
+        pre: list[Event] = [
+            ("message_start", f'{{"type":"message_start","message":{_with_id(id_, start)}}}')
+        ]
+        positions: list[list[Event]] = []
+
+        def block_start(index: int, block: str) -> Event:
+            return (
+                "content_block_start",
+                f'{{"type":"content_block_start","index":{index},"content_block":{block}}}',
+            )
+
+        def block_stop(index: int) -> Event:
+            return ("content_block_stop", f'{{"type":"content_block_stop","index":{index}}}')
+
+        def delta(index: int, body: str) -> Event:
+            return (
+                "content_block_delta",
+                f'{{"type":"content_block_delta","index":{index},"delta":{body}}}',
+            )
+
+        index = -1  # of the block open
+        if self._text_block(job):
+            index = 0
+            pre += [block_start(0, '{"type":"text","text":""}'), PING]
+            for piece in job.pieces:
+                positions.append([delta(0, f'{{"type":"text_delta","text":{dumps(piece)}}}')])
+        for call in job.tool_calls:
+            header = (
+                f'{{"type":"tool_use","id":{dumps(call.id)},"name":{dumps(call.name)},'
+                '"input":{}}'
+            )
+            boundary: list[Event] = []
+            if index < 0:  # the first block
+                pre += [block_start(0, header), PING]
+            else:
+                boundary = [block_stop(index), block_start(index + 1, header)]
+            index += 1
+            for j, piece in enumerate(call.pieces):
+                json_delta = f'{{"type":"input_json_delta","partial_json":{dumps(piece)}}}'
+                positions.append([*(boundary if j == 0 else ()), delta(index, json_delta)])
+        closing: dict[str, Any] = {
+            "type": "message_delta",
+            "delta": {
+                "stop_reason": FINISH.get(job.finish_reason, job.finish_reason),
+                "stop_sequence": job.stop_sequence,
+            },
+        }
+        if job.include_usage:
+            closing["usage"] = {"output_tokens": job.completion_tokens}
+        post: list[Event] = [
+            block_stop(index),
+            ("message_delta", dumps(closing)),
+            ("message_stop", '{"type":"message_stop"}'),
+        ]
+        return Plan(pre, positions, post)
+
+
+ANTHROPIC = AnthropicWire()

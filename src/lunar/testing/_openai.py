@@ -1,0 +1,341 @@
+"""The OpenAI wire: ``POST /v1/chat/completions`` and ``POST /v1/completions``."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from ._render import (
+    MESSAGE_OVERHEAD,
+    NO_TOOLS,
+    Event,
+    Job,
+    Plan,
+    ToolCall,
+    ToolOffer,
+    count_words,
+    dumps,
+    make_job,
+    resolve_tool_calls,
+)
+from ._reply import (
+    DEFAULT_ERROR_MESSAGE,
+    DEFAULT_ERROR_TYPE,
+    Reply,
+    default_error_message,
+    error_type_for_status,
+)
+from ._wire import Incoming, Rejection, Wire
+
+FINGERPRINT = "fp_lunar_mock"
+
+
+def error_body(status: int, message: str | None = None, **extra: Any) -> bytes:
+    """OpenAI's error JSON: ``{"error": {"message", "type", "param", "code"}}``."""
+    error: dict[str, Any] = {
+        "message": message if message is not None else default_error_message(status),
+        "type": extra.pop("type", None) or error_type_for_status(status),
+        "param": extra.pop("param", None),
+        "code": extra.pop("code", None),
+    }
+    return json.dumps({"error": error}).encode()
+
+
+def error_payload(message: str, type_: str, code: str | None = None) -> str:
+    return dumps({"error": {"message": message, "type": type_, "param": None, "code": code}})
+
+
+def prompt_tokens_chat(messages: list[Any]) -> int:
+    """Σ over messages of (words of the content + 3)."""
+    total = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        total += count_words(content) + MESSAGE_OVERHEAD
+    return total
+
+
+def prompt_tokens_completion(prompt: Any) -> int:
+    """Words of the prompt (list of strings: summed; list of token ids: its length)."""
+    if isinstance(prompt, str):
+        return len(prompt.split())
+    if isinstance(prompt, list):
+        total = 0
+        for item in prompt:
+            if isinstance(item, str):
+                total += len(item.split())
+            elif isinstance(item, int):
+                total += 1
+            elif isinstance(item, list):
+                total += len(item)
+        return total
+    return 0
+
+
+def tool_offer(request: dict[str, Any]) -> ToolOffer:
+    tools = request.get("tools")
+    choice = request.get("tool_choice")
+    if not isinstance(tools, list) or not tools:
+        return NO_TOOLS
+    functions = tuple(
+        (
+            str(t["function"].get("name", "tool")),
+            t["function"].get("parameters", {"type": "object"}),
+        )
+        for t in tools
+        if isinstance(t, dict) and isinstance(t.get("function"), dict)
+    )
+    forced: str | None = None
+    if isinstance(choice, dict):
+        fn = choice.get("function")
+        if isinstance(fn, dict) and isinstance(fn.get("name"), str):
+            forced = fn["name"]
+    messages = request.get("messages")
+    last_is_tool = (
+        isinstance(messages, list)
+        and bool(messages)
+        and isinstance(messages[-1], dict)
+        and messages[-1].get("role") == "tool"
+    )
+    mode = choice if choice in ("none", "required") else "auto"
+    return ToolOffer(functions, str(mode), forced, last_is_tool)
+
+
+class OpenAIWire(Wire):
+    """Chat Completions (``kind="chat"``) or legacy Completions (``kind="completion"``)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.name = "openai"
+
+    def authorize(self, headers: dict[str, str], query: str, key: str) -> Rejection | None:
+        given = headers.get("authorization")
+        if given == f"Bearer {key}":
+            return None
+        if not given:
+            message = (
+                "You didn't provide an API key. You need to provide your API key in an "
+                "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY)."
+            )
+        else:
+            shown = given.removeprefix("Bearer ").strip()
+            shown = (
+                shown[:3] + "*" * max(0, len(shown) - 7) + shown[-4:] if len(shown) > 8 else "***"
+            )
+            message = f"Incorrect API key provided: {shown}."
+        return Rejection(401, error_body(401, message, code="invalid_api_key"))
+
+    def parse(
+        self, request: Any, headers: dict[str, str], path: str, query: str
+    ) -> Incoming | Rejection:
+        if not isinstance(request, dict):
+            return Rejection(
+                400,
+                error_body(
+                    400,
+                    "We could not parse the JSON body of your request. (HINT: This likely means "
+                    "you aren't using your HTTP library correctly. The OpenAI API expects a JSON "
+                    "payload, but what was sent was not valid JSON.)",
+                ),
+            )
+        second = "messages" if self.kind == "chat" else "prompt"
+        for name in ("model", second):
+            if name not in request:
+                return Rejection(
+                    400, error_body(400, f"Missing required parameter: '{name}'.", param=name)
+                )
+        model = request["model"]
+        if not isinstance(model, str):
+            return Rejection(
+                400, error_body(400, "Invalid type for 'model': expected a string.", param="model")
+            )
+        if self.kind == "chat" and not isinstance(request["messages"], list):
+            return Rejection(
+                400,
+                error_body(
+                    400, "Invalid type for 'messages': expected an array.", param="messages"
+                ),
+            )
+        return Incoming(model, bool(request.get("stream")), request)
+
+    def job(self, incoming: Incoming, reply: Reply, number: int) -> Job:
+        request = incoming.request
+        stream = incoming.stream
+        n = request.get("n")
+        if not isinstance(n, int) or isinstance(n, bool) or not 1 <= n <= 128:
+            n = 1
+        options = request.get("stream_options")
+        include_usage = (
+            stream
+            and reply.usage
+            and isinstance(options, dict)
+            and options.get("include_usage") is True
+        )
+        limit = request.get("max_completion_tokens")
+        if limit is None:
+            limit = request.get("max_tokens")
+        if self.kind == "chat":
+            calls = (
+                resolve_tool_calls(tool_offer(request), reply, f"call_mock_{number}_")
+                if reply.tool_calls is not None or request.get("tools")
+                else []
+            )
+            prompt_tokens = prompt_tokens_chat(request["messages"])
+        else:
+            calls = []
+            prompt_tokens = prompt_tokens_completion(request["prompt"])
+        return make_job(
+            self.kind,
+            incoming.model,
+            reply,
+            stream=stream,
+            prompt_tokens=prompt_tokens,
+            calls=calls,
+            limit=limit,
+            n=n,
+            include_usage=include_usage,
+        )
+
+    def response_id(self, number: int, job: Job) -> str:
+        return f"chatcmpl-{number}" if self.kind == "chat" else f"cmpl-{number}"
+
+    def error_body(
+        self, status: int, message: str | None = None, type_: str | None = None
+    ) -> bytes:
+        return error_body(status, message, type=type_)
+
+    def error_response(self, reply: Reply) -> tuple[int, bytes]:
+        return 500, self.stream_error(reply).encode()
+
+    def stream_error(self, reply: Reply) -> str:
+        return error_payload(
+            reply.error_message if reply.error_message is not None else DEFAULT_ERROR_MESSAGE,
+            reply.error_type if reply.error_type is not None else DEFAULT_ERROR_TYPE,
+        )
+
+    def render_stream(self, job: Job, id_: str, created: str) -> Plan:
+        """The events of a streamed completion, ``[DONE]`` last."""
+        model = dumps(job.model)
+        n = job.n
+        if job.kind == "chat":
+            prefix = (
+                f'{{"id":"{id_}","object":"chat.completion.chunk","created":{created},'
+                f'"model":{model},"system_fingerprint":"{FINGERPRINT}","choices":['
+            )
+        else:
+            prefix = (
+                f'{{"id":"{id_}","object":"text_completion","created":{created},'
+                f'"model":{model},"system_fingerprint":"{FINGERPRINT}","choices":['
+            )
+        suffix = '],"usage":null}' if job.include_usage else "]}"
+        finish = dumps(job.finish_reason)
+        pre: list[Event] = []
+        positions: list[list[Event]] = []
+        post: list[Event] = []
+
+        if job.kind == "chat":
+
+            def event(i: int, delta: str, finish_json: str = "null") -> str:
+                return (
+                    f'{prefix}{{"index":{i},"delta":{delta},"logprobs":null,'
+                    f'"finish_reason":{finish_json}}}{suffix}'
+                )
+
+            if job.tool_calls:
+                for i in range(n):
+                    first = job.tool_calls[0]
+                    header = _tool_header(0, first)
+                    pre.append(
+                        event(i, f'{{"role":"assistant","content":null,"tool_calls":[{header}]}}')
+                    )
+                for index, call in enumerate(job.tool_calls):
+                    for j, piece in enumerate(call.pieces):
+                        position: list[Event] = []
+                        for i in range(n):
+                            if j == 0 and index > 0:
+                                position.append(
+                                    event(i, f'{{"tool_calls":[{_tool_header(index, call)}]}}')
+                                )
+                            position.append(
+                                event(
+                                    i,
+                                    f'{{"tool_calls":[{{"index":{index},'
+                                    f'"function":{{"arguments":{dumps(piece)}}}}}]}}',
+                                )
+                            )
+                        positions.append(position)
+            else:
+                pre = [event(i, '{"role":"assistant","content":""}') for i in range(n)]
+                for piece in job.pieces:
+                    delta = f'{{"content":{dumps(piece)}}}'
+                    positions.append([event(i, delta) for i in range(n)])
+            post = [event(i, "{}", finish) for i in range(n)]
+        else:
+
+            def tevent(i: int, text: str, finish_json: str = "null") -> str:
+                return (
+                    f'{prefix}{{"text":{text},"index":{i},"logprobs":null,'
+                    f'"finish_reason":{finish_json}}}{suffix}'
+                )
+
+            for piece in job.pieces:
+                text = dumps(piece)
+                positions.append([tevent(i, text) for i in range(n)])
+            post = [tevent(i, '""', finish) for i in range(n)]
+        if job.include_usage:
+            post.append(f'{prefix}],"usage":{dumps(job.usage())}}}')
+        post.append("[DONE]")
+        return Plan(pre, positions, post)
+
+    def render_json(self, job: Job, id_: str, created: str) -> str:
+        """The body of a non-streamed completion."""
+        finish = dumps(job.finish_reason)
+        text = "".join(job.pieces)
+        choices: list[str] = []
+        if job.kind == "chat":
+            message: dict[str, Any]
+            if job.tool_calls:
+                message = {
+                    "role": "assistant",
+                    "content": None,
+                    "tool_calls": [
+                        {
+                            "id": c.id,
+                            "type": "function",
+                            "function": {"name": c.name, "arguments": c.arguments},
+                        }
+                        for c in job.tool_calls
+                    ],
+                    "refusal": None,
+                }
+            else:
+                message = {"role": "assistant", "content": text, "refusal": None}
+            message_json = dumps(message)
+            for i in range(job.n):
+                choices.append(
+                    f'{{"index":{i},"message":{message_json},"logprobs":null,'
+                    f'"finish_reason":{finish}}}'
+                )
+            obj = "chat.completion"
+        else:
+            text_json = dumps(text)
+            for i in range(job.n):
+                choices.append(
+                    f'{{"text":{text_json},"index":{i},"logprobs":null,"finish_reason":{finish}}}'
+                )
+            obj = "text_completion"
+        return (
+            f'{{"id":"{id_}","object":"{obj}","created":{created},"model":{dumps(job.model)},'
+            f'"system_fingerprint":"{FINGERPRINT}","choices":[{",".join(choices)}],'
+            f'"usage":{dumps(job.usage())}}}'
+        )
+
+
+def _tool_header(index: int, call: ToolCall) -> str:
+    return (
+        f'{{"index":{index},"id":{dumps(call.id)},"type":"function",'
+        f'"function":{{"name":{dumps(call.name)},"arguments":""}}}}'
+    )
+
+
+CHAT = OpenAIWire("chat")
+COMPLETION = OpenAIWire("completion")

@@ -1,0 +1,77 @@
+"""What every wire of the emulator provides to the server (`Wire`), and what they share."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ._render import Event, Job, Plan
+from ._reply import Reply
+
+
+class Rejection(NamedTuple):
+    """A request refused before any scripted reply is taken: status and JSON body."""
+
+    status: int
+    body: bytes
+
+
+@dataclass
+class Incoming:
+    """A valid generation request, in the terms the server needs."""
+
+    model: str
+    """The model whose queue serves it (the body's ``model``, or Gemini's path)."""
+    stream: bool
+    request: dict[str, Any]
+    sse: bool = True
+
+
+class Wire:
+    """A wire format: validation, error shapes and rendering. Stateless; one instance each."""
+
+    name = ""
+    malformed: Event = '{"id": "broken'
+    """The event sent by ``Reply.malformed_after``: truncated JSON."""
+
+    def authorize(self, headers: dict[str, str], query: str, key: str) -> Rejection | None:
+        """None when the request carries ``key`` the way this wire wants it."""
+        raise NotImplementedError
+
+    def parse(
+        self, request: Any, headers: dict[str, str], path: str, query: str
+    ) -> Incoming | Rejection:
+        """Validate a request body (already parsed from JSON; None when it was not JSON)."""
+        raise NotImplementedError
+
+    def job(self, incoming: Incoming, reply: Reply, number: int) -> Job:
+        raise NotImplementedError
+
+    def response_id(self, number: int, job: Job) -> str:
+        raise NotImplementedError
+
+    def error_body(
+        self, status: int, message: str | None = None, type_: str | None = None
+    ) -> bytes:
+        """The error JSON of an HTTP error status."""
+        raise NotImplementedError
+
+    def status_error(self, reply: Reply) -> bytes:
+        """The body of a scripted error status (``Reply.status >= 400``)."""
+        return self.error_body(reply.status, reply.error_message, reply.error_type)
+
+    def error_response(self, reply: Reply) -> tuple[int, bytes]:
+        """The answer of a non-streamed ``error_after``: status and JSON body."""
+        raise NotImplementedError
+
+    def stream_error(self, reply: Reply) -> Event:
+        """The event of a streamed ``error_after``."""
+        raise NotImplementedError
+
+    def render_json(self, job: Job, id_: str, created: str) -> str:
+        """The body of a non-streamed answer. ``created`` is JSON text (unix seconds)."""
+        raise NotImplementedError
+
+    def render_stream(self, job: Job, id_: str, created: str) -> Plan:
+        """The events of a streamed answer. ``created`` is JSON text (unix seconds)."""
+        raise NotImplementedError
