@@ -257,3 +257,18 @@ def unused_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def test_a_provider_that_keeps_failing_cools_down_and_traffic_moves(mock):
+    """llama-3.1-8b is on Groq, Together and Fireworks: after Groq fails with 503 three
+    times, the client stops asking it first (circuit breaker) and Together answers."""
+    groq, together = "llama-3.1-8b-instant", "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo"
+    mock.enqueue(*[Reply(status=503)] * 3, model=groq)
+    client = Lunar(max_retries=0)
+    for _ in range(3):
+        done = client.chat.completions.create(model="llama-3.1-8b", messages=MESSAGES)
+        assert done.provider == "together"
+    mock.reset()
+    done = client.chat.completions.create(model="llama-3.1-8b", messages=MESSAGES)
+    assert done.provider == "together"
+    assert [r.json["model"] for r in mock.requests] == [together]  # Groq was not asked
