@@ -54,13 +54,13 @@ class _Out:
 
     def dim(self, s: str) -> None:
         if self.err is not None:
-            self.err.print(s, style="dim", markup=False)
+            self.err.print(s, style="dim", markup=False, soft_wrap=True)
         else:
             print(s, file=sys.stderr)
 
     def error(self, s: str) -> None:
         if self.err is not None:
-            self.err.print(s, style="bold red", markup=False)
+            self.err.print(s, style="bold red", markup=False, soft_wrap=True)
         else:
             print(s, file=sys.stderr)
 
