@@ -199,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     mock.add_argument("--chunks", type=int, default=8)
     mock.add_argument("--pacing-ms", type=float, default=0.0)
     mock.set_defaults(func=cmd_mock)
+
+    from .server.cli import add_server_commands  # serve, keys, usage
+
+    add_server_commands(sub)
     return p
 
 

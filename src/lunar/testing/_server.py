@@ -21,7 +21,7 @@ import time
 from collections import deque
 from collections.abc import Coroutine, Iterable
 from email.utils import formatdate
-from typing import Any
+from typing import Any, cast
 
 import h11
 
@@ -488,8 +488,8 @@ class _Conn(asyncio.Protocol):
     # -- asyncio callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's TCP transport is not always an asyncio.Transport instance: cast, don't check.
+        self.transport = cast(asyncio.Transport, transport)
         self.state.open_connections += 1
         self.state.total_connections += 1
         self.state.conns.add(self)
