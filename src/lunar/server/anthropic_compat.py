@@ -1,0 +1,536 @@
+"""Anthropic Messages API on top of the engine: sans-I/O translation both ways.
+
+* ``to_chat_body``: an Anthropic ``POST /v1/messages`` body -> an OpenAI chat body plus the
+  Lunar options (``fallbacks``, ``provider``), ready for ``lunar._request.chat_body``.
+* ``message_from_completion``: a ``ChatCompletion`` -> an Anthropic ``Message``.
+* ``MessageStreamEncoder``: ``ChatCompletionChunk`` objects in, Anthropic's event stream out
+  (``message_start``, ``content_block_start/delta/stop``, ``message_delta``,
+  ``message_stop``, or ``error``), as bytes ready to write.
+* ``error_body``: an ``APIError`` in Anthropic's error shape.
+
+No sockets and no event loop here: tests feed objects and compare what comes out.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from .._errors import APIError, BadRequestError, LunarError
+from .._request import bad
+from .._types import ChatCompletion, ChatCompletionChunk, Usage
+
+__all__ = [
+    "ERROR_TYPES",
+    "STOP_REASONS",
+    "MessageStreamEncoder",
+    "error_body",
+    "error_type",
+    "message_from_completion",
+    "to_chat_body",
+]
+
+# OpenAI finish_reason -> Anthropic stop_reason
+STOP_REASONS = {
+    "stop": "end_turn",
+    "length": "max_tokens",
+    "tool_calls": "tool_use",
+    "function_call": "tool_use",
+    "content_filter": "refusal",
+}
+
+# HTTP status -> Anthropic error type
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    502: "api_error",
+    503: "overloaded_error",
+    504: "api_error",
+    529: "overloaded_error",
+}
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _int(value: Any, name: str, required: bool = False) -> int | None:
+    if value is None:
+        if required:
+            raise bad(f"'{name}' is required", name)
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise bad(f"'{name}' must be a positive integer, got {value!r}", name)
+    return value
+
+
+def _text_blocks(value: Any, where: str) -> str:
+    """A string, or a list of text blocks, as one string."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        texts = []
+        for i, block in enumerate(value):
+            if not isinstance(block, Mapping) or block.get("type") != "text":
+                raise bad(f"'{where}[{i}]' must be a text block", f"{where}[{i}]")
+            text = block.get("text")
+            if not isinstance(text, str):
+                raise bad(f"'{where}[{i}].text' must be a string", f"{where}[{i}].text")
+            texts.append(text)
+        return "\n\n".join(texts) if where == "system" else "".join(texts)
+    raise bad(f"'{where}' must be a string or a list of text blocks", where)
+
+
+def _image_part(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+    source = block.get("source")
+    if not isinstance(source, Mapping):
+        raise bad(f"'{where}.source' must be an object", f"{where}.source")
+    kind = source.get("type")
+    if kind == "base64":
+        media, data = source.get("media_type"), source.get("data")
+        if not isinstance(media, str) or not isinstance(data, str) or not data:
+            raise bad(f"'{where}.source' needs 'media_type' and base64 'data'", f"{where}.source")
+        url = f"data:{media};base64,{data}"
+    elif kind == "url":
+        given = source.get("url")
+        if not isinstance(given, str) or not given:
+            raise bad(f"'{where}.source.url' must be a URL", f"{where}.source.url")
+        url = given
+    else:
+        raise bad(
+            f"'{where}.source.type' must be 'base64' or 'url', got {kind!r}", f"{where}.source"
+        )
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
+    content = block.get("content")
+    if content is None:
+        text = ""
+    elif isinstance(content, str):
+        text = content
+    elif isinstance(content, list):
+        parts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, Mapping):
+                raise bad(f"'{where}.content[{i}]' must be a block", f"{where}.content[{i}]")
+            if part.get("type") == "text":
+                t = part.get("text")
+                if not isinstance(t, str):
+                    raise bad(
+                        f"'{where}.content[{i}].text' must be a string",
+                        f"{where}.content[{i}].text",
+                    )
+                parts.append(t)
+            # images inside tool results have no OpenAI equivalent: left out
+        text = "".join(parts)
+    else:
+        raise bad(f"'{where}.content' must be a string or a list of blocks", f"{where}.content")
+    if block.get("is_error") is True:
+        text = f"Error: {text}" if text else "Error"
+    return text
+
+
+def _messages(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
+    out: list[dict[str, Any]] = []
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(msg, Mapping):
+            raise bad(f"'{where}' must be an object", where)
+        role = msg.get("role")
+        if role not in ("user", "assistant"):
+            raise bad(
+                f"'{where}.role' must be 'user' or 'assistant' (the system prompt is the "
+                f"top-level 'system' field), got {role!r}",
+                f"{where}.role",
+            )
+        content = msg.get("content")
+        if isinstance(content, str):
+            out.append({"role": role, "content": content})
+            continue
+        if not isinstance(content, list):
+            raise bad(
+                f"'{where}.content' must be a string or a list of content blocks",
+                f"{where}.content",
+            )
+        parts: list[dict[str, Any]] = []
+        tool_calls: list[dict[str, Any]] = []
+        tool_results: list[dict[str, Any]] = []
+        for j, block in enumerate(content):
+            bw = f"{where}.content[{j}]"
+            if not isinstance(block, Mapping):
+                raise bad(f"'{bw}' must be a content block object", bw)
+            kind = block.get("type")
+            if kind == "text":
+                text = block.get("text")
+                if not isinstance(text, str):
+                    raise bad(f"'{bw}.text' must be a string", f"{bw}.text")
+                parts.append({"type": "text", "text": text})
+            elif kind == "image":
+                parts.append(_image_part(block, bw))
+            elif kind == "tool_use" and role == "assistant":
+                tid, name = block.get("id"), block.get("name")
+                if not isinstance(tid, str) or not isinstance(name, str):
+                    raise bad(f"'{bw}' needs string 'id' and 'name'", bw)
+                tool_input = block.get("input", {})
+                tool_calls.append(
+                    {
+                        "id": tid,
+                        "type": "function",
+                        "function": {"name": name, "arguments": _dumps(tool_input)},
+                    }
+                )
+            elif kind == "tool_result" and role == "user":
+                tid = block.get("tool_use_id")
+                if not isinstance(tid, str):
+                    raise bad(f"'{bw}.tool_use_id' must be a string", f"{bw}.tool_use_id")
+                tool_results.append(
+                    {"role": "tool", "tool_call_id": tid, "content": _tool_result_text(block, bw)}
+                )
+            elif kind in ("thinking", "redacted_thinking"):
+                continue  # the model's own reasoning: not sent back to other providers
+            else:
+                raise bad(
+                    f"'{bw}.type' {kind!r} is not supported here (text, image, tool_use in "
+                    "assistant turns, tool_result in user turns)",
+                    f"{bw}.type",
+                )
+        out.extend(tool_results)  # tool results answer the previous assistant turn first
+        if role == "assistant":
+            text = "".join(p["text"] for p in parts if p["type"] == "text")
+            turn: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if tool_calls:
+                turn["tool_calls"] = tool_calls
+            elif not text:
+                turn["content"] = ""
+            out.append(turn)
+        elif parts or not tool_results:
+            out.append({"role": "user", "content": parts})
+    return out
+
+
+def _tools(raw: Any) -> list[dict[str, Any]]:
+    if not isinstance(raw, list):
+        raise bad("'tools' must be a list", "tools")
+    out = []
+    for i, tool in enumerate(raw):
+        where = f"tools[{i}]"
+        if not isinstance(tool, Mapping) or not isinstance(tool.get("name"), str):
+            raise bad(f"'{where}' must be {{'name', 'description', 'input_schema'}}", where)
+        if tool.get("type") not in (None, "custom"):
+            raise bad(
+                f"'{where}.type' {tool.get('type')!r}: server tools are not supported, only "
+                "client tools with an input_schema",
+                f"{where}.type",
+            )
+        schema = tool.get("input_schema")
+        if not isinstance(schema, Mapping):
+            raise bad(
+                f"'{where}.input_schema' must be a JSON schema object", f"{where}.input_schema"
+            )
+        fn: dict[str, Any] = {"name": tool["name"], "parameters": dict(schema)}
+        description = tool.get("description")
+        if isinstance(description, str):
+            fn["description"] = description
+        out.append({"type": "function", "function": fn})
+    return out
+
+
+def _tool_choice(raw: Any) -> tuple[Any, bool | None]:
+    if not isinstance(raw, Mapping):
+        raise bad("'tool_choice' must be an object with a 'type'", "tool_choice")
+    kind = raw.get("type")
+    parallel = False if raw.get("disable_parallel_tool_use") is True else None
+    if kind == "auto":
+        return "auto", parallel
+    if kind == "any":
+        return "required", parallel
+    if kind == "none":
+        return "none", None
+    if kind == "tool":
+        name = raw.get("name")
+        if not isinstance(name, str):
+            raise bad("'tool_choice.name' must be a tool name", "tool_choice.name")
+        return {"type": "function", "function": {"name": name}}, parallel
+    raise bad(
+        f"'tool_choice.type' must be auto, any, tool or none, got {kind!r}", "tool_choice.type"
+    )
+
+
+def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An Anthropic request -> ``(OpenAI body without model, Lunar fields)``.
+
+    The Lunar fields are ``model``, ``stream``, ``fallbacks`` and ``provider`` as given
+    (validated by the caller). Raises ``BadRequestError`` naming the Anthropic field."""
+    if not isinstance(raw, Mapping):
+        raise BadRequestError("The request body must be a JSON object", param=None)
+    body: dict[str, Any] = {}
+    messages = _messages(raw.get("messages"))
+    system = raw.get("system")
+    if system is not None:
+        text = _text_blocks(system, "system")
+        if text:
+            messages.insert(0, {"role": "system", "content": text})
+    body["messages"] = messages
+    body["max_tokens"] = _int(raw.get("max_tokens"), "max_tokens", required=True)
+    stops = raw.get("stop_sequences")
+    if stops is not None:
+        if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+            raise bad("'stop_sequences' must be a list of strings", "stop_sequences")
+        if len(stops) > 4:
+            raise bad("'stop_sequences' takes at most 4 sequences here", "stop_sequences")
+        if stops:
+            body["stop"] = stops
+    for name in ("temperature", "top_p"):
+        value = raw.get(name)
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise bad(f"'{name}' must be a number", name)
+            if not 0 <= value <= 1:
+                raise bad(f"'{name}' must be between 0 and 1, got {value!r}", name)
+            body[name] = value
+    metadata = raw.get("metadata")
+    if metadata is not None:
+        if not isinstance(metadata, Mapping):
+            raise bad("'metadata' must be an object", "metadata")
+        user = metadata.get("user_id")
+        if isinstance(user, str) and user:
+            body["user"] = user
+    tools = raw.get("tools")
+    if tools is not None:
+        converted = _tools(tools)
+        if converted:
+            body["tools"] = converted
+    choice = raw.get("tool_choice")
+    if choice is not None:
+        tc, parallel = _tool_choice(choice)
+        if "tools" in body:
+            body["tool_choice"] = tc
+            if parallel is not None:
+                body["parallel_tool_calls"] = parallel
+    lunar = {name: raw.get(name) for name in ("model", "stream", "fallbacks", "provider")}
+    return body, lunar
+
+
+# ---------------------------------------------------------------------------------------------
+# Responses
+
+
+def _message_id(openai_id: str | None) -> str:
+    if openai_id and openai_id.startswith("msg_"):
+        return openai_id
+    return "msg_" + (uuid.uuid4().hex[:24] if not openai_id else openai_id.split("-")[-1])
+
+
+def _usage(usage: Usage | None) -> dict[str, Any]:
+    if usage is None:
+        return {"input_tokens": 0, "output_tokens": 0}
+    cached = min(usage.cached_tokens, usage.prompt_tokens)
+    out: dict[str, Any] = {
+        "input_tokens": usage.prompt_tokens - cached,
+        "output_tokens": usage.completion_tokens,
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+    }
+    for name in (
+        "input_cost_usd",
+        "cached_input_cost_usd",
+        "output_cost_usd",
+        "total_cost_usd",
+        "latency_ms",
+        "ttft_ms",
+    ):
+        value = getattr(usage, name)
+        if value is not None:
+            out[name] = value
+    return out
+
+
+def _tool_input(arguments: str) -> Any:
+    if not arguments:
+        return {}
+    try:
+        value = json.loads(arguments)
+    except ValueError:
+        return {"_raw_arguments": arguments}
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def message_from_completion(completion: ChatCompletion) -> dict[str, Any]:
+    """A ``ChatCompletion`` as an Anthropic ``Message`` (first choice)."""
+    content: list[dict[str, Any]] = []
+    reason = None
+    if completion.choices:
+        choice = completion.choices[0]
+        msg = choice.message
+        if msg.content:
+            content.append({"type": "text", "text": msg.content})
+        elif msg.refusal:
+            content.append({"type": "text", "text": msg.refusal})
+        for call in msg.tool_calls or ():
+            content.append(
+                {
+                    "type": "tool_use",
+                    "id": call.id,
+                    "name": call.function.name or "",
+                    "input": _tool_input(call.function.arguments),
+                }
+            )
+        reason = STOP_REASONS.get(choice.finish_reason or "stop", "end_turn")
+    return {
+        "id": _message_id(completion.id),
+        "type": "message",
+        "role": "assistant",
+        "model": completion.model,
+        "content": content,
+        "stop_reason": reason,
+        "stop_sequence": None,
+        "usage": _usage(completion.usage),
+        "provider": completion.provider,
+    }
+
+
+def _event(kind: str, data: Mapping[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + _dumps(data).encode() + b"\n\n"
+
+
+class MessageStreamEncoder:
+    """OpenAI-shaped chunks -> Anthropic stream events (bytes).
+
+    Text opens a ``text`` block; each tool call (by its OpenAI ``index``) opens a
+    ``tool_use`` block whose argument pieces become ``input_json_delta``; a new kind of
+    content closes the open block. ``end()`` closes it and sends ``message_delta`` (stop
+    reason and usage, cumulative, including Lunar's cost fields) and ``message_stop``."""
+
+    def __init__(self, model: str, input_tokens_estimate: int = 0) -> None:
+        self._model = model
+        self._input_estimate = input_tokens_estimate
+        self._started = False
+        self._block = -1  # index of the open block, -1: none
+        self._open: tuple[str, int] | None = None  # ("text", 0) or ("tool", openai index)
+        self._tool_blocks: dict[int, int] = {}
+        self._finish: str | None = None
+        self._usage: Usage | None = None
+        self._id = ""
+
+    def _start(self, chunk: ChatCompletionChunk | None) -> bytes:
+        self._started = True
+        self._id = _message_id(chunk.id if chunk else None)
+        if chunk is not None and chunk.model:
+            self._model = chunk.model
+        message: dict[str, Any] = {
+            "id": self._id,
+            "type": "message",
+            "role": "assistant",
+            "model": self._model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": self._input_estimate, "output_tokens": 0},
+        }
+        return _event("message_start", {"type": "message_start", "message": message})
+
+    def _close_block(self) -> bytes:
+        if self._open is None:
+            return b""
+        self._open = None
+        return _event("content_block_stop", {"type": "content_block_stop", "index": self._block})
+
+    def _open_block(self, kind: tuple[str, int], block: dict[str, Any]) -> bytes:
+        out = self._close_block()
+        self._block += 1
+        self._open = kind
+        return out + _event(
+            "content_block_start",
+            {"type": "content_block_start", "index": self._block, "content_block": block},
+        )
+
+    def feed(self, chunk: ChatCompletionChunk) -> bytes:
+        out = b"" if self._started else self._start(chunk)
+        if chunk.usage is not None:
+            self._usage = chunk.usage
+        for choice in chunk.choices:
+            if choice.index != 0:
+                continue  # Anthropic messages have one choice
+            delta = choice.delta
+            text = delta.content or delta.refusal
+            if text:
+                if self._open != ("text", 0):
+                    out += self._open_block(("text", 0), {"type": "text", "text": ""})
+                out += _event(
+                    "content_block_delta",
+                    {
+                        "type": "content_block_delta",
+                        "index": self._block,
+                        "delta": {"type": "text_delta", "text": text},
+                    },
+                )
+            for call in delta.tool_calls or ():
+                key = ("tool", call.index)
+                if call.index not in self._tool_blocks or (call.id and self._open != key):
+                    fn = call.function
+                    out += self._open_block(
+                        key,
+                        {
+                            "type": "tool_use",
+                            "id": call.id or f"toolu_{call.index}",
+                            "name": (fn.name if fn else None) or "",
+                            "input": {},
+                        },
+                    )
+                    self._tool_blocks[call.index] = self._block
+                elif self._open != key:
+                    continue  # pieces of a call whose block is closed: cannot reopen
+                args = call.function.arguments if call.function else ""
+                if args:
+                    out += _event(
+                        "content_block_delta",
+                        {
+                            "type": "content_block_delta",
+                            "index": self._block,
+                            "delta": {"type": "input_json_delta", "partial_json": args},
+                        },
+                    )
+            if choice.finish_reason is not None:
+                self._finish = choice.finish_reason
+        return out
+
+    def end(self) -> bytes:
+        out = b"" if self._started else self._start(None)
+        out += self._close_block()
+        reason = STOP_REASONS.get(self._finish or "stop", "end_turn")
+        out += _event(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": reason, "stop_sequence": None},
+                "usage": _usage(self._usage),
+            },
+        )
+        return out + _event("message_stop", {"type": "message_stop"})
+
+    def error(self, err: LunarError) -> bytes:
+        """A failure after the stream began: an ``error`` event; nothing may follow it."""
+        return _event("error", error_body(err))
+
+
+def error_type(err: LunarError) -> str:
+    status = getattr(err, "status_code", None)
+    if status is None:
+        return "api_error"
+    if status in ERROR_TYPES:
+        return ERROR_TYPES[status]
+    return "api_error" if status >= 500 else "invalid_request_error"
+
+
+def error_body(err: LunarError) -> dict[str, Any]:
+    """``{"type": "error", "error": {"type", "message"}}``."""
+    message = err.message if isinstance(err, APIError) else str(err)
+    return {"type": "error", "error": {"type": error_type(err), "message": message}}

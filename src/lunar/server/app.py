@@ -1,0 +1,976 @@
+"""The gateway as a raw ASGI application: exact-path dispatch, no framework on the hot path.
+
+One ``Gateway`` per process holds the catalogue, one ``AsyncEngine`` (the same engine as the
+SDK's direct mode: routing, retries, fallbacks, cost and timing all happen there), the keys,
+the limiter, the metrics and the ledger. A request goes:
+
+    authenticate -> read and validate the body -> model access -> admit (limits, budget)
+    -> engine -> ledger row -> response (JSON, or SSE passed through chunk by chunk)
+
+A task watching ``receive()`` notices a client disconnect and cancels the request, which
+closes the upstream connection; the ledger row then says ``cancelled`` with the usage seen.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import time
+import traceback
+from collections.abc import Awaitable, Callable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+
+from .. import __version__
+from .._catalog import Catalog, cost
+from .._engine import AsyncEngine, Plan, Router, estimate_tokens, prompt_chars
+from .._errors import (
+    APIError,
+    AuthenticationError,
+    BadRequestError,
+    LunarError,
+    NotFoundError,
+    PermissionDeniedError,
+    RateLimitError,
+    RequestEntityTooLargeError,
+)
+from .._request import (
+    RequestOptions,
+    bad,
+    validate_fallbacks,
+    validate_model,
+)
+from .._types import ChatCompletion, ChatCompletionChunk, Usage
+from ..providers import Target
+from .config import ServerConfig
+from .dialects import (
+    CHAT,
+    COMPLETIONS,
+    MESSAGES,
+    Dialect,
+    Headers,
+    error_type,
+    openai_error,
+    parse_request,
+)
+from .keys import MASTER_KEY, KeyRing, credential, is_master, key_from_request
+from .limits import InMemoryLimiter, Limiter, Refusal, Ticket, estimate
+from .metrics import Metrics, model_label
+from .openapi import openapi_document
+from .storage import GROUP_BY, KeyRecord, SQLiteStorage, Storage, UsageQuery, UsageRow, parse_time
+from .transport import upstream_client
+
+log = logging.getLogger("lunar.server")
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+
+# ---------------------------------------------------------------------------------------------
+# Engine hooks: which plan and which target served a request (observation only)
+
+
+@dataclass
+class TrackedOptions(RequestOptions):
+    """``RequestOptions`` that the engine fills with its plan and the target it used."""
+
+    plan: Plan | None = None
+    target: Target | None = None
+
+
+class GatewayEngine(AsyncEngine):
+    """The SDK's ``AsyncEngine``, unchanged, except that it notes on ``TrackedOptions`` the
+    plan (for the attempts column) and the target it opened (for the cost of a stream cut
+    short). The hooks pass every argument through, whatever the engine's signatures."""
+
+    def _plan(self, opts: RequestOptions, *args: Any, **kwargs: Any) -> Plan:
+        plan = super()._plan(opts, *args, **kwargs)
+        if isinstance(opts, TrackedOptions):
+            opts.plan = plan
+        return plan
+
+    async def _complete_once(self, target: Target, *args: Any, **kwargs: Any) -> ChatCompletion:
+        opts = args[-1] if args else kwargs.get("opts")
+        if isinstance(opts, TrackedOptions):
+            opts.target = target
+        return await super()._complete_once(target, *args, **kwargs)
+
+    async def _open(self, target: Target, *args: Any, **kwargs: Any) -> Any:
+        opts = args[-1] if args else kwargs.get("opts")
+        if isinstance(opts, TrackedOptions):
+            opts.target = target
+        return await super()._open(target, *args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Small HTTP helpers
+
+
+class _ClientGone(Exception):
+    """The client disconnected while its request body was being read."""
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    out: dict[bytes, bytes] = {}
+    for name, value in scope["headers"]:
+        out[name.lower()] = value
+    return out
+
+
+async def _send_json(send: Send, status: int, payload: Any, headers: Headers | None = None) -> None:
+    body = _dumps(payload).encode()
+    h = [_JSON, (b"content-length", str(len(body)).encode())]
+    if headers:
+        h.extend(headers)
+    await send({"type": "http.response.start", "status": status, "headers": h})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _refused(refusal: Refusal) -> RateLimitError:
+    headers = (
+        {"x-should-retry": "false"}
+        if refusal.retry_after is None
+        else {"retry-after": str(int(refusal.retry_after))}
+    )
+    return RateLimitError(refusal.message, headers=headers, code=refusal.code, type=refusal.type)
+
+
+class _Stats:
+    """What a request used, as far as it got."""
+
+    __slots__ = ("chars", "first_at", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.chars = 0
+        self.first_at: float | None = None
+
+    def see(self, chunk: ChatCompletionChunk, now: float) -> None:
+        if chunk.usage is not None:
+            self.usage = chunk.usage
+        for choice in chunk.choices:
+            delta = choice.delta
+            if delta.content:
+                self.chars += len(delta.content)
+                if self.first_at is None:
+                    self.first_at = now
+            if delta.tool_calls:
+                for call in delta.tool_calls:
+                    if call.function is not None:
+                        self.chars += len(call.function.arguments or "")
+                if self.first_at is None:
+                    self.first_at = now
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-request state
+
+
+class _Call:
+    """One inference request's bookkeeping, from authentication to its ledger row."""
+
+    __slots__ = ("body", "label", "opts", "recorded", "row", "started", "stats", "ticket")
+
+    def __init__(self, row: UsageRow, started: float) -> None:
+        self.row = row
+        self.started = started
+        self.stats = _Stats()
+        self.body: dict[str, Any] = {}
+        self.opts: TrackedOptions | None = None
+        self.ticket: Ticket | None = None
+        self.label = ""  # the requested model as a metrics label, once it resolved
+        self.recorded = False
+
+
+def _resolve(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+class _Watch:
+    """Client-disconnect watch for one request: a task waiting on ``receive()``; when the
+    client goes away before the response is complete, it cancels the request's task."""
+
+    __slots__ = ("disconnected", "finished", "task", "watcher")
+
+    def __init__(self, receive: Receive) -> None:
+        self.disconnected = False
+        self.finished = False
+        self.task = asyncio.current_task()
+        self.watcher = asyncio.ensure_future(self._watch(receive))
+
+    async def _watch(self, receive: Receive) -> None:
+        while True:
+            try:
+                message = await receive()
+            except Exception:  # the server gave up on the connection: nothing to watch
+                return
+            if message["type"] == "http.disconnect":
+                if not self.finished and self.task is not None:
+                    self.disconnected = True
+                    self.task.cancel()
+                return
+
+    def stop(self) -> None:
+        self.finished = True
+        self.watcher.cancel()
+
+
+# ---------------------------------------------------------------------------------------------
+# The application
+
+
+class Gateway:
+    """The ASGI application (``create_app(config)`` builds one)."""
+
+    def __init__(
+        self,
+        config: ServerConfig,
+        storage: Storage | None = None,
+        limiter: Limiter | None = None,
+    ) -> None:
+        self.config = config
+        self.catalog: Catalog = config.build_catalog()
+        self.router = Router(
+            self.catalog,
+            providers=config.provider_overrides(self.catalog),
+            fallbacks=config.fallbacks,
+            environ=config.environ,
+        )
+        self.storage: Storage = storage or SQLiteStorage(
+            config.db, batch_size=config.batch_size, linger=config.flush_interval_ms / 1000
+        )
+        self.limiter: Limiter = limiter or InMemoryLimiter(config.window_seconds)
+        self.keys = KeyRing(self.catalog)
+        self.metrics = Metrics()
+        self.metrics.gauge(
+            "lunar_ledger_pending_rows",
+            "Ledger rows recorded but not yet committed.",
+            lambda: float(self.storage.pending),
+        )
+        self.metrics.gauge(
+            "lunar_keys", "Virtual keys known (active or revoked).", lambda: float(len(self.keys))
+        )
+        self.engine: GatewayEngine | None = None
+        self._http: httpx.AsyncClient | None = None
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        self._refresher: asyncio.Task[None] | None = None
+        self._closed = False
+        self._counter = 0
+        self._prefix = os.urandom(4).hex()
+        self._models_all = [m.to_dict() for m in self.catalog.list_models()]
+        self._pricing = _dumps(self._pricing_document()).encode()
+        self._openapi = _dumps(openapi_document(__version__)).encode()
+        self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
+            "/v1/chat/completions": {"POST": self._chat},
+            "/chat/completions": {"POST": self._chat},
+            "/v1/completions": {"POST": self._completions},
+            "/v1/messages": {"POST": self._messages},
+            "/v1/messages/count_tokens": {"POST": self._count_tokens},
+            "/v1/models": {"GET": self._models},
+            "/v1/pricing/models": {"GET": self._pricing_route},
+            "/health": {"GET": self._health, "HEAD": self._health},
+            "/metrics": {"GET": self._metrics},
+            "/openapi.json": {"GET": self._openapi_route},
+            "/admin/keys": {"GET": self._list_keys, "POST": self._create_key},
+            "/admin/usage": {"GET": self._usage},
+        }
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            await asyncio.to_thread(self.storage.open)
+            await self._reload_keys()
+            self.limiter.load_spend(await asyncio.to_thread(self.storage.spend_by_key))
+            c = self.config
+            self._http = upstream_client(
+                c.timeout_seconds,
+                c.connect_timeout_seconds,
+                c.max_connections,
+                c.pool_shards,
+                f"lunar-gateway/{__version__}",
+            )
+            self.engine = GatewayEngine(self.router, self._http, c.max_retries)
+            self._refresher = asyncio.create_task(self._refresh_keys())
+            self._started = True
+
+    async def shutdown(self) -> None:
+        """Stop taking work and make the ledger durable (flushes every queued row)."""
+        # uvicorn cancels requests still running after its graceful timeout just before this:
+        # let them write their rows first.
+        deadline = time.monotonic() + 5.0
+        while self.metrics.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+            self._refresher = None
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+        await asyncio.to_thread(self.close)
+
+    def close(self) -> None:
+        """Flush and close the ledger (blocking; safe to call twice)."""
+        if self._closed:
+            return
+        self._closed = True
+        self.storage.close(timeout=max(30.0, self.config.graceful_timeout_seconds))
+
+    async def _reload_keys(self) -> None:
+        self.keys.replace_all(await asyncio.to_thread(self.storage.load_keys))
+
+    async def _refresh_keys(self) -> None:
+        """Keys created or revoked by ``lunar keys --db`` straight in the database."""
+        while True:
+            await asyncio.sleep(self.config.keys_refresh_seconds)
+            try:
+                await self._reload_keys()
+            except Exception as exc:
+                log.warning("reloading keys failed: %s", exc)
+
+    # -- ASGI -----------------------------------------------------------------------------
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind == "http":
+            await self._http_request(scope, receive, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    log.error("gateway failed to start: %s", exc)
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                try:
+                    await self.shutdown()
+                finally:
+                    await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    async def _http_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self._started:
+            await self.startup()
+        path: str = scope["path"]
+        method: str = scope["method"]
+        methods = self._routes.get(path)
+        args: tuple[Any, ...] = ()
+        if methods is None:
+            if path.startswith("/v1/models/") and len(path) > 11:
+                methods, args = {"GET": self._model}, (path[11:],)
+            elif path.startswith("/admin/keys/") and len(path) > 12:
+                methods = {"GET": self._get_key, "DELETE": self._revoke_key}
+                args = (path[12:],)
+            else:
+                error = {
+                    "message": f"Unknown route {method} {path}: see GET /openapi.json",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "unknown_route",
+                }
+                await _send_json(send, 404, {"error": error})
+                return
+        handler = methods.get(method)
+        if handler is None:
+            allow = ", ".join(sorted(methods))
+            error = {
+                "message": f"Method {method} not allowed on {path} (allowed: {allow})",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "method_not_allowed",
+            }
+            await _send_json(send, 405, {"error": error}, [(b"allow", allow.encode())])
+            return
+        try:
+            await handler(scope, receive, send, *args)
+        except _ClientGone:
+            return
+
+    def _request_id(self) -> str:
+        self._counter += 1
+        return f"req_{self._prefix}{self._counter:x}"
+
+    async def _read_body(
+        self, scope: Scope, receive: Receive, headers: dict[bytes, bytes]
+    ) -> bytes:
+        limit = self.config.max_body_bytes
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            try:
+                size = int(declared)
+            except ValueError:
+                raise BadRequestError("Invalid Content-Length header", param=None) from None
+            if size > limit:
+                raise self._too_large(limit)
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise self._too_large(limit)
+                parts.append(chunk)
+            if not message.get("more_body", False):
+                break
+        return b"".join(parts)
+
+    @staticmethod
+    def _too_large(limit: int) -> RequestEntityTooLargeError:
+        return RequestEntityTooLargeError(
+            f"Request body larger than {limit} bytes (the gateway's max_body_bytes; "
+            "LUNAR_MAX_BODY_BYTES raises it)",
+            param=None,
+            code="request_too_large",
+        )
+
+    @staticmethod
+    def _parse_json(data: bytes) -> Any:
+        if not data:
+            raise BadRequestError(
+                "Empty request body: send a JSON object", param=None, code="invalid_json"
+            )
+        try:
+            return json.loads(data)
+        except UnicodeDecodeError:
+            raise BadRequestError(
+                "The request body is not UTF-8", param=None, code="invalid_json"
+            ) from None
+        except ValueError as e:
+            raise BadRequestError(
+                f"Invalid JSON in the request body: {e}", param=None, code="invalid_json"
+            ) from None
+        except RecursionError:
+            raise BadRequestError(
+                "The JSON body is nested too deeply", param=None, code="invalid_json"
+            ) from None
+
+    # -- inference ------------------------------------------------------------------------
+
+    async def _chat(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._inference(CHAT, scope, receive, send)
+
+    async def _completions(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._inference(COMPLETIONS, scope, receive, send)
+
+    async def _messages(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._inference(MESSAGES, scope, receive, send)
+
+    def _authenticate(self, headers: dict[bytes, bytes]) -> KeyRecord:
+        try:
+            return self.keys.authenticate(credential(headers), self.config.master_key)
+        except AuthenticationError as err:
+            self.metrics.auth_failures.inc((err.code or "invalid_api_key",))
+            raise
+
+    async def _inference(
+        self, dialect: Dialect, scope: Scope, receive: Receive, send: Send
+    ) -> None:
+        started = time.perf_counter()
+        request_id = self._request_id()
+        rid = (b"x-request-id", request_id.encode())
+        headers = _headers(scope)
+        try:
+            key = self._authenticate(headers)
+        except AuthenticationError as err:
+            status, payload, extra = dialect.error(err)
+            await _send_json(send, status, payload, [rid, *extra])
+            return
+
+        call = _Call(
+            UsageRow(ts=time.time(), request_id=request_id, key_id=key.id, route=dialect.route),
+            started,
+        )
+        row = call.row
+        watch: _Watch | None = None
+        response_started = False
+        self.metrics.in_flight += 1
+        try:
+            try:
+                raw = self._parse_json(await self._read_body(scope, receive, headers))
+                if isinstance(raw, dict) and isinstance(raw.get("model"), str):
+                    row.model = raw["model"][:200]
+                body, lunar = parse_request(dialect, raw)
+                call.body = body
+                model = validate_model(lunar["model"])
+                stream = lunar["stream"]
+                if stream is not None and not isinstance(stream, bool):
+                    raise bad("'stream' must be a boolean", "stream")
+                row.stream = bool(stream)
+                fallbacks = validate_fallbacks(lunar["fallbacks"])
+                provider = lunar["provider"]
+                if provider is not None and (not isinstance(provider, str) or not provider):
+                    raise bad("'provider' must be a provider name", "provider")
+                opts = call.opts = TrackedOptions(model, fallbacks, provider)
+                candidates, call.label = self._check_access(key, opts)
+                est = estimate(body, candidates, self.catalog, self.config.output_tokens_estimate)
+                admitted = self.limiter.admit(key, est)
+                if isinstance(admitted, Refusal):
+                    row.status = "rejected"
+                    raise _refused(admitted)
+                call.ticket = admitted
+                assert self.engine is not None
+                watch = _Watch(receive)
+                if stream:
+                    it = await self.engine.stream(body, opts)
+                else:
+                    completion = await self.engine.complete(body, opts)
+            except LunarError as err:
+                if row.status != "rejected":
+                    row.status = "rejected" if isinstance(err, PermissionDeniedError) else "error"
+                status, payload, extra = dialect.error(err)
+                row.http_status = status
+                row.error_type = error_type(err)
+                row.attempts = len(err.attempts)
+                if err.attempts:
+                    row.provider = err.attempts[-1].provider
+                await self._record(call)
+                if watch is not None:
+                    watch.stop()
+                await _send_json(send, status, payload, [rid, *extra])
+                return
+
+            if not stream:
+                call.stats.usage = completion.usage
+                self._served(row, opts)
+                answer = dialect.complete(completion)
+                await self._record(call)  # before the answer: what is acknowledged is recorded
+                watch.stop()
+                await _send_json(send, 200, answer, [rid])
+                return
+
+            response_started = True
+            writer = dialect.stream(model, body)
+            await send(
+                {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
+            )
+            self._served(row, opts)
+            stats = call.stats
+            try:
+                async for chunk in it:
+                    stats.see(chunk, time.perf_counter())
+                    data = writer.chunk(chunk)
+                    if data:
+                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                tail = writer.done()
+            except LunarError as err:
+                # After the first byte: an error event, then the end — never a clean finish.
+                row.status = "error"
+                row.error_type = error_type(err)
+                row.attempts = len(err.attempts)
+                tail = writer.error(err, request_id)
+            finally:
+                await it.aclose()  # type: ignore[attr-defined]
+            await self._record(call)
+            watch.stop()
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
+        except _ClientGone:  # gone while sending its body
+            row.status = "cancelled"
+            row.http_status = 499
+            row.error_type = "client_disconnected"
+        except asyncio.CancelledError:
+            disconnected = watch is not None and watch.disconnected
+            if not call.recorded:
+                row.status = "cancelled"
+                row.http_status = 499
+                row.error_type = "client_disconnected" if disconnected else "cancelled"
+            if not disconnected:
+                raise  # the server is shutting down: the row is still recorded below
+            uncancel = getattr(asyncio.current_task(), "uncancel", None)
+            if uncancel is not None:
+                uncancel()
+        except Exception as exc:
+            # Frames and the exception type only: its message could quote the request.
+            log.error(
+                "internal error in %s (request %s): %s\n%s",
+                dialect.route,
+                request_id,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+            )
+            if not call.recorded:
+                row.status = "error"
+                row.error_type = "internal_error"
+                row.http_status = 500
+            internal = APIError(
+                f"Internal error in the gateway (request {request_id})", 500, code="internal_error"
+            )
+            with contextlib.suppress(Exception):
+                if not response_started:
+                    status, payload, extra = dialect.error(internal)
+                    await _send_json(send, status, payload, [rid, *extra])
+                else:
+                    tail = dialect.stream("", {}).error(internal, request_id)
+                    await send({"type": "http.response.body", "body": tail, "more_body": False})
+        finally:
+            self.metrics.in_flight -= 1
+            if watch is not None:
+                watch.stop()
+            if not call.recorded:
+                self._close(call)
+                self.storage.record(row)
+
+    def _check_access(
+        self, key: KeyRecord, opts: RequestOptions
+    ) -> tuple[list[tuple[str, str | None]], str]:
+        """Resolve the model (404 when unknown) and check the key may use it and its
+        fallbacks (403). Returns the ``(model, provider)`` candidates for the estimate and
+        the model's metrics label."""
+        deps = self.catalog.resolve(opts.model, opts.provider)
+        label = model_label(deps[0]) if deps else ""
+        if label == deps[0].model and label != opts.model:
+            label = opts.model  # an alias keeps its own name
+        fallbacks = opts.fallbacks
+        if fallbacks is None:
+            fallbacks = self.router.fallbacks.get(opts.model, [])
+            explicit: list[str] = []
+        else:
+            explicit = fallbacks
+        for name in [opts.model, *explicit]:
+            if not self.keys.allows(key, name):
+                raise PermissionDeniedError(
+                    f"Key '{key.name}' may not use model '{name}' (allowed: "
+                    f"{', '.join(key.models or [])})",
+                    param="model" if name == opts.model else "fallbacks",
+                    code="model_not_allowed",
+                )
+        return [(opts.model, opts.provider), *((f, None) for f in fallbacks)], label
+
+    @staticmethod
+    def _served(row: UsageRow, opts: TrackedOptions | None) -> None:
+        if opts is None:
+            return
+        if opts.plan is not None:
+            row.attempts = len(opts.plan.attempts) + 1
+        if opts.target is not None:
+            row.served_model = opts.target.deployment.model
+            row.provider = opts.target.provider
+
+    def _close(self, call: _Call) -> None:
+        """Usage, settlement, metrics: once for every authenticated inference request,
+        however it ended. Nothing touches the row after this."""
+        call.recorded = True
+        row, stats, opts = call.row, call.stats, call.opts
+        usage = stats.usage
+        if usage is None and stats.first_at is not None and opts and opts.target:
+            # Cut short (failure or cancel after the first chunk): bill what was seen.
+            usage = Usage(estimate_tokens(prompt_chars(call.body)), estimate_tokens(stats.chars))
+            prices = opts.target.deployment.prices
+            if prices is not None:
+                cost(usage, prices)
+        if usage is not None:
+            row.prompt_tokens = usage.prompt_tokens
+            row.completion_tokens = usage.completion_tokens
+            row.cached_tokens = usage.cached_tokens
+            row.input_cost_usd = usage.input_cost_usd or 0.0
+            row.cached_input_cost_usd = usage.cached_input_cost_usd or 0.0
+            row.output_cost_usd = usage.output_cost_usd or 0.0
+            row.total_cost_usd = usage.total_cost_usd or 0.0
+            row.ttft_ms = usage.ttft_ms
+        if row.ttft_ms is None and stats.first_at is not None:
+            row.ttft_ms = round((stats.first_at - call.started) * 1000, 3)
+        row.latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
+        if call.ticket is not None:
+            self.limiter.settle(
+                call.ticket, row.prompt_tokens + row.completion_tokens, row.total_cost_usd
+            )
+        served = model_label(opts.target.deployment) if opts and opts.target else ""
+        self.metrics.observe(row, call.label, served)
+
+    async def _record(self, call: _Call) -> None:
+        """Close the row and queue it; with ``durable_ack``, also wait for its commit, so an
+        answer is never sent for a request the ledger could lose."""
+        self._close(call)
+        if not self.config.durable_ack:
+            self.storage.record(call.row)
+            return
+        loop = asyncio.get_running_loop()
+        committed: asyncio.Future[None] = loop.create_future()
+
+        def done() -> None:
+            loop.call_soon_threadsafe(_resolve, committed)
+
+        self.storage.record(call.row, done)
+        await committed
+
+    async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Anthropic's ``/v1/messages/count_tokens``: an estimate (~4 characters a token),
+        since the model that will answer may not be Anthropic's."""
+        try:
+            self._authenticate(_headers(scope))
+            raw = self._parse_json(await self._read_body(scope, receive, _headers(scope)))
+            if isinstance(raw, dict) and raw.get("max_tokens") is None:
+                raw = {**raw, "max_tokens": 1}
+            body, _ = parse_request(MESSAGES, raw)
+        except LunarError as err:
+            status, payload, extra = MESSAGES.error(err)
+            await _send_json(send, status, payload, extra)
+            return
+        await _send_json(send, 200, {"input_tokens": estimate_tokens(prompt_chars(body))})
+
+    # -- models and pricing ---------------------------------------------------------------
+
+    def _pricing_document(self) -> dict[str, Any]:
+        data = []
+        for name, deps in self.catalog.models.items():
+            if not deps:
+                continue
+            first = deps[0]
+            data.append(
+                {
+                    "id": name,
+                    "object": "model.pricing",
+                    "context_window": first.context_window,
+                    "capabilities": sorted(first.capabilities),
+                    "deployments": [
+                        {
+                            "provider": d.provider,
+                            "id": d.provider_model,
+                            "input_price_per_1m": d.prices.input if d.prices else None,
+                            "output_price_per_1m": d.prices.output if d.prices else None,
+                            "cached_input_price_per_1m": (
+                                d.prices.cached_input if d.prices else None
+                            ),
+                        }
+                        for d in deps
+                    ],
+                }
+            )
+        return {"object": "list", "currency": "USD", "unit": "1M tokens", "data": data}
+
+    async def _pricing_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self._pricing
+        headers = [
+            _JSON,
+            (b"content-length", str(len(body)).encode()),
+            (b"cache-control", b"public, max-age=300"),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    def _visible_models(self, key: KeyRecord) -> list[dict[str, Any]]:
+        allowed = self.keys.allowed_names(key)
+        if allowed is None:
+            return self._models_all
+        return [m for m in self._models_all if m["id"] in allowed]
+
+    async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            key = self._authenticate(_headers(scope))
+        except AuthenticationError as err:
+            status, payload, extra = openai_error(err)
+            await _send_json(send, status, payload, extra)
+            return
+        await _send_json(send, 200, {"object": "list", "data": self._visible_models(key)})
+
+    async def _model(self, scope: Scope, receive: Receive, send: Send, model_id: str) -> None:
+        try:
+            key = self._authenticate(_headers(scope))
+            for m in self._visible_models(key):
+                if m["id"] == model_id:
+                    await _send_json(send, 200, m)
+                    return
+            raise NotFoundError(
+                f"Model '{model_id}' is not available to this key",
+                param="model",
+                code="model_not_found",
+            )
+        except APIError as err:
+            status, payload, extra = openai_error(err)
+            await _send_json(send, status, payload, extra)
+
+    # -- operations -----------------------------------------------------------------------
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await _send_json(send, 200, {"status": "ok", "version": __version__})
+
+    async def _openapi_route(self, scope: Scope, receive: Receive, send: Send) -> None:
+        body = self._openapi
+        headers = [_JSON, (b"content-length", str(len(body)).encode())]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def _metrics(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.config.metrics_public:
+            try:
+                self._admin(_headers(scope))
+            except APIError as err:
+                status, payload, extra = openai_error(err)
+                await _send_json(send, status, payload, extra)
+                return
+        body = self.metrics.render()
+        headers = [
+            (b"content-type", b"text/plain; version=0.0.4; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    # -- admin ----------------------------------------------------------------------------
+
+    def _admin(self, headers: dict[bytes, bytes]) -> None:
+        given = credential(headers)
+        if given is None or not is_master(given, self.config.master_key):
+            raise AuthenticationError(
+                "Admin routes need the master key (LUNAR_MASTER_KEY) as "
+                "'Authorization: Bearer KEY' or 'x-api-key: KEY'",
+                code="invalid_master_key",
+            )
+
+    async def _admin_call(
+        self,
+        scope: Scope,
+        receive: Receive,
+        send: Send,
+        work: Callable[[], Awaitable[tuple[int, Any]]],
+    ) -> None:
+        try:
+            self._admin(_headers(scope))
+            status, payload = await work()
+        except APIError as err:
+            status, payload, extra = openai_error(err)
+            await _send_json(send, status, payload, extra)
+            return
+        await _send_json(send, status, payload)
+
+    async def _create_key(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def work() -> tuple[int, Any]:
+            raw = self._parse_json(await self._read_body(scope, receive, _headers(scope)))
+            key, rec = key_from_request(raw, self.catalog)
+            await asyncio.to_thread(self.storage.add_key, rec)
+            self.keys.put(rec)
+            out = rec.public(0.0)
+            out["key"] = key
+            return 201, out
+
+        await self._admin_call(scope, receive, send, work)
+
+    async def _list_keys(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def work() -> tuple[int, Any]:
+            data = [r.public(self.limiter.spent(r.id)) for r in self.keys.all()]
+            return 200, {"object": "list", "data": data}
+
+        await self._admin_call(scope, receive, send, work)
+
+    async def _get_key(self, scope: Scope, receive: Receive, send: Send, key_id: str) -> None:
+        async def work() -> tuple[int, Any]:
+            rec = self.keys.get(key_id)
+            if rec is None or rec is MASTER_KEY:
+                raise NotFoundError(f"No key with id '{key_id}'", param="key_id")
+            return 200, rec.public(self.limiter.spent(rec.id))
+
+        await self._admin_call(scope, receive, send, work)
+
+    async def _revoke_key(self, scope: Scope, receive: Receive, send: Send, key_id: str) -> None:
+        async def work() -> tuple[int, Any]:
+            rec = await asyncio.to_thread(self.storage.revoke_key, key_id, time.time())
+            if rec is None:
+                raise NotFoundError(f"No key with id '{key_id}'", param="key_id")
+            self.keys.put(rec)
+            out = rec.public(self.limiter.spent(rec.id))
+            out["revoked"] = True
+            return 200, out
+
+        await self._admin_call(scope, receive, send, work)
+
+    async def _usage(self, scope: Scope, receive: Receive, send: Send) -> None:
+        async def work() -> tuple[int, Any]:
+            query = usage_query(scope.get("query_string", b""))
+            await asyncio.to_thread(self.storage.flush, 10.0)
+            return 200, await asyncio.to_thread(self.storage.usage, query)
+
+        await self._admin_call(scope, receive, send, work)
+
+
+def usage_query(raw: bytes) -> UsageQuery:
+    """``/admin/usage``'s query string -> ``UsageQuery`` (400 naming a bad parameter)."""
+    try:
+        params = parse_qs(raw.decode("latin-1"), keep_blank_values=True)
+    except ValueError:
+        raise BadRequestError("Unreadable query string", param=None) from None
+    allowed = {"key", "model", "since", "until", "group_by", "limit"}
+    for name in params:
+        if name not in allowed:
+            raise bad(f"Unknown parameter '{name}' (known: {', '.join(sorted(allowed))})", name)
+
+    def one(name: str) -> str | None:
+        values = params.get(name)
+        return values[-1] if values else None
+
+    q = UsageQuery(key=one("key") or None, model=one("model") or None)
+    for name in ("since", "until"):
+        value = one(name)
+        if value:
+            try:
+                setattr(q, name, parse_time(value))
+            except ValueError as e:
+                raise bad(str(e), name) from None
+    group = one("group_by")
+    if group is not None:
+        names = [g.strip() for g in group.split(",") if g.strip()]
+        if names == ["none"]:
+            names = []
+        for g in names:
+            if g not in GROUP_BY:
+                raise bad(
+                    f"'group_by' takes none or a list of {', '.join(GROUP_BY)}; got {g!r}",
+                    "group_by",
+                )
+        q.group_by = tuple(dict.fromkeys(names))
+    limit = one("limit")
+    if limit is not None:
+        try:
+            q.limit = int(limit)
+        except ValueError:
+            raise bad("'limit' must be an integer", "limit") from None
+        if not 1 <= q.limit <= 100_000:
+            raise bad("'limit' must be between 1 and 100000", "limit")
+    return q
+
+
+def create_app(
+    config: ServerConfig,
+    storage: Storage | None = None,
+    limiter: Limiter | None = None,
+) -> Gateway:
+    """The gateway ASGI app for ``config``. Serve it with uvicorn (``lunar serve`` does), or
+    call it in-process (it starts itself on the first request when no lifespan is run)."""
+    return Gateway(config, storage, limiter)
+
+
+__all__ = ["Gateway", "GatewayEngine", "TrackedOptions", "create_app", "usage_query"]

@@ -1,0 +1,501 @@
+"""``lunar serve``, ``lunar keys create|list|revoke`` and ``lunar usage``.
+
+``add_server_commands(subparsers)`` adds them to the ``lunar`` command's parser; ``python -m
+lunar.server`` runs them on their own. ``keys`` and ``usage`` talk to a running gateway's
+admin API (``--url``, default ``$LUNAR_GATEWAY_URL`` or http://127.0.0.1:4000, with
+``$LUNAR_MASTER_KEY``) or, with ``--db``, work on the database file directly (a running
+gateway sees such changes within ``keys_refresh_seconds``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from .config import ConfigError, ServerConfig, load_config
+
+DEFAULT_URL = "http://127.0.0.1:4000"
+
+
+def add_server_commands(subparsers: Any) -> None:
+    """Define ``serve``, ``keys`` and ``usage`` on ``subparsers`` (from
+    ``ArgumentParser.add_subparsers``)."""
+    serve = subparsers.add_parser(
+        "serve",
+        help="run the gateway: OpenAI- and Anthropic-compatible API with keys, limits, ledger",
+        description="Run the Lunar gateway. Needs LUNAR_MASTER_KEY in the environment.",
+    )
+    serve.add_argument("--host", default=None, help="interface (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 4000; 0: any)")
+    serve.add_argument(
+        "--db",
+        default=None,
+        help="SQLite file for keys and ledger (default ./lunar.db, or $LUNAR_DB)",
+    )
+    serve.add_argument("--config", default=None, help="lunar.toml (or $LUNAR_CONFIG)")
+    serve.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the effective configuration (secrets masked) and exit",
+    )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="worker processes (only 1: limits and budgets are in-process)",
+    )
+    serve.add_argument(
+        "--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"]
+    )
+    serve.set_defaults(func=cmd_serve)
+
+    keys = subparsers.add_parser("keys", help="create, list and revoke the gateway's keys")
+    ksub = keys.add_subparsers(dest="keys_command", required=True)
+    create = ksub.add_parser("create", help="mint a key (shown once)")
+    create.add_argument("--name", required=True)
+    create.add_argument("--rpm", type=int, default=None, help="requests per minute")
+    create.add_argument("--tpm", type=int, default=None, help="tokens per minute")
+    create.add_argument("--budget-usd", type=float, default=None, help="budget in USD")
+    create.add_argument("--models", default=None, help="allowed models, comma-separated")
+    create.set_defaults(func=cmd_keys_create)
+    lst = ksub.add_parser("list", help="list keys with their limits and spend")
+    lst.set_defaults(func=cmd_keys_list)
+    revoke = ksub.add_parser("revoke", help="revoke a key by id")
+    revoke.add_argument("key_id")
+    revoke.set_defaults(func=cmd_keys_revoke)
+    for p in (create, lst, revoke):
+        _target_args(p)
+
+    usage = subparsers.add_parser("usage", help="print usage and cost from the ledger")
+    usage.add_argument("--key", default=None, help="a key id or name")
+    usage.add_argument("--model", default=None, help="requested model")
+    usage.add_argument("--since", default=None, help="unix time, ISO 8601, or 24h / 7d ago")
+    usage.add_argument("--until", default=None)
+    usage.add_argument(
+        "--group-by",
+        default="key,model",
+        help="none, or a list of key, model, served_model, provider, status, "
+        "route, day, hour (default key,model)",
+    )
+    usage.add_argument("--limit", type=int, default=1000)
+    _target_args(usage)
+    usage.set_defaults(func=cmd_usage)
+
+
+def _target_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--url", default=None, help=f"gateway URL (default $LUNAR_GATEWAY_URL or {DEFAULT_URL})"
+    )
+    p.add_argument("--db", default=None, help="work on this database file directly")
+    p.add_argument("--config", default=None, help="lunar.toml (for models and aliases)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def _err(message: str) -> None:
+    print(f"Error: {message}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# serve
+
+
+def _config(args: argparse.Namespace, **flags: Any) -> ServerConfig:
+    return load_config(getattr(args, "config", None), **flags)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        cfg = _config(args, host=args.host, port=args.port, db=args.db, log_level=args.log_level)
+        if args.print_config:
+            sys.stdout.write(cfg.render())
+            return 0
+        cfg.build_catalog()
+    except ConfigError as e:
+        _err(str(e))
+        return 2
+    if not cfg.master_key:
+        _err(
+            "LUNAR_MASTER_KEY is not set. The gateway needs a master key for its admin "
+            "routes: export LUNAR_MASTER_KEY=$(python -c 'import secrets; "
+            "print(secrets.token_urlsafe(32))') and start again."
+        )
+        return 2
+    if args.workers != 1:
+        _err(
+            "--workers must be 1: rate limits, budgets and keys live in the gateway process. "
+            "Run several gateways behind a load balancer only with a shared backend."
+        )
+        return 2
+    try:
+        import uvicorn  # type: ignore[import-not-found,unused-ignore]
+    except ImportError:
+        _err("The gateway needs uvicorn: pip install 'lunar[server]'")
+        return 2
+    from .app import create_app
+
+    level = cfg.log_level.upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if len(cfg.master_key) < 16:
+        logging.getLogger("lunar.server").warning(
+            "LUNAR_MASTER_KEY is short (%d characters): use 32 random characters or more",
+            len(cfg.master_key),
+        )
+    app = create_app(cfg)
+    family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
+    # listening socket's proto is IPPROTO_TCP; without it (no uvloop) every response waits
+    # ~40 ms (Nagle + delayed ACK).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((cfg.host, cfg.port))
+    except OSError as e:
+        _err(f"Cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}")
+        sock.close()
+        return 2
+    sock.set_inheritable(True)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(
+        app,
+        loop="auto",  # uvloop when installed
+        http="auto",  # httptools when installed
+        lifespan="on",
+        access_log=False,
+        log_level=cfg.log_level,
+        server_header=False,
+        timeout_graceful_shutdown=int(max(1, cfg.graceful_timeout_seconds)),
+        backlog=2048,
+    )
+    server = uvicorn.Server(config)
+    shown = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
+    print(
+        f"Lunar gateway listening on http://{shown}:{port} (db {cfg.db}; "
+        f"{len(app.catalog.models)} models)",
+        flush=True,
+    )
+    try:
+        server.run(sockets=[sock])
+    finally:
+        app.close()  # flushes the ledger when the lifespan shutdown could not run
+        sock.close()
+    return 0 if server.started else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# keys and usage: over HTTP, or on the database file
+
+
+class _Target:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.db: str | None = args.db
+        self.url = (args.url or os.environ.get("LUNAR_GATEWAY_URL") or DEFAULT_URL).rstrip("/")
+        self.args = args
+
+    def http(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        master = os.environ.get("LUNAR_MASTER_KEY")
+        if not master:
+            raise _Fail("LUNAR_MASTER_KEY is not set (the admin API needs it), or use --db")
+        try:
+            r = httpx.request(
+                method,
+                self.url + path,
+                headers={"authorization": f"Bearer {master}"},
+                timeout=30.0,
+                **kw,
+            )
+        except httpx.HTTPError as e:
+            raise _Fail(
+                f"Cannot reach the gateway at {self.url}: {e} (start it with "
+                "`lunar serve`, pass --url, or use --db)"
+            ) from None
+        try:
+            data = r.json()
+        except ValueError:
+            data = None
+        if r.status_code >= 400:
+            message = (
+                (data or {}).get("error", {}).get("message") if isinstance(data, dict) else None
+            )
+            raise _Fail(f"[{r.status_code}] {message or r.text[:300]}")
+        return data
+
+    def storage(self) -> Any:
+        from .storage import SQLiteStorage
+
+        assert self.db is not None
+        storage = SQLiteStorage(self.db)
+        storage.open()
+        return storage
+
+
+class _Fail(Exception):
+    pass
+
+
+def _run(fn: Any, args: argparse.Namespace) -> int:
+    try:
+        return int(fn(args))
+    except _Fail as e:
+        _err(str(e))
+        return 1
+    except ConfigError as e:
+        _err(str(e))
+        return 2
+
+
+def cmd_keys_create(args: argparse.Namespace) -> int:
+    return _run(_keys_create, args)
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"name": args.name}
+    for name in ("rpm", "tpm", "budget_usd"):
+        value = getattr(args, name)
+        if value is not None:
+            body[name] = value
+    if args.models:
+        body["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    target = _Target(args)
+    if target.db is None:
+        out = target.http("POST", "/admin/keys", json=body)
+    else:
+        from .._errors import APIError
+        from .keys import key_from_request
+
+        try:
+            key, rec = key_from_request(body, _config(args).build_catalog())
+        except APIError as e:
+            raise _Fail(e.message) from None
+        storage = target.storage()
+        try:
+            storage.add_key(rec)
+        finally:
+            storage.close()
+        out = rec.public(0.0)
+        out["key"] = key
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print(out["key"])
+    limits = ", ".join(
+        f"{label} {out[name]}"
+        for name, label in (
+            ("rpm", "rpm"),
+            ("tpm", "tpm"),
+            ("budget_usd", "budget $"),
+            ("models", "models"),
+        )
+        if out.get(name) is not None
+    )
+    print(
+        f"Key '{out['name']}' ({out['id']}) created{': ' + limits if limits else ''}. "
+        "It is shown only this once: store it now.",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_keys_list(args: argparse.Namespace) -> int:
+    return _run(_keys_list, args)
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    target = _Target(args)
+    if target.db is None:
+        data = target.http("GET", "/admin/keys")["data"]
+    else:
+        storage = target.storage()
+        try:
+            spend = storage.spend_by_key()
+            data = [
+                r.public(spend.get(r.id, 0.0))
+                for r in sorted(storage.load_keys(), key=lambda r: r.created_at)
+            ]
+        finally:
+            storage.close()
+    if args.json:
+        print(json.dumps({"object": "list", "data": data}, indent=2))
+        return 0
+    rows = [
+        (
+            k["id"],
+            k["name"],
+            k["hint"],
+            "-" if k["rpm"] is None else str(k["rpm"]),
+            "-" if k["tpm"] is None else str(k["tpm"]),
+            "-" if k["budget_usd"] is None else f"{k['budget_usd']:g}",
+            f"{k.get('spent_usd') or 0:.6f}",
+            ",".join(k["models"]) if k["models"] else "*",
+            time.strftime("%Y-%m-%d", time.gmtime(k["created_at"])),
+            "revoked" if k["revoked_at"] else "active",
+        )
+        for k in data
+    ]
+    _table(
+        ("id", "name", "key", "rpm", "tpm", "budget $", "spent $", "models", "created", "status"),
+        rows,
+    )
+    return 0
+
+
+def cmd_keys_revoke(args: argparse.Namespace) -> int:
+    return _run(_keys_revoke, args)
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    target = _Target(args)
+    if target.db is None:
+        out = target.http("DELETE", f"/admin/keys/{args.key_id}")
+    else:
+        storage = target.storage()
+        try:
+            rec = storage.revoke_key(args.key_id, time.time())
+        finally:
+            storage.close()
+        if rec is None:
+            raise _Fail(f"No key with id '{args.key_id}'")
+        out = rec.public()
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"Key '{out['name']}' ({out['id']}) revoked.")
+    return 0
+
+
+def cmd_usage(args: argparse.Namespace) -> int:
+    return _run(_usage, args)
+
+
+def _usage(args: argparse.Namespace) -> int:
+    target = _Target(args)
+    params = {"group_by": args.group_by, "limit": str(args.limit)}
+    for name in ("key", "model", "since", "until"):
+        value = getattr(args, name)
+        if value:
+            params[name] = value
+    if target.db is None:
+        out = target.http("GET", "/admin/usage", params=params)
+    else:
+        from urllib.parse import urlencode
+
+        from .._errors import APIError
+        from .app import usage_query
+
+        try:
+            query = usage_query(urlencode(params).encode())
+        except APIError as e:
+            raise _Fail(e.message) from None
+        storage = target.storage()
+        try:
+            out = storage.usage(query)
+        finally:
+            storage.close()
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    print_usage(out)
+    return 0
+
+
+def print_usage(out: dict[str, Any]) -> None:
+    groups = out.get("group_by") or []
+    totals = out["totals"]
+    if groups:
+        heads = [("key" if g == "key" else g) for g in groups]
+        headers = (*heads, "requests", "errors", "prompt tok", "completion tok", "cost $")
+        rows = []
+        for item in out["data"]:
+            cells = []
+            for g in groups:
+                if g == "key":
+                    cells.append(item.get("key_name") or item.get("key_id") or "")
+                else:
+                    cells.append(str(item.get(g) if item.get(g) is not None else "-"))
+            cells += [
+                str(item["requests"]),
+                str(item["errors"] + item["rejected"] + item["cancelled"]),
+                str(item["prompt_tokens"]),
+                str(item["completion_tokens"]),
+                f"{item['total_cost_usd']:.6f}",
+            ]
+            rows.append(tuple(cells))
+        rows.append(
+            tuple(
+                [
+                    "total",
+                    *([""] * (len(groups) - 1)),
+                    str(totals["requests"]),
+                    str(totals["errors"] + totals["rejected"] + totals["cancelled"]),
+                    str(totals["prompt_tokens"]),
+                    str(totals["completion_tokens"]),
+                    f"{totals['total_cost_usd']:.6f}",
+                ]
+            )
+        )
+        _table(headers, rows)
+    else:
+        rows = [
+            (
+                time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r["ts"])),
+                r.get("key_name") or r["key_id"],
+                r["model"] or "-",
+                r["provider"] or "-",
+                r["status"],
+                str(r["prompt_tokens"]),
+                str(r["completion_tokens"]),
+                f"{r['total_cost_usd']:.6f}",
+                "-" if r["latency_ms"] is None else f"{r['latency_ms']:.0f}",
+            )
+            for r in out["data"]
+        ]
+        _table(
+            (
+                "time (UTC)",
+                "key",
+                "model",
+                "provider",
+                "status",
+                "prompt tok",
+                "completion tok",
+                "cost $",
+                "ms",
+            ),
+            rows,
+        )
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
+    """rich on a terminal (when installed); aligned plain text otherwise (pipes, files)."""
+    try:
+        if not sys.stdout.isatty():
+            raise ImportError
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+        for row in [headers, *rows]:
+            print("  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip())
+        return
+    table = Table(*headers)
+    for row in rows:
+        table.add_row(*row)
+    Console(highlight=False).print(table)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m lunar.server", description="The Lunar gateway's commands."
+    )
+    add_server_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    result: int = args.func(args)
+    return result

@@ -1,0 +1,528 @@
+"""The gateway's configuration: defaults < ``lunar.toml`` < environment < command-line flags.
+
+    [server]
+    host = "127.0.0.1"
+    port = 4000
+    db = "./lunar.db"
+
+    [providers.openai]
+    api_key_env = "OPENAI_API_KEY"        # secrets by environment reference only
+    [providers.my-vllm]                   # a new provider: give its protocol
+    protocol = "openai"
+    base_url = "http://10.0.0.5:8000/v1"
+    key_required = false
+
+    [models.llama-8b-house]               # extra models, in the catalogue's format
+    context_window = 8192
+    deployments = [{provider = "my-vllm", id = "meta-llama/Llama-3.1-8B-Instruct"}]
+
+    [aliases]
+    fast = "gpt-4o-mini"
+
+    [fallbacks]
+    "gpt-4o-mini" = ["claude-3-5-haiku", "smollm2"]
+
+See docs/gateway.md for every setting and its environment variable.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._catalog import Catalog
+from .._errors import NotFoundError
+
+__all__ = ["ConfigError", "ProviderConfig", "ServerConfig", "load_config", "read_toml"]
+
+
+class ConfigError(ValueError):
+    """A setting that cannot be used; the message names it and where it came from."""
+
+
+@dataclass
+class ProviderConfig:
+    name: str
+    protocol: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    api_key_env_alt: list[str] | None = None
+    key_required: bool | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ServerConfig:
+    # [server]
+    host: str = "127.0.0.1"
+    port: int = 4000
+    db: str = "./lunar.db"
+    max_body_bytes: int = 8 * 1024 * 1024
+    graceful_timeout_seconds: float = 30.0
+    keys_refresh_seconds: float = 5.0
+    metrics_public: bool = True
+    log_level: str = "warning"
+    # [engine]
+    max_retries: int = 2
+    timeout_seconds: float = 600.0
+    connect_timeout_seconds: float = 10.0
+    max_connections: int = 1000
+    pool_shards: int = 8
+    # [limits]
+    window_seconds: float = 60.0
+    output_tokens_estimate: int = 1024
+    # [ledger]
+    batch_size: int = 1000
+    flush_interval_ms: float = 20.0
+    durable_ack: bool = False
+    # routing
+    providers: dict[str, ProviderConfig] = field(default_factory=dict)
+    models: dict[str, Any] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    fallbacks: dict[str, list[str]] = field(default_factory=dict)
+    catalog: str | None = None
+    # secrets and provenance (never printed)
+    master_key: str | None = field(default=None, repr=False)
+    environ: Mapping[str, str] = field(default_factory=lambda: os.environ, repr=False)
+    source: str | None = None
+    origins: dict[str, str] = field(default_factory=dict, repr=False)
+
+    # -- what the engine is built from ---------------------------------------------------
+
+    def build_catalog(self) -> Catalog:
+        """The built-in catalogue, plus ``catalog`` (a JSON file), plus the providers and
+        models of this file, plus the aliases."""
+        file_data: dict[str, Any] = {}
+        if self.catalog:
+            try:
+                file_data = json.loads(Path(self.catalog).read_text())
+            except (OSError, ValueError) as e:
+                raise ConfigError(f"catalog = {self.catalog!r}: {e}") from None
+        known = Catalog.load(file_data or None).providers
+        new_providers: dict[str, Any] = {}
+        for name, p in self.providers.items():
+            if p.protocol is None and name in known:
+                continue
+            if p.protocol is None:
+                raise ConfigError(
+                    f"[providers.{name}] is not a provider Lunar knows: give its "
+                    "'protocol' (openai, anthropic, gemini)"
+                )
+            entry: dict[str, Any] = {"protocol": p.protocol}
+            if p.base_url:
+                entry["base_url"] = p.base_url
+            entry["api_key_env"] = p.api_key_env or f"{name.upper().replace('-', '_')}_API_KEY"
+            if p.api_key_env_alt:
+                entry["api_key_env_alt"] = p.api_key_env_alt
+            if p.key_required is not None:
+                entry["key_required"] = p.key_required
+            new_providers[name] = entry
+        merged = {
+            "providers": {**file_data.get("providers", {}), **new_providers},
+            "models": {**file_data.get("models", {}), **self.models},
+        }
+        catalog = Catalog.load(merged)
+        for name, m in self.models.items():
+            for d in m.get("deployments", ()):
+                if d.get("provider") not in catalog.providers:
+                    raise ConfigError(
+                        f"[models.{name}]: unknown provider {d.get('provider')!r} (define it "
+                        "under [providers.NAME] with a protocol)"
+                    )
+        for alias, target in self.aliases.items():
+            try:
+                catalog.models[alias] = list(catalog.resolve(target))
+            except NotFoundError as e:
+                raise ConfigError(f"[aliases] {alias} = {target!r}: {e.message}") from None
+        for model, chain in self.fallbacks.items():
+            for name in [model, *chain]:
+                try:
+                    catalog.resolve(name)
+                except NotFoundError as e:
+                    raise ConfigError(f"[fallbacks] {model!r}: {e.message}") from None
+        return catalog
+
+    def provider_overrides(self, catalog: Catalog) -> dict[str, dict[str, Any]]:
+        """The Router's ``providers=`` argument. The environment wins over the file:
+        ``{NAME}_BASE_URL`` beats ``base_url`` and the provider's usual key variable beats
+        ``api_key_env`` of a known provider."""
+        env = self.environ
+        out: dict[str, dict[str, Any]] = {}
+        for name, p in self.providers.items():
+            spec = catalog.providers.get(name)
+            if spec is None:
+                continue
+            o: dict[str, Any] = {}
+            if p.headers:
+                o["headers"] = dict(p.headers)
+            if p.protocol is not None:  # defined by the file: the catalogue entry has the rest
+                if o:
+                    out[name] = o
+                continue
+            if p.base_url and not env.get(spec.base_url_env):
+                o["base_url"] = p.base_url
+            if p.api_key_env and not (spec.api_key_env and env.get(spec.api_key_env)):
+                value = env.get(p.api_key_env)
+                if value:
+                    o["api_key"] = value
+            if o:
+                out[name] = o
+        return out
+
+    # -- presentation --------------------------------------------------------------------
+
+    def effective(self, catalog: Catalog | None = None) -> dict[str, Any]:
+        """The configuration as it will be used, secrets masked: what
+        ``lunar serve --print-config`` prints (TOML)."""
+        env = self.environ
+        catalog = catalog or self.build_catalog()
+        overrides = self.provider_overrides(catalog)
+        providers: dict[str, Any] = {}
+        for name, spec in catalog.providers.items():
+            o = overrides.get(name, {})
+            base_url = o.get("base_url") or env.get(spec.base_url_env) or spec.base_url or ""
+            key_src = None
+            if "api_key" in o:
+                key_src = self.providers[name].api_key_env
+            elif spec.api_key_env and env.get(spec.api_key_env):
+                key_src = spec.api_key_env
+            else:
+                key_src = next((a for a in spec.api_key_env_alt if env.get(a)), None)
+            if key_src:
+                key = f"set (from ${key_src}, masked)"
+            elif spec.key_required:
+                key = f"not set (set ${spec.api_key_env})"
+            else:
+                key = "not needed"
+            providers[name] = {"protocol": spec.protocol, "base_url": base_url, "api_key": key}
+        master = "set (from $LUNAR_MASTER_KEY, masked)" if self.master_key else "NOT SET"
+        return {
+            "server": {
+                "host": self.host,
+                "port": self.port,
+                "db": self.db,
+                "master_key": master,
+                "max_body_bytes": self.max_body_bytes,
+                "graceful_timeout_seconds": self.graceful_timeout_seconds,
+                "keys_refresh_seconds": self.keys_refresh_seconds,
+                "metrics_public": self.metrics_public,
+                "log_level": self.log_level,
+            },
+            "engine": {
+                "max_retries": self.max_retries,
+                "timeout_seconds": self.timeout_seconds,
+                "connect_timeout_seconds": self.connect_timeout_seconds,
+                "max_connections": self.max_connections,
+                "pool_shards": self.pool_shards,
+            },
+            "limits": {
+                "window_seconds": self.window_seconds,
+                "output_tokens_estimate": self.output_tokens_estimate,
+            },
+            "ledger": {
+                "batch_size": self.batch_size,
+                "flush_interval_ms": self.flush_interval_ms,
+                "durable_ack": self.durable_ack,
+            },
+            "providers": providers,
+            "aliases": dict(self.aliases),
+            "fallbacks": {k: list(v) for k, v in self.fallbacks.items()},
+            "models": {k: v for k, v in self.models.items()},
+        }
+
+    def render(self) -> str:
+        where = self.source or "no config file"
+        header = (
+            f"# Effective Lunar gateway configuration ({where}); precedence: flags > "
+            "environment > file > defaults. Secrets are masked.\n"
+        )
+        return header + to_toml(self.effective())
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore[import-not-found,unused-ignore]
+        except ImportError:
+            raise ConfigError(
+                "Reading lunar.toml on Python 3.10 needs 'tomli': pip install tomli "
+                "(or use Python 3.11+)"
+            ) from None
+    try:
+        with open(path, "rb") as f:
+            data: dict[str, Any] = tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"Config file not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    return data
+
+
+def _check(where: str, value: Any, kind: type | tuple[type, ...], positive: bool = False) -> Any:
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{where} must be a {getattr(kind, '__name__', kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        name = getattr(kind, "__name__", str(kind))
+        raise ConfigError(f"{where} must be a {name}, got {value!r}")
+    if positive and (value <= 0 or (isinstance(value, float) and not math.isfinite(value))):  # type: ignore[operator]
+        raise ConfigError(f"{where} must be positive, got {value!r}")
+    return value
+
+
+# setting -> (section, type, positive, environment variable)
+_SETTINGS: dict[str, tuple[str, type, bool, str | None]] = {
+    "host": ("server", str, False, "LUNAR_HOST"),
+    "port": ("server", int, False, "LUNAR_PORT"),
+    "db": ("server", str, False, "LUNAR_DB"),
+    "max_body_bytes": ("server", int, True, "LUNAR_MAX_BODY_BYTES"),
+    "graceful_timeout_seconds": ("server", float, True, "LUNAR_GRACEFUL_TIMEOUT_SECONDS"),
+    "keys_refresh_seconds": ("server", float, True, "LUNAR_KEYS_REFRESH_SECONDS"),
+    "metrics_public": ("server", bool, False, "LUNAR_METRICS_PUBLIC"),
+    "log_level": ("server", str, False, "LUNAR_LOG_LEVEL"),
+    "max_retries": ("engine", int, False, "LUNAR_MAX_RETRIES"),
+    "timeout_seconds": ("engine", float, True, "LUNAR_TIMEOUT_SECONDS"),
+    "connect_timeout_seconds": ("engine", float, True, "LUNAR_CONNECT_TIMEOUT_SECONDS"),
+    "max_connections": ("engine", int, True, "LUNAR_MAX_CONNECTIONS"),
+    "pool_shards": ("engine", int, True, "LUNAR_POOL_SHARDS"),
+    "window_seconds": ("limits", float, True, "LUNAR_RATE_WINDOW_SECONDS"),
+    "output_tokens_estimate": ("limits", int, True, "LUNAR_OUTPUT_TOKENS_ESTIMATE"),
+    "batch_size": ("ledger", int, True, "LUNAR_LEDGER_BATCH_SIZE"),
+    "flush_interval_ms": ("ledger", float, True, "LUNAR_LEDGER_FLUSH_INTERVAL_MS"),
+    "durable_ack": ("ledger", bool, False, "LUNAR_LEDGER_DURABLE_ACK"),
+}
+_SECTIONS = {
+    "server",
+    "engine",
+    "limits",
+    "ledger",
+    "providers",
+    "models",
+    "aliases",
+    "fallbacks",
+    "catalog",
+}
+_PROVIDER_KEYS = {
+    "protocol",
+    "base_url",
+    "api_key_env",
+    "api_key_env_alt",
+    "key_required",
+    "headers",
+}
+
+
+def _from_env(name: str, text: str, kind: type) -> Any:
+    try:
+        if kind is bool:
+            low = text.strip().lower()
+            if low in ("1", "true", "yes", "on"):
+                return True
+            if low in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(text)
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"${name} must be a {kind.__name__}, got {text!r}") from None
+
+
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+    **flags: Any,
+) -> ServerConfig:
+    """Build the effective configuration. ``flags`` are command-line values (``None``: not
+    given) named like the settings (``host``, ``port``, ``db`` …)."""
+    env = os.environ if environ is None else environ
+    cfg = ServerConfig(environ=env)
+    data: dict[str, Any] = {}
+    if path is None and env.get("LUNAR_CONFIG"):
+        path = env["LUNAR_CONFIG"]
+    if path is not None:
+        data = read_toml(path)
+        cfg.source = str(path)
+        unknown = set(data) - _SECTIONS
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown section [{sorted(unknown)[0]}] (known: "
+                f"{', '.join(sorted(_SECTIONS))})"
+            )
+    src = str(path) if path is not None else ""
+
+    known_by_section: dict[str, set[str]] = {}
+    for name, (section, _, _, _) in _SETTINGS.items():
+        known_by_section.setdefault(section, set()).add(name)
+    for section, names in known_by_section.items():
+        table = data.get(section, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"{src}: [{section}] must be a table")
+        extra = set(table) - names
+        if extra:
+            raise ConfigError(
+                f"{src}: unknown setting {section}.{sorted(extra)[0]} (known: "
+                f"{', '.join(sorted(names))})"
+            )
+
+    for name, (section, kind, positive, env_name) in _SETTINGS.items():
+        value: Any = None
+        origin = "default"
+        table = data.get(section, {})
+        if name in table:
+            value = _check(f"{src}: {section}.{name}", table[name], kind, positive)
+            origin = src
+        if env_name and env.get(env_name):
+            value = _check(f"${env_name}", _from_env(env_name, env[env_name], kind), kind, positive)
+            origin = f"${env_name}"
+        flag = flags.get(name)
+        if flag is not None:
+            value = _check(f"--{name.replace('_', '-')}", flag, kind, positive)
+            origin = "command line"
+        if value is not None:
+            setattr(cfg, name, value)
+            cfg.origins[name] = origin
+    if not 0 <= cfg.port <= 65535:
+        raise ConfigError(f"port must be between 0 and 65535, got {cfg.port}")
+    if cfg.max_retries < 0:
+        raise ConfigError(f"max_retries must be >= 0, got {cfg.max_retries}")
+
+    catalog = data.get("catalog")
+    if catalog is not None:
+        cfg.catalog = _check(f"{src}: catalog", catalog, str)
+
+    providers = data.get("providers", {})
+    if not isinstance(providers, dict):
+        raise ConfigError(f"{src}: [providers] must be a table of [providers.NAME] tables")
+    for name, table in providers.items():
+        where = f"{src}: [providers.{name}]"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where} must be a table")
+        extra = set(table) - _PROVIDER_KEYS
+        if "api_key" in extra:
+            raise ConfigError(
+                f"{where}: write no secret in the file; name the environment variable that "
+                'holds it: api_key_env = "MY_KEY_VAR"'
+            )
+        if extra:
+            raise ConfigError(
+                f"{where}: unknown setting '{sorted(extra)[0]}' (known: "
+                f"{', '.join(sorted(_PROVIDER_KEYS))})"
+            )
+        headers = table.get("headers", {})
+        if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
+            raise ConfigError(f"{where}: headers must be a table of strings")
+        alt = table.get("api_key_env_alt")
+        if alt is not None and (
+            not isinstance(alt, list) or not all(isinstance(a, str) for a in alt)
+        ):
+            raise ConfigError(f"{where}: api_key_env_alt must be a list of variable names")
+        pc = ProviderConfig(
+            name=name,
+            protocol=_opt(table, "protocol", str, where),
+            base_url=_opt(table, "base_url", str, where),
+            api_key_env=_opt(table, "api_key_env", str, where),
+            api_key_env_alt=alt,
+            key_required=_opt(table, "key_required", bool, where),
+            headers=dict(headers),
+        )
+        cfg.providers[name] = pc
+
+    models = data.get("models", {})
+    if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
+        raise ConfigError(f"{src}: [models.NAME] entries must be tables (catalogue format)")
+    for name, m in models.items():
+        deps = m.get("deployments")
+        if (
+            not isinstance(deps, list)
+            or not deps
+            or not all(
+                isinstance(d, dict)
+                and isinstance(d.get("provider"), str)
+                and isinstance(d.get("id"), str)
+                for d in deps
+            )
+        ):
+            raise ConfigError(
+                f'{src}: [models.{name}] needs deployments = [{{provider = "...", '
+                'id = "...", input = 0.15, output = 0.6}]'
+            )
+    cfg.models = dict(models)
+
+    aliases = data.get("aliases", {})
+    if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
+        raise ConfigError(f'{src}: [aliases] maps a name to a model name: fast = "gpt-4o-mini"')
+    cfg.aliases = dict(aliases)
+
+    fallbacks = data.get("fallbacks", {})
+    if not isinstance(fallbacks, dict) or not all(
+        isinstance(v, list) and all(isinstance(x, str) and x for x in v) for v in fallbacks.values()
+    ):
+        raise ConfigError(
+            f"{src}: [fallbacks] maps a model to a list of models: "
+            '"gpt-4o-mini" = ["claude-3-5-haiku"]'
+        )
+    cfg.fallbacks = {k: list(v) for k, v in fallbacks.items()}
+
+    cfg.master_key = env.get("LUNAR_MASTER_KEY") or None
+    return cfg
+
+
+def _opt(table: Mapping[str, Any], name: str, kind: type, where: str) -> Any:
+    if name not in table:
+        return None
+    return _check(f"{where} {name}", table[name], kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing (for --print-config): enough TOML for nested tables of scalars and lists
+
+
+def _toml_key(key: str) -> str:
+    if key and all(c.isalnum() or c in "-_" for c in key):
+        return key
+    return json.dumps(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        inner = ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items())
+        return "{" + inner + "}"
+    if value is None:
+        return '""'
+    return json.dumps(str(value))
+
+
+def to_toml(data: Mapping[str, Any], prefix: str = "") -> str:
+    lines: list[str] = []
+    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
+    tables = {k: v for k, v in data.items() if isinstance(v, dict)}
+    if prefix and (scalars or not tables):
+        lines.append(f"[{prefix}]")
+    for k, v in scalars.items():
+        lines.append(f"{_toml_key(k)} = {_toml_value(v)}")
+    if scalars or (prefix and not tables):
+        lines.append("")
+    for k, v in tables.items():
+        name = f"{prefix}.{_toml_key(k)}" if prefix else _toml_key(k)
+        lines.append(to_toml(v, name).rstrip("\n") + "\n")
+    return "\n".join(lines)

@@ -1,0 +1,244 @@
+"""The gateway's front doors: how each API reads a request into the engine's chat body, and
+writes answers and errors back — OpenAI chat, OpenAI legacy completions, Anthropic messages.
+
+A ``Dialect`` validates a request (``parse``), shapes errors (``error``), a whole answer
+(``complete``) and gives a ``StreamWriter`` that turns engine chunks into SSE bytes. No I/O here.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from .._engine import estimate_tokens, prompt_chars
+from .._errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    BadRequestError,
+    LunarError,
+    RateLimitError,
+)
+from .._request import (
+    bad,
+    chat_body,
+    completion_from_chat,
+    completion_from_chunk,
+    prompt_messages,
+)
+from .._types import ChatCompletion, ChatCompletionChunk
+from . import anthropic_compat as anthropic
+
+log = logging.getLogger("lunar.server")
+
+Headers = list[tuple[bytes, bytes]]
+
+_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+_DONE = b"data: [DONE]\n\n"
+
+# The legacy completions endpoint takes these (besides model, prompt, stream and Lunar's).
+_COMPLETION_PARAMS = frozenset(
+    {
+        "max_tokens",
+        "temperature",
+        "top_p",
+        "n",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "user",
+        "stream_options",
+    }
+)
+_LUNAR_FIELDS = ("model", "stream", "fallbacks", "provider")
+
+
+def openai_error(err: LunarError) -> tuple[int, dict[str, Any], Headers]:
+    """An engine or gateway error as (status, OpenAI error JSON, extra headers)."""
+    headers: Headers = []
+    if isinstance(err, APIError):
+        status = err.status_code or 502
+        payload = err.to_openai_dict()
+        if isinstance(err, RateLimitError) and err.retry_after is not None:
+            headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after))).encode()))
+        should = err.headers.get("x-should-retry") if err.headers else None
+        if should in ("true", "false"):
+            headers.append((b"x-should-retry", should.encode()))
+        return status, payload, headers
+    if isinstance(err, APITimeoutError):
+        status, etype = 504, "timeout_error"
+    elif isinstance(err, APIConnectionError):
+        status, etype = 502, "api_connection_error"
+    else:
+        status, etype = 502, "api_error"
+    payload = {"error": {"message": err.message, "type": etype, "param": None, "code": None}}
+    return status, payload, headers
+
+
+def error_type(err: LunarError) -> str:
+    if isinstance(err, APIError):
+        return err.code if err.code in ("budget_exceeded", "model_not_found") else err.type
+    if isinstance(err, APITimeoutError):
+        return "timeout_error"
+    if isinstance(err, APIConnectionError):
+        return "api_connection_error"
+    return "api_error"
+
+
+class StreamWriter:
+    last_id: str | None = None
+
+    def chunk(self, chunk: ChatCompletionChunk) -> bytes:
+        raise NotImplementedError
+
+    def done(self) -> bytes:
+        return _DONE
+
+    def error(self, err: LunarError, request_id: str) -> bytes:
+        """After the first byte: an error event, then ``[DONE]`` — never a clean finish."""
+        _, payload, _ = openai_error(err)
+        e = payload["error"]
+        event = {
+            "id": self.last_id or request_id,
+            "object": "error",
+            "error": {
+                "message": e["message"],
+                "type": e["type"],
+                "code": e.get("code"),
+                "param": e.get("param"),
+            },
+        }
+        return b"data: " + _dumps(event).encode() + b"\n\n" + _DONE
+
+
+class ChatWriter(StreamWriter):
+    def chunk(self, chunk: ChatCompletionChunk) -> bytes:
+        self.last_id = chunk.id
+        return b"data: " + _dumps(chunk.to_dict()).encode() + b"\n\n"
+
+
+class CompletionWriter(StreamWriter):
+    def chunk(self, chunk: ChatCompletionChunk) -> bytes:
+        piece = completion_from_chunk(chunk)
+        self.last_id = piece.id
+        return b"data: " + _dumps(piece.to_dict()).encode() + b"\n\n"
+
+
+class AnthropicWriter(StreamWriter):
+    def __init__(self, model: str, body: Mapping[str, Any]) -> None:
+        self._enc = anthropic.MessageStreamEncoder(model, estimate_tokens(prompt_chars(body)))
+
+    def chunk(self, chunk: ChatCompletionChunk) -> bytes:
+        return self._enc.feed(chunk)
+
+    def done(self) -> bytes:
+        return self._enc.end()
+
+    def error(self, err: LunarError, request_id: str) -> bytes:
+        return self._enc.error(err)
+
+
+class Dialect:
+    route = ""
+
+    def parse(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The JSON body -> (validated chat body, Lunar fields)."""
+        raise NotImplementedError
+
+    def error(self, err: LunarError) -> tuple[int, dict[str, Any], Headers]:
+        return openai_error(err)
+
+    def complete(self, completion: ChatCompletion) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def stream(self, model: str, body: Mapping[str, Any]) -> StreamWriter:
+        raise NotImplementedError
+
+
+def lunar_fields(raw: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: raw.get(name) for name in _LUNAR_FIELDS}
+
+
+def json_object(raw: Any) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise BadRequestError("The request body must be a JSON object", param=None)
+    return raw
+
+
+class Chat(Dialect):
+    route = "chat"
+
+    def parse(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        raw = json_object(raw)
+        params = {k: v for k, v in raw.items() if k not in _LUNAR_FIELDS and k != "messages"}
+        return chat_body(raw.get("messages"), params), lunar_fields(raw)
+
+    def complete(self, completion: ChatCompletion) -> dict[str, Any]:
+        return completion.to_dict()
+
+    def stream(self, model: str, body: Mapping[str, Any]) -> StreamWriter:
+        return ChatWriter()
+
+
+class Completions(Dialect):
+    route = "completions"
+
+    def parse(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        raw = json_object(raw)
+        params = {}
+        for k, v in raw.items():
+            if k in _LUNAR_FIELDS or k == "prompt":
+                continue
+            if k not in _COMPLETION_PARAMS:
+                raise bad(f"'{k}' is not supported by /v1/completions on Lunar", k)
+            params[k] = v
+        return chat_body(prompt_messages(raw.get("prompt")), params), lunar_fields(raw)
+
+    def complete(self, completion: ChatCompletion) -> dict[str, Any]:
+        return completion_from_chat(completion).to_dict()
+
+    def stream(self, model: str, body: Mapping[str, Any]) -> StreamWriter:
+        return CompletionWriter()
+
+
+class Messages(Dialect):
+    route = "messages"
+
+    def parse(self, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+        body, lunar = anthropic.to_chat_body(raw)
+        messages = body.pop("messages")
+        return chat_body(messages, body), lunar
+
+    def error(self, err: LunarError) -> tuple[int, dict[str, Any], Headers]:
+        status, _, headers = openai_error(err)
+        return status, anthropic.error_body(err), headers
+
+    def complete(self, completion: ChatCompletion) -> dict[str, Any]:
+        return anthropic.message_from_completion(completion)
+
+    def stream(self, model: str, body: Mapping[str, Any]) -> StreamWriter:
+        return AnthropicWriter(model, body)
+
+
+CHAT, COMPLETIONS, MESSAGES = Chat(), Completions(), Messages()
+
+
+def parse_request(dialect: Dialect, raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Validation is about the client's input only, so anything it trips on (a dict where a
+    string belongs, say) is the client's 400, never the gateway's 500."""
+    try:
+        return dialect.parse(raw)
+    except LunarError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as exc:
+        log.debug("unexpected request shape: %s", type(exc).__name__)
+        raise BadRequestError(
+            "The request body has an unexpected shape: a field has the wrong type "
+            "(see GET /openapi.json for the accepted request)",
+            param=None,
+            code="invalid_request",
+        ) from None

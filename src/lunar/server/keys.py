@@ -1,0 +1,225 @@
+"""Virtual keys: minted once, stored as a sha256 hash, looked up by that hash.
+
+A lookup by hash reveals nothing about the key through timing (finding a key from timings
+would mean inverting sha256); the one comparison against a secret, the master key, uses
+``hmac.compare_digest``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+import secrets
+import time
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .._catalog import Catalog
+from .._errors import AuthenticationError, BadRequestError, NotFoundError
+from .storage import KeyRecord
+
+KEY_PREFIX = "lk-"
+KEY_BODY_CHARS = 32
+KEY_LENGTH = len(KEY_PREFIX) + KEY_BODY_CHARS
+_KEY_RE = re.compile(r"^lk-[A-Za-z0-9_-]{32}$")
+MASTER_ID = "master"
+
+
+def new_key() -> str:
+    """``lk-`` and 32 random URL-safe characters (192 bits)."""
+    return KEY_PREFIX + secrets.token_urlsafe(24)
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def hint(key: str) -> str:
+    """What lists show of a key: enough to recognise it, not to use it."""
+    return f"{key[:6]}…{key[-4:]}"
+
+
+def well_formed(key: str) -> bool:
+    return _KEY_RE.match(key) is not None
+
+
+def is_master(given: str, master: str | None) -> bool:
+    if not master:
+        return False
+    return hmac.compare_digest(
+        given.encode("utf-8", "surrogateescape"), master.encode("utf-8", "surrogateescape")
+    )
+
+
+def credential(headers: Mapping[bytes, bytes]) -> str | None:
+    """The key a request presents: ``x-api-key: KEY`` or ``Authorization: Bearer KEY``."""
+    value = headers.get(b"x-api-key")
+    if value:
+        return value.decode("latin-1").strip()
+    auth = headers.get(b"authorization")
+    if auth:
+        scheme, _, token = auth.decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer":
+            return token.strip()
+        return ""
+    return None
+
+
+class KeyRing:
+    """The keys in memory, by hash and by id, with each key's allowed model names resolved
+    against the catalogue (so ``gpt-4o-mini`` allows ``openai/gpt-4o-mini`` too)."""
+
+    def __init__(self, catalog: Catalog) -> None:
+        self._catalog = catalog
+        self._by_hash: dict[str, KeyRecord] = {}
+        self._by_id: dict[str, KeyRecord] = {}
+        self._allowed: dict[str, frozenset[str]] = {}
+
+    def replace_all(self, records: Iterable[KeyRecord]) -> None:
+        by_hash, by_id, allowed = {}, {}, {}
+        for rec in records:
+            by_hash[rec.key_hash] = rec
+            by_id[rec.id] = rec
+            if rec.models is not None:
+                allowed[rec.id] = self._canonical_set(rec.models)
+        self._by_hash, self._by_id, self._allowed = by_hash, by_id, allowed
+
+    def put(self, rec: KeyRecord) -> None:
+        self._by_hash[rec.key_hash] = rec
+        self._by_id[rec.id] = rec
+        if rec.models is not None:
+            self._allowed[rec.id] = self._canonical_set(rec.models)
+        else:
+            self._allowed.pop(rec.id, None)
+
+    def get(self, key_id: str) -> KeyRecord | None:
+        return self._by_id.get(key_id)
+
+    def all(self) -> list[KeyRecord]:
+        return sorted(self._by_id.values(), key=lambda r: r.created_at)
+
+    def __len__(self) -> int:
+        return len(self._by_id)
+
+    def authenticate(self, given: str | None, master: str | None) -> KeyRecord:
+        """The key record for a presented credential, or ``AuthenticationError`` saying
+        what is wrong (missing, malformed, unknown, revoked)."""
+        if given is None:
+            raise AuthenticationError(
+                "Missing API key: send 'Authorization: Bearer KEY' or 'x-api-key: KEY' "
+                "(create keys with `lunar keys create` or POST /admin/keys)",
+                code="missing_api_key",
+            )
+        if is_master(given, master):
+            return MASTER_KEY
+        if not well_formed(given):
+            raise AuthenticationError(
+                f"Malformed API key: Lunar keys are '{KEY_PREFIX}' followed by "
+                f"{KEY_BODY_CHARS} characters",
+                code="invalid_api_key",
+            )
+        rec = self._by_hash.get(hash_key(given))
+        if rec is None:
+            raise AuthenticationError(
+                f"Invalid API key {hint(given)}: no such key on this gateway",
+                code="invalid_api_key",
+            )
+        if rec.revoked_at is not None:
+            raise AuthenticationError(
+                f"API key {hint(given)} ({rec.name}) was revoked", code="revoked_api_key"
+            )
+        return rec
+
+    def allows(self, rec: KeyRecord, model: str) -> bool:
+        allowed = self._allowed.get(rec.id)
+        if allowed is None:
+            return True
+        if model in allowed:
+            return True
+        return self._canonical(model) in allowed
+
+    def allowed_names(self, rec: KeyRecord) -> frozenset[str] | None:
+        return self._allowed.get(rec.id)
+
+    def _canonical(self, name: str) -> str:
+        try:
+            deps = self._catalog.resolve(name)
+        except NotFoundError:
+            return name
+        return deps[0].model if deps else name
+
+    def _canonical_set(self, names: Iterable[str]) -> frozenset[str]:
+        out = set()
+        for name in names:
+            out.add(name)
+            out.add(self._canonical(name))
+        return frozenset(out)
+
+
+MASTER_KEY = KeyRecord(id=MASTER_ID, name="master", key_hash="", hint="master", created_at=0.0)
+
+
+def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise BadRequestError(
+            f"'{name}' must be a positive integer or null, got {value!r}", param=name
+        )
+    return value
+
+
+def key_from_request(body: Any, catalog: Catalog) -> tuple[str, KeyRecord]:
+    """Validate ``POST /admin/keys`` and mint the key: ``(key, record)``."""
+    if not isinstance(body, Mapping):
+        raise BadRequestError("The request body must be a JSON object", param=None)
+    name = body.get("name")
+    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+        raise BadRequestError(
+            "'name' must be a non-empty string (at most 200 characters)", param="name"
+        )
+    rpm = _positive_int(body, "rpm")
+    tpm = _positive_int(body, "tpm")
+    budget = body.get("budget_usd")
+    if budget is not None and (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not 0 <= budget < float("inf")
+    ):
+        raise BadRequestError(
+            f"'budget_usd' must be a non-negative number or null, got {budget!r}",
+            param="budget_usd",
+        )
+    models = body.get("models")
+    if models is not None:
+        if isinstance(models, str):
+            models = [m.strip() for m in models.split(",") if m.strip()]
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise BadRequestError("'models' must be a list of model names or null", param="models")
+        for i, m in enumerate(models):
+            try:
+                catalog.resolve(m)
+            except NotFoundError as e:
+                raise BadRequestError(e.message, param=f"models[{i}]") from None
+    unknown = set(body) - {"name", "rpm", "tpm", "budget_usd", "models"}
+    if unknown:
+        field = sorted(unknown)[0]
+        raise BadRequestError(
+            f"Unknown field '{field}': keys take name, rpm, tpm, budget_usd, models",
+            param=field,
+        )
+    key = new_key()
+    rec = KeyRecord(
+        id="key_" + secrets.token_hex(8),
+        name=name.strip(),
+        key_hash=hash_key(key),
+        hint=hint(key),
+        created_at=time.time(),
+        rpm=rpm,
+        tpm=tpm,
+        budget_usd=None if budget is None else float(budget),
+        models=models,
+    )
+    return key, rec

@@ -1,0 +1,594 @@
+"""Where the gateway keeps its state: virtual keys and the usage ledger.
+
+``Storage`` is the small interface the gateway needs; ``SQLiteStorage`` is the embedded default
+(stdlib ``sqlite3``, WAL mode). A PostgreSQL backend implements the same methods.
+
+Ledger writes never block a request: ``record()`` appends the row to a deque (no lock, no
+thread wake-up) and a dedicated writer thread inserts whatever has accumulated every
+``linger`` seconds (20 ms) in one transaction, at once when someone waits for a commit
+(``record(row, on_commit)``, ``flush()``) or a batch is full. ``flush()`` waits until every row
+recorded before the call is committed; ``close()`` flushes and stops the thread.
+Rows that cannot be written even after retries are appended to ``<db>.unwritten.jsonl``
+rather than dropped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("lunar.server")
+
+__all__ = [
+    "GROUP_BY",
+    "KeyRecord",
+    "SQLiteStorage",
+    "Storage",
+    "UsageQuery",
+    "UsageRow",
+    "parse_time",
+]
+
+
+@dataclass(slots=True)
+class KeyRecord:
+    """A virtual key. Only ``key_hash`` (sha256 of the key) is stored, never the key."""
+
+    id: str
+    name: str
+    key_hash: str
+    hint: str
+    created_at: float
+    rpm: int | None = None
+    tpm: int | None = None
+    budget_usd: float | None = None
+    models: list[str] | None = None
+    revoked_at: float | None = None
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def public(self, spent_usd: float | None = None) -> dict[str, Any]:
+        """The JSON the admin API shows (no hash)."""
+        out = {
+            "id": self.id,
+            "object": "key",
+            "name": self.name,
+            "hint": self.hint,
+            "created_at": int(self.created_at),
+            "revoked_at": None if self.revoked_at is None else int(self.revoked_at),
+            "rpm": self.rpm,
+            "tpm": self.tpm,
+            "budget_usd": self.budget_usd,
+            "models": self.models,
+        }
+        if spent_usd is not None:
+            out["spent_usd"] = round(spent_usd, 10)
+        return out
+
+
+@dataclass(slots=True)
+class UsageRow:
+    """One ledger row: one inference request that passed authentication."""
+
+    ts: float
+    request_id: str
+    key_id: str
+    route: str
+    model: str | None = None
+    served_model: str | None = None
+    provider: str | None = None
+    attempts: int = 0
+    stream: bool = False
+    status: str = "ok"  # ok | error | rejected | cancelled
+    http_status: int = 200
+    error_type: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    input_cost_usd: float = 0.0
+    cached_input_cost_usd: float = 0.0
+    output_cost_usd: float = 0.0
+    total_cost_usd: float = 0.0
+    ttft_ms: float | None = None
+    latency_ms: float | None = None
+
+
+_ROW_FIELDS = tuple(f.name for f in fields(UsageRow))
+
+# What ``/admin/usage`` can group by, and the SQL for each.
+GROUP_BY = {
+    "key": "u.key_id",
+    "model": "u.model",
+    "served_model": "u.served_model",
+    "provider": "u.provider",
+    "status": "u.status",
+    "route": "u.route",
+    "day": "date(u.ts, 'unixepoch')",
+    "hour": "strftime('%Y-%m-%dT%H:00', u.ts, 'unixepoch')",
+}
+
+
+@dataclass(slots=True)
+class UsageQuery:
+    key: str | None = None  # a key id or a key name
+    model: str | None = None  # the requested model
+    since: float | None = None
+    until: float | None = None
+    group_by: Sequence[str] = ("key", "model")  # empty: one row per request
+    limit: int = 1000
+
+
+class Storage(Protocol):
+    """What the gateway needs from a backend. Methods other than ``record`` and ``pending``
+    may block (the gateway calls them in a thread)."""
+
+    def open(self) -> None: ...
+
+    def close(self, timeout: float | None = None) -> None: ...
+
+    def load_keys(self) -> list[KeyRecord]: ...
+
+    def add_key(self, key: KeyRecord) -> None: ...
+
+    def revoke_key(self, key_id: str, when: float) -> KeyRecord | None: ...
+
+    def spend_by_key(self) -> dict[str, float]: ...
+
+    def record(self, row: UsageRow, on_commit: Callable[[], None] | None = None) -> None:
+        """Queue a ledger row; never blocks and never raises. ``on_commit`` is called (from
+        another thread) once the row is durable."""
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every row recorded so far is durable; False on timeout."""
+
+    @property
+    def pending(self) -> int: ...
+
+    def usage(self, query: UsageQuery) -> dict[str, Any]: ...
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    hint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    rpm INTEGER,
+    tpm INTEGER,
+    budget_usd REAL,
+    models TEXT
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT,
+    served_model TEXT,
+    provider TEXT,
+    attempts INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    http_status INTEGER NOT NULL,
+    error_type TEXT,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    input_cost_usd REAL NOT NULL,
+    cached_input_cost_usd REAL NOT NULL,
+    output_cost_usd REAL NOT NULL,
+    total_cost_usd REAL NOT NULL,
+    ttft_ms REAL,
+    latency_ms REAL
+);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts);
+"""
+
+_INSERT = (
+    f"INSERT INTO usage ({', '.join(_ROW_FIELDS)}) VALUES ({', '.join('?' for _ in _ROW_FIELDS)})"
+)
+_KEY_COLUMNS = "id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, budget_usd, models"
+
+_STOP = object()
+
+
+class _Flush:
+    __slots__ = ("done",)
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+
+
+def _row_values(row: UsageRow) -> tuple[Any, ...]:
+    return tuple(getattr(row, name) for name in _ROW_FIELDS)
+
+
+def _key_from_row(r: Sequence[Any]) -> KeyRecord:
+    return KeyRecord(
+        id=r[0],
+        name=r[1],
+        key_hash=r[2],
+        hint=r[3],
+        created_at=r[4],
+        revoked_at=r[5],
+        rpm=r[6],
+        tpm=r[7],
+        budget_usd=r[8],
+        models=json.loads(r[9]) if r[9] else None,
+    )
+
+
+class SQLiteStorage:
+    """SQLite in WAL mode: readers never wait for the writer, and a commit survives the
+    process being killed (``synchronous=NORMAL``: only an OS crash or power loss can take
+    the last transactions)."""
+
+    def __init__(
+        self, path: str | os.PathLike[str], batch_size: int = 1000, linger: float = 0.02
+    ) -> None:
+        self.path = str(path)
+        self.batch_size = batch_size
+        self.linger = linger
+        # Rows, (row, on_commit), _Flush markers and _STOP; append/popleft are atomic.
+        self._rows: deque[Any] = deque()
+        self._wake = threading.Event()
+        self._writing = 0
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # serializes the admin connection
+        self._admin: sqlite3.Connection | None = None
+        self.write_errors = 0
+        self.rows_written = 0
+        self._closed = False
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=30.0, check_same_thread=False)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=30000")
+        return conn
+
+    def open(self) -> None:
+        if self._thread is not None:
+            return
+        if self.path != ":memory:":
+            Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        conn = self._connect()
+        conn.executescript(_SCHEMA)
+        conn.commit()
+        self._admin = conn
+        self._thread = threading.Thread(target=self._writer, name="lunar-ledger", daemon=True)
+        self._thread.start()
+
+    def close(self, timeout: float | None = 30.0) -> None:
+        thread = self._thread
+        if thread is None:
+            return
+        self._rows.append(_STOP)
+        self._wake.set()
+        thread.join(timeout)
+        self._thread = None
+        self._closed = True
+        while self._rows:  # recorded while the writer was stopping: write them here
+            conn = self._connect()
+            try:
+                self._drain(conn)
+            finally:
+                conn.close()
+        with self._lock:
+            if self._admin is not None:
+                self._admin.close()
+                self._admin = None
+
+    # -- keys ----------------------------------------------------------------------------
+
+    def _db(self) -> sqlite3.Connection:
+        if self._admin is None:
+            raise RuntimeError("storage is not open")
+        return self._admin
+
+    def load_keys(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db().execute(f"SELECT {_KEY_COLUMNS} FROM keys").fetchall()
+        return [_key_from_row(r) for r in rows]
+
+    def add_key(self, key: KeyRecord) -> None:
+        models = json.dumps(key.models) if key.models is not None else None
+        with self._lock:
+            db = self._db()
+            db.execute(
+                f"INSERT INTO keys ({_KEY_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    key.id,
+                    key.name,
+                    key.key_hash,
+                    key.hint,
+                    key.created_at,
+                    key.revoked_at,
+                    key.rpm,
+                    key.tpm,
+                    key.budget_usd,
+                    models,
+                ),
+            )
+            db.commit()
+
+    def revoke_key(self, key_id: str, when: float) -> KeyRecord | None:
+        with self._lock:
+            db = self._db()
+            db.execute(
+                "UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL",
+                (when, key_id),
+            )
+            db.commit()
+            row = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else _key_from_row(row)
+
+    def spend_by_key(self) -> dict[str, float]:
+        with self._lock:
+            rows = (
+                self._db()
+                .execute("SELECT key_id, SUM(total_cost_usd) FROM usage GROUP BY key_id")
+                .fetchall()
+            )
+        return {k: float(v or 0.0) for k, v in rows}
+
+    # -- ledger --------------------------------------------------------------------------
+
+    @property
+    def pending(self) -> int:
+        """Rows recorded but not committed yet (approximately)."""
+        return len(self._rows) + self._writing
+
+    def record(self, row: UsageRow, on_commit: Callable[[], None] | None = None) -> None:
+        if self._closed:
+            self._write_late(row)  # after close(): straight to the file, never dropped
+            if on_commit is not None:
+                on_commit()
+            return
+        if on_commit is None:
+            self._rows.append(row)
+            if len(self._rows) >= self.batch_size:
+                self._wake.set()
+        else:
+            self._rows.append((row, on_commit))
+            self._wake.set()
+
+    def _write_late(self, row: UsageRow) -> None:
+        conn = self._connect()
+        try:
+            self._write(conn, [_row_values(row)])
+        finally:
+            conn.close()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        if self._thread is None:
+            return not self._rows
+        marker = _Flush()
+        self._rows.append(marker)
+        self._wake.set()
+        return marker.done.wait(timeout)
+
+    def _writer(self) -> None:
+        conn = self._connect()
+        try:
+            while True:
+                self._wake.wait(self.linger)
+                self._wake.clear()
+                if self._drain(conn):
+                    return
+        finally:
+            conn.close()
+
+    def _drain(self, conn: sqlite3.Connection) -> bool:
+        """Write everything queued now, in transactions of up to ``batch_size`` rows, then
+        release whoever waits for them. True when ``_STOP`` was among them."""
+        rows = self._rows
+        stop = False
+        while rows:
+            batch: list[tuple[Any, ...]] = []
+            waiting: list[_Flush | Callable[[], None]] = []
+            while rows and len(batch) < self.batch_size:
+                item = rows.popleft()
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, _Flush):
+                    waiting.append(item)
+                elif isinstance(item, tuple):
+                    batch.append(_row_values(item[0]))
+                    waiting.append(item[1])
+                else:
+                    batch.append(_row_values(item))
+            if batch:
+                self._writing = len(batch)
+                self._write(conn, batch)
+                self._writing = 0
+            for w in waiting:
+                if isinstance(w, _Flush):
+                    w.done.set()
+                else:
+                    try:
+                        w()
+                    except Exception:  # a closed event loop: nobody is waiting any more
+                        pass
+        return stop
+
+    def _write(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+        for attempt in range(5):
+            try:
+                conn.executemany(_INSERT, batch)
+                conn.commit()
+                break
+            except sqlite3.Error as exc:
+                self.write_errors += 1
+                with contextlib.suppress(sqlite3.Error):
+                    conn.rollback()
+                log.error("ledger write failed (attempt %d): %s", attempt + 1, exc)
+                time.sleep(0.05 * 2**attempt)
+        else:
+            self._spill(batch)
+        self.rows_written += len(batch)
+
+    def _spill(self, batch: list[tuple[Any, ...]]) -> None:
+        spill = self.path + ".unwritten.jsonl"
+        try:
+            with open(spill, "a", encoding="utf-8") as f:
+                for values in batch:
+                    f.write(json.dumps(dict(zip(_ROW_FIELDS, values))) + "\n")
+            log.error("%d ledger rows could not be written; appended to %s", len(batch), spill)
+        except OSError as exc:  # pragma: no cover - disk gone
+            log.critical("%d ledger rows lost: %s", len(batch), exc)
+
+    # -- reports -------------------------------------------------------------------------
+
+    def usage(self, query: UsageQuery) -> dict[str, Any]:
+        where: list[str] = []
+        params: list[Any] = []
+        if query.key:
+            where.append("(u.key_id = ? OR u.key_id IN (SELECT id FROM keys WHERE name = ?))")
+            params += [query.key, query.key]
+        if query.model:
+            where.append("u.model = ?")
+            params.append(query.model)
+        if query.since is not None:
+            where.append("u.ts >= ?")
+            params.append(query.since)
+        if query.until is not None:
+            where.append("u.ts < ?")
+            params.append(query.until)
+        cond = (" WHERE " + " AND ".join(where)) if where else ""
+        sums = (
+            "COUNT(*), SUM(u.status = 'ok'), SUM(u.status = 'error'), "
+            "SUM(u.status = 'rejected'), SUM(u.status = 'cancelled'), "
+            "SUM(u.prompt_tokens), SUM(u.completion_tokens), SUM(u.cached_tokens), "
+            "SUM(u.input_cost_usd), SUM(u.cached_input_cost_usd), SUM(u.output_cost_usd), "
+            "SUM(u.total_cost_usd)"
+        )
+        src = "FROM usage u LEFT JOIN keys k ON k.id = u.key_id"
+        with self._lock:
+            db = self._db()
+            totals = db.execute(f"SELECT {sums} {src}{cond}", params).fetchone()
+            if query.group_by:
+                cols = [GROUP_BY[g] for g in query.group_by]
+                names = list(query.group_by)
+                if "key" in names:
+                    cols.append("k.name")
+                sql = (
+                    f"SELECT {', '.join(cols)}, {sums} {src}{cond} GROUP BY "
+                    f"{', '.join(GROUP_BY[g] for g in query.group_by)} "
+                    "ORDER BY SUM(u.total_cost_usd) DESC, COUNT(*) DESC LIMIT ?"
+                )
+                rows = db.execute(sql, [*params, query.limit]).fetchall()
+                data = []
+                for r in rows:
+                    item: dict[str, Any] = {}
+                    for i, g in enumerate(names):
+                        item["key_id" if g == "key" else g] = r[i]
+                    n = len(names)
+                    if "key" in names:
+                        item["key_name"] = r[n]
+                        n += 1
+                    item.update(_sums(r[n:]))
+                    data.append(item)
+            else:
+                sql = (
+                    f"SELECT {', '.join('u.' + f for f in _ROW_FIELDS)}, k.name {src}{cond} "
+                    "ORDER BY u.ts DESC, u.id DESC LIMIT ?"
+                )
+                rows = db.execute(sql, [*params, query.limit]).fetchall()
+                data = []
+                for r in rows:
+                    item = dict(zip(_ROW_FIELDS, r))
+                    item["stream"] = bool(item["stream"])
+                    item["key_name"] = r[-1]
+                    data.append(item)
+        return {
+            "object": "usage",
+            "filters": {
+                "key": query.key,
+                "model": query.model,
+                "since": query.since,
+                "until": query.until,
+            },
+            "group_by": list(query.group_by),
+            "data": data,
+            "totals": _sums(totals),
+        }
+
+
+def _sums(r: Sequence[Any]) -> dict[str, Any]:
+    names = (
+        "requests",
+        "ok",
+        "errors",
+        "rejected",
+        "cancelled",
+        "prompt_tokens",
+        "completion_tokens",
+        "cached_tokens",
+        "input_cost_usd",
+        "cached_input_cost_usd",
+        "output_cost_usd",
+        "total_cost_usd",
+    )
+    out: dict[str, Any] = {}
+    for name, value in zip(names, r):
+        if name.endswith("_usd"):
+            out[name] = round(float(value or 0.0), 10)
+        else:
+            out[name] = int(value or 0)
+    return out
+
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_time(value: str, now: float | None = None) -> float:
+    """A time filter: unix seconds, ISO 8601 (UTC when no offset) or a duration ago
+    (``30m``, ``24h``, ``7d``)."""
+    text = value.strip()
+    m = _RELATIVE.match(text)
+    if m:
+        return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"Unreadable time {value!r}: use unix seconds, ISO 8601 (2025-01-31T12:00:00Z) "
+            "or a duration ago such as 30m, 24h, 7d"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def rows_as_dicts(rows: Iterable[UsageRow]) -> list[dict[str, Any]]:
+    return [asdict(r) for r in rows]
+
+
+def usage_row_from(mapping: Mapping[str, Any]) -> UsageRow:
+    return UsageRow(**{k: mapping[k] for k in _ROW_FIELDS if k in mapping})

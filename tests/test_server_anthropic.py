@@ -1,0 +1,358 @@
+"""The Anthropic translation of the gateway, sans I/O: request dicts in, OpenAI bodies out;
+chunks in, Anthropic event bytes out."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lunar import BadRequestError, RateLimitError
+from lunar._types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    Choice,
+    ChoiceDelta,
+    ChoiceDeltaToolCall,
+    ChunkChoice,
+    Function,
+    ToolCall,
+    Usage,
+)
+from lunar.server.anthropic_compat import (
+    MessageStreamEncoder,
+    error_body,
+    message_from_completion,
+    to_chat_body,
+)
+
+
+def events(data: bytes) -> list[tuple[str, dict]]:
+    out = []
+    for block in data.decode().split("\n\n"):
+        if not block:
+            continue
+        lines = block.split("\n")
+        assert lines[0].startswith("event: ") and lines[1].startswith("data: ")
+        kind, payload = lines[0][7:], json.loads(lines[1][6:])
+        assert payload["type"] == kind
+        out.append((kind, payload))
+    return out
+
+
+def chunk(content=None, tool_calls=None, finish=None, usage=None, role=None):
+    delta = ChoiceDelta(role=role, content=content, tool_calls=tool_calls)
+    return ChatCompletionChunk(
+        "chatcmpl-7", 1, "gpt-4o-mini", [ChunkChoice(0, delta, finish)], usage, provider="openai"
+    )
+
+
+def test_request_translates_system_blocks_tools_and_options():
+    body, lunar = to_chat_body(
+        {
+            "model": "gpt-4o-mini",
+            "max_tokens": 300,
+            "system": [{"type": "text", "text": "Be brief."}, {"type": "text", "text": "No lies."}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "text", "text": "What is in this image?"},
+                        {
+                            "type": "image",
+                            "source": {
+                                "type": "base64",
+                                "media_type": "image/png",
+                                "data": "iVBORw0K",
+                            },
+                        },
+                    ],
+                },
+                {
+                    "role": "assistant",
+                    "content": [
+                        {"type": "thinking", "thinking": "hmm", "signature": "x"},
+                        {"type": "text", "text": "Let me check."},
+                        {"type": "tool_use", "id": "toolu_1", "name": "look", "input": {"x": 1}},
+                    ],
+                },
+                {
+                    "role": "user",
+                    "content": [
+                        {
+                            "type": "tool_result",
+                            "tool_use_id": "toolu_1",
+                            "content": [{"type": "text", "text": "a cat"}],
+                        },
+                        {"type": "text", "text": "So?"},
+                    ],
+                },
+            ],
+            "tools": [{"name": "look", "description": "Look", "input_schema": {"type": "object"}}],
+            "tool_choice": {"type": "any", "disable_parallel_tool_use": True},
+            "stop_sequences": ["END"],
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 5,
+            "metadata": {"user_id": "u-1"},
+            "stream": True,
+            "fallbacks": ["gpt-4o"],
+        }
+    )
+    assert lunar == {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "fallbacks": ["gpt-4o"],
+        "provider": None,
+    }
+    assert body["messages"] == [
+        {"role": "system", "content": "Be brief.\n\nNo lies."},
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What is in this image?"},
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0K"}},
+            ],
+        },
+        {
+            "role": "assistant",
+            "content": "Let me check.",
+            "tool_calls": [
+                {
+                    "id": "toolu_1",
+                    "type": "function",
+                    "function": {"name": "look", "arguments": '{"x":1}'},
+                },
+            ],
+        },
+        {"role": "tool", "tool_call_id": "toolu_1", "content": "a cat"},
+        {"role": "user", "content": [{"type": "text", "text": "So?"}]},
+    ]
+    assert body["tools"] == [
+        {
+            "type": "function",
+            "function": {"name": "look", "description": "Look", "parameters": {"type": "object"}},
+        }
+    ]
+    assert body["tool_choice"] == "required"
+    assert body["parallel_tool_calls"] is False
+    assert body["max_tokens"] == 300
+    assert body["stop"] == ["END"]
+    assert (body["temperature"], body["top_p"], body["user"]) == (0.5, 0.9, "u-1")
+    assert "top_k" not in body
+
+
+@pytest.mark.parametrize(
+    ("choice", "expected"),
+    [
+        ({"type": "auto"}, "auto"),
+        ({"type": "none"}, "none"),
+        ({"type": "tool", "name": "look"}, {"type": "function", "function": {"name": "look"}}),
+    ],
+)
+def test_tool_choice_maps_to_openai(choice, expected):
+    body, _ = to_chat_body(
+        {
+            "model": "m",
+            "max_tokens": 5,
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"name": "look", "input_schema": {"type": "object"}}],
+            "tool_choice": choice,
+        }
+    )
+    assert body["tool_choice"] == expected
+
+
+@pytest.mark.parametrize(
+    ("request_body", "param"),
+    [
+        ({"model": "m", "messages": [{"role": "user", "content": "hi"}]}, "max_tokens"),
+        (
+            {"model": "m", "max_tokens": 0, "messages": [{"role": "user", "content": "x"}]},
+            "max_tokens",
+        ),
+        ({"model": "m", "max_tokens": 5, "messages": []}, "messages"),
+        (
+            {"model": "m", "max_tokens": 5, "messages": [{"role": "system", "content": "x"}]},
+            "messages[0].role",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "messages": [{"role": "user", "content": [{"type": "video"}]}],
+            },
+            "messages[0].content[0].type",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "temperature": 1.5,
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "temperature",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "tools": [{"name": "t"}],
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "tools[0].input_schema",
+        ),
+        (
+            {
+                "model": "m",
+                "max_tokens": 5,
+                "stop_sequences": "END",
+                "messages": [{"role": "user", "content": "x"}],
+            },
+            "stop_sequences",
+        ),
+    ],
+)
+def test_invalid_requests_name_the_field(request_body, param):
+    with pytest.raises(BadRequestError) as info:
+        to_chat_body(request_body)
+    assert info.value.param == param
+
+
+def test_completion_becomes_a_message_with_parsed_tool_input():
+    completion = ChatCompletion(
+        "chatcmpl-abc",
+        1,
+        "gpt-4o-mini",
+        [
+            Choice(
+                0,
+                ChatCompletionMessage(
+                    content="Checking.",
+                    tool_calls=[ToolCall("call_1", Function("look", '{"where": "sky"}'))],
+                ),
+                "tool_calls",
+            )
+        ],
+        Usage(
+            20,
+            7,
+            cached_tokens=5,
+            input_cost_usd=1e-6,
+            output_cost_usd=2e-6,
+            total_cost_usd=3e-6,
+            latency_ms=12.0,
+            ttft_ms=12.0,
+        ),
+        provider="openai",
+    )
+    msg = message_from_completion(completion)
+    assert msg["id"] == "msg_abc" and msg["type"] == "message" and msg["role"] == "assistant"
+    assert msg["content"] == [
+        {"type": "text", "text": "Checking."},
+        {"type": "tool_use", "id": "call_1", "name": "look", "input": {"where": "sky"}},
+    ]
+    assert msg["stop_reason"] == "tool_use" and msg["stop_sequence"] is None
+    assert msg["usage"]["input_tokens"] == 15
+    assert msg["usage"]["cache_read_input_tokens"] == 5
+    assert msg["usage"]["output_tokens"] == 7
+    assert msg["usage"]["total_cost_usd"] == 3e-6
+
+
+@pytest.mark.parametrize(
+    ("finish", "stop_reason"),
+    [
+        ("stop", "end_turn"),
+        ("length", "max_tokens"),
+        ("tool_calls", "tool_use"),
+        ("content_filter", "refusal"),
+    ],
+)
+def test_stop_reasons(finish, stop_reason):
+    completion = ChatCompletion(
+        "c", 1, "m", [Choice(0, ChatCompletionMessage(content="x"), finish)]
+    )
+    assert message_from_completion(completion)["stop_reason"] == stop_reason
+
+
+def test_text_stream_becomes_anthropic_events():
+    enc = MessageStreamEncoder("gpt-4o-mini", input_tokens_estimate=9)
+    out = enc.feed(chunk(content="", role="assistant"))
+    out += enc.feed(chunk(content="Hello"))
+    out += enc.feed(chunk(content=" world"))
+    out += enc.feed(chunk(finish="stop", usage=Usage(12, 2, total_cost_usd=1e-6)))
+    out += enc.end()
+    got = events(out)
+    assert [k for k, _ in got] == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    start = got[0][1]["message"]
+    assert start["content"] == [] and start["usage"]["input_tokens"] == 9
+    assert start["id"].startswith("msg_") and start["model"] == "gpt-4o-mini"
+    assert got[1][1]["content_block"] == {"type": "text", "text": ""}
+    assert [e[1]["delta"]["text"] for e in got[2:4]] == ["Hello", " world"]
+    delta = got[5][1]
+    assert delta["delta"]["stop_reason"] == "end_turn"
+    assert delta["usage"]["output_tokens"] == 2 and delta["usage"]["input_tokens"] == 12
+    assert delta["usage"]["total_cost_usd"] == 1e-6
+
+
+def test_tool_calls_stream_as_tool_use_blocks_with_json_deltas():
+    enc = MessageStreamEncoder("m")
+    out = enc.feed(chunk(content="On it.", role="assistant"))
+    out += enc.feed(
+        chunk(tool_calls=[ChoiceDeltaToolCall(0, "call_a", "function", Function("look", ""))])
+    )
+    out += enc.feed(chunk(tool_calls=[ChoiceDeltaToolCall(0, function=Function(None, '{"x"'))]))
+    out += enc.feed(chunk(tool_calls=[ChoiceDeltaToolCall(0, function=Function(None, ": 1}"))]))
+    out += enc.feed(
+        chunk(tool_calls=[ChoiceDeltaToolCall(1, "call_b", "function", Function("find", "{}"))])
+    )
+    out += enc.feed(chunk(finish="tool_calls"))
+    out += enc.end()
+    got = events(out)
+    starts = [e for k, e in got if k == "content_block_start"]
+    assert [s["index"] for s in starts] == [0, 1, 2]
+    assert starts[1]["content_block"] == {
+        "type": "tool_use",
+        "id": "call_a",
+        "name": "look",
+        "input": {},
+    }
+    assert starts[2]["content_block"]["id"] == "call_b"
+    json_parts = [
+        e["delta"]["partial_json"] for k, e in got if k == "content_block_delta" and e["index"] == 1
+    ]
+    assert "".join(json_parts) == '{"x": 1}'
+    stops = [e["index"] for k, e in got if k == "content_block_stop"]
+    assert stops == [0, 1, 2]
+    assert got[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+def test_mid_stream_error_is_an_error_event_and_nothing_after():
+    enc = MessageStreamEncoder("m")
+    out = enc.feed(chunk(content="Once", role="assistant"))
+    err = RateLimitError("Rate limited upstream")
+    got = events(out + enc.error(err))
+    assert got[-1] == (
+        "error",
+        {
+            "type": "error",
+            "error": {"type": "rate_limit_error", "message": "Rate limited upstream"},
+        },
+    )
+    assert not any(k == "message_stop" for k, _ in got)
+
+
+def test_error_body_shape():
+    assert error_body(BadRequestError("bad 'x'", param="x")) == {
+        "type": "error",
+        "error": {"type": "invalid_request_error", "message": "bad 'x'"},
+    }

@@ -1,0 +1,365 @@
+"""The gateway's pieces without a server: limiter (fake clock), SQLite ledger, configuration,
+keys, and the app called in-process."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+import httpx
+import pytest
+
+from lunar import AuthenticationError
+from lunar._catalog import Catalog
+from lunar.server import SQLiteStorage, UsageQuery, UsageRow, create_app, load_config
+from lunar.server.config import ConfigError, to_toml
+from lunar.server.keys import KeyRing, hash_key, hint, key_from_request, new_key, well_formed
+from lunar.server.limits import Estimate, InMemoryLimiter, Refusal, Ticket
+from lunar.server.storage import KeyRecord, parse_time
+from lunar.testing import MockServer, Reply
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def key(**limits) -> KeyRecord:
+    return KeyRecord(id="k1", name="team", key_hash="h", hint="lk-…", created_at=0, **limits)
+
+
+# ---------------------------------------------------------------------------------------------
+# Limits
+
+
+def test_rpm_is_a_sliding_window_with_retry_after():
+    clock = Clock()
+    lim = InMemoryLimiter(60, clock)
+    k = key(rpm=2)
+    est = Estimate(10, 10, 0.0)
+    assert isinstance(lim.admit(k, est), Ticket)
+    clock.t += 10
+    assert isinstance(lim.admit(k, est), Ticket)
+    refused = lim.admit(k, est)
+    assert isinstance(refused, Refusal) and refused.retry_after == 50
+    clock.t += 50  # the first request leaves the window
+    assert isinstance(lim.admit(k, est), Ticket)
+    assert isinstance(lim.admit(k, est), Refusal)
+
+
+def test_tpm_reserves_the_estimate_and_settles_the_real_count():
+    clock = Clock()
+    lim = InMemoryLimiter(60, clock)
+    k = key(tpm=100)
+    t1 = lim.admit(k, Estimate(30, 30, 0.0))
+    assert isinstance(t1, Ticket)
+    assert isinstance(lim.admit(k, Estimate(30, 30, 0.0)), Refusal)  # 60 + 60 > 100
+    lim.settle(t1, 20, 0.0)  # it used only 20
+    assert isinstance(lim.admit(k, Estimate(30, 30, 0.0)), Ticket)  # 20 + 60 <= 100
+    refused = lim.admit(k, Estimate(30, 30, 0.0))
+    assert isinstance(refused, Refusal) and refused.code == "tokens_rate_limit_exceeded"
+    assert refused.retry_after == 60
+
+
+def test_a_request_larger_than_the_tpm_runs_alone():
+    lim = InMemoryLimiter(60, Clock())
+    k = key(tpm=10)
+    assert isinstance(lim.admit(k, Estimate(50, 50, 0.0)), Ticket)
+    assert isinstance(lim.admit(k, Estimate(1, 1, 0.0)), Refusal)
+
+
+def test_budget_reserves_in_flight_cost_and_counts_the_ledger():
+    lim = InMemoryLimiter(60, Clock())
+    k = key(budget_usd=1.0)
+    lim.load_spend({"k1": 0.5})
+    t1 = lim.admit(k, Estimate(0, 0, 0.3))
+    assert isinstance(t1, Ticket)
+    refused = lim.admit(k, Estimate(0, 0, 0.3))  # 0.5 spent + 0.3 reserved + 0.3 > 1
+    assert isinstance(refused, Refusal) and refused.code == "budget_exceeded"
+    assert refused.retry_after is None and "reserved by requests in flight" in refused.message
+    lim.settle(t1, 10, 0.1)
+    assert lim.spent("k1") == pytest.approx(0.6) and lim.reserved("k1") == 0
+    assert isinstance(lim.admit(k, Estimate(0, 0, 0.3)), Ticket)
+    lim.load_spend({"k1": 1.0})
+    done = lim.admit(k, Estimate(0, 0, 0.0))
+    assert isinstance(done, Refusal) and done.message.startswith("Budget exhausted")
+
+
+def test_unlimited_keys_still_count_spend():
+    lim = InMemoryLimiter(60, Clock())
+    t = lim.admit(key(), Estimate(1, 1, 5.0))
+    lim.settle(t, 2, 0.25)
+    lim.settle(t, 2, 0.25)  # settling twice counts once
+    assert lim.spent("k1") == 0.25
+
+
+# ---------------------------------------------------------------------------------------------
+# Ledger
+
+
+def row(i: int, **kw) -> UsageRow:
+    base = dict(
+        ts=1000.0 + i,
+        request_id=f"r{i}",
+        key_id="k1",
+        route="chat",
+        model="gpt-4o-mini",
+        served_model="gpt-4o-mini",
+        provider="openai",
+        attempts=1,
+        prompt_tokens=10,
+        completion_tokens=5,
+        total_cost_usd=0.001,
+    )
+    base.update(kw)
+    return UsageRow(**base)
+
+
+def test_close_writes_every_queued_row_in_wal_mode(tmp_path):
+    st = SQLiteStorage(tmp_path / "l.db", batch_size=100)
+    st.open()
+    for i in range(5000):
+        st.record(row(i))
+    st.close()
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 5000
+        assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert st.pending == 0
+
+
+def test_rows_recorded_after_close_are_still_written(tmp_path):
+    st = SQLiteStorage(tmp_path / "l.db")
+    st.open()
+    st.record(row(1))
+    st.close()
+    st.record(row(2))  # a request cancelled during shutdown, finishing late
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 2
+
+
+def test_flush_and_commit_callbacks(tmp_path):
+    st = SQLiteStorage(tmp_path / "l.db")
+    st.open()
+    committed = threading.Event()
+    st.record(row(1), committed.set)
+    assert committed.wait(10)
+    st.record(row(2))
+    assert st.flush(10)
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 2
+    st.close()
+
+
+def test_usage_groups_filters_and_keys(tmp_path):
+    st = SQLiteStorage(tmp_path / "l.db")
+    st.open()
+    st.add_key(KeyRecord("k1", "team-a", "h1", "lk-…", 0.0, rpm=5, models=["gpt-4o"]))
+    st.record(row(1))
+    st.record(row(2, model="gpt-4o", total_cost_usd=0.01))
+    st.record(
+        row(3, status="error", http_status=502, error_type="server_error", total_cost_usd=0.0)
+    )
+    st.record(row(4, key_id="other"))
+    st.flush(10)
+    out = st.usage(UsageQuery(key="team-a"))
+    assert out["totals"]["requests"] == 3 and out["totals"]["errors"] == 1
+    assert out["data"][0] == {
+        "key_id": "k1",
+        "model": "gpt-4o",
+        "key_name": "team-a",
+        "requests": 1,
+        "ok": 1,
+        "errors": 0,
+        "rejected": 0,
+        "cancelled": 0,
+        "prompt_tokens": 10,
+        "completion_tokens": 5,
+        "cached_tokens": 0,
+        "input_cost_usd": 0.0,
+        "cached_input_cost_usd": 0.0,
+        "output_cost_usd": 0.0,
+        "total_cost_usd": 0.01,
+    }
+    raw = st.usage(UsageQuery(model="gpt-4o-mini", since=1001.5, group_by=()))
+    assert [r["request_id"] for r in raw["data"]] == ["r4", "r3"]
+    assert st.spend_by_key() == {"k1": pytest.approx(0.011), "other": pytest.approx(0.001)}
+    [k] = st.load_keys()
+    assert (k.name, k.rpm, k.models) == ("team-a", 5, ["gpt-4o"])
+    assert st.revoke_key("k1", 5.0).revoked_at == 5.0
+    assert st.revoke_key("nope", 5.0) is None
+    st.close()
+
+
+def test_parse_time():
+    assert parse_time("1700000000") == 1700000000.0
+    assert parse_time("2024-01-01T00:00:00Z") == 1704067200.0
+    assert parse_time("2024-01-01T00:00:00") == 1704067200.0
+    assert parse_time("2h", now=10_000.0) == 10_000.0 - 7200
+    with pytest.raises(ValueError, match="duration ago"):
+        parse_time("soon")
+
+
+# ---------------------------------------------------------------------------------------------
+# Keys
+
+
+def test_keys_are_random_hashed_and_checked():
+    k = new_key()
+    assert well_formed(k) and len(k) == 35 and k != new_key()
+    assert hash_key(k) != k and len(hash_key(k)) == 64
+    assert hint(k).startswith("lk-") and k not in hint(k)
+    catalog = Catalog.load()
+    key_text, rec = key_from_request({"name": "a", "models": "gpt-4o-mini, gpt-4o"}, catalog)
+    ring = KeyRing(catalog)
+    ring.put(rec)
+    assert ring.authenticate(key_text, None) is rec
+    assert ring.authenticate("master-secret", "master-secret").id == "master"
+    assert ring.allows(rec, "openai/gpt-4o") and not ring.allows(rec, "o4-mini")
+    for given, code in (
+        (None, "missing_api_key"),
+        ("sk-abc", "invalid_api_key"),
+        (new_key(), "invalid_api_key"),
+    ):
+        with pytest.raises(AuthenticationError) as info:
+            ring.authenticate(given, "master-secret")
+        assert info.value.code == code
+    rec.revoked_at = 1.0
+    with pytest.raises(AuthenticationError, match="revoked"):
+        ring.authenticate(key_text, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(
+        '[server]\nport = 5000\nhost = "0.0.0.0"\ndb = "file.db"\n[engine]\nmax_retries = 4\n'
+    )
+    c = load_config(cfg, {"LUNAR_PORT": "6000", "LUNAR_DB": "env.db"}, db="flag.db")
+    assert (c.host, c.port, c.db, c.max_retries) == ("0.0.0.0", 6000, "flag.db", 4)
+    assert load_config(None, {}).port == 4000
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[server]\nprot = 1\n", "unknown setting server.prot"),
+        ('[server]\nport = "x"\n', "server.port must be a int"),
+        ("[engine]\ntimeout_seconds = -1\n", "must be positive"),
+        ('[providers.openai]\napi_key = "sk-x"\n', "api_key_env"),
+        ('[providers.house]\nbase_url = "http://h"\n', "give its 'protocol'"),
+        ('[aliases]\nfast = "no-such-model"\n', "Unknown model 'no-such-model'"),
+        ('[fallbacks]\n"gpt-4o-mini" = ["nope"]\n', "Unknown model 'nope'"),
+        ("[colors]\nred = 1\n", "unknown section [colors]"),
+        ("not toml [", "invalid TOML"),
+    ],
+)
+def test_bad_config_is_refused_with_the_setting_named(tmp_path, text, message):
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(cfg, {}).build_catalog()
+
+
+def test_providers_models_aliases_and_env_reference_keys(tmp_path):
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(
+        '[providers.house]\nprotocol = "openai"\nbase_url = "http://10.0.0.5/v1"\n'
+        'api_key_env = "HOUSE_KEY"\n'
+        '[providers.openai]\nbase_url = "http://file/v1"\napi_key_env = "TEAM_OPENAI"\n'
+        '[models.house-llama]\ndeployments = [{provider = "house", id = "llama-3", '
+        "input = 0.1, output = 0.2}]\n"
+        '[aliases]\nfast = "house-llama"\n'
+    )
+    env = {"HOUSE_KEY": "sk-h", "TEAM_OPENAI": "sk-team"}
+    c = load_config(cfg, env)
+    catalog = c.build_catalog()
+    assert catalog.resolve("fast")[0].provider_model == "llama-3"
+    assert catalog.providers["house"].api_key_env == "HOUSE_KEY"
+    assert c.provider_overrides(catalog) == {
+        "openai": {"base_url": "http://file/v1", "api_key": "sk-team"}
+    }
+    # The usual variables win over the file.
+    env2 = {**env, "OPENAI_BASE_URL": "http://env/v1", "OPENAI_API_KEY": "sk-env"}
+    assert load_config(cfg, env2).provider_overrides(catalog) == {}
+    text = load_config(cfg, env2).render()
+    assert "sk-env" not in text and "sk-team" not in text and "sk-h" not in text
+    assert 'base_url = "http://env/v1"' in text
+
+
+def test_to_toml_writes_nested_tables():
+    text = to_toml(
+        {
+            "server": {"port": 1, "ok": True},
+            "providers": {"openai": {"base_url": "u"}},
+            "fallbacks": {"gpt-4.1": ["a", "b"]},
+        }
+    )
+    if __import__("sys").version_info >= (3, 11):
+        import tomllib
+
+        assert tomllib.loads(text) == {
+            "server": {"port": 1, "ok": True},
+            "providers": {"openai": {"base_url": "u"}},
+            "fallbacks": {"gpt-4.1": ["a", "b"]},
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# The app in-process (no lifespan: it starts itself on the first request)
+
+
+async def test_create_app_serves_in_process(tmp_path):
+    with MockServer() as upstream:
+        upstream.default = Reply(chunks=3)
+        env = {
+            "OPENAI_API_KEY": "sk-x",
+            "OPENAI_BASE_URL": upstream.base_url,
+            "LUNAR_MASTER_KEY": "m" * 32,
+        }
+        app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            made = await client.post(
+                "/admin/keys", json={"name": "x"}, headers={"authorization": "Bearer " + "m" * 32}
+            )
+            k = made.json()["key"]
+            r = await client.post(
+                "/v1/chat/completions",
+                headers={"x-api-key": k},
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+            )
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
+            r = await client.post(
+                "/v1/messages",
+                headers={"x-api-key": k},
+                json={
+                    "model": "gpt-4o-mini",
+                    "max_tokens": 5,
+                    "stream": True,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            )
+            assert r.text.startswith("event: message_start")
+            assert r.text.rstrip().endswith('data: {"type":"message_stop"}')
+        await app.shutdown()
+    with sqlite3.connect(tmp_path / "g.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 2
+    assert time.time() > 0
+
+
+async def test_private_metrics_need_the_master_key(tmp_path):
+    env = {"LUNAR_MASTER_KEY": "m" * 32, "LUNAR_METRICS_PUBLIC": "false"}
+    app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        assert (await client.get("/metrics")).status_code == 401
+        ok = await client.get("/metrics", headers={"x-api-key": "m" * 32})
+        assert ok.status_code == 200 and "lunar_requests_total" in ok.text
+    await app.shutdown()
