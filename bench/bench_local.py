@@ -54,16 +54,21 @@ class Run:
         return {name: getattr(self, name) for name in self.__slots__}
 
 
-def direct_lane(llm: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
-                ) -> Callable[[], Run]:
+def direct_lane(
+    llm: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+) -> Callable[[], Run]:
     def run() -> Run:
         llm.reset()
         started = time.perf_counter()
         stamps: list[float] = []
         parts: list[str] = []
         for chunk in llm.create_chat_completion(
-            messages=messages, stream=True, max_tokens=max_tokens, seed=seed,
-            **SAMPLING, **LLAMA_ONLY,
+            messages=messages,
+            stream=True,
+            max_tokens=max_tokens,
+            seed=seed,
+            **SAMPLING,
+            **LLAMA_ONLY,
         ):
             text = chunk["choices"][0]["delta"].get("content") if chunk["choices"] else None
             if text:
@@ -74,15 +79,20 @@ def direct_lane(llm: Any, messages: list[dict[str, str]], max_tokens: int, seed:
     return run
 
 
-def lunar_lane(client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
-               ) -> Callable[[], Run]:
+def lunar_lane(
+    client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+) -> Callable[[], Run]:
     def run() -> Run:
         started = time.perf_counter()
         stamps: list[float] = []
         parts: list[str] = []
         usage = None
         for chunk in client.chat.completions.create(
-            model="smollm2", messages=messages, stream=True, max_tokens=max_tokens, seed=seed,
+            model="smollm2",
+            messages=messages,
+            stream=True,
+            max_tokens=max_tokens,
+            seed=seed,
             **SAMPLING,
         ):
             text = chunk.choices[0].delta.content if chunk.choices else None
@@ -96,8 +106,9 @@ def lunar_lane(client: Any, messages: list[dict[str, str]], max_tokens: int, see
     return run
 
 
-def async_lane(client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
-               ) -> Callable[[], Run]:
+def async_lane(
+    client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+) -> Callable[[], Run]:
     loop = asyncio.new_event_loop()
 
     async def once() -> Run:
@@ -106,7 +117,11 @@ def async_lane(client: Any, messages: list[dict[str, str]], max_tokens: int, see
         parts: list[str] = []
         usage = None
         stream = await client.chat.completions.create(
-            model="smollm2", messages=messages, stream=True, max_tokens=max_tokens, seed=seed,
+            model="smollm2",
+            messages=messages,
+            stream=True,
+            max_tokens=max_tokens,
+            seed=seed,
             **SAMPLING,
         )
         async for chunk in stream:
@@ -130,14 +145,18 @@ def child(side: str, args: argparse.Namespace) -> None:
     from lunar import AsyncLunar, Lunar
     from lunar.providers import local
 
-    info: dict[str, Any] = {"import_s": time.perf_counter() - t0,
-                            "llama_cpp_version": llama_cpp.__version__,
-                            "threads": local.thread_count(), "model": local.bundled_model_path()}
+    info: dict[str, Any] = {
+        "import_s": time.perf_counter() - t0,
+        "llama_cpp_version": llama_cpp.__version__,
+        "threads": local.thread_count(),
+        "model": local.bundled_model_path(),
+    }
     t0 = time.perf_counter()
     lanes: dict[str, Callable[[], Run]]
     if side == "direct":
-        llm = llama_cpp.Llama(model_path=info["model"], n_ctx=2048, n_threads=info["threads"],
-                              verbose=False)
+        llm = llama_cpp.Llama(
+            model_path=info["model"], n_ctx=2048, n_threads=info["threads"], verbose=False
+        )
         info["load_s"] = time.perf_counter() - t0
         lanes = {"direct": direct_lane(llm, messages, args.max_tokens, args.seed)}
     else:
@@ -154,10 +173,19 @@ def child(side: str, args: argparse.Namespace) -> None:
 
 class Side:
     def __init__(self, side: str, args: argparse.Namespace) -> None:
-        cmd = [sys.executable, __file__, "--child", side, "--max-tokens", str(args.max_tokens),
-               "--seed", str(args.seed), "--prompt", args.prompt]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True)
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            side,
+            "--max-tokens",
+            str(args.max_tokens),
+            "--seed",
+            str(args.seed),
+            "--prompt",
+            args.prompt,
+        ]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
         self.info: dict[str, Any] = json.loads(self._read())
 
     def _read(self) -> str:
@@ -206,7 +234,7 @@ def main() -> None:
     texts = {name: sides[side_of[name]].run(name)["text"] for name in names}  # warm-up
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
     for i in range(args.runs):
-        for name in names[i % len(names):] + names[: i % len(names)]:
+        for name in names[i % len(names) :] + names[: i % len(names)]:
             run = sides[side_of[name]].run(name)
             runs[name].append(run)
             texts[name] = run["text"]
@@ -226,8 +254,10 @@ def main() -> None:
         "load_s": {name: side.info["load_s"] for name, side in sides.items()},
         "same_text": len(set(texts.values())) == 1,
         "lanes": {
-            name: {metric: summary([float(r[metric]) for r in runs[name]])
-                   for metric in ("ttft_ms", "decode_tps", "total_ms", "tokens")}
+            name: {
+                metric: summary([float(r[metric]) for r in runs[name]])
+                for metric in ("ttft_ms", "decode_tps", "total_ms", "tokens")
+            }
             for name in names
         },
     }
@@ -240,28 +270,46 @@ def main() -> None:
     def ratio(name: str, metric: str) -> str:
         return f"{lanes_out[name][metric]['median'] / lanes_out['direct'][metric]['median']:.3f}"
 
-    print(f"SmolLM2-135M-Instruct Q4_1, llama-cpp-python {results['llama_cpp_version']}, "
-          f"{results['threads']} threads on {results['cpus']} CPUs, "
-          f"max_tokens={args.max_tokens}, temperature 0, {args.runs} runs (median, min–max)\n")
-    print("| metric | direct llama-cpp | Lunar | AsyncLunar | Lunar / direct "
-          "| AsyncLunar / direct |")
+    print(
+        f"SmolLM2-135M-Instruct Q4_1, llama-cpp-python {results['llama_cpp_version']}, "
+        f"{results['threads']} threads on {results['cpus']} CPUs, "
+        f"max_tokens={args.max_tokens}, temperature 0, {args.runs} runs (median, min–max)\n"
+    )
+    print(
+        "| metric | direct llama-cpp | Lunar | AsyncLunar | Lunar / direct | AsyncLunar / direct |"
+    )
     print("|---|---|---|---|---|---|")
-    for metric, label, fmt in (("ttft_ms", "TTFT (ms)", ".1f"),
-                               ("decode_tps", "decode tokens/s", ".1f"),
-                               ("total_ms", "total (ms)", ".0f"),
-                               ("tokens", "tokens", ".0f")):
-        print(f"| {label} | {cell('direct', metric, fmt)} | {cell('lunar', metric, fmt)} "
-              f"| {cell('lunar_async', metric, fmt)} | {ratio('lunar', metric)} "
-              f"| {ratio('lunar_async', metric)} |")
-    best = {name: (lanes_out[name]["ttft_ms"]["min"], lanes_out[name]["decode_tps"]["max"],
-                   lanes_out[name]["total_ms"]["min"]) for name in names}
-    print("\nbest runs (the least disturbed; min TTFT / max tokens/s / min total): "
-          + ", ".join(f"{name} {b[0]:.1f} ms / {b[1]:.1f} tok/s / {b[2]:.0f} ms"
-                      for name, b in best.items()))
+    for metric, label, fmt in (
+        ("ttft_ms", "TTFT (ms)", ".1f"),
+        ("decode_tps", "decode tokens/s", ".1f"),
+        ("total_ms", "total (ms)", ".0f"),
+        ("tokens", "tokens", ".0f"),
+    ):
+        print(
+            f"| {label} | {cell('direct', metric, fmt)} | {cell('lunar', metric, fmt)} "
+            f"| {cell('lunar_async', metric, fmt)} | {ratio('lunar', metric)} "
+            f"| {ratio('lunar_async', metric)} |"
+        )
+    best = {
+        name: (
+            lanes_out[name]["ttft_ms"]["min"],
+            lanes_out[name]["decode_tps"]["max"],
+            lanes_out[name]["total_ms"]["min"],
+        )
+        for name in names
+    }
+    print(
+        "\nbest runs (the least disturbed; min TTFT / max tokens/s / min total): "
+        + ", ".join(
+            f"{name} {b[0]:.1f} ms / {b[1]:.1f} tok/s / {b[2]:.0f} ms" for name, b in best.items()
+        )
+    )
     load, imp = results["load_s"], results["import_s"]
-    print(f"load: direct Llama() {load['direct']:.3f} s, Lunar preload() {load['lunar']:.3f} s "
-          f"(imports: llama_cpp {imp['direct']:.3f} s, llama_cpp + lunar {imp['lunar']:.3f} s); "
-          f"same text in every lane: {results['same_text']}")
+    print(
+        f"load: direct Llama() {load['direct']:.3f} s, Lunar preload() {load['lunar']:.3f} s "
+        f"(imports: llama_cpp {imp['direct']:.3f} s, llama_cpp + lunar {imp['lunar']:.3f} s); "
+        f"same text in every lane: {results['same_text']}"
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

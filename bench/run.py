@@ -2,6 +2,10 @@
 
     python bench/run.py [--full]
 
+Lanes 1–3 (gateway latency, throughput frontier, streams) are bench/bench_gateway.py, lane 4
+(memory) bench/bench_memory.py: they need wrk (apt-get install -y wrk) and install the LiteLLM
+proxy into bench/.venv-litellm on first use; their plots go to docs/img/.
+
 Each lane is its own script (runnable alone); this only runs them, side by side with their
 peers in the same process run, and assembles the page.
 """
@@ -52,7 +56,13 @@ def main() -> None:
     ap.add_argument("--full", action="store_true", help="more chunks and runs")
     args = ap.parse_args()
     runs = "15" if args.full else "7"
+    full = ["--full"] if args.full else []
     sections = [
+        lane(
+            "Gateway: Lunar vs LiteLLM vs direct (lanes 1–3)",
+            ["bench/bench_gateway.py", *full],
+        ),
+        lane("Memory: Lunar vs LiteLLM (lane 4)", ["bench/bench_memory.py", *full]),
         lane(
             "SDK client cost: Lunar vs the openai SDK",
             ["bench/bench_client.py", "--chunks", "4000" if args.full else "2000", "--runs", runs],

@@ -1,0 +1,203 @@
+"""What is measured: a pluggable target = a command line + a ready URL + request headers.
+
+``direct`` is the emulator alone (the physical floor: no gateway process). ``lunar`` is
+``python -m lunar.server serve`` (the same as ``lunar serve``) with its OpenAI provider pointed
+at the emulator; ``litellm`` is the LiteLLM proxy from bench/.venv-litellm with the same
+emulator as its one upstream. Every gateway is pinned to GATEWAY_CORE. A new peer is one more
+``Spec``.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import litellm_env
+from .procs import GATEWAY_CORE, Emulator, Proc, Procs, free_port, http_json, wait_ready
+
+CHAT_PATH = "/v1/chat/completions"
+MODEL = "gpt-4o-mini"
+
+
+@dataclass
+class Target:
+    name: str
+    base: str  # http://127.0.0.1:PORT
+    headers: dict[str, str]
+    proc: Proc | None  # None for direct
+    command: str  # as a person would type it
+    version: str = ""
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def url(self) -> str:
+        return self.base + CHAT_PATH
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+
+@dataclass
+class Spec:
+    """How to start one gateway in front of an emulator."""
+
+    name: str
+    # (upstream /v1 URL, port, work dir) -> (argv, env to add, env to show in the command)
+    command: Callable[[str, int, Path], tuple[list[str], dict[str, str], dict[str, str]]]
+    ready_path: str
+    # (base URL, the env given) -> headers for requests; may call the admin API
+    headers: Callable[[str, dict[str, str]], dict[str, str]]
+    available: Callable[[], str | None]  # None when it can run, else why not
+    version: Callable[[], str]
+    ready_timeout: float = 90.0
+
+
+# -- Lunar ----------------------------------------------------------------------------------
+
+
+def _lunar_command(
+    upstream: str, port: int, work: Path
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    master = "lm-" + secrets.token_urlsafe(24)
+    db = work / f"lunar-{port}.db"
+    env = {"LUNAR_MASTER_KEY": master, "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream}
+    shown = {"LUNAR_MASTER_KEY": "…", "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream}
+    cmd = [
+        sys.executable,
+        "-m",
+        "lunar.server",
+        "serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--db",
+        str(db),
+    ]
+    return cmd, env, shown
+
+
+def _lunar_headers(base: str, env: dict[str, str]) -> dict[str, str]:
+    status, body = http_json(
+        "POST",
+        base + "/admin/keys",
+        {"name": "bench"},
+        {"authorization": "Bearer " + env["LUNAR_MASTER_KEY"]},
+    )
+    if status not in (200, 201) or not isinstance(body, dict) or "key" not in body:
+        raise RuntimeError(f"POST /admin/keys answered {status}: {body}")
+    return {"Authorization": "Bearer " + body["key"]}
+
+
+def _lunar_available() -> str | None:
+    try:
+        import uvicorn  # noqa: F401
+
+        import lunar.server  # noqa: F401
+    except ImportError as e:
+        return f"the gateway cannot be imported ({e}): pip install -e '.[server]'"
+    return None
+
+
+def _lunar_version() -> str:
+    import lunar
+
+    extras = []
+    for dist in ("uvicorn", "uvloop", "httptools", "httpx"):
+        try:
+            import importlib.metadata as md
+
+            extras.append(f"{dist} {md.version(dist)}")
+        except Exception:
+            extras.append(f"{dist} -")
+    return f"lunar {lunar.__version__} ({', '.join(extras)})"
+
+
+LUNAR = Spec("lunar", _lunar_command, "/health", _lunar_headers, _lunar_available, _lunar_version)
+
+
+# -- LiteLLM --------------------------------------------------------------------------------
+
+_LITELLM_LOG_CONFIG = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"default": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"default": {"class": "logging.StreamHandler", "formatter": "default"}},
+    "loggers": {
+        "uvicorn": {"handlers": ["default"], "level": "WARNING"},
+        "uvicorn.error": {"level": "WARNING"},
+        "uvicorn.access": {"handlers": ["default"], "level": "WARNING", "propagate": False},
+    },
+}
+
+
+def _litellm_command(
+    upstream: str, port: int, work: Path
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    cfg = litellm_env.write_config(work / f"litellm-{port}.yaml", upstream)
+    log_cfg = work / "litellm-logging.json"
+    log_cfg.write_text(json.dumps(_LITELLM_LOG_CONFIG))
+    key = litellm_env.master_key()
+    # Its production settings that apply here: no access log (Lunar has none either), errors
+    # only, no .env loading, and the bundled cost map (no fetch: this machine is offline).
+    env = {
+        "LITELLM_MASTER_KEY": key,
+        "LITELLM_LOG": "ERROR",
+        "LITELLM_MODE": "PRODUCTION",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+    }
+    shown = {**env, "LITELLM_MASTER_KEY": "sk-…"}
+    cmd = [*litellm_env.command(cfg, port), "--log_config", str(log_cfg)]
+    return cmd, env, shown
+
+
+def _litellm_headers(base: str, env: dict[str, str]) -> dict[str, str]:
+    return {"Authorization": "Bearer " + env["LITELLM_MASTER_KEY"]}
+
+
+def _litellm_available() -> str | None:
+    if not (litellm_env.VENV / "bin" / "litellm").exists():
+        return "not installed: python bench/gateway/litellm_env.py (or --install-litellm)"
+    return None
+
+
+def _litellm_version() -> str:
+    return f"litellm {litellm_env.installed_version()} (--num_workers 1)"
+
+
+LITELLM = Spec(
+    "litellm",
+    _litellm_command,
+    "/health/liveliness",
+    _litellm_headers,
+    _litellm_available,
+    _litellm_version,
+    ready_timeout=180.0,
+)
+
+SPECS = {"lunar": LUNAR, "litellm": LITELLM}
+
+
+def direct(emu: Emulator) -> Target:
+    return Target("direct", emu.base, {}, None, emu.proc.shown(), f"emulator ({emu.loop})")
+
+
+def start(spec: Spec, procs: Procs, emu: Emulator, core: int | None = GATEWAY_CORE) -> Target:
+    port = free_port()
+    cmd, env, shown = spec.command(emu.v1, port, procs.workdir)
+    p = procs.start(spec.name, cmd, core=core, env=env, env_shown=shown)
+    base = f"http://127.0.0.1:{port}"
+    wait_ready(p, base + spec.ready_path, timeout=spec.ready_timeout)
+    headers = spec.headers(base, env)
+    t = Target(spec.name, base, headers, p, p.shown(), spec.version())
+    status, body = http_json(
+        "POST", t.url, {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}, headers
+    )
+    if status != 200:
+        raise RuntimeError(f"{spec.name}: a first request answered {status}: {str(body)[:500]}")
+    return t
