@@ -363,3 +363,20 @@ async def test_private_metrics_need_the_master_key(tmp_path):
         ok = await client.get("/metrics", headers={"x-api-key": "m" * 32})
         assert ok.status_code == 200 and "lunar_requests_total" in ok.text
     await app.shutdown()
+
+
+def test_local_models_section_names_gguf_files(tmp_path):
+    from lunar.server.config import ConfigError, load_config
+
+    path = tmp_path / "lunar.toml"
+    path.write_text('[local.models]\nhouse = "/models/house.gguf"\n'
+                    'big = {path = "/models/big.gguf", context_window = 8192}\n')
+    catalog = load_config(path, environ={"LUNAR_MASTER_KEY": "m"}).build_catalog()
+    [house] = catalog.resolve("house")
+    assert (house.provider, house.provider_model, house.context_window) == (
+        "local", "/models/house.gguf", 2048)
+    assert house.prices is not None and house.prices.input == 0
+    assert catalog.resolve("big")[0].context_window == 8192
+    path.write_text("[local.models]\nbad = 5\n")
+    with pytest.raises(ConfigError, match=r"\[local.models\]"):
+        load_config(path, environ={"LUNAR_MASTER_KEY": "m"})

@@ -16,6 +16,9 @@
     context_window = 8192
     deployments = [{provider = "my-vllm", id = "meta-llama/Llama-3.1-8B-Instruct"}]
 
+    [local.models]                        # GGUF files for the embedded llama.cpp runtime
+    house-3b = "/models/house-3b.Q4_K_M.gguf"   # or {path = "...", context_window = 4096}
+
     [aliases]
     fast = "gpt-4o-mini"
 
@@ -314,6 +317,7 @@ _SECTIONS = {
     "aliases",
     "fallbacks",
     "catalog",
+    "local",
 }
 _PROVIDER_KEYS = {
     "protocol",
@@ -323,6 +327,31 @@ _PROVIDER_KEYS = {
     "key_required",
     "headers",
 }
+
+
+def _local_models(local: Any, src: str) -> dict[str, Any]:
+    """``[local.models]``: a name for each GGUF file, as catalogue entries of the local
+    provider (free, JSON mode by grammar)."""
+    usage = f'{src}: [local.models] maps a name to a GGUF path: house = "/models/house.gguf"'
+    if not isinstance(local, dict) or set(local) - {"models"}:
+        raise ConfigError(usage)
+    out: dict[str, Any] = {}
+    for name, entry in (local.get("models") or {}).items():
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
+            raise ConfigError(usage)
+        out[name] = {
+            "context_window": _check(
+                f"{src}: [local.models.{name}] context_window",
+                entry.get("context_window", 2048), int, positive=True,
+            ),
+            "capabilities": ["json"],
+            "deployments": [
+                {"provider": "local", "id": entry["path"], "input": 0.0, "output": 0.0}
+            ],
+        }
+    return out
 
 
 def _from_env(name: str, text: str, kind: type) -> Any:
@@ -459,6 +488,7 @@ def load_config(
                 'id = "...", input = 0.15, output = 0.6}]'
             )
     cfg.models = dict(models)
+    cfg.models.update(_local_models(data.get("local", {}), src))
 
     aliases = data.get("aliases", {})
     if not isinstance(aliases, dict) or not all(isinstance(v, str) for v in aliases.values()):
