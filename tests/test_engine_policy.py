@@ -202,3 +202,14 @@ def test_validation_errors_name_the_argument():
 def test_rate_limit_and_server_errors_are_typed():
     assert isinstance(error_from_response(429, {}, b""), RateLimitError)
     assert isinstance(error_from_response(500, {}, b""), ServerError)
+
+
+def test_unhashable_role_or_part_type_is_a_clear_400():
+    from lunar._request import chat_body
+
+    with pytest.raises(BadRequestError) as info:
+        chat_body([{"role": {}, "content": "x"}], {})
+    assert info.value.param == "messages[0].role"
+    with pytest.raises(BadRequestError) as info:
+        chat_body([{"role": "user", "content": [{"type": []}]}], {})
+    assert info.value.param == "messages[0].content[0]"

@@ -43,7 +43,7 @@ graceful_timeout_seconds = 10
 
 [engine]
 max_retries = 0
-timeout_seconds = 1.0
+timeout_seconds = 2.0
 connect_timeout_seconds = 2.0
 
 [limits]
@@ -675,9 +675,16 @@ def _post(gw, key, path="/v1/chat/completions", **kw):
             404,
             "provider",
         ),
-        (b'{"model": "gpt-4o-mini", "messages": [{"role": {}, "content": "x"}]}', 400, None),
-        (b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": {}}]}]}',
-         400, None),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": {}, "content": "x"}]}',
+            400,
+            "messages[0].role",
+        ),
+        (
+            b'{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": [{"type": {}}]}]}',
+            400,
+            "messages[0].content[0]",
+        ),
         (b"\xff\xfe{}", 400, None),
         (b"[" * 100_000, 400, None),
     ],
@@ -688,6 +695,30 @@ def test_bad_input_gets_4xx_naming_the_field(gw, key, body, status, param):
     assert err["param"] == param
     if param:
         assert param.split("[")[0] in err["message"]
+
+
+def test_text_sqlite_cannot_store_never_breaks_the_ledger(gw):
+    key, key_id = gw.new_key()
+    # JSON allows lone surrogates; UTF-8 (and SQLite) does not.
+    r = _post(
+        gw,
+        key,
+        content=b'{"model": "gpt-\\ud800", "messages": [{"role": "user", "content": "x"}]}',
+        headers={"content-type": "application/json"},
+    )
+    assert _error(r, 404)["param"] == "model"
+    assert _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES}).status_code == 200
+    rows = gw.rows(key_id, 2)
+    assert [r["status"] for r in rows] == ["error", "ok"]
+    assert rows[0]["model"] == "gpt-?"
+    for bad in (
+        b'{"name": "x", "tpm": 1000000000000000000000000000000}',
+        b'{"name": "\\ud800"}',
+        b'{"name": "x", "rpm": 0}',
+        b'{"name": "x", "budget_usd": 1e300}',
+    ):
+        r = gw.admin("POST", "/admin/keys", content=bad)
+        assert r.status_code == 400, (bad, r.text)
 
 
 def test_oversized_bodies_get_413_and_other_requests_are_unaffected(gw, key, upstream):

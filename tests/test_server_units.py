@@ -3,6 +3,7 @@ keys, and the app called in-process."""
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -139,6 +140,22 @@ def test_rows_recorded_after_close_are_still_written(tmp_path):
     st.record(row(2))  # a request cancelled during shutdown, finishing late
     with sqlite3.connect(tmp_path / "l.db") as db:
         assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 2
+
+
+def test_values_sqlite_refuses_never_stop_the_writer(tmp_path):
+    st = SQLiteStorage(tmp_path / "l.db")
+    st.open()
+    st.record(row(1, model="gpt-\ud800"))  # a lone surrogate: stored as "?"
+    st.record(row(2, prompt_tokens=10**30))  # too big for SQLite: spilled, not dropped
+    st.record(row(3))
+    assert st.flush(10)
+    st.record(row(4))
+    st.close()
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        got = db.execute("SELECT request_id, model FROM usage ORDER BY id").fetchall()
+    assert got == [("r1", "gpt-?"), ("r3", "gpt-4o-mini"), ("r4", "gpt-4o-mini")]
+    spilled = (tmp_path / "l.db.unwritten.jsonl").read_text().splitlines()
+    assert [json.loads(line)["request_id"] for line in spilled] == ["r2"]
 
 
 def test_flush_and_commit_callbacks(tmp_path):
@@ -369,12 +386,17 @@ def test_local_models_section_names_gguf_files(tmp_path):
     from lunar.server.config import ConfigError, load_config
 
     path = tmp_path / "lunar.toml"
-    path.write_text('[local.models]\nhouse = "/models/house.gguf"\n'
-                    'big = {path = "/models/big.gguf", context_window = 8192}\n')
+    path.write_text(
+        '[local.models]\nhouse = "/models/house.gguf"\n'
+        'big = {path = "/models/big.gguf", context_window = 8192}\n'
+    )
     catalog = load_config(path, environ={"LUNAR_MASTER_KEY": "m"}).build_catalog()
     [house] = catalog.resolve("house")
     assert (house.provider, house.provider_model, house.context_window) == (
-        "local", "/models/house.gguf", 2048)
+        "local",
+        "/models/house.gguf",
+        2048,
+    )
     assert house.prices is not None and house.prices.input == 0
     assert catalog.resolve("big")[0].context_window == 8192
     path.write_text("[local.models]\nbad = 5\n")

@@ -141,7 +141,7 @@ def _validate_content(content: Any, where: str, role: str, allow_none: bool) -> 
             if not isinstance(part, Mapping):
                 raise bad(f"'{p}' must be an object with a 'type', got {type(part).__name__}", p)
             ptype = part.get("type")
-            if ptype not in _PART_TYPES:
+            if not isinstance(ptype, str) or ptype not in _PART_TYPES:
                 raise bad(f"'{p}.type' must be one of {sorted(_PART_TYPES)}, got {ptype!r}", p)
             if ptype == "text" and not isinstance(part.get("text"), str):
                 raise bad(f"'{p}.text' must be a string", f"{p}.text")
@@ -167,7 +167,7 @@ def validate_messages(messages: Any) -> None:
         if not isinstance(msg, Mapping):
             raise bad(f"'{where}' must be an object, got {type(msg).__name__}", where)
         role = msg.get("role")
-        if role not in ROLES:
+        if not isinstance(role, str) or role not in ROLES:
             raise bad(
                 f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got {role!r}",
                 f"{where}.role",

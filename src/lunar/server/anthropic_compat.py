@@ -28,6 +28,7 @@ __all__ = [
     "MessageStreamEncoder",
     "error_body",
     "error_type",
+    "json_bytes",
     "message_from_completion",
     "to_chat_body",
 ]
@@ -57,6 +58,16 @@ ERROR_TYPES = {
 }
 
 _dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def json_bytes(obj: Any) -> bytes:
+    """Compact JSON as UTF-8. A lone surrogate (which JSON text may carry, as ``\\ud800``,
+    but UTF-8 cannot) is written back as that escape instead of failing."""
+    text = _dumps(obj)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace")
 
 
 def _int(value: Any, name: str, required: bool = False) -> int | None:
@@ -398,7 +409,7 @@ def message_from_completion(completion: ChatCompletion) -> dict[str, Any]:
 
 
 def _event(kind: str, data: Mapping[str, Any]) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + _dumps(data).encode() + b"\n\n"
+    return b"event: " + kind.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
 
 
 class MessageStreamEncoder:

@@ -48,6 +48,7 @@ from .._request import (
 )
 from .._types import ChatCompletion, ChatCompletionChunk, Usage
 from ..providers import Target
+from .anthropic_compat import json_bytes
 from .config import ServerConfig
 from .dialects import (
     CHAT,
@@ -73,7 +74,6 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _JSON = (b"content-type", b"application/json")
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -133,7 +133,7 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
 
 
 async def _send_json(send: Send, status: int, payload: Any, headers: Headers | None = None) -> None:
-    body = _dumps(payload).encode()
+    body = json_bytes(payload)
     h = [_JSON, (b"content-length", str(len(body)).encode())]
     if headers:
         h.extend(headers)
@@ -275,8 +275,8 @@ class Gateway:
         self._counter = 0
         self._prefix = os.urandom(4).hex()
         self._models_all = [m.to_dict() for m in self.catalog.list_models()]
-        self._pricing = _dumps(self._pricing_document()).encode()
-        self._openapi = _dumps(openapi_document(__version__)).encode()
+        self._pricing = json_bytes(self._pricing_document())
+        self._openapi = json_bytes(openapi_document(__version__))
         self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/chat/completions": {"POST": self._chat},
@@ -417,6 +417,21 @@ class Gateway:
             await handler(scope, receive, send, *args)
         except _ClientGone:
             return
+        except Exception as exc:  # last resort: JSON, and a log line without any content
+            log.error(
+                "internal error in %s: %s\n%s",
+                path,
+                type(exc).__name__,
+                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+            )
+            error = {
+                "message": "Internal error in the gateway",
+                "type": "server_error",
+                "param": None,
+                "code": "internal_error",
+            }
+            with contextlib.suppress(Exception):
+                await _send_json(send, 500, {"error": error})
 
     def _request_id(self) -> str:
         self._counter += 1
@@ -865,6 +880,18 @@ class Gateway:
         except APIError as err:
             status, payload, extra = openai_error(err)
             await _send_json(send, status, payload, extra)
+            return
+        except _ClientGone:
+            raise
+        except Exception as exc:
+            log.error("internal error in %s: %s", scope["path"], type(exc).__name__)
+            error = {
+                "message": "Internal error in the gateway",
+                "type": "server_error",
+                "param": None,
+                "code": "internal_error",
+            }
+            await _send_json(send, 500, {"error": error})
             return
         await _send_json(send, status, payload)
 

@@ -82,7 +82,7 @@ class ServerConfig:
     output_tokens_estimate: int = 1024
     # [ledger]
     batch_size: int = 1000
-    flush_interval_ms: float = 20.0
+    flush_interval_ms: float = 10.0
     durable_ack: bool = False
     # routing
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
@@ -344,7 +344,9 @@ def _local_models(local: Any, src: str) -> dict[str, Any]:
         out[name] = {
             "context_window": _check(
                 f"{src}: [local.models.{name}] context_window",
-                entry.get("context_window", 2048), int, positive=True,
+                entry.get("context_window", 2048),
+                int,
+                positive=True,
             ),
             "capabilities": ["json"],
             "deployments": [

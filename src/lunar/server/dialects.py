@@ -7,7 +7,6 @@ A ``Dialect`` validates a request (``parse``), shapes errors (``error``), a whol
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Mapping
@@ -31,12 +30,12 @@ from .._request import (
 )
 from .._types import ChatCompletion, ChatCompletionChunk
 from . import anthropic_compat as anthropic
+from .anthropic_compat import json_bytes
 
 log = logging.getLogger("lunar.server")
 
 Headers = list[tuple[bytes, bytes]]
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 _DONE = b"data: [DONE]\n\n"
 
 # The legacy completions endpoint takes these (besides model, prompt, stream and Lunar's).
@@ -112,20 +111,20 @@ class StreamWriter:
                 "param": e.get("param"),
             },
         }
-        return b"data: " + _dumps(event).encode() + b"\n\n" + _DONE
+        return b"data: " + json_bytes(event) + b"\n\n" + _DONE
 
 
 class ChatWriter(StreamWriter):
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         self.last_id = chunk.id
-        return b"data: " + _dumps(chunk.to_dict()).encode() + b"\n\n"
+        return b"data: " + json_bytes(chunk.to_dict()) + b"\n\n"
 
 
 class CompletionWriter(StreamWriter):
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         piece = completion_from_chunk(chunk)
         self.last_id = piece.id
-        return b"data: " + _dumps(piece.to_dict()).encode() + b"\n\n"
+        return b"data: " + json_bytes(piece.to_dict()) + b"\n\n"
 
 
 class AnthropicWriter(StreamWriter):

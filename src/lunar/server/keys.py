@@ -160,15 +160,28 @@ class KeyRing:
 MASTER_KEY = KeyRecord(id=MASTER_ID, name="master", key_hash="", hint="master", created_at=0.0)
 
 
+MAX_LIMIT = 10**12  # rpm, tpm and budget_usd above this are not limits
+
+
 def _positive_int(body: Mapping[str, Any], name: str) -> int | None:
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_LIMIT:
         raise BadRequestError(
-            f"'{name}' must be a positive integer or null, got {value!r}", param=name
+            f"'{name}' must be an integer from 1 to {MAX_LIMIT} or null, got {value!r}",
+            param=name,
         )
     return value
+
+
+def _unicode(value: str) -> bool:
+    """Whether a JSON string is valid Unicode (JSON allows lone surrogates; storage does not)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def key_from_request(body: Any, catalog: Catalog) -> tuple[str, KeyRecord]:
@@ -176,7 +189,7 @@ def key_from_request(body: Any, catalog: Catalog) -> tuple[str, KeyRecord]:
     if not isinstance(body, Mapping):
         raise BadRequestError("The request body must be a JSON object", param=None)
     name = body.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200:
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not _unicode(name):
         raise BadRequestError(
             "'name' must be a non-empty string (at most 200 characters)", param="name"
         )
@@ -186,17 +199,19 @@ def key_from_request(body: Any, catalog: Catalog) -> tuple[str, KeyRecord]:
     if budget is not None and (
         isinstance(budget, bool)
         or not isinstance(budget, (int, float))
-        or not 0 <= budget < float("inf")
+        or not 0 <= budget <= MAX_LIMIT
     ):
         raise BadRequestError(
-            f"'budget_usd' must be a non-negative number or null, got {budget!r}",
+            f"'budget_usd' must be a number from 0 to {MAX_LIMIT} or null, got {budget!r}",
             param="budget_usd",
         )
     models = body.get("models")
     if models is not None:
         if isinstance(models, str):
             models = [m.strip() for m in models.split(",") if m.strip()]
-        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        if not isinstance(models, list) or not all(
+            isinstance(m, str) and m and _unicode(m) for m in models
+        ):
             raise BadRequestError("'models' must be a list of model names or null", param="models")
         for i, m in enumerate(models):
             try:

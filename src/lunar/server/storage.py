@@ -217,8 +217,16 @@ class _Flush:
         self.done = threading.Event()
 
 
+def _text(value: Any) -> Any:
+    """Text as SQLite can store it: a lone surrogate (valid in JSON, not in UTF-8) becomes
+    '?' instead of failing the whole batch."""
+    if isinstance(value, str) and not value.isascii():
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
 def _row_values(row: UsageRow) -> tuple[Any, ...]:
-    return tuple(getattr(row, name) for name in _ROW_FIELDS)
+    return tuple(_text(getattr(row, name)) for name in _ROW_FIELDS)
 
 
 def _key_from_row(r: Sequence[Any]) -> KeyRecord:
@@ -242,7 +250,7 @@ class SQLiteStorage:
     the last transactions)."""
 
     def __init__(
-        self, path: str | os.PathLike[str], batch_size: int = 1000, linger: float = 0.02
+        self, path: str | os.PathLike[str], batch_size: int = 1000, linger: float = 0.01
     ) -> None:
         self.path = str(path)
         self.batch_size = batch_size
@@ -394,8 +402,11 @@ class SQLiteStorage:
             while True:
                 self._wake.wait(self.linger)
                 self._wake.clear()
-                if self._drain(conn):
-                    return
+                try:
+                    if self._drain(conn):
+                        return
+                except Exception:  # never let the ledger thread die; the batch was spilled
+                    log.exception("ledger writer: unexpected failure")
         finally:
             conn.close()
 
@@ -433,20 +444,45 @@ class SQLiteStorage:
         return stop
 
     def _write(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+        """Insert ``batch`` in one transaction. A busy or failing database is retried with
+        backoff; values SQLite refuses are written row by row, so one bad row never takes
+        the others with it. What cannot be written goes to the spill file."""
         for attempt in range(5):
             try:
                 conn.executemany(_INSERT, batch)
                 conn.commit()
                 break
-            except sqlite3.Error as exc:
+            except sqlite3.OperationalError as exc:  # busy, locked, I/O
                 self.write_errors += 1
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
                 log.error("ledger write failed (attempt %d): %s", attempt + 1, exc)
                 time.sleep(0.05 * 2**attempt)
+            except (sqlite3.Error, ValueError, OverflowError):
+                self.write_errors += 1
+                with contextlib.suppress(sqlite3.Error):
+                    conn.rollback()
+                self._write_each(conn, batch)
+                break
         else:
             self._spill(batch)
         self.rows_written += len(batch)
+
+    def _write_each(self, conn: sqlite3.Connection, batch: list[tuple[Any, ...]]) -> None:
+        refused = []
+        for values in batch:
+            try:
+                conn.execute(_INSERT, values)
+            except (sqlite3.Error, ValueError, OverflowError):
+                refused.append(values)
+        try:
+            conn.commit()
+        except sqlite3.Error:
+            with contextlib.suppress(sqlite3.Error):
+                conn.rollback()
+            refused = batch
+        if refused:
+            self._spill(refused)
 
     def _spill(self, batch: list[tuple[Any, ...]]) -> None:
         spill = self.path + ".unwritten.jsonl"
