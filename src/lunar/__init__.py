@@ -9,7 +9,8 @@ response, and an offline local model.
 
 __version__ = "0.1.0"
 
-from ._client import AsyncLunar, Lunar
+from typing import TYPE_CHECKING, Any
+
 from ._errors import (
     APIConnectionError,
     APIError,
@@ -40,6 +41,20 @@ from ._types import (
     Model,
     Usage,
 )
+
+if TYPE_CHECKING:
+    from ._client import AsyncLunar, Lunar
+
+
+def __getattr__(name: str) -> Any:
+    """The clients load on first use: they bring httpx, which code that only needs Lunar's
+    types and errors (or `lunar --help`) should not pay for."""
+    if name in ("Lunar", "AsyncLunar"):
+        from . import _client
+
+        return getattr(_client, name)
+    raise AttributeError(f"module 'lunar' has no attribute {name!r}")
+
 
 __all__ = [
     "APIConnectionError",
