@@ -427,7 +427,8 @@ async def test_async_does_not_block_the_loop() -> None:
     elapsed = time.perf_counter() - started
     done.set()
     await tick
-    assert r.usage is not None and r.usage.completion_tokens == 30
+    # The model may end its answer before max_tokens (no seed here): any real generation will do.
+    assert r.usage is not None and 0 < r.usage.completion_tokens <= 30
     # The loop kept ticking while the worker generated (a blocked loop shows one long gap).
     assert len(gaps) > 10 and max(gaps) < elapsed / 2
 
