@@ -656,6 +656,15 @@ class _Chunks:
             return True
         raise item
 
+    def collect(self, parts: list[str], item: _Item) -> ChatCompletion | None:
+        """For a whole answer: keep text, finish on the marker, raise the worker's error."""
+        if isinstance(item, str):
+            parts.append(item)
+            return None
+        if isinstance(item, _Finish):
+            return self.completion(parts, item)
+        raise item
+
     def completion(self, parts: list[str], finish: _Finish) -> ChatCompletion:
         message = ChatCompletionMessage("assistant", "".join(parts))
         return ChatCompletion(
@@ -672,34 +681,21 @@ class LocalRuntime:
     """What the engine calls for the ``local`` provider instead of sending HTTP."""
 
     def complete(self, body: Mapping[str, Any], target: Target) -> ChatCompletion:
-        request = parse_body(body)
-        model = model_for(target)
         items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        job = _Job(request, items.put)
-        model.submit(job)
-        chunks = _Chunks(target)
+        job, chunks = _start(body, target, items.put)
         parts: list[str] = []
         try:
-            while True:
-                item = items.get()
-                if isinstance(item, str):
-                    parts.append(item)
-                elif isinstance(item, _Finish):
-                    return chunks.completion(parts, item)
-                else:
-                    raise item
+            while (done := chunks.collect(parts, items.get())) is None:
+                pass
+            return done
         finally:
             job.cancelled = True
 
     def stream(
         self, body: Mapping[str, Any], target: Target
     ) -> Iterator[list[ChatCompletionChunk]]:
-        request = parse_body(body)
-        model = model_for(target)
         items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
-        job = _Job(request, items.put)
-        model.submit(job)
-        chunks = _Chunks(target)
+        job, chunks = _start(body, target, items.put)
         try:
             batch = [chunks.role()]
             done = chunks.add(items.get(), batch)
@@ -718,34 +714,21 @@ class LocalRuntime:
             job.cancelled = True
 
     async def acomplete(self, body: Mapping[str, Any], target: Target) -> ChatCompletion:
-        request = parse_body(body)
-        model = model_for(target)
         items, emit = _async_channel()
-        job = _Job(request, emit)
-        model.submit(job)
-        chunks = _Chunks(target)
+        job, chunks = _start(body, target, emit)
         parts: list[str] = []
         try:
-            while True:
-                item = await items.get()
-                if isinstance(item, str):
-                    parts.append(item)
-                elif isinstance(item, _Finish):
-                    return chunks.completion(parts, item)
-                else:
-                    raise item
+            while (done := chunks.collect(parts, await items.get())) is None:
+                pass
+            return done
         finally:
             job.cancelled = True
 
     async def astream(
         self, body: Mapping[str, Any], target: Target
     ) -> AsyncIterator[list[ChatCompletionChunk]]:
-        request = parse_body(body)
-        model = model_for(target)
         items, emit = _async_channel()
-        job = _Job(request, emit)
-        model.submit(job)
-        chunks = _Chunks(target)
+        job, chunks = _start(body, target, emit)
         try:
             batch = [chunks.role()]
             done = chunks.add(await items.get(), batch)
@@ -758,6 +741,16 @@ class LocalRuntime:
                 yield batch
         finally:
             job.cancelled = True
+
+
+def _start(
+    body: Mapping[str, Any], target: Target, emit: Callable[[_Item], object]
+) -> tuple[_Job, _Chunks]:
+    """Validate, queue the generation for the worker, and get the chunk builder: what every
+    entry point does before it waits (sync or async) for the worker's items."""
+    job = _Job(parse_body(body), emit)
+    model_for(target).submit(job)
+    return job, _Chunks(target)
 
 
 def _async_channel() -> tuple[asyncio.Queue[_Item], Callable[[_Item], object]]:
