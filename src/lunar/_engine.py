@@ -33,9 +33,10 @@ from ._errors import (
     retry_after_seconds,
 )
 from ._health import Health
+from ._http import AsyncPool, TransportError, TransportTimeout
 from ._request import RequestOptions
 from ._types import ChatCompletion, ChatCompletionChunk, Usage
-from .providers import Adapter, StreamTranslator, Target, adapter_for
+from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
 
 _now = time.perf_counter
 
@@ -447,9 +448,13 @@ class StreamFinisher:
 # The drivers: the only code that waits on the network
 
 
+#: What a failed exchange with a provider raises, from either HTTP client.
+NETWORK_ERRORS = (httpx.HTTPError, TransportError)
+
+
 def connection_error(exc: Exception, target: Target) -> APIConnectionError:
     where = f"provider '{target.provider}' at {target.base_url}"
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, (httpx.TimeoutException, TransportTimeout)):
         return APITimeoutError(f"Timed out waiting for {where} ({type(exc).__name__})")
     detail = str(exc) or type(exc).__name__
     return APIConnectionError(f"Connection to {where} failed: {detail}")
@@ -479,6 +484,32 @@ def has_substance(chunks: list[ChatCompletionChunk]) -> bool:
     return False
 
 
+class Trace:
+    """What the engine did for one request, filled in as it goes. Pass one to ``complete`` or
+    ``stream`` to observe a request (the gateway's ledger does): ``plan.attempts`` holds the
+    failed attempts so far, ``target`` the target being tried, and after success the one
+    that served."""
+
+    __slots__ = ("plan", "target")
+
+    def __init__(self) -> None:
+        self.plan: Plan | None = None
+        self.target: Target | None = None
+
+
+def plan_for(
+    router: Router,
+    opts: RequestOptions,
+    body: Mapping[str, Any],
+    max_retries: int,
+    trace: Trace | None,
+) -> Plan:
+    plan = Plan(router.chain(opts, body), max_retries, health=router.health)
+    if trace is not None:
+        trace.plan = plan
+    return plan
+
+
 def _in_process(adapter: Adapter) -> Any:
     """Adapters that run a model in this process (the local one) instead of sending HTTP."""
     return getattr(adapter, "in_process", None)
@@ -490,13 +521,14 @@ class SyncEngine:
         self.http = http
         self.max_retries = max_retries
 
-    def _plan(self, opts: RequestOptions, body: Mapping[str, Any]) -> Plan:
-        return Plan(self.router.chain(opts, body), self.max_retries, health=self.router.health)
-
-    def complete(self, body: Mapping[str, Any], opts: RequestOptions) -> ChatCompletion:
+    def complete(
+        self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
+    ) -> ChatCompletion:
         started = _now()
-        plan = self._plan(opts, body)
+        plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
+            if trace is not None:
+                trace.target = step.target
             if step.delay:
                 time.sleep(step.delay)
             sent, json_check = body_for(body, step.target)
@@ -527,20 +559,22 @@ class SyncEngine:
                 content=req.content,
                 timeout=_timeout(opts),
             )
-        except httpx.HTTPError as exc:
+        except NETWORK_ERRORS as exc:
             raise connection_error(exc, target) from exc
         if resp.status_code >= 400:
             raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
         return adapter.parse_response(resp.content, target)
 
     def stream(
-        self, body: Mapping[str, Any], opts: RequestOptions
+        self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
     ) -> Iterator[ChatCompletionChunk]:
         """Connects and waits for the first chunk before returning (falling back while
         nothing has reached the caller); the iterator then yields every chunk as it comes."""
         started = _now()
-        plan = self._plan(opts, body)
+        plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
+            if trace is not None:
+                trace.target = step.target
             if step.delay:
                 time.sleep(step.delay)
             sent, json_check = body_for(body, step.target)
@@ -591,7 +625,7 @@ class SyncEngine:
                 first += translator.close()
                 translator = None  # type: ignore[assignment]
             return resp, raw, translator, first
-        except httpx.HTTPError as exc:
+        except NETWORK_ERRORS as exc:
             if resp is not None:
                 resp.close()
             raise connection_error(exc, target) from exc
@@ -622,7 +656,7 @@ class SyncEngine:
             final = finisher.end()
             plan.succeeded(step, final[0].usage)
             yield from final
-        except httpx.HTTPError as exc:
+        except NETWORK_ERRORS as exc:
             err = connection_error(exc, step.target)
             plan.failed(step, err)
             err.attempts = plan.attempts
@@ -636,18 +670,36 @@ class SyncEngine:
 
 
 class AsyncEngine:
-    def __init__(self, router: Router, http: httpx.AsyncClient, max_retries: int = 2) -> None:
+    """``http`` is Lunar's own pool (``_http.AsyncPool``) or any ``httpx.AsyncClient``."""
+
+    def __init__(
+        self, router: Router, http: AsyncPool | httpx.AsyncClient, max_retries: int = 2
+    ) -> None:
         self.router = router
         self.http = http
         self.max_retries = max_retries
 
-    def _plan(self, opts: RequestOptions, body: Mapping[str, Any]) -> Plan:
-        return Plan(self.router.chain(opts, body), self.max_retries, health=self.router.health)
+    async def _send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> Any:
+        """The response (its body read unless ``stream``): ``status_code``, ``headers``,
+        ``content``, ``aread()``, ``aiter_bytes()``, ``aclose()`` from either client."""
+        headers = _headers(req.headers, opts)
+        if isinstance(self.http, AsyncPool):
+            return await self.http.send(
+                req.method, req.url, headers, req.content, stream=stream, timeout=opts.timeout
+            )
+        request = self.http.build_request(
+            req.method, req.url, headers=headers, content=req.content, timeout=_timeout(opts)
+        )
+        return await self.http.send(request, stream=stream)
 
-    async def complete(self, body: Mapping[str, Any], opts: RequestOptions) -> ChatCompletion:
+    async def complete(
+        self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
+    ) -> ChatCompletion:
         started = _now()
-        plan = self._plan(opts, body)
+        plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
+            if trace is not None:
+                trace.target = step.target
             if step.delay:
                 await asyncio.sleep(step.delay)
             sent, json_check = body_for(body, step.target)
@@ -671,25 +723,21 @@ class AsyncEngine:
             return result
         req = adapter.build_request(body, target, stream=False)
         try:
-            resp = await self.http.request(
-                req.method,
-                req.url,
-                headers=_headers(req.headers, opts),
-                content=req.content,
-                timeout=_timeout(opts),
-            )
-        except httpx.HTTPError as exc:
+            resp = await self._send(req, opts, stream=False)
+        except NETWORK_ERRORS as exc:
             raise connection_error(exc, target) from exc
         if resp.status_code >= 400:
             raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
         return adapter.parse_response(resp.content, target)
 
     async def stream(
-        self, body: Mapping[str, Any], opts: RequestOptions
+        self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
     ) -> AsyncIterator[ChatCompletionChunk]:
         started = _now()
-        plan = self._plan(opts, body)
+        plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
+            if trace is not None:
+                trace.target = step.target
             if step.delay:
                 await asyncio.sleep(step.delay)
             sent, json_check = body_for(body, step.target)
@@ -718,14 +766,7 @@ class AsyncEngine:
         req = adapter.build_request(body, target, stream=True)
         resp = None
         try:
-            request = self.http.build_request(
-                req.method,
-                req.url,
-                headers=_headers(req.headers, opts),
-                content=req.content,
-                timeout=_timeout(opts),
-            )
-            resp = await self.http.send(request, stream=True)
+            resp = await self._send(req, opts, stream=True)
             if resp.status_code >= 400:
                 await resp.aread()
                 raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
@@ -740,7 +781,7 @@ class AsyncEngine:
                 first += translator.close()
                 translator = None  # type: ignore[assignment]
             return resp, raw, translator, first
-        except httpx.HTTPError as exc:
+        except NETWORK_ERRORS as exc:
             if resp is not None:
                 await resp.aclose()
             raise connection_error(exc, target) from exc
@@ -776,7 +817,7 @@ class AsyncEngine:
             plan.succeeded(step, final[0].usage)
             for chunk in final:
                 yield chunk
-        except httpx.HTTPError as exc:
+        except NETWORK_ERRORS as exc:
             err = connection_error(exc, step.target)
             plan.failed(step, err)
             err.attempts = plan.attempts

@@ -357,8 +357,7 @@ class _Worker:
     def submit(self, model: LocalModel, job: _Job) -> None:
         with self._start:
             if self._thread is None or not self._thread.is_alive():
-                self._thread = threading.Thread(target=self._work, name="lunar-local",
-                                                daemon=True)
+                self._thread = threading.Thread(target=self._work, name="lunar-local", daemon=True)
                 self._thread.start()
         self._jobs.put((model, job))
 
@@ -414,9 +413,11 @@ class LocalModel:
         except LunarError as err:
             job.send(err)
         except Exception as exc:
-            job.send(LocalModelError(
-                f"The local model failed: {type(exc).__name__}: {exc}", provider=PROVIDER
-            ))
+            job.send(
+                LocalModelError(
+                    f"The local model failed: {type(exc).__name__}: {exc}", provider=PROVIDER
+                )
+            )
 
     def _load(self) -> Any:
         if self._llama is not None:

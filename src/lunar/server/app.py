@@ -21,15 +21,12 @@ import os
 import time
 import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
-from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs
 
-import httpx
-
 from .. import __version__
 from .._catalog import Catalog, cost
-from .._engine import AsyncEngine, Plan, Router, estimate_tokens, prompt_chars
+from .._engine import AsyncEngine, Router, Trace, estimate_tokens, prompt_chars
 from .._errors import (
     APIError,
     AuthenticationError,
@@ -40,14 +37,14 @@ from .._errors import (
     RateLimitError,
     RequestEntityTooLargeError,
 )
+from .._http import AsyncPool
 from .._request import (
     RequestOptions,
     bad,
     validate_fallbacks,
     validate_model,
 )
-from .._types import ChatCompletion, ChatCompletionChunk, Usage
-from ..providers import Target
+from .._types import ChatCompletionChunk, Usage
 from .anthropic_compat import json_bytes
 from .config import ServerConfig
 from .dialects import (
@@ -65,7 +62,6 @@ from .limits import InMemoryLimiter, Limiter, Refusal, Ticket, estimate
 from .metrics import Metrics, model_label
 from .openapi import openapi_document
 from .storage import GROUP_BY, KeyRecord, SQLiteStorage, Storage, UsageQuery, UsageRow, parse_time
-from .transport import upstream_client
 
 log = logging.getLogger("lunar.server")
 
@@ -80,42 +76,6 @@ _SSE_HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
-
-# ---------------------------------------------------------------------------------------------
-# Engine hooks: which plan and which target served a request (observation only)
-
-
-@dataclass
-class TrackedOptions(RequestOptions):
-    """``RequestOptions`` that the engine fills with its plan and the target it used."""
-
-    plan: Plan | None = None
-    target: Target | None = None
-
-
-class GatewayEngine(AsyncEngine):
-    """The SDK's ``AsyncEngine``, unchanged, except that it notes on ``TrackedOptions`` the
-    plan (for the attempts column) and the target it opened (for the cost of a stream cut
-    short). The hooks pass every argument through, whatever the engine's signatures."""
-
-    def _plan(self, opts: RequestOptions, *args: Any, **kwargs: Any) -> Plan:
-        plan = super()._plan(opts, *args, **kwargs)
-        if isinstance(opts, TrackedOptions):
-            opts.plan = plan
-        return plan
-
-    async def _complete_once(self, target: Target, *args: Any, **kwargs: Any) -> ChatCompletion:
-        opts = args[-1] if args else kwargs.get("opts")
-        if isinstance(opts, TrackedOptions):
-            opts.target = target
-        return await super()._complete_once(target, *args, **kwargs)
-
-    async def _open(self, target: Target, *args: Any, **kwargs: Any) -> Any:
-        opts = args[-1] if args else kwargs.get("opts")
-        if isinstance(opts, TrackedOptions):
-            opts.target = target
-        return await super()._open(target, *args, **kwargs)
-
 
 # ---------------------------------------------------------------------------------------------
 # Small HTTP helpers
@@ -184,14 +144,14 @@ class _Stats:
 class _Call:
     """One inference request's bookkeeping, from authentication to its ledger row."""
 
-    __slots__ = ("body", "label", "opts", "recorded", "row", "started", "stats", "ticket")
+    __slots__ = ("body", "label", "recorded", "row", "started", "stats", "ticket", "trace")
 
     def __init__(self, row: UsageRow, started: float) -> None:
         self.row = row
         self.started = started
         self.stats = _Stats()
         self.body: dict[str, Any] = {}
-        self.opts: TrackedOptions | None = None
+        self.trace = Trace()
         self.ticket: Ticket | None = None
         self.label = ""  # the requested model as a metrics label, once it resolved
         self.recorded = False
@@ -266,8 +226,8 @@ class Gateway:
         self.metrics.gauge(
             "lunar_keys", "Virtual keys known (active or revoked).", lambda: float(len(self.keys))
         )
-        self.engine: GatewayEngine | None = None
-        self._http: httpx.AsyncClient | None = None
+        self.engine: AsyncEngine | None = None
+        self._http: AsyncPool | None = None
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._refresher: asyncio.Task[None] | None = None
@@ -306,14 +266,13 @@ class Gateway:
             await self._reload_keys()
             self.limiter.load_spend(await asyncio.to_thread(self.storage.spend_by_key))
             c = self.config
-            self._http = upstream_client(
-                c.timeout_seconds,
-                c.connect_timeout_seconds,
-                c.max_connections,
-                c.pool_shards,
-                f"lunar-gateway/{__version__}",
+            self._http = AsyncPool(
+                timeout=c.timeout_seconds,
+                connect_timeout=c.connect_timeout_seconds,
+                max_connections=c.max_connections,
+                headers={"user-agent": f"lunar-gateway/{__version__}"},
             )
-            self.engine = GatewayEngine(self.router, self._http, c.max_retries)
+            self.engine = AsyncEngine(self.router, self._http, c.max_retries)
             self._refresher = asyncio.create_task(self._refresh_keys())
             self._started = True
 
@@ -551,7 +510,7 @@ class Gateway:
                 provider = lunar["provider"]
                 if provider is not None and (not isinstance(provider, str) or not provider):
                     raise bad("'provider' must be a provider name", "provider")
-                opts = call.opts = TrackedOptions(model, fallbacks, provider)
+                opts = RequestOptions(model, fallbacks, provider)
                 candidates, call.label = self._check_access(key, opts)
                 est = estimate(body, candidates, self.catalog, self.config.output_tokens_estimate)
                 admitted = self.limiter.admit(key, est)
@@ -562,9 +521,9 @@ class Gateway:
                 assert self.engine is not None
                 watch = _Watch(receive)
                 if stream:
-                    it = await self.engine.stream(body, opts)
+                    it = await self.engine.stream(body, opts, call.trace)
                 else:
-                    completion = await self.engine.complete(body, opts)
+                    completion = await self.engine.complete(body, opts, call.trace)
             except LunarError as err:
                 if row.status != "rejected":
                     row.status = "rejected" if isinstance(err, PermissionDeniedError) else "error"
@@ -582,7 +541,7 @@ class Gateway:
 
             if not stream:
                 call.stats.usage = completion.usage
-                self._served(row, opts)
+                self._served(row, call.trace)
                 answer = dialect.complete(completion)
                 await self._record(call)  # before the answer: what is acknowledged is recorded
                 watch.stop()
@@ -594,7 +553,7 @@ class Gateway:
             await send(
                 {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
             )
-            self._served(row, opts)
+            self._served(row, call.trace)
             stats = call.stats
             try:
                 async for chunk in it:
@@ -687,25 +646,23 @@ class Gateway:
         return [(opts.model, opts.provider), *((f, None) for f in fallbacks)], label
 
     @staticmethod
-    def _served(row: UsageRow, opts: TrackedOptions | None) -> None:
-        if opts is None:
-            return
-        if opts.plan is not None:
-            row.attempts = len(opts.plan.attempts) + 1
-        if opts.target is not None:
-            row.served_model = opts.target.deployment.model
-            row.provider = opts.target.provider
+    def _served(row: UsageRow, trace: Trace) -> None:
+        if trace.plan is not None:
+            row.attempts = len(trace.plan.attempts) + 1
+        if trace.target is not None:
+            row.served_model = trace.target.deployment.model
+            row.provider = trace.target.provider
 
     def _close(self, call: _Call) -> None:
         """Usage, settlement, metrics: once for every authenticated inference request,
         however it ended. Nothing touches the row after this."""
         call.recorded = True
-        row, stats, opts = call.row, call.stats, call.opts
+        row, stats, target = call.row, call.stats, call.trace.target
         usage = stats.usage
-        if usage is None and stats.first_at is not None and opts and opts.target:
+        if usage is None and stats.first_at is not None and target is not None:
             # Cut short (failure or cancel after the first chunk): bill what was seen.
             usage = Usage(estimate_tokens(prompt_chars(call.body)), estimate_tokens(stats.chars))
-            prices = opts.target.deployment.prices
+            prices = target.deployment.prices
             if prices is not None:
                 cost(usage, prices)
         if usage is not None:
@@ -724,7 +681,7 @@ class Gateway:
             self.limiter.settle(
                 call.ticket, row.prompt_tokens + row.completion_tokens, row.total_cost_usd
             )
-        served = model_label(opts.target.deployment) if opts and opts.target else ""
+        served = model_label(target.deployment) if target is not None else ""
         self.metrics.observe(row, call.label, served)
 
     async def _record(self, call: _Call) -> None:
@@ -1000,4 +957,4 @@ def create_app(
     return Gateway(config, storage, limiter)
 
 
-__all__ = ["Gateway", "GatewayEngine", "TrackedOptions", "create_app", "usage_query"]
+__all__ = ["Gateway", "create_app", "usage_query"]

@@ -76,7 +76,6 @@ class ServerConfig:
     timeout_seconds: float = 600.0
     connect_timeout_seconds: float = 10.0
     max_connections: int = 1000
-    pool_shards: int = 8
     # [limits]
     window_seconds: float = 60.0
     output_tokens_estimate: int = 1024
@@ -222,7 +221,6 @@ class ServerConfig:
                 "timeout_seconds": self.timeout_seconds,
                 "connect_timeout_seconds": self.connect_timeout_seconds,
                 "max_connections": self.max_connections,
-                "pool_shards": self.pool_shards,
             },
             "limits": {
                 "window_seconds": self.window_seconds,
@@ -300,7 +298,6 @@ _SETTINGS: dict[str, tuple[str, type, bool, str | None]] = {
     "timeout_seconds": ("engine", float, True, "LUNAR_TIMEOUT_SECONDS"),
     "connect_timeout_seconds": ("engine", float, True, "LUNAR_CONNECT_TIMEOUT_SECONDS"),
     "max_connections": ("engine", int, True, "LUNAR_MAX_CONNECTIONS"),
-    "pool_shards": ("engine", int, True, "LUNAR_POOL_SHARDS"),
     "window_seconds": ("limits", float, True, "LUNAR_RATE_WINDOW_SECONDS"),
     "output_tokens_estimate": ("limits", int, True, "LUNAR_OUTPUT_TOKENS_ESTIMATE"),
     "batch_size": ("ledger", int, True, "LUNAR_LEDGER_BATCH_SIZE"),

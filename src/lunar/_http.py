@@ -1,0 +1,510 @@
+"""Lunar's own upstream HTTP/1.1 client for asyncio: the gateway's (and, when httptools is
+installed, ``AsyncLunar``'s) way to talk to providers.
+
+Why not httpx here: profiled in the gateway (docs/benchmarks.md), httpx + httpcore took about
+60 % of its CPU for a non-streamed request and about half of it for paced streams: anyio
+cancel scopes around every read, several layers of request/response objects, and a pool that
+rescans every connection whenever one changes state. Here a read is one ``data_received``
+callback that feeds httptools (llhttp, in C), a request is one ``write``, and taking a
+connection is a pop from a per-origin deque (most recently used first, expired ones dropped
+from the other end).
+
+Scope, on purpose: HTTP/1.1 with keep-alive, TLS (certifi's CA bundle when installed),
+``content-length`` and chunked bodies, gzip/deflate bodies, connect and read timeouts, a
+ceiling on open connections with a fair queue. Not here: proxies, HTTP/2, redirects, cookies
+— ``AsyncLunar`` uses httpx when a proxy is configured or an ``http_client`` is given.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import os
+import ssl
+import time
+import zlib
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+from urllib.parse import urlsplit
+
+try:
+    import httptools
+except ImportError:  # without it there is no pool: AsyncLunar then uses httpx
+    httptools = None  # type: ignore[assignment]
+
+_HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
+_MAX_URL_CACHE = 512
+
+
+class TransportError(Exception):
+    """The connection failed, was lost, or the peer's answer was not valid HTTP/1.1."""
+
+
+class TransportTimeout(TransportError):
+    """Nothing arrived (or the connection did not open) within the timeout."""
+
+
+class Headers(dict):  # type: ignore[type-arg]
+    """Response headers: names lower-cased, looked up case-insensitively; a repeated header's
+    values joined with ``", "``."""
+
+    def __getitem__(self, name: str) -> str:
+        return dict.__getitem__(self, name.lower())  # type: ignore[no-any-return]
+
+    def get(self, name: str, default: Any = None) -> Any:
+        return dict.get(self, name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and dict.__contains__(self, name.lower())
+
+
+# ---------------------------------------------------------------------------------------------
+# One connection: an asyncio protocol that feeds httptools and wakes one waiting reader
+
+
+class _Connection(asyncio.Protocol):
+    def __init__(self, origin: tuple[str, str, int], loop: asyncio.AbstractEventLoop) -> None:
+        self.origin = origin
+        self.loop = loop
+        self.transport: asyncio.Transport | None = None
+        self.parser = httptools.HttpResponseParser(self)
+        self.waiter: asyncio.Future[None] | None = None
+        self.idle_since = 0.0
+        self.reused = False
+        self.lost = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = 0
+        self.raw_headers: list[tuple[bytes, bytes]] = []
+        self.headers_done = False
+        self.complete = False
+        self.error: TransportError | None = None
+        self.chunks: list[bytes] = []
+        self.buffered = 0
+        self.paused = False
+        self.got_bytes = False
+
+    # -- asyncio ------------------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.got_bytes = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._fail(TransportError(f"Invalid HTTP response: {exc}"))
+            self.close()
+        self._wake()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        if not self.complete:
+            detail = f": {exc}" if exc else ""
+            self._fail(TransportError(f"The server closed the connection{detail}"))
+        self._wake()
+
+    # -- httptools ----------------------------------------------------------------------------
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.raw_headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        self.headers_done = True
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
+            self.paused = True
+            self.transport.pause_reading()
+
+    def on_message_complete(self) -> None:
+        self.complete = True
+
+    # -- the reader's side --------------------------------------------------------------------
+
+    def _fail(self, err: TransportError) -> None:
+        if self.error is None:
+            self.error = err
+
+    def _wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def send(self, data: bytes) -> None:
+        self._reset()
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def take(self) -> bytes:
+        chunks = self.chunks
+        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        self.chunks = []
+        self.buffered = 0
+        if self.paused and self.transport is not None:
+            self.paused = False
+            self.transport.resume_reading()
+        return data
+
+    async def wait(self, timeout: float | None) -> None:
+        """Until something arrives or the connection ends; ``TransportTimeout`` after
+        ``timeout`` seconds of silence."""
+        self.waiter = fut = self.loop.create_future()
+        timer = None
+        if timeout is not None:
+            timer = self.loop.call_later(timeout, _expire, fut, timeout)
+        try:
+            await fut
+        finally:
+            self.waiter = None
+            if timer is not None:
+                timer.cancel()
+
+    def reusable(self) -> bool:
+        return self.complete and not self.lost and self.parser.should_keep_alive()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _expire(fut: asyncio.Future[None], timeout: float) -> None:
+    if not fut.done():
+        fut.set_exception(TransportTimeout(f"No data from the server for {timeout:g} s"))
+
+
+# ---------------------------------------------------------------------------------------------
+# A response, read whole or as a stream of body bytes
+
+
+class Response:
+    """``status_code``, ``headers``, and the body: ``content`` (after ``aread``, which
+    ``send(stream=False)`` has done) or ``aiter_bytes()``. ``aclose()`` gives the connection
+    back when the body was read to its end, and closes it otherwise."""
+
+    __slots__ = ("_conn", "_decoder", "_pool", "_timeout", "content", "headers", "status_code")
+
+    def __init__(self, pool: AsyncPool, conn: _Connection, timeout: float | None) -> None:
+        self._pool = pool
+        self._conn: _Connection | None = conn
+        self._timeout = timeout
+        self.status_code = conn.status
+        headers = Headers()
+        for name, value in conn.raw_headers:
+            key = name.decode("latin-1").lower()
+            text = value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        self.headers = headers
+        self.content = b""
+        encoding = headers.get("content-encoding", "").strip().lower()
+        self._decoder = (
+            zlib.decompressobj(zlib.MAX_WBITS | 32) if encoding in ("gzip", "deflate") else None
+        )
+
+    async def aiter_bytes(self) -> AsyncIterator[bytes]:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            while True:
+                if conn.chunks:
+                    data = conn.take()
+                    if self._decoder is not None:
+                        data = self._decoder.decompress(data)
+                    if data:
+                        yield data
+                elif conn.complete:
+                    break
+                elif conn.error is not None:
+                    raise conn.error
+                else:
+                    await conn.wait(self._timeout)
+        finally:
+            await self.aclose()
+
+    async def aread(self) -> bytes:
+        parts = [data async for data in self.aiter_bytes()]
+        self.content = b"".join(parts)
+        return self.content
+
+    async def aclose(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            self._pool._release(conn)
+
+
+# ---------------------------------------------------------------------------------------------
+# The pool
+
+
+def available() -> bool:
+    """Whether the pool can run here (it needs httptools)."""
+    return httptools is not None
+
+
+class AsyncPool:
+    """Keep-alive HTTP/1.1 connections per origin, at most ``max_connections`` open at once
+    (callers beyond that wait their turn, first come first served), at most
+    ``max_idle_per_origin`` kept idle, each for at most ``keepalive_expiry`` seconds.
+    ``timeout`` bounds every wait for bytes (so also a pause mid-stream); ``connect_timeout``
+    the opening of a connection."""
+
+    def __init__(
+        self,
+        *,
+        timeout: float | None = 600.0,
+        connect_timeout: float | None = 10.0,
+        max_connections: int = 1000,
+        max_idle_per_origin: int = 100,
+        keepalive_expiry: float = 5.0,
+        headers: Mapping[str, str] | None = None,
+        ssl_context: ssl.SSLContext | None = None,
+    ) -> None:
+        self.timeout = timeout
+        self.connect_timeout = connect_timeout
+        self.max_connections = max(1, max_connections)
+        self.max_idle_per_origin = max_idle_per_origin
+        self.keepalive_expiry = keepalive_expiry
+        self._default_headers = b"".join(_header_line(k, v) for k, v in (headers or {}).items())
+        self._ssl = ssl_context
+        self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
+        self._open = 0
+        self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._urls: dict[str, tuple[tuple[str, str, int], bytes]] = {}
+        self._closed = False
+
+    @property
+    def connections(self) -> int:
+        """Connections open (or opening) now."""
+        return self._open
+
+    @property
+    def idle_connections(self) -> int:
+        return sum(len(q) for q in self._idle.values())
+
+    async def send(
+        self,
+        method: str,
+        url: str,
+        headers: Mapping[str, str],
+        content: bytes = b"",
+        *,
+        stream: bool = False,
+        timeout: float | None = None,
+    ) -> Response:
+        """Send one request; the response once its head has arrived (and, unless ``stream``,
+        its whole body). ``timeout`` overrides the pool's read timeout for this request."""
+        if self._closed:
+            raise TransportError("The HTTP pool is closed")
+        read_timeout = self.timeout if timeout is None else timeout
+        origin, head = self._target(url)
+        data = b"".join(
+            (
+                method.encode("ascii"),
+                head,
+                self._default_headers,
+                *(_header_line(k, v) for k, v in headers.items()),
+                b"content-length: %d\r\n\r\n" % len(content),
+                content,
+            )
+        )
+        while True:
+            conn = await self._acquire(origin, read_timeout)
+            try:
+                conn.send(data)
+                while not conn.headers_done:
+                    if conn.error is not None:
+                        raise conn.error
+                    await conn.wait(read_timeout)
+            except TransportError as err:
+                self._discard(conn)
+                # A kept-alive connection the server had already closed: nothing was
+                # processed, so the request goes again on a fresh connection.
+                if conn.reused and not conn.got_bytes and not isinstance(err, TransportTimeout):
+                    continue
+                raise
+            except BaseException:
+                self._discard(conn)
+                raise
+            response = Response(self, conn, read_timeout)
+            if not stream:
+                await response.aread()
+            return response
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for queue in self._idle.values():
+            for conn in queue:
+                conn.close()
+                self._open -= 1
+        self._idle.clear()
+        while self._queue:
+            fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_exception(TransportError("The HTTP pool is closed"))
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _target(self, url: str) -> tuple[tuple[str, str, int], bytes]:
+        """The origin and the request line's tail plus ``host`` header; cached per URL."""
+        cached = self._urls.get(url)
+        if cached is not None:
+            return cached
+        parts = urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme not in ("http", "https") or not parts.hostname:
+            raise TransportError(f"Unsupported URL {url!r}: expected http:// or https://")
+        try:
+            port = parts.port or (443 if scheme == "https" else 80)
+        except ValueError as exc:
+            raise TransportError(f"Invalid port in URL {url!r}") from exc
+        path = parts.path or "/"
+        if parts.query:
+            path += "?" + parts.query
+        host = parts.netloc.rsplit("@", 1)[-1]
+        if any(c in path or c in host for c in " \r\n"):
+            raise TransportError(f"Invalid characters in URL {url!r}")
+        head = b" %s HTTP/1.1\r\nhost: %s\r\n" % (path.encode("ascii"), host.encode("idna"))
+        cached = ((scheme, parts.hostname, port), head)
+        if len(self._urls) < _MAX_URL_CACHE:
+            self._urls[url] = cached
+        return cached
+
+    async def _acquire(self, origin: tuple[str, str, int], timeout: float | None) -> _Connection:
+        waited = False
+        while True:
+            idle = self._idle.get(origin)
+            if idle:
+                now = time.monotonic()
+                while idle and now - idle[0].idle_since > self.keepalive_expiry:
+                    self._discard(idle.popleft())
+                while idle:
+                    conn = idle.pop()
+                    if not conn.lost:
+                        conn.reused = True
+                        return conn
+                    self._discard(conn)
+            if self._open < self.max_connections or self._evict_idle():
+                return await self._connect(origin)
+            # At the ceiling: wait for a connection to come back or close. One already woken
+            # that lost its turn to a newcomer goes back to the front.
+            fut = asyncio.get_running_loop().create_future()
+            if waited:
+                self._queue.appendleft(fut)
+            else:
+                self._queue.append(fut)
+            waited = True
+            try:
+                await asyncio.wait_for(fut, timeout)
+            except BaseException as exc:
+                if fut.done() and not fut.cancelled():
+                    self._wake_one()  # woken but leaving: the turn goes to the next one
+                else:
+                    with contextlib.suppress(ValueError):
+                        self._queue.remove(fut)
+                if isinstance(exc, asyncio.TimeoutError):
+                    raise TransportTimeout(
+                        f"No free connection within {timeout:g} s "
+                        f"({self.max_connections} connections are in use)"
+                    ) from None
+                raise
+
+    async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        conn = _Connection(origin, loop)
+        self._open += 1
+        try:
+            tls = self._ssl_context() if scheme == "https" else None
+            await asyncio.wait_for(
+                loop.create_connection(
+                    lambda: conn, host, port, ssl=tls, server_hostname=host if tls else None
+                ),
+                self.connect_timeout,
+            )
+        except asyncio.TimeoutError:
+            self._closed_one()
+            raise TransportTimeout(
+                f"Could not connect to {host}:{port} within {self.connect_timeout:g} s"
+            ) from None
+        except OSError as exc:
+            self._closed_one()
+            raise TransportError(f"Could not connect to {host}:{port}: {exc}") from exc
+        except BaseException:
+            self._closed_one()
+            conn.close()
+            raise
+        return conn
+
+    def _ssl_context(self) -> ssl.SSLContext:
+        if self._ssl is None:
+            self._ssl = default_ssl_context()
+        return self._ssl
+
+    def _release(self, conn: _Connection) -> None:
+        """The response is done with ``conn``: keep it idle when it can serve another."""
+        if self._closed or not conn.reusable():
+            self._discard(conn)
+            return
+        idle = self._idle.setdefault(conn.origin, collections.deque())
+        if len(idle) >= self.max_idle_per_origin:
+            self._discard(idle.popleft())
+        conn.idle_since = time.monotonic()
+        idle.append(conn)
+        self._wake_one()
+
+    def _discard(self, conn: _Connection) -> None:
+        conn.close()
+        self._closed_one()
+
+    def _closed_one(self) -> None:
+        self._open -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._queue:
+            fut = self._queue.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _evict_idle(self) -> bool:
+        """At the ceiling: close the longest-idle connection of any origin to make room."""
+        oldest: collections.deque[_Connection] | None = None
+        for queue in self._idle.values():
+            if queue and (oldest is None or queue[0].idle_since < oldest[0].idle_since):
+                oldest = queue
+        if oldest is None:
+            return False
+        conn = oldest.popleft()
+        conn.close()
+        self._open -= 1
+        return True
+
+
+def _header_line(name: str, value: str) -> bytes:
+    line = f"{name}: {value}\r\n"
+    if "\n" in line[:-2] or "\r" in line[:-2]:
+        raise ValueError(f"Invalid header {name!r}: a name or value may not contain a newline")
+    return line.encode("latin-1")
+
+
+def default_ssl_context() -> ssl.SSLContext:
+    """Verification on, with ``SSL_CERT_FILE`` or else certifi's bundle (as httpx does)."""
+    cafile = os.environ.get("SSL_CERT_FILE")
+    if not cafile:
+        try:
+            import certifi
+
+            cafile = certifi.where()
+        except ImportError:
+            cafile = None
+    ctx = ssl.create_default_context(cafile=cafile)
+    ctx.set_alpn_protocols(["http/1.1"])
+    return ctx
