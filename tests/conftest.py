@@ -5,6 +5,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from lunar._http import AsyncPool
 from lunar.testing import MockServer
 
 PROVIDER_ENV = [
@@ -52,8 +53,12 @@ def mock(_server: MockServer, monkeypatch: pytest.MonkeyPatch) -> MockServer:
 
 
 def busy_connections(client: object) -> int:
-    """Connections of the client's pool still busy with a request (not idle, not closed)."""
-    pool = client._http._transport._pool  # type: ignore[attr-defined]
+    """Connections of the client's pool still busy with a request (not idle, not closed):
+    Lunar's own pool (AsyncLunar's default) or httpx's."""
+    http = client._http  # type: ignore[attr-defined]
+    if isinstance(http, AsyncPool):
+        return http.busy_connections
+    pool = http._transport._pool
     return sum(1 for c in pool.connections if not (c.is_idle() or c.is_closed()))
 
 

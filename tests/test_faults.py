@@ -1,4 +1,5 @@
-"""The fault matrix: every emulator fault x sync/async x stream/non-stream -> what a user sees.
+"""The fault matrix: every emulator fault x client (sync; async on Lunar's pool; async on a
+caller's httpx client) x stream/non-stream -> what a user sees.
 
 Faults are scripted on the emulator (real sockets). Before the first chunk reaches the
 caller a failure may be retried or fall back; after it, it raises in the caller's loop.
@@ -6,6 +7,7 @@ caller a failure may be retried or fall back; after it, it raises in the caller'
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
 from lunar import (
@@ -35,7 +37,11 @@ async def run(mode: str, *, stream: bool, client_kw: dict, **kw):
             model="gpt-4o-mini", messages=MESSAGES, stream=stream, **kw
         )
         return (list(result) if stream else result), client
-    aclient = AsyncLunar(**client_kw)
+    if mode == "async-httpx":  # a caller's own httpx client instead of Lunar's pool
+        http = httpx.AsyncClient(timeout=client_kw.get("timeout", 600.0))
+        aclient = AsyncLunar(**client_kw, http_client=http)
+    else:
+        aclient = AsyncLunar(**client_kw)
     result = await aclient.chat.completions.create(
         model="gpt-4o-mini", messages=MESSAGES, stream=stream, **kw
     )
@@ -48,7 +54,7 @@ def text_of(chunks) -> str:
     return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
 
 
-MODES = pytest.mark.parametrize("mode", ["sync", "async"])
+MODES = pytest.mark.parametrize("mode", ["sync", "async", "async-httpx"])
 
 # Faults a stream survives: the same text, usage and finish as a clean stream.
 HARMLESS = {

@@ -13,8 +13,13 @@ from lunar._request import RequestOptions
 
 CATALOG = Catalog.load()
 LLAMA = {d.provider: d for d in CATALOG.resolve("llama-3.1-8b")}  # groq, together, fireworks
-KEYS = {"GROQ_API_KEY": "g", "TOGETHER_API_KEY": "t", "FIREWORKS_API_KEY": "f",
-        "OPENAI_API_KEY": "o", "ANTHROPIC_API_KEY": "a"}
+KEYS = {
+    "GROQ_API_KEY": "g",
+    "TOGETHER_API_KEY": "t",
+    "FIREWORKS_API_KEY": "f",
+    "OPENAI_API_KEY": "o",
+    "ANTHROPIC_API_KEY": "a",
+}
 
 
 class Clock:
@@ -129,9 +134,15 @@ def test_snapshot_reports_rates_and_medians():
 
 
 TOOLS = [{"type": "function", "function": {"name": "f"}}]
-IMAGE = [{"role": "user", "content": [
-    {"type": "text", "text": "what is this"},
-    {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}}]}]
+IMAGE = [
+    {
+        "role": "user",
+        "content": [
+            {"type": "text", "text": "what is this"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/a.png"}},
+        ],
+    }
+]
 
 
 def test_tools_to_a_model_without_them_fail_fast_naming_model_and_capability():
@@ -144,8 +155,9 @@ def test_tools_to_a_model_without_them_fail_fast_naming_model_and_capability():
 
 def test_incapable_fallback_is_skipped_with_a_reason():
     router = Router(CATALOG, environ=KEYS)
-    chain = router.chain(RequestOptions("gpt-4o-mini", ["llama-3.1-8b", "claude-3-haiku"]),
-                         {"messages": IMAGE})
+    chain = router.chain(
+        RequestOptions("gpt-4o-mini", ["llama-3.1-8b", "claude-3-haiku"]), {"messages": IMAGE}
+    )
     assert chain[0][1].provider == "openai"
     assert "does not support image inputs" in str(chain[1][1])
     assert chain[2][1].provider == "anthropic"
@@ -153,6 +165,7 @@ def test_incapable_fallback_is_skipped_with_a_reason():
 
 def test_uncatalogued_models_are_not_second_guessed():
     router = Router(CATALOG, environ=KEYS)
-    [(_, target)] = router.chain(RequestOptions("groq/some-new-vision-model"),
-                                 {"messages": IMAGE, "tools": TOOLS})
+    [(_, target)] = router.chain(
+        RequestOptions("groq/some-new-vision-model"), {"messages": IMAGE, "tools": TOOLS}
+    )
     assert target.provider == "groq"

@@ -36,14 +36,21 @@ COUNT = [{"role": "user", "content": "Count from 1 to 500, separated by commas."
 # Rambles on for hundreds of tokens (about 900 with this seed): several seconds of work.
 LONG: dict[str, Any] = {
     "messages": [{"role": "user", "content": "Write a very long story."}],
-    "max_tokens": 1500, "temperature": 2.0, "top_p": 1.0, "seed": 1,
+    "max_tokens": 1500,
+    "temperature": 2.0,
+    "top_p": 1.0,
+    "seed": 1,
 }
 
 
 @pytest.fixture(autouse=True)
 def _local_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("LUNAR_LOCAL_MODEL_PATH", "LUNAR_LOCAL_N_CTX", "OPENAI_API_KEY",
-                 "OPENAI_BASE_URL"):
+    for name in (
+        "LUNAR_LOCAL_MODEL_PATH",
+        "LUNAR_LOCAL_N_CTX",
+        "OPENAI_API_KEY",
+        "OPENAI_BASE_URL",
+    ):
         monkeypatch.delenv(name, raising=False)
 
 
@@ -139,8 +146,9 @@ def test_finish_length(client: Lunar) -> None:
 
 
 def test_finish_stop_at_end_of_answer(client: Lunar) -> None:
-    r = client.chat.completions.create(model="smollm2", messages=HELLO, max_tokens=200,
-                                       temperature=0)
+    r = client.chat.completions.create(
+        model="smollm2", messages=HELLO, max_tokens=200, temperature=0
+    )
     assert r.choices[0].finish_reason == "stop"
     assert r.usage is not None and r.usage.completion_tokens < 200
 
@@ -166,8 +174,11 @@ def test_stop_sequences(client: Lunar) -> None:
 def test_seed_determinism(client: Lunar) -> None:
     def run(seed: int) -> str:
         r = client.chat.completions.create(
-            model="smollm2", messages=[{"role": "user", "content": "Write a haiku about rain."}],
-            max_tokens=24, temperature=0.9, seed=seed,
+            model="smollm2",
+            messages=[{"role": "user", "content": "Write a haiku about rain."}],
+            max_tokens=24,
+            temperature=0.9,
+            seed=seed,
         )
         return r.choices[0].message.content or ""
 
@@ -251,10 +262,23 @@ def test_prompt_too_long(client: Lunar) -> None:
     [
         ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"messages": [{"role": "user", "content": [
-            {"type": "text", "text": "What is this?"},
-            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png"}},
-        ]}]}, "messages[0].content[1]"),
+        (
+            {
+                "messages": [
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": "What is this?"},
+                            {
+                                "type": "image_url",
+                                "image_url": {"url": "https://example.com/cat.png"},
+                            },
+                        ],
+                    }
+                ]
+            },
+            "messages[0].content[1]",
+        ),
         ({"logprobs": True}, "logprobs"),
     ],
 )
@@ -271,32 +295,42 @@ def test_unsupported(client: Lunar, kwargs: dict[str, Any], param: str) -> None:
 
 def test_json_mode_is_constrained(client: Lunar) -> None:
     ask = [{"role": "user", "content": "Describe a cat as JSON with its name and age."}]
-    schema = {"type": "object", "properties": {"name": {"type": "string"},
-                                               "age": {"type": "integer"}},
-              "required": ["name", "age"]}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string"}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+    }
     formats: list[dict[str, Any]] = [
         {"type": "json_object"},
         {"type": "json_schema", "json_schema": {"name": "cat", "schema": schema}},
     ]
     for fmt in formats:
-        r = client.chat.completions.create(model=f"local/{BUNDLED}", messages=ask,
-                                           max_tokens=100, temperature=0, response_format=fmt)
+        r = client.chat.completions.create(
+            model=f"local/{BUNDLED}",
+            messages=ask,
+            max_tokens=100,
+            temperature=0,
+            response_format=fmt,
+        )
         assert r.choices[0].finish_reason == "stop"
         value = json.loads(r.choices[0].message.content or "")
         assert isinstance(value, dict)
         if fmt["type"] == "json_schema":
             assert isinstance(value["name"], str) and isinstance(value["age"], int)
     # The catalogue's smollm2 has the "json" capability: the grammar applies to it too.
-    chunks = stream_chunks(client, messages=ask, max_tokens=100, temperature=0,
-                           response_format={"type": "json_object"})
+    chunks = stream_chunks(
+        client, messages=ask, max_tokens=100, temperature=0, response_format={"type": "json_object"}
+    )
     assert isinstance(json.loads(text_of(chunks)), dict)
 
 
 def test_text_parts_and_developer_role(client: Lunar) -> None:
     r = client.chat.completions.create(
         model="smollm2",
-        messages=[{"role": "developer", "content": "Answer briefly."},
-                  {"role": "user", "content": [{"type": "text", "text": "Say hi."}]}],
+        messages=[
+            {"role": "developer", "content": "Answer briefly."},
+            {"role": "user", "content": [{"type": "text", "text": "Say hi."}]},
+        ],
         max_tokens=3,
     )
     assert r.choices[0].message.content
@@ -325,8 +359,9 @@ def test_cancel_stops_generation(client: Lunar) -> None:
 
 def test_abandoned_stream_does_not_block(client: Lunar) -> None:
     def read_two() -> None:
-        stream = client.chat.completions.create(model="smollm2", messages=COUNT, max_tokens=30,
-                                                stream=True)
+        stream = client.chat.completions.create(
+            model="smollm2", messages=COUNT, max_tokens=30, stream=True
+        )
         for i, _ in enumerate(stream):
             if i == 2:
                 break  # no close(): the stream is collected on return
@@ -358,8 +393,9 @@ def test_threads_share_the_model(client: Lunar) -> None:
 
 def test_fallback_from_unreachable_cloud_model() -> None:
     client = Lunar(
-        providers={"openai": {"api_key": "sk-x",
-                              "base_url": f"http://127.0.0.1:{closed_port()}/v1"}},
+        providers={
+            "openai": {"api_key": "sk-x", "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
+        },
         max_retries=0,
     )
     with client.chat.completions.create(
@@ -368,8 +404,9 @@ def test_fallback_from_unreachable_cloud_model() -> None:
         chunks = list(stream)
     assert chunks and all(c.provider == "local" for c in chunks)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
-    r = client.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"],
-                                       messages=HELLO, max_tokens=4)
+    r = client.chat.completions.create(
+        model="gpt-4o-mini", fallbacks=["smollm2"], messages=HELLO, max_tokens=4
+    )
     assert r.provider == "local" and r.choices[0].message.content
     with pytest.raises(APIConnectionError):
         client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=4)
@@ -381,8 +418,9 @@ def test_fallback_from_unreachable_cloud_model() -> None:
 
 async def test_async_stream_and_complete() -> None:
     client = AsyncLunar(max_retries=0)
-    stream = await client.chat.completions.create(model="smollm2", messages=COUNT,
-                                                  max_tokens=6, stream=True)
+    stream = await client.chat.completions.create(
+        model="smollm2", messages=COUNT, max_tokens=6, stream=True
+    )
     chunks = [c async for c in stream]
     assert chunks[0].choices[0].delta.role == "assistant"
     assert chunks[-1].choices[0].finish_reason == "length"
@@ -399,8 +437,7 @@ async def test_async_errors_before_first_chunk(tmp_path: Any) -> None:
     client = AsyncLunar(max_retries=0)
     missing = str(tmp_path / "gone.gguf")
     with pytest.raises(NotFoundError, match=re.escape(missing)):
-        await client.chat.completions.create(model=f"local/{missing}", messages=HELLO,
-                                             stream=True)
+        await client.chat.completions.create(model=f"local/{missing}", messages=HELLO, stream=True)
     with pytest.raises(BadRequestError, match="2048"):
         await client.chat.completions.create(
             model="smollm2", messages=[{"role": "user", "content": "lorem ipsum " * 2000}]
@@ -470,8 +507,9 @@ async def test_async_tasks_share_the_model() -> None:
     client = AsyncLunar(max_retries=0)
 
     async def one() -> int:
-        stream = await client.chat.completions.create(model="smollm2", messages=COUNT,
-                                                      max_tokens=7, stream=True)
+        stream = await client.chat.completions.create(
+            model="smollm2", messages=COUNT, max_tokens=7, stream=True
+        )
         chunks = [c async for c in stream]
         assert chunks[-1].usage is not None
         return chunks[-1].usage.completion_tokens
@@ -481,8 +519,9 @@ async def test_async_tasks_share_the_model() -> None:
 
 async def test_async_fallback() -> None:
     client = AsyncLunar(
-        providers={"openai": {"api_key": "sk-x",
-                              "base_url": f"http://127.0.0.1:{closed_port()}/v1"}},
+        providers={
+            "openai": {"api_key": "sk-x", "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
+        },
         max_retries=0,
     )
     stream = await client.chat.completions.create(

@@ -583,3 +583,67 @@ def test_gemini_retry_info_becomes_retry_after_and_bad_key_is_401():
     from lunar import AuthenticationError
 
     assert isinstance(GEMINI.parse_error(400, {}, body, G_TARGET), AuthenticationError)
+
+
+OPENAI = adapter_for("openai")
+O_TARGET = Target(
+    CATALOG.resolve("gpt-4o-mini")[0], CATALOG.providers["openai"], "http://127.0.0.1:9", "ok"
+)
+
+
+def _openai_chunk(text: str) -> tuple[None, dict]:
+    return (
+        None,
+        {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "created": 1,
+            "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}],
+        },
+    )
+
+
+# Content then an error event, all in one read: what each wire sends when it fails mid-stream.
+ERROR_AFTER_CONTENT = {
+    "openai": (
+        OPENAI,
+        O_TARGET,
+        sse(
+            [
+                _openai_chunk("Once"),
+                _openai_chunk(" upon"),
+                (None, {"error": {"message": "boom", "type": "server_error", "code": 500}}),
+            ]
+        ),
+    ),
+    "anthropic": (
+        ANTHROPIC,
+        A_TARGET,
+        ANTHROPIC_TEXT.split(b"event: content_block_stop")[0]
+        + sse([("error", {"type": "error", "error": {"type": "api_error", "message": "boom"}})]),
+    ),
+    "gemini": (
+        GEMINI,
+        G_TARGET,
+        GEMINI_TEXT.split(b"\n\n")[0]
+        + b"\n\n"
+        + sse([(None, {"error": {"code": 500, "message": "boom", "status": "INTERNAL"}})]),
+    ),
+}
+
+
+@pytest.mark.parametrize("wire", list(ERROR_AFTER_CONTENT))
+def test_an_error_event_in_the_same_read_comes_after_the_content_before_it(wire):
+    adapter, target, data = ERROR_AFTER_CONTENT[wire]
+    translator = adapter.stream_translator(target)
+    chunks = translator.feed(data)  # one read, as a pool hands over what has arrived
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    with pytest.raises(ServerError, match="boom"):
+        translator.close()
+    with pytest.raises(ServerError, match="boom"):
+        translator.feed(b"")
+    # and when the error comes first, it raises at once
+    error_only = data[data.rstrip(b"\n").rindex(b"\n\n") + 2 :]
+    with pytest.raises(ServerError, match="boom"):
+        adapter.stream_translator(target).feed(error_only)

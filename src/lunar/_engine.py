@@ -679,7 +679,7 @@ class AsyncEngine:
         self.http = http
         self.max_retries = max_retries
 
-    async def _send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> Any:
+    async def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> Any:
         """The response (its body read unless ``stream``): ``status_code``, ``headers``,
         ``content``, ``aread()``, ``aiter_bytes()``, ``aclose()`` from either client."""
         headers = _headers(req.headers, opts)
@@ -723,7 +723,7 @@ class AsyncEngine:
             return result
         req = adapter.build_request(body, target, stream=False)
         try:
-            resp = await self._send(req, opts, stream=False)
+            resp = await self.send(req, opts, stream=False)
         except NETWORK_ERRORS as exc:
             raise connection_error(exc, target) from exc
         if resp.status_code >= 400:
@@ -766,7 +766,7 @@ class AsyncEngine:
         req = adapter.build_request(body, target, stream=True)
         resp = None
         try:
-            resp = await self._send(req, opts, stream=True)
+            resp = await self.send(req, opts, stream=True)
             if resp.status_code >= 400:
                 await resp.aread()
                 raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)

@@ -80,6 +80,7 @@ class _Connection(asyncio.Protocol):
         self.raw_headers: list[tuple[bytes, bytes]] = []
         self.headers_done = False
         self.complete = False
+        self.keep_alive = False
         self.error: TransportError | None = None
         self.chunks: list[bytes] = []
         self.buffered = 0
@@ -125,6 +126,8 @@ class _Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         self.complete = True
+        # Asked now: once this callback returns, llhttp has reset for the next message.
+        self.keep_alive = self.parser.should_keep_alive()
 
     # -- the reader's side --------------------------------------------------------------------
 
@@ -167,7 +170,7 @@ class _Connection(asyncio.Protocol):
                 timer.cancel()
 
     def reusable(self) -> bool:
-        return self.complete and not self.lost and self.parser.should_keep_alive()
+        return self.complete and self.keep_alive and not self.lost
 
     def close(self) -> None:
         if self.transport is not None:
@@ -287,6 +290,11 @@ class AsyncPool:
     @property
     def idle_connections(self) -> int:
         return sum(len(q) for q in self._idle.values())
+
+    @property
+    def busy_connections(self) -> int:
+        """Connections carrying a request or a response now."""
+        return self._open - self.idle_connections
 
     async def send(
         self,

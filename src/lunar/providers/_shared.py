@@ -8,7 +8,14 @@ import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
-from .._errors import APIError, BadRequestError, error_class_for, error_from_response
+from .._errors import (
+    APIError,
+    BadRequestError,
+    LunarError,
+    error_class_for,
+    error_from_response,
+)
+from .._sse import SSEDecoder
 from .._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage
 from ._base import Target
 
@@ -102,10 +109,49 @@ class HTTPAdapter:
         return error_from_response(status, headers, content, target.provider)
 
 
-class ChunkMaker:
+class SSETranslator:
+    """The frame of every stream translator: SSE bytes in, chunks out. ``_translate``
+    appends the chunks that ``data`` completes and raises on an error event; the error
+    reaches the caller only after the chunks before it in the same bytes (one read can
+    carry several events, and those came first)."""
+
+    __slots__ = ("_error", "_sse")
+
+    def __init__(self) -> None:
+        self._sse = SSEDecoder()
+        self._error: LunarError | None = None
+
+    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
+        if self._error is not None:
+            raise self._error
+        out: list[ChatCompletionChunk] = []
+        try:
+            self._translate(data, out)
+        except LunarError as err:
+            if not out:
+                raise
+            self._error = err
+        return out
+
+    def close(self) -> list[ChatCompletionChunk]:
+        if self._error is not None:
+            raise self._error
+        self._sse.flush()
+        return self._end()
+
+    def _translate(self, data: bytes, out: list[ChatCompletionChunk]) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> list[ChatCompletionChunk]:
+        """End of the bytes: the last chunks, or an error when the stream was incomplete."""
+        raise NotImplementedError
+
+
+class ChunkMaker(SSETranslator):
     """For translators that build OpenAI chunks themselves (one choice, index 0)."""
 
     def __init__(self, target: Target, id: str) -> None:
+        super().__init__()
         self._provider = target.provider
         self._model = target.deployment.provider_model
         self._id = id

@@ -10,7 +10,6 @@ from .._errors import (
     APIConnectionError,
     error_from_stream_event,
 )
-from .._sse import SSEDecoder
 from .._types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -131,14 +130,12 @@ class AnthropicStreamTranslator(ChunkMaker):
 
     def __init__(self, target: Target) -> None:
         super().__init__(target, "")
-        self._sse = SSEDecoder()
         self._input: Mapping[str, Any] = {}
         self._tool_index: dict[int, int] = {}
         self._finished = False
         self._stopped = False
 
-    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
-        out = []
+    def _translate(self, data: bytes, out: list[ChatCompletionChunk]) -> None:
         for event in self._sse.feed(data):
             obj = json_object(event.data, self._provider)
             kind = obj.get("type") or event.event
@@ -195,10 +192,8 @@ class AnthropicStreamTranslator(ChunkMaker):
             elif kind == "error":
                 raise error_from_stream_event(obj.get("error") or obj, self._provider)
             # ping, content_block_stop, thinking and unknown events carry nothing for callers
-        return out
 
-    def close(self) -> list[ChatCompletionChunk]:
-        self._sse.flush()
+    def _end(self) -> list[ChatCompletionChunk]:
         if not (self._finished or self._stopped):
             raise APIConnectionError(
                 f"The stream from '{self._provider}' ended before it was complete "

@@ -13,7 +13,6 @@ from .._errors import (
     error_from_response,
     error_from_stream_event,
 )
-from .._sse import SSEDecoder
 from .._types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -163,14 +162,12 @@ class GeminiStreamTranslator(ChunkMaker):
 
     def __init__(self, target: Target) -> None:
         super().__init__(target, f"chatcmpl-gemini-{time.time_ns():x}")
-        self._sse = SSEDecoder()
         self._started = False
         self._calls = 0
         self._finish: str | None = None
         self._usage: Usage | None = None
 
-    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
-        out = []
+    def _translate(self, data: bytes, out: list[ChatCompletionChunk]) -> None:
         for event in self._sse.feed(data):
             obj = json_object(event.data, self._provider)
             if "error" in obj:
@@ -211,10 +208,8 @@ class GeminiStreamTranslator(ChunkMaker):
                         self._calls += 1
                 if cand.get("finishReason"):
                     self._finish = cand["finishReason"]
-        return out
 
-    def close(self) -> list[ChatCompletionChunk]:
-        self._sse.flush()
+    def _end(self) -> list[ChatCompletionChunk]:
         if self._finish is None:
             raise APIConnectionError(
                 f"The stream from '{self._provider}' ended before it was complete (no finishReason)"

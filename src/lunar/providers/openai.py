@@ -11,28 +11,26 @@ from .._errors import (
     StreamError,
     error_from_stream_event,
 )
-from .._sse import SSEDecoder
 from .._types import ChatCompletion, ChatCompletionChunk
 from ._base import HTTPRequest, Target
-from ._shared import HTTPAdapter, invalid_json, json_object
+from ._shared import HTTPAdapter, SSETranslator, invalid_json, json_object
 from ._shared import dumps as _dumps
 from ._shared import loads as _loads
 
 
-class OpenAIStreamTranslator:
+class OpenAIStreamTranslator(SSETranslator):
     """OpenAI SSE bytes in, ``ChatCompletionChunk`` out. The chunks already have the shape
     callers want, so this only frames, parses and checks that the stream ended properly."""
 
-    __slots__ = ("_done", "_finished", "_provider", "_sse")
+    __slots__ = ("_done", "_finished", "_provider")
 
     def __init__(self, provider: str) -> None:
+        super().__init__()
         self._provider = provider
-        self._sse = SSEDecoder()
         self._done = False
         self._finished = False
 
-    def feed(self, data: bytes) -> list[ChatCompletionChunk]:
-        out = []
+    def _translate(self, data: bytes, out: list[ChatCompletionChunk]) -> None:
         for event in self._sse.feed(data):
             text = event.data
             if self._done:
@@ -60,10 +58,8 @@ class OpenAIStreamTranslator:
                     if choice.finish_reason is not None:
                         self._finished = True
             out.append(chunk)
-        return out
 
-    def close(self) -> list[ChatCompletionChunk]:
-        self._sse.flush()
+    def _end(self) -> list[ChatCompletionChunk]:
         if not self._done and not self._finished:
             raise APIConnectionError(
                 f"The stream from '{self._provider}' ended before it was complete "

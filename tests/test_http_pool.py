@@ -1,0 +1,403 @@
+"""Lunar's own upstream HTTP/1.1 pool (``lunar._http``), against a scripted raw server on
+127.0.0.1: keep-alive, streaming, framing, faults, the connection ceiling, timeouts, TLS.
+
+The server reads real requests off real sockets and answers each with a scripted coroutine,
+so every byte boundary, pause and cut is the test's choice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import shutil
+import ssl
+import subprocess
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from lunar._http import AsyncPool, TransportError, TransportTimeout
+
+Answer = Callable[[asyncio.StreamWriter], Awaitable[bool]]  # True: keep the connection open
+
+
+def ok(body: bytes = b"hello", extra: bytes = b"") -> Answer:
+    async def answer(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n%s\r\n%s" % (len(body), extra, body))
+        await w.drain()
+        return True
+
+    return answer
+
+
+def chunked(pieces: list[bytes]) -> bytes:
+    out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+    for p in pieces:
+        out += b"%x\r\n%s\r\n" % (len(p), p)
+    return out + b"0\r\n\r\n"
+
+
+class Server:
+    """Answers the n-th request with ``answers[n]`` (the last one repeats)."""
+
+    def __init__(self, answers: list[Answer], tls: ssl.SSLContext | None = None) -> None:
+        self.answers = answers
+        self.tls = tls
+        self.requests: list[bytes] = []
+        self.connections = 0
+        self.open = 0
+        self.most_open = 0
+        self.closed = asyncio.Event()
+        self._server: asyncio.Server | None = None
+
+    async def __aenter__(self) -> Server:
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0, ssl=self.tls)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+
+    @property
+    def url(self) -> str:
+        assert self._server is not None
+        port = self._server.sockets[0].getsockname()[1]
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{port}/v1/x"
+
+    async def _handle(self, r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.open += 1
+        self.most_open = max(self.most_open, self.open)
+        try:
+            while True:
+                try:
+                    head = await r.readuntil(b"\r\n\r\n")
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":", 1)[1])
+                self.requests.append(head + await r.readexactly(length))
+                answer = self.answers[min(len(self.requests) - 1, len(self.answers) - 1)]
+                if not await answer(w):
+                    return
+        finally:
+            self.open -= 1
+            w.close()
+            self.closed.set()
+
+
+def pool(**kw: object) -> AsyncPool:
+    kw.setdefault("timeout", 5.0)
+    return AsyncPool(**kw)  # type: ignore[arg-type]
+
+
+async def test_keep_alive_reuses_one_connection():
+    async with Server([ok()]) as srv:
+        p = pool(headers={"user-agent": "t"})
+        for _ in range(3):
+            resp = await p.send("POST", srv.url, {"x-a": "1"}, b'{"a":1}')
+            assert (resp.status_code, resp.content) == (200, b"hello")
+        assert srv.connections == 1
+        assert (p.connections, p.idle_connections, p.busy_connections) == (1, 1, 0)
+        first = srv.requests[0]
+        assert first.startswith(b"POST /v1/x HTTP/1.1\r\nhost: 127.0.0.1:")
+        assert b"user-agent: t\r\n" in first and b"x-a: 1\r\n" in first
+        assert first.endswith(b'content-length: 7\r\n\r\n{"a":1}')
+        await p.aclose()
+        await asyncio.wait_for(srv.closed.wait(), 2)  # idle connections are closed
+
+
+async def test_a_stream_yields_bytes_as_they_arrive():
+    release = asyncio.Event()
+
+    async def answer(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await w.drain()
+        await release.wait()
+        w.write(b"6\r\nsecond\r\n0\r\n\r\n")
+        return True
+
+    async with Server([answer]) as srv:
+        p = pool()
+        resp = await p.send("POST", srv.url, {}, stream=True)
+        it = resp.aiter_bytes()
+        assert await it.__anext__() == b"first"  # before the server sends the rest
+        release.set()
+        assert [d async for d in it] == [b"second"]
+        assert p.idle_connections == 1
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    pieces=st.lists(st.binary(min_size=1, max_size=40), min_size=0, max_size=8),
+    cuts=st.lists(st.integers(min_value=1, max_value=400), max_size=12),
+)
+def test_any_split_of_a_chunked_body_reads_back_whole(pieces, cuts):
+    wire = chunked(pieces)
+
+    async def answer(w: asyncio.StreamWriter) -> bool:
+        at = 0
+        for c in sorted(set(cuts)):
+            if at < c < len(wire):
+                w.write(wire[at:c])
+                await w.drain()
+                await asyncio.sleep(0)
+                at = c
+        w.write(wire[at:])
+        return True
+
+    async def main() -> None:
+        async with Server([answer]) as srv:
+            p = pool()
+            resp = await p.send("GET", srv.url, {}, stream=True)
+            assert b"".join([d async for d in resp.aiter_bytes()]) == b"".join(pieces)
+            again = await p.send("GET", srv.url, {})  # the connection is still in step
+            assert again.content == b"".join(pieces)
+            assert srv.connections == 1
+            await p.aclose()
+
+    asyncio.run(main())
+
+
+async def test_a_kept_alive_connection_the_server_dropped_is_retried_once():
+    async def drop(w: asyncio.StreamWriter) -> bool:
+        return False  # reads the request, closes without a byte
+
+    async with Server([ok(), drop, ok(b"again")]) as srv:
+        p = pool()
+        await p.send("POST", srv.url, {})
+        resp = await p.send("POST", srv.url, {})
+        assert resp.content == b"again"
+        assert (srv.connections, len(srv.requests)) == (2, 3)
+
+
+async def test_a_fresh_connection_closed_without_an_answer_is_an_error():
+    async def drop(w: asyncio.StreamWriter) -> bool:
+        return False
+
+    async with Server([drop]) as srv:
+        p = pool()
+        with pytest.raises(TransportError, match="closed the connection"):
+            await p.send("POST", srv.url, {})
+        assert len(srv.requests) == 1  # not sent twice
+        assert p.connections == 0
+
+
+async def test_silence_before_the_head_or_mid_body_is_a_timeout():
+    async def stall_head(w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(5)
+        return False
+
+    async def stall_body(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
+        await asyncio.sleep(5)
+        return False
+
+    async with Server([stall_head]) as srv:
+        p = pool(timeout=0.2)
+        with pytest.raises(TransportTimeout, match=r"No data from the server for 0\.2 s"):
+            await p.send("POST", srv.url, {})
+        assert p.connections == 0
+    async with Server([stall_body]) as srv:
+        p = pool(timeout=10)
+        resp = await p.send("POST", srv.url, {}, stream=True, timeout=0.2)  # per request
+        got = []
+        with pytest.raises(TransportTimeout):
+            async for d in resp.aiter_bytes():
+                got.append(d)
+        assert got == [b"12345"]
+        assert p.connections == 0
+
+
+async def test_a_body_cut_short_raises_after_what_arrived_and_drops_the_connection():
+    async def cut(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\n0123456789")
+        await w.drain()
+        return False
+
+    async with Server([cut]) as srv:
+        p = pool()
+        resp = await p.send("POST", srv.url, {}, stream=True)
+        got = []
+        with pytest.raises(TransportError, match="closed the connection"):
+            async for d in resp.aiter_bytes():
+                got.append(d)
+        assert got == [b"0123456789"]
+        assert p.connections == 0
+
+
+async def test_connection_close_and_http_1_0_are_not_reused():
+    async def close_after(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nhi")
+        return True
+
+    async def old(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nhi")
+        return True
+
+    for answer in (close_after, old):
+        async with Server([answer]) as srv:
+            p = pool()
+            for _ in range(2):
+                assert (await p.send("GET", srv.url, {})).content == b"hi"
+            assert srv.connections == 2
+            assert p.connections == 0
+
+
+async def test_gzip_bodies_are_decoded_and_headers_are_case_insensitive():
+    body = gzip.compress(b'{"ok": true}' * 100)
+    extra = b"Content-Encoding: gzip\r\nX-Rep: a\r\nx-rep: b\r\nRetry-After: 3\r\n"
+    async with Server([ok(body, extra)]) as srv:
+        resp = await pool().send("GET", srv.url, {})
+        assert resp.content == b'{"ok": true}' * 100
+        assert resp.headers["retry-after"] == resp.headers.get("Retry-After") == "3"
+        assert "RETRY-AFTER" in resp.headers
+        assert resp.headers["x-rep"] == "a, b"
+
+
+async def test_an_answer_that_is_not_http_is_an_error():
+    async def garbage(w: asyncio.StreamWriter) -> bool:
+        w.write(b"SSH-2.0-OpenSSH_9.2\r\n\r\n")
+        return True
+
+    async with Server([garbage]) as srv:
+        p = pool()
+        with pytest.raises(TransportError, match="Invalid HTTP response"):
+            await p.send("GET", srv.url, {})
+        assert p.connections == 0
+
+
+async def test_bad_urls_and_header_injection_are_refused_before_sending():
+    p = pool()
+    with pytest.raises(TransportError, match="Unsupported URL"):
+        await p.send("GET", "ftp://example.com/x", {})
+    with pytest.raises(TransportError, match="Invalid port"):
+        await p.send("GET", "http://127.0.0.1:99999/x", {})
+    async with Server([ok()]) as srv:
+        with pytest.raises(ValueError, match="may not contain a newline"):
+            await p.send("GET", srv.url, {"x-a": "1\r\nx-evil: 1"})
+        assert srv.requests == []
+    with pytest.raises(TransportError, match="Could not connect"):
+        await p.send("GET", "http://127.0.0.1:1/x", {})
+    assert p.connections == 0
+
+
+async def test_the_connection_ceiling_queues_callers_and_serves_them_all():
+    async def slow(w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.05)
+        return await ok(b"done")(w)
+
+    async with Server([slow]) as srv:
+        p = pool(max_connections=2)
+        results = await asyncio.gather(*(p.send("GET", srv.url, {}) for _ in range(8)))
+        assert [r.content for r in results] == [b"done"] * 8
+        assert srv.most_open <= 2
+        assert p.connections <= 2 and p.busy_connections == 0
+
+
+async def test_waiting_for_a_free_connection_times_out_with_a_clear_error():
+    async with Server([ok(b"x" * 10)]) as srv:
+        p = pool(max_connections=1)
+        held = await p.send("GET", srv.url, {}, stream=True)  # not read: holds the connection
+        with pytest.raises(TransportTimeout, match=r"No free connection within 0\.2 s"):
+            await p.send("GET", srv.url, {}, timeout=0.2)
+        await held.aclose()
+        assert (await p.send("GET", srv.url, {}, timeout=0.2)).content == b"x" * 10
+
+
+async def test_a_cancelled_reader_closes_its_connection():
+    async def endless(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        while True:
+            w.write(b"1\r\nx\r\n")
+            await w.drain()
+            await asyncio.sleep(0.01)
+
+    async with Server([endless]) as srv:
+        p = pool()
+
+        async def read() -> None:
+            resp = await p.send("GET", srv.url, {}, stream=True)
+            async for _ in resp.aiter_bytes():
+                pass
+
+        task = asyncio.ensure_future(read())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert p.connections == 0
+        await asyncio.wait_for(srv.closed.wait(), 2)
+
+
+async def test_idle_connections_expire():
+    async with Server([ok()]) as srv:
+        p = pool(keepalive_expiry=0.05)
+        await p.send("GET", srv.url, {})
+        await asyncio.sleep(0.15)
+        await p.send("GET", srv.url, {})
+        assert srv.connections == 2
+        assert p.connections == 1
+
+
+async def test_a_slow_reader_pushes_back_on_the_server():
+    total = 32 * 1024 * 1024
+    sent = 0
+
+    async def flood(w: asyncio.StreamWriter) -> bool:
+        nonlocal sent
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % total)
+        piece = b"x" * 65536
+        while sent < total:
+            w.write(piece)
+            await w.drain()
+            sent += len(piece)
+        return True
+
+    async with Server([flood]) as srv:
+        p = pool()
+        resp = await p.send("GET", srv.url, {}, stream=True)
+        it = resp.aiter_bytes()
+        got = len(await it.__anext__())
+        await asyncio.sleep(0.3)
+        assert sent < total / 2  # the reader stopped reading, so the server had to wait
+        async for d in it:
+            got += len(d)
+        assert got == total
+
+
+@pytest.fixture(scope="module")
+def self_signed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    d = tmp_path_factory.mktemp("tls")
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1",
+            "-addext", "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_verifies_the_certificate(self_signed):
+    cert, key = self_signed
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_ctx.load_cert_chain(cert, key)
+    async with Server([ok(b"secret")], tls=server_ctx) as srv:
+        trusted = ssl.create_default_context(cafile=str(cert))
+        p = pool(ssl_context=trusted)
+        assert (await p.send("GET", srv.url, {})).content == b"secret"
+        assert (await p.send("GET", srv.url, {})).content == b"secret"
+        assert srv.connections == 1
+        with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
+            await pool().send("GET", srv.url, {})  # default CAs do not know it
