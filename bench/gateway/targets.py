@@ -3,7 +3,8 @@
 ``direct`` is the emulator alone (the physical floor: no gateway process). ``lunar`` is
 ``python -m lunar.server serve`` (the same as ``lunar serve``) with its OpenAI provider pointed
 at the emulator; ``litellm`` is the LiteLLM proxy from bench/.venv-litellm with the same
-emulator as its one upstream. Every gateway is pinned to GATEWAY_CORE. A new peer is one more
+emulator as its one upstream; ``relay`` is a byte relay that parses nothing (the floor of any
+Python gateway, bench/gateway/relay.py). Every gateway is pinned to GATEWAY_CORE. A new peer is one more
 ``Spec``.
 """
 
@@ -180,7 +181,27 @@ LITELLM = Spec(
     ready_timeout=180.0,
 )
 
-SPECS = {"lunar": LUNAR, "litellm": LITELLM}
+# -- The relay: the floor of a Python gateway (bench/gateway/relay.py) ----------------------
+
+
+def _relay_command(
+    upstream: str, port: int, work: Path
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    host_port = upstream.split("://", 1)[1].split("/", 1)[0]
+    script = Path(__file__).resolve().parent / "relay.py"
+    return [sys.executable, str(script), "--port", str(port), "--upstream", host_port], {}, {}
+
+
+RELAY = Spec(
+    "relay",
+    _relay_command,
+    "/health",
+    lambda base, env: {},
+    lambda: None,
+    lambda: "byte relay, no parsing (bench/gateway/relay.py)",
+)
+
+SPECS = {"lunar": LUNAR, "litellm": LITELLM, "relay": RELAY}
 
 
 def direct(emu: Emulator) -> Target:

@@ -115,6 +115,8 @@ class Health:
         TTFT, price); then ones with no recent data by price (one of them is moved to the
         front now and then, to learn about it); then those above the error threshold; and
         last those whose breaker is open — never dropped, so a request is always tried."""
+        if len(items) < 2:
+            return list(items)  # nothing to order (and no medians to compute per request)
         p = self.policy
         known, unknown, unhealthy, cooling = [], [], [], []
         for item in items:
