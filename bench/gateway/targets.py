@@ -4,8 +4,8 @@
 ``python -m lunar.server serve`` (the same as ``lunar serve``) with its OpenAI provider pointed
 at the emulator; ``litellm`` is the LiteLLM proxy from bench/.venv-litellm with the same
 emulator as its one upstream; ``relay`` is a byte relay that parses nothing (the floor of any
-Python gateway, bench/gateway/relay.py). Every gateway is pinned to GATEWAY_CORE. A new peer is one more
-``Spec``.
+Python gateway, bench/gateway/relay.py). Every gateway is pinned to GATEWAY_CORE. A new peer
+is one more ``Spec``.
 """
 
 from __future__ import annotations
