@@ -375,3 +375,30 @@ def test_unknown_model_lists_close_matches_before_any_network_call(mock):
         Lunar().chat.completions.create(model="gpt-4o-mni", messages=MESSAGES, stream=True)
     assert info.value.param == "model"
     assert mock.requests == []
+
+
+async def test_async_client_picks_its_http_client(mock, monkeypatch):
+    """Lunar's pool by default; httpx without httptools or behind a proxy; the caller's own."""
+    import httpx
+
+    from lunar import _http
+
+    async with AsyncLunar() as client:
+        assert isinstance(client._http, _http.AsyncPool)
+        assert (await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)).usage
+    with monkeypatch.context() as m:
+        m.setattr(_http, "available", lambda: False)
+        async with AsyncLunar() as client:
+            assert isinstance(client._http, httpx.AsyncClient)
+            completion = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=MESSAGES
+            )
+            assert completion.usage
+    with monkeypatch.context() as m:
+        m.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+        async with AsyncLunar() as client:
+            assert isinstance(client._http, httpx.AsyncClient)
+    own = httpx.AsyncClient()
+    async with AsyncLunar(http_client=own) as client:
+        assert client._http is own
+    await own.aclose()
