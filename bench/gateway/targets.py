@@ -201,7 +201,69 @@ RELAY = Spec(
     lambda: "byte relay, no parsing (bench/gateway/relay.py)",
 )
 
-SPECS = {"lunar": LUNAR, "litellm": LITELLM, "relay": RELAY}
+
+def _asgi_relay_command(
+    upstream: str, port: int, work: Path
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    origin = upstream.split("/v1", 1)[0]
+    script = Path(__file__).resolve().parent / "asgi_relay.py"
+    return [sys.executable, str(script), "--port", str(port), "--upstream", origin], {}, {}
+
+
+ASGI_RELAY = Spec(
+    "asgi-relay",
+    _asgi_relay_command,
+    "/health",
+    lambda base, env: {},
+    _lunar_available,
+    lambda: "uvicorn app copying the upstream's bytes (bench/gateway/asgi_relay.py)",
+)
+
+
+def _granian_relay_command(
+    upstream: str, port: int, work: Path
+) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    origin = upstream.split("/v1", 1)[0]
+    bindir = Path(sys.executable).parent
+    env = {"RELAY_UPSTREAM": origin, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    cmd = [
+        str(bindir / "granian"),
+        *("--interface", "asgi", "--host", "127.0.0.1", "--port", str(port)),
+        *("--loop", "uvloop", "--workers", "1", "--runtime-threads", "1", "--backlog", "4096"),
+        *("--factory", "asgi_relay:granian_app", "--log-level", "warning"),
+    ]
+    return cmd, env, env
+
+
+def _granian_available() -> str | None:
+    if not (Path(sys.executable).parent / "granian").exists():
+        return "granian is not installed (pip install granian): an optional comparison"
+    return _lunar_available()
+
+
+def _granian_version() -> str:
+    import importlib.metadata as md
+
+    return f"granian {md.version('granian')}, the asgi-relay app (bench/gateway/asgi_relay.py)"
+
+
+# The same app as asgi-relay on granian (Rust HTTP, ASGI): is another server's floor lower?
+GRANIAN_RELAY = Spec(
+    "granian-relay",
+    _granian_relay_command,
+    "/health",
+    lambda base, env: {},
+    _granian_available,
+    _granian_version,
+)
+
+SPECS = {
+    "lunar": LUNAR,
+    "litellm": LITELLM,
+    "relay": RELAY,
+    "asgi-relay": ASGI_RELAY,
+    "granian-relay": GRANIAN_RELAY,
+}
 
 
 def direct(emu: Emulator) -> Target:
