@@ -208,10 +208,15 @@ def _unknown(obj: dict[str, Any], allowed: frozenset[str], where: str) -> str | 
     return None
 
 
-def _check_schema(schema: Any, where: str) -> str | None:
-    if not isinstance(schema, dict):
+def _check_object(obj: Any, allowed: frozenset[str], where: str) -> str | None:
+    """An error message unless ``obj`` is an object with only ``allowed`` fields, or None."""
+    if not isinstance(obj, dict):
         return f"Invalid JSON payload received. Expected an object at '{where}'."
-    error = _unknown(schema, SCHEMA_FIELDS, where)
+    return _unknown(obj, allowed, where)
+
+
+def _check_schema(schema: Any, where: str) -> str | None:
+    error = _check_object(schema, SCHEMA_FIELDS, where)
     if error is not None:
         return error
     kind = schema.get("type")
@@ -251,9 +256,7 @@ def _count_calls(content: Any, field: str) -> int:
 
 
 def _check_part(part: Any, where: str) -> str | None:
-    if not isinstance(part, dict):
-        return f"Invalid JSON payload received. Expected an object at '{where}'."
-    error = _unknown(part, PART_FIELDS, where)
+    error = _check_object(part, PART_FIELDS, where)
     if error is not None:
         return error
     present = [name for name in DATA_FIELDS if get(part, name) is not None]
@@ -385,9 +388,7 @@ def validate(request: dict[str, Any]) -> str | None:
 
 
 def _check_config(config: Any) -> str | None:
-    if not isinstance(config, dict):
-        return "Invalid JSON payload received. Expected an object at 'generation_config'."
-    error = _unknown(config, CONFIG_FIELDS, "generation_config")
+    error = _check_object(config, CONFIG_FIELDS, "generation_config")
     if error is not None:
         return error
     temperature = get(config, "temperature")

@@ -17,6 +17,7 @@ from ._render import (
     dumps,
     make_job,
     resolve_tool_calls,
+    words,
 )
 from ._reply import (
     DEFAULT_ERROR_MESSAGE,
@@ -54,21 +55,20 @@ def prompt_tokens_chat(messages: list[Any]) -> int:
     return total
 
 
+def _prompt_item_tokens(item: Any) -> int:
+    """A string: its words; a token id: 1; a list of token ids: its length."""
+    if isinstance(item, str):
+        return words(item)
+    if isinstance(item, int):
+        return 1
+    return len(item) if isinstance(item, list) else 0
+
+
 def prompt_tokens_completion(prompt: Any) -> int:
     """Words of the prompt (list of strings: summed; list of token ids: its length)."""
-    if isinstance(prompt, str):
-        return len(prompt.split())
     if isinstance(prompt, list):
-        total = 0
-        for item in prompt:
-            if isinstance(item, str):
-                total += len(item.split())
-            elif isinstance(item, int):
-                total += 1
-            elif isinstance(item, list):
-                total += len(item)
-        return total
-    return 0
+        return sum(_prompt_item_tokens(item) for item in prompt)
+    return words(prompt)
 
 
 def tool_offer(request: dict[str, Any]) -> ToolOffer:

@@ -55,19 +55,9 @@ def words(text: Any) -> int:
 
 def count_words(value: Any) -> int:
     """Whitespace-separated words of a message content (string or list of parts)."""
-    if isinstance(value, str):
-        return len(value.split())
     if isinstance(value, list):
-        total = 0
-        for part in value:
-            if isinstance(part, str):
-                total += len(part.split())
-            elif isinstance(part, dict):
-                text = part.get("text")
-                if isinstance(text, str):
-                    total += len(text.split())
-        return total
-    return 0
+        return sum(words(p.get("text") if isinstance(p, dict) else p) for p in value)
+    return words(value)
 
 
 @lru_cache(maxsize=256)

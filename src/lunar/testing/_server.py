@@ -357,17 +357,12 @@ class _State:
             plan = wire.render_stream(job, id_, created)
             await self._run_stream(conn, wire, reply, plan, extra)
         else:
-            await self._run_json(conn, wire, reply, job, id_, created, extra)
+            body = wire.render_json(job, id_, created).encode()
+            await self._run_json(conn, wire, reply, body, extra)
 
     @staticmethod
     async def _run_json(
-        conn: _Conn,
-        wire: Wire,
-        reply: Reply,
-        job: Job,
-        id_: str,
-        created: str,
-        extra: list[tuple[str, str]],
+        conn: _Conn, wire: Wire, reply: Reply, body: bytes, extra: list[tuple[str, str]]
     ) -> None:
         if reply.stall_after is not None and reply.stall > 0:
             await asyncio.sleep(reply.stall)
@@ -375,7 +370,6 @@ class _State:
             status, error = wire.error_response(reply)
             conn.send(status, "application/json", error, extra)
             return
-        body = wire.render_json(job, id_, created).encode()
         if reply.cut_after is not None:
             conn.write(conn.head(reply.status, "application/json", extra, len(body)))
             conn.write(body[: len(body) // 2])
