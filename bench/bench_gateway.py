@@ -706,7 +706,7 @@ def run(
         summary = ", ".join(f"{k} {'met' if v else 'NOT met'}" for k, v in met.items())
         head += ["", f"Targets: {summary}."]
     if made:
-        head += ["", "Plots: " + ", ".join(f"![{p.stem}]({_rel(p)})" for p in made)]
+        head += ["", "Plots: " + ", ".join(f"![{p.stem}]({stats.doc_link(p)})" for p in made)]
     if json_out is not None:
         json_out.write_text(
             json.dumps(
@@ -723,13 +723,6 @@ def run(
             )
         )
     return "\n".join([*head, "", *sections]).rstrip() + "\n"
-
-
-def _rel(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to((ROOT / "docs").resolve()))
-    except ValueError:
-        return str(p)
 
 
 def main() -> None:

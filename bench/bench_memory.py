@@ -268,17 +268,10 @@ def run(
             r["series"],
         )
         if p is not None:
-            head += ["", f"Plot: ![memory_rss]({_rel(p)})"]
+            head += ["", f"Plot: ![memory_rss]({stats.doc_link(p)})"]
     if json_out is not None:
         json_out.write_text(json.dumps({**r, "met": met}, indent=1))
     return "\n".join([*head, "", md]).rstrip() + "\n"
-
-
-def _rel(p: Path) -> str:
-    try:
-        return str(p.resolve().relative_to((ROOT / "docs").resolve()))
-    except ValueError:
-        return str(p)
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Medians with min–max, percentiles, and the markdown of a figure."""
+"""Medians with min–max, percentiles, and the markdown of a figure (tables, links)."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import math
 import os
 import statistics
 from collections.abc import Sequence
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def med(xs: Sequence[float]) -> float:
@@ -58,3 +61,11 @@ def loadavg() -> str:
         return " ".join(f"{x:.2f}" for x in os.getloadavg())
     except OSError:
         return "?"
+
+
+def doc_link(p: Path) -> str:
+    """``p`` as a page in docs/ links it: relative to docs/, or as given when outside it."""
+    try:
+        return str(p.resolve().relative_to(DOCS.resolve()))
+    except ValueError:
+        return str(p)
