@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lunar._http import AsyncPool, TransportError, TransportTimeout
+from lunar._http import AsyncPool, Response, TransportError, TransportTimeout
 
 Answer = Callable[[asyncio.StreamWriter], Awaitable[bool]]  # True: keep the connection open
 
@@ -89,6 +89,17 @@ class Server:
             self.open -= 1
             w.close()
             self.closed.set()
+
+
+async def read_until(
+    resp: Response, error: type[Exception], match: str | None = None
+) -> list[bytes]:
+    """The body pieces that arrived before the read raised ``error``."""
+    got = []
+    with pytest.raises(error, match=match):
+        async for d in resp.aiter_bytes():
+            got.append(d)
+    return got
 
 
 def pool(**kw: object) -> AsyncPool:
@@ -206,11 +217,7 @@ async def test_silence_before_the_head_or_mid_body_is_a_timeout():
     async with Server([stall_body]) as srv:
         p = pool(timeout=10)
         resp = await p.send("POST", srv.url, {}, stream=True, timeout=0.2)  # per request
-        got = []
-        with pytest.raises(TransportTimeout):
-            async for d in resp.aiter_bytes():
-                got.append(d)
-        assert got == [b"12345"]
+        assert await read_until(resp, TransportTimeout) == [b"12345"]
         assert p.connections == 0
 
 
@@ -223,10 +230,7 @@ async def test_a_body_cut_short_raises_after_what_arrived_and_drops_the_connecti
     async with Server([cut]) as srv:
         p = pool()
         resp = await p.send("POST", srv.url, {}, stream=True)
-        got = []
-        with pytest.raises(TransportError, match="closed the connection"):
-            async for d in resp.aiter_bytes():
-                got.append(d)
+        got = await read_until(resp, TransportError, "closed the connection")
         assert got == [b"0123456789"]
         assert p.connections == 0
 

@@ -184,17 +184,24 @@ LITELLM = Spec(
 # -- The relay: the floor of a Python gateway (bench/gateway/relay.py) ----------------------
 
 
-def _relay_command(
-    upstream: str, port: int, work: Path
-) -> tuple[list[str], dict[str, str], dict[str, str]]:
-    host_port = upstream.split("://", 1)[1].split("/", 1)[0]
-    script = Path(__file__).resolve().parent / "relay.py"
-    return [sys.executable, str(script), "--port", str(port), "--upstream", host_port], {}, {}
+def _script_command(
+    name: str, upstream_arg: Callable[[str], str]
+) -> Callable[[str, int, Path], tuple[list[str], dict[str, str], dict[str, str]]]:
+    """The command of a relay script in this folder: ``--port N --upstream X``."""
+
+    def command(
+        upstream: str, port: int, work: Path
+    ) -> tuple[list[str], dict[str, str], dict[str, str]]:
+        script = str(Path(__file__).resolve().parent / name)
+        args = ["--port", str(port), "--upstream", upstream_arg(upstream)]
+        return [sys.executable, script, *args], {}, {}
+
+    return command
 
 
 RELAY = Spec(
     "relay",
-    _relay_command,
+    _script_command("relay.py", lambda up: up.split("://", 1)[1].split("/", 1)[0]),
     "/health",
     lambda base, env: {},
     lambda: None,
@@ -202,17 +209,9 @@ RELAY = Spec(
 )
 
 
-def _asgi_relay_command(
-    upstream: str, port: int, work: Path
-) -> tuple[list[str], dict[str, str], dict[str, str]]:
-    origin = upstream.split("/v1", 1)[0]
-    script = Path(__file__).resolve().parent / "asgi_relay.py"
-    return [sys.executable, str(script), "--port", str(port), "--upstream", origin], {}, {}
-
-
 ASGI_RELAY = Spec(
     "asgi-relay",
-    _asgi_relay_command,
+    _script_command("asgi_relay.py", lambda up: up.split("/v1", 1)[0]),
     "/health",
     lambda base, env: {},
     _lunar_available,
