@@ -1,6 +1,6 @@
 """Gateway lanes 1–3: Lunar's gateway against the LiteLLM proxy and the bare upstream (direct).
 
-    python bench/bench_gateway.py [--full] [--lanes 1,2,3] [--targets lunar,litellm]
+    python bench/bench_gateway.py [--full] [--lanes 1,2,3] [--targets lunar,litellm,...]
                                   [--json out.json] [--img docs/img] [--no-install]
 
 Method. The upstream is an emulator in its own process (pre-rendered bytes), so it never
@@ -24,6 +24,10 @@ order rotates every round), and every ratio is taken between runs of the same ro
 Lunar is ``python -m lunar.server serve`` (= ``lunar serve``) with its OpenAI provider pointed
 at the upstream; LiteLLM is the proxy from bench/.venv-litellm (installed by
 bench/gateway/litellm_env.py on first use) with ``--num_workers 1`` and the same upstream.
+Two floors run beside them: ``asgi-relay`` (uvicorn on uvloop + httptools, as Lunar runs, with
+an app that copies the upstream's bytes through Lunar's pool: what any ASGI gateway costs
+before doing anything) and ``relay`` (a byte relay that parses nothing: the event loop and
+the socket calls alone).
 The tables go to stdout (markdown); progress to stderr; plots to --img.
 """
 
@@ -729,7 +733,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--full", action="store_true", help="the long profile")
     ap.add_argument("--lanes", default="1,2,3", help="which lanes (default 1,2,3)")
-    ap.add_argument("--targets", default="lunar,litellm", help="gateways beside direct")
+    ap.add_argument(
+        "--targets",
+        default="lunar,litellm,asgi-relay,relay",
+        help="gateways beside direct (known: lunar, litellm, asgi-relay, relay, granian-relay)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results")
     ap.add_argument("--img", type=Path, default=IMG, help="PNG folder (default docs/img)")
     ap.add_argument("--no-plots", action="store_true")
