@@ -191,24 +191,44 @@ class Response:
     ``send(stream=False)`` has done) or ``aiter_bytes()``. ``aclose()`` gives the connection
     back when the body was read to its end, and closes it otherwise."""
 
-    __slots__ = ("_conn", "_decoder", "_pool", "_timeout", "content", "headers", "status_code")
+    __slots__ = (
+        "_conn",
+        "_decoder",
+        "_headers",
+        "_pool",
+        "_raw",
+        "_timeout",
+        "content",
+        "status_code",
+    )
 
     def __init__(self, pool: AsyncPool, conn: _Connection, timeout: float | None) -> None:
         self._pool = pool
         self._conn: _Connection | None = conn
         self._timeout = timeout
         self.status_code = conn.status
-        headers = Headers()
-        for name, value in conn.raw_headers:
-            key = name.decode("latin-1").lower()
-            text = value.decode("latin-1")
-            headers[key] = f"{headers[key]}, {text}" if key in headers else text
-        self.headers = headers
+        self._raw = conn.raw_headers
+        self._headers: Headers | None = None
         self.content = b""
-        encoding = headers.get("content-encoding", "").strip().lower()
-        self._decoder = (
-            zlib.decompressobj(zlib.MAX_WBITS | 32) if encoding in ("gzip", "deflate") else None
-        )
+        self._decoder = None
+        for name, value in self._raw:
+            if (
+                len(name) == 16
+                and name.lower() == b"content-encoding"
+                and value.strip().lower() in (b"gzip", b"deflate")
+            ):
+                self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)
+
+    @property
+    def headers(self) -> Headers:
+        """Decoded on first use: a successful answer is usually read without them."""
+        if self._headers is None:
+            headers = self._headers = Headers()
+            for name, value in self._raw:
+                key = name.decode("latin-1").lower()
+                text = value.decode("latin-1")
+                headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        return self._headers
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         conn = self._conn

@@ -270,6 +270,8 @@ class Gateway:
                 timeout=c.timeout_seconds,
                 connect_timeout=c.connect_timeout_seconds,
                 max_connections=c.max_connections,
+                # Any connection may be idle between two requests: they expire after 5 s.
+                max_idle_per_origin=c.max_connections,
                 headers={"user-agent": f"lunar-gateway/{__version__}"},
             )
             self.engine = AsyncEngine(self.router, self._http, c.max_retries)
