@@ -405,3 +405,33 @@ async def test_https_verifies_the_certificate(self_signed):
         assert srv.connections == 1
         with pytest.raises(TransportError, match="CERTIFICATE_VERIFY_FAILED"):
             await pool().send("GET", srv.url, {})  # default CAs do not know it
+
+
+def test_a_pool_serves_successive_event_loops():
+    """A client kept across two ``asyncio.run`` calls: the first loop's connections are
+    dropped, not reused under the second."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{server.server_address[1]}/"
+    p = pool()
+    try:
+        for _ in range(2):
+            assert asyncio.run(p.send("GET", url, {})).content == b"ok"
+        assert p.connections == 1
+    finally:
+        server.shutdown()

@@ -174,7 +174,8 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         if self.transport is not None:
-            self.transport.close()
+            with contextlib.suppress(RuntimeError):  # its event loop is already closed
+                self.transport.close()
 
 
 def _expire(fut: asyncio.Future[None], timeout: float) -> None:
@@ -406,6 +407,7 @@ class AsyncPool:
 
     async def _acquire(self, origin: tuple[str, str, int], timeout: float | None) -> _Connection:
         waited = False
+        loop = asyncio.get_running_loop()
         while True:
             idle = self._idle.get(origin)
             if idle:
@@ -414,7 +416,9 @@ class AsyncPool:
                     self._discard(idle.popleft())
                 while idle:
                     conn = idle.pop()
-                    if not conn.lost:
+                    # A connection made under another event loop (a client used across two
+                    # asyncio.run calls) cannot serve this one.
+                    if not conn.lost and conn.loop is loop:
                         conn.reused = True
                         return conn
                     self._discard(conn)
