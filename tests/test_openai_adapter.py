@@ -170,3 +170,62 @@ def test_parse_response_and_invalid_json():
     assert done.provider == "groq"
     with pytest.raises(Exception, match=r"\[502\] Invalid JSON"):
         ADAPTER.parse_response(b"<html>", TARGET)
+
+
+# --- ChatCompletionChunk.compact_json: the gateway's per-event writer ----------------------
+
+_texts = st.one_of(st.none(), st.text(), st.sampled_from(["", "assistant", "stop", "\ud800x"]))
+
+
+@st.composite
+def chunks(draw):
+    from lunar._types import (
+        ChatCompletionChunk,
+        ChoiceDelta,
+        ChoiceDeltaToolCall,
+        ChunkChoice,
+        Function,
+        Usage,
+    )
+
+    tool_calls = draw(
+        st.one_of(
+            st.none(),
+            st.lists(
+                st.builds(
+                    ChoiceDeltaToolCall,
+                    st.integers(0, 3),
+                    _texts,
+                    st.just("function"),
+                    st.builds(Function, _texts, _texts),
+                ),
+                max_size=2,
+            ),
+        )
+    )
+    choice = ChunkChoice(
+        draw(st.one_of(st.integers(0, 10**12), st.booleans())),
+        ChoiceDelta(draw(_texts), draw(_texts), tool_calls, draw(_texts)),
+        draw(_texts),
+        draw(st.one_of(st.none(), st.just({"content": []}))),
+    )
+    choices = draw(st.sampled_from([[choice], [], [choice, choice]]))
+    usage = draw(st.one_of(st.none(), st.builds(Usage, st.integers(0, 99), st.integers(0, 99))))
+    return ChatCompletionChunk(
+        id=draw(st.one_of(st.text(), st.integers())),
+        created=draw(st.one_of(st.integers(0, 2**40), st.floats(0, 1e9), st.booleans())),
+        model=draw(st.text()),
+        choices=choices,
+        usage=usage,
+        system_fingerprint=draw(_texts),
+        provider=draw(_texts),
+    )
+
+
+@settings(max_examples=400)
+@given(chunks())
+def test_compact_json_writes_what_the_general_encoder_writes(chunk):
+    from lunar._types import compact_json
+
+    assert chunk.compact_json() == compact_json(chunk.to_dict())
+    json.loads(chunk.compact_json())  # and it is JSON

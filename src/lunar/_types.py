@@ -9,7 +9,21 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from json.encoder import encode_basestring
 from typing import Any
+
+#: Compact JSON text, as the gateway writes it (UTF-8, not \u-escaped).
+compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _text(value: Any) -> str | None:
+    """A JSON string or null exactly as ``compact_json`` writes it; ``None`` (no fast path)
+    for anything else."""
+    if value is None:
+        return "null"
+    if type(value) is str:
+        return encode_basestring(value)  # the encoder's own (C) string writer
+    return None
 
 
 class _Obj:
@@ -227,6 +241,43 @@ class ChatCompletionChunk(_Obj):
         self.choices = choices
         self.usage = usage
         self.provider = provider
+
+    def compact_json(self) -> str:
+        """``compact_json(self.to_dict())``, written directly for the shape nearly every
+        streamed chunk has (one choice, a text delta, no tool calls, no usage): the gateway
+        writes one per event, and building the dict and walking it was a fifth of its CPU
+        at 250 streams. Any other shape goes the general way."""
+        choices = self.choices
+        if self.usage is None and len(choices) == 1:
+            choice = choices[0]
+            delta = choice.delta
+            if (
+                delta.tool_calls is None
+                and choice.logprobs is None
+                and type(choice.index) is int
+                and type(self.created) is int
+            ):
+                parts = (
+                    _text(delta.content),
+                    _text(delta.refusal),
+                    _text(delta.role),
+                    _text(choice.finish_reason),
+                    _text(self.id),
+                    _text(self.model),
+                    _text(self.object),
+                    _text(self.provider),
+                    _text(self.system_fingerprint),
+                )
+                if None not in parts:
+                    content, refusal, role, finish, id, model, obj, provider, fp = parts
+                    return (
+                        f'{{"choices":[{{"delta":{{"content":{content},"refusal":{refusal},'
+                        f'"role":{role},"tool_calls":null}},"finish_reason":{finish},'
+                        f'"index":{choice.index},"logprobs":null}}],"created":{self.created},'
+                        f'"id":{id},"model":{model},"object":{obj},"provider":{provider},'
+                        f'"system_fingerprint":{fp},"usage":null}}'
+                    )
+        return compact_json(self.to_dict())
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], provider: str | None = None) -> ChatCompletionChunk:

@@ -20,7 +20,7 @@ from typing import Any
 
 from .._errors import APIError, BadRequestError, LunarError
 from .._request import bad
-from .._types import ChatCompletion, ChatCompletionChunk, Usage
+from .._types import ChatCompletion, ChatCompletionChunk, Usage, compact_json
 
 __all__ = [
     "ERROR_TYPES",
@@ -31,6 +31,7 @@ __all__ = [
     "json_bytes",
     "message_from_completion",
     "to_chat_body",
+    "utf8",
 ]
 
 # OpenAI finish_reason -> Anthropic stop_reason
@@ -57,13 +58,15 @@ ERROR_TYPES = {
     529: "overloaded_error",
 }
 
-_dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
-
 
 def json_bytes(obj: Any) -> bytes:
-    """Compact JSON as UTF-8. A lone surrogate (which JSON text may carry, as ``\\ud800``,
-    but UTF-8 cannot) is written back as that escape instead of failing."""
-    text = _dumps(obj)
+    """Compact JSON as UTF-8."""
+    return utf8(compact_json(obj))
+
+
+def utf8(text: str) -> bytes:
+    """``text`` as UTF-8. A lone surrogate (which JSON text may carry, as ``\\ud800``, but
+    UTF-8 cannot) is written back as that escape instead of failing."""
     try:
         return text.encode()
     except UnicodeEncodeError:
@@ -195,7 +198,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                     {
                         "id": tid,
                         "type": "function",
-                        "function": {"name": name, "arguments": _dumps(tool_input)},
+                        "function": {"name": name, "arguments": compact_json(tool_input)},
                     }
                 )
             elif kind == "tool_result" and role == "user":
