@@ -179,12 +179,12 @@ def lane1_md(d: dict[str, Any]) -> tuple[str, dict[str, bool]]:
             f"{med([x.p(50) for x in direct]):.3f} ms): other work on the machine; p99 figures "
             "of this run are not reliable."
         )
-        if "litellm" in added:
-            ratio = [
-                ll / lu if lu > 0 else math.inf
-                for ll, lu in zip(added["litellm"]["p50"], added["lunar"]["p50"])
-            ]
-            out.append(f"- LiteLLM adds {mm(ratio, 1)}× Lunar's added p50 (same rounds).")
+    if "litellm" in added and "lunar" in added:
+        ratio = [
+            ll / lu if lu > 0 else math.inf
+            for ll, lu in zip(added["litellm"]["p50"], added["lunar"]["p50"])
+        ]
+        out.append(f"- LiteLLM adds {mm(ratio, 1)}× Lunar's added p50 (same rounds).")
     return "\n".join(out), met
 
 

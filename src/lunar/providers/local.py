@@ -419,13 +419,7 @@ class LocalModel:
         if self._llama is not None:
             return self._llama
         llama_cpp = _import_llama_cpp()
-        if not os.path.isfile(self.path):
-            raise NotFoundError(
-                f"Local model file not found: {self.path}",
-                param="model",
-                code="model_not_found",
-                provider=PROVIDER,
-            )
+        _existing_file(self.path)
         try:
             llama = llama_cpp.Llama(
                 model_path=self.path, n_ctx=self.n_ctx, n_threads=thread_count(), verbose=False
