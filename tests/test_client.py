@@ -402,3 +402,29 @@ async def test_async_client_picks_its_http_client(mock, monkeypatch):
     async with AsyncLunar(http_client=own) as client:
         assert client._http is own
     await own.aclose()
+
+
+def test_a_stream_closed_before_its_first_read_releases_the_connection(mock):
+    mock.default = Reply(chunks=50)
+    client = Lunar()
+    stream = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    stream.close()
+    assert busy_connections(client) == 0
+    with client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True):
+        pass
+    assert busy_connections(client) == 0
+
+
+async def test_an_async_stream_closed_before_its_first_read_releases_the_connection(mock):
+    mock.default = Reply(chunks=50)
+    async with AsyncLunar() as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+        await stream.close()
+        assert busy_connections(client) == 0
+        async with await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        ):
+            pass
+        assert busy_connections(client) == 0

@@ -13,7 +13,7 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -515,6 +515,48 @@ def _in_process(adapter: Adapter) -> Any:
     return getattr(adapter, "in_process", None)
 
 
+class OpenStream:
+    """What ``SyncEngine.stream`` returns: iterating runs the engine's loop; ``close()`` also
+    closes the upstream response, even before the first read (closing a generator that
+    never started skips its ``finally``)."""
+
+    __slots__ = ("_chunks", "_upstream")
+
+    def __init__(self, chunks: Iterator[ChatCompletionChunk], upstream: Any) -> None:
+        self._chunks = chunks
+        self._upstream = upstream
+
+    def __iter__(self) -> OpenStream:
+        return self
+
+    def __next__(self) -> ChatCompletionChunk:
+        return next(self._chunks)
+
+    def close(self) -> None:
+        self._chunks.close()  # type: ignore[attr-defined]
+        self._upstream.close()
+
+
+class AsyncOpenStream:
+    """``OpenStream`` for ``AsyncEngine.stream``."""
+
+    __slots__ = ("_chunks", "_upstream")
+
+    def __init__(self, chunks: AsyncIterator[ChatCompletionChunk], upstream: Any) -> None:
+        self._chunks = chunks
+        self._upstream = upstream
+
+    def __aiter__(self) -> AsyncOpenStream:
+        return self
+
+    def __anext__(self) -> Awaitable[ChatCompletionChunk]:
+        return self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        await self._chunks.aclose()  # type: ignore[attr-defined]
+        await self._upstream.aclose()
+
+
 class SyncEngine:
     def __init__(self, router: Router, http: httpx.Client, max_retries: int = 2) -> None:
         self.router = router
@@ -584,7 +626,7 @@ class SyncEngine:
                 plan.failed(step, err)
                 continue
             finisher = StreamFinisher(step.target, body, started, json_check)
-            return self._iterate(step, opened, finisher, plan)
+            return OpenStream(self._iterate(step, opened, finisher, plan), opened[0])
         raise plan.error()
 
     def _open(
@@ -747,7 +789,7 @@ class AsyncEngine:
                 plan.failed(step, err)
                 continue
             finisher = StreamFinisher(step.target, body, started, json_check)
-            return self._iterate(step, opened, finisher, plan)
+            return AsyncOpenStream(self._iterate(step, opened, finisher, plan), opened[0])
         raise plan.error()
 
     async def _open(

@@ -552,12 +552,12 @@ class Gateway:
 
             response_started = True
             writer = dialect.stream(model, body)
-            await send(
-                {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
-            )
             self._served(row, call.trace)
             stats = call.stats
             try:
+                await send(
+                    {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
+                )
                 async for chunk in it:
                     stats.see(chunk, time.perf_counter())
                     data = writer.chunk(chunk)
