@@ -428,3 +428,13 @@ async def test_an_async_stream_closed_before_its_first_read_releases_the_connect
         ):
             pass
         assert busy_connections(client) == 0
+
+
+async def test_remote_models_list_with_the_gateway_down_is_a_connection_error():
+    from lunar import APIConnectionError
+
+    with pytest.raises(APIConnectionError, match="Connection to provider 'lunar'"):
+        Lunar(base_url="http://127.0.0.1:1/v1", api_key="k", max_retries=0).models.list()
+    async with AsyncLunar(base_url="http://127.0.0.1:1/v1", api_key="k") as client:
+        with pytest.raises(APIConnectionError, match="Connection to provider 'lunar'"):
+            await client.models.list()

@@ -435,3 +435,20 @@ def test_a_pool_serves_successive_event_loops():
         assert p.connections == 1
     finally:
         server.shutdown()
+
+
+async def test_a_request_header_replaces_the_pools_default_of_that_name():
+    async with Server([ok()]) as srv:
+        p = pool(headers={"User-Agent": "lunar", "x-keep": "1"})
+        await p.send("GET", srv.url, {"user-agent": "mine"})
+        head = srv.requests[0].lower()
+        assert head.count(b"user-agent:") == 1 and b"user-agent: mine\r\n" in head
+        assert b"x-keep: 1\r\n" in head
+
+
+async def test_a_pool_that_keeps_nothing_idle_closes_each_connection():
+    async with Server([ok()]) as srv:
+        p = pool(max_idle_per_origin=0)
+        for _ in range(2):
+            assert (await p.send("GET", srv.url, {})).content == b"hello"
+        assert srv.connections == 2 and p.connections == 0

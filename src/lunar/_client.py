@@ -15,7 +15,7 @@ import httpx
 
 from . import __version__, _http
 from ._catalog import Catalog, Deployment, ProviderSpec
-from ._engine import AsyncEngine, Router, SyncEngine
+from ._engine import NETWORK_ERRORS, AsyncEngine, Router, SyncEngine, connection_error
 from ._errors import AuthenticationError, error_from_response
 from ._request import (
     ChatParams,
@@ -100,7 +100,7 @@ def validate_fallback_map(fallbacks: Mapping[str, Any] | None) -> dict[str, list
     return {model: validate_fallbacks(chain) or [] for model, chain in fallbacks.items()}
 
 
-def _models_page(settings: _Settings, response: Any) -> SyncPage:
+def _models_page(response: Any) -> SyncPage:
     if response.status_code >= 400:
         raise error_from_response(response.status_code, response.headers, response.content)
     return SyncPage([Model.from_dict(m) for m in json.loads(response.content).get("data", [])])
@@ -283,7 +283,11 @@ class Models:
         if settings.remote is None:
             return SyncPage(settings.catalog.list_models())
         url, headers = settings.models_request()
-        return _models_page(settings, self._client._http.get(url, headers=headers))
+        try:
+            response = self._client._http.get(url, headers=headers)
+        except NETWORK_ERRORS as exc:
+            raise connection_error(exc, settings.remote) from exc
+        return _models_page(response)
 
     def retrieve(self, model: str) -> Model:
         for m in self.list():
@@ -448,8 +452,11 @@ class AsyncModels:
             return SyncPage(settings.catalog.list_models())
         url, headers = settings.models_request()
         req = HTTPRequest("GET", url, headers, b"")
-        response = await self._client._engine.send(req, RequestOptions(""), stream=False)
-        return _models_page(settings, response)
+        try:
+            response = await self._client._engine.send(req, RequestOptions(""), stream=False)
+        except NETWORK_ERRORS as exc:
+            raise connection_error(exc, settings.remote) from exc
+        return _models_page(response)
 
     async def retrieve(self, model: str) -> Model:
         for m in await self.list():

@@ -288,6 +288,13 @@ class Plan:
         self._index += 1
         self._retries = 0
 
+    def lost(self, step: Step, err: LunarError) -> LunarError:
+        """A failure after the caller had chunks: nothing more is tried; ``err`` gets every
+        attempt and is what to raise."""
+        self.failed(step, err)
+        err.attempts = self.attempts
+        return err
+
     def succeeded(self, step: Step, usage: Usage | None) -> None:
         if self._health is not None and usage is not None:
             self._health.success(step.target.deployment, usage.ttft_ms, usage.latency_ms)
@@ -438,10 +445,6 @@ class StreamFinisher:
         account(usage, self._target, self._started, self._ttft)
         self._held = None
         return [final]
-
-    @property
-    def usage_so_far(self) -> Usage | None:
-        return self._usage
 
 
 # ---------------------------------------------------------------------------------------------
@@ -699,13 +702,9 @@ class SyncEngine:
             plan.succeeded(step, final[0].usage)
             yield from final
         except NETWORK_ERRORS as exc:
-            err = connection_error(exc, step.target)
-            plan.failed(step, err)
-            err.attempts = plan.attempts
-            raise err from exc
+            raise plan.lost(step, connection_error(exc, step.target)) from exc
         except LunarError as err:
-            plan.failed(step, err)
-            err.attempts = plan.attempts
+            plan.lost(step, err)
             raise
         finally:
             resp.close()
@@ -860,13 +859,9 @@ class AsyncEngine:
             for chunk in final:
                 yield chunk
         except NETWORK_ERRORS as exc:
-            err = connection_error(exc, step.target)
-            plan.failed(step, err)
-            err.attempts = plan.attempts
-            raise err from exc
+            raise plan.lost(step, connection_error(exc, step.target)) from exc
         except LunarError as err:
-            plan.failed(step, err)
-            err.attempts = plan.attempts
+            plan.lost(step, err)
             raise
         finally:
             await closer.aclose()

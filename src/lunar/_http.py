@@ -295,7 +295,8 @@ class AsyncPool:
         self.max_connections = max(1, max_connections)
         self.max_idle_per_origin = max_idle_per_origin
         self.keepalive_expiry = keepalive_expiry
-        self._default_headers = b"".join(_header_line(k, v) for k, v in (headers or {}).items())
+        self._defaults = {k.lower(): _header_line(k, v) for k, v in (headers or {}).items()}
+        self._default_headers = b"".join(self._defaults.values())
         self._ssl = ssl_context
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._open = 0
@@ -337,7 +338,7 @@ class AsyncPool:
             (
                 method.encode("ascii"),
                 head,
-                self._default_headers,
+                self._defaults_besides(headers),
                 *(_header_line(k, v) for k, v in headers.items()),
                 b"content-length: %d\r\n\r\n" % len(content),
                 content,
@@ -479,9 +480,19 @@ class AsyncPool:
             self._ssl = default_ssl_context()
         return self._ssl
 
+    def _defaults_besides(self, headers: Mapping[str, str]) -> bytes:
+        """The default header lines a request does not set itself (its own value wins)."""
+        names = {k.lower() for k in headers}
+        if names.isdisjoint(self._defaults):
+            return self._default_headers
+        return b"".join(line for k, line in self._defaults.items() if k not in names)
+
     def _release(self, conn: _Connection) -> None:
         """The response is done with ``conn``: keep it idle when it can serve another."""
         if self._closed or not conn.reusable():
+            self._discard(conn)
+            return
+        if self.max_idle_per_origin <= 0:
             self._discard(conn)
             return
         idle = self._idle.setdefault(conn.origin, collections.deque())

@@ -16,10 +16,10 @@ from .._errors import (
     error_from_response,
 )
 from .._sse import SSEDecoder
-from .._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage
+from .._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage, compact_json
 from ._base import Target
 
-dumps = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+dumps = compact_json
 loads = json.loads
 
 
