@@ -229,3 +229,33 @@ def test_compact_json_writes_what_the_general_encoder_writes(chunk):
 
     assert chunk.compact_json() == compact_json(chunk.to_dict())
     json.loads(chunk.compact_json())  # and it is JSON
+
+
+def test_provider_is_lunars_name_for_the_target_unless_a_gateway_reports_it():
+    """An upstream's own ``provider`` field (OpenRouter sends one) is not who answered in
+    Lunar's terms; a Lunar gateway's is (remote mode), for streams and completions alike."""
+    chunk = {
+        "id": "c",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "m",
+        "provider": "SomeHost",
+        "choices": [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}],
+    }
+    whole = {
+        "id": "c",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "m",
+        "provider": "SomeHost",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}}],
+    }
+    data = b"data: " + json.dumps(chunk).encode() + b"\n\ndata: [DONE]\n\n"
+    adapter = adapter_for("openai")
+    assert adapter.stream_translator(TARGET).feed(data)[0].provider == TARGET.provider
+    assert adapter.parse_response(json.dumps(whole).encode(), TARGET).provider == TARGET.provider
+    from lunar._catalog import Deployment, ProviderSpec
+
+    gateway = Target(Deployment("m", "lunar", "m", None), ProviderSpec("lunar", "openai", "x"), "x")
+    assert adapter.stream_translator(gateway).feed(data)[0].provider == "SomeHost"
+    assert adapter.parse_response(json.dumps(whole).encode(), gateway).provider == "SomeHost"

@@ -463,6 +463,8 @@ def test_lunar_remote_mode_talks_to_the_gateway(gw, key, upstream):
         )
         assert chunks[-1].choices[0].finish_reason == "stop"
         assert chunks[-1].usage.total_cost_usd > 0
+        # who answered, as the gateway says, the same way for both shapes
+        assert done.provider == chunks[-1].provider == "openai"
         assert "gpt-4o-mini" in {m.id for m in client.models.list()}
         upstream.enqueue(Reply(chunks=20, cut_after=3))
         with pytest.raises(LunarError):

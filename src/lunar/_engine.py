@@ -354,7 +354,7 @@ def finish_completion(
         usage = completion.usage = Usage(
             estimate_tokens(prompt_chars(body)), estimate_tokens(chars)
         )
-    completion.provider = target.provider
+    completion.provider = completion.provider or target.provider
     account(usage, target, started, None)
     return completion
 

@@ -306,7 +306,7 @@ class ChatCompletionChunk(_Obj):
             choices=choices,
             usage=None if usage is None else Usage.from_dict(usage),
             system_fingerprint=d.get("system_fingerprint"),
-            provider=d.get("provider", provider),
+            provider=d.get("provider") if provider is None else provider,
         )
 
 
@@ -401,7 +401,7 @@ class ChatCompletion(_Obj):
             choices=choices,
             usage=None if usage is None else Usage.from_dict(usage),
             system_fingerprint=d.get("system_fingerprint"),
-            provider=d.get("provider", provider),
+            provider=d.get("provider") if provider is None else provider,
         )
 
 

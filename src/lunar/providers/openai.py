@@ -22,11 +22,12 @@ class OpenAIStreamTranslator(SSETranslator):
     """OpenAI SSE bytes in, ``ChatCompletionChunk`` out. The chunks already have the shape
     callers want, so this only frames, parses and checks that the stream ended properly."""
 
-    __slots__ = ("_done", "_finished", "_provider")
+    __slots__ = ("_done", "_finished", "_provider", "_remote")
 
-    def __init__(self, provider: str) -> None:
+    def __init__(self, provider: str, remote: bool = False) -> None:
         super().__init__()
         self._provider = provider
+        self._remote = remote
         self._done = False
         self._finished = False
 
@@ -52,7 +53,9 @@ class OpenAIStreamTranslator(SSETranslator):
                 )
             if "error" in obj and not obj.get("choices"):
                 raise error_from_stream_event(obj["error"], self._provider)
-            chunk = ChatCompletionChunk.from_dict(obj, self._provider)
+            chunk = ChatCompletionChunk.from_dict(
+                obj, answered_by(obj, self._provider) if self._remote else self._provider
+            )
             if not self._finished:
                 for choice in chunk.choices:
                     if choice.finish_reason is not None:
@@ -95,10 +98,23 @@ class OpenAIAdapter(HTTPAdapter):
             if "error" in obj:
                 raise error_from_stream_event(obj["error"], target.provider)
             raise invalid_json(target.provider, content)
-        return ChatCompletion.from_dict(obj, target.provider)
+        remote = target.spec.name == REMOTE
+        provider = answered_by(obj, target.provider) if remote else target.provider
+        return ChatCompletion.from_dict(obj, provider)
 
     def stream_translator(self, target: Target) -> OpenAIStreamTranslator:
-        return OpenAIStreamTranslator(target.provider)
+        return OpenAIStreamTranslator(target.provider, remote=target.spec.name == REMOTE)
+
+
+#: The provider name of a Lunar gateway (remote mode), whose answers say who served them.
+REMOTE = "lunar"
+
+
+def answered_by(obj: Mapping[str, Any], fallback: str) -> str:
+    """Who answered, as a Lunar gateway reports it; any other upstream's ``provider`` field
+    (OpenRouter sends one) is its own business, not Lunar's provider name."""
+    provider = obj.get("provider")
+    return provider if isinstance(provider, str) and provider else fallback
 
 
 ADAPTER = OpenAIAdapter()
