@@ -893,6 +893,25 @@ def test_non_streaming_disconnect_cancels_upstream(gw, upstream):
     assert row["status"] == "cancelled" and row["http_status"] == 499
 
 
+def test_client_gone_at_once_still_cancels_upstream(gw, upstream):
+    """The disconnect watch starts a moment after the request (short requests never pay for
+    it); a client that leaves before then is still noticed and its upstream closed."""
+    key, key_id = gw.new_key()
+    upstream.enqueue(Reply(delay=30))
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\n"
+            + f"Content-Length: {len(body)}\r\nx-api-key: {key}\r\n\r\n".encode()
+            + body
+        )
+        _wait(lambda: len(upstream.requests) >= 1, "the request to reach the upstream")
+    _wait(lambda: upstream.disconnects >= 1, "the upstream connection to be closed")
+    [row] = gw.rows(key_id, 1)
+    assert (row["status"], row["error_type"]) == ("cancelled", "client_disconnected")
+
+
 def test_client_gone_during_upload_is_a_cancelled_row_not_an_error(gw):
     key, key_id = gw.new_key()
     host, port = gw.url.removeprefix("http://").rsplit(":", 1)

@@ -30,7 +30,12 @@ class _Obj:
     __slots__: tuple[str, ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: _dump(getattr(self, name)) for name in self.__slots__}
+        out: dict[str, Any] = {}
+        for name in self.__slots__:
+            value = getattr(self, name)
+            # Most fields are scalars: one exact-type lookup instead of two isinstance calls.
+            out[name] = value if value.__class__ in _SCALARS else _dump(value)
+        return out
 
     model_dump = to_dict  # the name openai/pydantic users reach for
 
@@ -47,6 +52,9 @@ class _Obj:
     def __repr__(self) -> str:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
         return f"{type(self).__name__}({fields})"
+
+
+_SCALARS = frozenset((str, int, float, bool, type(None)))
 
 
 def _dump(value: Any) -> Any:

@@ -164,20 +164,33 @@ def _resolve(fut: asyncio.Future[None]) -> None:
 
 class _Watch:
     """Client-disconnect watch for one request: a task waiting on ``receive()``; when the
-    client goes away before the response is complete, it cancels the request's task."""
+    client goes away before the response is complete, it cancels the request's task.
 
-    __slots__ = ("disconnected", "finished", "task", "watcher")
+    The task starts only once the request has run for ``WATCH_AFTER_S``: most of a
+    request's life is the upstream's answer (seconds), a request answered sooner (a cache
+    hit, an error, a benchmark's emulator) costs no task, and a client gone in that first
+    moment is noticed that much later."""
+
+    __slots__ = ("disconnected", "finished", "receive", "task", "timer", "watcher")
+
+    WATCH_AFTER_S = 0.05
 
     def __init__(self, receive: Receive) -> None:
         self.disconnected = False
         self.finished = False
+        self.receive = receive
         self.task = asyncio.current_task()
-        self.watcher = asyncio.ensure_future(self._watch(receive))
+        self.watcher: asyncio.Task[None] | None = None
+        self.timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start)
 
-    async def _watch(self, receive: Receive) -> None:
+    def _start(self) -> None:
+        if not self.finished:
+            self.watcher = asyncio.ensure_future(self._watch())
+
+    async def _watch(self) -> None:
         while True:
             try:
-                message = await receive()
+                message = await self.receive()
             except Exception:  # the server gave up on the connection: nothing to watch
                 return
             if message["type"] == "http.disconnect":
@@ -188,7 +201,9 @@ class _Watch:
 
     def stop(self) -> None:
         self.finished = True
-        self.watcher.cancel()
+        self.timer.cancel()
+        if self.watcher is not None:
+            self.watcher.cancel()
 
 
 # ---------------------------------------------------------------------------------------------

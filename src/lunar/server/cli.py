@@ -170,6 +170,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         access_log=False,
         log_level=cfg.log_level,
         server_header=False,
+        proxy_headers=False,  # the gateway never reads the client address or the scheme
         timeout_graceful_shutdown=int(max(1, cfg.graceful_timeout_seconds)),
         backlog=2048,
     )
