@@ -1,0 +1,252 @@
+"""What one gateway request costs, in CPU instructions: a count that does not move with the
+machine's noise, for before/after comparisons of the gateway's own work.
+
+    python bench/instructions.py [--requests 500] [--against REV] [--stream]
+
+The gateway's ASGI app runs in-process, driven request after request by a minimal ASGI
+caller (no HTTP server: uvicorn's share is not counted), with the emulator as its upstream
+over real sockets in another process. ``valgrind --tool=cachegrind`` counts the process's
+instructions (every thread: the ledger's writer too) for two run lengths; the difference
+divided by the difference in requests is the cost of one request, start-up left out. The
+same is measured for the asgi-relay app (bench/gateway/asgi_relay.py: the upstream's bytes
+copied through Lunar's pool, nothing else), so "Lunar above the relay" is Lunar's own work.
+``--against REV`` adds the gateway at a git revision (a temporary worktree) beside the
+working tree's.
+
+Wall-clock timings on this VM vary by ±10 % run to run; instruction counts repeat within
+~0.5 %. They are not time (a syscall or a cache miss is one instruction), so the lanes in
+bench_gateway.py stay the measure of speed; this is the measure of work. Needs valgrind
+(apt-get install -y valgrind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+MASTER = "lm-instructions-bench-master-key-0123"
+WARM_UP = 30
+
+
+def request_body(stream: bool) -> bytes:
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        body["stream"] = True
+    return json.dumps(body).encode()
+
+
+async def _drive(app: Any, headers: list[tuple[bytes, bytes]], body: bytes, n: int) -> None:
+    """``n`` requests one after another; each must answer 200."""
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": headers,
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 2),
+    }
+    for _ in range(n):
+        status = await _one(app, scope, body)
+        if status != 200:
+            raise RuntimeError(f"a request answered {status}")
+
+
+async def _one(app: Any, scope: dict[str, Any], body: bytes) -> int | None:
+    """One request; its status. The client stays connected until the app is done."""
+    delivered = False
+    status: int | None = None
+    never = asyncio.Event()
+
+    async def receive() -> dict[str, Any]:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await never.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+
+    await app(scope, receive, send)
+    return status
+
+
+async def _lifespan(app: Any) -> None:
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    await queue.put({"type": "lifespan.startup"})
+    started = asyncio.Event()
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            started.set()
+
+    asyncio.get_running_loop().create_task(app({"type": "lifespan"}, queue.get, send))
+    await started.wait()
+
+
+async def _run_driver(which: str, upstream: str, n: int, stream: bool, work: Path) -> None:
+    body = request_body(stream)
+    json_header = (b"content-type", b"application/json")
+    if which == "relay":
+        from gateway.asgi_relay import app_for
+
+        app = app_for(upstream.removesuffix("/v1"))
+        await _lifespan(app)
+        headers = [json_header]
+    else:
+        from lunar.server.app import create_app
+        from lunar.server.config import load_config
+
+        env = {"LUNAR_MASTER_KEY": MASTER, "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream}
+        app = create_app(load_config(environ=env, db=str(work / "ledger.db")))
+        await app.startup()
+        headers = [json_header, (b"authorization", b"Bearer " + MASTER.encode())]
+    await _drive(app, headers, body, WARM_UP + n)
+    if which != "relay":
+        await app.shutdown()
+
+
+def driver_main(args: argparse.Namespace) -> None:
+    try:
+        import uvloop
+
+        run: Any = uvloop.run
+    except ImportError:
+        run = asyncio.run
+    with tempfile.TemporaryDirectory() as work:
+        run(_run_driver(args.drive, args.upstream, args.requests, args.stream, Path(work)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The outer run: valgrind around the driver
+
+
+_IREFS = re.compile(r"I\s+refs:\s+([\d,]+)")
+
+
+def instructions(src: Path | None, which: str, upstream: str, n: int, stream: bool) -> int:
+    env = dict(os.environ)
+    if src is not None:
+        env["PYTHONPATH"] = str(src)
+    cmd = [
+        "valgrind",
+        "--tool=cachegrind",
+        "--cache-sim=no",
+        "--cachegrind-out-file=/dev/null",
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--drive",
+        which,
+        "--upstream",
+        upstream,
+        "--requests",
+        str(n),
+        *(["--stream"] if stream else []),
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+    m = _IREFS.search(out.stderr)
+    if out.returncode != 0 or m is None:
+        raise RuntimeError(
+            f"{which}: valgrind run failed ({out.returncode}):\n{out.stderr[-3000:]}"
+        )
+    return int(m.group(1).replace(",", ""))
+
+
+def per_request(src: Path | None, which: str, upstream: str, n: int, stream: bool) -> int:
+    short = instructions(src, which, upstream, n // 5, stream)
+    long = instructions(src, which, upstream, n, stream)
+    return round((long - short) / (n - n // 5))
+
+
+@contextlib.contextmanager
+def worktree(rev: str) -> Iterator[Path]:
+    path = Path(tempfile.mkdtemp(prefix="lunar-rev-"))
+    subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", "-f", str(path), rev],
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield path / "src"
+    finally:
+        subprocess.run(
+            ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(path)],
+            capture_output=True,
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--requests", type=int, default=500)
+    ap.add_argument("--stream", action="store_true", help="streamed requests (16 deltas each)")
+    ap.add_argument("--against", metavar="REV", help="also measure the gateway at this revision")
+    ap.add_argument("--drive", choices=["lunar", "relay"], help=argparse.SUPPRESS)
+    ap.add_argument("--upstream", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.drive:
+        driver_main(args)
+        return
+    if shutil.which("valgrind") is None:
+        sys.exit("needs valgrind: apt-get install -y valgrind")
+
+    from gateway import procs
+
+    rows: list[tuple[str, int]] = []
+    with procs.Procs(Path(tempfile.mkdtemp(prefix="lunar-instr-"))) as ps:
+        emu = procs.start_emulator(ps, chunks=16)
+        relay = per_request(None, "relay", emu.v1, args.requests, args.stream)
+        rows.append(("asgi-relay (the upstream's bytes through Lunar's pool)", relay))
+        if args.against:
+            with worktree(args.against) as src:
+                rows.append(
+                    (
+                        f"Lunar at {args.against}",
+                        per_request(src, "lunar", emu.v1, args.requests, args.stream),
+                    )
+                )
+        rows.append(
+            (
+                "Lunar (working tree)",
+                per_request(ROOT / "src", "lunar", emu.v1, args.requests, args.stream),
+            )
+        )
+    kind = "streamed (16 deltas)" if args.stream else "non-streamed"
+    print(f"Instructions per {kind} request, ASGI app in-process (no HTTP server), every thread:")
+    print(
+        f"    python bench/instructions.py --requests {args.requests}"
+        + (" --stream" if args.stream else "")
+        + (f" --against {args.against}" if args.against else "")
+    )
+    print()
+    print("| app | instructions / request | above the relay |")
+    print("| --- | ---: | ---: |")
+    for name, n in rows:
+        above = "" if n == relay else f"{n - relay:,}"
+        print(f"| {name} | {n:,} | {above} |")
+
+
+if __name__ == "__main__":
+    main()
