@@ -8,6 +8,7 @@ import time
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
+from .. import _json
 from .._errors import (
     APIError,
     BadRequestError,
@@ -20,7 +21,7 @@ from .._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage, compa
 from ._base import Target
 
 dumps = compact_json
-loads = json.loads
+loads = _json.loads
 
 
 def invalid_json(provider: str, content: bytes | str) -> APIError:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import time
@@ -38,6 +37,7 @@ from .._errors import (
     RequestEntityTooLargeError,
 )
 from .._http import AsyncPool
+from .._json import loads
 from .._request import (
     RequestOptions,
     bad,
@@ -457,7 +457,7 @@ class Gateway:
                 "Empty request body: send a JSON object", param=None, code="invalid_json"
             )
         try:
-            return json.loads(data)
+            return loads(data)
         except UnicodeDecodeError:
             raise BadRequestError(
                 "The request body is not UTF-8", param=None, code="invalid_json"
