@@ -3,6 +3,7 @@ keys, and the app called in-process."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sqlite3
 import threading
@@ -245,6 +246,44 @@ def test_keys_are_random_hashed_and_checked():
             ring.authenticate(given, "master-secret")
         assert info.value.code == code
     rec.revoked_at = 1.0
+    with pytest.raises(AuthenticationError, match="revoked"):
+        ring.authenticate(key_text, None)
+
+
+async def test_a_key_reload_racing_admin_calls_keeps_what_they_did(tmp_path):
+    """The refresher reads every key from storage in a thread; a key created or revoked
+    through the admin API meanwhile must not be undone by that older read."""
+    env = {"LUNAR_MASTER_KEY": "m" * 32}
+    app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
+    transport = httpx.ASGITransport(app=app)
+    admin = {"x-api-key": "m" * 32}
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        old = (await client.post("/admin/keys", json={"name": "old"}, headers=admin)).json()
+        stale = app.storage.load_keys()  # what a reload that began now reads
+        as_of = app.keys.version
+        new = (await client.post("/admin/keys", json={"name": "new"}, headers=admin)).json()
+        revoked = await client.delete(f"/admin/keys/{old['id']}", headers=admin)
+        assert revoked.status_code == 200
+        app.keys.replace_all(stale, as_of)  # ... and finishes now
+        with pytest.raises(AuthenticationError, match="revoked"):
+            app.keys.authenticate(old["key"], None)
+        assert app.keys.authenticate(new["key"], None).name == "new"
+        # The next reload reads storage as it is: same answer, and nothing pinned any more.
+        await app._reload_keys()
+        with pytest.raises(AuthenticationError, match="revoked"):
+            app.keys.authenticate(old["key"], None)
+        assert app.keys.authenticate(new["key"], None).name == "new"
+        assert app.keys._recent == {}
+    await app.shutdown()
+
+
+def test_a_revocation_read_from_storage_wins_over_an_older_local_put():
+    catalog = Catalog.load()
+    key_text, rec = key_from_request({"name": "a"}, catalog)
+    ring = KeyRing(catalog)
+    as_of = ring.version
+    ring.put(rec)  # created here; meanwhile `lunar keys revoke --db` revoked it
+    ring.replace_all([dataclasses.replace(rec, revoked_at=5.0)], as_of)
     with pytest.raises(AuthenticationError, match="revoked"):
         ring.authenticate(key_text, None)
 

@@ -318,7 +318,8 @@ class Gateway:
         self.storage.close(timeout=max(30.0, self.config.graceful_timeout_seconds))
 
     async def _reload_keys(self) -> None:
-        self.keys.replace_all(await asyncio.to_thread(self.storage.load_keys))
+        as_of = self.keys.version  # admin calls may put keys while storage is read
+        self.keys.replace_all(await asyncio.to_thread(self.storage.load_keys), as_of)
 
     async def _refresh_keys(self) -> None:
         """Keys created or revoked by ``lunar keys --db`` straight in the database."""

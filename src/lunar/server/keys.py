@@ -75,17 +75,40 @@ class KeyRing:
         self._by_hash: dict[str, KeyRecord] = {}
         self._by_id: dict[str, KeyRecord] = {}
         self._allowed: dict[str, frozenset[str]] = {}
+        # Every put() gets a number; a reload keeps the puts made while it was reading.
+        self.version = 0
+        self._recent: dict[str, tuple[int, KeyRecord]] = {}
 
-    def replace_all(self, records: Iterable[KeyRecord]) -> None:
-        by_hash, by_id, allowed = {}, {}, {}
+    def replace_all(self, records: Iterable[KeyRecord], as_of: int | None = None) -> None:
+        """Install the keys read from storage. ``as_of`` is ``version`` from before the read
+        began: a key put (created, revoked) after that is newer than what was read, or the
+        same, and stays as put, so a reload racing an admin call can neither bring back a
+        revoked key nor drop a new one. A revocation read from storage always wins (keys
+        are never un-revoked)."""
+        by_hash: dict[str, KeyRecord] = {}
+        by_id: dict[str, KeyRecord] = {}
         for rec in records:
             by_hash[rec.key_hash] = rec
             by_id[rec.id] = rec
-            if rec.models is not None:
-                allowed[rec.id] = self._canonical_set(rec.models)
-        self._by_hash, self._by_id, self._allowed = by_hash, by_id, allowed
+        if as_of is None:
+            self._recent = {}
+        else:
+            self._recent = {i: (v, r) for i, (v, r) in self._recent.items() if v > as_of}
+            for key_id, (_, rec) in self._recent.items():
+                read = by_id.get(key_id)
+                if read is None or read.revoked_at is None or rec.revoked_at is not None:
+                    by_hash[rec.key_hash] = by_id[key_id] = rec
+        self._by_hash, self._by_id = by_hash, by_id
+        self._allowed = {
+            rec.id: self._canonical_set(rec.models)
+            for rec in by_id.values()
+            if rec.models is not None
+        }
 
     def put(self, rec: KeyRecord) -> None:
+        """A key created or changed by this process (already written to storage)."""
+        self.version += 1
+        self._recent[rec.id] = (self.version, rec)
         self._by_hash[rec.key_hash] = rec
         self._by_id[rec.id] = rec
         if rec.models is not None:
