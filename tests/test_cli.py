@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import httpx
+import pytest
 
 from lunar.cli import default_model, main
 from lunar.testing import Reply
@@ -64,6 +65,21 @@ def test_models_lists_catalogue_with_prices(capsys):
     assert main(["models"]) == 0
     out, _ = capsys.readouterr()
     assert "gpt-4o-mini" in out and "0.15" in out and "claude-3-haiku" in out
+
+
+def test_mock_takes_the_emulators_options(capsys):
+    """`lunar mock` and `python -m lunar.testing` read one command line."""
+    with pytest.raises(SystemExit) as info:
+        main(["mock", "-h"])
+    assert info.value.code == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("usage: lunar mock") and "--delay-ms" in out and "--api-key" in out
+    assert "default 9000" in out
+    assert main(["mock", "--chunks", "-1"]) == 2
+    assert "--chunks must be >= 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["models", "--no-such-option"])
+    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
 def test_mock_command_serves_the_emulator():

@@ -160,10 +160,9 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 
 def cmd_mock(args: argparse.Namespace) -> int:
-    from .testing import Reply, serve
+    from .testing._cli import main as emulator  # one command line for both ways in
 
-    serve(args.host, args.port, Reply(chunks=args.chunks, pacing=args.pacing_ms / 1000))
-    return 0
+    return emulator(args.options, prog="lunar mock", default_port=9000)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -193,12 +192,14 @@ def build_parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the catalogue with prices")
     models.set_defaults(func=cmd_models)
 
-    mock = sub.add_parser("mock", help="run the OpenAI-wire emulator (for tests)")
-    mock.add_argument("--host", default="127.0.0.1")
-    mock.add_argument("--port", type=int, default=9000)
-    mock.add_argument("--chunks", type=int, default=8)
-    mock.add_argument("--pacing-ms", type=float, default=0.0)
-    mock.set_defaults(func=cmd_mock)
+    # The emulator's own parser reads the options (`lunar mock -h` shows them), so the two
+    # ways to start it (this and `python -m lunar.testing`) take the same ones.
+    mock = sub.add_parser(
+        "mock",
+        help="run the provider emulator (OpenAI, Anthropic, Gemini wires) for tests",
+        add_help=False,
+    )
+    mock.set_defaults(func=cmd_mock, options=[])
 
     from .server.cli import add_server_commands  # serve, keys, usage
 
@@ -207,7 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, rest = build_parser().parse_known_args(argv)
+    if args.func is cmd_mock:
+        args.options = rest
+    elif rest:
+        build_parser().parse_args(argv)  # the usual error for unknown arguments
     try:
         result: int = args.func(args)
     except BrokenPipeError:  # `lunar models | head`: the reader left; that is not an error

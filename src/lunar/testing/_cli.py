@@ -11,14 +11,21 @@ from ._reply import Reply
 from ._server import serve
 
 
-def build_parser(prog: str = "python -m lunar.testing") -> argparse.ArgumentParser:
+def build_parser(
+    prog: str = "python -m lunar.testing", default_port: int = 4010
+) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog,
         description="Serve the Lunar emulator (OpenAI, Anthropic and Gemini wires) in the "
         "foreground.",
     )
     parser.add_argument("--host", default="127.0.0.1", help="interface (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, default=4010, help="port (0: a free one; default 4010)")
+    parser.add_argument(
+        "--port",
+        type=int,
+        default=default_port,
+        help=f"port (0: a free one; default {default_port})",
+    )
     parser.add_argument(
         "--chunks", type=int, default=8, help="content pieces per reply (default 8)"
     )
@@ -37,8 +44,10 @@ def build_parser(prog: str = "python -m lunar.testing") -> argparse.ArgumentPars
     return parser
 
 
-def main(argv: list[str] | None = None, prog: str = "python -m lunar.testing") -> int:
-    args = build_parser(prog).parse_args(argv)
+def main(
+    argv: list[str] | None = None, prog: str = "python -m lunar.testing", default_port: int = 4010
+) -> int:
+    args = build_parser(prog, default_port).parse_args(argv)
     if args.chunks < 0:
         print("--chunks must be >= 0", file=sys.stderr)
         return 2
