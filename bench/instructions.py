@@ -1,7 +1,8 @@
 """What one gateway request costs, in CPU instructions: a count that does not move with the
 machine's noise, for before/after comparisons of the gateway's own work.
 
-    python bench/instructions.py [--requests 500] [--against REV] [--stream]
+    python bench/instructions.py [--requests 500] [--against REV] [--stream] [--chunks 16]
+    python bench/instructions.py --profile [--stream] [--chunks 64] [--requests 1500]
 
 The gateway's ASGI app runs in-process, driven request after request by a minimal ASGI
 caller (no HTTP server: uvicorn's share is not counted), with the emulator as its upstream
@@ -17,6 +18,9 @@ Wall-clock timings on this VM vary by ±10 % run to run; instruction counts repe
 ~0.5 %. They are not time (a syscall or a cache miss is one instruction), so the lanes in
 bench_gateway.py stay the measure of speed; this is the measure of work. Needs valgrind
 (apt-get install -y valgrind).
+
+``--profile`` shows where that work goes instead: py-spy (the ``dev`` extra) samples the same
+in-process driver, and the functions with the most samples under the app are printed.
 """
 
 from __future__ import annotations
@@ -198,16 +202,39 @@ def worktree(rev: str) -> Iterator[Path]:
         )
 
 
+def profile(args: argparse.Namespace) -> None:
+    from gateway import procs
+    from profile_gateway import top
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        sys.exit("needs py-spy: pip install py-spy (it is in the dev extra)")
+    with procs.Procs(Path(tempfile.mkdtemp(prefix="lunar-instr-"))) as ps:
+        emu = procs.start_emulator(ps, chunks=args.chunks)
+        raw = ps.workdir / "samples.txt"
+        drive = [sys.executable, str(Path(__file__).resolve()), "--drive", "lunar"]
+        drive += ["--upstream", emu.v1, "--requests", str(args.requests)]
+        drive += ["--stream"] if args.stream else []
+        record = [spy, "record", "-r", "1000", "-f", "raw", "-o", str(raw), "--", *drive]
+        subprocess.run(record, check=True, capture_output=True)
+        print(top(raw, 30, within="_one ("))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=500)
     ap.add_argument("--stream", action="store_true", help="streamed requests (16 deltas each)")
     ap.add_argument("--against", metavar="REV", help="also measure the gateway at this revision")
+    ap.add_argument("--chunks", type=int, default=16, help="content deltas per reply (default 16)")
+    ap.add_argument("--profile", action="store_true", help="instead: where the work goes (py-spy)")
     ap.add_argument("--drive", choices=["lunar", "relay"], help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.drive:
         driver_main(args)
+        return
+    if args.profile:
+        profile(args)
         return
     if shutil.which("valgrind") is None:
         sys.exit("needs valgrind: apt-get install -y valgrind")
@@ -216,7 +243,7 @@ def main() -> None:
 
     rows: list[tuple[str, int]] = []
     with procs.Procs(Path(tempfile.mkdtemp(prefix="lunar-instr-"))) as ps:
-        emu = procs.start_emulator(ps, chunks=16)
+        emu = procs.start_emulator(ps, chunks=args.chunks)
         relay = per_request(None, "relay", emu.v1, args.requests, args.stream)
         rows.append(("asgi-relay (the upstream's bytes through Lunar's pool)", relay))
         if args.against:
@@ -233,11 +260,12 @@ def main() -> None:
                 per_request(ROOT / "src", "lunar", emu.v1, args.requests, args.stream),
             )
         )
-    kind = "streamed (16 deltas)" if args.stream else "non-streamed"
+    kind = f"streamed ({args.chunks} deltas)" if args.stream else "non-streamed"
     print(f"Instructions per {kind} request, ASGI app in-process (no HTTP server), every thread:")
     print(
         f"    python bench/instructions.py --requests {args.requests}"
         + (" --stream" if args.stream else "")
+        + (f" --chunks {args.chunks}" if args.chunks != 16 else "")
         + (f" --against {args.against}" if args.against else "")
     )
     print()

@@ -28,13 +28,17 @@ from gateway import procs, streams, targets, wrk
 IDLE_THREADS = ("threading.py", "concurrent/futures/thread.py")
 
 
-def top(raw: Path, k: int) -> str:
+def top(raw: Path, k: int, within: str | None = None) -> str:
+    """The functions with the most samples, own and inclusive; only stacks through a frame
+    containing ``within`` when given."""
     own: collections.Counter[str] = collections.Counter()
     inclusive: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or any(t in stack for t in IDLE_THREADS):
+            continue
+        if within is not None and within not in stack:
             continue
         n = int(count)
         total += n
