@@ -101,6 +101,17 @@ async def _send_json(send: Send, status: int, payload: Any, headers: Headers | N
     await send({"type": "http.response.body", "body": body})
 
 
+async def _send_error(
+    send: Send,
+    err: LunarError,
+    shape: Callable[[LunarError], tuple[int, Any, Headers]] = openai_error,
+    headers: Headers | None = None,
+) -> None:
+    """``err`` as its API shapes errors (OpenAI's by default), with ``headers`` first."""
+    status, payload, extra = shape(err)
+    await _send_json(send, status, payload, [*(headers or ()), *extra])
+
+
 def _refused(refusal: Refusal) -> RateLimitError:
     headers = (
         {"x-should-retry": "false"}
@@ -500,8 +511,7 @@ class Gateway:
         try:
             key = self._authenticate(headers)
         except AuthenticationError as err:
-            status, payload, extra = dialect.error(err)
-            await _send_json(send, status, payload, [rid, *extra])
+            await _send_error(send, err, dialect.error, [rid])
             return
 
         call = _Call(
@@ -624,8 +634,7 @@ class Gateway:
             )
             with contextlib.suppress(Exception):
                 if not response_started:
-                    status, payload, extra = dialect.error(internal)
-                    await _send_json(send, status, payload, [rid, *extra])
+                    await _send_error(send, internal, dialect.error, [rid])
                 else:
                     tail = dialect.stream("", {}).error(internal, request_id)
                     await send({"type": "http.response.body", "body": tail, "more_body": False})
@@ -728,8 +737,7 @@ class Gateway:
                 raw = {**raw, "max_tokens": 1}
             body, _ = parse_request(MESSAGES, raw)
         except LunarError as err:
-            status, payload, extra = MESSAGES.error(err)
-            await _send_json(send, status, payload, extra)
+            await _send_error(send, err, MESSAGES.error)
             return
         await _send_json(send, 200, {"input_tokens": estimate_tokens(prompt_chars(body))})
 
@@ -783,8 +791,7 @@ class Gateway:
         try:
             key = self._authenticate(_headers(scope))
         except AuthenticationError as err:
-            status, payload, extra = openai_error(err)
-            await _send_json(send, status, payload, extra)
+            await _send_error(send, err)
             return
         await _send_json(send, 200, {"object": "list", "data": self._visible_models(key)})
 
@@ -801,8 +808,7 @@ class Gateway:
                 code="model_not_found",
             )
         except APIError as err:
-            status, payload, extra = openai_error(err)
-            await _send_json(send, status, payload, extra)
+            await _send_error(send, err)
 
     # -- operations -----------------------------------------------------------------------
 
@@ -820,8 +826,7 @@ class Gateway:
             try:
                 self._admin(_headers(scope))
             except APIError as err:
-                status, payload, extra = openai_error(err)
-                await _send_json(send, status, payload, extra)
+                await _send_error(send, err)
                 return
         body = self.metrics.render()
         headers = [
@@ -853,8 +858,7 @@ class Gateway:
             self._admin(_headers(scope))
             status, payload = await work()
         except APIError as err:
-            status, payload, extra = openai_error(err)
-            await _send_json(send, status, payload, extra)
+            await _send_error(send, err)
             return
         except _ClientGone:
             raise
