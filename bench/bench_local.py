@@ -208,6 +208,13 @@ class Side:
         self.proc.wait(30)
 
 
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return values[0], values[0]
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
 def summary(values: list[float]) -> dict[str, float]:
     return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
@@ -302,6 +309,28 @@ def main() -> None:
         "\nbest runs (the least disturbed; min TTFT / max tokens/s / min total): "
         + ", ".join(
             f"{name} {b[0]:.1f} ms / {b[1]:.1f} tok/s / {b[2]:.0f} ms" for name, b in best.items()
+        )
+    )
+    # Each round runs every lane back to back, so a round's lanes share the machine's state
+    # of the moment: the median of the per-round differences is steadier than the
+    # difference of the medians when the runs themselves spread widely.
+    paired: dict[str, dict[str, float]] = {}
+    for name in ("lunar", "lunar_async"):
+        d_ttft = [r["ttft_ms"] - b["ttft_ms"] for r, b in zip(runs[name], runs["direct"])]
+        r_tps = [r["decode_tps"] / b["decode_tps"] for r, b in zip(runs[name], runs["direct"])]
+        paired[name] = {
+            "ttft_added_ms": statistics.median(d_ttft),
+            "ttft_added_q1": _quartiles(d_ttft)[0],
+            "ttft_added_q3": _quartiles(d_ttft)[1],
+            "tps_ratio": statistics.median(r_tps),
+        }
+    results["paired"] = paired
+    print(
+        "\npaired by round (median over rounds of lane − direct in the same round): "
+        + "; ".join(
+            f"{label} TTFT {p['ttft_added_ms']:+.1f} ms (quartiles {p['ttft_added_q1']:+.1f} "
+            f"to {p['ttft_added_q3']:+.1f}), tokens/s {p['tps_ratio']:.3f}×"
+            for label, p in (("Lunar", paired["lunar"]), ("AsyncLunar", paired["lunar_async"]))
         )
     )
     load, imp = results["load_s"], results["import_s"]
