@@ -32,13 +32,15 @@ def outcome(loads: Callable[[Any], Any], text: str | bytes) -> tuple[str, Any]:
     """What parsing gives, comparable across NaN (NaN != NaN) and -0.0."""
     try:
         value = loads(text)
-    except (ValueError, RecursionError) as exc:
+    except (ValueError, RecursionError, TypeError) as exc:
         return ("error", type(exc).__name__)
     return ("value", _canonical(value))
 
 
-def same(text: str | bytes) -> bool:
-    return outcome(_json.loads, text) == outcome(json.loads, text)
+def same(text: Any) -> bool:
+    # json.loads behind one more frame, as in _json.loads: how deep JSON may nest before
+    # RecursionError depends on the caller's stack.
+    return outcome(_json.loads, text) == outcome(lambda t: json.loads(t), text)
 
 
 def _canonical(value: Any) -> Any:
@@ -96,6 +98,19 @@ def test_same_verdict_on_any_bytes(data: bytes) -> None:
 def test_edge_cases_match(text: str) -> None:
     assert same(text)
     assert same(text.encode("utf-8", "surrogatepass"))
+
+
+@pytest.mark.parametrize("depth", range(980, 1031))
+def test_nesting_near_the_recursion_limit_is_json_loads_verdict(depth: int) -> None:
+    """orjson nests to 1,024; json.loads gives up sooner, by how deep the stack already is.
+    A body between the two must still be refused (the gateway answers 400, not 500)."""
+    for text in ("[" * depth + "]" * depth, '{"a":' * depth + "1" + "}" * depth):
+        assert same(text) and same(text.encode())
+
+
+@pytest.mark.parametrize("value", [memoryview(b"{}"), None, 12, bytearray(b"[1]")])
+def test_other_types_get_json_loads_answer(value: Any) -> None:
+    assert same(value)
 
 
 def test_utf16_bytes_are_read_like_json_loads() -> None:

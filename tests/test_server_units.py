@@ -277,6 +277,29 @@ async def test_a_key_reload_racing_admin_calls_keeps_what_they_did(tmp_path):
     await app.shutdown()
 
 
+@pytest.mark.parametrize("depth", [990, 1010, 1030, 5000])
+async def test_deeply_nested_bodies_are_a_400_not_a_500(tmp_path, depth):
+    env = {"LUNAR_MASTER_KEY": "m" * 32}
+    app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
+    schema = '{"a":' * depth + "1" + "}" * depth
+    body = (
+        '{"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], '
+        '"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": '
+        + schema
+        + "}}}"
+    )
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+        r = await client.post(
+            "/v1/chat/completions",
+            content=body,
+            headers={"x-api-key": "m" * 32, "content-type": "application/json"},
+        )
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["code"] == "invalid_json"
+    await app.shutdown()
+
+
 def test_a_revocation_read_from_storage_wins_over_an_older_local_put():
     catalog = Catalog.load()
     key_text, rec = key_from_request({"name": "a"}, catalog)

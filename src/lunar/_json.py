@@ -6,9 +6,19 @@ the CPU Lunar spends on a chunk (``json.loads`` is a Python wrapper around a C s
 builds every string twice). orjson parses the same objects in a fraction of the time. Whatever
 orjson refuses (a lone surrogate escape, ``NaN``, UTF-16 bytes, nesting deeper than 1,024)
 goes to ``json.loads``, which decides: the values accepted and the errors raised are the
-standard library's. One thing orjson accepts differently: an integer beyond 64 bits becomes a
-float. Text with a run of 19 digits or more (the shortest that can be out of range) is
-therefore parsed by ``json.loads`` too (tests/test_json.py checks all of this).
+standard library's. Two things orjson accepts where ``json.loads`` differs, so such text goes
+straight to ``json.loads``:
+
+- an integer beyond 64 bits (orjson makes it a float): text with a run of 19 digits or more,
+  the shortest that can be out of range;
+- nesting deeper than ``json.loads`` can go before ``RecursionError`` (the recursion limit
+  less the caller's stack): text of 512 bytes or more with 256 or more ``[`` and ``{`` in
+  all. Shorter text cannot nest 256 deep, which ``json.loads`` reads unless the caller is
+  already ~700 frames deep. (The length test first: counting costs about as much as the
+  parse on a stream event.)
+
+Anything that is not ``str``, ``bytes`` or ``bytearray`` goes to ``json.loads`` as well, for
+its ``TypeError``. tests/test_json.py checks all of this.
 """
 
 from __future__ import annotations
@@ -28,9 +38,19 @@ _DIGIT_MASK = bytes(0 if 0x30 <= b <= 0x39 else 1 for b in range(256))
 _LONG_RUN = bytes(19)
 
 
+_DEEP = 256
+
+
 def _loads_fast(text: str | bytes | bytearray) -> Any:
-    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    if _LONG_RUN not in data.translate(_DIGIT_MASK):
+    data: bytes | bytearray
+    if type(text) is str:
+        data = text.encode("utf-8", "surrogatepass")
+    elif type(text) is bytes or type(text) is bytearray:
+        data = text
+    else:  # subclasses, memoryview, None …: json.loads's own answer
+        return json.loads(text)
+    deep = len(data) >= 2 * _DEEP and data.count(b"[") + data.count(b"{") >= _DEEP
+    if not deep and _LONG_RUN not in data.translate(_DIGIT_MASK):
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
