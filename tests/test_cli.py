@@ -77,9 +77,10 @@ def test_mock_takes_the_emulators_options(capsys):
     assert "default 9000" in out
     assert main(["mock", "--chunks", "-1"]) == 2
     assert "--chunks must be >= 0" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["models", "--no-such-option"])
-    assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
+    for argv in (["models", "--no-such-option"], ["--no-such-option", "mock"]):
+        with pytest.raises(SystemExit):
+            main(argv)
+        assert "unrecognized arguments: --no-such-option" in capsys.readouterr().err
 
 
 def test_mock_command_serves_the_emulator():

@@ -208,11 +208,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args, rest = build_parser().parse_known_args(argv)
-    if args.func is cmd_mock:
-        args.options = rest
-    elif rest:
-        build_parser().parse_args(argv)  # the usual error for unknown arguments
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["mock"]:  # everything after it is the emulator's to read
+        return cmd_mock(argparse.Namespace(options=argv[1:]))
+    args = build_parser().parse_args(argv)
     try:
         result: int = args.func(args)
     except BrokenPipeError:  # `lunar models | head`: the reader left; that is not an error
