@@ -518,16 +518,23 @@ def _in_process(adapter: Adapter) -> Any:
     return getattr(adapter, "in_process", None)
 
 
-class OpenStream:
+class _Opened:
+    """The engine's iterator and the upstream response it reads, closed together."""
+
+    __slots__ = ("_chunks", "_upstream")
+
+    def __init__(self, chunks: Any, upstream: Any) -> None:
+        self._chunks = chunks
+        self._upstream = upstream
+
+
+class OpenStream(_Opened):
     """What ``SyncEngine.stream`` returns: iterating runs the engine's loop; ``close()`` also
     closes the upstream response, even before the first read (closing a generator that
     never started skips its ``finally``)."""
 
-    __slots__ = ("_chunks", "_upstream")
-
-    def __init__(self, chunks: Iterator[ChatCompletionChunk], upstream: Any) -> None:
-        self._chunks = chunks
-        self._upstream = upstream
+    __slots__ = ()
+    _chunks: Iterator[ChatCompletionChunk]
 
     def __iter__(self) -> OpenStream:
         return self
@@ -540,14 +547,11 @@ class OpenStream:
         self._upstream.close()
 
 
-class AsyncOpenStream:
+class AsyncOpenStream(_Opened):
     """``OpenStream`` for ``AsyncEngine.stream``."""
 
-    __slots__ = ("_chunks", "_upstream")
-
-    def __init__(self, chunks: AsyncIterator[ChatCompletionChunk], upstream: Any) -> None:
-        self._chunks = chunks
-        self._upstream = upstream
+    __slots__ = ()
+    _chunks: AsyncIterator[ChatCompletionChunk]
 
     def __aiter__(self) -> AsyncOpenStream:
         return self
