@@ -731,8 +731,9 @@ class Gateway:
         """Anthropic's ``/v1/messages/count_tokens``: an estimate (~4 characters a token),
         since the model that will answer may not be Anthropic's."""
         try:
-            self._authenticate(_headers(scope))
-            raw = self._parse_json(await self._read_body(scope, receive, _headers(scope)))
+            headers = _headers(scope)
+            self._authenticate(headers)
+            raw = self._parse_json(await self._read_body(scope, receive, headers))
             if isinstance(raw, dict) and raw.get("max_tokens") is None:
                 raw = {**raw, "max_tokens": 1}
             body, _ = parse_request(MESSAGES, raw)
