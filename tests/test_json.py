@@ -1,5 +1,7 @@
 """lunar._json.loads (orjson when installed) must accept, refuse and return exactly what
-json.loads does: the gateway and the SDK parse every response and stream event with it."""
+json.loads does: the gateway and the SDK parse every response and stream event with it.
+lunar._json.dumps must write what the standard library writes, read back as the same value,
+and refuse what it refuses: the gateway writes every response with it."""
 
 from __future__ import annotations
 
@@ -116,3 +118,88 @@ def test_other_types_get_json_loads_answer(value: Any) -> None:
 def test_utf16_bytes_are_read_like_json_loads() -> None:
     data = json.dumps({"k": "v"}).encode("utf-16")
     assert _json.loads(data) == json.loads(data) == {"k": "v"}
+
+
+def std_dumps(value: Any) -> bytes:
+    return _json._dumps_std(value)
+
+
+def written(dumps: Callable[[Any], bytes], value: Any) -> tuple[str, Any]:
+    try:
+        return ("text", _canonical(json.loads(dumps(value))))
+    except (ValueError, TypeError, RecursionError) as exc:
+        return ("error", type(exc).__name__)
+
+
+@settings(max_examples=400, deadline=None)
+@given(values)
+def test_dumps_writes_what_the_standard_library_writes(value: Any) -> None:
+    fast = _json.dumps(value)
+    assert type(fast) is bytes
+    if "NaN" in std_dumps(value).decode() or "Infinity" in std_dumps(value).decode():
+        return  # not JSON: the next test
+    assert written(_json.dumps, value) == written(std_dumps, value)
+    # Compact and not \u-escaped: the same bytes, but for the exponent's spelling.
+    if not any(isinstance(v, float) for v in _leaves(value)):
+        assert fast == std_dumps(value)
+
+
+def _leaves(value: Any) -> list[Any]:
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    return [value]
+
+
+def test_dumps_is_compact_utf8() -> None:
+    value = {"a": [1, 2.5, None, True], "é": "snow ☃ \n \" \\"}
+    assert _json.dumps(value) == json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        2**64,  # beyond 64 bits: orjson refuses, the standard library writes it
+        -(2**63) - 1,
+        {"a": [2**100]},
+        {1: "int key", None: "null key", 2.5: "float key", True: "bool key"},
+        "lone \ud800 surrogate",
+        {"k\udfff": "v"},
+        json.loads("[" * 300 + "]" * 300),  # deeper than orjson writes (254)
+    ],
+)
+def test_dumps_falls_back_to_the_standard_library(value: Any) -> None:
+    assert _json.dumps(value) == std_dumps(value)
+    assert _json.loads(_json.dumps(value)) == json.loads(std_dumps(value))
+
+
+def test_a_lone_surrogate_is_written_as_its_escape() -> None:
+    assert _json.dumps("a\ud800b") == b'"a\\ud800b"'
+    assert json.loads(_json.dumps("a\ud800b")) == "a\ud800b"
+
+
+@pytest.mark.parametrize("value", [object(), {"a": {1, 2}}, b"bytes", complex(1, 2)])
+def test_dumps_refuses_what_the_standard_library_refuses(value: Any) -> None:
+    with pytest.raises(TypeError):
+        std_dumps(value)
+    with pytest.raises(TypeError):
+        _json.dumps(value)
+
+
+def test_dumps_refuses_a_cycle_like_the_standard_library() -> None:
+    cycle: list[Any] = []
+    cycle.append(cycle)
+    with pytest.raises(ValueError, match="Circular"):
+        _json.dumps(cycle)
+
+
+def test_non_json_floats_are_written_as_null() -> None:
+    """NaN and the infinities are not JSON: strict parsers (JavaScript's, Go's) refuse the
+    standard library's ``NaN``. With orjson they are written as null."""
+    value = {"a": float("nan"), "b": [float("inf"), -float("inf")]}
+    out = json.loads(_json.dumps(value))
+    if _json.orjson is not None:
+        assert out == {"a": None, "b": [None, None]}
+    else:
+        assert math.isnan(out["a"])

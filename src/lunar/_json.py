@@ -18,7 +18,18 @@ straight to ``json.loads``:
   parse on a stream event.)
 
 Anything that is not ``str``, ``bytes`` or ``bytearray`` goes to ``json.loads`` as well, for
-its ``TypeError``. tests/test_json.py checks all of this.
+its ``TypeError``.
+
+Writing is the same arrangement: ``dumps`` gives compact UTF-8 JSON, from ``orjson.dumps``
+when it is installed, and whatever orjson refuses (an integer beyond 64 bits, a key that is
+not a string, a lone surrogate, nesting deeper than 254, a type it does not know) is written
+by the standard library, which also raises the errors. The text differs only where JSON
+allows it to: orjson writes ``1e-7`` where the standard library writes ``1e-07``, and
+``null`` for NaN and the infinities, which are not JSON (the standard library writes
+``NaN``, which strict parsers reject). orjson also writes a UUID and an enum (as its
+value), which the standard library refuses.
+
+tests/test_json.py checks all of this.
 """
 
 from __future__ import annotations
@@ -61,4 +72,31 @@ def _loads_fast(text: str | bytes | bytearray) -> Any:
 #: ``json.loads`` for ``str`` or UTF-8 ``bytes``; faster with orjson installed.
 loads = json.loads if orjson is None else _loads_fast
 
-__all__ = ["loads"]
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
+
+def _dumps_std(obj: Any) -> bytes:
+    text = _compact(obj)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate: UTF-8 has none, JSON writes it as \udxxx
+        return text.encode("utf-8", "backslashreplace")
+
+
+# Types orjson writes and the standard library refuses: refused here too, by the fallback.
+_OPTIONS = (
+    0 if orjson is None else orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+)
+
+
+def _dumps_fast(obj: Any) -> bytes:
+    try:
+        return orjson.dumps(obj, option=_OPTIONS)
+    except orjson.JSONEncodeError:
+        return _dumps_std(obj)
+
+
+#: Compact JSON as UTF-8 bytes, not ``\u``-escaped; faster with orjson installed.
+dumps = _dumps_std if orjson is None else _dumps_fast
+
+__all__ = ["dumps", "loads"]

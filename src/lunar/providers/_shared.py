@@ -20,7 +20,8 @@ from .._sse import SSEDecoder
 from .._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage, compact_json
 from ._base import Target
 
-dumps = compact_json
+dumps = compact_json  # text, for a tool call's arguments
+dump_body = _json.dumps  # bytes, for a request body
 loads = _json.loads
 
 

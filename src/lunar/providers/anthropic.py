@@ -25,6 +25,7 @@ from ._base import HTTPRequest, Target
 from ._shared import (
     ChunkMaker,
     HTTPAdapter,
+    dump_body,
     dumps,
     image_source,
     json_object,
@@ -252,7 +253,7 @@ class AnthropicAdapter(HTTPAdapter):
             headers["x-api-key"] = target.api_key
         headers.update(target.headers)
         url = target.base_url.rstrip("/") + "/v1/messages"
-        return HTTPRequest("POST", url, headers, dumps(payload).encode())
+        return HTTPRequest("POST", url, headers, dump_body(payload))
 
     def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
         obj = json_object(content, target.provider)

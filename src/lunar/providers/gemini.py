@@ -28,6 +28,7 @@ from ._base import HTTPRequest, Target
 from ._shared import (
     ChunkMaker,
     HTTPAdapter,
+    dump_body,
     dumps,
     image_source,
     json_object,
@@ -277,7 +278,7 @@ class GeminiAdapter(HTTPAdapter):
         model = quote(target.deployment.provider_model, safe="")
         action = "streamGenerateContent?alt=sse" if stream else "generateContent"
         url = f"{target.base_url.rstrip('/')}/v1beta/models/{model}:{action}"
-        return HTTPRequest("POST", url, headers, dumps(payload).encode())
+        return HTTPRequest("POST", url, headers, dump_body(payload))
 
     def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
         obj = json_object(content, target.provider)

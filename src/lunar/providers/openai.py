@@ -13,8 +13,7 @@ from .._errors import (
 )
 from .._types import ChatCompletion, ChatCompletionChunk
 from ._base import HTTPRequest, Target
-from ._shared import HTTPAdapter, SSETranslator, invalid_json, json_object
-from ._shared import dumps as _dumps
+from ._shared import HTTPAdapter, SSETranslator, dump_body, invalid_json, json_object
 from ._shared import loads as _loads
 
 
@@ -90,7 +89,7 @@ class OpenAIAdapter(HTTPAdapter):
             headers["authorization"] = f"Bearer {target.api_key}"
         headers.update(target.headers)
         url = target.base_url.rstrip("/") + "/chat/completions"
-        return HTTPRequest("POST", url, headers, _dumps(payload).encode())
+        return HTTPRequest("POST", url, headers, dump_body(payload))
 
     def parse_response(self, content: bytes, target: Target) -> ChatCompletion:
         obj = json_object(content, target.provider)

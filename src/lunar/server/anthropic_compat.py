@@ -19,6 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import APIError, BadRequestError, LunarError
+from .._json import dumps
 from .._request import bad
 from .._types import ChatCompletion, ChatCompletionChunk, Usage, compact_json
 
@@ -59,9 +60,8 @@ ERROR_TYPES = {
 }
 
 
-def json_bytes(obj: Any) -> bytes:
-    """Compact JSON as UTF-8."""
-    return utf8(compact_json(obj))
+#: Compact JSON as UTF-8 (a lone surrogate as its ``\\u`` escape).
+json_bytes = dumps
 
 
 def utf8(text: str) -> bytes:
