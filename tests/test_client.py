@@ -133,6 +133,18 @@ def test_every_parameter_reaches_the_provider(mock):
     assert sent.json["model"] == "gpt-4o-mini"
 
 
+def test_a_lone_surrogate_in_a_message_is_sent_as_its_json_escape(mock):
+    """JSON text may carry a lone surrogate (as \\ud800), UTF-8 bytes cannot: the request
+    body writes the escape instead of failing with UnicodeEncodeError."""
+    text = "half a pair: \ud83d"
+    Lunar().chat.completions.create(
+        model="gpt-4o-mini", messages=[{"role": "user", "content": text}]
+    )
+    sent = mock.requests[-1]
+    assert b"\\ud83d" in sent.body
+    assert sent.json["messages"][0]["content"] == text
+
+
 def test_alias_resolves_to_provider_model_id_and_answer_names_the_model(mock):
     done = Lunar().chat.completions.create(model="llama-3.1-8b", messages=MESSAGES)
     assert mock.requests[-1].json["model"] == "llama-3.1-8b-instant"
