@@ -225,10 +225,14 @@ def chunks(draw):
 @settings(max_examples=400)
 @given(chunks())
 def test_compact_json_writes_what_the_general_encoder_writes(chunk):
+    from lunar._json import utf8
     from lunar._types import compact_json
 
     assert chunk.compact_json() == compact_json(chunk.to_dict())
     json.loads(chunk.compact_json())  # and it is JSON
+    # The gateway's bytes: the same text (these chunks hold no float, whose exponent orjson
+    # may spell differently).
+    assert chunk.json_bytes() == utf8(chunk.compact_json())
 
 
 def test_provider_is_lunars_name_for_the_target_unless_a_gateway_reports_it():

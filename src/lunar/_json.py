@@ -75,12 +75,17 @@ loads = json.loads if orjson is None else _loads_fast
 _compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
-def _dumps_std(obj: Any) -> bytes:
-    text = _compact(obj)
+def utf8(text: str) -> bytes:
+    """JSON text as UTF-8. A lone surrogate (which JSON text may carry, UTF-8 cannot) is
+    written as its ``\\udxxx`` escape instead of failing."""
     try:
         return text.encode()
-    except UnicodeEncodeError:  # a lone surrogate: UTF-8 has none, JSON writes it as \udxxx
+    except UnicodeEncodeError:
         return text.encode("utf-8", "backslashreplace")
+
+
+def _dumps_std(obj: Any) -> bytes:
+    return utf8(_compact(obj))
 
 
 # Types orjson writes and the standard library refuses: refused here too, by the fallback.
@@ -99,4 +104,4 @@ def _dumps_fast(obj: Any) -> bytes:
 #: Compact JSON as UTF-8 bytes, not ``\u``-escaped; faster with orjson installed.
 dumps = _dumps_std if orjson is None else _dumps_fast
 
-__all__ = ["dumps", "loads"]
+__all__ = ["dumps", "loads", "utf8"]

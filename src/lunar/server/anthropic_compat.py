@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import APIError, BadRequestError, LunarError
-from .._json import dumps
+from .._json import dumps, utf8
 from .._request import bad
 from .._types import ChatCompletion, ChatCompletionChunk, Usage, compact_json
 
@@ -62,15 +62,6 @@ ERROR_TYPES = {
 
 #: Compact JSON as UTF-8 (a lone surrogate as its ``\\u`` escape).
 json_bytes = dumps
-
-
-def utf8(text: str) -> bytes:
-    """``text`` as UTF-8. A lone surrogate (which JSON text may carry, as ``\\ud800``, but
-    UTF-8 cannot) is written back as that escape instead of failing."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return text.encode("utf-8", "backslashreplace")
 
 
 def _int(value: Any, name: str, required: bool = False) -> int | None:

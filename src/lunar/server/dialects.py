@@ -30,7 +30,7 @@ from .._request import (
 )
 from .._types import ChatCompletion, ChatCompletionChunk
 from . import anthropic_compat as anthropic
-from .anthropic_compat import json_bytes, utf8
+from .anthropic_compat import json_bytes
 
 log = logging.getLogger("lunar.server")
 
@@ -117,7 +117,7 @@ class StreamWriter:
 class ChatWriter(StreamWriter):
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         self.last_id = chunk.id
-        return b"data: " + utf8(chunk.compact_json()) + b"\n\n"
+        return b"data: " + chunk.json_bytes() + b"\n\n"
 
 
 class CompletionWriter(StreamWriter):
