@@ -101,3 +101,29 @@ def test_half_sent_event_at_end_is_dropped():
 def test_event_type_does_not_leak_into_the_next_event():
     events = decode([b"event: a\ndata: 1\n\ndata: 2\n\n"])
     assert [(e.event, e.data) for e in events] == [("a", "1"), (None, "2")]
+
+
+@settings(max_examples=200)
+@given(events_st, st.sampled_from(["\n", "\r\n", "\r"]))
+def test_one_read_per_event_as_a_paced_stream_sends_them(events, eol):
+    """The decoder's fast path (a read that is exactly one ``data:`` event) gives what the
+    general path gives."""
+    pieces = [render([event], eol) for event in events]
+    assert decode(pieces) == expected(events)
+
+
+def test_a_whole_event_read_after_pending_state_keeps_that_state():
+    decoder = SSEDecoder()
+    assert decoder.feed(b"id: 7\nretry: 30\ndata: a\n\n") == [ServerSentEvent("a", None, "7", 30)]
+    # Fast-path-shaped reads, each after something the decoder still holds:
+    assert decoder.feed(b"data: b\n\n") == [ServerSentEvent("b", None, "7", 30)]
+    assert decoder.feed(b"data: c\n") == []  # a data line, its event not yet ended
+    assert decoder.feed(b"data: d\n\n") == [ServerSentEvent("c\nd", None, "7", 30)]
+    assert decoder.feed(b"event: x\n") == []
+    assert decoder.feed(b"data: e\n\n") == [ServerSentEvent("e", "x", "7", 30)]
+    assert decoder.feed(b"data: f") == []  # half a line
+    assert decoder.feed(b"data: g\n\n") == [ServerSentEvent("fdata: g", None, "7", 30)]
+    assert decoder.feed(b"data: h\r") == []  # a CR that may be half a CRLF
+    assert decoder.feed(b"\ndata: i\n\n") == [ServerSentEvent("h\ni", None, "7", 30)]
+    assert decoder.feed(b"data: j\r\r") == [ServerSentEvent("j", None, "7", 30)]
+    assert decoder.feed(b"data: k\n\n") == [ServerSentEvent("k", None, "7", 30)]

@@ -48,6 +48,23 @@ class SSEDecoder:
         self._retry: int | None = None
 
     def feed(self, chunk: bytes) -> list[ServerSentEvent]:
+        if (
+            # A paced stream's read is nearly always exactly one "data: ...\n\n" event, with
+            # nothing pending: what the general path gives, without splitting lines.
+            chunk[:6] == b"data: "
+            and chunk[-2:] == b"\n\n"
+            and chunk.count(b"\n") == 2
+            and not self._buf
+            and not self._skip_lf
+            and not self._data
+            and self._event is None
+            and b"\r" not in chunk
+        ):
+            return [
+                ServerSentEvent(
+                    chunk[6:-2].decode("utf-8", "replace"), None, self._last_id, self._retry
+                )
+            ]
         if self._skip_lf and chunk:
             self._skip_lf = False
             if chunk[:1] == b"\n":
