@@ -3,6 +3,7 @@ keys, and the app called in-process."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import sqlite3
@@ -431,6 +432,91 @@ async def test_create_app_serves_in_process(tmp_path):
     with sqlite3.connect(tmp_path / "g.db") as db:
         assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 2
     assert time.time() > 0
+
+
+async def test_events_that_arrive_in_one_read_leave_in_one_write(tmp_path):
+    """A stream the upstream sends in one write (as a fast upstream, or one the gateway fell
+    behind on, does) is relayed in a few body messages, not one per event: every ``send``
+    is a socket write, the largest cost per event on a loaded gateway."""
+    events = [{"role": "assistant", "content": ""}] + [{"content": f"w{i} "} for i in range(20)]
+    body = b"".join(
+        b"data: "
+        + json.dumps(
+            {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "created": 1,
+                "model": "gpt-4o-mini",
+                "choices": [{"index": 0, "delta": d, "finish_reason": None}],
+            }
+        ).encode()
+        + b"\n\n"
+        for d in events
+    )
+    body += (
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+        b'"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+        b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"gpt-4o-mini",'
+        b'"choices":[],"usage":{"prompt_tokens":3,"completion_tokens":20,"total_tokens":23}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+
+    async def one_write(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+        await reader.readexactly(length)
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+            b"content-length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(one_write, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    master = "m" * 32
+    env = {
+        "OPENAI_API_KEY": "sk-x",
+        "OPENAI_BASE_URL": f"http://127.0.0.1:{port}/v1",
+        "LUNAR_MASTER_KEY": master,
+    }
+    app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
+    request = json.dumps(
+        {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    writes: list[bytes] = []
+    received = False
+
+    async def receive() -> dict:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": request, "more_body": False}
+        await asyncio.Event().wait()  # the client stays
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        if message["type"] == "http.response.body":
+            writes.append(message["body"])
+
+    scope = {
+        "type": "http",
+        "method": "POST",
+        "path": "/v1/chat/completions",
+        "headers": [(b"authorization", f"Bearer {master}".encode())],
+    }
+    async with server:
+        await app(scope, receive, send)
+    await app.shutdown()
+    text = b"".join(writes).decode()
+    contents = [
+        json.loads(e[6:])["choices"][0]["delta"]["content"]
+        for e in text.split("\n\n")
+        if e.startswith("data: {") and json.loads(e[6:])["choices"]
+    ]
+    assert "".join(c or "" for c in contents) == "".join(d["content"] for d in events)
+    assert text.endswith("data: [DONE]\n\n")
+    assert len(writes) <= 4  # 24 events: all in one batch, the held last chunk, [DONE]
 
 
 async def test_private_metrics_need_the_master_key(tmp_path):

@@ -9,11 +9,12 @@ chunk). Only the loops that wait on the network exist twice: ``SyncEngine`` and
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -548,16 +549,29 @@ class OpenStream(_Opened):
 
 
 class AsyncOpenStream(_Opened):
-    """``OpenStream`` for ``AsyncEngine.stream``."""
+    """``OpenStream`` for ``AsyncEngine.stream``. The engine hands the chunks on in batches,
+    those one upstream read completed: ``batches()`` gives them so (the gateway writes each
+    batch at once, so a read of several events costs one write, not one each), iterating
+    gives them one by one. Use one or the other."""
 
-    __slots__ = ()
-    _chunks: AsyncIterator[ChatCompletionChunk]
+    __slots__ = ("_ready",)
+    _chunks: AsyncIterator[list[ChatCompletionChunk]]
+
+    def __init__(self, chunks: AsyncIterator[list[ChatCompletionChunk]], upstream: Any) -> None:
+        super().__init__(chunks, upstream)
+        self._ready: collections.deque[ChatCompletionChunk] = collections.deque()
+
+    def batches(self) -> AsyncIterator[list[ChatCompletionChunk]]:
+        return self._chunks
 
     def __aiter__(self) -> AsyncOpenStream:
         return self
 
-    def __anext__(self) -> Awaitable[ChatCompletionChunk]:
-        return self._chunks.__anext__()
+    async def __anext__(self) -> ChatCompletionChunk:
+        ready = self._ready
+        if not ready:
+            ready.extend(await self._chunks.__anext__())
+        return ready.popleft()
 
     async def aclose(self) -> None:
         await self._chunks.aclose()  # type: ignore[attr-defined]
@@ -777,7 +791,7 @@ class AsyncEngine:
 
     async def stream(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncOpenStream:
         started = _now()
         plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
@@ -841,27 +855,26 @@ class AsyncEngine:
         opened: tuple[Any, AsyncIterator[Any], StreamTranslator | None, list[ChatCompletionChunk]],
         finisher: StreamFinisher,
         plan: Plan,
-    ) -> AsyncIterator[ChatCompletionChunk]:
+    ) -> AsyncIterator[list[ChatCompletionChunk]]:
+        """The chunks in batches, never empty: those each upstream read completed."""
         closer, raw, translator, first = opened
         try:
-            for chunk in finisher.push(first):
-                yield chunk
+            if out := finisher.push(first):
+                yield out
             if translator is None:
                 async for batch in raw:
-                    for chunk in finisher.push(batch):
-                        yield chunk
+                    if out := finisher.push(batch):
+                        yield out
             else:
                 async for data in raw:
                     chunks = translator.feed(data)
-                    if chunks:
-                        for chunk in finisher.push(chunks):
-                            yield chunk
-                for chunk in finisher.push(translator.close()):
-                    yield chunk
+                    if chunks and (out := finisher.push(chunks)):
+                        yield out
+                if out := finisher.push(translator.close()):
+                    yield out
             final = finisher.end()
             plan.succeeded(step, final[0].usage)
-            for chunk in final:
-                yield chunk
+            yield final
         except NETWORK_ERRORS as exc:
             raise plan.lost(step, connection_error(exc, step.target)) from exc
         except LunarError as err:

@@ -584,9 +584,11 @@ class Gateway:
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
                 )
-                async for chunk in it:
-                    stats.see(chunk, time.perf_counter())
-                    data = writer.chunk(chunk)
+                async for batch in it.batches():
+                    now = time.perf_counter()
+                    for chunk in batch:
+                        stats.see(chunk, now)
+                    data = writer.chunks(batch)  # what one upstream read brought: one write
                     if data:
                         await send({"type": "http.response.body", "body": data, "more_body": True})
                 tail = writer.done()
@@ -597,7 +599,7 @@ class Gateway:
                 row.attempts = len(err.attempts)
                 tail = writer.error(err, request_id)
             finally:
-                await it.aclose()  # type: ignore[attr-defined]
+                await it.aclose()
             await self._record(call)
             watch.stop()
             await send({"type": "http.response.body", "body": tail, "more_body": False})

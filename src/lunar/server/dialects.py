@@ -94,6 +94,12 @@ class StreamWriter:
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         raise NotImplementedError
 
+    def chunks(self, chunks: list[ChatCompletionChunk]) -> bytes:
+        """Several chunks' bytes, for one write."""
+        if len(chunks) == 1:
+            return self.chunk(chunks[0])
+        return b"".join([self.chunk(chunk) for chunk in chunks])
+
     def done(self) -> bytes:
         return _DONE
 
