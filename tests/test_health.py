@@ -169,3 +169,55 @@ def test_uncatalogued_models_are_not_second_guessed():
         RequestOptions("groq/some-new-vision-model"), {"messages": IMAGE, "tools": TOOLS}
     )
     assert target.provider == "groq"
+
+
+# --- the running summary against a recount -------------------------------------------------
+
+from statistics import median  # noqa: E402
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_POLICY = {"window": 5, "max_age": 10.0, "min_samples": 2, "error_threshold": 0.5}
+_steps = st.lists(
+    st.one_of(
+        st.tuples(st.just("ok"), st.integers(0, 2), st.one_of(st.none(), st.floats(0.01, 5.0))),
+        st.tuples(st.just("fail"), st.integers(0, 2), st.booleans()),
+        st.tuples(st.just("wait"), st.floats(0.0, 8.0), st.none()),
+    ),
+    max_size=60,
+)
+
+
+def recount(log, now):
+    """What ranking should see: the last ``window`` outcomes, those recent enough."""
+    recent = [o for o in log[-_POLICY["window"] :] if now - o[0] <= _POLICY["max_age"]]
+    ok = [o for o in recent if o[1]]
+    ttfts = [o[2] for o in ok if o[2] is not None]
+    return {
+        "samples": len(recent),
+        "error_rate": (len(recent) - len(ok)) / len(recent) if recent else None,
+        "ttft_p50": median(ttfts) if ttfts else None,
+    }
+
+
+@settings(max_examples=300, deadline=None)
+@given(_steps)
+def test_running_summary_equals_a_recount_of_the_window(steps):
+    health, clock = make(probe=1.0, **_POLICY)
+    deps = list(LLAMA.values())
+    logs: dict[str, list] = {d.provider: [] for d in deps}
+    for kind, arg, extra in steps:
+        if kind == "wait":
+            clock.now += arg
+        elif kind == "ok":
+            health.success(deps[arg], extra, None)
+            logs[deps[arg].provider].append((clock.now, True, extra))
+        else:
+            health.failure(deps[arg], trips_breaker=extra)
+            logs[deps[arg].provider].append((clock.now, False, None))
+        for dep in deps:
+            snap = health.snapshot(dep)
+            expected = recount(logs[dep.provider], clock.now)
+            assert {k: snap[k] for k in expected} == expected
+        order(health)  # ranking reads the same summary (the order tests above check it)
