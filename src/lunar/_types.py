@@ -318,15 +318,16 @@ class ChatCompletionChunk(_Obj):
                     c.get("logprobs"),
                 )
             )
-        usage = d.get("usage")
-        return cls(
-            id=d.get("id") or "",
-            created=d.get("created") or 0,
-            model=d.get("model") or "",
-            choices=choices,
-            usage=None if usage is None else Usage.from_dict(usage),
-            system_fingerprint=d.get("system_fingerprint"),
-            provider=d.get("provider") if provider is None else provider,
+        get = d.get
+        usage = get("usage")
+        return cls(  # positional: one per streamed event, and keywords cost more
+            get("id") or "",
+            get("created") or 0,
+            get("model") or "",
+            choices,
+            None if usage is None else Usage.from_dict(usage),
+            get("system_fingerprint"),
+            get("provider") if provider is None else provider,
         )
 
 
@@ -413,15 +414,16 @@ class ChatCompletion(_Obj):
                     c.get("logprobs"),
                 )
             )
-        usage = d.get("usage")
-        return cls(
-            id=d.get("id") or "",
-            created=d.get("created") or 0,
-            model=d.get("model") or "",
-            choices=choices,
-            usage=None if usage is None else Usage.from_dict(usage),
-            system_fingerprint=d.get("system_fingerprint"),
-            provider=d.get("provider") if provider is None else provider,
+        get = d.get
+        usage = get("usage")
+        return cls(  # positional: one per streamed event, and keywords cost more
+            get("id") or "",
+            get("created") or 0,
+            get("model") or "",
+            choices,
+            None if usage is None else Usage.from_dict(usage),
+            get("system_fingerprint"),
+            get("provider") if provider is None else provider,
         )
 
 
