@@ -8,9 +8,9 @@ trusts the shape it is given (it comes from an adapter); ``to_dict`` gives the O
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring
-from typing import Any
+from typing import Any, TypeVar
 
 from . import _json
 
@@ -55,6 +55,8 @@ class _Obj:
         fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
         return f"{type(self).__name__}({fields})"
 
+
+_T = TypeVar("_T")
 
 _SCALARS = frozenset((str, int, float, bool, type(None)))
 
@@ -218,6 +220,23 @@ class ChunkChoice(_Obj):
         self.logprobs = logprobs
 
 
+def _envelope(
+    cls: Callable[..., _T], d: dict[str, Any], choices: list[Any], provider: str | None
+) -> _T:
+    """A completion or a chunk: ``choices`` in the fields both carry, read from ``d``."""
+    get = d.get
+    usage = get("usage")
+    return cls(  # positional: once per streamed event, and keywords cost more
+        get("id") or "",
+        get("created") or 0,
+        get("model") or "",
+        choices,
+        None if usage is None else Usage.from_dict(usage),
+        get("system_fingerprint"),
+        get("provider") if provider is None else provider,
+    )
+
+
 class ChatCompletionChunk(_Obj):
     """One streamed event, as the OpenAI API shapes it, plus ``provider`` (who answered)."""
 
@@ -318,17 +337,7 @@ class ChatCompletionChunk(_Obj):
                     c.get("logprobs"),
                 )
             )
-        get = d.get
-        usage = get("usage")
-        return cls(  # positional: one per streamed event, and keywords cost more
-            get("id") or "",
-            get("created") or 0,
-            get("model") or "",
-            choices,
-            None if usage is None else Usage.from_dict(usage),
-            get("system_fingerprint"),
-            get("provider") if provider is None else provider,
-        )
+        return _envelope(cls, d, choices, provider)
 
 
 class ChatCompletionMessage(_Obj):
@@ -414,17 +423,7 @@ class ChatCompletion(_Obj):
                     c.get("logprobs"),
                 )
             )
-        get = d.get
-        usage = get("usage")
-        return cls(  # positional: one per streamed event, and keywords cost more
-            get("id") or "",
-            get("created") or 0,
-            get("model") or "",
-            choices,
-            None if usage is None else Usage.from_dict(usage),
-            get("system_fingerprint"),
-            get("provider") if provider is None else provider,
-        )
+        return _envelope(cls, d, choices, provider)
 
 
 class CompletionChoice(_Obj):
