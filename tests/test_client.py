@@ -249,6 +249,18 @@ async def test_async_break_and_close_release_the_connection(mock):
         assert busy_connections(client) == 0
 
 
+async def test_an_async_stream_gives_nothing_after_close(mock):
+    """The engine hands chunks on a read at a time; closing drops what is left of the read."""
+    mock.default = Reply(chunks=50)
+    async with AsyncLunar() as client:
+        stream = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+        await stream.__anext__()
+        await stream.close()
+        assert [chunk async for chunk in stream] == []
+
+
 def test_connections_are_reused(mock):
     client = Lunar()
     for _ in range(3):

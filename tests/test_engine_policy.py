@@ -213,3 +213,30 @@ def test_unhashable_role_or_part_type_is_a_clear_400():
     with pytest.raises(BadRequestError) as info:
         chat_body([{"role": "user", "content": [{"type": []}]}], {})
     assert info.value.param == "messages[0].content[0]"
+
+
+async def test_async_open_stream_gives_chunks_one_by_one_or_in_batches_never_both():
+    from lunar._engine import AsyncOpenStream
+
+    closed = []
+
+    class Upstream:
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    async def reads():
+        yield ["a1", "a2", "a3"]
+        yield ["b1"]
+        yield ["c1", "c2"]
+
+    stream = AsyncOpenStream(reads(), Upstream())
+    assert await stream.__anext__() == "a1"
+    with pytest.raises(RuntimeError, match="chunk by chunk"):
+        stream.batches()  # a2 and a3 would be lost
+    assert [await stream.__anext__(), await stream.__anext__()] == ["a2", "a3"]
+    batches = stream.batches()
+    assert await batches.__anext__() == ["b1"]
+    await stream.aclose()
+    assert closed == [True]
+    with pytest.raises(StopAsyncIteration):
+        await stream.__anext__()

@@ -562,6 +562,8 @@ class AsyncOpenStream(_Opened):
         self._ready: collections.deque[ChatCompletionChunk] = collections.deque()
 
     def batches(self) -> AsyncIterator[list[ChatCompletionChunk]]:
+        if self._ready:
+            raise RuntimeError("batches() after part of a batch was taken chunk by chunk")
         return self._chunks
 
     def __aiter__(self) -> AsyncOpenStream:
@@ -574,6 +576,7 @@ class AsyncOpenStream(_Opened):
         return ready.popleft()
 
     async def aclose(self) -> None:
+        self._ready.clear()  # closed means no more chunks, not the rest of the last read
         await self._chunks.aclose()  # type: ignore[attr-defined]
         await self._upstream.aclose()
 
