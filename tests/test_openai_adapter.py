@@ -227,15 +227,18 @@ def chunks(draw):
 def test_compact_json_writes_what_the_general_encoder_writes(chunk):
     from lunar._json import utf8
     from lunar._types import compact_json
+    from lunar.server.dialects import ChatWriter
 
     assert chunk.compact_json() == compact_json(chunk.to_dict())
     json.loads(chunk.compact_json())  # and it is JSON
     # The gateway's bytes: the same text, but that orjson may spell a float's exponent
     # differently (1e-7 for 1e-07).
+    sent = ChatWriter().chunk(chunk)
+    assert sent.startswith(b"data: ") and sent.endswith(b"\n\n")
     if type(chunk.created) is float:
-        assert json.loads(chunk.json_bytes()) == json.loads(chunk.compact_json())
+        assert json.loads(sent[6:]) == json.loads(chunk.compact_json())
     else:
-        assert chunk.json_bytes() == utf8(chunk.compact_json())
+        assert sent[6:-2] == utf8(chunk.compact_json())
 
 
 def test_provider_is_lunars_name_for_the_target_unless_a_gateway_reports_it():

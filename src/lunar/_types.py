@@ -12,8 +12,6 @@ from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring
 from typing import Any, TypeVar
 
-from . import _json
-
 #: Compact JSON text, as the gateway writes it (UTF-8, not \u-escaped).
 compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
@@ -273,15 +271,10 @@ class ChatCompletionChunk(_Obj):
 
     def compact_json(self) -> str:
         """``compact_json(self.to_dict())``."""
-        text = self._common_json()
+        text = self.common_json()
         return compact_json(self.to_dict()) if text is None else text
 
-    def json_bytes(self) -> bytes:
-        """The chunk as compact UTF-8 JSON, as the gateway streams it (``_json.dumps``)."""
-        text = self._common_json()
-        return _json.dumps(self.to_dict()) if text is None else _json.utf8(text)
-
-    def _common_json(self) -> str | None:
+    def common_json(self) -> str | None:
         """``compact_json(self.to_dict())``, written directly for the shape nearly every
         streamed chunk has (one choice, a text delta, no tool calls, no usage): the gateway
         writes one per event, and building the dict and walking it was a fifth of its CPU

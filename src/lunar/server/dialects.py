@@ -21,6 +21,7 @@ from .._errors import (
     LunarError,
     RateLimitError,
 )
+from .._json import utf8
 from .._request import (
     bad,
     chat_body,
@@ -123,7 +124,9 @@ class StreamWriter:
 class ChatWriter(StreamWriter):
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         self.last_id = chunk.id
-        return b"data: " + chunk.json_bytes() + b"\n\n"
+        text = chunk.common_json()
+        data = json_bytes(chunk.to_dict()) if text is None else utf8(text)
+        return b"data: " + data + b"\n\n"
 
 
 class CompletionWriter(StreamWriter):
