@@ -5,6 +5,8 @@ and refuse what it refuses: the gateway writes every response with it."""
 
 from __future__ import annotations
 
+import dataclasses
+import datetime
 import json
 import math
 from collections.abc import Callable
@@ -136,12 +138,22 @@ def written(dumps: Callable[[Any], bytes], value: Any) -> tuple[str, Any]:
 def test_dumps_writes_what_the_standard_library_writes(value: Any) -> None:
     fast = _json.dumps(value)
     assert type(fast) is bytes
-    if "NaN" in std_dumps(value).decode() or "Infinity" in std_dumps(value).decode():
-        return  # not JSON: the next test
-    assert written(_json.dumps, value) == written(std_dumps, value)
-    # Compact and not \u-escaped: the same bytes, but for the exponent's spelling.
+    # Both read back as the value, with NaN and the infinities as null.
+    expected = ("text", _canonical(finite(value)))
+    assert written(_json.dumps, value) == written(std_dumps, value) == expected
+    # Compact and not \\u-escaped: the same bytes, but for the exponent's spelling.
     if not any(isinstance(v, float) for v in _leaves(value)):
         assert fast == std_dumps(value)
+
+
+def finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
 
 
 def _leaves(value: Any) -> list[Any]:
@@ -195,12 +207,41 @@ def test_dumps_refuses_a_cycle_like_the_standard_library() -> None:
         _json.dumps(cycle)
 
 
-def test_non_json_floats_are_written_as_null() -> None:
+@pytest.mark.parametrize(
+    "value",
+    [
+        {"a": float("nan"), "b": [float("inf"), -float("inf")]},
+        {"a": float("nan"), "text": "half a pair \ud83d"},  # the fallback writes this one
+        [float("inf"), 2**64],  # so does it this one
+    ],
+)
+def test_non_json_floats_are_written_as_null_by_both_writers(value: Any) -> None:
     """NaN and the infinities are not JSON: strict parsers (JavaScript's, Go's) refuse the
-    standard library's ``NaN``. With orjson they are written as null."""
-    value = {"a": float("nan"), "b": [float("inf"), -float("inf")]}
-    out = json.loads(_json.dumps(value))
-    if _json.orjson is not None:
-        assert out == {"a": None, "b": [None, None]}
-    else:
-        assert math.isnan(out["a"])
+    ``NaN`` the standard library writes by default. Both writers write null."""
+    for dumps in (_json.dumps, std_dumps):
+        out = dumps(value)
+        assert b"NaN" not in out and b"Infinity" not in out
+        assert json.loads(out) == finite(value)
+
+
+class _Items(dict):
+    def items(self):  # type: ignore[override]
+        return [("x", 1)]
+
+
+class _Iter(list):
+    def __iter__(self):  # type: ignore[override]
+        return iter([42])
+
+
+@pytest.mark.parametrize("value", [_Items(a=1), _Iter([1, 2]), {"k": _Items(a=1)}])
+def test_subclasses_are_written_as_the_standard_library_writes_them(value: Any) -> None:
+    assert _json.dumps(value) == std_dumps(value)
+
+
+@pytest.mark.parametrize(
+    "value", [dataclasses.make_dataclass("Point", ["x"])(1), datetime.date(2020, 1, 1)]
+)
+def test_types_the_standard_library_refuses_are_refused(value: Any) -> None:
+    with pytest.raises(TypeError):
+        _json.dumps(value)

@@ -22,12 +22,14 @@ its ``TypeError``.
 
 Writing is the same arrangement: ``dumps`` gives compact UTF-8 JSON, from ``orjson.dumps``
 when it is installed, and whatever orjson refuses (an integer beyond 64 bits, a key that is
-not a string, a lone surrogate, nesting deeper than 254, a type it does not know) is written
-by the standard library, which also raises the errors. The text differs only where JSON
-allows it to: orjson writes ``1e-7`` where the standard library writes ``1e-07``, and
-``null`` for NaN and the infinities, which are not JSON (the standard library writes
-``NaN``, which strict parsers reject). orjson also writes a UUID and an enum (as its
-value), which the standard library refuses.
+not a string, a lone surrogate, nesting deeper than 254, a subclass of ``str``, ``int``,
+``dict`` or ``list``, which may override how it iterates, a type it does not know) is
+written by the standard library, which also raises the errors. The output is strict JSON
+either way: NaN and the infinities, which JSON cannot spell (the standard library's ``NaN``
+is refused by strict parsers), are written as ``null`` by both. The text differs only
+where JSON allows it to: orjson writes ``1e-7`` where the standard library writes
+``1e-07``. One difference is left: orjson writes a UUID and an enum (as its value), which
+the standard library refuses.
 
 tests/test_json.py checks all of this.
 """
@@ -35,6 +37,7 @@ tests/test_json.py checks all of this.
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 try:
@@ -72,7 +75,8 @@ def _loads_fast(text: str | bytes | bytearray) -> Any:
 #: ``json.loads`` for ``str`` or UTF-8 ``bytes``; faster with orjson installed.
 loads = json.loads if orjson is None else _loads_fast
 
-_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+# allow_nan=False: a non-finite float raises, and is then written as null (see _finite).
+_compact = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode
 
 
 def utf8(text: str) -> bytes:
@@ -85,12 +89,37 @@ def utf8(text: str) -> bytes:
 
 
 def _dumps_std(obj: Any) -> bytes:
-    return utf8(_compact(obj))
+    try:
+        text = _compact(obj)
+    except ValueError as exc:
+        if "Out of range float" not in str(exc):
+            raise  # a circular reference
+        try:
+            text = _compact(_finite(obj))
+        except RecursionError:
+            raise exc from None  # a cycle that also holds a NaN
+    return utf8(text)
 
 
-# Types orjson writes and the standard library refuses: refused here too, by the fallback.
+def _finite(value: Any) -> Any:
+    """``value`` with NaN and the infinities as None, the way orjson writes them."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+# What orjson would write differently from the standard library goes to the standard
+# library: dataclasses and datetimes (refused there) and subclasses of the JSON types.
 _OPTIONS = (
-    0 if orjson is None else orjson.OPT_PASSTHROUGH_DATACLASS | orjson.OPT_PASSTHROUGH_DATETIME
+    0
+    if orjson is None
+    else orjson.OPT_PASSTHROUGH_DATACLASS
+    | orjson.OPT_PASSTHROUGH_DATETIME
+    | orjson.OPT_PASSTHROUGH_SUBCLASS
 )
 
 
