@@ -3,6 +3,10 @@ an injected clock and random source."""
 
 from __future__ import annotations
 
+import random
+import sys
+import threading
+
 import pytest
 
 from lunar import BadRequestError
@@ -220,4 +224,79 @@ def test_running_summary_equals_a_recount_of_the_window(steps):
             snap = health.snapshot(dep)
             expected = recount(logs[dep.provider], clock.now)
             assert {k: snap[k] for k in expected} == expected
-        order(health)  # ranking reads the same summary (the order tests above check it)
+        assert order(health) == expected_order(health, logs, clock.now)
+
+
+def expected_order(health, logs, now):
+    """Ranking's rules applied to a recount (no probe: ``make(probe=1.0)``)."""
+    known, unknown, unhealthy, cooling = [], [], [], []
+    for dep in LLAMA.values():
+        seen = recount(logs[dep.provider], now)
+        price = dep.prices.input + dep.prices.output
+        rate = seen["error_rate"]
+        if health.cooling_down(dep):
+            cooling.append((price, dep.provider))
+        elif seen["samples"] < _POLICY["min_samples"]:
+            unknown.append((price, dep.provider))
+        elif rate > _POLICY["error_threshold"]:
+            unhealthy.append((rate, price, dep.provider))
+        else:
+            ttft = float("inf") if seen["ttft_p50"] is None else seen["ttft_p50"]
+            known.append((round(rate, 1), ttft, price, dep.provider))
+    return [
+        k[-1]
+        for group in (known, unknown, unhealthy, cooling)
+        for k in sorted(group, key=lambda k: k[:-1])
+    ]
+
+
+def test_one_health_shared_by_threads_keeps_a_true_summary():
+    """A sync client shared by a thread pool records outcomes from every thread at once."""
+    health = Health(HealthPolicy(window=5))
+    groq, together = LLAMA["groq"], LLAMA["together"]
+    errors: list[BaseException] = []
+
+    def requests(seed: int) -> None:
+        rnd = random.Random(seed)
+        try:
+            for i in range(3000):
+                if rnd.random() < 0.7:
+                    health.success(groq, rnd.random(), None)
+                else:
+                    health.failure(groq, trips_breaker=False)
+                if i % 10 == 0:
+                    health.rank([groq, together], lambda d: d)
+        except BaseException as exc:  # reported by the assertion below
+            errors.append(exc)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    try:
+        threads = [threading.Thread(target=requests, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert errors == []
+    stats = health._stats[(groq.provider, groq.provider_model)]
+    assert stats.failed == sum(1 for o in stats.outcomes if not o[1])
+    assert stats.ttfts == sorted(o[2] for o in stats.outcomes if o[1] and o[2] is not None)
+
+
+def test_a_nan_ttft_counts_as_a_success_without_a_ttft():
+    health, _ = make()
+    dep = LLAMA["groq"]
+    for ttft in (0.2, float("nan"), 0.1, float("nan"), 0.3):
+        health.success(dep, ttft, None)
+    snap = health.snapshot(dep)
+    assert snap["samples"] == 5 and snap["error_rate"] == 0.0 and snap["ttft_p50"] == 0.2
+
+
+def test_a_policy_with_no_window_remembers_nothing():
+    health, _ = make(window=0)
+    health.success(LLAMA["groq"], 0.1, None)
+    health.failure(LLAMA["groq"], trips_breaker=False)
+    assert health.snapshot(LLAMA["groq"])["samples"] == 0
+    assert len(order(health)) == 3

@@ -9,6 +9,7 @@ fast for one model and overloaded for another.
 from __future__ import annotations
 
 import random
+import threading
 import time
 from bisect import bisect_left, insort
 from collections import deque
@@ -37,7 +38,9 @@ class HealthPolicy:
 class _Stats:
     """One deployment's recent outcomes, with what ranking reads kept up to date as they
     come and go (ranking runs on every request to a model with several deployments;
-    recounting the window each time cost ~9 µs per deployment)."""
+    recounting the window each time cost ~9 µs per deployment). Outcomes arrive in clock
+    order (the clock is monotonic), so the oldest is always first. Not thread-safe by
+    itself: ``Health`` holds its lock around every use."""
 
     __slots__ = ("cooldown", "failed", "failures_in_a_row", "open_until", "outcomes", "ttfts")
 
@@ -51,6 +54,8 @@ class _Stats:
 
     def add(self, outcome: tuple[float, bool, float | None, float | None]) -> None:
         outcomes = self.outcomes
+        if outcomes.maxlen == 0:
+            return  # a policy that remembers nothing
         if len(outcomes) == outcomes.maxlen:
             self._forget(outcomes[0])  # the append below pushes it out
         outcomes.append(outcome)
@@ -91,6 +96,9 @@ class Health:
         self._clock = clock
         self._rand = rand
         self._stats: dict[tuple[str, str], _Stats] = {}
+        # One Health serves every thread of a sync client shared across threads, and the
+        # summaries are several fields that must change together.
+        self._lock = threading.Lock()
 
     def _get(self, dep: Deployment) -> _Stats:
         key = (dep.provider, dep.provider_model)
@@ -102,45 +110,50 @@ class Health:
     # -- recording ------------------------------------------------------------------------
 
     def success(self, dep: Deployment, ttft: float | None, latency: float | None) -> None:
-        stats = self._get(dep)
-        stats.add((self._clock(), True, ttft, latency))
-        stats.failures_in_a_row = 0
-        stats.open_until = 0.0
-        stats.cooldown = 0.0
+        if ttft is not None and ttft != ttft:
+            ttft = None  # NaN: no measurement (and it would break the sorted TTFTs)
+        with self._lock:
+            stats = self._get(dep)
+            stats.add((self._clock(), True, ttft, latency))
+            stats.failures_in_a_row = 0
+            stats.open_until = 0.0
+            stats.cooldown = 0.0
 
     def failure(self, dep: Deployment, trips_breaker: bool = True) -> None:
         """A failed attempt. Overloads (429, 5xx, connection errors, timeouts) trip the
         breaker; other failures only count toward the error rate."""
-        stats = self._get(dep)
-        now = self._clock()
-        stats.add((now, False, None, None))
-        if not trips_breaker:
-            return
-        stats.failures_in_a_row += 1
-        p = self.policy
-        if stats.failures_in_a_row >= p.trip_after:
-            stats.cooldown = min(
-                stats.cooldown * 2 if stats.cooldown else p.cooldown, p.max_cooldown
-            )
-            stats.open_until = now + stats.cooldown
-            stats.failures_in_a_row = p.trip_after - 1  # one more failure after it re-opens
+        with self._lock:
+            stats = self._get(dep)
+            now = self._clock()
+            stats.add((now, False, None, None))
+            if not trips_breaker:
+                return
+            stats.failures_in_a_row += 1
+            p = self.policy
+            if stats.failures_in_a_row >= p.trip_after:
+                stats.cooldown = min(
+                    stats.cooldown * 2 if stats.cooldown else p.cooldown, p.max_cooldown
+                )
+                stats.open_until = now + stats.cooldown
+                stats.failures_in_a_row = p.trip_after - 1  # one more failure after it re-opens
 
     # -- reading --------------------------------------------------------------------------
 
     def snapshot(self, dep: Deployment) -> dict[str, float | int | bool | None]:
         """Error rate, p50 TTFT and latency (seconds), samples, and whether cooling down."""
-        stats = self._get(dep)
-        now = self._clock()
-        stats.expire(now, self.policy.max_age)
-        samples = len(stats.outcomes)
-        latencies = [o[3] for o in stats.outcomes if o[1] and o[3] is not None]
-        return {
-            "samples": samples,
-            "error_rate": stats.failed / samples if samples else None,
-            "ttft_p50": stats.ttft_p50(),
-            "latency_p50": median(latencies) if latencies else None,
-            "cooling_down": stats.open_until > now,
-        }
+        with self._lock:
+            stats = self._get(dep)
+            now = self._clock()
+            stats.expire(now, self.policy.max_age)
+            samples = len(stats.outcomes)
+            latencies = [o[3] for o in stats.outcomes if o[1] and o[3] is not None]
+            return {
+                "samples": samples,
+                "error_rate": stats.failed / samples if samples else None,
+                "ttft_p50": stats.ttft_p50(),
+                "latency_p50": median(latencies) if latencies else None,
+                "cooling_down": stats.open_until > now,
+            }
 
     def cooling_down(self, dep: Deployment) -> bool:
         stats = self._stats.get((dep.provider, dep.provider_model))
@@ -156,21 +169,23 @@ class Health:
         p = self.policy
         now = self._clock()
         known, unknown, unhealthy, cooling = [], [], [], []
-        for item in items:
-            dep = deployment(item)
-            stats = self._get(dep)
-            stats.expire(now, p.max_age)
-            price = dep.prices.input + dep.prices.output if dep.prices else float("inf")
-            samples = len(stats.outcomes)
-            if stats.open_until > now:
-                cooling.append((price, item))
-            elif samples < p.min_samples:
-                unknown.append((price, item))
-            elif (rate := stats.failed / samples if samples else 0.0) > p.error_threshold:
-                unhealthy.append((rate, price, item))
-            else:
-                ttft = stats.ttft_p50()
-                known.append((round(rate, 1), float("inf") if ttft is None else ttft, price, item))
+        with self._lock:
+            for item in items:
+                dep = deployment(item)
+                stats = self._get(dep)
+                stats.expire(now, p.max_age)
+                price = dep.prices.input + dep.prices.output if dep.prices else float("inf")
+                samples = len(stats.outcomes)
+                if stats.open_until > now:
+                    cooling.append((price, item))
+                elif samples < p.min_samples:
+                    unknown.append((price, item))
+                elif (rate := stats.failed / samples if samples else 0.0) > p.error_threshold:
+                    unhealthy.append((rate, price, item))
+                else:
+                    ttft = stats.ttft_p50()
+                    ttft_key = float("inf") if ttft is None else ttft
+                    known.append((round(rate, 1), ttft_key, price, item))
         known.sort(key=lambda k: k[:3])
         unknown.sort(key=lambda k: k[0])
         unhealthy.sort(key=lambda k: k[:2])
