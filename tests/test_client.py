@@ -249,13 +249,17 @@ async def test_async_break_and_close_release_the_connection(mock):
         assert busy_connections(client) == 0
 
 
+async def open_async_stream(client: AsyncLunar):
+    return await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    )
+
+
 async def test_an_async_stream_gives_nothing_after_close(mock):
     """The engine hands chunks on a read at a time; closing drops what is left of the read."""
     mock.default = Reply(chunks=50)
     async with AsyncLunar() as client:
-        stream = await client.chat.completions.create(
-            model="gpt-4o-mini", messages=MESSAGES, stream=True
-        )
+        stream = await open_async_stream(client)
         await stream.__anext__()
         await stream.close()
         assert [chunk async for chunk in stream] == []
@@ -442,14 +446,10 @@ def test_a_stream_closed_before_its_first_read_releases_the_connection(mock):
 async def test_an_async_stream_closed_before_its_first_read_releases_the_connection(mock):
     mock.default = Reply(chunks=50)
     async with AsyncLunar() as client:
-        stream = await client.chat.completions.create(
-            model="gpt-4o-mini", messages=MESSAGES, stream=True
-        )
+        stream = await open_async_stream(client)
         await stream.close()
         assert busy_connections(client) == 0
-        async with await client.chat.completions.create(
-            model="gpt-4o-mini", messages=MESSAGES, stream=True
-        ):
+        async with await open_async_stream(client):
             pass
         assert busy_connections(client) == 0
 
