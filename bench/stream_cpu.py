@@ -1,10 +1,12 @@
 """The gateway's CPU for N paced streams, working tree against git revisions, in one run.
 
     python bench/stream_cpu.py --against REV [--against REV2] [--streams 250] [--rounds 3]
+                               [--burst 1]
 
 Lane 3's sustained shape (bench_gateway.py): N connections stream back to back for
 ``--seconds``, 64 deltas at 20 ms pacing from the replay upstream, the gateway pinned to its
-core and the load to the other. For each revision a fresh ``lunar serve`` runs from a
+core and the load to the other (``--burst N``: the upstream writes N events at a time, every
+N × 20 ms, as real providers often do). For each revision a fresh ``lunar serve`` runs from a
 temporary worktree (``PYTHONPATH``); the revisions alternate within every round, the order
 reversed each round. Printed per revision: the gateway's CPU time over the wall time of the
 step (100 % = its whole core), median (min–max) over rounds, and the streams completed and
@@ -42,6 +44,7 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=250, help="concurrent streams")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--burst", type=int, default=1, help="events per upstream write")
     args = ap.parse_args()
     with contextlib.ExitStack() as stack:
         sources: dict[str, str | None] = {"working tree": None}
@@ -49,7 +52,7 @@ def main() -> None:
             sources[rev] = str(stack.enter_context(worktree(rev)))
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lunar-cpu-")))
         ps = stack.enter_context(procs.Procs(work))
-        upstream = procs.start_replay(ps, chunks=64, pacing_ms=20)
+        upstream = procs.start_replay(ps, chunks=64, pacing_ms=20, burst=args.burst)
         if procs.can_pin():
             procs.pin_self(procs.LOAD_CORE)
         cpu: dict[str, list[float]] = {name: [] for name in sources}
@@ -79,7 +82,11 @@ def main() -> None:
                 counts[2] += stalled
                 print(f"round {rnd + 1}: {name}: {100 * share:.1f} %", file=sys.stderr)
     print(f"    python bench/stream_cpu.py {' '.join(sys.argv[1:])}\n")
-    print(f"{args.streams} concurrent streams, {args.seconds:g} s per step, {args.rounds} rounds")
+    shape = f"{args.burst} events per upstream write, " if args.burst > 1 else ""
+    print(
+        f"{args.streams} concurrent streams, {shape}{args.seconds:g} s per step, "
+        f"{args.rounds} rounds"
+    )
     print("\n| gateway | CPU, median (min–max) | streams ok | stalled |")
     print("| --- | --- | --- | --- |")
     for name, shares in cpu.items():

@@ -260,7 +260,7 @@ def start_emulator(
 
 
 def start_replay(
-    procs: Procs, *, chunks: int, pacing_ms: float, core: int | None = LOAD_CORE
+    procs: Procs, *, chunks: int, pacing_ms: float, burst: int = 1, core: int | None = LOAD_CORE
 ) -> Emulator:
     """The paced replay upstream (bench/gateway/upstream.py): the emulator's bytes, one timer
     wheel for every stream; pinned to ``core``."""
@@ -275,6 +275,7 @@ def start_replay(
         str(chunks),
         "--pacing-ms",
         f"{pacing_ms:g}",
+        *(["--burst", str(burst)] if burst > 1 else []),
     ]
     p = procs.start("upstream", cmd, core=core)
     wait_ready(p, f"http://127.0.0.1:{port}/health", timeout=30)

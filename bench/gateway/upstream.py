@@ -1,6 +1,6 @@
 """A paced upstream for thousands of concurrent streams: the emulator's bytes, replayed.
 
-    python bench/gateway/upstream.py --port N [--chunks 64] [--pacing-ms 20]
+    python bench/gateway/upstream.py --port N [--chunks 64] [--pacing-ms 20] [--burst 1]
 
 The emulator (``python -m lunar.testing --pacing-ms``) paces each stream with its own
 ``asyncio.sleep`` per event: at 1,000 streams × 50 events/s that costs the load core more than
@@ -10,6 +10,9 @@ with usage), then replays those bytes: event *k* of a stream is due *k* × pacin
 head, and one timer wheel (1 ms slots) writes every due event, so an event costs a list append
 and a ``transport.write``. Same wire, same pacing rule as the emulator (first event at once,
 then one every ``pacing``); ids and ``created`` are those of the rendered reply.
+
+``--burst N`` writes N events at a time, a write every N × pacing (the same rate of events,
+in clumps, as real providers often send them).
 
 Serves ``POST /v1/chat/completions`` (a stream when the body asks ``"stream": true``, else the
 JSON reply) and ``GET /health``, HTTP/1.1 keep-alive, 127.0.0.1 only.
@@ -60,9 +63,10 @@ def render(chunks: int) -> tuple[list[bytes], bytes]:
 
 
 class Replay:
-    def __init__(self, events: list[bytes], reply: bytes, pacing: float) -> None:
-        self.frames = [f"{len(e):x}\r\n".encode() + e + b"\r\n" for e in events]
-        self.frames[-1] += b"0\r\n\r\n"
+    def __init__(self, events: list[bytes], reply: bytes, pacing: float, burst: int = 1) -> None:
+        frames = [f"{len(e):x}\r\n".encode() + e + b"\r\n" for e in events]
+        frames[-1] += b"0\r\n\r\n"
+        self.frames = [b"".join(frames[i : i + burst]) for i in range(0, len(frames), burst)]
         self.whole = b"".join(self.frames)
         self.stream_head = (
             b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
@@ -73,7 +77,7 @@ class Replay:
             + f"content-length: {len(reply)}\r\n\r\n".encode()
             + reply
         )
-        self.pacing = pacing
+        self.pacing = pacing * burst
         self.slots: dict[int, list[tuple[_Conn, int]]] = {}
         self.next_slot: int | None = None
         self.timer: asyncio.TimerHandle | None = None
@@ -194,9 +198,10 @@ def main() -> None:
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--chunks", type=int, default=64)
     ap.add_argument("--pacing-ms", type=float, default=20.0)
+    ap.add_argument("--burst", type=int, default=1, help="events per write")
     args = ap.parse_args()
     events, reply = render(args.chunks)
-    replay = Replay(events, reply, args.pacing_ms / 1000.0)
+    replay = Replay(events, reply, args.pacing_ms / 1000.0, max(1, args.burst))
     try:
         import uvloop
 
@@ -215,7 +220,7 @@ def main() -> None:
         loop.add_signal_handler(sig, loop.stop)
     print(
         f"replay upstream on http://127.0.0.1:{args.port}/v1 ({len(events)} events, "
-        f"{args.pacing_ms:g} ms pacing, {kind})",
+        f"{args.pacing_ms:g} ms pacing, {args.burst} per write, {kind})",
         flush=True,
     )
     try:
