@@ -160,6 +160,18 @@ def test_values_sqlite_refuses_never_stop_the_writer(tmp_path):
     assert [json.loads(line)["request_id"] for line in spilled] == ["r2"]
 
 
+@pytest.mark.parametrize(
+    "field", [f.name for f in dataclasses.fields(UsageRow) if "str" in str(f.type)]
+)
+def test_every_text_field_with_a_lone_surrogate_is_stored_with_a_replacement(tmp_path, field):
+    st = SQLiteStorage(tmp_path / "l.db")
+    st.open()
+    st.record(dataclasses.replace(row(1), **{field: "x\udc80é"}))
+    st.close()
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute(f"SELECT {field} FROM usage").fetchone() == ("x?é",)
+
+
 def test_flush_and_commit_callbacks(tmp_path):
     st = SQLiteStorage(tmp_path / "l.db")
     st.open()
