@@ -489,10 +489,7 @@ class AsyncPool:
 
     def _release(self, conn: _Connection) -> None:
         """The response is done with ``conn``: keep it idle when it can serve another."""
-        if self._closed or not conn.reusable():
-            self._discard(conn)
-            return
-        if self.max_idle_per_origin <= 0:
+        if self._closed or not conn.reusable() or self.max_idle_per_origin <= 0:
             self._discard(conn)
             return
         idle = self._idle.setdefault(conn.origin, collections.deque())

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .._errors import APIError, BadRequestError, LunarError
-from .._json import dumps, utf8
+from .._json import dumps
 from .._request import bad
 from .._types import ChatCompletion, ChatCompletionChunk, Usage, compact_json
 
@@ -29,10 +29,8 @@ __all__ = [
     "MessageStreamEncoder",
     "error_body",
     "error_type",
-    "json_bytes",
     "message_from_completion",
     "to_chat_body",
-    "utf8",
 ]
 
 # OpenAI finish_reason -> Anthropic stop_reason
@@ -58,10 +56,6 @@ ERROR_TYPES = {
     504: "api_error",
     529: "overloaded_error",
 }
-
-
-#: Compact JSON as UTF-8 (a lone surrogate as its ``\\u`` escape).
-json_bytes = dumps
 
 
 def _int(value: Any, name: str, required: bool = False) -> int | None:
@@ -403,7 +397,7 @@ def message_from_completion(completion: ChatCompletion) -> dict[str, Any]:
 
 
 def _event(kind: str, data: Mapping[str, Any]) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + json_bytes(data) + b"\n\n"
+    return b"event: " + kind.encode() + b"\ndata: " + dumps(data) + b"\n\n"
 
 
 class MessageStreamEncoder:

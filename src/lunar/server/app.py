@@ -37,7 +37,7 @@ from .._errors import (
     RequestEntityTooLargeError,
 )
 from .._http import AsyncPool
-from .._json import loads
+from .._json import dumps, loads
 from .._request import (
     RequestOptions,
     bad,
@@ -45,7 +45,6 @@ from .._request import (
     validate_model,
 )
 from .._types import ChatCompletionChunk, Usage
-from .anthropic_compat import json_bytes
 from .config import ServerConfig
 from .dialects import (
     CHAT,
@@ -93,7 +92,7 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
 
 
 async def _send_json(send: Send, status: int, payload: Any, headers: Headers | None = None) -> None:
-    body = json_bytes(payload)
+    body = dumps(payload)
     h = [_JSON, (b"content-length", str(len(body)).encode())]
     if headers:
         h.extend(headers)
@@ -261,8 +260,8 @@ class Gateway:
         self._counter = 0
         self._prefix = os.urandom(4).hex()
         self._models_all = [m.to_dict() for m in self.catalog.list_models()]
-        self._pricing = json_bytes(self._pricing_document())
-        self._openapi = json_bytes(openapi_document(__version__))
+        self._pricing = dumps(self._pricing_document())
+        self._openapi = dumps(openapi_document(__version__))
         self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
             "/v1/chat/completions": {"POST": self._chat},
             "/chat/completions": {"POST": self._chat},

@@ -21,7 +21,7 @@ from .._errors import (
     LunarError,
     RateLimitError,
 )
-from .._json import utf8
+from .._json import dumps, utf8
 from .._request import (
     bad,
     chat_body,
@@ -31,7 +31,6 @@ from .._request import (
 )
 from .._types import ChatCompletion, ChatCompletionChunk
 from . import anthropic_compat as anthropic
-from .anthropic_compat import json_bytes
 
 log = logging.getLogger("lunar.server")
 
@@ -118,14 +117,14 @@ class StreamWriter:
                 "param": e.get("param"),
             },
         }
-        return b"data: " + json_bytes(event) + b"\n\n" + _DONE
+        return b"data: " + dumps(event) + b"\n\n" + _DONE
 
 
 class ChatWriter(StreamWriter):
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         self.last_id = chunk.id
         text = chunk.common_json()
-        data = json_bytes(chunk.to_dict()) if text is None else utf8(text)
+        data = dumps(chunk.to_dict()) if text is None else utf8(text)
         return b"data: " + data + b"\n\n"
 
 
@@ -133,7 +132,7 @@ class CompletionWriter(StreamWriter):
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         piece = completion_from_chunk(chunk)
         self.last_id = piece.id
-        return b"data: " + json_bytes(piece.to_dict()) + b"\n\n"
+        return b"data: " + dumps(piece.to_dict()) + b"\n\n"
 
 
 class AnthropicWriter(StreamWriter):
