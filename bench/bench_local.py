@@ -13,6 +13,13 @@ and measure that instead. Lanes alternate, in a rotating order, after one warm-u
 Every run evaluates the whole prompt afresh (Lunar does for seeded requests; the direct
 lane calls ``reset()``), so TTFT is prompt evaluation plus the first token.
 
+The prompt's evaluation varies by ±20 ms from run to run here, more than the 5 ms target,
+so each TTFT is also split where llama.cpp's token generator is entered and where it gives
+its first token (``Marks``, wrapped around each side's ``Llama.generate``): the caller's work
+before, llama.cpp's own, the caller's work after. Both sides evaluate the same prompt tokens
+(printed), so Lunar's added TTFT is its before + after minus the direct lane's, paired by
+round; the whole-TTFT difference is printed beside it.
+
 TTFT is the time to the first chunk with text; decode tokens/s is (tokens - 1) over the
 time from the first to the last text chunk; tokens are Lunar's ``usage.completion_tokens``
 (and the text chunks, one per token here, for the direct lane).
@@ -39,13 +46,58 @@ SAMPLING: dict[str, Any] = {"temperature": 0.0, "top_p": 0.9}
 LLAMA_ONLY: dict[str, Any] = {"top_k": 40, "min_p": 0.05, "repeat_penalty": 1.0}
 
 
-class Run:
-    __slots__ = ("decode_tps", "text", "tokens", "total_ms", "ttft_ms")
+METRICS = ("ttft_ms", "decode_tps", "total_ms", "tokens")
 
-    def __init__(self, started: float, stamps: list[float], tokens: int, text: str) -> None:
+
+class Marks:
+    """When llama.cpp's token generator was entered and gave its first token: wrapped around
+    ``Llama.generate`` of each side's model, it splits a TTFT into the caller's work before
+    llama.cpp starts, llama.cpp's own (the prompt's evaluation and the first token: the same
+    work on both sides, same tokens), and the caller's work until the text is in hand."""
+
+    def __init__(self, llm: Any) -> None:
+        self.entered = self.first = 0.0
+        self.prompt_tokens = 0
+        generate = llm.generate
+
+        def timed(prompt: Any, *args: Any, **kwargs: Any) -> Any:
+            self.prompt_tokens = len(prompt)
+            tokens = generate(prompt, *args, **kwargs)
+            self.entered = time.perf_counter()
+            try:
+                for i, token in enumerate(tokens):
+                    if i == 0:
+                        self.first = time.perf_counter()
+                    yield token
+            finally:
+                tokens.close()
+
+        llm.generate = timed
+
+
+class Run:
+    __slots__ = (
+        "after_ms",
+        "before_ms",
+        "decode_tps",
+        "llama_ms",
+        "prompt_tokens",
+        "text",
+        "tokens",
+        "total_ms",
+        "ttft_ms",
+    )
+
+    def __init__(
+        self, started: float, stamps: list[float], tokens: int, text: str, marks: Marks
+    ) -> None:
         self.tokens = tokens
         self.text = text
         self.ttft_ms = (stamps[0] - started) * 1000
+        self.before_ms = (marks.entered - started) * 1000
+        self.llama_ms = (marks.first - marks.entered) * 1000
+        self.after_ms = (stamps[0] - marks.first) * 1000
+        self.prompt_tokens = marks.prompt_tokens
         self.total_ms = (time.perf_counter() - started) * 1000
         span = stamps[-1] - stamps[0]
         self.decode_tps = (len(stamps) - 1) / span if span > 0 else float("nan")
@@ -55,7 +107,7 @@ class Run:
 
 
 def direct_lane(
-    llm: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+    llm: Any, messages: list[dict[str, str]], max_tokens: int, seed: int, marks: Marks
 ) -> Callable[[], Run]:
     def run() -> Run:
         llm.reset()
@@ -74,13 +126,13 @@ def direct_lane(
             if text:
                 stamps.append(time.perf_counter())
                 parts.append(text)
-        return Run(started, stamps, len(stamps), "".join(parts))
+        return Run(started, stamps, len(stamps), "".join(parts), marks)
 
     return run
 
 
 def lunar_lane(
-    client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+    client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int, marks: Marks
 ) -> Callable[[], Run]:
     def run() -> Run:
         started = time.perf_counter()
@@ -101,13 +153,13 @@ def lunar_lane(
                 parts.append(text)
             usage = chunk.usage or usage
         assert usage is not None and usage.completion_tokens >= len(stamps)
-        return Run(started, stamps, usage.completion_tokens, "".join(parts))
+        return Run(started, stamps, usage.completion_tokens, "".join(parts), marks)
 
     return run
 
 
 def async_lane(
-    client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int
+    client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int, marks: Marks
 ) -> Callable[[], Run]:
     loop = asyncio.new_event_loop()
 
@@ -131,7 +183,7 @@ def async_lane(
                 parts.append(text)
             usage = chunk.usage or usage
         assert usage is not None
-        return Run(started, stamps, usage.completion_tokens, "".join(parts))
+        return Run(started, stamps, usage.completion_tokens, "".join(parts), marks)
 
     return lambda: loop.run_until_complete(once())
 
@@ -158,13 +210,15 @@ def child(side: str, args: argparse.Namespace) -> None:
             model_path=info["model"], n_ctx=2048, n_threads=info["threads"], verbose=False
         )
         info["load_s"] = time.perf_counter() - t0
-        lanes = {"direct": direct_lane(llm, messages, args.max_tokens, args.seed)}
+        marks = Marks(llm)
+        lanes = {"direct": direct_lane(llm, messages, args.max_tokens, args.seed, marks)}
     else:
-        local.preload()
+        model = local.preload()
         info["load_s"] = time.perf_counter() - t0
+        marks = Marks(model._llama)  # the Llama that Lunar loaded and generates with
         lanes = {
-            "lunar": lunar_lane(Lunar(), messages, args.max_tokens, args.seed),
-            "lunar_async": async_lane(AsyncLunar(), messages, args.max_tokens, args.seed),
+            "lunar": lunar_lane(Lunar(), messages, args.max_tokens, args.seed, marks),
+            "lunar_async": async_lane(AsyncLunar(), messages, args.max_tokens, args.seed, marks),
         }
     print(json.dumps(info), flush=True)
     for line in sys.stdin:
@@ -260,10 +314,11 @@ def main() -> None:
         "import_s": {name: side.info["import_s"] for name, side in sides.items()},
         "load_s": {name: side.info["load_s"] for name, side in sides.items()},
         "same_text": len(set(texts.values())) == 1,
+        "prompt_tokens": sorted({r["prompt_tokens"] for lane in runs.values() for r in lane}),
         "lanes": {
             name: {
                 metric: summary([float(r[metric]) for r in runs[name]])
-                for metric in ("ttft_ms", "decode_tps", "total_ms", "tokens")
+                for metric in (*METRICS, "before_ms", "llama_ms", "after_ms")
             }
             for name in names
         },
@@ -318,7 +373,17 @@ def main() -> None:
     for name in ("lunar", "lunar_async"):
         d_ttft = [r["ttft_ms"] - b["ttft_ms"] for r, b in zip(runs[name], runs["direct"])]
         r_tps = [r["decode_tps"] / b["decode_tps"] for r, b in zip(runs[name], runs["direct"])]
+        # The caller's own part of the TTFT (before llama.cpp's generator is entered, and
+        # from its first token to the text in hand), lane minus direct: the TTFT without the
+        # prompt's evaluation, whose spread from run to run is larger than the target.
+        d_own = [
+            r["before_ms"] + r["after_ms"] - b["before_ms"] - b["after_ms"]
+            for r, b in zip(runs[name], runs["direct"])
+        ]
         paired[name] = {
+            "own_added_ms": statistics.median(d_own),
+            "own_added_min": min(d_own),
+            "own_added_max": max(d_own),
             "ttft_added_ms": statistics.median(d_ttft),
             "ttft_added_q1": _quartiles(d_ttft)[0],
             "ttft_added_q3": _quartiles(d_ttft)[1],
@@ -332,6 +397,22 @@ def main() -> None:
             f"to {p['ttft_added_q3']:+.1f}), tokens/s {p['tps_ratio']:.3f}×"
             for label, p in (("Lunar", paired["lunar"]), ("AsyncLunar", paired["lunar_async"]))
         )
+    )
+    print(
+        "TTFT split (median ms: before llama.cpp / llama.cpp's prompt and first token / after): "
+        + ", ".join(
+            f"{name} {lanes_out[name]['before_ms']['median']:.2f} / "
+            f"{lanes_out[name]['llama_ms']['median']:.1f} / "
+            f"{lanes_out[name]['after_ms']['median']:.2f}"
+            for name in names
+        )
+        + "; the caller's own part, lane − direct paired by round: "
+        + "; ".join(
+            f"{label} {p['own_added_ms']:+.2f} ms ({p['own_added_min']:+.2f} to "
+            f"{p['own_added_max']:+.2f})"
+            for label, p in (("Lunar", paired["lunar"]), ("AsyncLunar", paired["lunar_async"]))
+        )
+        + f"; prompt tokens evaluated: {results['prompt_tokens']}"
     )
     load, imp = results["load_s"], results["import_s"]
     print(
