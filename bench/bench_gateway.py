@@ -10,7 +10,10 @@ median over several runs with the min–max beside it; A and B alternate within 
 order rotates every round), and every ratio is taken between runs of the same round.
 
 1. Added latency, non-streaming, 1 connection: ``wrk -c1`` for a few seconds per target per
-   round; added = gateway − direct (p50 and p99) in the same round.
+   round; added = gateway − direct (p50 and p99) in the same round. Twice: as pinned above
+   (split), then with each gateway moved onto the load core (shared): direct's wrk and
+   upstream share one core, so in split placement a gateway pays four cross-core wake-ups per
+   request that direct does not, and at one connection sharing a core costs no CPU time.
 2. Throughput frontier: ``wrk`` closed loop, connections stepped 1, 2, 4, … (a target stops
    after two steps in a row with p99 past 50 ms or 5 % of its requests failing); the frontier
    at a bound is the highest rate of successful requests among the steps whose p99 ≤ bound
@@ -119,20 +122,36 @@ def warm_up(ts: Sequence[targets.Target], work: Path) -> None:
 
 
 def lane1(ts: Sequence[targets.Target], work: Path, runs: int, seconds: int) -> dict[str, Any]:
+    """Both placements: ``split`` (each gateway on its own core, as in every lane) and
+    ``shared`` (the gateway moved onto the load core for the while). At one connection only
+    one process runs at a time, so sharing a core costs no CPU; it takes away the cross-core
+    wake-ups that ``split`` adds to every gateway and that direct (wrk and the upstream on
+    one core) never pays: a few tens of µs each on this VM, four per proxied request."""
     luas = {t.name: wrk.script(t, work) for t in ts}
-    res: dict[str, list[wrk.Result]] = {t.name: [] for t in ts}
-    for r in range(runs):
-        for t in rotate(ts, r):
-            res[t.name].append(wrk.run(t, luas[t.name], connections=1, seconds=seconds))
-        shown = ", ".join(
-            f"{n} p50 {v[-1].p(50):.3f} p99 {v[-1].p(99):.3f}" for n, v in res.items()
-        )
-        log(f"lane 1 round {r + 1}: {shown}")
-    return {"runs": runs, "seconds": seconds, "results": res}
+    out: dict[str, Any] = {"runs": runs, "seconds": seconds}
+    for placement in ("split", "shared"):
+        moved = placement == "shared" and procs.can_pin()
+        if placement == "shared" and not moved:
+            continue
+        for t in ts:
+            if moved and t.pid is not None:
+                procs.move(t.pid, procs.LOAD_CORE)
+        res: dict[str, list[wrk.Result]] = {t.name: [] for t in ts}
+        for r in range(runs):
+            for t in rotate(ts, r):
+                res[t.name].append(wrk.run(t, luas[t.name], connections=1, seconds=seconds))
+            shown = ", ".join(
+                f"{n} p50 {v[-1].p(50):.3f} p99 {v[-1].p(99):.3f}" for n, v in res.items()
+            )
+            log(f"lane 1 {placement} round {r + 1}: {shown}")
+        for t in ts:
+            if moved and t.pid is not None:
+                procs.move(t.pid, procs.GATEWAY_CORE)
+        out["results" if placement == "split" else "shared"] = res
+    return out
 
 
-def lane1_md(d: dict[str, Any]) -> tuple[str, dict[str, bool]]:
-    res: dict[str, list[wrk.Result]] = d["results"]
+def _lane1_table(res: dict[str, list[wrk.Result]]) -> tuple[str, dict[str, dict[str, list[float]]]]:
     direct = res["direct"]
     rows = []
     added: dict[str, dict[str, list[float]]] = {}
@@ -151,22 +170,54 @@ def lane1_md(d: dict[str, Any]) -> tuple[str, dict[str, bool]]:
                 str(sum(x.errors for x in rs)),
             ]
         )
+    return table(["target", "p50", "p99", "added p50", "added p99", "req/s", "errors"], rows), added
+
+
+def lane1_md(d: dict[str, Any]) -> tuple[str, dict[str, bool]]:
+    res: dict[str, list[wrk.Result]] = d["results"]
+    direct = res["direct"]
+    split, added = _lane1_table(res)
     out = [
         f"`wrk -t1 -c1 -d{d['seconds']}s` per target, {d['runs']} rounds alternating the targets "
         "(order rotated each round); added = target − direct in the same round. "
         "Median (min–max) over rounds, ms.",
         "",
-        table(["target", "p50", "p99", "added p50", "added p99", "req/s", "errors"], rows),
+        "Split placement (each gateway on its own core, as in every lane; wrk and the upstream "
+        "on the other):",
+        "",
+        split,
         "",
     ]
+    if "shared" in d:
+        shared, added_shared = _lane1_table(d["shared"])
+        out += [
+            "Shared placement (the same processes, each gateway moved onto the load core for "
+            "these rounds: one core for all, as direct's wrk and upstream always are; at one "
+            "connection only one process runs at a time, so nothing waits for the CPU, and "
+            "no request crosses cores):",
+            "",
+            shared,
+            "",
+        ]
     met: dict[str, bool] = {}
     if "lunar" in added:
         m50, m99 = med(added["lunar"]["p50"]), med(added["lunar"]["p99"])
         met["lane1 p50"] = m50 <= 0.3
-        out.append(f"- Lunar added p50 ≤ 0.3 ms: {verdict(met['lane1 p50'], f'{m50:.3f} ms')}")
+        out.append(
+            f"- Lunar added p50 ≤ 0.3 ms, split: {verdict(met['lane1 p50'], f'{m50:.3f} ms')}"
+        )
+        if "shared" in d:
+            s50 = med(added_shared["lunar"]["p50"])
+            met["lane1 p50 shared"] = s50 <= 0.3
+            out.append(
+                "- Lunar added p50 ≤ 0.3 ms, shared: "
+                + verdict(met["lane1 p50 shared"], f"{s50:.3f} ms")
+            )
         if m99 >= 0:
             met["lane1 p99"] = m99 <= 1.0
-            out.append(f"- Lunar added p99 ≤ 1 ms: {verdict(met['lane1 p99'], f'{m99:.3f} ms')}")
+            out.append(
+                f"- Lunar added p99 ≤ 1 ms, split: {verdict(met['lane1 p99'], f'{m99:.3f} ms')}"
+            )
         else:
             out.append(
                 f"- Lunar added p99 ≤ 1 ms: not judged ({m99:.3f} ms: direct's own p99 was worse "
@@ -691,7 +742,8 @@ def run(
         f"{load_after} after; {elapsed:.0f} s in all ({'full' if full else 'quick'} profile).",
         "Pinning: "
         + (
-            "gateway on core 0; upstream, wrk and the stream client on core 1 (`taskset`)."
+            "gateway on core 0; upstream, wrk and the stream client on core 1 (`taskset`); "
+            "lane 1 also with each gateway moved to core 1 (shared placement)."
             if procs.can_pin()
             else "none (one core or no taskset)."
         ),

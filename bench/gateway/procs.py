@@ -49,6 +49,17 @@ def pin_self(core: int) -> None:
         os.sched_setaffinity(0, {core % (os.cpu_count() or 1)})
 
 
+def move(pid: int, core: int) -> None:
+    """Move every thread of ``pid`` and its descendants to ``core`` (a running gateway)."""
+    if not (can_pin() and hasattr(os, "sched_setaffinity")):
+        return
+    for p in tree(pid):
+        with contextlib.suppress(OSError):
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with contextlib.suppress(OSError):
+                    os.sched_setaffinity(int(tid), {core % (os.cpu_count() or 1)})
+
+
 def http_get(url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> int:
     """Status of GET ``url`` (http://127.0.0.1:port/path), or 0 when it cannot connect."""
     rest = url.split("://", 1)[1]
