@@ -185,6 +185,32 @@ def test_flush_and_commit_callbacks(tmp_path):
     st.close()
 
 
+def test_an_idle_ledger_writer_sleeps_until_the_next_row(tmp_path):
+    st = SQLiteStorage(tmp_path / "l.db", linger=0.005)
+    st.quiet_s = 0.05
+    st.open()
+    st.record(row(1))
+    deadline = time.monotonic() + 10
+    while not st.idle:  # nothing more to write for quiet_s: it goes to sleep
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    ticks = st.wakeups
+    time.sleep(0.2)  # forty ticks' worth of linger
+    assert st.wakeups == ticks
+    st.record(row(2))  # no flush: the row alone wakes the writer
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        while db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    committed = threading.Event()
+    while not st.idle:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    st.record(row(3), committed.set)  # a caller waiting for its commit wakes it too
+    assert committed.wait(10)
+    st.close()
+
+
 def test_usage_groups_filters_and_keys(tmp_path):
     st = SQLiteStorage(tmp_path / "l.db")
     st.open()

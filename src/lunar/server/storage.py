@@ -4,10 +4,12 @@
 (stdlib ``sqlite3``, WAL mode). A PostgreSQL backend implements the same methods.
 
 Ledger writes never block a request: ``record()`` appends the row to a deque (no lock, no
-thread wake-up) and a dedicated writer thread inserts whatever has accumulated every
-``linger`` seconds (20 ms) in one transaction, at once when someone waits for a commit
-(``record(row, on_commit)``, ``flush()``) or a batch is full. ``flush()`` waits until every row
-recorded before the call is committed; ``close()`` flushes and stops the thread.
+thread wake-up but the first after a quiet second) and a dedicated writer thread inserts
+whatever has accumulated every ``linger`` seconds (10 ms) in one transaction, at once when
+someone waits for a commit (``record(row, on_commit)``, ``flush()``) or a batch is full. After
+a second with nothing to write the writer sleeps until the next row wakes it, so an idle
+gateway wakes no thread. ``flush()`` waits until every row recorded before the call is
+committed; ``close()`` flushes and stops the thread.
 Rows that cannot be written even after retries are appended to ``<db>.unwritten.jsonl``
 rather than dropped.
 """
@@ -270,6 +272,9 @@ class SQLiteStorage:
         # Rows, (row, on_commit), _Flush markers and _STOP; append/popleft are atomic.
         self._rows: deque[Any] = deque()
         self._wake = threading.Event()
+        self._idle = False  # the writer sleeps for want of rows; the next record() wakes it
+        self.quiet_s = 1.0  # how long the writer ticks with nothing to write before sleeping
+        self.wakeups = 0  # writer ticks, for tests: none while idle
         self._writing = 0
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # serializes the admin connection
@@ -375,6 +380,11 @@ class SQLiteStorage:
     # -- ledger --------------------------------------------------------------------------
 
     @property
+    def idle(self) -> bool:
+        """The writer sleeps until the next row (after ``quiet_s`` with nothing to write)."""
+        return self._idle
+
+    @property
     def pending(self) -> int:
         """Rows recorded but not committed yet (approximately)."""
         return len(self._rows) + self._writing
@@ -387,7 +397,10 @@ class SQLiteStorage:
             return
         if on_commit is None:
             self._rows.append(row)
-            if len(self._rows) >= self.batch_size:
+            if self._idle:  # the first row after a quiet spell: one wake-up, not one a row
+                self._idle = False
+                self._wake.set()
+            elif len(self._rows) >= self.batch_size:
                 self._wake.set()
         else:
             self._rows.append((row, on_commit))
@@ -410,10 +423,20 @@ class SQLiteStorage:
 
     def _writer(self) -> None:
         conn = self._connect()
+        quiet = 0  # ticks in a row that found nothing to write
         try:
             while True:
-                self._wake.wait(self.linger)
+                if quiet * self.linger >= self.quiet_s:
+                    self._idle = True
+                    if not self._rows:  # (checked after the flag: record() reads it after)
+                        self._wake.wait()
+                    self._idle = False
+                    quiet = 0
+                else:
+                    self._wake.wait(self.linger)
                 self._wake.clear()
+                self.wakeups += 1
+                quiet = 0 if self._rows else quiet + 1
                 try:
                     if self._drain(conn):
                         return
