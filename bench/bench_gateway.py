@@ -133,20 +133,22 @@ def lane1(ts: Sequence[targets.Target], work: Path, runs: int, seconds: int) -> 
         moved = placement == "shared" and procs.can_pin()
         if placement == "shared" and not moved:
             continue
-        for t in ts:
-            if moved and t.pid is not None:
-                procs.move(t.pid, procs.LOAD_CORE)
         res: dict[str, list[wrk.Result]] = {t.name: [] for t in ts}
-        for r in range(runs):
-            for t in rotate(ts, r):
-                res[t.name].append(wrk.run(t, luas[t.name], connections=1, seconds=seconds))
-            shown = ", ".join(
-                f"{n} p50 {v[-1].p(50):.3f} p99 {v[-1].p(99):.3f}" for n, v in res.items()
-            )
-            log(f"lane 1 {placement} round {r + 1}: {shown}")
-        for t in ts:
-            if moved and t.pid is not None:
-                procs.move(t.pid, procs.GATEWAY_CORE)
+        try:
+            for t in ts:
+                if moved and t.pid is not None:
+                    procs.move(t.pid, procs.LOAD_CORE)
+            for r in range(runs):
+                for t in rotate(ts, r):
+                    res[t.name].append(wrk.run(t, luas[t.name], connections=1, seconds=seconds))
+                shown = ", ".join(
+                    f"{n} p50 {v[-1].p(50):.3f} p99 {v[-1].p(99):.3f}" for n, v in res.items()
+                )
+                log(f"lane 1 {placement} round {r + 1}: {shown}")
+        finally:
+            for t in ts:
+                if moved and t.pid is not None:
+                    procs.move(t.pid, procs.GATEWAY_CORE)
         out["results" if placement == "split" else "shared"] = res
     return out
 
@@ -742,8 +744,8 @@ def run(
         f"{load_after} after; {elapsed:.0f} s in all ({'full' if full else 'quick'} profile).",
         "Pinning: "
         + (
-            "gateway on core 0; upstream, wrk and the stream client on core 1 (`taskset`); "
-            "lane 1 also with each gateway moved to core 1 (shared placement)."
+            "gateway on core 0; upstream, wrk and the stream client on core 1 (`taskset`)"
+            + ("; lane 1 also with each gateway moved to core 1 (shared placement)." if l1 else ".")
             if procs.can_pin()
             else "none (one core or no taskset)."
         ),

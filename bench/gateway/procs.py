@@ -50,14 +50,24 @@ def pin_self(core: int) -> None:
 
 
 def move(pid: int, core: int) -> None:
-    """Move every thread of ``pid`` and its descendants to ``core`` (a running gateway)."""
+    """Move every thread of ``pid`` and its descendants to ``core`` (a running gateway).
+    Raises when a thread that still runs could not be moved: a "shared" figure measured with
+    the gateway left where it was would be a split one under another name."""
     if not (can_pin() and hasattr(os, "sched_setaffinity")):
         return
+    want = {core % (os.cpu_count() or 1)}
     for p in tree(pid):
-        with contextlib.suppress(OSError):
-            for tid in os.listdir(f"/proc/{p}/task"):
-                with contextlib.suppress(OSError):
-                    os.sched_setaffinity(int(tid), {core % (os.cpu_count() or 1)})
+        try:
+            tids = [int(t) for t in os.listdir(f"/proc/{p}/task")]
+        except OSError:
+            continue  # the process has exited
+        for tid in tids:
+            try:
+                os.sched_setaffinity(tid, want)
+            except ProcessLookupError:
+                continue  # the thread has exited
+            if os.sched_getaffinity(tid) != want:
+                raise RuntimeError(f"thread {tid} of {p} is not on core {core}")
 
 
 def http_get(url: str, timeout: float = 2.0, headers: Mapping[str, str] | None = None) -> int:
