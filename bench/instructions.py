@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import json
 import os
 import re
@@ -136,10 +135,9 @@ async def _run_driver(which: str, upstream: str, n: int, stream: bool, work: Pat
 
         env = {"LUNAR_MASTER_KEY": MASTER, "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream}
         app = create_app(load_config(environ=env, db=str(work / "ledger.db")))
+        if hasattr(cli, "freeze_heap"):  # as `lunar serve` does (older revisions: not)
+            cli.freeze_heap()
         await app.startup()
-        if hasattr(cli, "gc"):  # as `lunar serve` does before serving (older revisions: not)
-            gc.collect()
-            gc.freeze()
         headers = [json_header, (b"authorization", b"Bearer " + MASTER.encode())]
     await _drive(app, headers, body, WARM_UP + n)
     if which == "relay":

@@ -111,6 +111,15 @@ def _config(args: argparse.Namespace, **flags: Any) -> ServerConfig:
     return load_config(getattr(args, "config", None), **flags)
 
 
+def freeze_heap() -> None:
+    """Keep what is loaded by now (modules, the catalogue, the app: it lives as long as the
+    process) out of the cyclic GC's full collections, which then take microseconds instead
+    of the 4-5 ms that stall every request in flight. For the gateway's own process only:
+    what is frozen is never collected, even if it becomes garbage."""
+    gc.collect()
+    gc.freeze()
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args, host=args.host, port=args.port, db=args.db, log_level=args.log_level)
@@ -182,11 +191,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{len(app.catalog.models)} models)",
         flush=True,
     )
-    # What is loaded by now (modules, the catalogue, the app) lives as long as the process:
-    # kept out of the cyclic GC's full collections, one takes microseconds instead of the
-    # 4-5 ms that stall every request in flight when it runs.
-    gc.collect()
-    gc.freeze()
+    freeze_heap()
     try:
         server.run(sockets=[sock])
     finally:
