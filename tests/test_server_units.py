@@ -202,13 +202,25 @@ def test_an_idle_ledger_writer_sleeps_until_the_next_row(tmp_path):
         while db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] < 2:
             assert time.monotonic() < deadline
             time.sleep(0.01)
-    committed = threading.Event()
-    while not st.idle:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    st.record(row(3), committed.set)  # a caller waiting for its commit wakes it too
-    assert committed.wait(10)
-    st.close()
+    for wake in ("commit", "flush", "close"):  # each wakes a sleeping writer at once
+        while not st.idle:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        ticks = st.wakeups
+        if wake == "commit":
+            committed = threading.Event()
+            st.record(row(3), committed.set)
+            assert committed.wait(10)
+        elif wake == "flush":
+            assert st.flush(10)  # nothing queued: the marker alone
+        else:
+            writer = st._thread
+            assert writer is not None
+            st.close(timeout=10)
+            assert not writer.is_alive()
+        assert st.wakeups > ticks
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        assert db.execute("SELECT COUNT(*) FROM usage").fetchone()[0] == 3
 
 
 def test_usage_groups_filters_and_keys(tmp_path):

@@ -7,9 +7,9 @@ Ledger writes never block a request: ``record()`` appends the row to a deque (no
 thread wake-up but the first after a quiet second) and a dedicated writer thread inserts
 whatever has accumulated every ``linger`` seconds (10 ms) in one transaction, at once when
 someone waits for a commit (``record(row, on_commit)``, ``flush()``) or a batch is full. After
-a second with nothing to write the writer sleeps until the next row wakes it, so an idle
-gateway wakes no thread. ``flush()`` waits until every row recorded before the call is
-committed; ``close()`` flushes and stops the thread.
+a second with nothing to write the writer sleeps until the next row wakes it: an idle
+gateway does not wake it 100 times a second. ``flush()`` waits until every row recorded
+before the call is committed; ``close()`` flushes and stops the thread.
 Rows that cannot be written even after retries are appended to ``<db>.unwritten.jsonl``
 rather than dropped.
 """
