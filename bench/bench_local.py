@@ -18,7 +18,8 @@ so each TTFT is also split where llama.cpp's token generator is entered and wher
 its first token (``Marks``, wrapped around each side's ``Llama.generate``): the caller's work
 before, llama.cpp's own, the caller's work after. Both sides evaluate the same prompt tokens
 (printed), so Lunar's added TTFT is its before + after minus the direct lane's, paired by
-round; the whole-TTFT difference is printed beside it.
+round; the whole-TTFT difference is printed beside it. (A first token that gives no text yet
+puts the next tokens' decoding in "after", on both sides alike: the outputs are the same.)
 
 TTFT is the time to the first chunk with text; decode tokens/s is (tokens - 1) over the
 time from the first to the last text chunk; tokens are Lunar's ``usage.completion_tokens``
@@ -56,8 +57,7 @@ class Marks:
     work on both sides, same tokens), and the caller's work until the text is in hand."""
 
     def __init__(self, llm: Any) -> None:
-        self.entered = self.first = 0.0
-        self.prompt_tokens = 0
+        self.reset()
         generate = llm.generate
 
         def timed(prompt: Any, *args: Any, **kwargs: Any) -> Any:
@@ -73,6 +73,10 @@ class Marks:
                 tokens.close()
 
         llm.generate = timed
+
+    def reset(self) -> None:
+        self.entered = self.first = 0.0
+        self.prompt_tokens = 0
 
 
 class Run:
@@ -91,6 +95,8 @@ class Run:
     def __init__(
         self, started: float, stamps: list[float], tokens: int, text: str, marks: Marks
     ) -> None:
+        if not started < marks.entered <= marks.first <= stamps[0]:
+            raise RuntimeError("the run did not go through the Llama whose generate is timed")
         self.tokens = tokens
         self.text = text
         self.ttft_ms = (stamps[0] - started) * 1000
@@ -111,6 +117,7 @@ def direct_lane(
 ) -> Callable[[], Run]:
     def run() -> Run:
         llm.reset()
+        marks.reset()
         started = time.perf_counter()
         stamps: list[float] = []
         parts: list[str] = []
@@ -135,6 +142,7 @@ def lunar_lane(
     client: Any, messages: list[dict[str, str]], max_tokens: int, seed: int, marks: Marks
 ) -> Callable[[], Run]:
     def run() -> Run:
+        marks.reset()
         started = time.perf_counter()
         stamps: list[float] = []
         parts: list[str] = []
@@ -164,6 +172,7 @@ def async_lane(
     loop = asyncio.new_event_loop()
 
     async def once() -> Run:
+        marks.reset()
         started = time.perf_counter()
         stamps: list[float] = []
         parts: list[str] = []
@@ -413,6 +422,11 @@ def main() -> None:
             for label, p in (("Lunar", paired["lunar"]), ("AsyncLunar", paired["lunar_async"]))
         )
         + f"; prompt tokens evaluated: {results['prompt_tokens']}"
+        + (
+            ""
+            if len(results["prompt_tokens"]) == 1
+            else " (NOT the same on every side: the split compares unequal work)"
+        )
     )
     load, imp = results["load_s"], results["import_s"]
     print(
