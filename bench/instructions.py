@@ -54,9 +54,9 @@ def request_body(stream: bool) -> bytes:
     return json.dumps(body).encode()
 
 
-async def _drive(app: Any, headers: list[tuple[bytes, bytes]], body: bytes, n: int) -> None:
-    """``n`` requests one after another; each must answer 200."""
-    scope = {
+def chat_scope(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    """The ASGI scope of a POST /v1/chat/completions with ``headers``."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -69,6 +69,11 @@ async def _drive(app: Any, headers: list[tuple[bytes, bytes]], body: bytes, n: i
         "client": ("127.0.0.1", 1),
         "server": ("127.0.0.1", 2),
     }
+
+
+async def _drive(app: Any, headers: list[tuple[bytes, bytes]], body: bytes, n: int) -> None:
+    """``n`` requests one after another; each must answer 200."""
+    scope = chat_scope(headers)
     for _ in range(n):
         status = await _one(app, scope, body)
         if status != 200:

@@ -168,19 +168,7 @@ async def _hot_setup(upstream: str, n: int) -> dict[str, float]:
     relay = app_for(upstream.removesuffix("/v1"))
     lifespan = await instructions._lifespan(relay)
     auth = (b"authorization", b"Bearer " + instructions.MASTER.encode())
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/chat/completions",
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(b"content-type", b"application/json"), auth],
-        "client": ("127.0.0.1", 1),
-        "server": ("127.0.0.1", 2),
-    }
+    scope = instructions.chat_scope([(b"content-type", b"application/json"), auth])
     body = instructions.request_body(True)
     out: dict[str, list[float]] = {"asgi-relay": [], "lunar": []}
     for _ in range(2):
