@@ -428,6 +428,21 @@ def main() -> None:
             else " (NOT the same on every side: the split compares unequal work)"
         )
     )
+    print()
+    for label, name in (("Lunar", "lunar"), ("AsyncLunar", "lunar_async")):
+        p = paired[name]
+        tps, own = p["tps_ratio"], p["own_added_ms"]
+        print(
+            f"- {label} tokens/s ≥ 95 % of llama-cpp-python's (paired median): "
+            f"{'met' if tps >= 0.95 else '**NOT met**'} ({tps:.1%})"
+        )
+        print(
+            f"- {label} added TTFT ≤ 5 ms (its own part, paired median): "
+            f"{'met' if own <= 5 else '**NOT met**'} ({own:+.2f} ms; whole TTFT "
+            f"{p['ttft_added_ms']:+.1f} ms, quartiles {p['ttft_added_q1']:+.1f} to "
+            f"{p['ttft_added_q3']:+.1f})"
+        )
+    print()
     load, imp = results["load_s"], results["import_s"]
     print(
         f"load: direct Llama() {load['direct']:.3f} s, Lunar preload() {load['lunar']:.3f} s "

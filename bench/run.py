@@ -84,7 +84,7 @@ def main() -> None:
         sections.append(
             lane(
                 "Local provider: Lunar vs llama-cpp-python directly",
-                ["bench/bench_local.py", "--runs", "7" if args.full else "5"],
+                ["bench/bench_local.py", "--runs", "15" if args.full else "9"],
             )
         )
     else:
