@@ -183,6 +183,27 @@ def test_tool_calls_stream_and_assemble(mock):
     assert done.choices[0].finish_reason == "tool_calls"
 
 
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-haiku"])
+def test_tool_arguments_are_counted_when_the_provider_sends_no_usage(mock, model, monkeypatch):
+    # 400 characters of arguments: about 100 tokens, not 0, when usage must be estimated.
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", mock.url)
+    mock.default = Reply(
+        usage=False, tool_calls=[{"name": "get_weather", "arguments": {"city": "x" * 400}}]
+    )
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    client = Lunar()
+    chunks = list(
+        client.chat.completions.create(model=model, messages=MESSAGES, tools=tools, stream=True)
+    )
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    assert chunks[-1].usage.completion_tokens >= 100
+    if model.startswith("claude"):  # its whole answer then has no usage either
+        done = client.chat.completions.create(model=model, messages=MESSAGES, tools=tools)
+        assert done.choices[0].message.tool_calls
+        assert done.usage.completion_tokens >= 100
+
+
 def test_get_final_completion_includes_chunks_already_read(mock):
     mock.default = Reply(chunks=8)
     stream = Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)

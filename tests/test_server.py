@@ -876,6 +876,7 @@ def test_client_disconnect_cancels_upstream_and_records_usage_seen(gw, upstream)
     assert row["status"] == "cancelled" and row["error_type"] == "client_disconnected"
     assert 3 <= row["completion_tokens"] < 500
     assert row["total_cost_usd"] > 0 and row["provider"] == "openai"
+    assert 0 < row["ttft_ms"] < row["latency_ms"]  # from the first delta the gateway saw
 
 
 def test_non_streaming_disconnect_cancels_upstream(gw, upstream):

@@ -36,7 +36,7 @@ from ._errors import (
 from ._health import Health
 from ._http import AsyncPool, TransportError, TransportTimeout
 from ._request import RequestOptions
-from ._types import ChatCompletion, ChatCompletionChunk, Usage
+from ._types import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, Usage
 from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
 
 _now = time.perf_counter
@@ -338,6 +338,13 @@ def account(usage: Usage, target: Target, started: float, ttft: float | None) ->
     usage.ttft_ms = round((elapsed if ttft is None else ttft) * 1000, 3)
 
 
+def _answer_chars(message: ChatCompletionMessage) -> int:
+    chars = len(message.content or "")
+    for call in message.tool_calls or ():
+        chars += len(call.function.arguments or "")
+    return chars
+
+
 def finish_completion(
     completion: ChatCompletion,
     target: Target,
@@ -350,8 +357,8 @@ def finish_completion(
             if not choice.message.tool_calls:
                 check_json(choice.message.content or "", target)
     usage = completion.usage
-    if usage is None:
-        chars = sum(len(c.message.content or "") for c in completion.choices)
+    if usage is None:  # the provider sent none: estimate it from the text and tool arguments
+        chars = sum(_answer_chars(c.message) for c in completion.choices)
         usage = completion.usage = Usage(
             estimate_tokens(prompt_chars(body)), estimate_tokens(chars)
         )
@@ -368,15 +375,16 @@ class StreamFinisher:
 
     __slots__ = (
         "_body",
-        "_chars",
         "_held",
         "_last",
         "_started",
         "_target",
         "_text",
         "_tools",
-        "_ttft",
         "_usage",
+        "chars",
+        "first_at",
+        "usage",
     )
 
     def __init__(
@@ -388,11 +396,15 @@ class StreamFinisher:
         self._target = target
         self._body = body
         self._started = started
-        self._ttft: float | None = None
         self._held: ChatCompletionChunk | None = None
         self._last: ChatCompletionChunk | None = None
-        self._usage: Usage | None = None
-        self._chars = 0
+        self._usage: Usage | None = None  # the provider's, when it sends one
+        #: What the stream has brought so far, for whoever bills it (the gateway's ledger):
+        #: characters of text and tool arguments, when the first of them came
+        #: (``perf_counter``), and the usage of the last chunk once ``end`` gave it.
+        self.chars = 0
+        self.first_at: float | None = None
+        self.usage: Usage | None = None
 
     def push(self, chunks: list[ChatCompletionChunk]) -> list[ChatCompletionChunk]:
         out = []
@@ -409,15 +421,18 @@ class StreamFinisher:
             for choice in chunk.choices:
                 delta = choice.delta
                 if delta.content:
-                    self._chars += len(delta.content)
+                    self.chars += len(delta.content)
                     if self._text is not None and choice.index == 0:
                         self._text.append(delta.content)
-                    if self._ttft is None:
-                        self._ttft = _now() - self._started
+                    if self.first_at is None:
+                        self.first_at = _now()
                 if delta.tool_calls:
                     self._tools = True
-                    if self._ttft is None:
-                        self._ttft = _now() - self._started
+                    for call in delta.tool_calls:
+                        if call.function is not None and call.function.arguments:
+                            self.chars += len(call.function.arguments)
+                    if self.first_at is None:
+                        self.first_at = _now()
                 if choice.finish_reason is not None:
                     finishing = True
             if finishing:
@@ -441,9 +456,10 @@ class StreamFinisher:
             )
         usage = self._usage
         if usage is None:
-            usage = Usage(estimate_tokens(prompt_chars(self._body)), estimate_tokens(self._chars))
-        final.usage = usage
-        account(usage, self._target, self._started, self._ttft)
+            usage = Usage(estimate_tokens(prompt_chars(self._body)), estimate_tokens(self.chars))
+        final.usage = self.usage = usage
+        ttft = None if self.first_at is None else self.first_at - self._started
+        account(usage, self._target, self._started, ttft)
         self._held = None
         return [final]
 
@@ -492,13 +508,15 @@ class Trace:
     """What the engine did for one request, filled in as it goes. Pass one to ``complete`` or
     ``stream`` to observe a request (the gateway's ledger does): ``plan.attempts`` holds the
     failed attempts so far, ``target`` the target being tried, and after success the one
-    that served."""
+    that served; for a stream, ``stream`` counts what it brought (``StreamFinisher``), also
+    when it is cut short."""
 
-    __slots__ = ("plan", "target")
+    __slots__ = ("plan", "stream", "target")
 
     def __init__(self) -> None:
         self.plan: Plan | None = None
         self.target: Target | None = None
+        self.stream: StreamFinisher | None = None
 
 
 def plan_for(
@@ -650,6 +668,8 @@ class SyncEngine:
                 plan.failed(step, err)
                 continue
             finisher = StreamFinisher(step.target, body, started, json_check)
+            if trace is not None:
+                trace.stream = finisher
             return OpenStream(self._iterate(step, opened, finisher, plan), opened[0])
         raise plan.error()
 
@@ -809,6 +829,8 @@ class AsyncEngine:
                 plan.failed(step, err)
                 continue
             finisher = StreamFinisher(step.target, body, started, json_check)
+            if trace is not None:
+                trace.stream = finisher
             return AsyncOpenStream(self._iterate(step, opened, finisher, plan), opened[0])
         raise plan.error()
 

@@ -171,21 +171,19 @@ class AnthropicStreamTranslator(ChunkMaker):
                 reason = (obj.get("delta") or {}).get("stop_reason")
                 usage = obj.get("usage") or {}
                 self._finished = True
+                counted = {
+                    **self._input,
+                    **{k: v for k, v in usage.items() if v is not None and k != "output_tokens"},
+                }
                 out.append(
                     self._chunk(
                         ChoiceDelta(),
                         FINISH_REASONS.get(reason or "end_turn", "stop"),
-                        _usage(
-                            {
-                                **self._input,
-                                **{
-                                    k: v
-                                    for k, v in usage.items()
-                                    if v is not None and k != "output_tokens"
-                                },
-                            },
-                            usage.get("output_tokens", 0),
-                        ),
+                        # No usage on the wire at all: none here either, so that it is
+                        # estimated rather than billed as zero.
+                        _usage(counted, usage.get("output_tokens", 0))
+                        if counted or usage
+                        else None,
                     )
                 )
             elif kind == "message_stop":

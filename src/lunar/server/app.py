@@ -44,7 +44,7 @@ from .._request import (
     validate_fallbacks,
     validate_model,
 )
-from .._types import ChatCompletionChunk, Usage
+from .._types import Usage
 from .config import ServerConfig
 from .dialects import (
     CHAT,
@@ -120,33 +120,6 @@ def _refused(refusal: Refusal) -> RateLimitError:
     return RateLimitError(refusal.message, headers=headers, code=refusal.code, type=refusal.type)
 
 
-class _Stats:
-    """What a request used, as far as it got."""
-
-    __slots__ = ("chars", "first_at", "usage")
-
-    def __init__(self) -> None:
-        self.usage: Usage | None = None
-        self.chars = 0
-        self.first_at: float | None = None
-
-    def see(self, chunk: ChatCompletionChunk, now: float) -> None:
-        if chunk.usage is not None:
-            self.usage = chunk.usage
-        for choice in chunk.choices:
-            delta = choice.delta
-            if delta.content:
-                self.chars += len(delta.content)
-                if self.first_at is None:
-                    self.first_at = now
-            if delta.tool_calls:
-                for call in delta.tool_calls:
-                    if call.function is not None:
-                        self.chars += len(call.function.arguments or "")
-                if self.first_at is None:
-                    self.first_at = now
-
-
 # ---------------------------------------------------------------------------------------------
 # Per-request state
 
@@ -154,12 +127,12 @@ class _Stats:
 class _Call:
     """One inference request's bookkeeping, from authentication to its ledger row."""
 
-    __slots__ = ("body", "label", "recorded", "row", "started", "stats", "ticket", "trace")
+    __slots__ = ("body", "label", "recorded", "row", "started", "ticket", "trace", "usage")
 
     def __init__(self, row: UsageRow, started: float) -> None:
         self.row = row
         self.started = started
-        self.stats = _Stats()
+        self.usage: Usage | None = None  # a whole answer's (a stream's is on trace.stream)
         self.body: dict[str, Any] = {}
         self.trace = Trace()
         self.ticket: Ticket | None = None
@@ -567,7 +540,7 @@ class Gateway:
                 return
 
             if not stream:
-                call.stats.usage = completion.usage
+                call.usage = completion.usage
                 self._served(row, call.trace)
                 answer = dialect.complete(completion)
                 await self._record(call)  # before the answer: what is acknowledged is recorded
@@ -578,15 +551,11 @@ class Gateway:
             response_started = True
             writer = dialect.stream(model, body)
             self._served(row, call.trace)
-            stats = call.stats
             try:
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
                 )
                 async for batch in it.batches():
-                    now = time.perf_counter()
-                    for chunk in batch:
-                        stats.see(chunk, now)
                     data = writer.chunks(batch)  # what one upstream read brought: one write
                     if data:
                         await send({"type": "http.response.body", "body": data, "more_body": True})
@@ -685,11 +654,12 @@ class Gateway:
         """Usage, settlement, metrics: once for every authenticated inference request,
         however it ended. Nothing touches the row after this."""
         call.recorded = True
-        row, stats, target = call.row, call.stats, call.trace.target
-        usage = stats.usage
-        if usage is None and stats.first_at is not None and target is not None:
+        row, target, stream = call.row, call.trace.target, call.trace.stream
+        usage = call.usage if stream is None else stream.usage
+        first_at = None if stream is None else stream.first_at
+        if usage is None and stream is not None and first_at is not None and target is not None:
             # Cut short (failure or cancel after the first chunk): bill what was seen.
-            usage = Usage(estimate_tokens(prompt_chars(call.body)), estimate_tokens(stats.chars))
+            usage = Usage(estimate_tokens(prompt_chars(call.body)), estimate_tokens(stream.chars))
             prices = target.deployment.prices
             if prices is not None:
                 cost(usage, prices)
@@ -702,8 +672,8 @@ class Gateway:
             row.output_cost_usd = usage.output_cost_usd or 0.0
             row.total_cost_usd = usage.total_cost_usd or 0.0
             row.ttft_ms = usage.ttft_ms
-        if row.ttft_ms is None and stats.first_at is not None:
-            row.ttft_ms = round((stats.first_at - call.started) * 1000, 3)
+        if row.ttft_ms is None and first_at is not None:
+            row.ttft_ms = round((first_at - call.started) * 1000, 3)
         row.latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
         if call.ticket is not None:
             self.limiter.settle(
