@@ -314,6 +314,44 @@ def test_anthropic_tool_stream_numbers_calls_among_calls():
 
 
 @pytest.mark.parametrize(
+    ("start_usage", "delta_usage", "expected"),
+    [
+        ({"input_tokens": 40}, {"output_tokens": 7}, (40, 7)),
+        ({"input_tokens": 40}, {}, (40, 0)),  # no output count anywhere: 0
+        ({"input_tokens": 40, "output_tokens": 2}, {}, (40, 2)),
+        ({}, {"output_tokens": 7}, (0, 7)),
+        ({"input_tokens": 40, "output_tokens": None}, {"output_tokens": None}, (40, 0)),
+        (None, None, None),  # no usage on the wire: none, so the engine estimates it
+        ({"input_tokens": None}, {"output_tokens": None}, None),
+    ],
+)
+def test_anthropic_stream_usage_as_far_as_the_wire_gave_it(start_usage, delta_usage, expected):
+    start: dict = {"id": "msg_3", "model": "claude-3-haiku-20240307"}
+    if start_usage is not None:
+        start["usage"] = start_usage
+    delta: dict = {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}
+    if delta_usage is not None:
+        delta["usage"] = delta_usage
+    raw = sse(
+        [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Hi"}}),
+            ("message_delta", delta),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    )  # fmt: skip
+    chunks = run(ANTHROPIC.stream_translator(A_TARGET), [raw])
+    usage = chunks[-1].usage
+    if expected is None:
+        assert usage is None
+    else:
+        assert (usage.prompt_tokens, usage.completion_tokens) == expected
+
+
+@pytest.mark.parametrize(
     ("reason", "finish"),
     [
         ("end_turn", "stop"),

@@ -879,6 +879,26 @@ def test_client_disconnect_cancels_upstream_and_records_usage_seen(gw, upstream)
     assert 0 < row["ttft_ms"] < row["latency_ms"]  # from the first delta the gateway saw
 
 
+def test_a_tool_call_stream_cut_short_bills_the_arguments_seen(gw, upstream):
+    key, key_id = gw.new_key()
+    # 4,000 characters of arguments (~1,000 tokens) in three pieces, half a second apart,
+    # and no usage from the provider: what the ledger bills is the gateway's estimate.
+    call = {"name": "f", "arguments": {"city": "x" * 4000}}
+    upstream.enqueue(Reply(pacing=0.5, usage=False, tool_calls=[call]))
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    payload = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "tools": tools}
+    with gw.http.stream(
+        "POST", "/v1/chat/completions", json=payload, headers={"x-api-key": key}
+    ) as r:
+        for line in r.iter_lines():
+            if '"arguments":"x' in line:
+                break  # gone after the first piece
+    [row] = gw.rows(key_id, 1)
+    assert (row["status"], row["error_type"]) == ("cancelled", "client_disconnected")
+    assert 100 < row["completion_tokens"] < 1000  # the pieces seen, not 0 and not all
+    assert row["total_cost_usd"] > 0 and 0 < row["ttft_ms"] < row["latency_ms"]
+
+
 def test_non_streaming_disconnect_cancels_upstream(gw, upstream):
     key, key_id = gw.new_key()
     upstream.enqueue(Reply(delay=30))

@@ -377,13 +377,13 @@ class StreamFinisher:
         "_body",
         "_held",
         "_last",
-        "_started",
         "_target",
         "_text",
         "_tools",
         "_usage",
         "chars",
         "first_at",
+        "started",
         "usage",
     )
 
@@ -395,13 +395,14 @@ class StreamFinisher:
         self._tools = False  # an answer made of tool calls is not checked as JSON
         self._target = target
         self._body = body
-        self._started = started
+        self.started = started
         self._held: ChatCompletionChunk | None = None
         self._last: ChatCompletionChunk | None = None
         self._usage: Usage | None = None  # the provider's, when it sends one
         #: What the stream has brought so far, for whoever bills it (the gateway's ledger):
         #: characters of text and tool arguments, when the first of them came
-        #: (``perf_counter``), and the usage of the last chunk once ``end`` gave it.
+        #: (``perf_counter``, like ``started``), and the last chunk's usage once ``end``
+        #: gave it.
         self.chars = 0
         self.first_at: float | None = None
         self.usage: Usage | None = None
@@ -458,8 +459,8 @@ class StreamFinisher:
         if usage is None:
             usage = Usage(estimate_tokens(prompt_chars(self._body)), estimate_tokens(self.chars))
         final.usage = self.usage = usage
-        ttft = None if self.first_at is None else self.first_at - self._started
-        account(usage, self._target, self._started, ttft)
+        ttft = None if self.first_at is None else self.first_at - self.started
+        account(usage, self._target, self.started, ttft)
         self._held = None
         return [final]
 
@@ -529,6 +530,7 @@ def plan_for(
     plan = Plan(router.chain(opts, body), max_retries, health=router.health)
     if trace is not None:
         trace.plan = plan
+        trace.stream = None  # a Trace used again: nothing from its last request
     return plan
 
 

@@ -120,7 +120,7 @@ def _usage(u: Mapping[str, Any], output_tokens: int | None = None) -> Usage:
     created = u.get("cache_creation_input_tokens") or 0
     return Usage(
         prompt_tokens=(u.get("input_tokens") or 0) + cached + created,
-        completion_tokens=u.get("output_tokens", 0) if output_tokens is None else output_tokens,
+        completion_tokens=(u.get("output_tokens") or 0) if output_tokens is None else output_tokens,
         cached_tokens=cached,
     )
 
@@ -181,8 +181,8 @@ class AnthropicStreamTranslator(ChunkMaker):
                         FINISH_REASONS.get(reason or "end_turn", "stop"),
                         # No usage on the wire at all: none here either, so that it is
                         # estimated rather than billed as zero.
-                        _usage(counted, usage.get("output_tokens", 0))
-                        if counted or usage
+                        _usage(counted, usage.get("output_tokens"))
+                        if any(v is not None for v in (*self._input.values(), *usage.values()))
                         else None,
                     )
                 )

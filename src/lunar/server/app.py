@@ -672,8 +672,9 @@ class Gateway:
             row.output_cost_usd = usage.output_cost_usd or 0.0
             row.total_cost_usd = usage.total_cost_usd or 0.0
             row.ttft_ms = usage.ttft_ms
-        if row.ttft_ms is None and first_at is not None:
-            row.ttft_ms = round((first_at - call.started) * 1000, 3)
+        if row.ttft_ms is None and stream is not None and first_at is not None:
+            # Cut short: timed like a whole stream's usage.ttft_ms, from the engine's start.
+            row.ttft_ms = round((first_at - stream.started) * 1000, 3)
         row.latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
         if call.ticket is not None:
             self.limiter.settle(
