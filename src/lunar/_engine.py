@@ -399,10 +399,9 @@ class StreamFinisher:
         self._held: ChatCompletionChunk | None = None
         self._last: ChatCompletionChunk | None = None
         self._usage: Usage | None = None  # the provider's, when it sends one
-        #: What the stream has brought so far, for whoever bills it (the gateway's ledger):
-        #: characters of text and tool arguments, when the first of them came
-        #: (``perf_counter``, like ``started``), and the last chunk's usage once ``end``
-        #: gave it.
+        #: What the stream has brought so far: characters of text and tool arguments, when
+        #: the first of them came (``perf_counter``, like ``started``), and its priced usage
+        #: once ``end`` or ``seen`` gave it (what the gateway's ledger bills).
         self.chars = 0
         self.first_at: float | None = None
         self.usage: Usage | None = None
@@ -455,14 +454,28 @@ class StreamFinisher:
                 choices=[],
                 provider=self._target.provider,
             )
+        final.usage = self._account()
+        self._held = None
+        return [final]
+
+    def seen(self) -> Usage | None:
+        """What the stream used as far as it got, priced and timed: the usage ``end`` gave;
+        for a stream cut short, the provider's if it sent one, else an estimate from what
+        came; None when nothing came."""
+        if self.usage is None and (self._usage is not None or self.first_at is not None):
+            self._account()
+        return self.usage
+
+    def _account(self) -> Usage:
+        """The provider's usage, or an estimate (prompt and what streamed), with cost and
+        timing on it."""
         usage = self._usage
         if usage is None:
             usage = Usage(estimate_tokens(prompt_chars(self._body)), estimate_tokens(self.chars))
-        final.usage = self.usage = usage
         ttft = None if self.first_at is None else self.first_at - self.started
         account(usage, self._target, self.started, ttft)
-        self._held = None
-        return [final]
+        self.usage = usage
+        return usage
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from typing import Any
 from urllib.parse import parse_qs
 
 from .. import __version__
-from .._catalog import Catalog, cost
+from .._catalog import Catalog
 from .._engine import AsyncEngine, Router, Trace, estimate_tokens, prompt_chars
 from .._errors import (
     APIError,
@@ -655,14 +655,8 @@ class Gateway:
         however it ended. Nothing touches the row after this."""
         call.recorded = True
         row, target, stream = call.row, call.trace.target, call.trace.stream
-        usage = call.usage if stream is None else stream.usage
-        first_at = None if stream is None else stream.first_at
-        if usage is None and stream is not None and first_at is not None and target is not None:
-            # Cut short (failure or cancel after the first chunk): bill what was seen.
-            usage = Usage(estimate_tokens(prompt_chars(call.body)), estimate_tokens(stream.chars))
-            prices = target.deployment.prices
-            if prices is not None:
-                cost(usage, prices)
+        # A stream cut short (failure or cancel after the first chunk) bills what was seen.
+        usage = call.usage if stream is None else stream.seen()
         if usage is not None:
             row.prompt_tokens = usage.prompt_tokens
             row.completion_tokens = usage.completion_tokens
@@ -672,9 +666,6 @@ class Gateway:
             row.output_cost_usd = usage.output_cost_usd or 0.0
             row.total_cost_usd = usage.total_cost_usd or 0.0
             row.ttft_ms = usage.ttft_ms
-        if row.ttft_ms is None and stream is not None and first_at is not None:
-            # Cut short: timed like a whole stream's usage.ttft_ms, from the engine's start.
-            row.ttft_ms = round((first_at - stream.started) * 1000, 3)
         row.latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
         if call.ticket is not None:
             self.limiter.settle(
