@@ -18,7 +18,7 @@ from lunar._catalog import Catalog
 from lunar.server import SQLiteStorage, UsageQuery, UsageRow, create_app, load_config
 from lunar.server.config import ConfigError, to_toml
 from lunar.server.keys import KeyRing, hash_key, hint, key_from_request, new_key, well_formed
-from lunar.server.limits import Estimate, InMemoryLimiter, Refusal, Ticket
+from lunar.server.limits import UNUSED, Estimate, InMemoryLimiter, Refusal, Ticket, needs_estimate
 from lunar.server.storage import KeyRecord, parse_time
 from lunar.testing import MockServer, Reply
 
@@ -90,6 +90,15 @@ def test_budget_reserves_in_flight_cost_and_counts_the_ledger():
     lim.load_spend({"k1": 1.0})
     done = lim.admit(k, Estimate(0, 0, 0.0))
     assert isinstance(done, Refusal) and done.message.startswith("Budget exhausted")
+
+
+def test_only_token_and_budget_limits_need_the_estimate():
+    assert needs_estimate(key(tpm=100)) and needs_estimate(key(budget_usd=1.0))
+    assert not needs_estimate(key()) and not needs_estimate(key(rpm=5))
+    lim = InMemoryLimiter(60, Clock())
+    k = key(rpm=1)  # rpm alone admits on the count, whatever the estimate
+    assert isinstance(lim.admit(k, UNUSED), Ticket)
+    assert isinstance(lim.admit(k, UNUSED), Refusal)
 
 
 def test_unlimited_keys_still_count_spend():

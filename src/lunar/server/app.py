@@ -57,7 +57,7 @@ from .dialects import (
     parse_request,
 )
 from .keys import MASTER_KEY, KeyRing, credential, is_master, key_from_request
-from .limits import InMemoryLimiter, Limiter, Refusal, Ticket, estimate
+from .limits import UNUSED, InMemoryLimiter, Limiter, Refusal, Ticket, estimate, needs_estimate
 from .metrics import Metrics, model_label
 from .openapi import openapi_document
 from .storage import GROUP_BY, KeyRecord, SQLiteStorage, Storage, UsageQuery, UsageRow, parse_time
@@ -512,7 +512,11 @@ class Gateway:
                     raise bad("'provider' must be a provider name", "provider")
                 opts = RequestOptions(model, fallbacks, provider)
                 candidates, call.label = self._check_access(key, opts)
-                est = estimate(body, candidates, self.catalog, self.config.output_tokens_estimate)
+                est = (
+                    estimate(body, candidates, self.catalog, self.config.output_tokens_estimate)
+                    if needs_estimate(key)
+                    else UNUSED
+                )
                 admitted = self.limiter.admit(key, est)
                 if isinstance(admitted, Refusal):
                     row.status = "rejected"
