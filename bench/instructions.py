@@ -2,6 +2,7 @@
 machine's noise, for before/after comparisons of the gateway's own work.
 
     python bench/instructions.py [--requests 500] [--against REV] [--stream] [--chunks 16]
+                                 [--pacing-ms 0]
     python bench/instructions.py --profile [--stream] [--chunks 64] [--requests 1500]
 
 The gateway's ASGI app runs in-process, driven request after request by a minimal ASGI
@@ -18,6 +19,10 @@ Wall-clock timings on this VM vary by ±10 % run to run; instruction counts repe
 ~0.5 %. They are not time (a syscall or a cache miss is one instruction), so the lanes in
 bench_gateway.py stay the measure of speed; this is the measure of work. Needs valgrind
 (apt-get install -y valgrind).
+
+With ``--pacing-ms``, the upstream paces its stream events, so each arrives in a read of its
+own as in lane 3 (unpaced, one read carries many): per-read costs, the wait for each read,
+then count as they do under lane 3's load.
 
 ``--profile`` shows where that work goes instead: py-spy (the ``dev`` extra) samples the same
 in-process driver, and the functions with the most samples under the app are printed.
@@ -228,7 +233,7 @@ def profile(args: argparse.Namespace) -> None:
     if not Path(spy).exists():
         sys.exit("needs py-spy: pip install py-spy (it is in the dev extra)")
     with procs.Procs(Path(tempfile.mkdtemp(prefix="lunar-instr-"))) as ps:
-        emu = procs.start_emulator(ps, chunks=args.chunks)
+        emu = procs.start_emulator(ps, chunks=args.chunks, pacing_ms=args.pacing_ms)
         raw = ps.workdir / "samples.txt"
         drive = [sys.executable, str(Path(__file__).resolve()), "--drive", "lunar"]
         drive += ["--upstream", emu.v1, "--requests", str(args.requests)]
@@ -244,6 +249,9 @@ def main() -> None:
     ap.add_argument("--stream", action="store_true", help="streamed requests (16 deltas each)")
     ap.add_argument("--against", metavar="REV", help="also measure the gateway at this revision")
     ap.add_argument("--chunks", type=int, default=16, help="content deltas per reply (default 16)")
+    ap.add_argument(
+        "--pacing-ms", type=float, default=0.0, help="the upstream's pause between events"
+    )
     ap.add_argument("--profile", action="store_true", help="instead: where the work goes (py-spy)")
     ap.add_argument("--drive", choices=["lunar", "relay"], help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -263,7 +271,7 @@ def main() -> None:
 
     rows: list[tuple[str, int]] = []
     with procs.Procs(Path(tempfile.mkdtemp(prefix="lunar-instr-"))) as ps:
-        emu = procs.start_emulator(ps, chunks=args.chunks)
+        emu = procs.start_emulator(ps, chunks=args.chunks, pacing_ms=args.pacing_ms)
         relay = per_request(None, "relay", emu.v1, args.requests, args.stream)
         rows.append(("asgi-relay (the upstream's bytes through Lunar's pool)", relay))
         if args.against:
@@ -286,6 +294,7 @@ def main() -> None:
         f"    python bench/instructions.py --requests {args.requests}"
         + (" --stream" if args.stream else "")
         + (f" --chunks {args.chunks}" if args.chunks != 16 else "")
+        + (f" --pacing-ms {args.pacing_ms:g}" if args.pacing_ms else "")
         + (f" --against {args.against}" if args.against else "")
     )
     print()

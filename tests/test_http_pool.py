@@ -8,10 +8,12 @@ so every byte boundary, pause and cut is the test's choice.
 from __future__ import annotations
 
 import asyncio
+import gc
 import gzip
 import shutil
 import ssl
 import subprocess
+import weakref
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -219,6 +221,68 @@ async def test_silence_before_the_head_or_mid_body_is_a_timeout():
         resp = await p.send("POST", srv.url, {}, stream=True, timeout=0.2)  # per request
         assert await read_until(resp, TransportTimeout) == [b"12345"]
         assert p.connections == 0
+
+
+def paced(pieces: int, every: float, then_stall: bool) -> Answer:
+    """A chunked body of ``pieces`` pieces ``every`` seconds apart, then the end or silence."""
+
+    async def answer(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+        for i in range(pieces):
+            await asyncio.sleep(every)
+            w.write(b"1\r\n%d\r\n" % (i % 10))
+            await w.drain()
+        if then_stall:
+            await asyncio.sleep(5)
+            return False
+        w.write(b"0\r\n\r\n")
+        return True
+
+    return answer
+
+
+async def test_the_read_timeout_counts_silence_not_the_whole_stream():
+    # Pieces 0.1 s apart for 0.6 s, under a 0.3 s timeout: each piece moves the deadline.
+    async with Server([paced(6, 0.1, then_stall=False)]) as srv:
+        p = pool()
+        resp = await p.send("POST", srv.url, {}, stream=True, timeout=0.3)
+        assert b"".join([d async for d in resp.aiter_bytes()]) == b"012345"
+    # The same, then silence: the timer that fired early (pieces came) re-armed and expires.
+    async with Server([paced(6, 0.1, then_stall=True)]) as srv:
+        p = pool()
+        resp = await p.send("POST", srv.url, {}, stream=True, timeout=0.3)
+        got = await asyncio.wait_for(read_until(resp, TransportTimeout, r"for 0\.3 s"), 3)
+        assert b"".join(got) == b"012345"
+
+
+async def test_a_shorter_timeout_on_a_kept_alive_connection_is_kept():
+    async def stall(w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(5)
+        return False
+
+    async with Server([ok(), stall]) as srv:
+        p = pool(timeout=30)  # the first request arms the connection's timer 30 s out
+        assert (await p.send("POST", srv.url, {})).content == b"hello"
+        with pytest.raises(TransportTimeout, match=r"for 0\.2 s"):
+            await asyncio.wait_for(p.send("POST", srv.url, {}, timeout=0.2), 3)
+
+
+async def test_a_dropped_connection_is_freed_at_once():
+    async def cut(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\n12345")
+        await w.drain()
+        await asyncio.sleep(0.05)
+        return False
+
+    async with Server([cut]) as srv:
+        p = pool(timeout=30)  # its read timer is armed 30 s out when the server cuts
+        resp = await p.send("POST", srv.url, {}, stream=True)
+        conn = weakref.ref(resp._conn)  # type: ignore[arg-type]
+        await read_until(resp, TransportError, "closed the connection")
+        del resp
+        await asyncio.sleep(0.05)  # the transport lets go of it once it has closed
+        gc.collect()
+        assert conn() is None  # no read-timeout timer holds it for its timeout
 
 
 async def test_a_body_cut_short_raises_after_what_arrived_and_drops_the_connection():

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import math
 import os
 import ssl
 import time
@@ -70,6 +71,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = httptools.HttpResponseParser(self)
         self.waiter: asyncio.Future[None] | None = None
+        # The read timeout: one timer per connection, moved on lazily (see ``wait``).
+        self._deadline = math.inf  # loop time at which the reader waiting now gives up
+        self._timeout = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = math.inf
         self.idle_since = 0.0
         self.reused = False
         self.lost = False
@@ -103,6 +109,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self._disarm()
         if not self.complete:
             detail = f": {exc}" if exc else ""
             self._fail(TransportError(f"The server closed the connection{detail}"))
@@ -157,30 +164,57 @@ class _Connection(asyncio.Protocol):
 
     async def wait(self, timeout: float | None) -> None:
         """Until something arrives or the connection ends; ``TransportTimeout`` after
-        ``timeout`` seconds of silence."""
+        ``timeout`` seconds of silence.
+
+        A stream waits once per event, and a timer armed and cancelled each time was a
+        cost of every event. Instead each wait only moves the connection's deadline; its
+        one timer is armed when none is, or for an earlier deadline, and when it fires
+        before the deadline (the reader was woken since) it re-arms for what is left."""
         self.waiter = fut = self.loop.create_future()
-        timer = None
-        if timeout is not None:
-            timer = self.loop.call_later(timeout, _expire, fut, timeout)
+        if timeout is None:
+            self._deadline = math.inf
+        else:
+            self._timeout = timeout
+            self._deadline = deadline = self.loop.time() + timeout
+            if deadline < self._timer_at:
+                self._arm(deadline)
         try:
             await fut
         finally:
             self.waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = self.loop.call_at(when, self._check_deadline)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            with contextlib.suppress(RuntimeError):  # its event loop is already closed
+                self._timer.cancel()
+            self._timer = None
+        self._timer_at = math.inf
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        self._timer_at = math.inf
+        fut = self.waiter
+        if fut is None or fut.done() or self._deadline == math.inf:
+            return  # nobody waits with a timeout: the next wait arms again
+        if self.loop.time() >= self._deadline - 0.001:  # timers fire to the millisecond
+            fut.set_exception(TransportTimeout(f"No data from the server for {self._timeout:g} s"))
+        else:
+            self._arm(self._deadline)
 
     def reusable(self) -> bool:
         return self.complete and self.keep_alive and not self.lost
 
     def close(self) -> None:
+        self._disarm()
         if self.transport is not None:
             with contextlib.suppress(RuntimeError):  # its event loop is already closed
                 self.transport.close()
-
-
-def _expire(fut: asyncio.Future[None], timeout: float) -> None:
-    if not fut.done():
-        fut.set_exception(TransportTimeout(f"No data from the server for {timeout:g} s"))
 
 
 # ---------------------------------------------------------------------------------------------
