@@ -792,6 +792,11 @@ def main() -> None:
         default="lunar,litellm,asgi-relay,relay",
         help="gateways beside direct (known: lunar, litellm, asgi-relay, relay, granian-relay)",
     )
+    ap.add_argument(
+        "--python",
+        metavar="PATH",
+        help="also run the gateway under this interpreter (a venv's python with Lunar installed)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results")
     ap.add_argument("--img", type=Path, default=IMG, help="PNG folder (default docs/img)")
     ap.add_argument("--no-plots", action="store_true")
@@ -803,6 +808,10 @@ def main() -> None:
     args = ap.parse_args()
     lanes = [int(x) for x in args.lanes.split(",") if x.strip()]
     names = [x.strip() for x in args.targets.split(",") if x.strip()]
+    if args.python:
+        alt = targets.lunar_on(args.python)
+        targets.SPECS[alt.name] = alt
+        names.append(alt.name)
     for n in names:
         if n not in targets.SPECS:
             ap.error(f"unknown target {n!r} (known: {', '.join(targets.SPECS)})")

@@ -10,8 +10,10 @@ is one more ``Spec``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import secrets
+import subprocess
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -120,6 +122,42 @@ def _lunar_version() -> str:
 
 
 LUNAR = Spec("lunar", _lunar_command, "/health", _lunar_headers, _lunar_available, _lunar_version)
+
+
+def lunar_on(python: str) -> Spec:
+    """The same gateway run by another interpreter: ``python`` is that venv's executable,
+    with Lunar installed (``pip install -e '.[server]'``). Does the interpreter's build
+    matter (an optimized one: PGO and LTO, as distributions and Docker's images build it)?
+    The target is named after the venv's folder: ``lunar@<folder>``."""
+    exe = str(Path(python).absolute())
+
+    def command(
+        upstream: str, port: int, work: Path
+    ) -> tuple[list[str], dict[str, str], dict[str, str]]:
+        argv, env, shown = _lunar_command(upstream, port, work)
+        return [exe, *argv[1:]], env, shown
+
+    def ask(code: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([exe, "-c", code], capture_output=True, text=True, timeout=60)
+
+    def available() -> str | None:
+        out = ask("import uvicorn, lunar.server")
+        return (
+            None if out.returncode == 0 else f"{exe} cannot import the gateway: {out.stderr[-300:]}"
+        )
+
+    def version() -> str:
+        out = ask(
+            "import sys, sysconfig, lunar; print(f'lunar {lunar.__version__} on Python "
+            "{sys.version.split()[0]}, configured with', sysconfig.get_config_var('CONFIG_ARGS') "
+            "or '(nothing)')"
+        )
+        return out.stdout.strip() or out.stderr.strip()[-300:]
+
+    name = "lunar@" + Path(exe).parent.parent.name
+    return dataclasses.replace(
+        LUNAR, name=name, command=command, available=available, version=version
+    )
 
 
 # -- LiteLLM --------------------------------------------------------------------------------
