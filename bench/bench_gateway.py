@@ -1,7 +1,8 @@
 """Gateway lanes 1–3: Lunar's gateway against the LiteLLM proxy and the bare upstream (direct).
 
     python bench/bench_gateway.py [--full] [--lanes 1,2,3] [--targets lunar,litellm,...]
-                                  [--json out.json] [--img docs/img] [--no-install]
+                                  [--python PATH] [--json out.json] [--img docs/img]
+                                  [--no-plots] [--no-install]
 
 Method. The upstream is an emulator in its own process (pre-rendered bytes), so it never
 limits the measurement; ``direct`` is that upstream alone, the physical floor. Every gateway is
@@ -795,10 +796,11 @@ def main() -> None:
     ap.add_argument(
         "--python",
         metavar="PATH",
-        help="also run the gateway under this interpreter (a venv's python with Lunar installed)",
+        help="also run the gateway under this interpreter (a venv's python with Lunar "
+        "installed); plots then only with --img (not over docs/img)",
     )
     ap.add_argument("--json", type=Path, default=None, help="also write the raw results")
-    ap.add_argument("--img", type=Path, default=IMG, help="PNG folder (default docs/img)")
+    ap.add_argument("--img", type=Path, default=None, help="PNG folder (default docs/img)")
     ap.add_argument("--no-plots", action="store_true")
     ap.add_argument(
         "--no-install",
@@ -820,7 +822,7 @@ def main() -> None:
             args.full,
             lanes,
             names,
-            None if args.no_plots else args.img,
+            None if args.no_plots or (args.python and args.img is None) else args.img or IMG,
             args.json,
             not args.no_install,
         ),

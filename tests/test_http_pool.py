@@ -247,12 +247,40 @@ async def test_the_read_timeout_counts_silence_not_the_whole_stream():
         p = pool()
         resp = await p.send("POST", srv.url, {}, stream=True, timeout=0.3)
         assert b"".join([d async for d in resp.aiter_bytes()]) == b"012345"
-    # The same, then silence: the timer that fired early (pieces came) re-armed and expires.
-    async with Server([paced(6, 0.1, then_stall=True)]) as srv:
+    # Two pieces, then silence: the timer armed at the start fires at 0.3 s while the reader
+    # waits with its deadline at 0.5 s (the last piece came at 0.2 s); only its re-arming
+    # for what is left can end that wait.
+    async with Server([paced(2, 0.1, then_stall=True)]) as srv:
         p = pool()
         resp = await p.send("POST", srv.url, {}, stream=True, timeout=0.3)
         got = await asyncio.wait_for(read_until(resp, TransportTimeout, r"for 0\.3 s"), 3)
-        assert b"".join(got) == b"012345"
+        assert b"".join(got) == b"01"
+
+
+async def test_a_timer_that_fired_on_an_idle_connection_arms_again():
+    async def stall(w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(5)
+        return False
+
+    async with Server([ok(), stall]) as srv:
+        p = pool(timeout=0.1)
+        assert (await p.send("POST", srv.url, {})).content == b"hello"
+        await asyncio.sleep(0.2)  # its timer fires with nobody waiting
+        with pytest.raises(TransportTimeout, match=r"for 0\.1 s"):
+            await asyncio.wait_for(p.send("POST", srv.url, {}), 3)
+
+
+async def test_no_timeout_after_a_timed_wait_on_the_same_connection():
+    async def late(w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(0.3)
+        return await ok()(w)
+
+    async with Server([ok(), late]) as srv:
+        p = pool(timeout=None)
+        first = await p.send("POST", srv.url, {}, timeout=0.1)  # arms a 0.1 s timer
+        assert first.content == b"hello"
+        assert (await p.send("POST", srv.url, {})).content == b"hello"  # 0.3 s, no limit
+        assert srv.connections == 1
 
 
 async def test_a_shorter_timeout_on_a_kept_alive_connection_is_kept():

@@ -94,6 +94,7 @@ def test_budget_reserves_in_flight_cost_and_counts_the_ledger():
 
 def test_only_token_and_budget_limits_need_the_estimate():
     assert needs_estimate(key(tpm=100)) and needs_estimate(key(budget_usd=1.0))
+    assert needs_estimate(key(tpm=0)) and needs_estimate(key(budget_usd=0.0))  # limits too
     assert not needs_estimate(key()) and not needs_estimate(key(rpm=5))
     lim = InMemoryLimiter(60, Clock())
     k = key(rpm=1)  # rpm alone admits on the count, whatever the estimate

@@ -11,7 +11,19 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-COLORS = {"direct": "#7f7f7f", "lunar": "#1f77b4", "litellm": "#d62728"}
+COLORS = {
+    "direct": "#7f7f7f",
+    "lunar": "#1f77b4",
+    "litellm": "#d62728",
+    "asgi-relay": "#2ca02c",
+    "relay": "#9467bd",
+    "granian-relay": "#8c564b",
+}
+
+
+def color(name: str) -> str | None:
+    """Each target its own colour (one left to matplotlib's cycle would take lunar's blue)."""
+    return COLORS.get(name) or ("#17becf" if name.startswith("lunar@") else None)
 
 
 def _plt() -> Any:
@@ -52,7 +64,7 @@ def cdf_from_percentiles(
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for name, pts in series.items():
         qs = sorted(pts)
-        ax.plot([pts[q] for q in qs], qs, label=name, color=COLORS.get(name), lw=1.6)
+        ax.plot([pts[q] for q in qs], qs, label=name, color=color(name), lw=1.6)
     _finish_cdf(ax, title, xlabel)
     return _save(plt, fig, path)
 
@@ -77,7 +89,7 @@ def cdf_from_samples(
             s,
             [100.0 * (i + 1) / n for i in range(n)],
             label=f"{name} (n={n:,})",
-            color=COLORS.get(name),
+            color=color(name),
             lw=1.6,
         )
     _finish_cdf(ax, title, xlabel, log)
@@ -118,7 +130,7 @@ def frontier(
                 [p for _, p in pts],
                 marker="o",
                 ms=3,
-                color=COLORS.get(name),
+                color=color(name),
                 alpha=0.9 if i == 0 else 0.35,
                 lw=1.2,
                 label=name if i == 0 else None,
@@ -153,13 +165,13 @@ def rss(
             [t for t, _, _ in pts],
             [m for _, _, m in pts],
             label=f"{name} RSS",
-            color=COLORS.get(name),
+            color=color(name),
             lw=1.6,
         )
         ax2.plot(
             [t for t, _, _ in pts],
             [n for _, n, _ in pts],
-            color=COLORS.get(name),
+            color=color(name),
             lw=0.8,
             ls=":",
             label=f"{name} requests done",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -107,29 +108,47 @@ def _lunar_available() -> str | None:
     return None
 
 
+# What a Lunar target reports as its version, asked of the interpreter that runs it.
+_VERSION = """
+import importlib.metadata as md, sys
+import lunar
+extras = []
+for dist in ("uvicorn", "uvloop", "httptools", "httpx"):
+    try:
+        extras.append(f"{dist} {md.version(dist)}")
+    except Exception:
+        extras.append(f"{dist} -")
+print(f"lunar {lunar.__version__} on Python {sys.version.split()[0]} ({', '.join(extras)})")
+"""
+
+
+def _run_python(exe: str, code: str) -> tuple[bool, str]:
+    """``exe -c code``: (succeeded, its output or why not)."""
+    try:
+        out = subprocess.run([exe, "-c", code], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, str(e)
+    return out.returncode == 0, (out.stdout if out.returncode == 0 else out.stderr).strip()
+
+
 def _lunar_version() -> str:
-    import lunar
-
-    extras = []
-    for dist in ("uvicorn", "uvloop", "httptools", "httpx"):
-        try:
-            import importlib.metadata as md
-
-            extras.append(f"{dist} {md.version(dist)}")
-        except Exception:
-            extras.append(f"{dist} -")
-    return f"lunar {lunar.__version__} ({', '.join(extras)})"
+    ok, text = _run_python(sys.executable, _VERSION)
+    return text if ok else f"? ({text[-200:]})"
 
 
 LUNAR = Spec("lunar", _lunar_command, "/health", _lunar_headers, _lunar_available, _lunar_version)
 
 
 def lunar_on(python: str) -> Spec:
-    """The same gateway run by another interpreter: ``python`` is that venv's executable,
-    with Lunar installed (``pip install -e '.[server]'``). Does the interpreter's build
-    matter (an optimized one: PGO and LTO, as distributions and Docker's images build it)?
-    The target is named after the venv's folder: ``lunar@<folder>``."""
-    exe = str(Path(python).absolute())
+    """The same gateway run by another interpreter: ``python`` is that venv's executable (a
+    path, or a name on PATH), with Lunar installed (``pip install -e '.[server]'``). Does the
+    interpreter's build matter (pyenv's default links libpython and has no PGO or LTO;
+    distributions and Docker's images build it otherwise)? The target is named after the
+    venv's folder, or the executable when it is in none: ``lunar@<name>``."""
+    found = python if "/" in python else shutil.which(python)
+    exe = str(Path(found or python).absolute())
+    venv = Path(exe).parent.parent
+    label = venv.name if (venv / "pyvenv.cfg").exists() else Path(exe).name
 
     def command(
         upstream: str, port: int, work: Path
@@ -137,26 +156,16 @@ def lunar_on(python: str) -> Spec:
         argv, env, shown = _lunar_command(upstream, port, work)
         return [exe, *argv[1:]], env, shown
 
-    def ask(code: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([exe, "-c", code], capture_output=True, text=True, timeout=60)
-
     def available() -> str | None:
-        out = ask("import uvicorn, lunar.server")
-        return (
-            None if out.returncode == 0 else f"{exe} cannot import the gateway: {out.stderr[-300:]}"
-        )
+        ok, why = _run_python(exe, "import uvicorn, uvloop, lunar.server")
+        return None if ok else f"{exe} cannot run the gateway: {why[-300:]}"
 
     def version() -> str:
-        out = ask(
-            "import sys, sysconfig, lunar; print(f'lunar {lunar.__version__} on Python "
-            "{sys.version.split()[0]}, configured with', sysconfig.get_config_var('CONFIG_ARGS') "
-            "or '(nothing)')"
-        )
-        return out.stdout.strip() or out.stderr.strip()[-300:]
+        ok, text = _run_python(exe, _VERSION)
+        return text if ok else f"? ({text[-200:]})"
 
-    name = "lunar@" + Path(exe).parent.parent.name
     return dataclasses.replace(
-        LUNAR, name=name, command=command, available=available, version=version
+        LUNAR, name=f"lunar@{label}", command=command, available=available, version=version
     )
 
 
