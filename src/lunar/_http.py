@@ -184,8 +184,7 @@ class _Connection(asyncio.Protocol):
             self.waiter = None
 
     def _arm(self, when: float) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
+        self._disarm()
         self._timer_at = when
         self._timer = self.loop.call_at(when, self._check_deadline)
 
