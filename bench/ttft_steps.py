@@ -1,6 +1,6 @@
 """Where a stream's added TTFT goes: timestamps at its steps inside the gateway.
 
-    python bench/ttft_steps.py [--streams 12] [--hot 400]
+    python bench/ttft_steps.py [--streams 12] [--hot 400] [--fine]
 
 Lane 3's added TTFT is the gateway's work on a stream's critical path: forwarding the request
 (the upstream starts its 20 ms pacing when the request arrives) and relaying the first
@@ -14,11 +14,16 @@ replay upstream (64 deltas, 20 ms pacing); printed: the median of each step in �
 Then the same first step measured hot: the app driven in-process (no HTTP server), requests
 back to back to the emulator. The difference is what a process idle between events pays to
 run the same code (caches and a halted vCPU to wake on this VM).
+
+``--fine`` also splits Lunar's first step at its parts (authentication, the body, validation,
+access, limits, routing, the upstream request), each timed at a function's entry or return:
+is one part slow when cold, or is all of it?
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -56,12 +61,74 @@ def _stamp_pool(marks: dict[str, float]) -> None:
     _http._Connection.data_received = timed_received  # type: ignore[method-assign]
 
 
-def serve(which: str, port: int, upstream: str, out: str) -> None:
+# Lunar's first step in parts: (mark, what runs from it to the next mark), in order.
+FINE = (
+    ("app", "the app dispatches the request"),
+    ("auth", "authentication"),
+    ("auth_done", "the request's bookkeeping (ledger row, trace)"),
+    ("read_body", "the body read"),
+    ("parse_json", "JSON parsed and the request validated"),
+    ("check_access", "model resolved, access checked"),
+    ("admit", "limits; the disconnect watch"),
+    ("plan_for", "routing (the candidates, ranked by health)"),
+    ("plan_done", "JSON mode, the upstream request built"),
+    ("pool_send", "the pool: a connection, the request's bytes written"),
+    ("upstream_write", ""),
+)
+
+
+def _stamp_setup(marks: dict[str, float]) -> None:
+    """Timestamps inside Lunar's first step, at the entry (or return) of its functions."""
+    import functools
+    import inspect
+
+    from lunar import _engine, _http
+    from lunar.server import app, limits
+
+    def stamp(owner: Any, attr: str, entry: str | None, done: str | None = None) -> None:
+        f = getattr(owner, attr)
+        if inspect.iscoroutinefunction(f):
+
+            @functools.wraps(f)
+            async def timed(*a: Any, **k: Any) -> Any:
+                if entry:
+                    marks.setdefault(entry, time.perf_counter())
+                out = await f(*a, **k)
+                if done:
+                    marks.setdefault(done, time.perf_counter())
+                return out
+
+        else:
+
+            @functools.wraps(f)
+            def timed(*a: Any, **k: Any) -> Any:
+                if entry:
+                    marks.setdefault(entry, time.perf_counter())
+                out = f(*a, **k)
+                if done:
+                    marks.setdefault(done, time.perf_counter())
+                return out
+
+        static = isinstance(getattr(owner, "__dict__", {}).get(attr), staticmethod)
+        setattr(owner, attr, staticmethod(timed) if static else timed)
+
+    stamp(app.Gateway, "_authenticate", "auth", "auth_done")
+    stamp(app.Gateway, "_read_body", "read_body")
+    stamp(app.Gateway, "_parse_json", "parse_json")
+    stamp(app.Gateway, "_check_access", "check_access")
+    stamp(limits.InMemoryLimiter, "admit", "admit")
+    stamp(_engine, "plan_for", "plan_for", "plan_done")
+    stamp(_http.AsyncPool, "send", "pool_send")
+
+
+def serve(which: str, port: int, upstream: str, out: str, fine: bool = False) -> None:
     """A child: one app under uvicorn, its marks written to ``out`` when it stops."""
     import uvicorn
 
     marks: dict[str, float] = {}
     _stamp_pool(marks)
+    if fine and which == "lunar":
+        _stamp_setup(marks)
     if which == "lunar":
         from lunar.server.app import create_app
         from lunar.server.config import load_config
@@ -113,7 +180,7 @@ def _stream(base: str, headers: dict[str, str]) -> None:
         raise RuntimeError(f"{base} answered {r.status}")
 
 
-def cold(streams: int) -> dict[str, dict[str, float]]:
+def cold(streams: int, fine: bool = False) -> dict[str, dict[str, float]]:
     from gateway import procs, targets
 
     procs.pin_self(procs.LOAD_CORE)
@@ -126,6 +193,7 @@ def cold(streams: int) -> dict[str, dict[str, float]]:
             port = procs.free_port()
             out = f"{tmp}/{which}.json"
             cmd = [sys.executable, __file__, "--serve", which, str(port), up.base, out]
+            cmd += ["--fine"] if fine else []
             p = ps.start(which, cmd, core=procs.GATEWAY_CORE, env=env)
             base = f"http://127.0.0.1:{port}"
             procs.wait_ready(p, base + "/health", timeout=60)
@@ -140,9 +208,10 @@ def cold(streams: int) -> dict[str, dict[str, float]]:
             ps.stop(p)
             lines = Path(out).read_text().splitlines()[1:]  # the warm-up left out
             runs = [json.loads(line) for line in lines]
+            parts = [(a, a, b, "") for (a, _), (b, _) in itertools.pairwise(FINE)]
             result[which] = {
                 name: statistics.median((r[b] - r[a]) * 1e6 for r in runs if a in r and b in r)
-                for name, a, b, _ in STEPS
+                for name, a, b, _ in [*STEPS, *parts]
                 if any(a in r and b in r for r in runs)
             }
             result[which]["streams"] = len(runs)
@@ -199,15 +268,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--streams", type=int, default=12, help="streams per gateway")
     ap.add_argument("--hot", type=int, default=400, help="in-process requests per app")
+    ap.add_argument("--fine", action="store_true", help="also Lunar's first step in parts")
     ap.add_argument("--serve", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.serve:
         which, port, upstream, out = args.serve
-        serve(which, int(port), upstream, out)
+        serve(which, int(port), upstream, out, args.fine)
         return
-    c = cold(args.streams)
+    c = cold(args.streams, args.fine)
     h = hot(args.hot)
-    print(f"    python bench/ttft_steps.py --streams {args.streams} --hot {args.hot}\n")
+    fine = " --fine" if args.fine else ""
+    print(f"    python bench/ttft_steps.py --streams {args.streams} --hot {args.hot}{fine}\n")
     print("| step (median µs) | asgi-relay | Lunar |")
     print("| --- | ---: | ---: |")
     for name, _, _, label in STEPS:
@@ -225,6 +296,16 @@ def main() -> None:
         "relay sends the response head when the upstream's head arrives, 20 ms before; Lunar "
         "holds it until the first content, so that a failure before it can still fall back."
     )
+    if args.fine:
+        print("\n| Lunar's first step, in parts (median µs, one stream at a time) | |")
+        print("| --- | ---: |")
+        for mark, what in FINE[:-1]:
+            if mark in c["lunar"]:
+                print(f"| {what} | {c['lunar'][mark]:.0f} |")
+        print(
+            "\n(The parts' medians need not add up to the step's median. The marks are "
+            "wrappers, and they cost a little themselves.)"
+        )
 
 
 if __name__ == "__main__":
