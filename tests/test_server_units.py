@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import sqlite3
 import threading
@@ -286,6 +287,14 @@ def test_parse_time():
 # Keys
 
 
+def test_key_hashes_are_plain_sha256_hex():
+    # Storage keeps these: a change of format would lock every existing key out.
+    for key in (new_key(), "lk-" + "x" * 32, "ключ-\udcff"):
+        expected = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()
+        assert hash_key(key) == expected
+    assert hash_key("a") != hash_key("b") and hash_key("a") == hash_key("a")  # no state kept
+
+
 def test_keys_are_random_hashed_and_checked():
     k = new_key()
     assert well_formed(k) and len(k) == 35 and k != new_key()
@@ -298,12 +307,14 @@ def test_keys_are_random_hashed_and_checked():
     assert ring.authenticate(key_text, None) is rec
     assert ring.authenticate("master-secret", "master-secret").id == "master"
     assert ring.allows(rec, "openai/gpt-4o") and not ring.allows(rec, "o4-mini")
-    for given, code in (
-        (None, "missing_api_key"),
-        ("sk-abc", "invalid_api_key"),
-        (new_key(), "invalid_api_key"),
+    for given, code, says in (
+        (None, "missing_api_key", "Missing API key"),
+        ("sk-abc", "invalid_api_key", "Malformed API key"),
+        ("lk-" + "!" * 32, "invalid_api_key", "Malformed API key"),  # the right length
+        ("lk-" + "a" * 4000, "invalid_api_key", "Malformed API key"),
+        (new_key(), "invalid_api_key", "no such key"),
     ):
-        with pytest.raises(AuthenticationError) as info:
+        with pytest.raises(AuthenticationError, match=says) as info:
             ring.authenticate(given, "master-secret")
         assert info.value.code == code
     rec.revoked_at = 1.0
