@@ -14,7 +14,7 @@ import json
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -338,11 +338,14 @@ def account(usage: Usage, target: Target, started: float, ttft: float | None) ->
     usage.ttft_ms = round((elapsed if ttft is None else ttft) * 1000, 3)
 
 
+def _arguments_chars(calls: Iterable[Any]) -> int:
+    """Characters of tool-call arguments (whole calls or stream deltas, which may lack a
+    function): what a usage estimate counts beside the text."""
+    return sum(len(c.function.arguments or "") for c in calls if c.function is not None)
+
+
 def _answer_chars(message: ChatCompletionMessage) -> int:
-    chars = len(message.content or "")
-    for call in message.tool_calls or ():
-        chars += len(call.function.arguments or "")
-    return chars
+    return len(message.content or "") + _arguments_chars(message.tool_calls or ())
 
 
 def finish_completion(
@@ -428,9 +431,7 @@ class StreamFinisher:
                         self.first_at = _now()
                 if delta.tool_calls:
                     self._tools = True
-                    for call in delta.tool_calls:
-                        if call.function is not None and call.function.arguments:
-                            self.chars += len(call.function.arguments)
+                    self.chars += _arguments_chars(delta.tool_calls)
                     if self.first_at is None:
                         self.first_at = _now()
                 if choice.finish_reason is not None:
