@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import hashlib
 import json
 import sqlite3
@@ -588,6 +589,70 @@ async def test_events_that_arrive_in_one_read_leave_in_one_write(tmp_path):
     assert "".join(c or "" for c in contents) == "".join(d["content"] for d in events)
     assert text.endswith("data: [DONE]\n\n")
     assert len(writes) <= 4  # 24 events: all in one batch, the held last chunk, [DONE]
+
+
+async def test_a_watched_request_leaves_no_garbage_cycle(tmp_path, monkeypatch):
+    """Every request that outlives WATCH_AFTER_S (every real stream) runs a disconnect
+    watch. Stopping it must leave nothing that only the cyclic GC can free: under load those
+    cycles were 22 objects a request, and the collections they called for paused the loop."""
+    from lunar.server import app as gateway
+
+    started = 0
+    start = gateway._Watch._start
+
+    def counted_start(self: gateway._Watch) -> None:
+        nonlocal started
+        started += 1  # (a count: a list of them would keep them alive)
+        start(self)
+
+    monkeypatch.setattr(gateway._Watch, "WATCH_AFTER_S", 0.0)
+    monkeypatch.setattr(gateway._Watch, "_start", counted_start)
+    master = "m" * 32
+    with MockServer() as upstream:
+        upstream.default = Reply(chunks=4, pacing=0.01)
+        env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
+        app = create_app(load_config(None, {**env, "LUNAR_MASTER_KEY": master}, db=":memory:"))
+
+        async def one(stream: bool) -> int:
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            request = json.dumps({**body, "stream": stream}).encode()
+            delivered, status = False, 0
+
+            async def receive() -> dict:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": request, "more_body": False}
+                await asyncio.Event().wait()  # the client stays, as a server's receive waits
+                return {"type": "http.disconnect"}
+
+            async def send(message: dict) -> None:
+                nonlocal status
+                if message["type"] == "http.response.start":
+                    status = message["status"]
+
+            headers = [(b"authorization", f"Bearer {master}".encode())]
+            scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+            await app({**scope, "headers": headers}, receive, send)
+            return status
+
+        assert await one(stream=True) == 200  # started, and warm
+        gc.collect()
+        gc.disable()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept, to be looked at
+        try:
+            statuses = [await one(stream=s) for s in (True, False, True, False)]
+            await asyncio.sleep(0.01)  # the stopped watchers run their ends
+            gc.collect()
+            cycles = [o for o in gc.garbage if isinstance(o, gateway._Watch)]
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+            gc.enable()
+        await app.shutdown()
+    assert statuses == [200] * 4
+    assert started == 5  # every request's watch ran
+    assert cycles == []
 
 
 async def test_private_metrics_need_the_master_key(tmp_path):
