@@ -150,8 +150,8 @@ async def _run_driver(which: str, upstream: str, n: int, stream: bool, work: Pat
 
         env = {"LUNAR_MASTER_KEY": MASTER, "OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream}
         app = create_app(load_config(environ=env, db=str(work / "ledger.db")))
-        if hasattr(cli, "freeze_heap"):  # as `lunar serve` does (older revisions: not)
-            cli.freeze_heap()
+        # as `lunar serve` does (older revisions: freeze_heap, or nothing)
+        getattr(cli, "tune_gc", getattr(cli, "freeze_heap", lambda: None))()
         await app.startup()
         headers = [json_header, (b"authorization", b"Bearer " + MASTER.encode())]
     await _drive(app, headers, body, WARM_UP + n)

@@ -1038,6 +1038,10 @@ def test_metrics_in_prometheus_text(gw, key, upstream):
     assert "lunar_ledger_pending_rows" in text
     assert "no-such-model" not in text  # free text never becomes a label
     assert "client-chosen-name" not in text and 'model="openai/other"' in text
+    for generation in "012":
+        assert f'python_gc_collections_total{{generation="{generation}"}} ' in text
+        assert f'python_gc_objects_uncollectable_total{{generation="{generation}"}} 0' in text
+    assert "# TYPE python_gc_objects_collected_total counter" in text
 
 
 def test_keys_and_prompts_are_not_logged(gw, key, upstream):

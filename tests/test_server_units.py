@@ -9,6 +9,8 @@ import gc
 import hashlib
 import json
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 
@@ -653,6 +655,19 @@ async def test_a_watched_request_leaves_no_garbage_cycle(tmp_path, monkeypatch):
     assert statuses == [200] * 4
     assert started == 5  # every request's watch ran
     assert cycles == []
+
+
+def test_serve_collects_less_often_and_freezes_its_start_up_heap():
+    """What `lunar serve` does to its process before serving (here in a child process, so
+    the test run's own GC is left alone)."""
+    code = (
+        "import gc, json; from lunar.server import cli; before = gc.get_threshold(); "
+        "cli.tune_gc(); print(json.dumps([before, gc.get_threshold(), gc.get_freeze_count()]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after, frozen = json.loads(out.stdout)
+    assert before[0] == 700 and after == [20_000, 10, 10]
+    assert frozen > 10_000  # modules, the catalogue: out of every collection from now on
 
 
 async def test_private_metrics_need_the_master_key(tmp_path):

@@ -111,13 +111,23 @@ def _config(args: argparse.Namespace, **flags: Any) -> ServerConfig:
     return load_config(getattr(args, "config", None), **flags)
 
 
-def freeze_heap() -> None:
-    """Keep what is loaded by now (modules, the catalogue, the app: it lives as long as the
-    process) out of the cyclic GC's full collections, which then take microseconds instead
-    of the 4-5 ms that stall every request in flight. For the gateway's own process only:
-    what is frozen is never collected, even if it becomes garbage."""
+# Young objects between the cyclic GC's collections (CPython's default: 700). The gateway's
+# request path makes no reference cycles, so a collection finds nothing and costs only its
+# walk over what is alive: with 1,000 streams in flight, each took ~1.2 ms and they added up
+# to ~9 % of the core. At 20,000 they take ~1/10 of that; what does form a cycle (an error's
+# traceback) waits a little longer to be freed.
+GC_THRESHOLD = (20_000, 10, 10)
+
+
+def tune_gc() -> None:
+    """For the gateway's own process, before it serves. Keep what is loaded by now (modules,
+    the catalogue, the app: it lives as long as the process) out of the cyclic GC's full
+    collections, which then take microseconds instead of the 4-5 ms that stall every
+    request in flight (what is frozen is never collected, even if it becomes garbage); and
+    collect less often (``GC_THRESHOLD``)."""
     gc.collect()
     gc.freeze()
+    gc.set_threshold(*GC_THRESHOLD)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -191,7 +201,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         f"{len(app.catalog.models)} models)",
         flush=True,
     )
-    freeze_heap()
+    tune_gc()
     try:
         server.run(sockets=[sock])
     finally:

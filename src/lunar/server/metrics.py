@@ -8,6 +8,7 @@ names an operator allowed), never free text from a failed request.
 from __future__ import annotations
 
 import bisect
+import gc
 from collections.abc import Callable, Iterable
 
 from .._catalog import Deployment
@@ -168,4 +169,24 @@ class Metrics:
             lines.append(f"# HELP {name} {help}")
             lines.append(f"# TYPE {name} gauge")
             lines.append(f"{name} {_num(read())}")
+        lines.extend(_gc_lines())
         return ("\n".join(lines) + "\n").encode()
+
+
+# The cyclic GC's counters, by generation, under the names Prometheus' Python client uses.
+# Objects it collects are reference cycles the request path should not make; its collections
+# pause every request in flight.
+_GC_COUNTERS = (
+    ("python_gc_collections_total", "collections", "Collections of the cyclic GC."),
+    ("python_gc_objects_collected_total", "collected", "Objects the cyclic GC freed."),
+    ("python_gc_objects_uncollectable_total", "uncollectable", "Objects it could not free."),
+)
+
+
+def _gc_lines() -> Iterable[str]:
+    stats = gc.get_stats()
+    for name, field, help in _GC_COUNTERS:
+        yield f"# HELP {name} {help}"
+        yield f"# TYPE {name} counter"
+        for generation, counts in enumerate(stats):
+            yield f'{name}{{generation="{generation}"}} {counts[field]}'
