@@ -7,6 +7,7 @@ import asyncio
 import dataclasses
 import gc
 import hashlib
+import inspect
 import json
 import sqlite3
 import subprocess
@@ -400,6 +401,13 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
     assert load_config(None, {}).port == 4000
 
 
+def test_an_in_memory_ledger_is_refused_with_the_reason():
+    with pytest.raises(ConfigError, match="db = ':memory:': the ledger needs a file path"):
+        load_config(None, {}, db=":memory:")
+    with pytest.raises(ValueError, match="needs a file path"):
+        SQLiteStorage(":memory:")
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -613,7 +621,8 @@ async def test_a_watched_request_leaves_no_garbage_cycle(tmp_path, monkeypatch):
     with MockServer() as upstream:
         upstream.default = Reply(chunks=4, pacing=0.01)
         env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
-        app = create_app(load_config(None, {**env, "LUNAR_MASTER_KEY": master}, db=":memory:"))
+        db = str(tmp_path / "g.db")
+        app = create_app(load_config(None, {**env, "LUNAR_MASTER_KEY": master}, db=db))
 
         async def one(stream: bool) -> int:
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
@@ -638,23 +647,36 @@ async def test_a_watched_request_leaves_no_garbage_cycle(tmp_path, monkeypatch):
             await app({**scope, "headers": headers}, receive, send)
             return status
 
-        assert await one(stream=True) == 200  # started, and warm
-        gc.collect()
-        gc.disable()
-        gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept, to be looked at
+        enabled, kept = gc.isenabled(), list(gc.garbage)
         try:
-            statuses = [await one(stream=s) for s in (True, False, True, False)]
-            await asyncio.sleep(0.01)  # the stopped watchers run their ends
+            assert await one(stream=True) == 200  # started, and warm
             gc.collect()
-            cycles = [o for o in gc.garbage if isinstance(o, gateway._Watch)]
+            gc.disable()
+            gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept, to be looked at
+            statuses = [await one(stream=s) for s in (True, False, True, False)]
+            for _ in range(3):
+                await asyncio.sleep(0)  # the stopped watchers run their cancellation
+            gc.collect()
+            # Only what the gateway's own code left: the emulator's thread runs meanwhile.
+            left = [
+                o
+                for o in gc.garbage
+                if isinstance(o, gateway._Watch)
+                or (
+                    inspect.isframe(o)
+                    and "/lunar/" in o.f_code.co_filename
+                    and "/lunar/testing/" not in o.f_code.co_filename
+                )
+            ]
         finally:
             gc.set_debug(0)
-            gc.garbage.clear()
-            gc.enable()
-        await app.shutdown()
+            gc.garbage[:] = kept
+            if enabled:
+                gc.enable()
+            await app.shutdown()
     assert statuses == [200] * 4
     assert started == 5  # every request's watch ran
-    assert cycles == []
+    assert left == []
 
 
 def test_serve_collects_less_often_and_freezes_its_start_up_heap():
@@ -666,7 +688,7 @@ def test_serve_collects_less_often_and_freezes_its_start_up_heap():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     before, after, frozen = json.loads(out.stdout)
-    assert before[0] == 700 and after == [20_000, 10, 10]
+    assert after[0] == 20_000 > before[0]  # the young generation's threshold
     assert frozen > 10_000  # modules, the catalogue: out of every collection from now on
 
 

@@ -267,6 +267,10 @@ class SQLiteStorage:
         self, path: str | os.PathLike[str], batch_size: int = 1000, linger: float = 0.01
     ) -> None:
         self.path = str(path)
+        if self.path.strip() == ":memory:":
+            # Each connection (the writer thread's, the admin one) would open its own,
+            # empty in-memory database: rows would fail to insert and go to the spill file.
+            raise ValueError("SQLiteStorage needs a file path, not ':memory:'")
         self.batch_size = batch_size
         self.linger = linger
         # Rows, (row, on_commit), _Flush markers and _STOP; append/popleft are atomic.
@@ -295,8 +299,7 @@ class SQLiteStorage:
     def open(self) -> None:
         if self._thread is not None:
             return
-        if self.path != ":memory:":
-            Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        Path(self.path).expanduser().parent.mkdir(parents=True, exist_ok=True)
         conn = self._connect()
         conn.executescript(_SCHEMA)
         conn.commit()
