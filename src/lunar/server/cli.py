@@ -111,11 +111,13 @@ def _config(args: argparse.Namespace, **flags: Any) -> ServerConfig:
     return load_config(getattr(args, "config", None), **flags)
 
 
-# Young objects between the cyclic GC's collections (CPython's default: 700). The gateway's
-# request path makes no reference cycles, so a collection finds nothing and costs only its
-# walk over what is alive: with 1,000 streams in flight, each took ~1.2 ms and they added up
-# to ~9 % of the core. At 20,000 they take ~1/10 of that; what does form a cycle (an error's
-# traceback) waits a little longer to be freed.
+# Net new objects the cyclic GC lets accumulate before a young collection (CPython's
+# default: 700). A successful request leaves no reference cycle, so most collections find
+# nothing and cost only their walk: with 1,000 streams in flight, ~300 collections of ~1.2
+# ms in a 6 s run, ~9 % of the core. At 20,000 each walks more, but they are ~60x fewer:
+# the GC's total time falls ~10x. What does form a cycle (an error's traceback; an error's
+# `attempts` hold the error itself) waits longer to be freed, up to a full collection once
+# it has aged past the young generations.
 GC_THRESHOLD = (20_000, 10, 10)
 
 
@@ -124,7 +126,8 @@ def tune_gc() -> None:
     the catalogue, the app: it lives as long as the process) out of the cyclic GC's full
     collections, which then take microseconds instead of the 4-5 ms that stall every
     request in flight (what is frozen is never collected, even if it becomes garbage); and
-    collect less often (``GC_THRESHOLD``)."""
+    collect less often (``GC_THRESHOLD``; on an interpreter with the incremental GC, 3.14's,
+    only its first number counts)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLD)
