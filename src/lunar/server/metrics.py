@@ -179,7 +179,11 @@ class Metrics:
 _GC_COUNTERS = (
     ("python_gc_collections_total", "collections", "Collections of the cyclic GC."),
     ("python_gc_objects_collected_total", "collected", "Objects the cyclic GC freed."),
-    ("python_gc_objects_uncollectable_total", "uncollectable", "Uncollectable objects the cyclic GC found."),
+    (
+        "python_gc_objects_uncollectable_total",
+        "uncollectable",
+        "Uncollectable objects the cyclic GC found.",
+    ),
 )
 
 
