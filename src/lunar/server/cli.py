@@ -162,6 +162,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         _err("The gateway needs uvicorn: pip install 'lunar[server]'")
         return 2
     from .app import create_app
+    from .serving import GatewayServer
 
     level = cfg.log_level.upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -197,7 +198,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=int(max(1, cfg.graceful_timeout_seconds)),
         backlog=2048,
     )
-    server = uvicorn.Server(config)
+    server = GatewayServer(config, sock)
     shown = f"[{cfg.host}]" if family == socket.AF_INET6 else cfg.host
     print(
         f"Lunar gateway listening on http://{shown}:{port} (db {cfg.db}; "
@@ -206,7 +207,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     tune_gc()
     try:
-        server.run(sockets=[sock])
+        server.run()
     finally:
         app.close()  # flushes the ledger when the lifespan shutdown could not run
         sock.close()
