@@ -1,7 +1,8 @@
 """uvicorn's server with Lunar's own accept: every pending connection, each time the listening
 socket is readable.
 
-uvloop runs on libuv, which since 1.45 accepts one connection per event-loop iteration. On a
+uvloop runs on libuv, which accepts one connection per event-loop iteration (libuv pull
+request 3696, 2022). On a
 loaded gateway an iteration takes tens of milliseconds (it relays hundreds of stream events),
 so a burst of new clients waits in the kernel's listen queue: under lane 3's 1,000 paced
 streams, ~430 connections waited ~5 s each (``ss`` showed the queue, ``strace`` one
