@@ -1133,6 +1133,9 @@ def test_keys_cli_over_http_and_on_the_database(gw, cli):
     )
     bad = cli("keys", "create", "--name", "x", "--url", gw.url, master="wrong")
     assert bad.returncode == 1 and "[401]" in bad.stderr
+    memory = cli("keys", "list", "--db", ":memory:")
+    assert memory.returncode == 1 and "the ledger needs a file path" in memory.stderr
+    assert "Traceback" not in memory.stderr
 
 
 def test_usage_cli_prints_a_table(gw, cli):

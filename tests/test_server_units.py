@@ -401,11 +401,14 @@ def test_precedence_flags_over_env_over_file_over_defaults(tmp_path):
     assert load_config(None, {}).port == 4000
 
 
-def test_an_in_memory_ledger_is_refused_with_the_reason():
-    with pytest.raises(ConfigError, match="db = ':memory:': the ledger needs a file path"):
-        load_config(None, {}, db=":memory:")
-    with pytest.raises(ValueError, match="needs a file path"):
-        SQLiteStorage(":memory:")
+def test_an_in_memory_ledger_is_refused_with_the_reason(tmp_path):
+    for db in (":memory:", ""):
+        with pytest.raises(ConfigError, match=f"db = '{db}': the ledger needs a file path"):
+            load_config(None, {}, db=db)
+        with pytest.raises(ValueError, match="needs a file path"):
+            SQLiteStorage(db)
+    # Not a URI (sqlite3 is not asked to read them): a file of that name, as any other.
+    assert load_config(None, {}, db=str(tmp_path / "file:x.db")).db.endswith("file:x.db")
 
 
 @pytest.mark.parametrize(

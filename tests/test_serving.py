@@ -33,7 +33,9 @@ async def running_server() -> AsyncIterator[serving.GatewayServer]:
     """A GatewayServer on a free port, run as `lunar serve` runs it (``serve()``)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(hello, lifespan="on", log_level="warning", backlog=128)
+    config = uvicorn.Config(
+        hello, lifespan="on", log_level="warning", backlog=128, timeout_graceful_shutdown=2
+    )
     server = serving.GatewayServer(config, sock)
     task = asyncio.create_task(server.serve())
     try:
@@ -70,7 +72,9 @@ async def test_one_wake_up_accepts_every_waiting_connection_and_each_is_served()
             for c in clients:
                 reply = b""
                 while not reply.endswith(b"hello"):
-                    reply += await loop.sock_recv(c, 4096)
+                    data = await loop.sock_recv(c, 4096)
+                    assert data, f"closed before the whole answer: {reply!r}"
+                    reply += data
                 assert reply.startswith(b"HTTP/1.1 200 ")
         finally:
             for c in clients:
@@ -99,13 +103,39 @@ async def test_out_of_descriptors_pauses_accepting_then_resumes(monkeypatch):
         clients = connect_clients(server, 3)
         try:
             server.accept_pending()  # EMFILE: stops listening instead of spinning on it
-            assert server.accepted == 0 and not server._listening
+            assert server.accepted == 0 and server._fd == -1
             for _ in range(300):  # the retry listens again; the loop accepts the three
                 if server.accepted == 3:
                     break
                 await asyncio.sleep(0.01)
-            assert server.accepted == 3 and server._listening
+            assert server.accepted == 3 and server._fd != -1
         finally:
             for c in clients:
                 c.close()
             server.sock = real
+
+
+async def test_connections_taken_just_before_shutdown_are_closed_by_it():
+    """Accepted, not yet handed to uvicorn when the shutdown starts: they are still told to
+    close, so an idle one neither holds the shutdown open nor stays connected after it.
+    (Driven as uvicorn's ``_serve`` drives it, to put the shutdown in the same loop turn.)"""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.bind(("127.0.0.1", 0))
+    config = uvicorn.Config(hello, lifespan="on", log_level="warning", timeout_graceful_shutdown=2)
+    config.load()
+    server = serving.GatewayServer(config, sock)
+    server.lifespan = config.lifespan_class(config)
+    await server.startup()
+    server._unlisten()
+    clients = connect_clients(server, 20)
+    try:
+        server.accept_pending()
+        assert len(server._opening) == 20  # none handed over yet
+        await server.shutdown()
+        assert not server.server_state.connections  # every one closed by the shutdown
+        for c in clients:
+            c.settimeout(5)
+            assert c.recv(100) == b""  # closed by the server (a timeout would raise)
+    finally:
+        for c in clients:
+            c.close()

@@ -258,7 +258,10 @@ class _Target:
         from .storage import SQLiteStorage
 
         assert self.db is not None
-        storage = SQLiteStorage(self.db)
+        try:
+            storage = SQLiteStorage(self.db)
+        except ValueError as e:  # e.g. ':memory:', which would be an empty database
+            raise _Fail(f"--db {self.db!r}: {e}") from None
         storage.open()
         return storage
 

@@ -425,7 +425,7 @@ def load_config(
         raise ConfigError(f"port must be between 0 and 65535, got {cfg.port}")
     if cfg.max_retries < 0:
         raise ConfigError(f"max_retries must be >= 0, got {cfg.max_retries}")
-    if cfg.db.strip() == ":memory:" or cfg.db.startswith("file:"):
+    if cfg.db in ("", ":memory:"):
         raise ConfigError(
             f"db = {cfg.db!r}: the ledger needs a file path (its writer thread and the admin "
             "routes each open the database; an in-memory one would be a different, empty "

@@ -16,7 +16,6 @@ import asyncio
 import errno
 import logging
 import socket
-from typing import Any
 
 import uvicorn
 
@@ -36,11 +35,13 @@ class GatewayServer(uvicorn.Server):
         super().__init__(config)
         self.sock = sock
         self.accepted = 0  # connections taken from the listen queue
-        self._opening: set[asyncio.Task[Any]] = set()
+        self._opening: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._listening = False
+        self._fd = -1  # the descriptor being watched, -1 when none
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets:
+            raise ValueError("GatewayServer serves the socket it was given, not `sockets`")
         await super().startup(sockets=[])  # the lifespan, and no listener of uvicorn's
         if not self.started:
             return
@@ -51,23 +52,28 @@ class GatewayServer(uvicorn.Server):
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self._unlisten()
-        await super().shutdown(sockets=[self.sock])  # closes it, then drains connections
+        self.sock.close()
+        # Connections taken but not yet handed over register with uvicorn one or two loop
+        # turns later; uvicorn's shutdown asks every registered connection to close, so
+        # they must be registered by then, or an idle one would hold the shutdown open.
+        await asyncio.gather(*self._opening, return_exceptions=True)
+        await super().shutdown(sockets=[])
 
     def _listen(self) -> None:
-        if self._loop is not None and not self._listening and self.sock.fileno() != -1:
-            self._loop.add_reader(self.sock.fileno(), self.accept_pending)
-            self._listening = True
+        if self._loop is not None and self._fd == -1 and self.sock.fileno() != -1:
+            self._fd = self.sock.fileno()
+            self._loop.add_reader(self._fd, self.accept_pending)
 
     def _unlisten(self) -> None:
-        if self._loop is not None and self._listening:
-            self._loop.remove_reader(self.sock.fileno())
-            self._listening = False
+        if self._loop is not None and self._fd != -1:
+            self._loop.remove_reader(self._fd)
+            self._fd = -1
 
     def accept_pending(self) -> None:
         """Take every connection waiting in the listen queue (at most ``backlog``)."""
-        assert self._loop is not None
-        config = self.config
-        for _ in range(config.backlog):
+        loop = self._loop
+        assert loop is not None
+        for _ in range(self.config.backlog):
             try:
                 conn, _address = self.sock.accept()
             except (BlockingIOError, InterruptedError):
@@ -77,18 +83,22 @@ class GatewayServer(uvicorn.Server):
             except OSError as exc:
                 if exc.errno not in _RESOURCE_ERRORS:
                     raise
-                log.error("cannot accept connections (%s); retrying in %g s", exc, RETRY_AFTER_S)
+                log.error(
+                    "cannot accept connections (%s); retrying in %g s. Raise the limit on open "
+                    "files (ulimit -n, or LimitNOFILE= in a systemd unit) if this repeats.",
+                    exc,
+                    RETRY_AFTER_S,
+                )
                 self._unlisten()
-                self._loop.call_later(RETRY_AFTER_S, self._listen)
+                loop.call_later(RETRY_AFTER_S, self._listen)
                 return
             self.accepted += 1
-            if conn.family in (socket.AF_INET, socket.AF_INET6):
-                conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = self._loop.create_task(self._open(conn))
+            # (TCP_NODELAY: uvloop's transports set it, and asyncio's for IPPROTO_TCP sockets.)
+            task = loop.create_task(self._open(loop, conn))
             self._opening.add(task)
             task.add_done_callback(self._opening.discard)
 
-    async def _open(self, conn: socket.socket) -> None:
+    async def _open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         config = self.config
 
         def protocol() -> asyncio.Protocol:
@@ -99,6 +109,9 @@ class GatewayServer(uvicorn.Server):
             return made
 
         try:
-            await self._loop.connect_accepted_socket(protocol, conn)  # type: ignore[union-attr]
+            await loop.connect_accepted_socket(protocol, conn, ssl=config.ssl)
         except OSError:  # reset before its transport was made: nothing to serve
             conn.close()
+        except BaseException:  # cancelled with the loop: the socket must not outlive it
+            conn.close()
+            raise

@@ -267,10 +267,10 @@ class SQLiteStorage:
         self, path: str | os.PathLike[str], batch_size: int = 1000, linger: float = 0.01
     ) -> None:
         self.path = str(path)
-        if self.path.strip() == ":memory:":
-            # Each connection (the writer thread's, the admin one) would open its own,
-            # empty in-memory database: rows would fail to insert and go to the spill file.
-            raise ValueError("SQLiteStorage needs a file path, not ':memory:'")
+        if self.path in ("", ":memory:"):
+            # Each connection (the writer thread's, the admin one) would open its own, empty
+            # private database: every row would fail to insert and go to the spill file.
+            raise ValueError("the ledger needs a file path, not an in-memory database")
         self.batch_size = batch_size
         self.linger = linger
         # Rows, (row, on_commit), _Flush markers and _STOP; append/popleft are atomic.
