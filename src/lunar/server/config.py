@@ -41,6 +41,7 @@ from typing import Any
 
 from .._catalog import Catalog
 from .._errors import NotFoundError
+from .storage import unusable_path
 
 __all__ = ["ConfigError", "ProviderConfig", "ServerConfig", "load_config", "read_toml"]
 
@@ -425,12 +426,9 @@ def load_config(
         raise ConfigError(f"port must be between 0 and 65535, got {cfg.port}")
     if cfg.max_retries < 0:
         raise ConfigError(f"max_retries must be >= 0, got {cfg.max_retries}")
-    if cfg.db in ("", ":memory:"):
-        raise ConfigError(
-            f"db = {cfg.db!r}: the ledger needs a file path (its writer thread and the admin "
-            "routes each open the database; an in-memory one would be a different, empty "
-            "database for each). For a throwaway gateway, use a temporary file."
-        )
+    problem = unusable_path(cfg.db)
+    if problem:
+        raise ConfigError(f"db = {cfg.db!r}: {problem}")
 
     catalog = data.get("catalog")
     if catalog is not None:

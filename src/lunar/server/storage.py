@@ -258,6 +258,19 @@ def _key_from_row(r: Sequence[Any]) -> KeyRecord:
     )
 
 
+def unusable_path(path: str) -> str | None:
+    """Why ``path`` cannot hold the ledger, or None. ':memory:' and '' give each connection
+    (the writer thread's, the admin one) its own, empty private database: every row would
+    fail to insert and go to the spill file."""
+    if path in ("", ":memory:"):
+        return (
+            "the ledger needs a file path (its writer thread and the admin routes each open "
+            "the database; an in-memory one would be a different, empty database for each). "
+            "For a throwaway gateway, use a temporary file."
+        )
+    return None
+
+
 class SQLiteStorage:
     """SQLite in WAL mode: readers never wait for the writer, and a commit survives the
     process being killed (``synchronous=NORMAL``: only an OS crash or power loss can take
@@ -267,10 +280,9 @@ class SQLiteStorage:
         self, path: str | os.PathLike[str], batch_size: int = 1000, linger: float = 0.01
     ) -> None:
         self.path = str(path)
-        if self.path in ("", ":memory:"):
-            # Each connection (the writer thread's, the admin one) would open its own, empty
-            # private database: every row would fail to insert and go to the spill file.
-            raise ValueError("the ledger needs a file path, not an in-memory database")
+        problem = unusable_path(self.path)
+        if problem:
+            raise ValueError(problem)
         self.batch_size = batch_size
         self.linger = linger
         # Rows, (row, on_commit), _Flush markers and _STOP; append/popleft are atomic.
