@@ -4,10 +4,11 @@ socket is readable.
 uvloop runs on libuv, which accepts one connection per event-loop iteration (libuv pull
 request 3696, 2022). On a loaded gateway an iteration takes tens of milliseconds (it relays
 hundreds of stream events), so a burst of new clients waits in the kernel's listen queue:
-under lane 3's 1,000 paced streams, ~430 connections waited ~5 s each (``ss`` showed the
-queue, ``strace`` one ``accept4`` per ~50 ms). asyncio's own loop accepts up to ``backlog``
-connections per wake-up; this does the same on either loop, and hands each connection to
-uvicorn's protocol with ``loop.connect_accepted_socket``.
+under lane 3's 1,000 paced streams, 503-591 streams got their first token after 200 ms, the
+worst ~5 s late (``ss`` showed the queue, up to ~460; ``strace`` one ``accept4`` per ~50
+ms). asyncio's own loop accepts up to ``backlog`` connections per wake-up; this does the
+same on either loop, and hands each connection to uvicorn's protocol with
+``loop.connect_accepted_socket``.
 """
 
 from __future__ import annotations
