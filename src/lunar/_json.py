@@ -64,7 +64,9 @@ def _loads_fast(text: str | bytes | bytearray) -> Any:
     else:  # subclasses, memoryview, None …: json.loads's own answer
         return json.loads(text)
     deep = len(data) >= 2 * _DEEP and data.count(b"[") + data.count(b"{") >= _DEEP
-    if not deep and _LONG_RUN not in data.translate(_DIGIT_MASK):
+    # find(), not `in`: bytes.__contains__ first tries its argument as an int (`65 in b"A"`),
+    # which fails with a formatted TypeError that it then drops, on every parse.
+    if not deep and data.translate(_DIGIT_MASK).find(_LONG_RUN) < 0:
         try:
             return orjson.loads(text)
         except orjson.JSONDecodeError:
