@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -480,6 +481,35 @@ def test_to_toml_writes_nested_tables():
 # The app in-process (no lifespan: it starts itself on the first request)
 
 
+async def post_chat(app: Any, master: str, body: dict) -> tuple[int, list[bytes]]:
+    """POST /v1/chat/completions to the ASGI app in-process, as a client that stays
+    connected until the answer ends: its status and body writes."""
+    request = json.dumps(body).encode()
+    delivered = False
+    status = 0
+    writes: list[bytes] = []
+
+    async def receive() -> dict:
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": request, "more_body": False}
+        await asyncio.Event().wait()  # the client stays, as a server's receive waits
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        nonlocal status
+        if message["type"] == "http.response.start":
+            status = message["status"]
+        elif message["type"] == "http.response.body":
+            writes.append(message["body"])
+
+    headers = [(b"authorization", f"Bearer {master}".encode())]
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+    await app({**scope, "headers": headers}, receive, send)
+    return status, writes
+
+
 async def test_create_app_serves_in_process(tmp_path):
     with MockServer() as upstream:
         upstream.default = Reply(chunks=3)
@@ -566,32 +596,13 @@ async def test_events_that_arrive_in_one_read_leave_in_one_write(tmp_path):
         "LUNAR_MASTER_KEY": master,
     }
     app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
-    request = json.dumps(
-        {"model": "gpt-4o-mini", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
-    ).encode()
-    writes: list[bytes] = []
-    received = False
-
-    async def receive() -> dict:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": request, "more_body": False}
-        await asyncio.Event().wait()  # the client stays
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict) -> None:
-        if message["type"] == "http.response.body":
-            writes.append(message["body"])
-
-    scope = {
-        "type": "http",
-        "method": "POST",
-        "path": "/v1/chat/completions",
-        "headers": [(b"authorization", f"Bearer {master}".encode())],
+    request = {
+        "model": "gpt-4o-mini",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
     }
     async with server:
-        await app(scope, receive, send)
+        _, writes = await post_chat(app, master, request)
     await app.shutdown()
     text = b"".join(writes).decode()
     contents = [
@@ -629,25 +640,7 @@ async def test_a_watched_request_leaves_no_garbage_cycle(tmp_path, monkeypatch):
 
         async def one(stream: bool) -> int:
             body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-            request = json.dumps({**body, "stream": stream}).encode()
-            delivered, status = False, 0
-
-            async def receive() -> dict:
-                nonlocal delivered
-                if not delivered:
-                    delivered = True
-                    return {"type": "http.request", "body": request, "more_body": False}
-                await asyncio.Event().wait()  # the client stays, as a server's receive waits
-                return {"type": "http.disconnect"}
-
-            async def send(message: dict) -> None:
-                nonlocal status
-                if message["type"] == "http.response.start":
-                    status = message["status"]
-
-            headers = [(b"authorization", f"Bearer {master}".encode())]
-            scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
-            await app({**scope, "headers": headers}, receive, send)
+            status, _ = await post_chat(app, master, {**body, "stream": stream})
             return status
 
         enabled, kept = gc.isenabled(), list(gc.garbage)

@@ -28,15 +28,21 @@ async def hello(scope: dict[str, Any], receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"hello"})
 
 
-@contextlib.asynccontextmanager
-async def running_server() -> AsyncIterator[serving.GatewayServer]:
-    """A GatewayServer on a free port, run as `lunar serve` runs it (``serve()``)."""
+def new_server() -> serving.GatewayServer:
+    """A GatewayServer for ``hello`` on a free port (bound, not listening yet)."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(
         hello, lifespan="on", log_level="warning", backlog=128, timeout_graceful_shutdown=2
     )
-    server = serving.GatewayServer(config, sock)
+    return serving.GatewayServer(config, sock)
+
+
+@contextlib.asynccontextmanager
+async def running_server() -> AsyncIterator[serving.GatewayServer]:
+    """A GatewayServer on a free port, run as `lunar serve` runs it (``serve()``)."""
+    server = new_server()
+    sock = server.sock
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(500):
@@ -119,12 +125,9 @@ async def test_connections_taken_just_before_shutdown_are_closed_by_it():
     """Accepted, not yet handed to uvicorn when the shutdown starts: they are still told to
     close, so an idle one neither holds the shutdown open nor stays connected after it.
     (Driven as uvicorn's ``_serve`` drives it, to put the shutdown in the same loop turn.)"""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind(("127.0.0.1", 0))
-    config = uvicorn.Config(hello, lifespan="on", log_level="warning", timeout_graceful_shutdown=2)
-    config.load()
-    server = serving.GatewayServer(config, sock)
-    server.lifespan = config.lifespan_class(config)
+    server = new_server()
+    server.config.load()
+    server.lifespan = server.config.lifespan_class(server.config)
     await server.startup()
     server._unlisten()
     clients = connect_clients(server, 20)
