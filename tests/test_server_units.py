@@ -675,6 +675,44 @@ async def test_a_watched_request_leaves_no_garbage_cycle(tmp_path, monkeypatch):
     assert left == []
 
 
+def test_disconnect_watches_start_when_due_from_one_timer(monkeypatch):
+    """The gateway's watches share one timer: each unfinished one starts once due, a
+    finished one never does, one made after the timer fired still starts, and what a
+    finished watch held is let go at once. The same ``_Watches`` works on a new loop."""
+    from lunar.server import app as gateway
+
+    started: list[gateway._Watch] = []
+    monkeypatch.setattr(gateway._Watch, "WATCH_AFTER_S", 0.01)
+    monkeypatch.setattr(gateway._Watch, "_start", lambda self: started.append(self))
+    watches = gateway._Watches()
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def until_started(watch: gateway._Watch) -> None:
+        for _ in range(500):
+            if watch in started:
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError("the watch never started")
+
+    async def scenario() -> None:
+        started.clear()
+        first, second = watches.watch(receive), watches.watch(receive)
+        assert second.task is asyncio.current_task()
+        first.stop()
+        assert first.receive is None and first.task is None  # let go now, not when swept
+        await until_started(second)
+        late = watches.watch(receive)  # the timer has fired: this one arms it again
+        await until_started(late)
+        assert first not in started
+        assert started == [second, late]
+        assert not watches._queue
+
+    asyncio.run(scenario())
+    asyncio.run(scenario())  # a second event loop
+
+
 def test_serve_collects_less_often_and_freezes_its_start_up_heap():
     """What `lunar serve` does to its process before serving (here in a child process, so
     the test run's own GC is left alone)."""

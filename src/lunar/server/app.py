@@ -14,6 +14,7 @@ closes the upstream connection; the ledger row then says ``cancelled`` with the 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -152,28 +153,30 @@ class _Watch:
     The task starts only once the request has run for ``WATCH_AFTER_S``: most of a
     request's life is the upstream's answer (seconds), a request answered sooner (a cache
     hit, an error, a benchmark's emulator) costs no task, and a client gone in that first
-    moment is noticed that much later."""
+    moment is noticed that much later. ``_Watches`` starts them."""
 
-    __slots__ = ("disconnected", "finished", "receive", "task", "timer", "watcher")
+    __slots__ = ("disconnected", "due", "finished", "receive", "task", "watcher")
 
     WATCH_AFTER_S = 0.05
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive | None, task: asyncio.Task[Any] | None, due: float) -> None:
         self.disconnected = False
         self.finished = False
         self.receive = receive
-        self.task = asyncio.current_task()
+        self.task = task
+        self.due = due
         self.watcher: asyncio.Task[None] | None = None
-        self.timer = asyncio.get_running_loop().call_later(self.WATCH_AFTER_S, self._start)
 
     def _start(self) -> None:
-        if not self.finished:
-            self.watcher = asyncio.ensure_future(self._watch())
+        self.watcher = asyncio.ensure_future(self._watch())
 
     async def _watch(self) -> None:
+        receive = self.receive
+        if receive is None:  # stopped before it started
+            return
         while True:
             try:
-                message = await self.receive()
+                message = await receive()
             except Exception:  # the server gave up on the connection: nothing to watch
                 return
             if message["type"] == "http.disconnect":
@@ -184,7 +187,8 @@ class _Watch:
 
     def stop(self) -> None:
         self.finished = True
-        self.timer.cancel()
+        # What it held goes now, not when ``_Watches`` next passes it in its queue.
+        self.receive = self.task = None
         # Let go of the task as it is cancelled: it keeps its CancelledError, whose traceback
         # holds `_watch`'s frame and so `self`; holding the task here too made a reference
         # cycle per watched request, left to the cyclic GC (22 objects each, whose
@@ -192,6 +196,47 @@ class _Watch:
         watcher, self.watcher = self.watcher, None
         if watcher is not None:
             watcher.cancel()
+
+
+class _Watches:
+    """Starts each request's ``_Watch`` once it is due, with one timer for them all: a
+    timer armed and cancelled per request cost more than the rest of the watch. Watches
+    are due in the order they were made, so a queue holds them, and the timer is armed for
+    the first one whenever there is any."""
+
+    _SLACK_S = 0.001  # a timer may fire up to a millisecond early (libuv's resolution)
+
+    def __init__(self) -> None:
+        self._queue: collections.deque[_Watch] = collections.deque()
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def watch(self, receive: Receive) -> _Watch:
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # a new event loop (in-process use): the old one is gone
+            self._queue.clear()
+            self._timer = None
+            self._loop = loop
+        watch = _Watch(receive, asyncio.current_task(), loop.time() + _Watch.WATCH_AFTER_S)
+        self._queue.append(watch)
+        if self._timer is None:
+            self._timer = loop.call_at(watch.due, self._start_due)
+        return watch
+
+    def _start_due(self) -> None:
+        self._timer = None
+        loop = self._loop
+        assert loop is not None
+        queue = self._queue
+        now = loop.time() + self._SLACK_S
+        while queue:
+            watch = queue[0]
+            if not watch.finished and watch.due > now:
+                self._timer = loop.call_at(watch.due, self._start_due)
+                return
+            queue.popleft()
+            if not watch.finished:
+                watch._start()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -235,6 +280,7 @@ class Gateway:
         self._start_lock: asyncio.Lock | None = None
         self._refresher: asyncio.Task[None] | None = None
         self._closed = False
+        self._watches = _Watches()
         self._counter = 0
         self._prefix = os.urandom(4).hex()
         self._models_all = [m.to_dict() for m in self.catalog.list_models()]
@@ -528,7 +574,7 @@ class Gateway:
                     raise _refused(admitted)
                 call.ticket = admitted
                 assert self.engine is not None
-                watch = _Watch(receive)
+                watch = self._watches.watch(receive)
                 if stream:
                     it = await self.engine.stream(body, opts, call.trace)
                 else:
