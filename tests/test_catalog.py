@@ -5,9 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lunar import NotFoundError, Usage
 from lunar._catalog import Catalog, Prices, cost
+from lunar._engine import ms
 
 
 @pytest.fixture
@@ -110,3 +113,25 @@ def test_models_list_has_prices(catalog):
     models = {m.id: m for m in catalog.list_models()}
     assert models["gpt-4o-mini"].input_price_per_1m == 0.15
     assert models["llama-3.1-8b"].providers == ["groq", "together", "fireworks"]
+
+
+@given(
+    tokens=st.integers(0, 10_000_000),
+    price=st.floats(0, 1_000, allow_nan=False),
+)
+def test_costs_round_to_ten_decimals_as_round_does(tokens, price):
+    # Costs are rounded by scaling (round with digits costs six times more): the same
+    # value as round(x, 10) but for the last bit of an exact tie, and never more digits.
+    usage = Usage(prompt_tokens=tokens, completion_tokens=tokens)
+    cost(usage, Prices(price, price))
+    exact = tokens * price / 1e6
+    assert usage.input_cost_usd is not None
+    assert abs(usage.input_cost_usd - round(exact, 10)) <= 1e-10 + abs(exact) * 1e-15
+    assert usage.input_cost_usd == round(usage.input_cost_usd, 10)
+
+
+@given(st.floats(0, 1e5, allow_nan=False))
+def test_milliseconds_round_to_three_decimals_as_round_does(seconds):
+    value = ms(seconds)
+    assert abs(value - round(seconds * 1000, 3)) <= 1e-3 + seconds * 1e-12
+    assert value == round(value, 3)

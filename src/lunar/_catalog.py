@@ -60,17 +60,24 @@ class Deployment:
     catalogued: bool = True
 
 
+def _usd(x: float) -> float:
+    """``x`` rounded to 10 decimals. The same as ``round(x, 10)`` but for the last bit of
+    exact ties, and a sixth of its cost (``round`` with digits goes through a decimal
+    string)."""
+    return round(x * 1e10) / 1e10
+
+
 def cost(usage: Usage, prices: Prices) -> None:
     """Fill the cost fields of ``usage`` in place: tokens / 1e6 x price, per side, rounded to
     10 decimals. Cached input tokens are billed at the cached price when there is one."""
     cached = min(usage.cached_tokens, usage.prompt_tokens) if prices.cached_input is not None else 0
-    input_cost = round((usage.prompt_tokens - cached) * prices.input / 1e6, 10)
-    cached_cost = round(cached * (prices.cached_input or 0.0) / 1e6, 10)
-    output_cost = round(usage.completion_tokens * prices.output / 1e6, 10)
+    input_cost = _usd((usage.prompt_tokens - cached) * prices.input / 1e6)
+    cached_cost = _usd(cached * (prices.cached_input or 0.0) / 1e6)
+    output_cost = _usd(usage.completion_tokens * prices.output / 1e6)
     usage.input_cost_usd = input_cost
     usage.cached_input_cost_usd = cached_cost
     usage.output_cost_usd = output_cost
-    usage.total_cost_usd = round(input_cost + cached_cost + output_cost, 10)
+    usage.total_cost_usd = _usd(input_cost + cached_cost + output_cost)
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -158,24 +158,30 @@ def _validate_content(content: Any, where: str, role: str, allow_none: bool) -> 
 
 
 def validate_messages(messages: Any) -> None:
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence):
+    # `type(...) is` first: what JSON gives (list, dict, str) skips the ABC checks, which
+    # run Python code on every call.
+    if type(messages) is not list and (
+        isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence)
+    ):
         raise bad("'messages' must be a list of {'role', 'content'} objects", "messages")
     if not messages:
         raise bad("'messages' must not be empty", "messages")
     for i, msg in enumerate(messages):
-        where = f"messages[{i}]"
-        if not isinstance(msg, Mapping):
+        if type(msg) is not dict and not isinstance(msg, Mapping):
+            where = f"messages[{i}]"
             raise bad(f"'{where}' must be an object, got {type(msg).__name__}", where)
         role = msg.get("role")
         if not isinstance(role, str) or role not in ROLES:
             raise bad(
-                f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, got {role!r}",
-                f"{where}.role",
+                f"'messages[{i}].role' must be one of {', '.join(sorted(ROLES))}, got {role!r}",
+                f"messages[{i}].role",
             )
-        has_tool_calls = role == "assistant" and bool(msg.get("tool_calls"))
-        _validate_content(msg.get("content"), f"{where}.content", role, allow_none=has_tool_calls)
+        content = msg.get("content")
+        if type(content) is not str:
+            has_tool_calls = role == "assistant" and bool(msg.get("tool_calls"))
+            _validate_content(content, f"messages[{i}].content", role, has_tool_calls)
         if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
-            param = f"{where}.tool_call_id"
+            param = f"messages[{i}].tool_call_id"
             raise bad(f"'{param}' is required for role 'tool'", param)
 
 

@@ -26,7 +26,7 @@ from urllib.parse import parse_qs
 
 from .. import __version__
 from .._catalog import Catalog
-from .._engine import AsyncEngine, Router, Trace, estimate_tokens, prompt_chars
+from .._engine import AsyncEngine, Router, Trace, estimate_tokens, ms, prompt_chars
 from .._errors import (
     APIError,
     AuthenticationError,
@@ -721,7 +721,7 @@ class Gateway:
             row.output_cost_usd = usage.output_cost_usd or 0.0
             row.total_cost_usd = usage.total_cost_usd or 0.0
             row.ttft_ms = usage.ttft_ms
-        row.latency_ms = round((time.perf_counter() - call.started) * 1000, 3)
+        row.latency_ms = ms(time.perf_counter() - call.started)
         if call.ticket is not None:
             self.limiter.settle(
                 call.ticket, row.prompt_tokens + row.completion_tokens, row.total_cost_usd
