@@ -538,6 +538,24 @@ async def test_a_request_header_replaces_the_pools_default_of_that_name():
         assert b"x-keep: 1\r\n" in head
 
 
+async def test_each_request_sends_its_own_headers_when_header_sets_alternate():
+    """Header lines are remembered per set of headers: sets that alternate, or differ in
+    one value, each go out as their own; a refused one is refused every time."""
+    sets = [{"authorization": "Bearer a"}, {"authorization": "Bearer b"}, {}, {"x-b": "2"}]
+    async with Server([ok()]) as srv:
+        p = pool(headers={"user-agent": "lunar"})
+        for headers in sets * 2:
+            assert (await p.send("POST", srv.url, headers, b"{}")).content == b"hello"
+        for _ in range(2):
+            with pytest.raises(ValueError, match="may not contain a newline"):
+                await p.send("GET", srv.url, {"x-a": "1\nx-evil: 1"})
+    assert len(srv.requests) == 8
+    for headers, request in zip(sets * 2, srv.requests):
+        lines = request.split(b"\r\n\r\n")[0].split(b"\r\n")[2:]  # after request line, host
+        expected = [b"user-agent: lunar"] + [f"{k}: {v}".encode() for k, v in headers.items()]
+        assert lines == [*expected, b"content-length: 2"]
+
+
 async def test_a_pool_that_keeps_nothing_idle_closes_each_connection():
     async with Server([ok()]) as srv:
         p = pool(max_idle_per_origin=0)

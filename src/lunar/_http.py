@@ -35,7 +35,7 @@ except ImportError:  # without it there is no pool: AsyncLunar then uses httpx
     httptools = None  # type: ignore[assignment]
 
 _HIGH_WATER = 256 * 1024  # buffered body bytes before the socket stops being read
-_MAX_URL_CACHE = 512
+_MAX_CACHED = 512  # URLs, and sets of request headers, remembered per pool
 
 
 class TransportError(Exception):
@@ -286,6 +286,12 @@ class Response:
             await self.aclose()
 
     async def aread(self) -> bytes:
+        conn = self._conn
+        if conn is not None and conn.complete and self._decoder is None:
+            # Usually the whole body came with the head: no iterator to run.
+            self.content = conn.take() if conn.chunks else b""
+            await self.aclose()
+            return self.content
         parts = [data async for data in self.aiter_bytes()]
         self.content = b"".join(parts)
         return self.content
@@ -335,6 +341,7 @@ class AsyncPool:
         self._open = 0
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
         self._urls: dict[str, tuple[tuple[str, str, int], bytes]] = {}
+        self._header_blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._closed = False
 
     @property
@@ -371,8 +378,7 @@ class AsyncPool:
             (
                 method.encode("ascii"),
                 head,
-                self._defaults_besides(headers),
-                *(_header_line(k, v) for k, v in headers.items()),
+                self._header_block(headers),
                 b"content-length: %d\r\n\r\n" % len(content),
                 content,
             )
@@ -435,7 +441,7 @@ class AsyncPool:
             raise TransportError(f"Invalid characters in URL {url!r}")
         head = b" %s HTTP/1.1\r\nhost: %s\r\n" % (path.encode("ascii"), host.encode("idna"))
         cached = ((scheme, parts.hostname, port), head)
-        if len(self._urls) < _MAX_URL_CACHE:
+        if len(self._urls) < _MAX_CACHED:
             self._urls[url] = cached
         return cached
 
@@ -512,6 +518,18 @@ class AsyncPool:
         if self._ssl is None:
             self._ssl = default_ssl_context()
         return self._ssl
+
+    def _header_block(self, headers: Mapping[str, str]) -> bytes:
+        """The header lines of a request: the defaults it does not set, then its own. Cached
+        per set of headers: a target sends the same ones request after request."""
+        key = tuple(headers.items())
+        block = self._header_blocks.get(key)
+        if block is None:
+            lines = [_header_line(k, v) for k, v in key]
+            block = self._defaults_besides(headers) + b"".join(lines)
+            if len(self._header_blocks) < _MAX_CACHED:
+                self._header_blocks[key] = block
+        return block
 
     def _defaults_besides(self, headers: Mapping[str, str]) -> bytes:
         """The default header lines a request does not set itself (its own value wins)."""
