@@ -199,6 +199,63 @@ def test_validation_errors_name_the_argument():
         assert param in str(info.value)
 
 
+GOOD_PARAMS = {
+    "temperature": 0.5,
+    "top_p": 1,
+    "presence_penalty": -2,
+    "frequency_penalty": 2.0,
+    "n": 1,
+    "max_tokens": 5,
+    "max_completion_tokens": 7,
+    "seed": 3,
+    "stop": ["a", "b"],
+    "tools": [{"type": "function", "function": {"name": "f"}}],
+    "response_format": {"type": "json_object"},
+    "stream_options": {"include_usage": True},
+}
+
+BAD_PARAMS = [
+    ("temperature", "2"),
+    ("temperature", float("nan")),
+    ("top_p", 1.5),
+    ("presence_penalty", -3),
+    ("frequency_penalty", True),
+    ("n", 1.0),
+    ("max_tokens", 0),
+    ("max_completion_tokens", "5"),
+    ("seed", False),
+    ("stop", "a b".split() * 3),
+    ("stop", [1]),
+    ("tools", {"name": "f"}),
+    ("tools", [{"type": "function"}]),
+    ("response_format", "json"),
+    ("stream_options", ["include_usage"]),
+]
+
+
+def test_every_checked_parameter_accepts_good_values_and_names_a_bad_one():
+    from lunar._request import chat_body
+
+    messages = [{"role": "user", "content": "x"}]
+    assert chat_body(messages, GOOD_PARAMS) == {"messages": messages, **GOOD_PARAMS}
+    for name, value in BAD_PARAMS:
+        with pytest.raises(BadRequestError) as info:
+            chat_body(messages, {**GOOD_PARAMS, name: value})
+        assert info.value.param.split("[")[0] == name, (name, value)
+        assert name in str(info.value)
+
+
+def test_the_first_bad_parameter_in_the_requests_order_is_the_one_named():
+    from lunar._request import chat_body
+
+    messages = [{"role": "user", "content": "x"}]
+    for first, second in (("top_p", "n"), ("n", "top_p")):
+        params = {first: -1, second: -1}
+        with pytest.raises(BadRequestError) as info:
+            chat_body(messages, params)
+        assert info.value.param == first
+
+
 def test_rate_limit_and_server_errors_are_typed():
     assert isinstance(error_from_response(429, {}, b""), RateLimitError)
     assert isinstance(error_from_response(500, {}, b""), ServerError)

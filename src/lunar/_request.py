@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -185,45 +185,71 @@ def validate_messages(messages: Any) -> None:
             raise bad(f"'{param}' is required for role 'tool'", param)
 
 
-def validate_params(body: Mapping[str, Any]) -> None:
-    """Check the sampling and tool parameters of an OpenAI-shaped body."""
-    get = body.get
-    if get("temperature") is not None:
-        _number(body["temperature"], "temperature", 0.0, 2.0)
-    if get("top_p") is not None:
-        _number(body["top_p"], "top_p", 0.0, 1.0)
-    for name in ("presence_penalty", "frequency_penalty"):
-        if get(name) is not None:
-            _number(body[name], name, -2.0, 2.0)
-    for name in ("n", "max_tokens", "max_completion_tokens"):
-        if get(name) is not None:
-            _positive_int(body[name], name)
-    seed = get("seed")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+def _stop(stop: Any, name: str) -> None:
+    if isinstance(stop, str):
+        return
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > 4:
+        raise bad(f"'stop' takes at most 4 sequences, got {len(stop)}", "stop")
+
+
+def _seed(seed: Any, name: str) -> None:
+    if isinstance(seed, bool) or not isinstance(seed, int):
         raise bad("'seed' must be an integer", "seed")
-    stop = get("stop")
-    if stop is not None and not isinstance(stop, str):
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise bad("'stop' must be a string or a list of strings", "stop")
-        if len(stop) > 4:
-            raise bad(f"'stop' takes at most 4 sequences, got {len(stop)}", "stop")
-    tools = get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise bad("'tools' must be a list", "tools")
-        for i, tool in enumerate(tools):
-            fn = tool.get("function") if isinstance(tool, Mapping) else None
-            if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
-                raise bad(
-                    f"'tools[{i}]' must be {{'type': 'function', 'function': {{'name', …}}}}",
-                    f"tools[{i}]",
-                )
-    rf = get("response_format")
-    if rf is not None and not (isinstance(rf, Mapping) and isinstance(rf.get("type"), str)):
+
+
+def _tools(tools: Any, name: str) -> None:
+    if not isinstance(tools, list):
+        raise bad("'tools' must be a list", "tools")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, Mapping) else None
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str):
+            raise bad(
+                f"'tools[{i}]' must be {{'type': 'function', 'function': {{'name', …}}}}",
+                f"tools[{i}]",
+            )
+
+
+def _response_format(rf: Any, name: str) -> None:
+    if not (isinstance(rf, Mapping) and isinstance(rf.get("type"), str)):
         raise bad("'response_format' must be an object with a 'type'", "response_format")
-    so = get("stream_options")
-    if so is not None and not isinstance(so, Mapping):
+
+
+def _stream_options(so: Any, name: str) -> None:
+    if not isinstance(so, Mapping):
         raise bad("'stream_options' must be an object", "stream_options")
+
+
+def _range(lo: float, hi: float) -> Callable[[Any, str], None]:
+    return lambda value, name: _number(value, name, lo, hi)
+
+
+#: The checked sampling and tool parameters, each with its check (None means not given).
+_PARAM_CHECKS: dict[str, Callable[[Any, str], None]] = {
+    "temperature": _range(0.0, 2.0),
+    "top_p": _range(0.0, 1.0),
+    "presence_penalty": _range(-2.0, 2.0),
+    "frequency_penalty": _range(-2.0, 2.0),
+    "n": _positive_int,
+    "max_tokens": _positive_int,
+    "max_completion_tokens": _positive_int,
+    "seed": _seed,
+    "stop": _stop,
+    "tools": _tools,
+    "response_format": _response_format,
+    "stream_options": _stream_options,
+}
+
+
+def validate_params(body: Mapping[str, Any]) -> None:
+    """Check the sampling and tool parameters of an OpenAI-shaped body, in the body's own
+    order (the first bad one is reported). A loop over what the body has, not over every
+    parameter Lunar checks: a request usually sets a few."""
+    checks = _PARAM_CHECKS
+    for name, value in body.items():
+        if value is not None and name in checks:
+            checks[name](value, name)
 
 
 def validate_model(model: Any) -> str:
