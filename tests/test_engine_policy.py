@@ -224,7 +224,7 @@ BAD_PARAMS = [
     ("max_tokens", 0),
     ("max_completion_tokens", "5"),
     ("seed", False),
-    ("stop", "a b".split() * 3),
+    ("stop", ["a", "b"] * 3),
     ("stop", [1]),
     ("tools", {"name": "f"}),
     ("tools", [{"type": "function"}]),
