@@ -241,6 +241,52 @@ def test_compact_json_writes_what_the_general_encoder_writes(chunk):
         assert sent[6:-2] == utf8(chunk.compact_json())
 
 
+ENVELOPES = [  # (id, created, model, provider, fingerprint): a few, so that chunks share them
+    ("c1", 1, "m", "openai", None),
+    ("c1", True, "m", "openai", None),  # equal to the first in a tuple, but written "true"
+    ("c1", 1, "m", None, "fp"),
+    (7, 2**40, "m\u2028", "openai", "fp"),
+    ("c2", 1.5, "m", "openai", None),
+]
+
+
+@st.composite
+def text_chunks(draw):
+    """The shape nearly every streamed chunk has: one choice, a text delta, no usage."""
+    from lunar._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice
+
+    delta = ChoiceDelta(draw(_texts), draw(_texts), None, draw(_texts))
+    choice = ChunkChoice(draw(st.integers(0, 3)), delta, draw(_texts))
+    return ChatCompletionChunk("", 0, "", [choice])
+
+
+@settings(max_examples=300)
+@given(
+    st.lists(
+        st.tuples(st.one_of(text_chunks(), chunks()), st.sampled_from(ENVELOPES)),
+        min_size=1,
+        max_size=12,
+    )
+)
+def test_one_writer_for_a_whole_stream_writes_each_chunk_as_the_general_encoder(stream):
+    """The gateway keeps one writer for a stream, which writes the fields every chunk
+    repeats once and keeps them while they stay the same: each chunk, in any order of
+    shared and changed envelopes, must still be written as on its own."""
+    from lunar._json import loads, utf8
+    from lunar._types import compact_json
+    from lunar.server.dialects import ChatWriter
+
+    writer = ChatWriter()
+    for chunk, (id, created, model, provider, fp) in stream:
+        chunk.id, chunk.created, chunk.model = id, created, model
+        chunk.provider, chunk.system_fingerprint = provider, fp
+        sent = writer.chunk(chunk)
+        assert sent.startswith(b"data: ") and sent.endswith(b"\n\n")
+        assert loads(sent[6:-2]) == loads(compact_json(chunk.to_dict()))
+        if type(created) is not float:  # orjson may spell a float differently (1e-7)
+            assert sent[6:-2] == utf8(chunk.compact_json())
+
+
 def test_provider_is_lunars_name_for_the_target_unless_a_gateway_reports_it():
     """An upstream's own ``provider`` field (OpenRouter sends one) is not who answered in
     Lunar's terms; a Lunar gateway's is (remote mode), for streams and completions alike."""

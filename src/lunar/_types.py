@@ -291,41 +291,9 @@ class ChatCompletionChunk(_Obj):
         return compact_json(self.to_dict()) if text is None else text
 
     def common_json(self) -> str | None:
-        """``compact_json(self.to_dict())``, written directly for the shape nearly every
-        streamed chunk has (one choice, a text delta, no tool calls, no usage): the gateway
-        writes one per event, and building the dict and walking it was a fifth of its CPU
-        at 250 streams. ``None`` for any other shape."""
-        choices = self.choices
-        if self.usage is None and len(choices) == 1:
-            choice = choices[0]
-            delta = choice.delta
-            if (
-                delta.tool_calls is None
-                and choice.logprobs is None
-                and type(choice.index) is int
-                and type(self.created) is int
-            ):
-                parts = (
-                    _text(delta.content),
-                    _text(delta.refusal),
-                    _text(delta.role),
-                    _text(choice.finish_reason),
-                    _text(self.id),
-                    _text(self.model),
-                    _text(self.object),
-                    _text(self.provider),
-                    _text(self.system_fingerprint),
-                )
-                if None not in parts:
-                    content, refusal, role, finish, id, model, obj, provider, fp = parts
-                    return (
-                        f'{{"choices":[{{"delta":{{"content":{content},"refusal":{refusal},'
-                        f'"role":{role},"tool_calls":null}},"finish_reason":{finish},'
-                        f'"index":{choice.index},"logprobs":null}}],"created":{self.created},'
-                        f'"id":{id},"model":{model},"object":{obj},"provider":{provider},'
-                        f'"system_fingerprint":{fp},"usage":null}}'
-                    )
-        return None
+        """``compact_json(self.to_dict())`` for the common shape, else ``None``: see
+        ``ChunkEncoder`` (which a stream's writer keeps for all its chunks)."""
+        return ChunkEncoder().encode(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], provider: str | None = None) -> ChatCompletionChunk:
@@ -347,6 +315,70 @@ class ChatCompletionChunk(_Obj):
                 )
             )
         return _envelope(cls, d, choices, provider)
+
+
+class ChunkEncoder:
+    """``compact_json(chunk.to_dict())``, written directly for the shape nearly every
+    streamed chunk has (one choice, a text delta, no tool calls, no usage): the gateway
+    writes one per event, and building the dict and walking it was a fifth of its CPU at
+    250 streams. ``encode`` gives ``None`` for any other shape.
+
+    One encoder serves one stream's chunks in turn. The fields they all repeat (id,
+    created, model, object, provider, fingerprint) are written once and kept while they
+    stay equal: a chunk then costs its own delta's few fields."""
+
+    __slots__ = ("_envelope", "_tail")
+
+    def __init__(self) -> None:
+        self._envelope: tuple[Any, ...] | None = None
+        self._tail = ""
+
+    def encode(self, chunk: ChatCompletionChunk) -> str | None:
+        choices = chunk.choices
+        if chunk.usage is not None or len(choices) != 1:
+            return None
+        choice = choices[0]
+        delta = choice.delta
+        created = chunk.created
+        if (
+            delta.tool_calls is not None
+            or choice.logprobs is not None
+            or type(choice.index) is not int
+            or type(created) is not int  # checked each time: True == 1 in the tuple below
+        ):
+            return None
+        envelope = (
+            chunk.id,
+            created,
+            chunk.model,
+            chunk.object,
+            chunk.provider,
+            chunk.system_fingerprint,
+        )
+        if envelope != self._envelope:
+            parts = [_text(v) for v in envelope[2:]]
+            id = _text(envelope[0])
+            if id is None or None in parts:
+                return None
+            model, obj, provider, fp = parts
+            self._tail = (
+                f'"created":{created},"id":{id},"model":{model},"object":{obj},'
+                f'"provider":{provider},"system_fingerprint":{fp},"usage":null}}'
+            )
+            self._envelope = envelope
+        # None is most of these: "null" without a call.
+        c, r, ro, f = delta.content, delta.refusal, delta.role, choice.finish_reason
+        content = "null" if c is None else _text(c)
+        refusal = "null" if r is None else _text(r)
+        role = "null" if ro is None else _text(ro)
+        finish = "null" if f is None else _text(f)
+        if content is None or refusal is None or role is None or finish is None:
+            return None
+        return (
+            f'{{"choices":[{{"delta":{{"content":{content},"refusal":{refusal},'
+            f'"role":{role},"tool_calls":null}},"finish_reason":{finish},'
+            f'"index":{choice.index},"logprobs":null}}],{self._tail}'
+        )
 
 
 class ChatCompletionMessage(_Obj):

@@ -29,7 +29,7 @@ from .._request import (
     completion_from_chunk,
     prompt_messages,
 )
-from .._types import ChatCompletion, ChatCompletionChunk
+from .._types import ChatCompletion, ChatCompletionChunk, ChunkEncoder
 from . import anthropic_compat as anthropic
 
 log = logging.getLogger("lunar.server")
@@ -121,9 +121,12 @@ class StreamWriter:
 
 
 class ChatWriter(StreamWriter):
+    def __init__(self) -> None:
+        self._encoder = ChunkEncoder()
+
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         self.last_id = chunk.id
-        text = chunk.common_json()
+        text = self._encoder.encode(chunk)
         data = dumps(chunk.to_dict()) if text is None else utf8(text)
         return b"data: " + data + b"\n\n"
 
