@@ -709,8 +709,29 @@ def test_disconnect_watches_start_when_due_from_one_timer(monkeypatch):
         assert started == [second, late]
         assert not watches._queue
 
+    async def leave_a_timer_armed() -> None:
+        watches.watch(receive).stop()  # queued, with the timer armed for it
+
     asyncio.run(scenario())
-    asyncio.run(scenario())  # a second event loop
+    asyncio.run(leave_a_timer_armed())  # that loop closes with its timer pending
+    asyncio.run(scenario())  # a new loop: its watches still start
+
+    async def make_watch() -> gateway._Watch:
+        return watches.watch(receive)
+
+    # Two loops alive at once: a timer armed on the loop the watches have left does
+    # nothing when it fires; the new loop's own timer starts its watch.
+    old_loop, new_loop = asyncio.new_event_loop(), asyncio.new_event_loop()
+    try:
+        old_loop.run_until_complete(leave_a_timer_armed())
+        pending = new_loop.run_until_complete(make_watch())
+        started.clear()
+        old_loop.run_until_complete(asyncio.sleep(0.05))  # the old timer fires
+        assert started == []
+        new_loop.run_until_complete(until_started(pending))
+    finally:
+        old_loop.close()
+        new_loop.close()
 
 
 def test_serve_collects_less_often_and_freezes_its_start_up_heap():

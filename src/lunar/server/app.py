@@ -220,19 +220,19 @@ class _Watches:
         watch = _Watch(receive, asyncio.current_task(), loop.time() + _Watch.WATCH_AFTER_S)
         self._queue.append(watch)
         if self._timer is None:
-            self._timer = loop.call_at(watch.due, self._start_due)
+            self._timer = loop.call_at(watch.due, self._start_due, loop)
         return watch
 
-    def _start_due(self) -> None:
+    def _start_due(self, loop: asyncio.AbstractEventLoop) -> None:
+        if loop is not self._loop:  # armed on a loop this gateway has since left
+            return
         self._timer = None
-        loop = self._loop
-        assert loop is not None
         queue = self._queue
         now = loop.time() + self._SLACK_S
         while queue:
             watch = queue[0]
             if not watch.finished and watch.due > now:
-                self._timer = loop.call_at(watch.due, self._start_due)
+                self._timer = loop.call_at(watch.due, self._start_due, loop)
                 return
             queue.popleft()
             if not watch.finished:
