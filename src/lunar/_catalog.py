@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -60,11 +61,16 @@ class Deployment:
     catalogued: bool = True
 
 
+def scaled_round(x: float, scale: float) -> float:
+    """``x`` rounded to steps of ``1 / scale`` (scale 1e10: ten decimals), as
+    ``round(x * scale) / scale``: a sixth of the cost of ``round(x, 10)``, which goes
+    through a decimal string. The same value, except where ``x * scale`` lands within a
+    rounding error of a half: there the two may differ by one step."""
+    return round(x * scale) / scale
+
+
 def _usd(x: float) -> float:
-    """``x`` rounded to 10 decimals. The same as ``round(x, 10)`` but for the last bit of
-    exact ties, and a sixth of its cost (``round`` with digits goes through a decimal
-    string)."""
-    return round(x * 1e10) / 1e10
+    return scaled_round(x, 1e10)
 
 
 def cost(usage: Usage, prices: Prices) -> None:
@@ -78,6 +84,24 @@ def cost(usage: Usage, prices: Prices) -> None:
     usage.cached_input_cost_usd = cached_cost
     usage.output_cost_usd = output_cost
     usage.total_cost_usd = _usd(input_cost + cached_cost + output_cost)
+
+
+def _check_price(value: Any, model: str, deployment: Mapping[str, Any], field: str) -> None:
+    """A price is a finite number of USD per 1M tokens, at least 0: anything else would
+    fail (or bill infinity) on every request that uses it, so it fails at load."""
+    if value is None and field == "cached_input":
+        return
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        where = f"{deployment.get('provider')}/{deployment.get('id')}"
+        raise ValueError(
+            f"Catalogue model '{model}', deployment '{where}': '{field}' must be a finite "
+            f"price of at least 0 (USD per 1M tokens), got {value!r}"
+        )
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -111,6 +135,8 @@ class Catalog:
             for d in m.get("deployments", ()):
                 prices = None
                 if d.get("input") is not None and d.get("output") is not None:
+                    for field in ("input", "output", "cached_input"):
+                        _check_price(d.get(field), name, d, field)
                     prices = Prices(d["input"], d["output"], d.get("cached_input"))
                 dep = Deployment(
                     model=name,

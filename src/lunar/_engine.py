@@ -19,7 +19,7 @@ from typing import Any
 
 import httpx
 
-from ._catalog import Catalog, Deployment, ProviderSpec, cost
+from ._catalog import Catalog, Deployment, ProviderSpec, cost, scaled_round
 from ._errors import (
     MAX_RETRY_AFTER_SECONDS,
     APIConnectionError,
@@ -331,9 +331,8 @@ def prompt_chars(body: Mapping[str, Any]) -> int:
 
 
 def ms(seconds: float) -> float:
-    """Seconds as milliseconds to 3 decimals: ``round(seconds * 1000, 3)`` but for the last
-    bit of exact ties, at a sixth of its cost (``round`` with digits formats a string)."""
-    return round(seconds * 1e6) / 1e3
+    """Seconds as milliseconds to 3 decimals (see ``scaled_round``)."""
+    return scaled_round(seconds * 1000, 1000)
 
 
 def account(usage: Usage, target: Target, started: float, ttft: float | None) -> None:

@@ -107,7 +107,7 @@ class ServerConfig:
                 file_data = json.loads(Path(self.catalog).read_text())
             except (OSError, ValueError) as e:
                 raise ConfigError(f"catalog = {self.catalog!r}: {e}") from None
-        known = Catalog.load(file_data or None).providers
+        known = _load_catalog(file_data or None).providers
         new_providers: dict[str, Any] = {}
         for name, p in self.providers.items():
             if p.protocol is None and name in known:
@@ -130,7 +130,7 @@ class ServerConfig:
             "providers": {**file_data.get("providers", {}), **new_providers},
             "models": {**file_data.get("models", {}), **self.models},
         }
-        catalog = Catalog.load(merged)
+        catalog = _load_catalog(merged)
         for name, m in self.models.items():
             for d in m.get("deployments", ()):
                 if d.get("provider") not in catalog.providers:
@@ -249,6 +249,13 @@ class ServerConfig:
 
 # ---------------------------------------------------------------------------------------------
 # Reading
+
+
+def _load_catalog(data: Mapping[str, Any] | None) -> Catalog:
+    try:
+        return Catalog.load(data)
+    except ValueError as e:  # a price that is not one, in the catalogue file or [models]
+        raise ConfigError(str(e)) from None
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
