@@ -549,6 +549,18 @@ async def test_each_request_sends_its_own_headers_when_header_sets_alternate():
         for _ in range(2):
             with pytest.raises(ValueError, match="may not contain a newline"):
                 await p.send("GET", srv.url, {"x-a": "1\nx-evil: 1"})
+        # Values that are not str are written as before, each as its own text, and one
+        # that cannot be a key does not fail the request.
+        for value in (1, True, 1.0, ["a"], 1):
+            await p.send("POST", srv.url, {"x-n": value}, b"{}")  # type: ignore[dict-item]
+    assert [r.split(b"x-n: ")[1].split(b"\r\n")[0] for r in srv.requests[8:]] == [
+        b"1",
+        b"True",
+        b"1.0",
+        b"['a']",
+        b"1",
+    ]
+    del srv.requests[8:]
     assert len(srv.requests) == 8
     for headers, request in zip(sets * 2, srv.requests):
         lines = request.split(b"\r\n\r\n")[0].split(b"\r\n")[2:]  # after request line, host

@@ -520,14 +520,22 @@ class AsyncPool:
         return self._ssl
 
     def _header_block(self, headers: Mapping[str, str]) -> bytes:
-        """The header lines of a request: the defaults it does not set, then its own. Cached
-        per set of headers: a target sends the same ones request after request."""
-        key = tuple(headers.items())
-        block = self._header_blocks.get(key)
+        """The header lines of a request: the defaults it does not set, then its own. Kept
+        per set of headers (a target sends the same ones request after request), when
+        every name and value is a str: 1, 1.0 and True are equal keys but not equal text."""
+        try:
+            key: tuple[tuple[str, str], ...] | None = tuple(headers.items())
+            block = self._header_blocks.get(key)  # type: ignore[arg-type]
+        except TypeError:  # an unhashable value: written, not kept
+            key, block = None, None
         if block is None:
-            lines = [_header_line(k, v) for k, v in key]
+            lines = [_header_line(k, v) for k, v in headers.items()]
             block = self._defaults_besides(headers) + b"".join(lines)
-            if len(self._header_blocks) < _MAX_CACHED:
+            if (
+                key is not None
+                and len(self._header_blocks) < _MAX_CACHED
+                and all(type(k) is str and type(v) is str for k, v in key)
+            ):
                 self._header_blocks[key] = block
         return block
 
