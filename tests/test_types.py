@@ -58,3 +58,35 @@ def test_to_dict_gives_every_slot_in_order_with_objects_as_dicts(cls, data):
     assert out == reference(obj)
     assert list(out) == list(cls.__slots__)
     assert obj.model_dump() == out
+
+
+def test_a_hand_written_to_dict_or_model_dump_is_kept_by_the_class_and_its_subclasses():
+    class Custom(_Obj):
+        __slots__ = ("a",)
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"custom": True}
+
+    class FromCustom(Custom):
+        __slots__ = ("b",)
+
+    class OwnDump(_Obj):
+        __slots__ = ("a",)
+
+        def model_dump(self) -> dict[str, Any]:
+            return {"own": True}
+
+    class FromGenerated(types.Function):
+        __slots__ = ("extra",)
+
+    obj = FromCustom()
+    obj.a, obj.b = 1, 2
+    assert obj.to_dict() == {"custom": True}
+    own = OwnDump()
+    own.a = 1
+    assert own.to_dict() == {"a": 1} and own.model_dump() == {"own": True}
+    derived = FromGenerated("f", "{}")
+    derived.extra = 3
+    assert derived.to_dict() == {"extra": 3}  # its own slots, as the slot walk gave
+    assert FromGenerated.to_dict.__qualname__.endswith("FromGenerated.to_dict")
+    assert types.Usage.to_dict.__module__ == "lunar._types"

@@ -30,10 +30,17 @@ class _Obj:
     __slots__: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
+        """Each class gets a ``to_dict`` written for its slots, unless it (or a base
+        between it and ``_Obj``) has its own."""
         super().__init_subclass__(**kwargs)
-        if "to_dict" not in cls.__dict__:
-            to_dict = _to_dict_for(cls.__slots__)
-            cls.to_dict = cls.model_dump = to_dict  # type: ignore[method-assign,assignment]
+        to_dict = None
+        for name in ("to_dict", "model_dump"):
+            inherited = getattr(cls, name)
+            if name not in cls.__dict__ and (
+                inherited is _Obj.to_dict or getattr(inherited, "_from_slots", False)
+            ):
+                to_dict = to_dict or _to_dict_for(cls)
+                setattr(cls, name, to_dict)
 
     def to_dict(self) -> dict[str, Any]:
         return {}
@@ -68,18 +75,22 @@ def _dump(value: Any) -> Any:
     return value
 
 
-def _to_dict_for(fields: tuple[str, ...]) -> Callable[[Any], dict[str, Any]]:
-    """``to_dict`` for a class with these ``__slots__``: one dict display, written out per
-    class (as dataclasses write their ``__init__``). A loop of ``getattr`` over the slots
-    took twice as long, and the gateway writes every answer through this. Most fields are
-    scalars: one exact-type lookup each instead of two ``isinstance`` calls."""
+def _to_dict_for(cls: type[_Obj]) -> Callable[[Any], dict[str, Any]]:
+    """``to_dict`` for ``cls``'s ``__slots__``: one dict display, written out per class (as
+    dataclasses write their ``__init__``). A loop of ``getattr`` over the slots took twice
+    as long, and the gateway writes every answer through this. Most fields are scalars:
+    one exact-type lookup each instead of two ``isinstance`` calls."""
     items = "".join(
         f"{name!r}: v if (v := self.{name}).__class__ in _SCALARS else _dump(v), "
-        for name in fields
+        for name in cls.__slots__
     )
-    namespace: dict[str, object] = {"_SCALARS": _SCALARS, "_dump": _dump}
+    namespace: dict[str, Any] = {"_SCALARS": _SCALARS, "_dump": _dump}
     exec(f"def to_dict(self):\n    return {{{items}}}\n", namespace)
-    return namespace["to_dict"]  # type: ignore[return-value]
+    to_dict = namespace["to_dict"]
+    to_dict.__qualname__ = f"{cls.__qualname__}.to_dict"
+    to_dict.__module__ = cls.__module__
+    to_dict._from_slots = True
+    return to_dict  # type: ignore[no-any-return]
 
 
 class Usage(_Obj):
