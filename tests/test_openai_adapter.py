@@ -241,12 +241,20 @@ def test_compact_json_writes_what_the_general_encoder_writes(chunk):
         assert sent[6:-2] == utf8(chunk.compact_json())
 
 
-ENVELOPES = [  # (id, created, model, provider, fingerprint): a few, so that chunks share them
-    ("c1", 1, "m", "openai", None),
-    ("c1", True, "m", "openai", None),  # equal to the first in a tuple, but written "true"
-    ("c1", 1, "m", None, "fp"),
-    (7, 2**40, "m\u2028", "openai", "fp"),
-    ("c2", 1.5, "m", "openai", None),
+_CHUNK = "chat.completion.chunk"
+ENVELOPES = [  # (id, created, model, object, provider, fingerprint), shared between chunks
+    ("c1", 1, "m", _CHUNK, "openai", None),
+    ("c1", True, "m", _CHUNK, "openai", None),  # equal to the first in a tuple, but "true"
+    # each differs from the first in one field
+    ("c2", 1, "m", _CHUNK, "openai", None),
+    ("c1", 2, "m", _CHUNK, "openai", None),
+    ("c1", 1, "m2", _CHUNK, "openai", None),
+    ("c1", 1, "m", "chat.completion", "openai", None),
+    ("c1", 1, "m", _CHUNK, None, None),
+    ("c1", 1, "m", _CHUNK, "openai", "fp"),
+    # not the usual shape
+    (7, 2**40, "m\u2028", _CHUNK, "openai", "fp"),
+    ("c2", 1.5, "m", _CHUNK, "openai", None),
 ]
 
 
@@ -277,8 +285,8 @@ def test_one_writer_for_a_whole_stream_writes_each_chunk_as_the_general_encoder(
     from lunar.server.dialects import ChatWriter
 
     writer = ChatWriter()
-    for chunk, (id, created, model, provider, fp) in stream:
-        chunk.id, chunk.created, chunk.model = id, created, model
+    for chunk, (id, created, model, obj, provider, fp) in stream:
+        chunk.id, chunk.created, chunk.model, chunk.object = id, created, model, obj
         chunk.provider, chunk.system_fingerprint = provider, fp
         sent = writer.chunk(chunk)
         assert sent.startswith(b"data: ") and sent.endswith(b"\n\n")
