@@ -85,7 +85,8 @@ def _to_dict_for(cls: type[_Obj]) -> Callable[[Any], dict[str, Any]]:
         for name in cls.__slots__
     )
     namespace: dict[str, Any] = {"_SCALARS": _SCALARS, "_dump": _dump}
-    exec(f"def to_dict(self):\n    return {{{items}}}\n", namespace)
+    source = f"def to_dict(self):\n    return {{{items}}}\n"
+    exec(compile(source, f"<{cls.__qualname__}.to_dict from __slots__>", "exec"), namespace)
     to_dict = namespace["to_dict"]
     to_dict.__qualname__ = f"{cls.__qualname__}.to_dict"
     to_dict.__module__ = cls.__module__
