@@ -4,6 +4,7 @@ machine's noise, for before/after comparisons of the gateway's own work.
     python bench/instructions.py [--requests 500] [--against REV] [--stream] [--chunks 16]
                                  [--pacing-ms 0]
     python bench/instructions.py --profile [--stream] [--chunks 64] [--requests 1500]
+    python bench/instructions.py --opcodes [--stream] [--pacing-ms 2] [--requests 100]
 
 The gateway's ASGI app runs in-process, driven request after request by a minimal ASGI
 caller (no HTTP server: uvicorn's share is not counted), with the emulator as its upstream
@@ -31,12 +32,16 @@ which has no ledger, 511k vs 509k). Compare counts taken at the same pacing.
 
 ``--profile`` shows where that work goes instead: py-spy (the ``dev`` extra) samples the same
 in-process driver, and the functions with the most samples under the app are printed.
+``--opcodes`` counts instead the bytecodes each Python function runs per request (a trace
+function with opcode events, after the warm-up): exact and repeatable, and blind to C
+code, which the instruction count sees.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -128,7 +133,41 @@ async def _lifespan(app: Any) -> asyncio.Task[None]:
     return task
 
 
-async def _run_driver(which: str, upstream: str, n: int, stream: bool, work: Path) -> None:
+@contextlib.contextmanager
+def _counting_opcodes() -> Iterator[collections.Counter[str]]:
+    """Bytecodes run per function (``file:line:name``) while the block runs."""
+    counts: collections.Counter[str] = collections.Counter()
+
+    def on_call(frame: Any, event: str, arg: Any) -> Any:
+        frame.f_trace_opcodes = True
+        frame.f_trace_lines = False
+        code = frame.f_code
+        where = code.co_filename.split("/src/")[-1].split("site-packages/")[-1]
+        key = f"{where}:{code.co_firstlineno}:{code.co_qualname}"
+
+        def on_opcode(frame: Any, event: str, arg: Any) -> Any:
+            if event == "opcode":
+                counts[key] += 1
+            return on_opcode
+
+        return on_opcode
+
+    sys.settrace(on_call)
+    try:
+        yield counts
+    finally:
+        sys.settrace(None)
+
+
+def _print_opcodes(counts: collections.Counter[str], n: int, top: int = 30) -> None:
+    print(f"bytecodes per request: {sum(counts.values()) / n:,.0f}; by function:")
+    for key, count in counts.most_common(top):
+        print(f"{count / n:9,.1f}  {key}")
+
+
+async def _run_driver(
+    which: str, upstream: str, n: int, stream: bool, work: Path, opcodes: bool = False
+) -> None:
     body = request_body(stream)
     json_header = (b"content-type", b"application/json")
     if which == "relay":
@@ -154,7 +193,13 @@ async def _run_driver(which: str, upstream: str, n: int, stream: bool, work: Pat
         getattr(cli, "tune_gc", getattr(cli, "freeze_heap", lambda: None))()
         await app.startup()
         headers = [json_header, (b"authorization", b"Bearer " + MASTER.encode())]
-    await _drive(app, headers, body, WARM_UP + n)
+    if opcodes:
+        await _drive(app, headers, body, WARM_UP)
+        with _counting_opcodes() as counts:
+            await _drive(app, headers, body, n)
+        _print_opcodes(counts, n)
+    else:
+        await _drive(app, headers, body, WARM_UP + n)
     if which == "relay":
         lifespan.cancel()
     else:
@@ -169,7 +214,11 @@ def driver_main(args: argparse.Namespace) -> None:
     except ImportError:
         run = asyncio.run
     with tempfile.TemporaryDirectory() as work:
-        run(_run_driver(args.drive, args.upstream, args.requests, args.stream, Path(work)))
+        run(
+            _run_driver(
+                args.drive, args.upstream, args.requests, args.stream, Path(work), args.opcodes
+            )
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,6 +297,17 @@ def profile(args: argparse.Namespace) -> None:
         print(top(raw, 30, within="_one ("))
 
 
+def opcodes(args: argparse.Namespace) -> None:
+    from gateway import procs
+
+    with procs.Procs(Path(tempfile.mkdtemp(prefix="lunar-instr-"))) as ps:
+        emu = procs.start_emulator(ps, chunks=args.chunks, pacing_ms=args.pacing_ms)
+        drive = [sys.executable, str(Path(__file__).resolve()), "--drive", "lunar", "--opcodes"]
+        drive += ["--upstream", emu.v1, "--requests", str(args.requests)]
+        drive += ["--stream"] if args.stream else []
+        subprocess.run(drive, check=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=500)
@@ -258,6 +318,7 @@ def main() -> None:
         "--pacing-ms", type=float, default=0.0, help="the upstream's pause between events"
     )
     ap.add_argument("--profile", action="store_true", help="instead: where the work goes (py-spy)")
+    ap.add_argument("--opcodes", action="store_true", help="instead: bytecodes per function")
     ap.add_argument("--drive", choices=["lunar", "relay"], help=argparse.SUPPRESS)
     ap.add_argument("--upstream", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -270,6 +331,9 @@ def main() -> None:
         ap.error("--requests must be at least 50 (the short run is a fifth of it)")
     if args.profile:
         profile(args)
+        return
+    if args.opcodes:
+        opcodes(args)
         return
     if shutil.which("valgrind") is None:
         sys.exit("needs valgrind: apt-get install -y valgrind")
