@@ -69,21 +69,17 @@ def scaled_round(x: float, scale: float) -> float:
     return round(x * scale) / scale
 
 
-def _usd(x: float) -> float:
-    return scaled_round(x, 1e10)
-
-
 def cost(usage: Usage, prices: Prices) -> None:
     """Fill the cost fields of ``usage`` in place: tokens / 1e6 x price, per side, rounded to
     10 decimals. Cached input tokens are billed at the cached price when there is one."""
     cached = min(usage.cached_tokens, usage.prompt_tokens) if prices.cached_input is not None else 0
-    input_cost = _usd((usage.prompt_tokens - cached) * prices.input / 1e6)
-    cached_cost = _usd(cached * (prices.cached_input or 0.0) / 1e6)
-    output_cost = _usd(usage.completion_tokens * prices.output / 1e6)
+    input_cost = scaled_round((usage.prompt_tokens - cached) * prices.input / 1e6, 1e10)
+    cached_cost = scaled_round(cached * (prices.cached_input or 0.0) / 1e6, 1e10)
+    output_cost = scaled_round(usage.completion_tokens * prices.output / 1e6, 1e10)
     usage.input_cost_usd = input_cost
     usage.cached_input_cost_usd = cached_cost
     usage.output_cost_usd = output_cost
-    usage.total_cost_usd = _usd(input_cost + cached_cost + output_cost)
+    usage.total_cost_usd = scaled_round(input_cost + cached_cost + output_cost, 1e10)
 
 
 def _check_price(value: Any, model: str, deployment: Mapping[str, Any], field: str) -> None:
