@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import contextlib
+import gc
+import inspect
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -63,3 +67,39 @@ def busy_connections(client: object) -> int:
 
 
 os.environ.setdefault("LUNAR_TEST", "1")
+
+
+def _lunar_own(o: Any) -> bool:
+    from lunar import LunarError
+    from lunar._engine import Attempt, Plan, StreamFinisher, Trace
+    from lunar.server.app import _Watch
+
+    if isinstance(o, (LunarError, Attempt, Plan, StreamFinisher, Trace, _Watch)):
+        return True
+    if not inspect.isframe(o):
+        return False
+    name = o.f_code.co_filename
+    return "/lunar/" in name and "/lunar/testing/" not in name
+
+
+@contextlib.contextmanager
+def cyclic_garbage() -> Iterator[list[Any]]:
+    """What the block leaves of Lunar's own that only the cyclic GC can free (its errors,
+    plans, traces, watches, and frames of its code), filled in when the block ends.
+    Reference counting frees the rest; a cycle would wait for a collection, and under
+    load those pause the event loop. Async code: let callbacks run before the block ends."""
+    enabled, kept = gc.isenabled(), list(gc.garbage)
+    found: list[Any] = []
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept, to be looked at
+    try:
+        yield found
+        gc.collect()
+        # Only Lunar's own: the emulator's thread and the test's clients run meanwhile.
+        found.extend(o for o in gc.garbage if _lunar_own(o))
+    finally:
+        gc.set_debug(0)
+        gc.garbage[:] = kept
+        if enabled:
+            gc.enable()

@@ -7,6 +7,8 @@ caller a failure may be retried or fall back; after it, it raises in the caller'
 
 from __future__ import annotations
 
+import traceback
+
 import httpx
 import pytest
 
@@ -14,6 +16,7 @@ from lunar import (
     APIConnectionError,
     APITimeoutError,
     AsyncLunar,
+    AuthenticationError,
     BadRequestError,
     Lunar,
     RateLimitError,
@@ -23,7 +26,7 @@ from lunar import (
 )
 from lunar.testing import Reply
 
-from .conftest import busy_connections
+from .conftest import busy_connections, cyclic_garbage
 
 MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 FAST = {"max_retries": 0, "timeout": 2.0}
@@ -254,6 +257,43 @@ async def test_every_candidate_failing_raises_last_error_with_all_attempts(mock,
         ("llama-3.1-8b", "together"),
         ("llama-3.1-8b", "fireworks"),
     ]
+
+
+@MODES
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("how", ["retry", "fallback"])
+async def test_a_failure_a_retry_or_fallback_hides_leaves_no_reference_cycle(
+    mock, mode, stream, how
+):
+    """A failed attempt is kept in the request's plan; its traceback held the engine's
+    frame, which holds the plan: a cycle (with the request's body and, streamed, its
+    chunks) after every retry or fallback, even one that served, that only the cyclic GC
+    frees. The frames below the engine's, where the error came from, are kept."""
+    mock.enqueue(Reply(status=503, retry_after=0), model="gpt-4o-mini")
+    kw = {"fallbacks": ["llama-3.1-8b"]} if how == "fallback" else {}
+    with cyclic_garbage() as left:
+        result, _ = await run(mode, stream=stream, client_kw={"max_retries": 0 if kw else 1}, **kw)
+    final = result[-1] if stream else result
+    assert final.provider == ("groq" if kw else "openai")
+    assert left == []
+
+
+@MODES
+async def test_a_provider_without_a_key_fails_each_request_with_an_error_of_its_own(mode):
+    """A provider with no key fails the request before any HTTP. That error was made once
+    and kept: raised again by every request, its traceback grew by each raise (the frames
+    of every request so far, and what they held), and its ``attempts`` were shared."""
+    errors = []
+    client = Lunar() if mode == "sync" else AsyncLunar()
+    for _ in range(3):
+        with pytest.raises(AuthenticationError) as info:
+            done = client.chat.completions.create(model="claude-3-haiku", messages=MESSAGES)
+            if mode != "sync":
+                await done
+        errors.append(info.value)
+    assert len({id(e) for e in errors}) == 3
+    assert len({len(traceback.extract_tb(e.__traceback__)) for e in errors}) == 1
+    assert [[a.error for a in e.attempts] for e in errors] == [[e] for e in errors]
 
 
 @pytest.fixture

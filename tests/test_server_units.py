@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import gc
 import hashlib
-import inspect
 import json
 import sqlite3
 import subprocess
@@ -27,6 +25,8 @@ from lunar.server.keys import KeyRing, hash_key, hint, key_from_request, new_key
 from lunar.server.limits import UNUSED, Estimate, InMemoryLimiter, Refusal, Ticket, needs_estimate
 from lunar.server.storage import KeyRecord, parse_time
 from lunar.testing import MockServer, Reply
+
+from .conftest import cyclic_garbage
 
 
 class Clock:
@@ -643,35 +643,63 @@ async def test_a_watched_request_leaves_no_garbage_cycle(tmp_path, monkeypatch):
             status, _ = await post_chat(app, master, {**body, "stream": stream})
             return status
 
-        enabled, kept = gc.isenabled(), list(gc.garbage)
         try:
             assert await one(stream=True) == 200  # started, and warm
-            gc.collect()
-            gc.disable()
-            gc.set_debug(gc.DEBUG_SAVEALL)  # what a collection finds is kept, to be looked at
-            statuses = [await one(stream=s) for s in (True, False, True, False)]
-            for _ in range(3):
-                await asyncio.sleep(0)  # the stopped watchers run their cancellation
-            gc.collect()
-            # Only what the gateway's own code left: the emulator's thread runs meanwhile.
-            left = [
-                o
-                for o in gc.garbage
-                if isinstance(o, gateway._Watch)
-                or (
-                    inspect.isframe(o)
-                    and "/lunar/" in o.f_code.co_filename
-                    and "/lunar/testing/" not in o.f_code.co_filename
-                )
-            ]
+            with cyclic_garbage() as left:
+                statuses = [await one(stream=s) for s in (True, False, True, False)]
+                for _ in range(3):
+                    await asyncio.sleep(0)  # the stopped watchers run their cancellation
         finally:
-            gc.set_debug(0)
-            gc.garbage[:] = kept
-            if enabled:
-                gc.enable()
             await app.shutdown()
     assert statuses == [200] * 4
     assert started == 5  # every request's watch ran
+    assert left == []
+
+
+# Failures of every kind the gateway answers: what the upstream does, stream, fallbacks;
+# the status the client gets and the upstream requests made.
+E500 = Reply(status=500, retry_after=0)
+FAILING = {
+    "a 400, not retried": ([Reply(status=400)], False, [], 400, 1),
+    "500s until the retries are spent": ([E500] * 3, False, [], 500, 3),
+    "500s until the retries are spent, streamed": ([E500] * 3, True, [], 500, 3),
+    "a 500, then a retry that serves": ([E500], False, [], 200, 2),
+    "a 500, then a retry that serves, streamed": ([E500], True, [], 200, 2),
+    "500s, then a fallback that serves": ([E500] * 3, False, ["gpt-4o"], 200, 4),
+    "500s, then a fallback that serves, streamed": ([E500] * 3, True, ["gpt-4o"], 200, 4),
+    "cut after the first chunks": ([Reply(chunks=6, cut_after=2)], True, [], 200, 1),
+    "an error event after the first chunks": ([Reply(chunks=6, error_after=2)], True, [], 200, 1),
+}
+
+
+@pytest.mark.parametrize("case", list(FAILING))
+async def test_a_failed_attempt_leaves_no_reference_cycle(tmp_path, case):
+    """A failure, whether the client sees it or a retry or a fallback hides it, leaves
+    nothing of Lunar's that only the cyclic GC can free. Before, a failed attempt's
+    traceback held the engine's frames, which hold the request's plan, which holds the
+    error: 32 to 105 objects a failed request (the request's body and chunks among them),
+    kept until a collection; during a provider's outage, that is every request."""
+    replies, stream, fallbacks, status, sent = FAILING[case]
+    master = "m" * 32
+    with MockServer() as upstream:
+        env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
+        db = str(tmp_path / "g.db")
+        app = create_app(load_config(None, {**env, "LUNAR_MASTER_KEY": master}, db=db))
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": stream,
+            "fallbacks": fallbacks,
+        }
+        upstream.enqueue(*replies, model="gpt-4o-mini")
+        try:
+            with cyclic_garbage() as left:
+                got, _ = await post_chat(app, master, body)
+                for _ in range(3):
+                    await asyncio.sleep(0)
+        finally:
+            await app.shutdown()
+    assert (got, len(upstream.requests)) == (status, sent)
     assert left == []
 
 

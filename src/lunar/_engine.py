@@ -65,7 +65,7 @@ class Router:
         self.fallbacks = {k: list(v) for k, v in (fallbacks or {}).items()}
         self.remote = remote
         self._environ = os.environ if environ is None else environ
-        self._targets: dict[Deployment, Target | LunarError] = {}
+        self._targets: dict[Deployment, Target] = {}
 
     def chain(
         self, opts: RequestOptions, body: Mapping[str, Any] | None = None
@@ -110,9 +110,15 @@ class Router:
 
     def target(self, dep: Deployment) -> Target | LunarError:
         cached = self._targets.get(dep)
-        if cached is None:
-            cached = self._targets[dep] = self._make_target(dep)
-        return cached
+        if cached is not None:
+            return cached
+        made = self._make_target(dep)
+        # An error is made anew for each request, never kept: one object raised again and
+        # again would grow its traceback by every raise (the frames, and what they hold,
+        # of every request so far) and share its ``attempts`` between requests.
+        if isinstance(made, Target):
+            self._targets[dep] = made
+        return made
 
     def _make_target(self, dep: Deployment) -> Target | LunarError:
         spec = self.catalog.providers.get(dep.provider)
@@ -298,6 +304,25 @@ class Plan:
         err.attempts = self.attempts
         return err
 
+    def got_through(self) -> None:
+        """An attempt got through (its answer, or a stream's first chunk): the failures
+        before it will not be raised, and their tracebacks go. A traceback holds the
+        frames the error passed, and a frame its caller's, up to the engine's frame that
+        holds this plan: kept, they would tie the plan, its attempts and the request's data
+        (body, chunks) into a cycle that only the cyclic GC frees, after every retry or
+        fallback that served."""
+        if self.attempts:
+            _drop_tracebacks(attempt.error for attempt in self.attempts)
+
+    def release(self) -> None:
+        """For a caller done with the request's errors (the gateway, once they are in its
+        ledger): drops what still ties them into cycles, so reference counting frees the
+        request at once: their tracebacks, and the ``attempts`` of the error raised, which
+        hold that error itself."""
+        for attempt in self.attempts:
+            attempt.error.attempts = []
+        _drop_tracebacks(attempt.error for attempt in self.attempts)
+
     def succeeded(self, step: Step, usage: Usage | None) -> None:
         if self._health is not None and usage is not None:
             self._health.success(step.target.deployment, usage.ttft_ms, usage.latency_ms)
@@ -312,6 +337,18 @@ class Plan:
 
 # ---------------------------------------------------------------------------------------------
 # Usage, cost and timing
+
+
+def _drop_tracebacks(errors: Iterable[BaseException]) -> None:
+    """Each error's traceback, and those of its causes and contexts, set to None."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = list(errors)
+    while todo:
+        err = todo.pop()
+        if err is not None and id(err) not in seen:
+            seen.add(id(err))
+            err.__traceback__ = None
+            todo += (err.__cause__, err.__context__)
 
 
 def estimate_tokens(text_chars: int) -> int:
@@ -645,6 +682,7 @@ class SyncEngine:
             except LunarError as err:
                 plan.failed(step, err)
                 continue
+            plan.got_through()
             plan.succeeded(step, completion.usage)
             return completion
         raise plan.error()
@@ -690,6 +728,7 @@ class SyncEngine:
             except LunarError as err:
                 plan.failed(step, err)
                 continue
+            plan.got_through()
             finisher = StreamFinisher(step.target, body, started, json_check)
             if trace is not None:
                 trace.stream = finisher
@@ -814,6 +853,7 @@ class AsyncEngine:
             except LunarError as err:
                 plan.failed(step, err)
                 continue
+            plan.got_through()
             plan.succeeded(step, completion.usage)
             return completion
         raise plan.error()
@@ -851,6 +891,7 @@ class AsyncEngine:
             except LunarError as err:
                 plan.failed(step, err)
                 continue
+            plan.got_through()
             finisher = StreamFinisher(step.target, body, started, json_check)
             if trace is not None:
                 trace.stream = finisher

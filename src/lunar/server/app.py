@@ -670,6 +670,9 @@ class Gateway:
             if not call.recorded:
                 self._close(call)
                 self.storage.record(row)
+            plan = call.trace.plan
+            if plan is not None and plan.attempts:  # a failed attempt's error, recorded
+                plan.release()
 
     def _check_access(
         self, key: KeyRecord, opts: RequestOptions
