@@ -72,9 +72,10 @@ os.environ.setdefault("LUNAR_TEST", "1")
 def _lunar_own(o: Any) -> bool:
     from lunar import LunarError
     from lunar._engine import Attempt, Plan, StreamFinisher, Trace
+    from lunar._http import _Connection
     from lunar.server.app import _Watch
 
-    if isinstance(o, (LunarError, Attempt, Plan, StreamFinisher, Trace, _Watch)):
+    if isinstance(o, (LunarError, Attempt, Plan, StreamFinisher, Trace, _Watch, _Connection)):
         return True
     if not inspect.isframe(o):
         return False
@@ -85,7 +86,8 @@ def _lunar_own(o: Any) -> bool:
 @contextlib.contextmanager
 def cyclic_garbage() -> Iterator[list[Any]]:
     """What the block leaves of Lunar's own that only the cyclic GC can free (its errors,
-    plans, traces, watches, and frames of its code), filled in when the block ends.
+    plans, traces, watches, upstream connections, and frames of its code), filled in when
+    the block ends.
     Reference counting frees the rest; a cycle would wait for a collection, and under
     load those pause the event loop. Async code: let callbacks run before the block ends."""
     enabled, kept = gc.isenabled(), list(gc.garbage)

@@ -4,6 +4,7 @@ keys, and the app called in-process."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -481,20 +483,24 @@ def test_to_toml_writes_nested_tables():
 # The app in-process (no lifespan: it starts itself on the first request)
 
 
-async def post_chat(app: Any, master: str, body: dict) -> tuple[int, list[bytes]]:
+async def post_chat(
+    app: Any, master: str, body: dict, leave_after: int | None = None
+) -> tuple[int, list[bytes]]:
     """POST /v1/chat/completions to the ASGI app in-process, as a client that stays
-    connected until the answer ends: its status and body writes."""
+    connected until the answer ends (or leaves after ``leave_after`` body writes): its
+    status and body writes."""
     request = json.dumps(body).encode()
     delivered = False
     status = 0
     writes: list[bytes] = []
+    gone = asyncio.Event()
 
     async def receive() -> dict:
         nonlocal delivered
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": request, "more_body": False}
-        await asyncio.Event().wait()  # the client stays, as a server's receive waits
+        await gone.wait()  # until then the client stays, as a server's receive waits
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
@@ -503,11 +509,29 @@ async def post_chat(app: Any, master: str, body: dict) -> tuple[int, list[bytes]
             status = message["status"]
         elif message["type"] == "http.response.body":
             writes.append(message["body"])
+            if len(writes) == leave_after:
+                gone.set()
 
     headers = [(b"authorization", f"Bearer {master}".encode())]
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
     await app({**scope, "headers": headers}, receive, send)
     return status, writes
+
+
+MASTER = "m" * 32
+
+
+@contextlib.asynccontextmanager
+async def gateway_before(upstream: MockServer, tmp_path: Any) -> AsyncIterator[Any]:
+    """The gateway's app, in-process, master key ``MASTER``, in front of ``upstream``
+    (as OpenAI); shut down when the block ends."""
+    env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
+    env["LUNAR_MASTER_KEY"] = MASTER
+    app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
+    try:
+        yield app
+    finally:
+        await app.shutdown()
 
 
 async def test_create_app_serves_in_process(tmp_path):
@@ -631,26 +655,20 @@ async def test_a_watched_request_leaves_no_garbage_cycle(tmp_path, monkeypatch):
 
     monkeypatch.setattr(gateway._Watch, "WATCH_AFTER_S", 0.0)
     monkeypatch.setattr(gateway._Watch, "_start", counted_start)
-    master = "m" * 32
     with MockServer() as upstream:
         upstream.default = Reply(chunks=4, pacing=0.01)
-        env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
-        db = str(tmp_path / "g.db")
-        app = create_app(load_config(None, {**env, "LUNAR_MASTER_KEY": master}, db=db))
+        async with gateway_before(upstream, tmp_path) as app:
 
-        async def one(stream: bool) -> int:
-            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
-            status, _ = await post_chat(app, master, {**body, "stream": stream})
-            return status
+            async def one(stream: bool) -> int:
+                body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+                status, _ = await post_chat(app, MASTER, {**body, "stream": stream})
+                return status
 
-        try:
             assert await one(stream=True) == 200  # started, and warm
             with cyclic_garbage() as left:
                 statuses = [await one(stream=s) for s in (True, False, True, False)]
                 for _ in range(3):
                     await asyncio.sleep(0)  # the stopped watchers run their cancellation
-        finally:
-            await app.shutdown()
     assert statuses == [200] * 4
     assert started == 5  # every request's watch ran
     assert left == []
@@ -680,26 +698,41 @@ async def test_a_failed_attempt_leaves_no_reference_cycle(tmp_path, case):
     error: 32 to 105 objects a failed request (the request's body and chunks among them),
     kept until a collection; during a provider's outage, that is every request."""
     replies, stream, fallbacks, status, sent = FAILING[case]
-    master = "m" * 32
+    body = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": "hi"}],
+        "stream": stream,
+        "fallbacks": fallbacks,
+    }
     with MockServer() as upstream:
-        env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
-        db = str(tmp_path / "g.db")
-        app = create_app(load_config(None, {**env, "LUNAR_MASTER_KEY": master}, db=db))
-        body = {
-            "model": "gpt-4o-mini",
-            "messages": [{"role": "user", "content": "hi"}],
-            "stream": stream,
-            "fallbacks": fallbacks,
-        }
         upstream.enqueue(*replies, model="gpt-4o-mini")
-        try:
+        async with gateway_before(upstream, tmp_path) as app:
             with cyclic_garbage() as left:
-                got, _ = await post_chat(app, master, body)
+                got, _ = await post_chat(app, MASTER, body)
                 for _ in range(3):
                     await asyncio.sleep(0)
-        finally:
-            await app.shutdown()
     assert (got, len(upstream.requests)) == (status, sent)
+    assert left == []
+
+
+async def test_a_client_gone_mid_stream_leaves_no_reference_cycle(tmp_path, monkeypatch):
+    """A client that leaves mid-stream (a user's "stop") ends the request and closes its
+    upstream connection, which leaves nothing for the cyclic GC either: the connection's
+    HTTP parser held its callbacks, a cycle that kept a closed connection, with its buffers
+    and error, until a collection."""
+    from lunar.server import app as gateway
+
+    monkeypatch.setattr(gateway._Watch, "WATCH_AFTER_S", 0.0)
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with MockServer() as upstream:
+        upstream.default = Reply(chunks=40, pacing=0.01)
+        async with gateway_before(upstream, tmp_path) as app:
+            with cyclic_garbage() as left:
+                _, writes = await post_chat(app, MASTER, body, leave_after=2)
+                for _ in range(5):
+                    await asyncio.sleep(0.01)  # the closed connection is told it is lost
+    assert len(writes) == 2  # it left before the end
+    assert upstream.disconnects == 1  # and the upstream connection was closed
     assert left == []
 
 

@@ -114,6 +114,9 @@ class _Connection(asyncio.Protocol):
             detail = f": {exc}" if exc else ""
             self._fail(TransportError(f"The server closed the connection{detail}"))
         self._wake()
+        # The parser holds this connection's callbacks: a cycle that would keep a closed
+        # connection (its buffers, its error) for the cyclic GC. Nothing arrives any more.
+        del self.parser
 
     # -- httptools ----------------------------------------------------------------------------
 
