@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+import lunar
 from lunar._http import AsyncPool
 from lunar.testing import MockServer
 
@@ -69,9 +70,11 @@ def busy_connections(client: object) -> int:
 os.environ.setdefault("LUNAR_TEST", "1")
 
 
-def _lunar_own(o: Any) -> bool:
-    from lunar import LunarError
-    from lunar._engine import Attempt, Plan, StreamFinisher, Trace
+def lunar_own(o: Any) -> bool:
+    """An object of Lunar's own: one of its errors, plans, traces, watches, upstream
+    connections, or a frame of its code (not the emulator's)."""
+    from lunar._engine import Plan, StreamFinisher, Trace
+    from lunar._errors import Attempt, LunarError
     from lunar._http import _Connection
     from lunar.server.app import _Watch
 
@@ -80,16 +83,22 @@ def _lunar_own(o: Any) -> bool:
     if not inspect.isframe(o):
         return False
     name = o.f_code.co_filename
-    return "/lunar/" in name and "/lunar/testing/" not in name
+    return name.startswith(_PACKAGE) and not name.startswith(_EMULATOR)
+
+
+# Lunar's own code by where it is, whatever the checkout's directory is called.
+_PACKAGE = os.path.dirname(lunar.__file__) + os.sep
+_EMULATOR = os.path.join(_PACKAGE, "testing") + os.sep
 
 
 @contextlib.contextmanager
-def cyclic_garbage() -> Iterator[list[Any]]:
+def cyclic_garbage(only_lunar: bool = True) -> Iterator[list[Any]]:
     """What the block leaves of Lunar's own that only the cyclic GC can free (its errors,
     plans, traces, watches, upstream connections, and frames of its code), filled in when
     the block ends.
     Reference counting frees the rest; a cycle would wait for a collection, and under
-    load those pause the event loop. Async code: let callbacks run before the block ends."""
+    load those pause the event loop. Async code: let callbacks run before the block ends.
+    ``only_lunar=False``: all of it, the process's."""
     enabled, kept = gc.isenabled(), list(gc.garbage)
     found: list[Any] = []
     gc.collect()
@@ -99,7 +108,7 @@ def cyclic_garbage() -> Iterator[list[Any]]:
         yield found
         gc.collect()
         # Only Lunar's own: the emulator's thread and the test's clients run meanwhile.
-        found.extend(o for o in gc.garbage if _lunar_own(o))
+        found.extend(o for o in gc.garbage if lunar_own(o) or not only_lunar)
     finally:
         gc.set_debug(0)
         gc.garbage[:] = kept

@@ -268,7 +268,7 @@ async def test_a_failure_a_retry_or_fallback_hides_leaves_no_reference_cycle(
     """A failed attempt is kept in the request's plan; its traceback held the engine's
     frame, which holds the plan: a cycle (with the request's body and, streamed, its
     chunks) after every retry or fallback, even one that served, that only the cyclic GC
-    frees. The frames below the engine's, where the error came from, are kept."""
+    frees. Once an attempt serves, the failed ones' tracebacks go."""
     mock.enqueue(Reply(status=503, retry_after=0), model="gpt-4o-mini")
     kw = {"fallbacks": ["llama-3.1-8b"]} if how == "fallback" else {}
     with cyclic_garbage() as left:
@@ -276,6 +276,32 @@ async def test_a_failure_a_retry_or_fallback_hides_leaves_no_reference_cycle(
     final = result[-1] if stream else result
     assert final.provider == ("groq" if kw else "openai")
     assert left == []
+
+
+@MODES
+@pytest.mark.parametrize("stream", [True, False])
+async def test_a_retry_inside_the_callers_except_leaves_the_callers_exception_whole(
+    mock, mode, stream
+):
+    """Called while the caller handles an exception, the engine's errors chain to it (their
+    ``__context__``). Dropping the failed attempts' tracebacks stops there: the caller's
+    exception keeps its traceback, and its own context keeps theirs."""
+    mock.enqueue(Reply(status=503, retry_after=0), model="gpt-4o-mini")
+    context = LookupError("its context")
+    try:
+        raise context
+    except LookupError:
+        pass
+    try:
+        raise ValueError("the caller's own")
+    except ValueError as own:
+        own.__context__ = context
+        result, _ = await run(mode, stream=stream, client_kw={"max_retries": 1})
+        assert own.__traceback__ is not None
+    assert context.__traceback__ is not None
+    final = result[-1] if stream else result
+    assert final.usage.total_cost_usd > 0  # served, by the retry
+    assert len(mock.requests) == 2
 
 
 @MODES

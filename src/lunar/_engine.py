@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import json
 import os
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -65,7 +67,7 @@ class Router:
         self.fallbacks = {k: list(v) for k, v in (fallbacks or {}).items()}
         self.remote = remote
         self._environ = os.environ if environ is None else environ
-        self._targets: dict[Deployment, Target] = {}
+        self._targets: dict[Deployment, Target | Callable[[], LunarError]] = {}
 
     def chain(
         self, opts: RequestOptions, body: Mapping[str, Any] | None = None
@@ -110,21 +112,21 @@ class Router:
 
     def target(self, dep: Deployment) -> Target | LunarError:
         cached = self._targets.get(dep)
-        if cached is not None:
-            return cached
-        made = self._make_target(dep)
-        # An error is made anew for each request, never kept: one object raised again and
-        # again would grow its traceback by every raise (the frames, and what they hold,
-        # of every request so far) and share its ``attempts`` between requests.
-        if isinstance(made, Target):
-            self._targets[dep] = made
-        return made
+        if cached is None:
+            cached = self._targets[dep] = self._make_target(dep)
+        # An error is made anew for each request: one object raised again and again would
+        # grow its traceback by every raise (the frames, and what they hold, of every
+        # request so far) and share its ``attempts`` between requests.
+        return cached if isinstance(cached, Target) else cached()
 
-    def _make_target(self, dep: Deployment) -> Target | LunarError:
+    def _make_target(self, dep: Deployment) -> Target | Callable[[], LunarError]:
+        """The target, or what makes the error that says why there is none."""
         spec = self.catalog.providers.get(dep.provider)
         if spec is None:
-            return NotFoundError(
-                f"Unknown provider '{dep.provider}' for model '{dep.model}'", param="provider"
+            return functools.partial(
+                NotFoundError,
+                f"Unknown provider '{dep.provider}' for model '{dep.model}'",
+                param="provider",
             )
         override = self.overrides.get(spec.name, {})
         env = self._environ
@@ -135,7 +137,7 @@ class Router:
                 api_key = api_key or env.get(alt)
         base_url = override.get("base_url") or env.get(spec.base_url_env) or spec.base_url
         if spec.key_required and not api_key:
-            return missing_key_error(spec)
+            return functools.partial(missing_key_error, spec)
         headers = dict(override.get("headers") or {})
         return Target(dep, spec, base_url or "", api_key, headers)
 
@@ -340,8 +342,10 @@ class Plan:
 
 
 def _drop_tracebacks(errors: Iterable[BaseException]) -> None:
-    """Each error's traceback, and those of its causes and contexts, set to None."""
-    seen: set[int] = set()
+    """Each error's traceback, and those of its causes and contexts, set to None, down to
+    the exception the caller is handling, if any: called in an ``except`` block, the engine
+    chains its errors to the caller's exception, whose traceback is the caller's own."""
+    seen: set[int] = {id(sys.exc_info()[1])}
     todo: list[BaseException | None] = list(errors)
     while todo:
         err = todo.pop()
