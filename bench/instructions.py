@@ -95,24 +95,32 @@ async def _drive(app: Any, headers: list[tuple[bytes, bytes]], body: bytes, n: i
             raise RuntimeError(f"a request answered {status}")
 
 
-async def _one(app: Any, scope: dict[str, Any], body: bytes) -> int | None:
-    """One request; its status. The client stays connected until the app is done."""
+async def _one(
+    app: Any, scope: dict[str, Any], body: bytes, leave_after: int | None = None
+) -> int | None:
+    """One request; its status. The client stays connected until the app is done (or
+    leaves after ``leave_after`` body writes)."""
     delivered = False
     status: int | None = None
-    never = asyncio.Event()
+    writes = 0
+    gone = asyncio.Event()
 
     async def receive() -> dict[str, Any]:
         nonlocal delivered
         if not delivered:
             delivered = True
             return {"type": "http.request", "body": body, "more_body": False}
-        await never.wait()
+        await gone.wait()
         return {"type": "http.disconnect"}
 
     async def send(message: dict[str, Any]) -> None:
-        nonlocal status
+        nonlocal status, writes
         if message["type"] == "http.response.start":
             status = message["status"]
+        elif message["type"] == "http.response.body":
+            writes += 1
+            if writes == leave_after:
+                gone.set()
 
     await app(scope, receive, send)
     return status
