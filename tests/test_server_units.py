@@ -281,6 +281,22 @@ def test_usage_groups_filters_and_keys(tmp_path):
     st.close()
 
 
+def test_the_ledger_keeps_whether_a_request_streamed(tmp_path):
+    """``stream`` goes to SQLite as the integer it stores (sqlite3 binds a bool only after
+    two adapter lookups that fail) and comes back a bool."""
+    st = SQLiteStorage(tmp_path / "l.db")
+    st.open()
+    st.record(row(1, stream=True))
+    st.record(row(2, stream=False))
+    st.flush(10)
+    out = st.usage(UsageQuery(group_by=()))
+    assert [(r["request_id"], r["stream"]) for r in out["data"]] == [("r2", False), ("r1", True)]
+    with sqlite3.connect(tmp_path / "l.db") as db:
+        stored = db.execute("SELECT stream, typeof(stream) FROM usage ORDER BY ts").fetchall()
+    assert stored == [(1, "integer"), (0, "integer")]
+    st.close()
+
+
 def test_parse_time():
     assert parse_time("1700000000") == 1700000000.0
     assert parse_time("2024-01-01T00:00:00Z") == 1704067200.0

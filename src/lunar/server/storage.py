@@ -109,6 +109,12 @@ class UsageRow:
     ttft_ms: float | None = None
     latency_ms: float | None = None
 
+    @property
+    def stream_column(self) -> int:
+        """``stream`` as the ledger stores it: sqlite3 binds an int at once, a bool only
+        after two adapter lookups that fail (~0.5 µs a row, on the gateway's core)."""
+        return 1 if self.stream else 0
+
 
 _ROW_FIELDS = tuple(f.name for f in fields(UsageRow))
 
@@ -228,7 +234,7 @@ def _text(value: Any) -> Any:
     return value
 
 
-_values_of = operator.attrgetter(*_ROW_FIELDS)
+_values_of = operator.attrgetter(*("stream_column" if f == "stream" else f for f in _ROW_FIELDS))
 _texts_of = operator.attrgetter(*(f.name for f in fields(UsageRow) if "str" in str(f.type)))
 
 
