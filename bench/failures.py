@@ -13,9 +13,14 @@ or serves it. For each kind:
   frames of its code, as the tests count them with ``tests/conftest.py``'s
   ``cyclic_garbage``). The emulator runs in the same process on asyncio's own loop, whose
   socket transports make cycles of their own; ``lunar serve`` runs uvloop;
-- Lunar's live allocations (tracemalloc, filtered to Lunar's files) after a warm-up of a
-  quarter of ``--requests``, then after the rest: their growth, and per request. A block
-  freed and reused keeps the site that first allocated it, so this is an upper bound.
+- Lunar's live allocations after a warm-up of a quarter of ``--requests``, then after the
+  rest: their growth, and per request. tracemalloc keeps 25 frames a block and counts the
+  blocks with a frame of Lunar's code in them (what asyncio makes for Lunar too), not the
+  emulator's. Approximate both ways: an object from a free list keeps the site that
+  first made it.
+
+Each request's status is checked against the kind's (a setup that no longer produces the
+failure would otherwise be measured as one that does).
 """
 
 from __future__ import annotations
@@ -37,40 +42,47 @@ sys.path.insert(0, str(ROOT / "bench"))
 from tests.conftest import cyclic_garbage, lunar_own  # noqa: E402
 
 import instructions  # noqa: E402
+import lunar  # noqa: E402
 from lunar.server import create_app, load_config  # noqa: E402
 from lunar.testing import MockServer, Reply  # noqa: E402
 
 E500 = Reply(status=500, retry_after=0)
-# kind: (what the upstream does, the request's fields, the client leaves after N writes)
-KINDS: dict[str, tuple[list[Reply], dict[str, Any], int | None]] = {
-    "served": ([Reply()], {}, None),
-    "served, streamed": ([Reply()], {"stream": True}, None),
-    "an upstream 400": ([Reply(status=400)], {}, None),
-    "500s until the retries are spent": ([E500] * 3, {}, None),
-    "the same, streamed": ([E500] * 3, {"stream": True}, None),
-    "a 500, then a retry that serves": ([E500], {}, None),
+STREAM = {"stream": True}
+# kind: (what the upstream does, the request's fields, the client leaves after N writes,
+# the status the client gets)
+KINDS: dict[str, tuple[list[Reply], dict[str, Any], int | None, int]] = {
+    "served": ([Reply()], {}, None, 200),
+    "served, streamed": ([Reply()], STREAM, None, 200),
+    "an upstream 400": ([Reply(status=400)], {}, None, 400),
+    "500s until the retries are spent": ([E500] * 3, {}, None, 500),
+    "the same, streamed": ([E500] * 3, STREAM, None, 500),
+    "a 500, then a retry that serves": ([E500], {}, None, 200),
     "500s, then a fallback that serves, streamed": (
         [E500] * 3,
-        {"stream": True, "fallbacks": ["gpt-4o"]},
+        {**STREAM, "fallbacks": ["gpt-4o"]},
         None,
+        200,
     ),
-    "a stream cut after its first chunks": ([Reply(chunks=6, cut_after=2)], {"stream": True}, None),
-    "an error event after the first chunks": (
-        [Reply(chunks=6, error_after=2)],
-        {"stream": True},
+    "a fallback that does not resolve, the model serving": (
+        [Reply()],
+        {"fallbacks": ["typo"]},
         None,
+        200,
     ),
-    "a client gone mid-stream": ([Reply(chunks=40, pacing=0.005)], {"stream": True}, 2),
-    "a provider without a key": ([], {"model": "claude-3-haiku"}, None),
+    "a stream cut after its first chunks": ([Reply(chunks=6, cut_after=2)], STREAM, None, 200),
+    "an error event after the first chunks": ([Reply(chunks=6, error_after=2)], STREAM, None, 200),
+    "a client gone mid-stream": ([Reply(chunks=40, pacing=0.005)], STREAM, 2, 200),
+    "a provider without a key": ([], {"model": "claude-3-haiku"}, None, 401),
 }
-LUNAR_FILES = [
-    tracemalloc.Filter(True, "*/lunar/*"),
-    tracemalloc.Filter(False, "*/lunar/testing/*"),
+_PACKAGE = str(Path(lunar.__file__ or "").parent)
+LUNAR_CODE = [
+    tracemalloc.Filter(True, f"{_PACKAGE}/*", all_frames=True),
+    tracemalloc.Filter(False, f"{_PACKAGE}/testing/*", all_frames=True),
 ]
 
 
 def _lunar_bytes() -> int:
-    snapshot = tracemalloc.take_snapshot().filter_traces(LUNAR_FILES)
+    snapshot = tracemalloc.take_snapshot().filter_traces(LUNAR_CODE)
     return sum(stat.size for stat in snapshot.statistics("filename"))
 
 
@@ -78,7 +90,7 @@ async def _measure(kind: str, requests: int) -> tuple[int, int, int]:
     """One kind, with a gateway and an emulator of its own (nothing left from another kind
     lands in its counts): the process's cyclic garbage from one request, Lunar's part of
     it, and the growth of Lunar's allocations over ``requests`` after a warm-up."""
-    replies, fields, leave_after = KINDS[kind]
+    replies, fields, leave_after, status = KINDS[kind]
     body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
     data = json.dumps({**body, **fields}).encode()
     auth = (b"authorization", b"Bearer " + instructions.MASTER.encode())
@@ -87,24 +99,27 @@ async def _measure(kind: str, requests: int) -> tuple[int, int, int]:
         env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
         env["LUNAR_MASTER_KEY"] = instructions.MASTER
         app = create_app(load_config(None, env, db=f"{work}/ledger.db"))
-        # Every request meets its failure: a deployment that keeps failing would go to the
-        # back of the line (its breaker, its error rate), and a fallback hide nothing.
+        # Every request meets its failure: a deployment that keeps failing would open its
+        # breaker and go to the back of the line, and a fallback would hide nothing.
         app.router.health.policy.trip_after = 10**9
-        app.router.health.policy.error_threshold = 2.0
         await app.startup()
 
         async def run(n: int) -> None:
             for _ in range(n):
                 upstream.reset()  # (also what the emulator keeps of each request)
                 upstream.enqueue(*replies, model="gpt-4o-mini")
-                await instructions._one(app, scope, data, leave_after)
+                got = await instructions._one(app, scope, data, leave_after)
+                if got != status:
+                    raise RuntimeError(f"{kind}: answered {got}, not {status}")
             await asyncio.sleep(0.1)  # watches due, closed connections told they are lost
 
         try:
             await run(3)  # warm
             with cyclic_garbage(only_lunar=False) as everything:
                 await run(1)
-            tracemalloc.start()
+            left, lunars = len(everything), sum(map(lunar_own, everything))
+            del everything
+            tracemalloc.start(25)
             await run(requests // 4)
             gc.collect()
             before = _lunar_bytes()
@@ -114,13 +129,15 @@ async def _measure(kind: str, requests: int) -> tuple[int, int, int]:
             tracemalloc.stop()
         finally:
             await app.shutdown()
-    return len(everything), sum(map(lunar_own, everything)), grown
+    return left, lunars, grown
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--requests", type=int, default=800, help="requests of each kind")
     args = ap.parse_args()
+    if args.requests < 200:
+        ap.error("--requests must be at least 200 (a quarter warms up, health's history too)")
     rows = [(kind, *asyncio.run(_measure(kind, args.requests))) for kind in KINDS]
     rest = args.requests - args.requests // 4
     print(f"    python bench/failures.py --requests {args.requests}\n")

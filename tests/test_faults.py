@@ -7,6 +7,7 @@ caller a failure may be retried or fall back; after it, it raises in the caller'
 
 from __future__ import annotations
 
+import inspect
 import traceback
 
 import httpx
@@ -19,11 +20,14 @@ from lunar import (
     AuthenticationError,
     BadRequestError,
     Lunar,
+    LunarError,
     RateLimitError,
     ServerError,
     ServiceUnavailableError,
     StreamError,
 )
+from lunar._errors import Attempt
+from lunar._request import validate_messages
 from lunar.testing import Reply
 
 from .conftest import busy_connections, cyclic_garbage
@@ -257,6 +261,19 @@ async def test_every_candidate_failing_raises_last_error_with_all_attempts(mock,
         ("llama-3.1-8b", "together"),
         ("llama-3.1-8b", "fireworks"),
     ]
+
+
+def test_cyclic_garbage_finds_a_cycle_of_lunars_own():
+    """The cycle tests assert that nothing is found: the finder must find one when there
+    is. An error raised in Lunar's code and made to hold itself is such a cycle, with
+    the frame of Lunar's code in its traceback."""
+    with cyclic_garbage() as left:
+        try:
+            validate_messages([])
+        except LunarError as err:
+            err.attempts = [Attempt("m", "p", err)]
+    assert any(isinstance(o, LunarError) for o in left)
+    assert any(inspect.isframe(o) and o.f_code.co_name == "validate_messages" for o in left)
 
 
 @MODES

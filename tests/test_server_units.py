@@ -21,11 +21,11 @@ import pytest
 
 from lunar import AuthenticationError
 from lunar._catalog import Catalog
-from lunar.server import SQLiteStorage, UsageQuery, UsageRow, create_app, load_config
+from lunar.server import SQLiteStorage, UsageQuery, UsageRow, create_app, load_config, storage
 from lunar.server.config import ConfigError, to_toml
 from lunar.server.keys import KeyRing, hash_key, hint, key_from_request, new_key, well_formed
 from lunar.server.limits import UNUSED, Estimate, InMemoryLimiter, Refusal, Ticket, needs_estimate
-from lunar.server.storage import KeyRecord, parse_time
+from lunar.server.storage import KeyRecord, parse_time, usage_row_from
 from lunar.testing import MockServer, Reply
 
 from .conftest import cyclic_garbage
@@ -166,7 +166,7 @@ def test_values_sqlite_refuses_never_stop_the_writer(tmp_path):
     st = SQLiteStorage(tmp_path / "l.db")
     st.open()
     st.record(row(1, model="gpt-\ud800"))  # a lone surrogate: stored as "?"
-    st.record(row(2, prompt_tokens=10**30))  # too big for SQLite: spilled, not dropped
+    st.record(row(2, prompt_tokens=10**30, stream=True))  # too big for SQLite: spilled
     st.record(row(3))
     assert st.flush(10)
     st.record(row(4))
@@ -176,6 +176,8 @@ def test_values_sqlite_refuses_never_stop_the_writer(tmp_path):
     assert got == [("r1", "gpt-?"), ("r3", "gpt-4o-mini"), ("r4", "gpt-4o-mini")]
     spilled = (tmp_path / "l.db.unwritten.jsonl").read_text().splitlines()
     assert [json.loads(line)["request_id"] for line in spilled] == ["r2"]
+    assert json.loads(spilled[0])["stream"] is True  # as the row has it
+    assert usage_row_from(json.loads(spilled[0])) == row(2, prompt_tokens=10**30, stream=True)
 
 
 @pytest.mark.parametrize(
@@ -284,6 +286,8 @@ def test_usage_groups_filters_and_keys(tmp_path):
 def test_the_ledger_keeps_whether_a_request_streamed(tmp_path):
     """``stream`` goes to SQLite as the integer it stores (sqlite3 binds a bool only after
     two adapter lookups that fail) and comes back a bool."""
+    bound = dict(zip(storage._ROW_FIELDS, storage._row_values(row(1, stream=True))))
+    assert type(bound["stream"]) is int
     st = SQLiteStorage(tmp_path / "l.db")
     st.open()
     st.record(row(1, stream=True))
@@ -703,6 +707,7 @@ FAILING = {
     "500s, then a fallback that serves, streamed": ([E500] * 3, True, ["gpt-4o"], 200, 4),
     "cut after the first chunks": ([Reply(chunks=6, cut_after=2)], True, [], 200, 1),
     "an error event after the first chunks": ([Reply(chunks=6, error_after=2)], True, [], 200, 1),
+    "a fallback that does not resolve, the model serving": ([Reply()], False, ["typo"], 200, 1),
 }
 
 

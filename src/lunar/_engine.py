@@ -96,7 +96,9 @@ class Router:
             except NotFoundError as e:
                 if i == 0:
                     raise
-                out.append((name, e))
+                # Kept without its traceback, which holds this frame and so ``out``: a
+                # cycle, even when the model before it serves.
+                out.append((name, e.with_traceback(None)))
                 continue
             missing = needs - deployments[0].capabilities if deployments[0].catalogued else None
             if missing:

@@ -545,7 +545,9 @@ class SQLiteStorage:
         try:
             with open(spill, "a", encoding="utf-8") as f:
                 for values in batch:
-                    f.write(json.dumps(dict(zip(_ROW_FIELDS, values))) + "\n")
+                    spilled = dict(zip(_ROW_FIELDS, values))
+                    spilled["stream"] = bool(spilled["stream"])  # (a row's own field)
+                    f.write(json.dumps(spilled) + "\n")
             log.error("%d ledger rows could not be written; appended to %s", len(batch), spill)
         except OSError as exc:  # pragma: no cover - disk gone
             log.critical("%d ledger rows lost: %s", len(batch), exc)
