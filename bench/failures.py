@@ -39,10 +39,9 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from tests.conftest import cyclic_garbage, lunar_own  # noqa: E402
+from tests.conftest import EMULATOR_DIR, LUNAR_DIR, cyclic_garbage, lunar_own  # noqa: E402
 
 import instructions  # noqa: E402
-import lunar  # noqa: E402
 from lunar.server import create_app, load_config  # noqa: E402
 from lunar.testing import MockServer, Reply  # noqa: E402
 
@@ -74,10 +73,9 @@ KINDS: dict[str, tuple[list[Reply], dict[str, Any], int | None, int]] = {
     "a client gone mid-stream": ([Reply(chunks=40, pacing=0.005)], STREAM, 2, 200),
     "a provider without a key": ([], {"model": "claude-3-haiku"}, None, 401),
 }
-_PACKAGE = str(Path(lunar.__file__ or "").parent)
 LUNAR_CODE = [
-    tracemalloc.Filter(True, f"{_PACKAGE}/*", all_frames=True),
-    tracemalloc.Filter(False, f"{_PACKAGE}/testing/*", all_frames=True),
+    tracemalloc.Filter(True, LUNAR_DIR + "*", all_frames=True),
+    tracemalloc.Filter(False, EMULATOR_DIR + "*", all_frames=True),
 ]
 
 

@@ -83,12 +83,12 @@ def lunar_own(o: Any) -> bool:
     if not inspect.isframe(o):
         return False
     name = o.f_code.co_filename
-    return name.startswith(_PACKAGE) and not name.startswith(_EMULATOR)
+    return name.startswith(LUNAR_DIR) and not name.startswith(EMULATOR_DIR)
 
 
 # Lunar's own code by where it is, whatever the checkout's directory is called.
-_PACKAGE = os.path.dirname(lunar.__file__) + os.sep
-_EMULATOR = os.path.join(_PACKAGE, "testing") + os.sep
+LUNAR_DIR = os.path.dirname(lunar.__file__) + os.sep
+EMULATOR_DIR = os.path.join(LUNAR_DIR, "testing") + os.sep
 
 
 @contextlib.contextmanager
