@@ -302,6 +302,18 @@ def test_missing_key_names_the_env_var(mock, monkeypatch):
     assert mock.requests == []
 
 
+def test_a_key_set_after_a_missing_key_error_is_used_by_the_same_client(mock, monkeypatch):
+    """A notebook's order: the call fails for want of a key, the key is set, the call is
+    made again with the same client."""
+    monkeypatch.delenv("OPENAI_API_KEY")
+    client = Lunar()
+    with pytest.raises(AuthenticationError, match="set OPENAI_API_KEY"):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-set-later")
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-set-later"
+
+
 def test_providers_argument_overrides_env(mock, monkeypatch):
     monkeypatch.delenv("OPENAI_API_KEY")
     monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:9/v1")

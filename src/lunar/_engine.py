@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import functools
 import json
 import os
 import random
@@ -67,7 +66,7 @@ class Router:
         self.fallbacks = {k: list(v) for k, v in (fallbacks or {}).items()}
         self.remote = remote
         self._environ = os.environ if environ is None else environ
-        self._targets: dict[Deployment, Target | Callable[[], LunarError]] = {}
+        self._targets: dict[Deployment, Target] = {}
 
     def chain(
         self, opts: RequestOptions, body: Mapping[str, Any] | None = None
@@ -114,21 +113,23 @@ class Router:
 
     def target(self, dep: Deployment) -> Target | LunarError:
         cached = self._targets.get(dep)
-        if cached is None:
-            cached = self._targets[dep] = self._make_target(dep)
-        # An error is made anew for each request: one object raised again and again would
-        # grow its traceback by every raise (the frames, and what they hold, of every
+        if cached is not None:
+            return cached
+        made = self._make_target(dep)
+        if isinstance(made, Target):
+            self._targets[dep] = made
+        # No target is asked again each time: a key set in the environment later is seen.
+        # And so its error is made anew for each request: one object raised again and again
+        # would grow its traceback by every raise (the frames, and what they hold, of every
         # request so far) and share its ``attempts`` between requests.
-        return cached if isinstance(cached, Target) else cached()
+        return made
 
-    def _make_target(self, dep: Deployment) -> Target | Callable[[], LunarError]:
-        """The target, or what makes the error that says why there is none."""
+    def _make_target(self, dep: Deployment) -> Target | LunarError:
+        """The target, or the error that says why there is none."""
         spec = self.catalog.providers.get(dep.provider)
         if spec is None:
-            return functools.partial(
-                NotFoundError,
-                f"Unknown provider '{dep.provider}' for model '{dep.model}'",
-                param="provider",
+            return NotFoundError(
+                f"Unknown provider '{dep.provider}' for model '{dep.model}'", param="provider"
             )
         override = self.overrides.get(spec.name, {})
         env = self._environ
@@ -139,7 +140,7 @@ class Router:
                 api_key = api_key or env.get(alt)
         base_url = override.get("base_url") or env.get(spec.base_url_env) or spec.base_url
         if spec.key_required and not api_key:
-            return functools.partial(missing_key_error, spec)
+            return missing_key_error(spec)
         headers = dict(override.get("headers") or {})
         return Target(dep, spec, base_url or "", api_key, headers)
 
