@@ -21,6 +21,7 @@ import os
 import time
 import traceback
 from collections.abc import Awaitable, Callable, MutableMapping
+from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -588,19 +589,18 @@ class Gateway:
                 row.attempts = len(err.attempts)
                 if err.attempts:
                     row.provider = err.attempts[-1].provider
-                await self._record(call)
                 if watch is not None:
                     watch.stop()
-                await _send_json(send, status, payload, [rid, *extra])
+                failure = partial(_send_json, send, status, payload, [rid, *extra])
+                await self._conclude(call, failure)
                 return
 
             if not stream:
                 call.usage = completion.usage
                 self._served(row, call.trace)
                 answer = dialect.complete(completion)
-                await self._record(call)  # before the answer: what is acknowledged is recorded
                 watch.stop()
-                await _send_json(send, 200, answer, [rid])
+                await self._conclude(call, partial(_send_json, send, 200, answer, [rid]))
                 return
 
             response_started = True
@@ -623,9 +623,9 @@ class Gateway:
                 tail = writer.error(err, request_id)
             finally:
                 await it.aclose()
-            await self._record(call)
             watch.stop()
-            await send({"type": "http.response.body", "body": tail, "more_body": False})
+            last = {"type": "http.response.body", "body": tail, "more_body": False}
+            await self._conclude(call, partial(send, last))
         except _ClientGone:  # gone while sending its body
             row.status = "cancelled"
             row.http_status = 499
@@ -732,13 +732,20 @@ class Gateway:
         served = model_label(target.deployment) if target is not None else ""
         self.metrics.observe(row, call.label, served)
 
-    async def _record(self, call: _Call) -> None:
-        """Close the row and queue it; with ``durable_ack``, also wait for its commit, so an
-        answer is never sent for a request the ledger could lose."""
-        self._close(call)
+    async def _conclude(self, call: _Call, send_last: Callable[[], Awaitable[None]]) -> None:
+        """Send the response's last bytes and record the request's row.
+
+        With ``durable_ack`` the row's commit comes first: an answer is never sent for a
+        request the ledger could lose. Without it the bytes go first, and the row is closed
+        (usage, limits, metrics) and queued right after, before this task yields to the
+        loop: the bookkeeping is off the answer's path, and done before the gateway reads
+        anything else (the client's next request included)."""
         if not self.config.durable_ack:
+            await send_last()
+            self._close(call)
             self.storage.record(call.row)
             return
+        self._close(call)
         loop = asyncio.get_running_loop()
         committed: asyncio.Future[None] = loop.create_future()
 
@@ -747,6 +754,7 @@ class Gateway:
 
         self.storage.record(call.row, done)
         await committed
+        await send_last()
 
     async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Anthropic's ``/v1/messages/count_tokens``: an estimate (~4 characters a token),
