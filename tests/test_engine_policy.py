@@ -113,6 +113,16 @@ def test_should_retry_false_skips_retries_but_still_falls_back():
     assert [s[1] for s in step_through(plan, [err])] == ["openai", "anthropic"]
 
 
+def test_should_retry_true_retries_a_client_error_but_never_falls_back():
+    """The provider's ``x-should-retry: true`` asks for a retry even on a 4xx (the openai SDK
+    obeys it); the error still says nothing about another model, so no fallback."""
+    plan = Plan(chain(router(), "gpt-4o-mini", ["claude-3-haiku"]), max_retries=2)
+    err = error_from_response(400, {"x-should-retry": "true"}, b"")
+    assert [s[1] for s in step_through(plan, [err, err, err])] == ["openai"] * 3
+    assert plan.next() is None
+    assert [a.provider for a in plan.error().attempts] == ["openai"] * 3
+
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 def test_client_errors_never_fall_back(status):
     plan = Plan(chain(router(), "gpt-4o-mini", ["claude-3-haiku"]), max_retries=2)

@@ -235,6 +235,16 @@ async def test_should_retry_false_is_obeyed(mock, mode):
 
 
 @MODES
+@pytest.mark.parametrize("stream", [False, True])
+async def test_should_retry_true_retries_a_client_error(mock, mode, stream):
+    mock.enqueue(Reply(status=400, should_retry=True, retry_after_ms=10))
+    result, _ = await run(mode, stream=stream, client_kw={"max_retries": 2})
+    final = result[-1] if stream else result
+    assert final.usage.total_cost_usd > 0
+    assert len(mock.requests) == 2
+
+
+@MODES
 async def test_connection_refused_falls_back(mock, mode, unused_port):
     client_kw = {
         "max_retries": 1,

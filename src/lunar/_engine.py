@@ -287,9 +287,7 @@ class Plan:
         overload = may_fall_back(err)
         if self._health is not None:
             self._health.failure(step.target.deployment, trips_breaker=overload)
-        if not overload:
-            self._stopped = True
-            return
+        # A retry first: the provider may ask for one even on a 4xx (``x-should-retry``).
         if err.retryable and self._retries < self._max_retries:
             headers = getattr(err, "headers", None)
             wait = retry_after_seconds(headers) if headers else None
@@ -299,6 +297,9 @@ class Plan:
                 self._retries += 1
                 self._delay = wait
                 return
+        if not overload:  # another model would be refused the same way
+            self._stopped = True
+            return
         self._index += 1
         self._retries = 0
 
