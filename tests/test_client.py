@@ -495,3 +495,39 @@ async def test_remote_models_list_with_the_gateway_down_is_a_connection_error():
     async with AsyncLunar(base_url="http://127.0.0.1:1/v1", api_key="k") as client:
         with pytest.raises(APIConnectionError, match="Connection to provider 'lunar'"):
             await client.models.list()
+
+
+def test_an_answers_message_object_can_be_appended_to_messages(mock):
+    """The openai SDK's idiom: ``messages.append(response.choices[0].message)``. Lunar's
+    message object, and the openai SDK's own, travel as their dicts, without unset fields."""
+    import openai.types.chat as oai
+
+    client = Lunar()
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    theirs = oai.ChatCompletionMessage(role="assistant", content="From openai.")
+    messages = [*MESSAGES, first.choices[0].message, {"role": "user", "content": "More."}, theirs]
+    client.chat.completions.create(model="gpt-4o-mini", messages=messages)
+    sent = mock.requests[-1].json["messages"]
+    assert sent[1] == {"role": "assistant", "content": first.choices[0].message.content}
+    assert sent[2] == {"role": "user", "content": "More."}
+    assert sent[3] == {"role": "assistant", "content": "From openai."}
+    assert isinstance(messages[1], type(first.choices[0].message))  # the caller's list as it was
+
+
+@pytest.mark.parametrize("bad", [[object()], [{"role": "user", "content": "hi"}, 3]])
+def test_a_message_that_is_no_object_is_still_named(mock, bad):
+    with pytest.raises(BadRequestError, match=r"messages\[\d\]' must be an object"):
+        Lunar().chat.completions.create(model="gpt-4o-mini", messages=bad)
+    assert mock.requests == []
+
+
+async def test_messages_may_be_any_iterable_as_in_the_openai_sdk(mock):
+    def turns():
+        yield {"role": "user", "content": "Say hi"}
+
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=turns())
+    await AsyncLunar().chat.completions.create(model="gpt-4o-mini", messages=iter(MESSAGES))
+    assert [r.json["messages"] for r in mock.requests] == [
+        [{"role": "user", "content": "Say hi"}],
+        MESSAGES,
+    ]

@@ -287,6 +287,30 @@ def chat_body(
     return body
 
 
+def sdk_messages(messages: Any) -> Any:
+    """What ``create()`` takes as ``messages`` beyond a list of dicts, as the openai SDK does:
+    any iterable (a generator), and the message objects answers carry (``choices[0].message``,
+    Lunar's or the openai SDK's) as their dicts without the fields left unset (``None``).
+    Anything else goes on to the validation, which names it."""
+    if type(messages) is not list:
+        if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
+            return messages
+        messages = list(messages)
+    for i, msg in enumerate(messages):
+        if type(msg) is not dict and not isinstance(msg, Mapping):
+            messages = [*messages[:i], *map(_as_message, messages[i:])]
+            break
+    return messages
+
+
+def _as_message(msg: Any) -> Any:
+    dump = None if isinstance(msg, Mapping) else getattr(msg, "model_dump", None)
+    out = dump() if callable(dump) else None
+    if not isinstance(out, Mapping):
+        return msg
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def prepare(
     method: str,
     model: Any,
@@ -305,7 +329,7 @@ def prepare(
         elif name not in _OPTION_NAMES:
             raise TypeError(f"{method}() got an unexpected keyword argument '{name}'")
     model = validate_model(model)
-    body = chat_body(messages, params, kwargs.get("extra_body"))
+    body = chat_body(sdk_messages(messages), params, kwargs.get("extra_body"))
     fallbacks = validate_fallbacks(kwargs.get("fallbacks"))
     provider = kwargs.get("provider")
     if remote:
