@@ -8,6 +8,7 @@ caller a failure may be retried or fall back; after it, it raises in the caller'
 from __future__ import annotations
 
 import inspect
+import json
 import traceback
 
 import httpx
@@ -242,6 +243,26 @@ async def test_should_retry_true_retries_a_client_error(mock, mode, stream):
     final = result[-1] if stream else result
     assert final.usage.total_cost_usd > 0
     assert len(mock.requests) == 2
+
+
+@MODES
+async def test_a_stream_done_without_a_finish_reason_still_ends_on_a_choice(mock, mode):
+    """Some OpenAI-compatible servers end with [DONE] and never say a finish_reason: the
+    answer is whole, and the last chunk still has choices[0] (the README's loop indexes it)
+    with the usage."""
+    event = {
+        "id": "x",
+        "object": "chat.completion.chunk",
+        "created": 1,
+        "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}],
+    }
+    body = f"data: {json.dumps(event)}\n\ndata: [DONE]\n\n"
+    mock.enqueue(Reply(body=body, headers={"content-type": "text/event-stream"}))
+    chunks, _ = await run(mode, stream=True, client_kw={"max_retries": 0})
+    assert [c.choices[0].delta.content for c in chunks] == ["Hi", None]
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].usage.completion_tokens > 0
 
 
 @MODES

@@ -37,7 +37,14 @@ from ._errors import (
 from ._health import Health
 from ._http import AsyncPool, TransportError, TransportTimeout
 from ._request import RequestOptions
-from ._types import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, Usage
+from ._types import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    ChatCompletionMessage,
+    ChoiceDelta,
+    ChunkChoice,
+    Usage,
+)
 from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
 
 _now = time.perf_counter
@@ -499,12 +506,16 @@ class StreamFinisher:
             check_json("".join(self._text), self._target)
         final = self._held
         if final is None:
+            # The upstream ended cleanly ([DONE]) but said no finish_reason (some OpenAI-
+            # compatible servers): the answer is whole, so it finished as answers do, and the
+            # caller's last chunk still has ``choices[0]``.
             last = self._last
+            finished = ChunkChoice(0, ChoiceDelta(), "tool_calls" if self._tools else "stop")
             final = ChatCompletionChunk(
                 id=last.id if last else "",
                 created=last.created if last else int(time.time()),
                 model=last.model if last else self._target.deployment.provider_model,
-                choices=[],
+                choices=[finished],
                 provider=self._target.provider,
             )
         final.usage = self._account()
