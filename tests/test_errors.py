@@ -72,6 +72,22 @@ def test_retry_after_ms_wins_over_retry_after():
     assert err.retry_after == 1.5
 
 
+@pytest.mark.parametrize(
+    ("headers", "expected"),
+    [
+        ({"retry-after": "inf"}, 365 * 86400.0),
+        ({"retry-after": "1e999"}, 365 * 86400.0),
+        ({"retry-after-ms": "inf"}, 365 * 86400.0),
+        ({"retry-after": "nan"}, None),
+        ({"retry-after-ms": "nan", "retry-after": "2"}, 2.0),
+    ],
+)
+def test_a_retry_after_beyond_any_number_is_a_year(headers, expected):
+    """Infinity made the gateway's Retry-After (a whole number of seconds) fail: a 500
+    instead of the upstream's 429."""
+    assert retry_after_seconds(headers) == expected
+
+
 def test_retry_after_seconds_and_http_date():
     assert retry_after_seconds({"retry-after": "3"}) == 3.0
     now = 1_700_000_000.0

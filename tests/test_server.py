@@ -581,6 +581,18 @@ def test_upstream_429_gives_429_with_retry_after(gw, key, upstream):
     assert r.headers["retry-after"] == "7"
 
 
+@pytest.mark.parametrize("retry_after", ["inf", "1e999"])
+def test_upstream_429_with_an_endless_retry_after_is_still_a_429(gw, key, upstream, retry_after):
+    upstream.enqueue(Reply(status=429, headers={"retry-after": retry_after}))
+    r = gw.http.post(
+        "/v1/chat/completions",
+        headers={"x-api-key": key},
+        json={"model": "openai/limited", "messages": MESSAGES},
+    )
+    assert _error(r, 429)["type"] == "rate_limit_error"
+    assert r.headers["retry-after"] == str(365 * 86400)
+
+
 def test_stream_falls_back_when_upstream_fails_before_first_chunk(gw, key, upstream):
     # Models no other test uses: the engine's circuit breaker remembers failures.
     upstream.enqueue(Reply(status=500), model="fails")
@@ -1189,3 +1201,49 @@ def test_print_config_masks_secrets(upstream, tmp_path):
     bad.write_text('[providers.openai]\napi_key = "sk-inline"\n')
     out = _cli("serve", "--config", str(bad), "--print-config", env=env)
     assert out.returncode == 2 and "api_key_env" in out.stderr
+
+
+UNUSABLE_USAGE = [
+    '{"prompt_tokens": NaN, "completion_tokens": 1, "total_tokens": 2}',
+    '{"prompt_tokens": Infinity, "completion_tokens": -1, "total_tokens": NaN}',
+    '{"prompt_tokens": 3, "completion_tokens": "1",'
+    ' "prompt_tokens_details": {"cached_tokens": NaN}}',
+    '{"prompt_tokens": 1e400, "completion_tokens": 2.5, "prompt_tokens_details": []}',
+    '"twelve"',
+    "[1, 2]",
+]
+
+
+@pytest.mark.parametrize("usage", UNUSABLE_USAGE)
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_usage_that_is_no_count_still_serves_records_and_settles(
+    gw, upstream, usage, stream
+):
+    """Token counts come from the upstream's JSON. NaN, infinity, strings or no object at
+    all made the cost arithmetic fail: a 500, and for a stream, no ledger row and a key's
+    reservation never settled. They count as 0 instead; the answer is served."""
+    head = '{"id":"x","created":1,"model":"gpt-4o-mini","choices":[{"index":0,'
+    if stream:
+        first = head + '"delta":{"role":"assistant","content":"hi"},"finish_reason":null}]}'
+        last = head + '"delta":{},"finish_reason":"stop"}],"usage":' + usage + "}"
+        body = f"data: {first}\n\ndata: {last}\n\ndata: [DONE]\n\n"
+        reply = Reply(body=body, headers={"content-type": "text/event-stream"})
+    else:
+        msg = '"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+        reply = Reply(body=head + msg + '"usage":' + usage + "}")
+    # Four requests that each reserve ~310 tokens under a 1,000-token-a-minute limit: they
+    # pass only if each one's reservation is settled (to what it used) when it ends.
+    key, key_id = gw.new_key(tpm=1000)
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    chat |= {"stream": stream, "max_tokens": 300}
+    headers = {"authorization": f"Bearer {key}"}
+    for _ in range(4):
+        upstream.enqueue(reply)
+        r = gw.http.post("/v1/chat/completions", json=chat, headers=headers)
+        assert r.status_code == 200, r.text
+        assert ("[DONE]" in r.text and '"error"' not in r.text) if stream else r.json()["usage"]
+    rows = gw.rows(key_id, expected=4)
+    assert [(x["status"], x["http_status"], x["provider"]) for x in rows] == [
+        ("ok", 200, "openai")
+    ] * 4
+    assert all(x["prompt_tokens"] >= 0 and x["total_cost_usd"] >= 0 for x in rows)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 import lunar._types as types
-from lunar._types import _Obj
+from lunar._types import Usage, _Obj
 
 CLASSES = [
     c for c in vars(types).values() if isinstance(c, type) and issubclass(c, _Obj) and c is not _Obj
@@ -90,3 +91,49 @@ def test_a_hand_written_to_dict_or_model_dump_is_kept_by_the_class_and_its_subcl
     assert derived.to_dict() == {"extra": 3}  # its own slots, as the slot walk gave
     assert FromGenerated.to_dict.__qualname__.endswith("FromGenerated.to_dict")
     assert types.Usage.to_dict.__module__ == "lunar._types"
+
+
+JSON_VALUE = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=2) | st.dictionaries(st.text(max_size=4), inner, max_size=2)
+    ),
+    max_leaves=4,
+)
+
+
+@given(
+    st.dictionaries(
+        st.sampled_from(
+            [
+                "prompt_tokens",
+                "completion_tokens",
+                "total_tokens",
+                "cached_tokens",
+                "prompt_tokens_details",
+                "input_tokens",
+                "output_tokens",
+                "cache_read_input_tokens",
+                "cache_creation_input_tokens",
+                "promptTokenCount",
+                "candidatesTokenCount",
+                "thoughtsTokenCount",
+                "cachedContentTokenCount",
+            ]
+        ),
+        JSON_VALUE | st.fixed_dictionaries({"cached_tokens": JSON_VALUE}),
+    )
+)
+def test_any_usage_json_from_any_wire_prices_to_finite_costs(d):
+    """Token counts are the upstream's JSON: whatever they hold (NaN, 1e400, "3", -1, a
+    list), each wire's usage is whole numbers from 0 and its cost finite."""
+    from lunar._catalog import Prices, cost
+    from lunar.providers import anthropic, gemini
+
+    for usage in (Usage.from_dict(d), anthropic._usage(d), gemini._usage(d)):
+        cost(usage, Prices(input=0.15, output=0.6, cached_input=0.075))
+        counts = (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
+        assert all(type(n) is int and n >= 0 for n in (*counts, usage.total_tokens))
+        assert all(
+            math.isfinite(x) and x >= 0 for x in (usage.total_cost_usd, usage.input_cost_usd)
+        )

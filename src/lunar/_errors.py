@@ -199,6 +199,10 @@ _DEFAULT_TYPES = {
 MAX_RETRY_AFTER_SECONDS = 60.0
 
 
+#: What a wait longer than any is read as ("inf", "1e999"): a year, a number all can use.
+LONGEST_RETRY_AFTER = 365 * 86400.0
+
+
 def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) -> float | None:
     """The wait a server asks for: ``retry-after-ms`` first, then ``retry-after`` (seconds or
     an HTTP date). ``None`` when absent or unreadable."""
@@ -206,8 +210,8 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     if ms is not None:
         try:
             value = float(ms) / 1000.0
-            if value >= 0:
-                return value
+            if value >= 0:  # (NaN is not)
+                return min(value, LONGEST_RETRY_AFTER)
         except ValueError:
             pass
     ra = headers.get("retry-after")
@@ -215,7 +219,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
         return None
     try:
         value = float(ra)
-        return value if value >= 0 else None
+        return min(value, LONGEST_RETRY_AFTER) if value >= 0 else None
     except ValueError:
         pass
     try:

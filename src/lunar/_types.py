@@ -94,6 +94,20 @@ def _to_dict_for(cls: type[_Obj]) -> Callable[[Any], dict[str, Any]]:
     return to_dict  # type: ignore[no-any-return]
 
 
+_MAX_TOKENS = 1 << 53  # beyond, a count is no count (and its cost would overflow a float)
+
+
+def tokens(n: Any) -> int:
+    """A token count as an upstream's JSON gave it, made safe to add and price: a whole
+    number from 0, else 0 (NaN, infinity, a string, -1 or 2.5 count as nothing rather than
+    failing the answer)."""
+    if type(n) is int:
+        return n if 0 <= n < _MAX_TOKENS else 0
+    if type(n) is float and n.is_integer() and 0 <= n < _MAX_TOKENS:
+        return int(n)
+    return 0
+
+
 class Usage(_Obj):
     """Token counts, their cost in USD and the request's timing.
 
@@ -141,13 +155,16 @@ class Usage(_Obj):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Usage:
-        details = d.get("prompt_tokens_details") or {}
         get = d.get
+        cached = get("cached_tokens")
+        if not cached:
+            details = get("prompt_tokens_details")
+            cached = details.get("cached_tokens") if type(details) is dict else 0
         return cls(  # positional, in __init__'s order: keywords cost more, on every answer
-            get("prompt_tokens") or 0,
-            get("completion_tokens") or 0,
-            get("total_tokens"),
-            get("cached_tokens") or details.get("cached_tokens") or 0,
+            tokens(get("prompt_tokens")),
+            tokens(get("completion_tokens")),
+            tokens(get("total_tokens")) or None,
+            tokens(cached),
             get("input_cost_usd"),
             get("cached_input_cost_usd"),
             get("output_cost_usd"),
@@ -257,7 +274,7 @@ def _envelope(
         get("created") or 0,
         get("model") or "",
         choices,
-        None if usage is None else Usage.from_dict(usage),
+        Usage.from_dict(usage) if type(usage) is dict else None,  # (not an object: unknown)
         get("system_fingerprint"),
         get("provider") if provider is None else provider,
     )
@@ -530,7 +547,7 @@ class Completion(_Obj):
                 )
                 for c in d.get("choices") or ()
             ],
-            usage=None if usage is None else Usage.from_dict(usage),
+            usage=Usage.from_dict(usage) if type(usage) is dict else None,
             provider=d.get("provider"),
         )
 

@@ -20,6 +20,7 @@ from .._types import (
     Function,
     ToolCall,
     Usage,
+    tokens,
 )
 from ._base import HTTPRequest, Target
 from ._shared import (
@@ -115,12 +116,14 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     return out
 
 
-def _usage(u: Mapping[str, Any], output_tokens: int | None = None) -> Usage:
-    cached = u.get("cache_read_input_tokens") or 0
-    created = u.get("cache_creation_input_tokens") or 0
+def _usage(u: Mapping[str, Any], output_tokens: Any = None) -> Usage:
+    cached = tokens(u.get("cache_read_input_tokens"))
+    created = tokens(u.get("cache_creation_input_tokens"))
     return Usage(
-        prompt_tokens=(u.get("input_tokens") or 0) + cached + created,
-        completion_tokens=(u.get("output_tokens") or 0) if output_tokens is None else output_tokens,
+        prompt_tokens=tokens(u.get("input_tokens")) + cached + created,
+        completion_tokens=tokens(
+            u.get("output_tokens") if output_tokens is None else output_tokens
+        ),
         cached_tokens=cached,
     )
 

@@ -23,6 +23,7 @@ from .._types import (
     Function,
     ToolCall,
     Usage,
+    tokens,
 )
 from ._base import HTTPRequest, Target
 from ._shared import (
@@ -145,10 +146,10 @@ def _tool_config(choice: Any) -> dict[str, Any] | None:
 
 def _usage(meta: Mapping[str, Any]) -> Usage:
     return Usage(
-        prompt_tokens=meta.get("promptTokenCount") or 0,
-        completion_tokens=(meta.get("candidatesTokenCount") or 0)
-        + (meta.get("thoughtsTokenCount") or 0),
-        cached_tokens=meta.get("cachedContentTokenCount") or 0,
+        prompt_tokens=tokens(meta.get("promptTokenCount")),
+        completion_tokens=tokens(meta.get("candidatesTokenCount"))
+        + tokens(meta.get("thoughtsTokenCount")),
+        cached_tokens=tokens(meta.get("cachedContentTokenCount")),
     )
 
 

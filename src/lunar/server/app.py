@@ -714,7 +714,11 @@ class Gateway:
         call.recorded = True
         row, target, stream = call.row, call.trace.target, call.trace.stream
         # A stream cut short (failure or cancel after the first chunk) bills what was seen.
-        usage = call.usage if stream is None else stream.seen()
+        try:
+            usage = call.usage if stream is None else stream.seen()
+        except Exception as exc:  # never at the cost of the row or the key's reservation
+            log.error("request %s: its usage failed (%s)", row.request_id, type(exc).__name__)
+            usage = None
         if usage is not None:
             row.prompt_tokens = usage.prompt_tokens
             row.completion_tokens = usage.completion_tokens
