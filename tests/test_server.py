@@ -581,6 +581,21 @@ def test_upstream_429_gives_429_with_retry_after(gw, key, upstream):
     assert r.headers["retry-after"] == "7"
 
 
+def test_the_openai_sdks_stream_helper_assembles_streamed_tool_calls(gw, key, upstream):
+    """Continuation pieces of a tool call went out with ``"id": null, "type": null`` and a
+    null ``name``; OpenAI leaves those keys out, and the openai SDK's ``stream()`` helper
+    copied the null ``type`` over ``"function"`` and failed."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    upstream.enqueue(Reply(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}]))
+    with oai(gw, key).chat.completions.stream(
+        model="gpt-4o-mini", messages=MESSAGES, tools=tools
+    ) as stream:
+        final = stream.get_final_completion()
+    (call,) = final.choices[0].message.tool_calls
+    assert (call.type, call.function.name) == ("function", "get_weather")
+    assert json.loads(call.function.arguments) == {"city": "Paris"}
+
+
 @pytest.mark.parametrize("retry_after", ["inf", "1e999"])
 def test_upstream_429_with_an_endless_retry_after_is_still_a_429(gw, key, upstream, retry_after):
     upstream.enqueue(Reply(status=429, headers={"retry-after": retry_after}))

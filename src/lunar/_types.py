@@ -220,6 +220,26 @@ class ChoiceDeltaToolCall(_Obj):
         self.type = type
         self.function = function
 
+    def to_dict(self) -> dict[str, Any]:
+        """Without the fields a piece does not carry, as OpenAI streams them: the openai
+        SDK's ``chat.completions.stream()`` copies a continuation's ``"type": null`` over
+        the call's ``"function"`` and fails."""
+        out: dict[str, Any] = {"index": self.index}
+        if self.id is not None:
+            out["id"] = self.id
+        if self.type is not None:
+            out["type"] = self.type
+        f = self.function
+        if f is not None:
+            out["function"] = (
+                {"arguments": f.arguments}
+                if f.name is None
+                else {"name": f.name, "arguments": f.arguments}
+            )
+        return out
+
+    model_dump = to_dict
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChoiceDeltaToolCall:
         f = d.get("function")
