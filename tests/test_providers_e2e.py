@@ -17,6 +17,7 @@ from lunar import (
     ServerError,
     UnprocessableEntityError,
 )
+from lunar._streaming import ChatAccumulator
 from lunar.testing import STORY, MockServer, Reply
 
 from .conftest import busy_connections
@@ -484,6 +485,29 @@ async def test_anthropic_json_mode_is_emulated_and_checked(
         await call(mode, stream=stream, model=ANTHROPIC.model, response_format=fmt)
     assert info.value.status_code == 422 and info.value.provider == "anthropic"
     assert len(mock.requests) == 2  # not retried, no fallback
+
+
+@MODES
+@STREAMS
+async def test_gemini_n_gives_every_candidate_as_a_choice(
+    mock: MockServer, mode: str, stream: bool
+) -> None:
+    result, client = await call(mode, stream=stream, model=GEMINI.model, n=2)
+    assert mock.requests[-1].json["generationConfig"]["candidateCount"] == 2
+    if stream:
+        assert {c.choices[0].index for c in result if c.choices} == {0, 1}
+        assert [c.usage is not None for c in result].count(True) == 1  # once, on the last
+        acc = ChatAccumulator()
+        for chunk in result:
+            acc.add(chunk)
+        result = acc.completion()
+    assert [(c.index, c.message.content, c.finish_reason) for c in result.choices] == [
+        (0, story(8), "stop"),
+        (1, story(8), "stop"),
+    ]
+    assert result.usage.completion_tokens == 16  # both candidates, as Gemini bills them
+    assert result.usage.output_cost_usd == cost(16, GEMINI.price_out)
+    assert busy_connections(client) == 0
 
 
 def test_capability_check_happens_before_any_request(mock: MockServer) -> None:
