@@ -105,6 +105,8 @@ def json_object(content: bytes | str, provider: str) -> dict[str, Any]:
 class HTTPAdapter:
     """What every HTTP adapter does the same way: errors come from one mapping."""
 
+    multiple_choices = True
+
     def parse_error(
         self, status: int, headers: Mapping[str, str], content: bytes, target: Target
     ) -> APIError:
