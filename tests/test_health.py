@@ -167,6 +167,41 @@ def test_incapable_fallback_is_skipped_with_a_reason():
     assert chain[2][1].provider == "anthropic"
 
 
+def test_n_above_one_to_a_model_that_gives_one_choice_fails_fast_naming_n():
+    router = Router(CATALOG, environ=KEYS)
+    for model in ("claude-3-haiku", "anthropic/claude-new", "smollm2"):
+        with pytest.raises(BadRequestError, match=r"n=3") as info:
+            router.chain(RequestOptions(model), {"messages": [], "n": 3})
+        assert info.value.param == "n"
+    [(_, target)] = router.chain(RequestOptions("claude-3-haiku"), {"messages": [], "n": 1})
+    assert target.provider == "anthropic"
+    [(_, target)] = router.chain(RequestOptions("gemini-2.0-flash"), {"messages": [], "n": 3})
+    assert target.provider == "gemini"
+
+
+def test_fallback_that_gives_one_choice_is_skipped_for_n_above_one():
+    router = Router(CATALOG, environ=KEYS)
+    chain = router.chain(
+        RequestOptions("gpt-4o-mini", ["claude-3-haiku", "smollm2", "gpt-4o"]),
+        {"messages": [], "n": 2},
+    )
+    assert [(model, type(t).__name__) for model, t in chain] == [
+        ("gpt-4o-mini", "Target"),
+        ("claude-3-haiku", "BadRequestError"),
+        ("smollm2", "BadRequestError"),
+        ("gpt-4o", "Target"),
+    ]
+    assert chain[1][1].param == "n" and chain[1][1].provider == "anthropic"
+
+
+def test_n_above_one_skips_only_the_deployments_that_give_one_choice():
+    both = {"deployments": [{"provider": p, "id": "m"} for p in ("anthropic", "openai")]}
+    router = Router(Catalog.load({"models": {"m": both}}), environ=KEYS)
+    chain = router.chain(RequestOptions("m"), {"messages": [], "n": 2})
+    assert sorted(type(t).__name__ for _, t in chain) == ["BadRequestError", "Target"]
+    assert [t.provider for _, t in chain if not isinstance(t, BadRequestError)] == ["openai"]
+
+
 def test_uncatalogued_models_are_not_second_guessed():
     router = Router(CATALOG, environ=KEYS)
     [(_, target)] = router.chain(

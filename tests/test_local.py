@@ -260,7 +260,6 @@ def test_prompt_too_long(client: Lunar) -> None:
 @pytest.mark.parametrize(
     ("kwargs", "param"),
     [
-        ({"n": 2}, "n"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
         (
             {
@@ -291,6 +290,21 @@ def test_unsupported(client: Lunar, kwargs: dict[str, Any], param: str) -> None:
     kwargs["stream"] = True
     with pytest.raises(BadRequestError):
         client.chat.completions.create(model="smollm2", max_tokens=2, **kwargs)
+
+
+@pytest.mark.parametrize("model", [f"local/{BUNDLED}", "smollm2"])
+@pytest.mark.parametrize("stream", [False, True])
+def test_n_above_one_is_refused_before_the_model_runs(
+    client: Lunar, model: str, stream: bool
+) -> None:
+    # The engine refuses it for any local model, as for any wire that gives one choice; the
+    # adapter's own check stays for a body that reaches it another way.
+    with pytest.raises(BadRequestError, match=r"n=2") as info:
+        client.chat.completions.create(model=model, messages=HELLO, n=2, stream=stream)
+    assert info.value.param == "n" and info.value.provider == "local"
+    with pytest.raises(BadRequestError, match="local model does not support n=2") as info:
+        local.parse_body({"messages": HELLO, "n": 2})
+    assert info.value.param == "n"
 
 
 def test_json_mode_is_constrained(client: Lunar) -> None:

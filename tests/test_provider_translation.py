@@ -540,6 +540,64 @@ def test_gemini_tool_stream():
     assert done.choices[0].finish_reason == "tool_calls"
 
 
+def candidate(index, parts, finish=None):
+    cand = {"content": {"role": "model", "parts": parts}, "index": index}
+    if finish:
+        cand["finishReason"] = finish
+    return cand
+
+
+# candidateCount=2: each event carries the candidates that have something new, each with its
+# index; one finishes (MAX_TOKENS) before the other has said all it will (a tool call).
+GEMINI_TWO_CANDIDATES = sse(
+    [
+        (None, {"candidates": [candidate(0, [{"text": "Once"}]), candidate(1, [{"text": "Hi"}])]}),
+        (None, {"candidates": [candidate(1, [{"text": " there"}], "MAX_TOKENS")]}),
+        (
+            None,
+            {
+                "candidates": [
+                    candidate(
+                        0,
+                        [
+                            {"text": " upon"},
+                            {"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}},
+                        ],
+                        "STOP",
+                    )
+                ],
+                "usageMetadata": {"promptTokenCount": 8, "candidatesTokenCount": 9},
+            },
+        ),
+    ]
+)
+
+
+def test_gemini_stream_gives_each_candidate_its_own_choice():
+    chunks = run(GEMINI.stream_translator(G_TARGET), [GEMINI_TWO_CANDIDATES])
+    assert all(len(c.choices) == 1 for c in chunks)
+    roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant"]
+    assert roles == [0, 1]  # each choice opens with its role, as OpenAI's stream does
+    finishes = [(c.choices[0].index, c.choices[0].finish_reason) for c in chunks]
+    assert [f for f in finishes if f[1] is not None] == [(0, "tool_calls"), (1, "length")]
+    assert [c.usage is not None for c in chunks].count(True) == 1 and chunks[-1].usage
+    done = assemble(chunks)
+    assert [c.index for c in done.choices] == [0, 1]
+    first, second = done.choices
+    assert first.message.content == "Once upon"
+    [call] = first.message.tool_calls
+    assert call.function.name == "get_weather"
+    assert json.loads(call.function.arguments) == {"city": "Oslo"}
+    assert (second.message.content, second.message.tool_calls) == ("Hi there", None)
+    assert (done.usage.prompt_tokens, done.usage.completion_tokens) == (8, 9)
+
+
+def test_gemini_stream_with_a_candidate_left_unfinished_raises():
+    cut = GEMINI_TWO_CANDIDATES.rsplit(b"data:", 1)[0]  # candidate 0 never finishes
+    with pytest.raises(APIConnectionError):
+        run(GEMINI.stream_translator(G_TARGET), [cut])
+
+
 @pytest.mark.parametrize(
     ("reason", "finish"),
     [

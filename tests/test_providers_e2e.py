@@ -17,6 +17,7 @@ from lunar import (
     ServerError,
     UnprocessableEntityError,
 )
+from lunar._streaming import ChatAccumulator
 from lunar.testing import STORY, MockServer, Reply
 
 from .conftest import busy_connections
@@ -484,6 +485,77 @@ async def test_anthropic_json_mode_is_emulated_and_checked(
         await call(mode, stream=stream, model=ANTHROPIC.model, response_format=fmt)
     assert info.value.status_code == 422 and info.value.provider == "anthropic"
     assert len(mock.requests) == 2  # not retried, no fallback
+
+
+@MODES
+@STREAMS
+async def test_gemini_n_gives_every_candidate_as_a_choice(
+    mock: MockServer, mode: str, stream: bool
+) -> None:
+    result, client = await call(mode, stream=stream, model=GEMINI.model, n=2)
+    assert mock.requests[-1].json["generationConfig"]["candidateCount"] == 2
+    if stream:
+        assert {c.choices[0].index for c in result if c.choices} == {0, 1}
+        assert [c.usage is not None for c in result].count(True) == 1  # once, on the last
+        acc = ChatAccumulator()
+        for chunk in result:
+            acc.add(chunk)
+        result = acc.completion()
+    assert [(c.index, c.message.content, c.finish_reason) for c in result.choices] == [
+        (0, story(8), "stop"),
+        (1, story(8), "stop"),
+    ]
+    assert result.usage.completion_tokens == 16  # both candidates, as Gemini bills them
+    assert result.usage.output_cost_usd == cost(16, GEMINI.price_out)
+    assert busy_connections(client) == 0
+
+
+@MODES
+@STREAMS
+@pytest.mark.parametrize("model", [ANTHROPIC.model, "anthropic/claude-3-haiku-20240307"])
+async def test_anthropic_refuses_n_above_one_before_any_request(
+    mock: MockServer, mode: str, stream: bool, model: str
+) -> None:
+    # Anthropic's Messages API has no n: one choice silently standing for two is refused.
+    with pytest.raises(BadRequestError) as info:
+        await call(mode, stream=stream, model=model, n=2)
+    assert info.value.status_code == 400 and info.value.param == "n"
+    assert "n=2" in str(info.value) and "anthropic" in str(info.value)
+    assert mock.requests == []
+    result, _ = await call(mode, stream=stream, model=model, n=1)  # n=1 is what it does
+    assert final_of(result, stream)[0] == story(8)
+
+
+@MODES
+@STREAMS
+async def test_fallbacks_that_give_one_choice_are_skipped_for_n_above_one(
+    mock: MockServer, mode: str, stream: bool
+) -> None:
+    mock.enqueue(Reply(status=503), model="gpt-4o-mini")
+    fallbacks = [ANTHROPIC.model, "smollm2", GEMINI.model]
+    result, client = await call(mode, stream=stream, model="gpt-4o-mini", n=2, fallbacks=fallbacks)
+    if stream:
+        acc = ChatAccumulator()
+        for chunk in result:
+            acc.add(chunk)
+        result = acc.completion()
+    assert result.provider == "gemini" and len(result.choices) == 2
+    assert [r.path for r in mock.requests] == ["/v1/chat/completions", GEMINI.path(stream)]
+
+    # With nothing left that can serve n=2, the primary's own failure is what is raised;
+    # the skipped fallbacks are on its attempts, with the reason.
+    mock.enqueue(Reply(status=503), model="gpt-4o-mini")
+    with pytest.raises(ServerError) as info:
+        await call(mode, stream=stream, model="gpt-4o-mini", n=2, fallbacks=fallbacks[:2])
+    attempts = info.value.attempts
+    assert [(a.model, a.provider) for a in attempts] == [
+        ("gpt-4o-mini", "openai"),
+        (ANTHROPIC.model, "anthropic"),
+        ("smollm2", "local"),
+    ]
+    assert all(isinstance(a.error, BadRequestError) for a in attempts[1:])
+    assert all(a.error.param == "n" for a in attempts[1:])
+    assert busy_connections(client) == 0
 
 
 def test_capability_check_happens_before_any_request(mock: MockServer) -> None:

@@ -593,6 +593,44 @@ async def test_create_app_serves_in_process(tmp_path):
     assert time.time() > 0
 
 
+async def test_n_above_one_to_a_claude_model_is_a_400_naming_n(tmp_path):
+    with MockServer() as upstream:
+        env = {
+            "OPENAI_API_KEY": "sk-x",
+            "OPENAI_BASE_URL": upstream.base_url,
+            "ANTHROPIC_API_KEY": "sk-ant",
+            "ANTHROPIC_BASE_URL": upstream.url,
+            "LUNAR_MASTER_KEY": MASTER,
+            "LUNAR_MAX_RETRIES": "0",
+        }
+        app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
+        transport = httpx.ASGITransport(app=app)
+        auth = {"authorization": f"Bearer {MASTER}"}
+        ask = {"messages": [{"role": "user", "content": "hi"}], "n": 2}
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            for stream in (False, True):
+                r = await client.post(
+                    "/v1/chat/completions",
+                    headers=auth,
+                    json={"model": "claude-3-haiku", "stream": stream, **ask},
+                )
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert error["param"] == "n" and "n=2" in error["message"]
+                assert error["type"] == "invalid_request_error"
+            assert upstream.requests == []
+            # As a fallback it is skipped: never asked, so the primary's failure is the answer.
+            upstream.enqueue(Reply(status=503), model="gpt-4o-mini")
+            r = await client.post(
+                "/v1/chat/completions",
+                headers=auth,
+                json={"model": "gpt-4o-mini", "fallbacks": ["claude-3-haiku"], **ask},
+            )
+            assert r.status_code == 503, r.text
+            assert [q.path for q in upstream.requests] == ["/v1/chat/completions"]
+        await app.shutdown()
+
+
 async def test_events_that_arrive_in_one_read_leave_in_one_write(tmp_path):
     """A stream the upstream sends in one write (as a fast upstream, or one the gateway fell
     behind on, does) is relayed in a few body messages, not one per event: every ``send``

@@ -81,7 +81,8 @@ class Router:
         """``(model, target or the reason it cannot be tried)`` in the order to try them:
         the model's deployments ranked by health, then each fallback's; deployments whose
         breaker is open go last. An unknown primary model, or one that cannot take what the
-        request needs (tools, images), raises at once: that is bad input, not an outage."""
+        request needs (tools, images, ``n`` > 1 choices), raises at once: that is bad input,
+        not an outage. A fallback that cannot is kept as the reason it is skipped."""
         if self.remote is not None:
             dep = Deployment(opts.model, "lunar", opts.model, None, catalogued=False)
             return [
@@ -94,6 +95,7 @@ class Router:
             opts.fallbacks if opts.fallbacks is not None else self.fallbacks.get(opts.model, [])
         )
         needs = requirements(body) if body is not None else frozenset()
+        n = choices_asked(body) if body is not None else 1
         out: list[tuple[str, Target | LunarError]] = []
         cooling: list[tuple[str, Target | LunarError]] = []
         for i, name in enumerate([opts.model, *fallbacks]):
@@ -113,10 +115,27 @@ class Router:
                     raise err
                 out.append((name, err))
                 continue
+            single = self.one_choice(deployments) if n > 1 else ()
+            if single and len(single) == len(deployments):
+                err = choices_error(name, n, single[0].provider)
+                if i == 0:
+                    raise err
+                out.append((name, err))
+                continue
             for dep in self.health.rank(deployments, lambda d: d):
-                entry = (name, self.target(dep))
+                target = choices_error(name, n, dep.provider) if dep in single else self.target(dep)
+                entry = (name, target)
                 (cooling if self.health.cooling_down(dep) else out).append(entry)
         return out + cooling
+
+    def one_choice(self, deployments: list[Deployment]) -> list[Deployment]:
+        """The deployments whose wire answers one choice per request (no ``n``)."""
+        out = []
+        for dep in deployments:
+            spec = self.catalog.providers.get(dep.provider)
+            if spec is not None and not adapter_for(spec.protocol).multiple_choices:
+                out.append(dep)
+        return out
 
     def target(self, dep: Deployment) -> Target | LunarError:
         cached = self._targets.get(dep)
@@ -175,6 +194,23 @@ def capability_error(model: str, missing: frozenset[str]) -> BadRequestError:
         "(`lunar models` lists capabilities)",
         param="model",
         code="unsupported_capability",
+    )
+
+
+def choices_asked(body: Mapping[str, Any]) -> int:
+    """How many choices the request asks for (``n``, 1 when not given)."""
+    n = body.get("n")
+    return n if isinstance(n, int) and n > 1 else 1
+
+
+def choices_error(model: str, n: int, provider: str) -> BadRequestError:
+    return BadRequestError(
+        f"Model '{model}' cannot give n={n} choices: provider '{provider}' answers one choice "
+        "per request. Send n=1 (once for each answer you want), or choose a model whose "
+        "provider supports n",
+        param="n",
+        code="unsupported_parameter",
+        provider=provider,
     )
 
 

@@ -53,6 +53,11 @@ class StreamTranslator(Protocol):
 
 
 class Adapter(Protocol):
+    #: Whether the wire can answer several choices for one request (OpenAI ``n``, Gemini
+    #: ``candidateCount``). Where it cannot, the engine refuses ``n`` > 1 before sending, or
+    #: skips the deployment as a fallback: one answer must not stand for ``n`` of them.
+    multiple_choices: bool
+
     def build_request(
         self, body: Mapping[str, Any], target: Target, stream: bool
     ) -> HTTPRequest: ...

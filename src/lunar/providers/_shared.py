@@ -105,6 +105,8 @@ def json_object(content: bytes | str, provider: str) -> dict[str, Any]:
 class HTTPAdapter:
     """What every HTTP adapter does the same way: errors come from one mapping."""
 
+    multiple_choices = True
+
     def parse_error(
         self, status: int, headers: Mapping[str, str], content: bytes, target: Target
     ) -> APIError:
@@ -150,7 +152,7 @@ class SSETranslator:
 
 
 class ChunkMaker(SSETranslator):
-    """For translators that build OpenAI chunks themselves (one choice, index 0)."""
+    """For translators that build OpenAI chunks themselves, one choice a chunk."""
 
     def __init__(self, target: Target, id: str) -> None:
         super().__init__()
@@ -160,13 +162,17 @@ class ChunkMaker(SSETranslator):
         self._created = int(time.time())
 
     def _chunk(
-        self, delta: ChoiceDelta, finish: str | None = None, usage: Usage | None = None
+        self,
+        delta: ChoiceDelta,
+        finish: str | None = None,
+        usage: Usage | None = None,
+        index: int = 0,
     ) -> ChatCompletionChunk:
         return ChatCompletionChunk(
             self._id,
             self._created,
             self._model,
-            [ChunkChoice(0, delta, finish)],
+            [ChunkChoice(index, delta, finish)],
             usage,
             provider=self._provider,
         )

@@ -205,6 +205,8 @@ class AnthropicStreamTranslator(ChunkMaker):
 
 
 class AnthropicAdapter(HTTPAdapter):
+    multiple_choices = False  # the Messages API has no ``n``: one message per request
+
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         messages = body["messages"]
         dep = target.deployment

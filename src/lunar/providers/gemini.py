@@ -160,14 +160,23 @@ def _finish(reason: str | None, made_calls: bool) -> str:
 
 class GeminiStreamTranslator(ChunkMaker):
     """Each event is a whole ``GenerateContentResponse``; the stream simply ends (no
-    ``[DONE]``), so a ``finishReason`` is what tells a complete stream from a cut one."""
+    ``[DONE]``), so a ``finishReason`` is what tells a complete stream from a cut one.
+
+    With ``candidateCount`` > 1 an event carries the candidates that have something new,
+    each with its ``index``: each candidate is the choice of that index, with its own role
+    chunk, tool-call numbering and finish reason. Every choice must finish; the finishes
+    come last, in index order, the usage (all candidates') on the very last."""
 
     def __init__(self, target: Target) -> None:
         super().__init__(target, f"chatcmpl-gemini-{time.time_ns():x}")
         self._started = False
-        self._calls = 0
-        self._finish: str | None = None
+        self._calls: dict[int, int] = {}  # choice index -> its tool calls so far
+        self._finish: dict[int, str] = {}  # choice index -> Gemini's finishReason
         self._usage: Usage | None = None
+
+    def _begin(self, index: int, out: list[ChatCompletionChunk]) -> None:
+        self._calls[index] = 0
+        out.append(self._chunk(ChoiceDelta(role="assistant", content=""), index=index))
 
     def _translate(self, data: bytes, out: list[ChatCompletionChunk]) -> None:
         for event in self._sse.feed(data):
@@ -177,46 +186,55 @@ class GeminiStreamTranslator(ChunkMaker):
             if not self._started:
                 self._started = True
                 self._model = obj.get("modelVersion") or self._model
-                out.append(self._chunk(ChoiceDelta(role="assistant", content="")))
+                self._begin(0, out)
             if obj.get("usageMetadata"):
                 self._usage = _usage(obj["usageMetadata"])
             candidates = obj.get("candidates") or ()
             if not candidates and (obj.get("promptFeedback") or {}).get("blockReason"):
-                self._finish = "SAFETY"
-            for cand in candidates[:1]:
+                self._finish[0] = "SAFETY"
+            for position, cand in enumerate(candidates):
+                index = cand.get("index")
+                if not isinstance(index, int) or isinstance(index, bool):
+                    index = position  # proto3 JSON may leave out a 0
+                if index not in self._calls:
+                    self._begin(index, out)
                 for part in (cand.get("content") or {}).get("parts") or ():
                     if part.get("thought"):
                         continue
                     if "text" in part:
-                        out.append(self._chunk(ChoiceDelta(content=part["text"])))
+                        out.append(self._chunk(ChoiceDelta(content=part["text"]), index=index))
                     elif "functionCall" in part:
                         call = part["functionCall"]
-                        out.append(
-                            self._chunk(
-                                ChoiceDelta(
-                                    tool_calls=[
-                                        ChoiceDeltaToolCall(
-                                            self._calls,
-                                            call.get("id") or f"call_{self._calls}",
-                                            "function",
-                                            Function(
-                                                call.get("name"), dumps(call.get("args") or {})
-                                            ),
-                                        )
-                                    ]
-                                )
-                            )
+                        number = self._calls[index]
+                        self._calls[index] = number + 1
+                        tool_call = ChoiceDeltaToolCall(
+                            number,
+                            call.get("id") or f"call_{number}",
+                            "function",
+                            Function(call.get("name"), dumps(call.get("args") or {})),
                         )
-                        self._calls += 1
+                        out.append(self._chunk(ChoiceDelta(tool_calls=[tool_call]), index=index))
                 if cand.get("finishReason"):
-                    self._finish = cand["finishReason"]
+                    self._finish[index] = cand["finishReason"]
 
     def _end(self) -> list[ChatCompletionChunk]:
-        if self._finish is None:
+        unfinished = [i for i in self._calls if i not in self._finish]
+        if not self._finish or unfinished:
+            which = f" (candidate {unfinished[0]})" if len(self._calls) > 1 and unfinished else ""
             raise APIConnectionError(
-                f"The stream from '{self._provider}' ended before it was complete (no finishReason)"
+                f"The stream from '{self._provider}' ended before it was complete "
+                f"(no finishReason{which})"
             )
-        return [self._chunk(ChoiceDelta(), _finish(self._finish, self._calls > 0), self._usage)]
+        last = max(self._finish)
+        return [
+            self._chunk(
+                ChoiceDelta(),
+                _finish(reason, self._calls.get(i, 0) > 0),
+                self._usage if i == last else None,
+                index=i,
+            )
+            for i, reason in sorted(self._finish.items())
+        ]
 
 
 class GeminiAdapter(HTTPAdapter):

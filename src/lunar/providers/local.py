@@ -759,6 +759,7 @@ class LocalAdapter:
     """The ``local`` protocol: no wire at all, only ``in_process``."""
 
     in_process = LocalRuntime()
+    multiple_choices = False  # one generation per request (``parse_body`` refuses n > 1 too)
 
     def _no_http(self) -> LunarError:
         return LunarError("The local provider runs in-process and has no HTTP form")
