@@ -822,6 +822,23 @@ def test_rpm_burst_admits_exactly_the_limit(gw, upstream):
     assert sorted(statuses) == ["ok"] * 5 + ["rejected"] * 15
 
 
+def test_limits_count_every_choice_asked(gw, upstream):
+    """``n`` choices are ``n`` answers: a request's reservation counts ``max_tokens`` for
+    each, or a key under a token limit or budget could spend ``n`` times what it holds."""
+    one = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100}
+    need = estimate(one, [("gpt-4o-mini", None)], Catalog.load(), 64)
+    assert estimate({**one, "n": 8}, [("gpt-4o-mini", None)], Catalog.load(), 64).tokens == (
+        need.tokens + 7 * 100
+    )
+    key, _ = gw.new_key(tpm=need.tokens * 2)
+    headers = {"authorization": f"Bearer {key}"}
+    # (The first request of a window is let through whatever it needs.)
+    assert gw.http.post("/v1/chat/completions", json=one, headers=headers).status_code == 200
+    r = gw.http.post("/v1/chat/completions", json={**one, "n": 8}, headers=headers)
+    assert _error(r, 429)["code"] == "tokens_rate_limit_exceeded"
+    assert gw.http.post("/v1/chat/completions", json=one, headers=headers).status_code == 200
+
+
 def test_tpm_burst_admits_what_fits(gw, upstream):
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 8}
     need = estimate(body, [("gpt-4o-mini", None)], Catalog.load(), 64).tokens

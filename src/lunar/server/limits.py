@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Protocol
 
 from .._catalog import Catalog, Prices
-from .._engine import estimate_tokens, prompt_chars
+from .._engine import choices_asked, estimate_tokens, prompt_chars
 from .._errors import NotFoundError
 from .storage import KeyRecord
 
@@ -63,12 +63,14 @@ def estimate(
     default_output_tokens: int,
 ) -> Estimate:
     """Prompt tokens (~4 characters a token), output tokens (``max_tokens``, else
-    ``default_output_tokens``) and the dearest cost among the models that may answer
-    (``candidates``: ``(model, provider)``, the primary and its fallbacks)."""
+    ``default_output_tokens``, for each of the ``n`` choices asked) and the dearest cost
+    among the models that may answer (``candidates``: ``(model, provider)``, the primary
+    and its fallbacks)."""
     prompt = estimate_tokens(prompt_chars(body))
     out = body.get("max_completion_tokens") or body.get("max_tokens") or default_output_tokens
     if not isinstance(out, int) or isinstance(out, bool):
         out = default_output_tokens
+    out *= choices_asked(body)
     dearest = 0.0
     for name, provider in candidates:
         try:
