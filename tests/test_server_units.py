@@ -901,3 +901,16 @@ def test_local_models_section_names_gguf_files(tmp_path):
     path.write_text("[local.models]\nbad = 5\n")
     with pytest.raises(ConfigError, match=r"\[local.models\]"):
         load_config(path, environ={"LUNAR_MASTER_KEY": "m"})
+
+
+def test_every_route_is_in_the_openapi_document(tmp_path):
+    """``/openapi.json`` is what clients and the schema fuzzing (test_server_schema.py)
+    know of the gateway: a route missing from it is never fuzzed."""
+    from lunar.server.openapi import openapi_document
+
+    app = create_app(load_config(None, {"LUNAR_MASTER_KEY": MASTER}, db=str(tmp_path / "g.db")))
+    paths = openapi_document("0")["paths"]
+    aliases = {"/chat/completions", "/openapi.json"}  # the same route; the document itself
+    for route, methods in app._routes.items():
+        if route not in aliases:
+            assert {m.lower() for m in methods} - {"head"} <= set(paths.get(route, {})), route

@@ -349,6 +349,31 @@ def openapi_document(version: str) -> dict[str, Any]:
                     },
                 }
             },
+            "/v1/messages/count_tokens": {
+                "post": {
+                    "summary": "Anthropic's token count: an estimate (~4 characters a token), "
+                    "since the model that answers may be any provider's",
+                    "security": _SECURED,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {**_MESSAGES_REQUEST, "required": ["model", "messages"]}
+                            }
+                        },
+                    },
+                    "responses": {
+                        "200": _json(
+                            {
+                                "type": "object",
+                                "required": ["input_tokens"],
+                                "properties": {"input_tokens": {"type": "integer", "minimum": 0}},
+                            }
+                        ),
+                        **_errors(400, 401, 413, anthropic=True),
+                    },
+                }
+            },
             "/v1/models": {
                 "get": {
                     "summary": "Models this key may use",
