@@ -596,6 +596,20 @@ def test_the_openai_sdks_stream_helper_assembles_streamed_tool_calls(gw, key, up
     assert json.loads(call.function.arguments) == {"city": "Paris"}
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_openai_sdk_reads_cached_tokens_where_openai_puts_them(gw, key, upstream, stream):
+    upstream.enqueue(Reply(cached_tokens=6))
+    client = oai(gw, key)
+    if stream:
+        *_, last = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True
+        )
+        usage = last.usage
+    else:
+        usage = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).usage
+    assert usage.prompt_tokens_details.cached_tokens == 6
+
+
 @pytest.mark.parametrize("retry_after", ["inf", "1e999"])
 def test_upstream_429_with_an_endless_retry_after_is_still_a_429(gw, key, upstream, retry_after):
     upstream.enqueue(Reply(status=429, headers={"retry-after": retry_after}))

@@ -36,7 +36,7 @@ def instance(cls: type[_Obj], values: st.DataObject) -> _Obj:
         if kind == "scalar":
             value: Any = values.draw(scalars)
         elif kind == "object":
-            value = types.Usage(values.draw(st.integers(0, 9)), 2)
+            value = types.Function(values.draw(st.text(max_size=3)), "{}")
         elif kind == "list":
             value = [types.Function("f", "{}"), values.draw(scalars)]
         else:
@@ -52,7 +52,8 @@ def test_every_wire_type_has_its_own_to_dict():
         assert cls.model_dump is cls.to_dict
 
 
-#: All but the hand-written ones (a streamed tool call's piece leaves out what it lacks).
+#: All but the hand-written ones (a streamed tool call's piece leaves out what it lacks;
+#: usage adds OpenAI's prompt_tokens_details).
 FROM_SLOTS = [c for c in CLASSES if getattr(c.to_dict, "_from_slots", False)]
 
 
@@ -66,7 +67,16 @@ def test_a_streamed_tool_calls_piece_leaves_out_what_it_does_not_carry():
         "type": "function",
         "function": {"name": "f", "arguments": ""},
     }
-    assert set(FROM_SLOTS) == set(CLASSES) - {types.ChoiceDeltaToolCall}
+    assert set(FROM_SLOTS) == set(CLASSES) - {types.ChoiceDeltaToolCall, types.Usage}
+
+
+def test_usage_also_puts_cached_tokens_where_openai_does():
+    usage = Usage(10, 5, cached_tokens=3)
+    assert usage.prompt_tokens_details.cached_tokens == 3
+    out = usage.to_dict()
+    assert out["prompt_tokens_details"] == {"cached_tokens": 3}
+    assert list(out) == [*Usage.__slots__, "prompt_tokens_details"]
+    assert usage.model_dump() == out
 
 
 @given(st.sampled_from(FROM_SLOTS), st.data())

@@ -153,6 +153,19 @@ class Usage(_Obj):
         self.latency_ms = latency_ms
         self.ttft_ms = ttft_ms
 
+    @property
+    def prompt_tokens_details(self) -> PromptTokensDetails:
+        """``cached_tokens`` where OpenAI puts it, for code written against its SDK."""
+        return PromptTokensDetails(self.cached_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _usage_fields(self)
+        # OpenAI's place for the cached tokens too: the openai SDK reads them there.
+        out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return out
+
+    model_dump = to_dict
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Usage:
         get = d.get
@@ -172,6 +185,18 @@ class Usage(_Obj):
             get("latency_ms"),
             get("ttft_ms"),
         )
+
+
+_usage_fields = _to_dict_for(Usage)
+
+
+class PromptTokensDetails(_Obj):
+    """OpenAI's ``usage.prompt_tokens_details``: where its SDK users read ``cached_tokens``."""
+
+    __slots__ = ("cached_tokens",)
+
+    def __init__(self, cached_tokens: int = 0) -> None:
+        self.cached_tokens = cached_tokens
 
 
 class Function(_Obj):
