@@ -276,8 +276,15 @@ def test_models_list_shows_what_the_key_may_use(gw):
     ids = {m.id for m in everything}
     assert {"gpt-4o-mini", "claude-3-5-haiku", "fast"} <= ids
     restricted, _ = gw.new_key(models=["gpt-4o-mini", "llama-3.1-8b"])
-    assert {m.id for m in oai(gw, restricted).models.list()} == {"gpt-4o-mini", "llama-3.1-8b"}
+    # 'fast', the config's alias of gpt-4o-mini, is listed: the key may use it.
+    assert {m.id for m in oai(gw, restricted).models.list()} == {
+        "gpt-4o-mini",
+        "llama-3.1-8b",
+        "fast",
+    }
     assert oai(gw, restricted).models.retrieve("gpt-4o-mini").id == "gpt-4o-mini"
+    assert oai(gw, restricted).models.retrieve("fast").id == "fast"
+    oai(gw, restricted).chat.completions.create(model="fast", messages=MESSAGES)
     with pytest.raises(openai.NotFoundError):
         oai(gw, restricted).models.retrieve("gpt-4o")
 

@@ -816,10 +816,10 @@ class Gateway:
         await send({"type": "http.response.body", "body": body})
 
     def _visible_models(self, key: KeyRecord) -> list[dict[str, Any]]:
-        allowed = self.keys.allowed_names(key)
-        if allowed is None:
+        if self.keys.allowed_names(key) is None:
             return self._models_all
-        return [m for m in self._models_all if m["id"] in allowed]
+        # The same test as a request's: an alias of an allowed model is allowed.
+        return [m for m in self._models_all if self.keys.allows(key, m["id"])]
 
     async def _models(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
