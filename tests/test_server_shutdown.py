@@ -8,6 +8,7 @@ import json
 import signal
 import sqlite3
 import threading
+import time
 
 import httpx
 import pytest
@@ -99,45 +100,60 @@ def test_sigterm_mid_load_loses_nothing_acknowledged(upstream, tmp_path):
     assert len(rows) >= len(acked) >= in_flight
 
 
-def test_requests_outliving_the_graceful_timeout_are_recorded_as_cancelled(upstream, tmp_path):
+def test_requests_outliving_the_graceful_timeout_are_told_so_and_recorded_as_told(
+    upstream, tmp_path
+):
+    """Past the graceful timeout the server cancels what still runs. A whole answer not sent
+    yet is a 503 (JSON, with its request id), a stream ends on an error event and its end,
+    and each row says what its client got."""
     config = CONFIG.replace("graceful_timeout_seconds = 10", "graceful_timeout_seconds = 1")
     gw = GatewayProcess(tmp_path, upstream, config)
     key, key_id = gw.new_key()
-    upstream.default = Reply(chunks=2000, pacing=0.02)  # a 40-second stream
+    upstream.enqueue(Reply(chunks=2000, pacing=0.02), model="gpt-4o-mini")  # a 40-second stream
+    upstream.enqueue(Reply(delay=40), model="gpt-4o")
     got_first = threading.Event()
+    headers = {"x-api-key": key}
 
-    def stream() -> int:
-        seen = 0
+    def stream() -> list[str]:
+        events = []
         body = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True}
-        try:
-            with httpx.stream(
-                "POST",
-                gw.url + "/v1/chat/completions",
-                json=body,
-                headers={"x-api-key": key},
-                timeout=30,
-            ) as r:
-                for line in r.iter_lines():
-                    if line.startswith("data: "):
-                        seen += 1
-                        got_first.set()
-        except httpx.HTTPError:
-            pass
-        return seen
+        with httpx.stream(
+            "POST", gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=30
+        ) as r:
+            for line in r.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    got_first.set()
+        return events
 
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        future = pool.submit(stream)
+    def whole() -> httpx.Response:
+        body = {"model": "gpt-4o", "messages": MESSAGES}
+        return httpx.post(gw.url + "/v1/chat/completions", json=body, headers=headers, timeout=30)
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        streamed, answered = pool.submit(stream), pool.submit(whole)
         assert got_first.wait(30)
+        while len(upstream.requests) < 2:
+            time.sleep(0.01)
         gw.proc.send_signal(signal.SIGTERM)
         code = gw.proc.wait(60)
-        seen = future.result()
+        events, r = streamed.result(), answered.result()
     logs = gw.logs()
     gw.stop()
     assert code in (0, -signal.SIGTERM), logs
-    assert 0 < seen < 2000
+    assert r.status_code == 503, r.text
+    assert r.json()["error"]["code"] == "shutting_down" and r.headers["x-request-id"]
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "shutting_down"
+    assert 2 < len(events) < 2000
     with sqlite3.connect(gw.db) as db:
-        [(status, error_type, tokens)] = db.execute(
-            "SELECT status, error_type, completion_tokens FROM usage WHERE key_id = ?", (key_id,)
+        rows = db.execute(
+            "SELECT model, status, error_type, http_status, completion_tokens FROM usage"
+            " WHERE key_id = ? ORDER BY model",
+            (key_id,),
         ).fetchall()
-    assert (status, error_type) == ("cancelled", "cancelled")
-    assert tokens > 0
+    assert [row[:4] for row in rows] == [
+        ("gpt-4o", "error", "shutting_down", 503),
+        ("gpt-4o-mini", "error", "shutting_down", 200),
+    ]
+    assert rows[1][4] > 0  # the stream's tokens so far are billed

@@ -37,6 +37,7 @@ from .._errors import (
     PermissionDeniedError,
     RateLimitError,
     RequestEntityTooLargeError,
+    ServiceUnavailableError,
 )
 from .._http import AsyncPool
 from .._json import dumps, loads
@@ -54,6 +55,7 @@ from .dialects import (
     MESSAGES,
     Dialect,
     Headers,
+    StreamWriter,
     error_type,
     openai_error,
     parse_request,
@@ -545,6 +547,7 @@ class Gateway:
         row = call.row
         watch: _Watch | None = None
         response_started = False
+        writer: StreamWriter | None = None
         self.metrics.in_flight += 1
         try:
             try:
@@ -637,7 +640,13 @@ class Gateway:
                 row.http_status = 499
                 row.error_type = "client_disconnected" if disconnected else "cancelled"
             if not disconnected:
-                raise  # the server is shutting down: the row is still recorded below
+                # The server is shutting down (its graceful timeout ran out). The client
+                # still gets an answer that says so, and the row says what it got; then the
+                # cancel goes on (the row is still recorded below).
+                if not call.recorded:
+                    with contextlib.suppress(Exception):
+                        await self._stopping(dialect, send, row, rid, request_id, writer)
+                raise
             uncancel = getattr(asyncio.current_task(), "uncancel", None)
             if uncancel is not None:
                 uncancel()
@@ -673,6 +682,30 @@ class Gateway:
             plan = call.trace.plan
             if plan is not None and plan.attempts:  # a failed attempt's error, recorded
                 plan.release()
+
+    async def _stopping(
+        self,
+        dialect: Dialect,
+        send: Send,
+        row: UsageRow,
+        rid: tuple[bytes, bytes],
+        request_id: str,
+        writer: StreamWriter | None,
+    ) -> None:
+        """A request cut short by the server's shutdown: a 503 if nothing was sent yet, else
+        a stream's error event and its end (never a silent cut)."""
+        err = ServiceUnavailableError(
+            "The gateway is shutting down: retry the request", code="shutting_down"
+        )
+        row.status = "error"
+        row.error_type = "shutting_down"
+        if writer is None:
+            row.http_status = 503
+            await _send_error(send, err, dialect.error, [rid])
+        else:
+            row.http_status = 200  # the stream's own status, sent with its head
+            tail = writer.error(err, request_id)
+            await send({"type": "http.response.body", "body": tail, "more_body": False})
 
     def _check_access(
         self, key: KeyRecord, opts: RequestOptions
