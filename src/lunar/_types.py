@@ -169,15 +169,26 @@ class Usage(_Obj):
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Usage:
         get = d.get
+        prompt, completion = get("prompt_tokens"), get("completion_tokens")
         cached = get("cached_tokens")
         if not cached:
             details = get("prompt_tokens_details")
             cached = details.get("cached_tokens") if type(details) is dict else 0
+        # Whole numbers in range, as nearly every answer has them, skip the calls. (The OR of
+        # ints is negative if one is, and reaches 2**53 if one does.)
+        if not (
+            type(prompt) is type(completion) is type(cached) is int
+            and 0 <= (prompt | completion | cached) < _MAX_TOKENS
+        ):
+            prompt, completion, cached = tokens(prompt), tokens(completion), tokens(cached)
+        total = get("total_tokens")
+        if not (type(total) is int and 0 < total < _MAX_TOKENS):
+            total = tokens(total) or None
         return cls(  # positional, in __init__'s order: keywords cost more, on every answer
-            tokens(get("prompt_tokens")),
-            tokens(get("completion_tokens")),
-            tokens(get("total_tokens")) or None,
-            tokens(cached),
+            prompt,
+            completion,
+            total,
+            cached,
             get("input_cost_usd"),
             get("cached_input_cost_usd"),
             get("output_cost_usd"),
