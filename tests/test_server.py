@@ -860,6 +860,32 @@ def test_limits_count_every_choice_asked(gw, upstream):
     assert gw.http.post("/v1/chat/completions", json=one, headers=headers).status_code == 200
 
 
+def test_a_budgeted_key_may_not_use_a_model_without_a_price(gw, upstream):
+    """An unpriced model (a name the catalogue does not know) costs an unknown amount: a
+    budget could not hold it, so a key with a budget is refused it, and told why."""
+    budgeted, key_id = gw.new_key(budget_usd=5)
+    free, _ = gw.new_key()
+    chat = {"messages": MESSAGES}
+    for body, param in (
+        ({"model": "openai/gpt-9-preview"}, "model"),
+        ({"model": "gpt-4o-mini", "fallbacks": ["openai/gpt-9-preview"]}, "fallbacks"),
+    ):
+        r = gw.http.post(
+            "/v1/chat/completions", json={**chat, **body}, headers={"x-api-key": budgeted}
+        )
+        err = _error(r, 403)
+        assert (err["code"], err["param"]) == ("model_not_priced", param)
+        assert "gpt-9-preview" in err["message"] and "price" in err["message"]
+    assert upstream.requests == []
+    assert [row["status"] for row in gw.rows(key_id, 2)] == ["rejected", "rejected"]
+    r = gw.http.post(
+        "/v1/chat/completions",
+        json={**chat, "model": "openai/gpt-9-preview"},
+        headers={"x-api-key": free},
+    )
+    assert r.status_code == 200
+
+
 def test_tpm_burst_admits_what_fits(gw, upstream):
     body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 8}
     need = estimate(body, [("gpt-4o-mini", None)], Catalog.load(), 64).tokens

@@ -115,6 +115,18 @@ async def _send_error(
     await _send_json(send, status, payload, [*(headers or ()), *extra])
 
 
+def _unpriced(key: KeyRecord, model: str, primary: str) -> PermissionDeniedError:
+    """A key with a budget and a model the catalogue has no price for: what it would spend
+    is unknown, so the budget could not hold it."""
+    return PermissionDeniedError(
+        f"Key '{key.name}' has a budget, and model '{model}' has no price, so its cost is "
+        "unknown: use a priced model, or give it a price in the gateway's config "
+        "([models.<name>] with input and output per 1M tokens)",
+        param="model" if model == primary else "fallbacks",
+        code="model_not_priced",
+    )
+
+
 def _refused(refusal: Refusal) -> RateLimitError:
     headers = (
         {"x-should-retry": "false"}
@@ -572,6 +584,8 @@ class Gateway:
                     if needs_estimate(key)
                     else UNUSED
                 )
+                if est.unpriced is not None and key.budget_usd is not None:
+                    raise _unpriced(key, est.unpriced, opts.model)
                 admitted = self.limiter.admit(key, est)
                 if isinstance(admitted, Refusal):
                     row.status = "rejected"

@@ -44,12 +44,16 @@ __all__ = [
 class Estimate:
     """What a request may use, known before it runs."""
 
-    __slots__ = ("cost_usd", "output_tokens", "prompt_tokens")
+    __slots__ = ("cost_usd", "output_tokens", "prompt_tokens", "unpriced")
 
-    def __init__(self, prompt_tokens: int, output_tokens: int, cost_usd: float) -> None:
+    def __init__(
+        self, prompt_tokens: int, output_tokens: int, cost_usd: float, unpriced: str | None = None
+    ) -> None:
         self.prompt_tokens = prompt_tokens
         self.output_tokens = output_tokens
         self.cost_usd = cost_usd
+        #: The first candidate model that may answer with no price (its cost unknown).
+        self.unpriced = unpriced
 
     @property
     def tokens(self) -> int:
@@ -72,6 +76,7 @@ def estimate(
         out = default_output_tokens
     out *= choices_asked(body)
     dearest = 0.0
+    unpriced = None
     for name, provider in candidates:
         try:
             deployments = catalog.resolve(name, provider)
@@ -80,7 +85,9 @@ def estimate(
         for dep in deployments:
             if dep.prices is not None:
                 dearest = max(dearest, _cost(dep.prices, prompt, out))
-    return Estimate(prompt, out, dearest)
+            elif unpriced is None:
+                unpriced = name
+    return Estimate(prompt, out, dearest, unpriced)
 
 
 #: What a request is taken to need when its key has no token or budget limit: nothing reads
