@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import pytest
 
+import lunar
 from lunar import Lunar, LunarError
 from lunar._catalog import Catalog
 from lunar.server.limits import estimate
@@ -479,6 +480,31 @@ def test_lunar_remote_mode_talks_to_the_gateway(gw, key, upstream):
                 model="openai/remote-cut", messages=MESSAGES, stream=True
             ):
                 pass
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(
+    ("fault", "expected", "status"),
+    [
+        (Reply(chunks=20, cut_after=3), lunar.APIConnectionError, 502),
+        (Reply(chunks=20, stall_after=3, stall=5), lunar.APITimeoutError, 504),
+    ],
+)
+def test_remote_mode_raises_the_class_direct_mode_raises_when_the_provider_fails(
+    gw, key, upstream, stream, fault, expected, status
+):
+    """Direct mode raises APIConnectionError (APITimeoutError) when the provider is cut
+    (stalls); through the gateway the same fault is a 502 (504), whole or as a stream's
+    error event. Remote mode's error is an instance of both: one ``except`` for both modes."""
+    upstream.enqueue(fault)
+    client = Lunar(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    with client, pytest.raises(expected) as info:
+        answer = client.chat.completions.create(
+            model=f"openai/remote-{status}-{stream}", messages=MESSAGES, stream=stream
+        )
+        if stream:
+            list(answer)
+    assert isinstance(info.value, lunar.ServerError) and info.value.status_code == status
 
 
 # ---------------------------------------------------------------------------------------------

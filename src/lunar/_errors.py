@@ -136,8 +136,6 @@ class ServiceUnavailableError(ServerError):
     status_code = 503
 
 
-class GatewayTimeoutError(ServerError):
-    status_code = 504
 
 
 class StreamError(APIError):
@@ -160,6 +158,21 @@ class APIConnectionError(LunarError):
 
 class APITimeoutError(APIConnectionError):
     """No byte came within the timeout (before the answer, or between two stream events)."""
+
+
+class BadGatewayError(ServerError, APIConnectionError):
+    """A 502 from a gateway that could not reach the provider (``type:
+    api_connection_error``, a Lunar gateway's answer or a stream's error event): what remote
+    mode raises where direct mode raises ``APIConnectionError``, and an instance of both."""
+
+    status_code = 502
+
+
+class GatewayTimeoutError(ServerError, APITimeoutError):
+    """A 504: the provider, or the gateway before it, timed out. Also an
+    ``APITimeoutError``, as direct mode raises for the same timeout."""
+
+    status_code = 504
 
 
 # The names WIRE-FORMATS.md documents; they shadow the builtins only where imported.
@@ -231,7 +244,9 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def error_class_for(status: int) -> type[APIError]:
+def error_class_for(status: int, etype: str | None = None) -> type[APIError]:
+    if etype == "api_connection_error" and status == 502:
+        return BadGatewayError  # a gateway that could not reach the provider
     cls = _BY_STATUS.get(status)
     if cls is not None:
         return cls
@@ -258,7 +273,7 @@ def error_from_response(
         message = f"HTTP {status} from {provider or 'upstream'}"
     elif provider:
         message = f"{message} (provider: {provider})"
-    cls = error_class_for(status)
+    cls = error_class_for(status, etype)
     return cls(
         message,
         status,
@@ -300,6 +315,7 @@ _STATUS_BY_TYPE = {
     "request_too_large": 413,
     "rate_limit_error": 429,
     "rate_limit_exceeded": 429,
+    "api_connection_error": 502,
     "api_error": 500,
     "server_error": 500,
     "service_unavailable": 503,
@@ -318,7 +334,7 @@ def error_from_stream_event(err: Any, provider: str | None = None) -> APIError:
     text = f"Error event in the stream: {message or 'no message'}"
     if provider:
         text += f" (provider: {provider})"
-    cls: type[APIError] = error_class_for(status) if status else StreamError
+    cls: type[APIError] = error_class_for(status, etype) if status else StreamError
     return cls(
         text,
         status,
