@@ -119,6 +119,7 @@ def _async_http(settings: _Settings) -> _http.AsyncPool | httpx.AsyncClient:
         return _http.AsyncPool(
             timeout=t.read,
             connect_timeout=t.connect,
+            pool_timeout=t.pool,
             max_connections=_LIMITS.max_connections or 1000,
             max_idle_per_origin=_LIMITS.max_keepalive_connections or 100,
             headers=settings.headers,

@@ -35,7 +35,7 @@ from ._errors import (
     retry_after_seconds,
 )
 from ._health import Health
-from ._http import AsyncPool, TransportError, TransportTimeout
+from ._http import AsyncPool, Timeouts, TransportError, TransportTimeout
 from ._request import RequestOptions
 from ._types import ChatCompletion, ChatCompletionChunk, ChatCompletionMessage, Usage
 from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
@@ -550,6 +550,15 @@ def _timeout(opts: RequestOptions) -> Any:
     return httpx.USE_CLIENT_DEFAULT if opts.timeout is None else opts.timeout
 
 
+def pool_timeouts(timeout: float | httpx.Timeout | None) -> Timeouts | float | None:
+    """A request's timeout as Lunar's pool takes it: httpx's ``read``, ``connect`` and
+    ``pool``. ``write`` has no counterpart: the pool hands a request to the socket's buffer
+    and never waits to write (a peer that stops reading shows as a read timeout)."""
+    if isinstance(timeout, httpx.Timeout):
+        return Timeouts(timeout.read, timeout.connect, timeout.pool)
+    return timeout
+
+
 def _headers(headers: dict[str, str], opts: RequestOptions) -> dict[str, str]:
     if opts.extra_headers:
         headers = {**headers, **opts.extra_headers}
@@ -836,7 +845,12 @@ class AsyncEngine:
         headers = _headers(req.headers, opts)
         if isinstance(self.http, AsyncPool):
             return await self.http.send(
-                req.method, req.url, headers, req.content, stream=stream, timeout=opts.timeout
+                req.method,
+                req.url,
+                headers,
+                req.content,
+                stream=stream,
+                timeout=pool_timeouts(opts.timeout),
             )
         request = self.http.build_request(
             req.method, req.url, headers=headers, content=req.content, timeout=_timeout(opts)
