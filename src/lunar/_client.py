@@ -23,6 +23,7 @@ from ._request import (
     RequestOptions,
     completion_from_chat,
     completion_from_chunk,
+    parse_timeout,
     prepare,
     prompt_messages,
     validate_fallbacks,
@@ -59,13 +60,8 @@ class _Settings:
         self.catalog = Catalog.load(catalog)
         self.max_retries = max_retries
         self.headers = {"user-agent": f"lunar-python/{__version__}", **(default_headers or {})}
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        self.timeout = (
-            timeout
-            if isinstance(timeout, httpx.Timeout)
-            else httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        )
+        # None is no timeout, as in the openai SDK; a bad one fails here, as max_retries does.
+        self.timeout = parse_timeout(timeout, lambda message, param: ValueError(message))
         remote = None
         if base_url:
             api_key = api_key or os.environ.get("LUNAR_API_KEY")

@@ -550,13 +550,13 @@ def _timeout(opts: RequestOptions) -> Any:
     return httpx.USE_CLIENT_DEFAULT if opts.timeout is None else opts.timeout
 
 
-def pool_timeouts(timeout: float | httpx.Timeout | None) -> Timeouts | float | None:
+def pool_timeouts(timeout: httpx.Timeout | None) -> Timeouts | None:
     """A request's timeout as Lunar's pool takes it: httpx's ``read``, ``connect`` and
     ``pool``. ``write`` has no counterpart: the pool hands a request to the socket's buffer
     and never waits to write (a peer that stops reading shows as a read timeout)."""
-    if isinstance(timeout, httpx.Timeout):
-        return Timeouts(timeout.read, timeout.connect, timeout.pool)
-    return timeout
+    if timeout is None:
+        return None
+    return Timeouts(timeout.read, timeout.connect, timeout.pool)
 
 
 def _headers(headers: dict[str, str], opts: RequestOptions) -> dict[str, str]:
