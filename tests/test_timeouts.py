@@ -5,13 +5,15 @@ network call, the same everywhere), and what ``None`` means."""
 from __future__ import annotations
 
 import math
+import time
 
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from lunar import AsyncLunar, BadRequestError, Lunar
+from lunar import APITimeoutError, AsyncLunar, BadRequestError, Lunar
+from lunar._client import DEFAULT_TIMEOUT
 from lunar._request import CONNECT_TIMEOUT, LONGEST_TIMEOUT, parse_timeout
 from lunar.testing import Reply
 
@@ -19,19 +21,27 @@ MESSAGES = [{"role": "user", "content": "Tell me a story."}]
 CLIENTS = ["sync", "async", "async-httpx"]
 
 
-def make(mode: str, **kw):
+def make(mode: str, http_timeout: float | None = None, **kw):
+    """A client; for the ``-httpx`` modes on a caller's httpx client (with ``http_timeout``
+    as its own timeout when given, else httpx's default)."""
+    http_kw = {} if http_timeout is None else {"timeout": http_timeout}
     if mode == "sync":
         return Lunar(**kw)
+    if mode == "sync-httpx":
+        return Lunar(**kw, http_client=httpx.Client(**http_kw))
     if mode == "async-httpx":
-        return AsyncLunar(**kw, http_client=httpx.AsyncClient())
+        return AsyncLunar(**kw, http_client=httpx.AsyncClient(**http_kw))
     return AsyncLunar(**kw)
 
 
-async def create(client, **kw):
-    result = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **kw)
+async def create(client, stream: bool = False, **kw):
+    result = client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=stream, **kw
+    )
     if isinstance(client, AsyncLunar):
         result = await result
-    return result
+        return [c async for c in result] if stream else result
+    return list(result) if stream else result
 
 
 BAD = [
@@ -146,3 +156,29 @@ def test_parse_timeout_gives_a_usable_timeout_or_an_error_naming_the_field(value
     if isinstance(value, (int, float)):
         assert t.read == min(value, LONGEST_TIMEOUT)
         assert t.connect == min(value, CONNECT_TIMEOUT)
+
+
+@pytest.mark.parametrize("mode", ["sync", "sync-httpx", "async", "async-httpx"])
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_the_client_timeout_applies_with_or_without_an_http_client(mock, mode, stream):
+    """As in the openai SDK, the client's timeout goes with every request, also on a
+    caller's httpx client (whose own, here 30 s, it replaces)."""
+    client = make(mode, http_timeout=30.0, max_retries=0, timeout=0.3)
+    mock.enqueue(Reply(delay=3.0), model="gpt-4o-mini")
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError):
+        await create(client, stream=stream)
+    assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("mode", ["sync-httpx", "async-httpx"])
+async def test_a_timeout_left_out_defers_to_the_http_clients_own(mock, mode):
+    """As in the openai SDK: with no ``timeout=``, a caller's client keeps a timeout it was
+    given; one with httpx's default (5 s) gets Lunar's (600 s, 10 s to connect)."""
+    client = make(mode, http_timeout=0.3, max_retries=0)
+    mock.enqueue(Reply(delay=3.0), model="gpt-4o-mini")
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError):
+        await create(client)
+    assert time.monotonic() - started < 2.5
+    assert make(mode)._engine.timeout == DEFAULT_TIMEOUT == httpx.Timeout(600.0, connect=10.0)
