@@ -4,6 +4,7 @@ usage and cost, remote mode, configuration, legacy completions and models."""
 from __future__ import annotations
 
 import gc
+import inspect
 import json
 
 import pytest
@@ -337,6 +338,54 @@ def test_custom_http_client_is_used(mock):
     Lunar(http_client=http).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     assert mock.requests[-1].headers["x-custom"] == "1"
     http.close()
+
+
+HTTP_CLIENTS = ["sync", "sync-httpx", "async", "async-httpx"]
+
+
+def client_for(mode: str, **kw):
+    """``Lunar``/``AsyncLunar`` on their own HTTP client, or on a caller's httpx client that
+    has a header of its own."""
+    import httpx
+
+    if mode == "sync-httpx":
+        return Lunar(**kw, http_client=httpx.Client(headers={"x-custom": "1"}))
+    if mode == "async-httpx":
+        return AsyncLunar(**kw, http_client=httpx.AsyncClient(headers={"x-custom": "1"}))
+    return (Lunar if mode == "sync" else AsyncLunar)(**kw)
+
+
+async def call(result):
+    return (await result) if inspect.isawaitable(result) else result
+
+
+@pytest.mark.parametrize("mode", HTTP_CLIENTS)
+async def test_default_headers_are_sent_with_or_without_an_http_client(mock, mode):
+    """The openai SDK sends them whatever ``http_client`` is; the caller's client adds its own
+    headers under them. A request's ``extra_headers`` win, names compared without case."""
+    client = client_for(mode, default_headers={"x-team": "a", "x-tier": "gold"})
+    await call(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+    sent = mock.requests[-1].headers
+    assert (sent["x-team"], sent["x-tier"]) == ("a", "gold")
+    assert sent["user-agent"].startswith("lunar-python/")
+    assert sent["authorization"] == "Bearer sk-openai"
+    if mode.endswith("httpx"):
+        assert sent["x-custom"] == "1"
+    await call(
+        client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, extra_headers={"X-Team": "b"}
+        )
+    )
+    assert mock.requests[-1].headers["x-team"] == "b"
+
+
+@pytest.mark.parametrize("mode", HTTP_CLIENTS)
+async def test_remote_models_list_sends_default_headers_with_or_without_an_http_client(mock, mode):
+    client = client_for(mode, base_url=mock.base_url, api_key="k", default_headers={"x-team": "a"})
+    assert [m.id for m in await call(client.models.list())]
+    sent = mock.requests[-1].headers
+    assert (sent["x-team"], sent["x-api-key"]) == ("a", "k")
+    assert sent["user-agent"].startswith("lunar-python/")
 
 
 def test_remote_mode_sends_api_key_model_and_lunar_options(mock, monkeypatch):

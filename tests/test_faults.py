@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import time
 import traceback
 
 import httpx
@@ -392,3 +393,19 @@ def test_a_provider_that_keeps_failing_cools_down_and_traffic_moves(mock):
     done = client.chat.completions.create(model="llama-3.1-8b", messages=MESSAGES)
     assert done.provider == "together"
     assert [r.json["model"] for r in mock.requests] == [together]  # Groq was not asked
+
+
+@MODES
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_a_per_request_httpx_timeout_is_taken_and_its_read_field_applies(mock, mode, stream):
+    """``timeout=httpx.Timeout(...)`` per request, as the openai SDK takes it, on every
+    client: a generous one serves; a short ``read`` times out well before the server's delay
+    (Lunar's pool maps ``read``, ``connect`` and ``pool``)."""
+    kw = {"max_retries": 0}
+    result, _ = await run(mode, stream=stream, client_kw=kw, timeout=httpx.Timeout(5.0))
+    assert text_of(result) if stream else result.choices[0].message.content
+    mock.enqueue(Reply(delay=3.0), model="gpt-4o-mini")
+    started = time.monotonic()
+    with pytest.raises(APITimeoutError):
+        await run(mode, stream=stream, client_kw=kw, timeout=httpx.Timeout(30.0, read=0.3))
+    assert time.monotonic() - started < 2.5

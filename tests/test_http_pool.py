@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from lunar._http import AsyncPool, Response, TransportError, TransportTimeout
+from lunar._http import AsyncPool, Response, Timeouts, TransportError, TransportTimeout
 
 Answer = Callable[[asyncio.StreamWriter], Awaitable[bool]]  # True: keep the connection open
 
@@ -404,6 +404,44 @@ async def test_waiting_for_a_free_connection_times_out_with_a_clear_error():
             await p.send("GET", srv.url, {}, timeout=0.2)
         await held.aclose()
         assert (await p.send("GET", srv.url, {}, timeout=0.2)).content == b"x" * 10
+
+
+async def test_the_pool_timeout_bounds_the_wait_for_a_free_connection_apart_from_reads():
+    async with Server([ok(b"x" * 10)]) as srv:
+        p = pool(timeout=30, max_connections=1, pool_timeout=0.2)
+        held = await p.send("GET", srv.url, {}, stream=True)
+        with pytest.raises(TransportTimeout, match=r"No free connection within 0\.2 s"):
+            await p.send("GET", srv.url, {})
+        per_request = Timeouts(read=30, connect=30, pool=0.1)
+        with pytest.raises(TransportTimeout, match=r"No free connection within 0\.1 s"):
+            await p.send("GET", srv.url, {}, timeout=per_request)
+        await held.aclose()
+        assert (await p.send("GET", srv.url, {}, timeout=per_request)).content == b"x" * 10
+
+
+async def test_per_request_timeouts_replace_the_read_and_connect_timeouts():
+    async def silent(w: asyncio.StreamWriter) -> bool:
+        await asyncio.sleep(10)
+        return False
+
+    async with Server([silent]) as srv:
+        p = pool(timeout=30, connect_timeout=30)
+        with pytest.raises(TransportTimeout, match=r"No data from the server for 0\.2 s"):
+            await p.send("GET", srv.url, {}, timeout=Timeouts(read=0.2, connect=30, pool=30))
+        assert p.connections == 0
+
+        loop = asyncio.get_running_loop()
+
+        async def never_connects(*args: object, **kwargs: object) -> None:
+            await asyncio.sleep(10)
+
+        loop.create_connection = never_connects  # type: ignore[method-assign,assignment]
+        try:
+            with pytest.raises(TransportTimeout, match=r"Could not connect .* within 0\.2 s"):
+                await p.send("GET", srv.url, {}, timeout=Timeouts(read=30, connect=0.2, pool=30))
+        finally:
+            del loop.create_connection  # type: ignore[method-assign]
+        assert p.connections == 0
 
 
 async def test_a_cancelled_reader_closes_its_connection():

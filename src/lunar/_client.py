@@ -23,6 +23,7 @@ from ._request import (
     RequestOptions,
     completion_from_chat,
     completion_from_chunk,
+    parse_timeout,
     prepare,
     prompt_messages,
     validate_fallbacks,
@@ -34,7 +35,10 @@ from .providers import HTTPRequest, Target
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-DEFAULT_TIMEOUT = 600.0
+#: 600 s for each wait, 10 s to connect. Left as it is (this very object), a caller's
+#: ``http_client`` with a timeout of its own keeps it (as in the openai SDK).
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=10.0)
+_HTTPX_DEFAULT_TIMEOUT = httpx.Timeout(5.0)  # what an httpx client has when not told
 _LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 
 
@@ -59,13 +63,9 @@ class _Settings:
         self.catalog = Catalog.load(catalog)
         self.max_retries = max_retries
         self.headers = {"user-agent": f"lunar-python/{__version__}", **(default_headers or {})}
-        if timeout is None:
-            timeout = DEFAULT_TIMEOUT
-        self.timeout = (
-            timeout
-            if isinstance(timeout, httpx.Timeout)
-            else httpx.Timeout(timeout, connect=min(timeout, 10.0))
-        )
+        # None is no timeout, as in the openai SDK; a bad one fails here, as max_retries does.
+        self.timeout = parse_timeout(timeout, lambda message, param: ValueError(message))
+        self.timeout_given = timeout is not DEFAULT_TIMEOUT
         remote = None
         if base_url:
             api_key = api_key or os.environ.get("LUNAR_API_KEY")
@@ -87,9 +87,20 @@ class _Settings:
         self.remote = remote
         self.router = Router(self.catalog, providers, validate_fallback_map(fallbacks), remote)
 
-    def models_request(self) -> tuple[str, dict[str, str]]:
+    def models_request(self) -> HTTPRequest:
         assert self.remote is not None
-        return self.remote.base_url + "/models", dict(self.remote.headers)
+        return HTTPRequest("GET", self.remote.base_url + "/models", dict(self.remote.headers), b"")
+
+    def for_http_client(self, http: httpx.Client | httpx.AsyncClient | None) -> dict[str, Any]:
+        """What the engine sends with every request when the HTTP client is the caller's:
+        the headers and the timeout Lunar's own client would carry (the caller's client
+        adds its own headers under them), so ``http_client=`` changes how requests are sent,
+        not what is sent. As in the openai SDK, a timeout left out defers to the caller's
+        client when that has one of its own (not httpx's 5 s default)."""
+        if http is None:
+            return {}
+        keep_theirs = not self.timeout_given and http.timeout != _HTTPX_DEFAULT_TIMEOUT
+        return {"headers": self.headers, "timeout": None if keep_theirs else self.timeout}
 
 
 def validate_fallback_map(fallbacks: Mapping[str, Any] | None) -> dict[str, list[str]]:
@@ -119,6 +130,7 @@ def _async_http(settings: _Settings) -> _http.AsyncPool | httpx.AsyncClient:
         return _http.AsyncPool(
             timeout=t.read,
             connect_timeout=t.connect,
+            pool_timeout=t.pool,
             max_connections=_LIMITS.max_connections or 1000,
             max_idle_per_origin=_LIMITS.max_keepalive_connections or 100,
             headers=settings.headers,
@@ -163,7 +175,12 @@ class Lunar:
             timeout=self._settings.timeout, limits=_LIMITS, headers=self._settings.headers
         )
         self._remote = self._settings.remote is not None
-        self._engine = SyncEngine(self._settings.router, self._http, max_retries)
+        self._engine = SyncEngine(
+            self._settings.router,
+            self._http,
+            max_retries,
+            **self._settings.for_http_client(http_client),
+        )
         self.chat = Chat(self)
         self.completions = Completions(self)
         self.models = Models(self)
@@ -282,9 +299,10 @@ class Models:
         settings = self._client._settings
         if settings.remote is None:
             return SyncPage(settings.catalog.list_models())
-        url, headers = settings.models_request()
         try:
-            response = self._client._http.get(url, headers=headers)
+            response = self._client._engine.send(
+                settings.models_request(), RequestOptions(""), stream=False
+            )
         except NETWORK_ERRORS as exc:
             raise connection_error(exc, settings.remote) from exc
         return _models_page(response)
@@ -330,7 +348,12 @@ class AsyncLunar:
         self._owns_http = http_client is None
         self._http = http_client or _async_http(self._settings)
         self._remote = self._settings.remote is not None
-        self._engine = AsyncEngine(self._settings.router, self._http, max_retries)
+        self._engine = AsyncEngine(
+            self._settings.router,
+            self._http,
+            max_retries,
+            **self._settings.for_http_client(http_client),
+        )
         self.chat = AsyncChat(self)
         self.completions = AsyncCompletions(self)
         self.models = AsyncModels(self)
@@ -450,10 +473,10 @@ class AsyncModels:
         settings = self._client._settings
         if settings.remote is None:
             return SyncPage(settings.catalog.list_models())
-        url, headers = settings.models_request()
-        req = HTTPRequest("GET", url, headers, b"")
         try:
-            response = await self._client._engine.send(req, RequestOptions(""), stream=False)
+            response = await self._client._engine.send(
+                settings.models_request(), RequestOptions(""), stream=False
+            )
         except NETWORK_ERRORS as exc:
             raise connection_error(exc, settings.remote) from exc
         return _models_page(response)

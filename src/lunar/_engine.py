@@ -35,7 +35,7 @@ from ._errors import (
     retry_after_seconds,
 )
 from ._health import Health
-from ._http import AsyncPool, TransportError, TransportTimeout
+from ._http import AsyncPool, Timeouts, TransportError, TransportTimeout
 from ._request import RequestOptions
 from ._types import (
     ChatCompletion,
@@ -594,11 +594,33 @@ def connection_error(exc: Exception, target: Target) -> APIConnectionError:
     return APIConnectionError(f"Connection to {where} failed: {detail}")
 
 
-def _timeout(opts: RequestOptions) -> Any:
-    return httpx.USE_CLIENT_DEFAULT if opts.timeout is None else opts.timeout
+def _timeout(opts: RequestOptions, default: httpx.Timeout | None) -> Any:
+    """For httpx: the request's timeout, else the engine's, else the client's own."""
+    if opts.timeout is not None:
+        return opts.timeout
+    return httpx.USE_CLIENT_DEFAULT if default is None else default
 
 
-def _headers(headers: dict[str, str], opts: RequestOptions) -> dict[str, str]:
+def pool_timeouts(timeout: httpx.Timeout | None) -> Timeouts | None:
+    """A request's timeout as Lunar's pool takes it: httpx's ``read``, ``connect`` and
+    ``pool``. ``write`` has no counterpart: the pool hands a request to the socket's buffer
+    and never waits to write (a peer that stops reading shows as a read timeout)."""
+    if timeout is None:
+        return None
+    return Timeouts(timeout.read, timeout.connect, timeout.pool)
+
+
+def _headers(
+    headers: dict[str, str], opts: RequestOptions, defaults: Mapping[str, str] | None = None
+) -> Mapping[str, str]:
+    """The target's headers, then the request's ``extra_headers``; under them, when given,
+    the engine's ``defaults`` (names compared without case, as HTTP does)."""
+    if defaults:
+        merged = httpx.Headers(defaults)
+        merged.update(headers)
+        if opts.extra_headers:
+            merged.update(opts.extra_headers)
+        return merged
     if opts.extra_headers:
         headers = {**headers, **opts.extra_headers}
     return headers
@@ -715,10 +737,34 @@ class AsyncOpenStream(_Opened):
 
 
 class SyncEngine:
-    def __init__(self, router: Router, http: httpx.Client, max_retries: int = 2) -> None:
+    """``http`` is an ``httpx.Client``. ``headers`` and ``timeout``, when given, go with every
+    request: what a caller's own client does not carry that Lunar's would."""
+
+    def __init__(
+        self,
+        router: Router,
+        http: httpx.Client,
+        max_retries: int = 2,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> None:
         self.router = router
         self.http = http
         self.max_retries = max_retries
+        self.headers = headers
+        self.timeout = timeout
+
+    def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> httpx.Response:
+        """The response (its body read unless ``stream``)."""
+        request = self.http.build_request(
+            req.method,
+            req.url,
+            headers=_headers(req.headers, opts, self.headers),
+            content=req.content,
+            timeout=_timeout(opts, self.timeout),
+        )
+        return self.http.send(request, stream=stream)
 
     def complete(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
@@ -752,13 +798,7 @@ class SyncEngine:
             return result
         req = adapter.build_request(body, target, stream=False)
         try:
-            resp = self.http.request(
-                req.method,
-                req.url,
-                headers=_headers(req.headers, opts),
-                content=req.content,
-                timeout=_timeout(opts),
-            )
+            resp = self.send(req, opts, stream=False)
         except NETWORK_ERRORS as exc:
             raise connection_error(exc, target) from exc
         if resp.status_code >= 400:
@@ -806,14 +846,7 @@ class SyncEngine:
         req = adapter.build_request(body, target, stream=True)
         resp = None
         try:
-            request = self.http.build_request(
-                req.method,
-                req.url,
-                headers=_headers(req.headers, opts),
-                content=req.content,
-                timeout=_timeout(opts),
-            )
-            resp = self.http.send(request, stream=True)
+            resp = self.send(req, opts, stream=True)
             if resp.status_code >= 400:
                 resp.read()
                 raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
@@ -869,25 +902,43 @@ class SyncEngine:
 
 
 class AsyncEngine:
-    """``http`` is Lunar's own pool (``_http.AsyncPool``) or any ``httpx.AsyncClient``."""
+    """``http`` is Lunar's own pool (``_http.AsyncPool``) or any ``httpx.AsyncClient``.
+    ``headers`` and ``timeout``, when given, go with every request sent with httpx: what a
+    caller's own client does not carry that Lunar's would."""
 
     def __init__(
-        self, router: Router, http: AsyncPool | httpx.AsyncClient, max_retries: int = 2
+        self,
+        router: Router,
+        http: AsyncPool | httpx.AsyncClient,
+        max_retries: int = 2,
+        *,
+        headers: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
     ) -> None:
         self.router = router
         self.http = http
         self.max_retries = max_retries
+        self.headers = headers
+        self.timeout = timeout
 
     async def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> Any:
         """The response (its body read unless ``stream``): ``status_code``, ``headers``,
         ``content``, ``aread()``, ``aiter_bytes()``, ``aclose()`` from either client."""
-        headers = _headers(req.headers, opts)
-        if isinstance(self.http, AsyncPool):
+        if isinstance(self.http, AsyncPool):  # Lunar's own: its headers and timeouts set
             return await self.http.send(
-                req.method, req.url, headers, req.content, stream=stream, timeout=opts.timeout
+                req.method,
+                req.url,
+                _headers(req.headers, opts),
+                req.content,
+                stream=stream,
+                timeout=pool_timeouts(opts.timeout),
             )
         request = self.http.build_request(
-            req.method, req.url, headers=headers, content=req.content, timeout=_timeout(opts)
+            req.method,
+            req.url,
+            headers=_headers(req.headers, opts, self.headers),
+            content=req.content,
+            timeout=_timeout(opts, self.timeout),
         )
         return await self.http.send(request, stream=stream)
 

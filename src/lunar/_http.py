@@ -10,9 +10,12 @@ connection is a pop from a per-origin deque (most recently used first, expired o
 from the other end).
 
 Scope, on purpose: HTTP/1.1 with keep-alive, TLS (certifi's CA bundle when installed),
-``content-length`` and chunked bodies, gzip/deflate bodies, connect and read timeouts, a
-ceiling on open connections with a fair queue. Not here: proxies, HTTP/2, redirects, cookies
-— ``AsyncLunar`` uses httpx when a proxy is configured or an ``http_client`` is given.
+``content-length`` and chunked bodies, gzip/deflate bodies, connect, read and pool (the wait
+for a free connection) timeouts, a ceiling on open connections with a fair queue. No write
+timeout: a request is handed to the transport's buffer in one ``write`` and never waits on
+the socket; a peer that stops reading shows as a read timeout. Not here: proxies, HTTP/2,
+redirects, cookies — ``AsyncLunar`` uses httpx when a proxy is configured or an
+``http_client`` is given.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import ssl
 import time
 import zlib
 from collections.abc import AsyncIterator, Mapping
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
 try:
@@ -44,6 +47,16 @@ class TransportError(Exception):
 
 class TransportTimeout(TransportError):
     """Nothing arrived (or the connection did not open) within the timeout."""
+
+
+class Timeouts(NamedTuple):
+    """One request's timeouts for ``AsyncPool.send``, in seconds; ``None`` is no limit.
+    ``read`` bounds every wait for bytes (a pause mid-stream too), ``connect`` the opening of
+    a connection, ``pool`` the wait for a free connection at the ceiling."""
+
+    read: float | None
+    connect: float | None
+    pool: float | None
 
 
 class Headers(dict):  # type: ignore[type-arg]
@@ -309,6 +322,13 @@ class Response:
 # The pool
 
 
+class _SameAsRead:
+    """``AsyncPool(pool_timeout=...)`` not given: the read timeout."""
+
+
+_SAME_AS_READ = _SameAsRead()
+
+
 def available() -> bool:
     """Whether the pool can run here (it needs httptools)."""
     return httptools is not None
@@ -319,13 +339,15 @@ class AsyncPool:
     (callers beyond that wait their turn, first come first served), at most
     ``max_idle_per_origin`` kept idle, each for at most ``keepalive_expiry`` seconds.
     ``timeout`` bounds every wait for bytes (so also a pause mid-stream); ``connect_timeout``
-    the opening of a connection."""
+    the opening of a connection; ``pool_timeout`` (by default ``timeout``) the wait for a
+    free connection. ``None`` is no limit."""
 
     def __init__(
         self,
         *,
         timeout: float | None = 600.0,
         connect_timeout: float | None = 10.0,
+        pool_timeout: float | _SameAsRead | None = _SAME_AS_READ,
         max_connections: int = 1000,
         max_idle_per_origin: int = 100,
         keepalive_expiry: float = 5.0,
@@ -334,6 +356,7 @@ class AsyncPool:
     ) -> None:
         self.timeout = timeout
         self.connect_timeout = connect_timeout
+        self.pool_timeout = timeout if isinstance(pool_timeout, _SameAsRead) else pool_timeout
         self.max_connections = max(1, max_connections)
         self.max_idle_per_origin = max_idle_per_origin
         self.keepalive_expiry = keepalive_expiry
@@ -369,13 +392,23 @@ class AsyncPool:
         content: bytes = b"",
         *,
         stream: bool = False,
-        timeout: float | None = None,
+        timeout: Timeouts | float | None = None,
     ) -> Response:
         """Send one request; the response once its head has arrived (and, unless ``stream``,
-        its whole body). ``timeout`` overrides the pool's read timeout for this request."""
+        its whole body). ``timeout``: ``None`` keeps the pool's timeouts; a number replaces
+        its read and pool timeouts for this request; ``Timeouts`` replaces all three."""
         if self._closed:
             raise TransportError("The HTTP pool is closed")
-        read_timeout = self.timeout if timeout is None else timeout
+        if timeout is None:
+            read_timeout, connect_timeout, pool_timeout = (
+                self.timeout,
+                self.connect_timeout,
+                self.pool_timeout,
+            )
+        elif isinstance(timeout, Timeouts):
+            read_timeout, connect_timeout, pool_timeout = timeout
+        else:
+            read_timeout, connect_timeout, pool_timeout = timeout, self.connect_timeout, timeout
         origin, head = self._target(url)
         data = b"".join(
             (
@@ -387,7 +420,7 @@ class AsyncPool:
             )
         )
         while True:
-            conn = await self._acquire(origin, read_timeout)
+            conn = await self._acquire(origin, pool_timeout, connect_timeout)
             try:
                 conn.send(data)
                 while not conn.headers_done:
@@ -448,7 +481,9 @@ class AsyncPool:
             self._urls[url] = cached
         return cached
 
-    async def _acquire(self, origin: tuple[str, str, int], timeout: float | None) -> _Connection:
+    async def _acquire(
+        self, origin: tuple[str, str, int], timeout: float | None, connect_timeout: float | None
+    ) -> _Connection:
         waited = False
         loop = asyncio.get_running_loop()
         while True:
@@ -466,7 +501,7 @@ class AsyncPool:
                         return conn
                     self._discard(conn)
             if self._open < self.max_connections or self._evict_idle():
-                return await self._connect(origin)
+                return await self._connect(origin, connect_timeout)
             # At the ceiling: wait for a connection to come back or close. One already woken
             # that lost its turn to a newcomer goes back to the front.
             fut = asyncio.get_running_loop().create_future()
@@ -490,7 +525,7 @@ class AsyncPool:
                     ) from None
                 raise
 
-    async def _connect(self, origin: tuple[str, str, int]) -> _Connection:
+    async def _connect(self, origin: tuple[str, str, int], timeout: float | None) -> _Connection:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
         conn = _Connection(origin, loop)
@@ -501,12 +536,12 @@ class AsyncPool:
                 loop.create_connection(
                     lambda: conn, host, port, ssl=tls, server_hostname=host if tls else None
                 ),
-                self.connect_timeout,
+                timeout,
             )
         except asyncio.TimeoutError:
             self._closed_one()
             raise TransportTimeout(
-                f"Could not connect to {host}:{port} within {self.connect_timeout:g} s"
+                f"Could not connect to {host}:{port} within {timeout:g} s"
             ) from None
         except OSError as exc:
             self._closed_one()

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
+import httpx
+
 from ._errors import BadRequestError
 from ._types import (
     ChatCompletion,
@@ -71,7 +73,7 @@ class ChatParams(TypedDict, total=False):
     top_logprobs: int | None
     logit_bias: dict[str, float] | None
     provider: str | None
-    timeout: float | None
+    timeout: float | httpx.Timeout | None
     extra_headers: Mapping[str, str] | None
     extra_body: Mapping[str, Any] | None
 
@@ -90,7 +92,7 @@ class CompletionParams(TypedDict, total=False):
     seed: int | None
     user: str | None
     provider: str | None
-    timeout: float | None
+    timeout: float | httpx.Timeout | None
     extra_headers: Mapping[str, str] | None
     extra_body: Mapping[str, Any] | None
 
@@ -106,7 +108,8 @@ class RequestOptions:
     model: str
     fallbacks: list[str] | None = None
     provider: str | None = None
-    timeout: float | None = None
+    #: ``None``: the client's timeout (``httpx.Timeout(None)`` is no timeout at all).
+    timeout: httpx.Timeout | None = None
     extra_headers: Mapping[str, str] = field(default_factory=dict)
 
 
@@ -126,6 +129,51 @@ def _positive_int(value: Any, name: str) -> None:
         raise bad(f"'{name}' must be an integer, got {type(value).__name__}", name)
     if value < 1:
         raise bad(f"'{name}' must be at least 1, got {value}", name)
+
+
+#: Seconds; a longer timeout is taken as this (about 31 years). httpx's sync sockets
+#: overflow past about 9.2e9 s.
+LONGEST_TIMEOUT = 1e9
+#: A number of seconds as a timeout bounds connecting by at most this much.
+CONNECT_TIMEOUT = 10.0
+
+
+def _seconds(value: Any, param: str, error: Callable[[str, str], Exception]) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise error(
+            f"'{param}' must be a number of seconds, an httpx.Timeout or None (no timeout), "
+            f"got {type(value).__name__}",
+            param,
+        )
+    if not math.isfinite(value):
+        raise error(
+            f"'{param}' must be a finite number of seconds (None for no timeout), got {value!r}",
+            param,
+        )
+    if value <= 0:
+        raise error(f"'{param}' must be more than 0 seconds, got {value!r}", param)
+    return min(float(value), LONGEST_TIMEOUT)
+
+
+def parse_timeout(value: Any, error: Callable[[str, str], Exception] = bad) -> httpx.Timeout:
+    """A ``timeout`` argument, per client or per request, as an ``httpx.Timeout``. A number
+    of seconds bounds each wait (connecting, each read, each write, a free connection), with
+    connecting capped at ``CONNECT_TIMEOUT``; an ``httpx.Timeout`` gives each of its four
+    fields (each a number of seconds or ``None``); ``None`` is no timeout. Seconds must be
+    finite and more than 0 (``bool`` is not a number here); beyond ``LONGEST_TIMEOUT`` they
+    are taken as that. ``error(message, param)`` makes the exception for bad input."""
+    if isinstance(value, httpx.Timeout):
+        connect, read, write, pool = (
+            _seconds(getattr(value, f), f"timeout.{f}", error)
+            for f in ("connect", "read", "write", "pool")
+        )
+        return httpx.Timeout(connect=connect, read=read, write=write, pool=pool)
+    seconds = _seconds(value, "timeout", error)
+    if seconds is None:
+        return httpx.Timeout(None)
+    return httpx.Timeout(seconds, connect=min(seconds, CONNECT_TIMEOUT))
 
 
 def _validate_content(content: Any, where: str, role: str, allow_none: bool) -> None:
@@ -332,6 +380,8 @@ def prepare(
     body = chat_body(sdk_messages(messages), params, kwargs.get("extra_body"))
     fallbacks = validate_fallbacks(kwargs.get("fallbacks"))
     provider = kwargs.get("provider")
+    # Absent: the client's timeout. Given, even as None (no timeout, as in the openai SDK).
+    timeout = parse_timeout(kwargs["timeout"]) if "timeout" in kwargs else None
     if remote:
         # The gateway routes: Lunar's options travel in the body.
         body["model"] = model
@@ -339,9 +389,7 @@ def prepare(
             body["fallbacks"] = fallbacks
         if provider is not None:
             body["provider"] = provider
-    opts = RequestOptions(
-        model, fallbacks, provider, kwargs.get("timeout"), kwargs.get("extra_headers") or {}
-    )
+    opts = RequestOptions(model, fallbacks, provider, timeout, kwargs.get("extra_headers") or {})
     return body, opts
 
 
