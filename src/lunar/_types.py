@@ -174,15 +174,17 @@ class Usage(_Obj):
         if not cached:
             details = get("prompt_tokens_details")
             cached = details.get("cached_tokens") if type(details) is dict else 0
-        # Whole numbers in range, as nearly every answer has them, skip the calls. (The OR of
-        # ints is negative if one is, and reaches 2**53 if one does.)
-        if not (
-            type(prompt) is type(completion) is type(cached) is int
-            and 0 <= (prompt | completion | cached) < _MAX_TOKENS
-        ):
-            prompt, completion, cached = tokens(prompt), tokens(completion), tokens(cached)
         total = get("total_tokens")
-        if not (type(total) is int and 0 < total < _MAX_TOKENS):
+        # Whole numbers in range, as nearly every answer has them, skip the calls. The OR of
+        # ints is negative if one is, reaches 2**53 if one does, and fails on anything else.
+        try:
+            whole = (
+                0 <= (prompt | completion | cached) < _MAX_TOKENS and 0 < (total | 0) < _MAX_TOKENS
+            )
+        except TypeError:
+            whole = False
+        if not whole:
+            prompt, completion, cached = tokens(prompt), tokens(completion), tokens(cached)
             total = tokens(total) or None
         return cls(  # positional, in __init__'s order: keywords cost more, on every answer
             prompt,
