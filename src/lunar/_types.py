@@ -168,7 +168,7 @@ class Usage(_Obj):
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Usage:
-        get = d.get
+        get: Callable[[str], Any] = d.get  # the upstream's JSON: anything
         prompt, completion = get("prompt_tokens"), get("completion_tokens")
         cached = get("cached_tokens")
         if not cached:
