@@ -455,6 +455,12 @@ def test_bad_config_is_refused_with_the_setting_named(tmp_path, text, message):
         load_config(cfg, {}).build_catalog()
 
 
+def test_an_unreadable_lunar_catalog_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUNAR_CATALOG", str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match=r"LUNAR_CATALOG=.*nope\.json"):
+        load_config(None, {}).build_catalog()
+
+
 def test_providers_models_aliases_and_env_reference_keys(tmp_path):
     cfg = tmp_path / "lunar.toml"
     cfg.write_text(
