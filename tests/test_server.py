@@ -1274,6 +1274,26 @@ def test_serve_refuses_to_start_without_a_master_key(upstream, tmp_path):
     assert out.returncode == 2 and "LUNAR_MASTER_KEY is not set" in out.stderr
 
 
+def test_serve_refuses_a_bad_log_level_from_the_environment_or_file_naming_it(upstream, tmp_path):
+    """As `--log-level loud` is refused by the flag's parser: the message names the setting
+    and where it came from, before anything starts (it was `ValueError: Unknown level`)."""
+    env = gateway_env(upstream, LUNAR_LOG_LEVEL="loud")
+    for args in (["--print-config"], ["--port", "0", "--db", str(tmp_path / "a.db")]):
+        out = _cli("serve", *args, env=env)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr == (
+            "Error: $LUNAR_LOG_LEVEL must be one of critical, error, warning, info, debug, "
+            "got 'loud'\n"
+        )
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text('[server]\nlog_level = "verbose"\n')
+    db = str(tmp_path / "b.db")
+    out = _cli("serve", "--config", str(cfg), "--port", "0", "--db", db, env=gateway_env(upstream))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"Error: {cfg}: server.log_level must be one of critical")
+    assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()
+
+
 def test_print_config_masks_secrets(upstream, tmp_path):
     cfg = tmp_path / "lunar.toml"
     cfg.write_text(

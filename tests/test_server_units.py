@@ -455,6 +455,23 @@ def test_bad_config_is_refused_with_the_setting_named(tmp_path, text, message):
         load_config(cfg, {}).build_catalog()
 
 
+def test_a_bad_log_level_is_refused_naming_the_setting_and_where_it_came_from(tmp_path):
+    """Not at `logging.basicConfig` once the gateway is starting, as `ValueError: Unknown
+    level: 'LOUD'`: in the loader, as every other setting, and `--print-config` refuses it."""
+    with pytest.raises(ConfigError, match=r"^\$LUNAR_LOG_LEVEL must be one of critical, "):
+        load_config(None, {"LUNAR_LOG_LEVEL": "loud"})
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text('[server]\nlog_level = "verbose"\n')
+    with pytest.raises(ConfigError, match=f"^{cfg}: server.log_level must be one of .*'verbose'"):
+        load_config(cfg, {})
+    with pytest.raises(ConfigError, match=r"^--log-level must be one of"):
+        load_config(None, {}, log_level="loud")
+    # The environment's usual spelling is accepted, and used as the flag's.
+    assert load_config(None, {"LUNAR_LOG_LEVEL": "INFO"}).log_level == "info"
+    cfg.write_text('[server]\nlog_level = "Debug"\n')
+    assert load_config(cfg, {}).log_level == "debug"
+
+
 def test_an_unreadable_lunar_catalog_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LUNAR_CATALOG", str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match=r"LUNAR_CATALOG=.*nope\.json"):

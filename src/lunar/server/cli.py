@@ -20,7 +20,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ConfigError, ServerConfig, load_config
+from .config import LOG_LEVELS, ConfigError, ServerConfig, load_config
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 
@@ -52,9 +52,7 @@ def add_server_commands(subparsers: Any) -> None:
         default=1,
         help="worker processes (only 1: limits and budgets are in-process)",
     )
-    serve.add_argument(
-        "--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"]
-    )
+    serve.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default warning")
     serve.set_defaults(func=cmd_serve)
 
     keys = subparsers.add_parser("keys", help="create, list and revoke the gateway's keys")
