@@ -1255,6 +1255,28 @@ def test_keys_cli_over_http_and_on_the_database(gw, cli):
     assert "Traceback" not in memory.stderr
 
 
+DB_COMMANDS = [
+    ("keys", "list"),
+    ("keys", "revoke", "key_x"),
+    ("keys", "create", "--name", "x"),
+    ("usage",),
+]
+
+
+def test_keys_and_usage_on_a_db_that_does_not_exist_fail_and_create_nothing(cli, tmp_path):
+    """A mistyped --db made its directories and an empty database, and printed an empty
+    table with exit code 0 (or created a key no gateway would ever read)."""
+    path = tmp_path / "typo" / "sub" / "lunar.dbb"
+    for command in DB_COMMANDS:
+        out = cli(*command, "--db", str(path))
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr == (
+            f"Error: --db '{path}': no such file. Give the database of a gateway "
+            "(`lunar serve --db FILE` creates it), or check the path.\n"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_usage_cli_prints_a_table(gw, cli):
     key, key_id = gw.new_key(name="usage-cli")
     oai(gw, key).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)

@@ -254,6 +254,9 @@ class _Target:
         return data
 
     def storage(self) -> Any:
+        """The database of ``--db``, open. It must exist: these commands work on a
+        gateway's database (``lunar serve`` creates it), and opening a mistyped path would
+        create an empty one, directories and all, and show it as empty."""
         from .storage import SQLiteStorage
 
         assert self.db is not None
@@ -261,6 +264,11 @@ class _Target:
             storage = SQLiteStorage(self.db)
         except ValueError as e:  # e.g. ':memory:', which would be an empty database
             raise _Fail(f"--db {self.db!r}: {e}") from None
+        if not os.path.exists(self.db):
+            raise _Fail(
+                f"--db {self.db!r}: no such file. Give the database of a gateway "
+                "(`lunar serve --db FILE` creates it), or check the path."
+            )
         storage.open()
         return storage
 
