@@ -434,6 +434,32 @@ def test_an_in_memory_ledger_is_refused_with_the_reason(tmp_path):
     assert load_config(None, {}, db=str(tmp_path / "file:x.db")).db.endswith("file:x.db")
 
 
+def test_unreadable_database_says_why_and_creates_nothing(tmp_path):
+    missing = tmp_path / "new" / "lunar.db"
+    assert storage.unreadable_database(str(missing)) is None  # the gateway creates it
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert storage.unreadable_database(str(empty)) is None  # SQLite's empty database
+    made = SQLiteStorage(tmp_path / "made.db")
+    made.open()
+    made.close()
+    assert storage.unreadable_database(str(tmp_path / "made.db")) is None
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("hello")
+    assert storage.unreadable_database(str(garbage)) == "file is not a database"
+    assert storage.unreadable_database(str(tmp_path)) == "is a directory, not a database file"
+
+
+def test_a_setting_is_named_by_where_its_value_came_from(tmp_path):
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text('[server]\ndb = "file.db"\nport = 5000\n')
+    c = load_config(cfg, {"LUNAR_PORT": "6000"}, host="0.0.0.0")
+    assert c.setting("db") == f"{cfg}: server.db"
+    assert (c.setting("port"), c.setting("host")) == ("$LUNAR_PORT", "--host")
+    assert c.setting("log_level") == "server.log_level"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
@@ -142,6 +143,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ConfigError as e:
         _err(str(e))
         return 2
+    from .storage import unreadable_database
+
+    problem = unreadable_database(cfg.db)  # a path with no file is a new gateway's database
+    if problem:
+        _err(
+            f"{cfg.setting('db')} {cfg.db!r}: {problem} (give the gateway's SQLite file, or "
+            "a path with no file yet to start with an empty one)"
+        )
+        return 2
     if not cfg.master_key:
         _err(
             "LUNAR_MASTER_KEY is not set. The gateway needs a master key for its admin "
@@ -257,7 +267,7 @@ class _Target:
         """The database of ``--db``, open. It must exist: these commands work on a
         gateway's database (``lunar serve`` creates it), and opening a mistyped path would
         create an empty one, directories and all, and show it as empty."""
-        from .storage import SQLiteStorage
+        from .storage import SQLiteStorage, unreadable_database
 
         assert self.db is not None
         try:
@@ -269,6 +279,9 @@ class _Target:
                 f"--db {self.db!r}: no such file. Give the database of a gateway "
                 "(`lunar serve --db FILE` creates it), or check the path."
             )
+        problem = unreadable_database(self.db)
+        if problem:
+            raise _Fail(f"--db {self.db!r}: {problem} (give the database of a gateway)")
         storage.open()
         return storage
 
@@ -286,6 +299,9 @@ def _run(fn: Any, args: argparse.Namespace) -> int:
     except ConfigError as e:
         _err(str(e))
         return 2
+    except sqlite3.Error as e:  # a database of something else, or locked too long
+        _err(f"--db {args.db!r}: {e}")
+        return 1
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

@@ -99,6 +99,19 @@ class ServerConfig:
     source: str | None = None
     origins: dict[str, str] = field(default_factory=dict, repr=False)
 
+    def setting(self, name: str) -> str:
+        """A setting as a message names it: by where its value came from (``--db``,
+        ``$LUNAR_DB``, ``lunar.toml: server.db``, or ``server.db`` for the default)."""
+        section = _SETTINGS[name][0]
+        origin = self.origins.get(name, "default")
+        if origin == "command line":
+            return f"--{name.replace('_', '-')}"
+        if origin.startswith("$"):
+            return origin
+        if origin == "default":
+            return f"{section}.{name}"
+        return f"{origin}: {section}.{name}"
+
     # -- what the engine is built from ---------------------------------------------------
 
     def build_catalog(self) -> Catalog:
