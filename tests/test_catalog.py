@@ -178,3 +178,17 @@ def test_a_catalogue_file_with_a_bad_price_is_a_config_error(tmp_path):
     config = dataclasses.replace(config, catalog=str(path))
     with pytest.raises(ConfigError, match="'input' must be a finite price"):
         config.build_catalog()
+
+
+def test_an_unreadable_lunar_catalog_names_the_variable(tmp_path, monkeypatch):
+    """A missing file or invalid JSON is a ValueError saying which variable to fix, as a bad
+    price in the same file is."""
+    missing = tmp_path / "nope.json"
+    monkeypatch.setenv("LUNAR_CATALOG", str(missing))
+    with pytest.raises(ValueError, match=r"LUNAR_CATALOG=.*nope\.json.*No such file"):
+        Catalog.load()
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    monkeypatch.setenv("LUNAR_CATALOG", str(broken))
+    with pytest.raises(ValueError, match=r"LUNAR_CATALOG=.*broken\.json"):
+        Catalog.load()

@@ -103,3 +103,42 @@ def test_mock_command_serves_the_emulator():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_models_in_remote_mode_without_a_key_says_what_to_set(monkeypatch, capsys):
+    """As `lunar chat` does: one `Error:` line, exit 1, no traceback."""
+    monkeypatch.setenv("LUNAR_BASE_URL", f"http://127.0.0.1:{_closed_port()}/v1")
+    for command in (["models"], ["chat", "hi"]):
+        assert main(command) == 1
+        out, err = capsys.readouterr()
+        assert err.startswith("Error: [401] No credentials for the Lunar gateway")
+        assert "set LUNAR_API_KEY" in err and out == ""
+
+
+def test_models_with_the_gateway_down_says_it_cannot_connect(monkeypatch, capsys):
+    url = f"http://127.0.0.1:{_closed_port()}/v1"
+    monkeypatch.setenv("LUNAR_BASE_URL", url)
+    monkeypatch.setenv("LUNAR_API_KEY", "lk-x")
+    assert main(["models"]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("Error: Connection to provider 'lunar'") and url in err
+    assert out == ""
+
+
+@pytest.mark.parametrize("content", [None, "{not json"])
+def test_an_unreadable_lunar_catalog_is_an_error_naming_it(content, tmp_path, monkeypatch, capsys):
+    path = tmp_path / "catalog.json"
+    if content is not None:
+        path.write_text(content)
+    monkeypatch.setenv("LUNAR_CATALOG", str(path))
+    for command in (["models"], ["chat", "hi"]):
+        assert main(command) == 1
+        out, err = capsys.readouterr()
+        assert err.startswith(f"Error: LUNAR_CATALOG='{path}' cannot be read")
+        assert "unset LUNAR_CATALOG" in err and out == ""

@@ -10,6 +10,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -1255,6 +1256,50 @@ def test_keys_cli_over_http_and_on_the_database(gw, cli):
     assert "Traceback" not in memory.stderr
 
 
+DB_COMMANDS = [
+    ("keys", "list"),
+    ("keys", "revoke", "key_x"),
+    ("keys", "create", "--name", "x"),
+    ("usage",),
+]
+
+
+def test_keys_and_usage_on_a_db_that_does_not_exist_fail_and_create_nothing(cli, tmp_path):
+    """A mistyped --db made its directories and an empty database, and printed an empty
+    table with exit code 0 (or created a key no gateway would ever read)."""
+    path = tmp_path / "typo" / "sub" / "lunar.dbb"
+    for command in DB_COMMANDS:
+        out = cli(*command, "--db", str(path))
+        assert out.returncode == 1 and out.stdout == ""
+        assert out.stderr == (
+            f"Error: --db '{path}': no such file. Give the database of a gateway "
+            "(`lunar serve --db FILE` creates it), or check the path.\n"
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_keys_and_usage_on_a_file_that_is_not_a_database_say_so(cli, tmp_path):
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a database\n")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    other = tmp_path / "other.db"  # SQLite, but another program's tables
+    with sqlite3.connect(other) as conn:
+        conn.execute("CREATE TABLE keys (x)")
+    conn.close()
+    for path, problem in [
+        (garbage, "file is not a database (give the database of a gateway)"),
+        (folder, "is a directory, not a database file"),
+    ]:
+        for command in DB_COMMANDS:
+            out = cli(*command, "--db", str(path))
+            assert out.returncode == 1 and out.stdout == ""
+            assert out.stderr.startswith(f"Error: --db '{path}': {problem}"), out.stderr
+    assert garbage.read_text() == "not a database\n"
+    out = cli("keys", "list", "--db", str(other))
+    assert (out.returncode, out.stderr) == (1, f"Error: --db '{other}': no such column: id\n")
+
+
 def test_usage_cli_prints_a_table(gw, cli):
     key, key_id = gw.new_key(name="usage-cli")
     oai(gw, key).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
@@ -1272,6 +1317,43 @@ def test_serve_refuses_to_start_without_a_master_key(upstream, tmp_path):
     del env["LUNAR_MASTER_KEY"]
     out = _cli("serve", "--port", "0", "--db", str(tmp_path / "x.db"), env=env)
     assert out.returncode == 2 and "LUNAR_MASTER_KEY is not set" in out.stderr
+
+
+def test_serve_refuses_a_db_that_is_not_a_database_before_listening(upstream, tmp_path):
+    """It printed 'listening on', then failed at start-up (exit 3) with SQLite's words and
+    not the path."""
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("not a database\n")
+    out = _cli("serve", "--port", "0", "--db", str(garbage), env=gateway_env(upstream))
+    assert (out.returncode, out.stdout) == (2, "")
+    assert out.stderr == (
+        f"Error: --db '{garbage}': file is not a database (give the gateway's SQLite file, "
+        "or a path with no file yet to start with an empty one)\n"
+    )
+    out = _cli("serve", "--port", "0", env=gateway_env(upstream, LUNAR_DB=str(tmp_path)))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"Error: $LUNAR_DB '{tmp_path}': is a directory")
+    assert garbage.read_text() == "not a database\n"
+
+
+def test_serve_refuses_a_bad_log_level_from_the_environment_or_file_naming_it(upstream, tmp_path):
+    """As `--log-level loud` is refused by the flag's parser: the message names the setting
+    and where it came from, before anything starts (it was `ValueError: Unknown level`)."""
+    env = gateway_env(upstream, LUNAR_LOG_LEVEL="loud")
+    for args in (["--print-config"], ["--port", "0", "--db", str(tmp_path / "a.db")]):
+        out = _cli("serve", *args, env=env)
+        assert out.returncode == 2, out.stderr
+        assert out.stderr == (
+            "Error: $LUNAR_LOG_LEVEL must be one of critical, error, warning, info, debug, "
+            "got 'loud'\n"
+        )
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text('[server]\nlog_level = "verbose"\n')
+    db = str(tmp_path / "b.db")
+    out = _cli("serve", "--config", str(cfg), "--port", "0", "--db", db, env=gateway_env(upstream))
+    assert out.returncode == 2
+    assert out.stderr.startswith(f"Error: {cfg}: server.log_level must be one of critical")
+    assert not (tmp_path / "a.db").exists() and not (tmp_path / "b.db").exists()
 
 
 def test_print_config_masks_secrets(upstream, tmp_path):

@@ -434,6 +434,32 @@ def test_an_in_memory_ledger_is_refused_with_the_reason(tmp_path):
     assert load_config(None, {}, db=str(tmp_path / "file:x.db")).db.endswith("file:x.db")
 
 
+def test_unreadable_database_says_why_and_creates_nothing(tmp_path):
+    missing = tmp_path / "new" / "lunar.db"
+    assert storage.unreadable_database(str(missing)) is None  # the gateway creates it
+    assert not (tmp_path / "new").exists()
+    empty = tmp_path / "empty.db"
+    empty.touch()
+    assert storage.unreadable_database(str(empty)) is None  # SQLite's empty database
+    made = SQLiteStorage(tmp_path / "made.db")
+    made.open()
+    made.close()
+    assert storage.unreadable_database(str(tmp_path / "made.db")) is None
+    garbage = tmp_path / "notes.txt"
+    garbage.write_text("hello")
+    assert storage.unreadable_database(str(garbage)) == "file is not a database"
+    assert storage.unreadable_database(str(tmp_path)) == "is a directory, not a database file"
+
+
+def test_a_setting_is_named_by_where_its_value_came_from(tmp_path):
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text('[server]\ndb = "file.db"\nport = 5000\n')
+    c = load_config(cfg, {"LUNAR_PORT": "6000"}, host="0.0.0.0")
+    assert c.setting("db") == f"{cfg}: server.db"
+    assert (c.setting("port"), c.setting("host")) == ("$LUNAR_PORT", "--host")
+    assert c.setting("log_level") == "server.log_level"
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -453,6 +479,29 @@ def test_bad_config_is_refused_with_the_setting_named(tmp_path, text, message):
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(cfg, {}).build_catalog()
+
+
+def test_a_bad_log_level_is_refused_naming_the_setting_and_where_it_came_from(tmp_path):
+    """Not at `logging.basicConfig` once the gateway is starting, as `ValueError: Unknown
+    level: 'LOUD'`: in the loader, as every other setting, and `--print-config` refuses it."""
+    with pytest.raises(ConfigError, match=r"^\$LUNAR_LOG_LEVEL must be one of critical, "):
+        load_config(None, {"LUNAR_LOG_LEVEL": "loud"})
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text('[server]\nlog_level = "verbose"\n')
+    with pytest.raises(ConfigError, match=f"^{cfg}: server.log_level must be one of .*'verbose'"):
+        load_config(cfg, {})
+    with pytest.raises(ConfigError, match=r"^--log-level must be one of"):
+        load_config(None, {}, log_level="loud")
+    # The environment's usual spelling is accepted, and used as the flag's.
+    assert load_config(None, {"LUNAR_LOG_LEVEL": "INFO"}).log_level == "info"
+    cfg.write_text('[server]\nlog_level = "Debug"\n')
+    assert load_config(cfg, {}).log_level == "debug"
+
+
+def test_an_unreadable_lunar_catalog_is_a_config_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("LUNAR_CATALOG", str(tmp_path / "nope.json"))
+    with pytest.raises(ConfigError, match=r"LUNAR_CATALOG=.*nope\.json"):
+        load_config(None, {}).build_catalog()
 
 
 def test_providers_models_aliases_and_env_reference_keys(tmp_path):

@@ -154,7 +154,13 @@ class Catalog:
         data: dict[str, Any] = json.loads(_BUILTIN.read_text())
         env_path = os.environ.get("LUNAR_CATALOG")
         if env_path:
-            data = _merge(data, json.loads(Path(env_path).read_text()))
+            try:
+                data = _merge(data, json.loads(Path(env_path).read_text()))
+            except (OSError, ValueError) as e:  # the variable is what to change: name it
+                raise ValueError(
+                    f"LUNAR_CATALOG={env_path!r} cannot be read as a catalogue file: "
+                    f"{getattr(e, 'strerror', None) or e} (fix or unset LUNAR_CATALOG)"
+                ) from None
         if isinstance(extra, (str, os.PathLike)):
             data = _merge(data, json.loads(Path(extra).read_text()))
         elif extra:

@@ -78,10 +78,25 @@ def _summary(model: str, provider: str | None, usage: Any) -> str:
     return " · ".join(parts)
 
 
-def cmd_chat(args: argparse.Namespace) -> int:
+def _client(out: _Out) -> Any:
+    """``Lunar()``, or None once the reason it cannot be built is printed: no key for the
+    gateway of ``LUNAR_BASE_URL``, or a ``LUNAR_CATALOG`` that cannot be read."""
     from . import Lunar, LunarError
 
+    try:
+        return Lunar()
+    except (LunarError, ValueError) as err:
+        out.error(f"Error: {err}")
+        return None
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from . import LunarError
+
     out = _Out()
+    client = _client(out)
+    if client is None:
+        return 1
     model, note = (args.model, None) if args.model else default_model()
     if note:
         out.dim(note)
@@ -91,7 +106,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     messages.append({"role": "user", "content": args.prompt})
     params: dict[str, Any] = {"max_tokens": args.max_tokens, "temperature": args.temperature}
     try:
-        with Lunar() as client:
+        with client:
             if args.no_stream:
                 done = client.chat.completions.create(
                     model=model, messages=messages, fallbacks=args.fallback or None, **params
@@ -128,9 +143,18 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    from . import Lunar
+    from . import LunarError
 
-    models = list(Lunar().models.list())
+    out = _Out()
+    client = _client(out)
+    if client is None:
+        return 1
+    try:
+        with client:  # remote mode (LUNAR_BASE_URL) asks the gateway
+            models = list(client.models.list())
+    except LunarError as err:
+        out.error(f"Error: {err}")
+        return 1
     rows = [
         (
             m.id,
@@ -143,7 +167,6 @@ def cmd_models(args: argparse.Namespace) -> int:
         for m in models
     ]
     headers = ("model", "providers", "$/1M in", "$/1M out", "context", "capabilities")
-    out = _Out()
     if out.console is not None and sys.stdout.isatty():
         from rich.table import Table
 

@@ -15,12 +15,13 @@ import json
 import logging
 import os
 import socket
+import sqlite3
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from .config import ConfigError, ServerConfig, load_config
+from .config import LOG_LEVELS, ConfigError, ServerConfig, load_config
 
 DEFAULT_URL = "http://127.0.0.1:4000"
 
@@ -52,9 +53,7 @@ def add_server_commands(subparsers: Any) -> None:
         default=1,
         help="worker processes (only 1: limits and budgets are in-process)",
     )
-    serve.add_argument(
-        "--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"]
-    )
+    serve.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default warning")
     serve.set_defaults(func=cmd_serve)
 
     keys = subparsers.add_parser("keys", help="create, list and revoke the gateway's keys")
@@ -143,6 +142,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg.build_catalog()
     except ConfigError as e:
         _err(str(e))
+        return 2
+    from .storage import unreadable_database
+
+    problem = unreadable_database(cfg.db)  # a path with no file is a new gateway's database
+    if problem:
+        _err(
+            f"{cfg.setting('db')} {cfg.db!r}: {problem} (give the gateway's SQLite file, or "
+            "a path with no file yet to start with an empty one)"
+        )
         return 2
     if not cfg.master_key:
         _err(
@@ -256,13 +264,24 @@ class _Target:
         return data
 
     def storage(self) -> Any:
-        from .storage import SQLiteStorage
+        """The database of ``--db``, open. It must exist: these commands work on a
+        gateway's database (``lunar serve`` creates it), and opening a mistyped path would
+        create an empty one, directories and all, and show it as empty."""
+        from .storage import SQLiteStorage, unreadable_database
 
         assert self.db is not None
         try:
             storage = SQLiteStorage(self.db)
         except ValueError as e:  # e.g. ':memory:', which would be an empty database
             raise _Fail(f"--db {self.db!r}: {e}") from None
+        if not os.path.exists(self.db):
+            raise _Fail(
+                f"--db {self.db!r}: no such file. Give the database of a gateway "
+                "(`lunar serve --db FILE` creates it), or check the path."
+            )
+        problem = unreadable_database(self.db)
+        if problem:
+            raise _Fail(f"--db {self.db!r}: {problem} (give the database of a gateway)")
         storage.open()
         return storage
 
@@ -280,6 +299,9 @@ def _run(fn: Any, args: argparse.Namespace) -> int:
     except ConfigError as e:
         _err(str(e))
         return 2
+    except sqlite3.Error as e:  # a database of something else, or locked too long
+        _err(f"--db {args.db!r}: {e}")
+        return 1
 
 
 def cmd_keys_create(args: argparse.Namespace) -> int:

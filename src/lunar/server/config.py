@@ -45,6 +45,9 @@ from .storage import unusable_path
 
 __all__ = ["ConfigError", "ProviderConfig", "ServerConfig", "load_config", "read_toml"]
 
+# What `log_level` takes (`--log-level`'s choices too); any case from the file or environment.
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names it and where it came from."""
@@ -95,6 +98,19 @@ class ServerConfig:
     environ: Mapping[str, str] = field(default_factory=lambda: os.environ, repr=False)
     source: str | None = None
     origins: dict[str, str] = field(default_factory=dict, repr=False)
+
+    def setting(self, name: str) -> str:
+        """A setting as a message names it: by where its value came from (``--db``,
+        ``$LUNAR_DB``, ``lunar.toml: server.db``, or ``server.db`` for the default)."""
+        section = _SETTINGS[name][0]
+        origin = self.origins.get(name, "default")
+        if origin == "command line":
+            return f"--{name.replace('_', '-')}"
+        if origin.startswith("$"):
+            return origin
+        if origin == "default":
+            return f"{section}.{name}"
+        return f"{origin}: {section}.{name}"
 
     # -- what the engine is built from ---------------------------------------------------
 
@@ -361,6 +377,20 @@ def _local_models(local: Any, src: str) -> dict[str, Any]:
     return out
 
 
+# Settings that take one of a few words, in any case.
+_CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS}
+
+
+def _choice(where: str, name: str, value: Any) -> Any:
+    """``value``, lower-cased, when ``name`` takes one of a few words and it is one."""
+    choices = _CHOICES.get(name)
+    if choices is None:
+        return value
+    if value.lower() not in choices:
+        raise ConfigError(f"{where} must be one of {', '.join(choices)}, got {value!r}")
+    return value.lower()
+
+
 def _from_env(name: str, text: str, kind: type) -> Any:
     try:
         if kind is bool:
@@ -417,14 +447,18 @@ def load_config(
         origin = "default"
         table = data.get(section, {})
         if name in table:
-            value = _check(f"{src}: {section}.{name}", table[name], kind, positive)
+            where = f"{src}: {section}.{name}"
+            value = _choice(where, name, _check(where, table[name], kind, positive))
             origin = src
         if env_name and env.get(env_name):
-            value = _check(f"${env_name}", _from_env(env_name, env[env_name], kind), kind, positive)
+            where = f"${env_name}"
+            value = _from_env(env_name, env[env_name], kind)
+            value = _choice(where, name, _check(where, value, kind, positive))
             origin = f"${env_name}"
         flag = flags.get(name)
         if flag is not None:
-            value = _check(f"--{name.replace('_', '-')}", flag, kind, positive)
+            where = f"--{name.replace('_', '-')}"
+            value = _choice(where, name, _check(where, flag, kind, positive))
             origin = "command line"
         if value is not None:
             setattr(cfg, name, value)

@@ -277,6 +277,25 @@ def unusable_path(path: str) -> str | None:
     return None
 
 
+def unreadable_database(path: str) -> str | None:
+    """Why the file at ``path`` cannot be opened as a database (SQLite's reason: 'file is
+    not a database'), or None, also when there is no file (opening creates one; this does
+    not). It reads the file's header and changes no data."""
+    if not os.path.exists(path):
+        return None
+    if os.path.isdir(path):
+        return "is a directory, not a database file"
+    try:
+        conn = sqlite3.connect(path, timeout=30.0)
+        try:
+            conn.execute("PRAGMA schema_version")
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        return str(e)
+    return None
+
+
 class SQLiteStorage:
     """SQLite in WAL mode: readers never wait for the writer, and a commit survives the
     process being killed (``synchronous=NORMAL``: only an OS crash or power loss can take
