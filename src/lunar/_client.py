@@ -190,6 +190,9 @@ class Lunar:
         return self._settings.catalog
 
     def close(self) -> None:
+        """Releases the connections (those of an ``http_client`` you gave stay yours to
+        close). A closed client raises ``ClientClosedError`` for every request after."""
+        self._engine.closed = True
         if self._owns_http:
             self._http.close()
 
@@ -363,6 +366,8 @@ class AsyncLunar:
         return self._settings.catalog
 
     async def close(self) -> None:
+        """As ``Lunar.close()``."""
+        self._engine.closed = True
         if self._owns_http:
             await self._http.aclose()
 
