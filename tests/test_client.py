@@ -15,6 +15,7 @@ from lunar import (
     BadRequestError,
     ChatCompletion,
     ChatCompletionChunk,
+    Completion,
     Lunar,
     NotFoundError,
 )
@@ -447,6 +448,40 @@ def test_legacy_completions_stream_and_not(mock):
     assert pieces[-1].choices[0].finish_reason == "stop"
     assert pieces[-1].usage.completion_tokens == 3
     assert mock.requests[-1].json["messages"] == [{"role": "user", "content": "Say hi"}]
+
+
+def assert_whole_legacy_answer(final, done, first):
+    """A legacy stream's whole answer is what the call without ``stream`` returns, the piece
+    read before ``get_final_completion()`` included."""
+    assert type(first) is Completion
+    assert type(final) is Completion and type(done) is Completion
+    assert final.object == done.object == "text_completion"
+    assert final.id.startswith("cmpl-") and done.id.startswith("cmpl-")
+    assert final.id == first.id
+    assert final.choices[0].text == done.choices[0].text
+    assert final.choices[0].text.startswith(first.choices[0].text)
+    assert final.choices[0].finish_reason == done.choices[0].finish_reason == "stop"
+    assert final.usage.completion_tokens == done.usage.completion_tokens == 3
+    assert final.usage.total_cost_usd == done.usage.total_cost_usd > 0
+    assert final.model == done.model and final.provider == done.provider == "openai"
+
+
+def test_a_legacy_streams_final_completion_is_a_completion(mock):
+    mock.default = Reply(chunks=3)
+    client = Lunar()
+    done = client.completions.create(model="gpt-4o-mini", prompt="Say hi")
+    stream = client.completions.create(model="gpt-4o-mini", prompt="Say hi", stream=True)
+    first = next(stream)
+    assert_whole_legacy_answer(stream.get_final_completion(), done, first)
+
+
+async def test_an_async_legacy_streams_final_completion_is_a_completion(mock):
+    mock.default = Reply(chunks=3)
+    async with AsyncLunar() as client:
+        done = await client.completions.create(model="gpt-4o-mini", prompt="Say hi")
+        stream = await client.completions.create(model="gpt-4o-mini", prompt="Say hi", stream=True)
+        first = await stream.__anext__()
+        assert_whole_legacy_answer(await stream.get_final_completion(), done, first)
 
 
 def test_max_tokens_gives_length(mock):

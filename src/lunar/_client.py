@@ -290,7 +290,9 @@ class Completions:
             "create", model, prompt_messages(prompt), kwargs, legacy=True, remote=client._remote
         )
         if stream:
-            return Stream(client._engine.stream(body, opts), completion_from_chunk)
+            return Stream(
+                client._engine.stream(body, opts), completion_from_chunk, completion_from_chat
+            )
         return completion_from_chat(client._engine.complete(body, opts))
 
 
@@ -466,7 +468,9 @@ class AsyncCompletions:
             "create", model, prompt_messages(prompt), kwargs, legacy=True, remote=client._remote
         )
         if stream:
-            return AsyncStream(await client._engine.stream(body, opts), completion_from_chunk)
+            return AsyncStream(
+                await client._engine.stream(body, opts), completion_from_chunk, completion_from_chat
+            )
         return completion_from_chat(await client._engine.complete(body, opts))
 
 
