@@ -515,6 +515,56 @@ def test_bad_input_fails_before_any_network_call(mock, kwargs, param):
     assert mock.requests == []
 
 
+BAD_OPTIONS = [
+    ({"extra_headers": [("x-a", "b")]}, "extra_headers", "mapping of header names"),
+    ({"extra_headers": {"x-a": 1}}, "extra_headers", "str to str"),
+    ({"extra_body": [1]}, "extra_body", "mapping of field names"),
+    ({"extra_body": {1: "x"}}, "extra_body", "keys must be strings"),
+    ({"provider": 5}, "provider", "'provider' must be a provider name"),
+    ({"provider": ""}, "provider", "'provider' must be a provider name"),
+    ({"extra_body": {"model": "gpt-4o"}}, "extra_body.model", "pass model="),
+    ({"extra_body": {"stream": True}}, "extra_body.stream", "pass stream="),
+    ({"extra_body": {"fallbacks": ["claude-3-haiku"]}}, "extra_body.fallbacks", "pass fallbacks="),
+    ({"extra_body": {"provider": "groq"}}, "extra_body.provider", "pass provider="),
+    ({"extra_body": {"messages": []}}, "extra_body.messages", "pass messages="),
+]
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["direct", "remote"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(("kwargs", "param", "says"), BAD_OPTIONS)
+async def test_bad_options_name_the_argument_before_any_network_call(
+    mock, mode, remote, kwargs, param, says
+):
+    """Lunar's own options are checked at the boundary, as the parameters are, the same in
+    both clients and both modes; ``extra_body`` adds fields, it does not replace
+    ``create()``'s own arguments (which it would silently lose or bypass)."""
+    kw = {"base_url": mock.base_url, "api_key": "k"} if remote else {}
+    client = (Lunar if mode == "sync" else AsyncLunar)(**kw)
+    with pytest.raises(BadRequestError, match=says) as info:
+        await call(
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **kwargs)
+        )
+    assert info.value.param == param
+    if param == "extra_body.messages":  # the legacy endpoint names its own argument
+        says = "pass prompt="
+    with pytest.raises(BadRequestError, match=says) as info:
+        await call(client.completions.create(model="gpt-4o-mini", prompt="Say hi", **kwargs))
+    assert info.value.param == param
+    assert mock.requests == []
+
+
+def test_extra_body_fields_of_the_provider_still_go_through(mock):
+    Lunar().chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        extra_body={"metadata": {"k": "v"}, "store": True, "temperature": 0.5},
+    )
+    sent = mock.requests[-1].json
+    assert (sent["metadata"], sent["store"], sent["temperature"]) == ({"k": "v"}, True, 0.5)
+    assert sent["model"] == "gpt-4o-mini"
+
+
 def test_unknown_model_lists_close_matches_before_any_network_call(mock):
     with pytest.raises(NotFoundError, match="Did you mean: gpt-4o-mini") as info:
         Lunar().chat.completions.create(model="gpt-4o-mni", messages=MESSAGES, stream=True)
