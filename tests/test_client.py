@@ -15,6 +15,7 @@ from lunar import (
     BadRequestError,
     ChatCompletion,
     ChatCompletionChunk,
+    Completion,
     Lunar,
     NotFoundError,
 )
@@ -449,6 +450,40 @@ def test_legacy_completions_stream_and_not(mock):
     assert mock.requests[-1].json["messages"] == [{"role": "user", "content": "Say hi"}]
 
 
+def assert_whole_legacy_answer(final, done, first):
+    """A legacy stream's whole answer is what the call without ``stream`` returns, the piece
+    read before ``get_final_completion()`` included."""
+    assert type(first) is Completion
+    assert type(final) is Completion and type(done) is Completion
+    assert final.object == done.object == "text_completion"
+    assert final.id.startswith("cmpl-") and done.id.startswith("cmpl-")
+    assert final.id == first.id
+    assert final.choices[0].text == done.choices[0].text
+    assert final.choices[0].text.startswith(first.choices[0].text)
+    assert final.choices[0].finish_reason == done.choices[0].finish_reason == "stop"
+    assert final.usage.completion_tokens == done.usage.completion_tokens == 3
+    assert final.usage.total_cost_usd == done.usage.total_cost_usd > 0
+    assert final.model == done.model and final.provider == done.provider == "openai"
+
+
+def test_a_legacy_streams_final_completion_is_a_completion(mock):
+    mock.default = Reply(chunks=3)
+    client = Lunar()
+    done = client.completions.create(model="gpt-4o-mini", prompt="Say hi")
+    stream = client.completions.create(model="gpt-4o-mini", prompt="Say hi", stream=True)
+    first = next(stream)
+    assert_whole_legacy_answer(stream.get_final_completion(), done, first)
+
+
+async def test_an_async_legacy_streams_final_completion_is_a_completion(mock):
+    mock.default = Reply(chunks=3)
+    async with AsyncLunar() as client:
+        done = await client.completions.create(model="gpt-4o-mini", prompt="Say hi")
+        stream = await client.completions.create(model="gpt-4o-mini", prompt="Say hi", stream=True)
+        first = await stream.__anext__()
+        assert_whole_legacy_answer(await stream.get_final_completion(), done, first)
+
+
 def test_max_tokens_gives_length(mock):
     mock.default = Reply(chunks=10)
     chunks = list(
@@ -478,6 +513,56 @@ def test_bad_input_fails_before_any_network_call(mock, kwargs, param):
     assert info.value.param == param
     assert param in str(info.value)
     assert mock.requests == []
+
+
+BAD_OPTIONS = [
+    ({"extra_headers": [("x-a", "b")]}, "extra_headers", "mapping of header names"),
+    ({"extra_headers": {"x-a": 1}}, "extra_headers", "str to str"),
+    ({"extra_body": [1]}, "extra_body", "mapping of field names"),
+    ({"extra_body": {1: "x"}}, "extra_body", "keys must be strings"),
+    ({"provider": 5}, "provider", "'provider' must be a provider name"),
+    ({"provider": ""}, "provider", "'provider' must be a provider name"),
+    ({"extra_body": {"model": "gpt-4o"}}, "extra_body.model", "pass model="),
+    ({"extra_body": {"stream": True}}, "extra_body.stream", "pass stream="),
+    ({"extra_body": {"fallbacks": ["claude-3-haiku"]}}, "extra_body.fallbacks", "pass fallbacks="),
+    ({"extra_body": {"provider": "groq"}}, "extra_body.provider", "pass provider="),
+    ({"extra_body": {"messages": []}}, "extra_body.messages", "pass messages="),
+]
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["direct", "remote"])
+@pytest.mark.parametrize("mode", ["sync", "async"])
+@pytest.mark.parametrize(("kwargs", "param", "says"), BAD_OPTIONS)
+async def test_bad_options_name_the_argument_before_any_network_call(
+    mock, mode, remote, kwargs, param, says
+):
+    """Lunar's own options are checked at the boundary, as the parameters are, the same in
+    both clients and both modes; ``extra_body`` adds fields, it does not replace
+    ``create()``'s own arguments (which it would silently lose or bypass)."""
+    kw = {"base_url": mock.base_url, "api_key": "k"} if remote else {}
+    client = (Lunar if mode == "sync" else AsyncLunar)(**kw)
+    with pytest.raises(BadRequestError, match=says) as info:
+        await call(
+            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **kwargs)
+        )
+    assert info.value.param == param
+    if param == "extra_body.messages":  # the legacy endpoint names its own argument
+        says = "pass prompt="
+    with pytest.raises(BadRequestError, match=says) as info:
+        await call(client.completions.create(model="gpt-4o-mini", prompt="Say hi", **kwargs))
+    assert info.value.param == param
+    assert mock.requests == []
+
+
+def test_extra_body_fields_of_the_provider_still_go_through(mock):
+    Lunar().chat.completions.create(
+        model="gpt-4o-mini",
+        messages=MESSAGES,
+        extra_body={"metadata": {"k": "v"}, "store": True, "temperature": 0.5},
+    )
+    sent = mock.requests[-1].json
+    assert (sent["metadata"], sent["store"], sent["temperature"]) == ({"k": "v"}, True, 0.5)
+    assert sent["model"] == "gpt-4o-mini"
 
 
 def test_unknown_model_lists_close_matches_before_any_network_call(mock):

@@ -291,6 +291,34 @@ def test_models_list_shows_what_the_key_may_use(gw):
         oai(gw, restricted).models.retrieve("gpt-4o")
 
 
+@pytest.mark.parametrize("mode", ["sync", "async"])
+async def test_lunar_remote_models_retrieve_asks_the_gateway_for_this_key(gw, mode):
+    """Remote mode's ``models.retrieve`` is the gateway's ``GET /v1/models/{id}``: a model
+    the key may not use is the gateway's 404 saying so, not the local catalogue's "unknown
+    model, did you mean <the same name>"."""
+    restricted, _ = gw.new_key(models=["gpt-4o-mini"])
+    client = (lunar.Lunar if mode == "sync" else lunar.AsyncLunar)(
+        base_url=gw.url + "/v1", api_key=restricted, max_retries=0
+    )
+
+    listed = {m.id: m for m in await call(client.models.list())}
+    for name in ("gpt-4o-mini", "fast"):  # a model, and the config's alias of it
+        model = await call(client.models.retrieve(name))
+        assert model.id == name and model.owned_by == listed[name].owned_by
+    for name in ("claude-3-haiku", "openai/gpt-4o", "no such model?"):
+        with pytest.raises(lunar.NotFoundError) as info:
+            await call(client.models.retrieve(name))
+        assert str(info.value) == f"[404] Model '{name}' is not available to this key"
+        assert (info.value.param, info.value.code) == ("model", "model_not_found")
+    with pytest.raises(lunar.BadRequestError, match="'model' must be a non-empty string"):
+        await call(client.models.retrieve(""))
+    await call(client.close())
+
+
+async def call(result: Any) -> Any:
+    return (await result) if hasattr(result, "__await__") else result
+
+
 def test_extra_body_fallbacks_are_honoured(gw, upstream):
     key, key_id = gw.new_key()
     upstream.enqueue(Reply(status=503), model="gpt-4.1-nano")

@@ -10,6 +10,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Literal, overload
+from urllib.parse import quote
 
 import httpx
 
@@ -27,6 +28,7 @@ from ._request import (
     prepare,
     prompt_messages,
     validate_fallbacks,
+    validate_model,
 )
 from ._streaming import AsyncStream, Stream
 from ._types import ChatCompletion, ChatCompletionChunk, Completion, Model, SyncPage
@@ -87,9 +89,14 @@ class _Settings:
         self.remote = remote
         self.router = Router(self.catalog, providers, validate_fallback_map(fallbacks), remote)
 
-    def models_request(self) -> HTTPRequest:
+    def models_request(self, model: str | None = None) -> HTTPRequest:
+        """``GET /models``, or the gateway's ``GET /models/{model}`` (the id one path
+        segment, whatever it holds)."""
         assert self.remote is not None
-        return HTTPRequest("GET", self.remote.base_url + "/models", dict(self.remote.headers), b"")
+        url = self.remote.base_url + "/models"
+        if model is not None:
+            url += "/" + quote(model, safe="")
+        return HTTPRequest("GET", url, dict(self.remote.headers), b"")
 
     def for_http_client(self, http: httpx.Client | httpx.AsyncClient | None) -> dict[str, Any]:
         """What the engine sends with every request when the HTTP client is the caller's:
@@ -115,6 +122,21 @@ def _models_page(response: Any) -> SyncPage:
     if response.status_code >= 400:
         raise error_from_response(response.status_code, response.headers, response.content)
     return SyncPage([Model.from_dict(m) for m in json.loads(response.content).get("data", [])])
+
+
+def _model(response: Any) -> Model:
+    """The gateway's answer to ``GET /models/{model}``: the model, or its error (a 404 says
+    whether the model is unknown or only not for this key)."""
+    if response.status_code >= 400:
+        raise error_from_response(response.status_code, response.headers, response.content)
+    return Model.from_dict(json.loads(response.content))
+
+
+def _catalog_model(settings: _Settings, model: str) -> Model:
+    for m in settings.catalog.list_models():
+        if m.id == model:
+            return m
+    raise settings.catalog.unknown(model)
 
 
 _PROXY_VARIABLES = ("https_proxy", "http_proxy", "all_proxy")
@@ -190,6 +212,9 @@ class Lunar:
         return self._settings.catalog
 
     def close(self) -> None:
+        """Releases the connections (those of an ``http_client`` you gave stay yours to
+        close). A closed client raises ``ClientClosedError`` for every request after."""
+        self._engine.closed = True
         if self._owns_http:
             self._http.close()
 
@@ -287,7 +312,9 @@ class Completions:
             "create", model, prompt_messages(prompt), kwargs, legacy=True, remote=client._remote
         )
         if stream:
-            return Stream(client._engine.stream(body, opts), completion_from_chunk)
+            return Stream(
+                client._engine.stream(body, opts), completion_from_chunk, completion_from_chat
+            )
         return completion_from_chat(client._engine.complete(body, opts))
 
 
@@ -299,19 +326,23 @@ class Models:
         settings = self._client._settings
         if settings.remote is None:
             return SyncPage(settings.catalog.list_models())
-        try:
-            response = self._client._engine.send(
-                settings.models_request(), RequestOptions(""), stream=False
-            )
-        except NETWORK_ERRORS as exc:
-            raise connection_error(exc, settings.remote) from exc
-        return _models_page(response)
+        return _models_page(self._get(settings.models_request()))
 
     def retrieve(self, model: str) -> Model:
-        for m in self.list():
-            if m.id == model:
-                return m
-        raise self._client._settings.catalog.unknown(model)
+        """The catalogue's entry (direct mode), or the gateway's answer for this key."""
+        settings = self._client._settings
+        model = validate_model(model)
+        if settings.remote is None:
+            return _catalog_model(settings, model)
+        return _model(self._get(settings.models_request(model)))
+
+    def _get(self, request: HTTPRequest) -> Any:
+        remote = self._client._settings.remote
+        assert remote is not None
+        try:
+            return self._client._engine.send(request, RequestOptions(""), stream=False)
+        except NETWORK_ERRORS as exc:
+            raise connection_error(exc, remote) from exc
 
 
 # --------------------------------------------------------------------------------------------
@@ -363,6 +394,8 @@ class AsyncLunar:
         return self._settings.catalog
 
     async def close(self) -> None:
+        """As ``Lunar.close()``."""
+        self._engine.closed = True
         if self._owns_http:
             await self._http.aclose()
 
@@ -461,7 +494,9 @@ class AsyncCompletions:
             "create", model, prompt_messages(prompt), kwargs, legacy=True, remote=client._remote
         )
         if stream:
-            return AsyncStream(await client._engine.stream(body, opts), completion_from_chunk)
+            return AsyncStream(
+                await client._engine.stream(body, opts), completion_from_chunk, completion_from_chat
+            )
         return completion_from_chat(await client._engine.complete(body, opts))
 
 
@@ -473,16 +508,19 @@ class AsyncModels:
         settings = self._client._settings
         if settings.remote is None:
             return SyncPage(settings.catalog.list_models())
-        try:
-            response = await self._client._engine.send(
-                settings.models_request(), RequestOptions(""), stream=False
-            )
-        except NETWORK_ERRORS as exc:
-            raise connection_error(exc, settings.remote) from exc
-        return _models_page(response)
+        return _models_page(await self._get(settings.models_request()))
 
     async def retrieve(self, model: str) -> Model:
-        for m in await self.list():
-            if m.id == model:
-                return m
-        raise self._client._settings.catalog.unknown(model)
+        settings = self._client._settings
+        model = validate_model(model)
+        if settings.remote is None:
+            return _catalog_model(settings, model)
+        return _model(await self._get(settings.models_request(model)))
+
+    async def _get(self, request: HTTPRequest) -> Any:
+        remote = self._client._settings.remote
+        assert remote is not None
+        try:
+            return await self._client._engine.send(request, RequestOptions(""), stream=False)
+        except NETWORK_ERRORS as exc:
+            raise connection_error(exc, remote) from exc

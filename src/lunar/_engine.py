@@ -29,6 +29,7 @@ from ._errors import (
     Attempt,
     AuthenticationError,
     BadRequestError,
+    ClientClosedError,
     LunarError,
     NotFoundError,
     UnprocessableEntityError,
@@ -327,6 +328,9 @@ class Plan:
     def failed(self, step: Step, err: LunarError) -> None:
         self.attempts.append(Attempt(step.model, step.target.provider, err))
         self._last_tried = err
+        if isinstance(err, ClientClosedError):  # not the provider's doing: nothing more
+            self._stopped = True
+            return
         overload = may_fall_back(err)
         if self._health is not None:
             self._health.failure(step.target.deployment, trips_breaker=overload)
@@ -594,6 +598,24 @@ def connection_error(exc: Exception, target: Target) -> APIConnectionError:
     return APIConnectionError(f"Connection to {where} failed: {detail}")
 
 
+def closed_error(closed: bool, http: Any) -> ClientClosedError | None:
+    """What to raise for a request on a closed client (``closed``: ``close()`` was called),
+    or on one whose HTTP client is closed (the caller's ``http_client``, closed by its
+    owner); ``None`` while both are open. Checked before anything is tried, so a closed
+    client costs no attempt, no backoff and no provider's health."""
+    if closed:
+        return ClientClosedError(
+            "This Lunar client is closed (close() was called, or its `with` block ended): "
+            "create a new client to make more requests"
+        )
+    if getattr(http, "is_closed", False):
+        return ClientClosedError(
+            "The http_client given to this Lunar client is closed: keep it open while the "
+            "client is in use, or create the client with an open one"
+        )
+    return None
+
+
 def _timeout(opts: RequestOptions, default: httpx.Timeout | None) -> Any:
     """For httpx: the request's timeout, else the engine's, else the client's own."""
     if opts.timeout is not None:
@@ -736,9 +758,27 @@ class AsyncOpenStream(_Opened):
         await self._upstream.aclose()
 
 
-class SyncEngine:
+class _Closable:
+    """What both drivers do about a closed client."""
+
+    http: Any
+    #: Set by the client's ``close()``: every request then raises ``ClientClosedError``.
+    closed = False
+
+    def ensure_open(self) -> None:
+        if (err := closed_error(self.closed, self.http)) is not None:
+            raise err
+
+    def _network_error(self, exc: Exception, target: Target) -> LunarError:
+        """A failed exchange: the client closed under it, or the provider's connection."""
+        return closed_error(self.closed, self.http) or connection_error(exc, target)
+
+
+class SyncEngine(_Closable):
     """``http`` is an ``httpx.Client``. ``headers`` and ``timeout``, when given, go with every
     request: what a caller's own client does not carry that Lunar's would."""
+
+    http: httpx.Client
 
     def __init__(
         self,
@@ -757,6 +797,7 @@ class SyncEngine:
 
     def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> httpx.Response:
         """The response (its body read unless ``stream``)."""
+        self.ensure_open()
         request = self.http.build_request(
             req.method,
             req.url,
@@ -769,6 +810,7 @@ class SyncEngine:
     def complete(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
     ) -> ChatCompletion:
+        self.ensure_open()
         started = _now()
         plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
@@ -800,7 +842,7 @@ class SyncEngine:
         try:
             resp = self.send(req, opts, stream=False)
         except NETWORK_ERRORS as exc:
-            raise connection_error(exc, target) from exc
+            raise self._network_error(exc, target) from exc
         if resp.status_code >= 400:
             raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
         return adapter.parse_response(resp.content, target)
@@ -810,6 +852,7 @@ class SyncEngine:
     ) -> Iterator[ChatCompletionChunk]:
         """Connects and waits for the first chunk before returning (falling back while
         nothing has reached the caller); the iterator then yields every chunk as it comes."""
+        self.ensure_open()
         started = _now()
         plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
@@ -864,7 +907,7 @@ class SyncEngine:
         except NETWORK_ERRORS as exc:
             if resp is not None:
                 resp.close()
-            raise connection_error(exc, target) from exc
+            raise self._network_error(exc, target) from exc
         except BaseException:
             if resp is not None:
                 resp.close()
@@ -893,7 +936,7 @@ class SyncEngine:
             plan.succeeded(step, final[0].usage)
             yield from final
         except NETWORK_ERRORS as exc:
-            raise plan.lost(step, connection_error(exc, step.target)) from exc
+            raise plan.lost(step, self._network_error(exc, step.target)) from exc
         except LunarError as err:
             plan.lost(step, err)
             raise
@@ -901,10 +944,12 @@ class SyncEngine:
             resp.close()
 
 
-class AsyncEngine:
+class AsyncEngine(_Closable):
     """``http`` is Lunar's own pool (``_http.AsyncPool``) or any ``httpx.AsyncClient``.
     ``headers`` and ``timeout``, when given, go with every request sent with httpx: what a
     caller's own client does not carry that Lunar's would."""
+
+    http: AsyncPool | httpx.AsyncClient
 
     def __init__(
         self,
@@ -924,6 +969,7 @@ class AsyncEngine:
     async def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> Any:
         """The response (its body read unless ``stream``): ``status_code``, ``headers``,
         ``content``, ``aread()``, ``aiter_bytes()``, ``aclose()`` from either client."""
+        self.ensure_open()
         if isinstance(self.http, AsyncPool):  # Lunar's own: its headers and timeouts set
             return await self.http.send(
                 req.method,
@@ -945,6 +991,7 @@ class AsyncEngine:
     async def complete(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
     ) -> ChatCompletion:
+        self.ensure_open()
         started = _now()
         plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
@@ -976,7 +1023,7 @@ class AsyncEngine:
         try:
             resp = await self.send(req, opts, stream=False)
         except NETWORK_ERRORS as exc:
-            raise connection_error(exc, target) from exc
+            raise self._network_error(exc, target) from exc
         if resp.status_code >= 400:
             raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
         return adapter.parse_response(resp.content, target)
@@ -984,6 +1031,7 @@ class AsyncEngine:
     async def stream(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
     ) -> AsyncOpenStream:
+        self.ensure_open()
         started = _now()
         plan = plan_for(self.router, opts, body, self.max_retries, trace)
         while (step := plan.next()) is not None:
@@ -1038,7 +1086,7 @@ class AsyncEngine:
         except NETWORK_ERRORS as exc:
             if resp is not None:
                 await resp.aclose()
-            raise connection_error(exc, target) from exc
+            raise self._network_error(exc, target) from exc
         except BaseException:
             if resp is not None:
                 await resp.aclose()
@@ -1071,7 +1119,7 @@ class AsyncEngine:
             plan.succeeded(step, final[0].usage)
             yield final
         except NETWORK_ERRORS as exc:
-            raise plan.lost(step, connection_error(exc, step.target)) from exc
+            raise plan.lost(step, self._network_error(exc, step.target)) from exc
         except LunarError as err:
             plan.lost(step, err)
             raise

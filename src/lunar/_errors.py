@@ -175,6 +175,12 @@ class GatewayTimeoutError(ServerError, APITimeoutError):
     status_code = 504
 
 
+class ClientClosedError(LunarError, RuntimeError):
+    """The client was closed (``close()``, the end of its ``with`` block), or the
+    ``http_client`` it was given was: raised at once, before any attempt, by ``Lunar`` and
+    ``AsyncLunar`` alike. Also a ``RuntimeError``, as httpx raises for a closed client."""
+
+
 # The names WIRE-FORMATS.md documents; they shadow the builtins only where imported.
 ConnectionError = APIConnectionError
 TimeoutError = APITimeoutError

@@ -371,6 +371,11 @@ class AsyncPool:
         self._closed = False
 
     @property
+    def is_closed(self) -> bool:
+        """Whether ``aclose()`` was called (as httpx's clients say it)."""
+        return self._closed
+
+    @property
     def connections(self) -> int:
         """Connections open (or opening) now."""
         return self._open

@@ -318,6 +318,66 @@ def validate_fallbacks(fallbacks: Any) -> list[str] | None:
     return out
 
 
+def validate_provider(provider: Any) -> str | None:
+    if provider is not None and (not isinstance(provider, str) or not provider):
+        raise bad("'provider' must be a provider name", "provider")
+    return provider
+
+
+def validate_extra_headers(headers: Any) -> Mapping[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping):
+        raise bad(
+            "'extra_headers' must be a mapping of header names to values (str to str), "
+            f"got {type(headers).__name__}",
+            "extra_headers",
+        )
+    for name, value in headers.items():
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise bad(
+                f"'extra_headers' must map str to str, got {name!r}: {type(value).__name__}",
+                "extra_headers",
+            )
+    return headers
+
+
+#: Keys ``extra_body`` may not set: ``create()``'s own arguments. Merged in, they would be
+#: overwritten (``model``), skip validation (``messages``), or mean one thing in direct mode
+#: and another through a gateway (``stream``, ``fallbacks``, ``provider``).
+_OWN_ARGUMENTS = {
+    "model": "model=",
+    "messages": "messages=",
+    "stream": "stream=",
+    "fallbacks": "fallbacks=",
+    "provider": "provider=",
+}
+
+
+def validate_extra_body(extra: Any, legacy: bool = False) -> Mapping[str, Any] | None:
+    """``extra_body``: more fields for the provider's body, merged over the parameters (and
+    validated with them where Lunar checks a field). Not a way around ``create()``'s own
+    arguments: those keys are refused, naming the argument to use."""
+    if extra is None:
+        return None
+    if not isinstance(extra, Mapping):
+        raise bad(
+            f"'extra_body' must be a mapping of field names to values, got "
+            f"{type(extra).__name__}",
+            "extra_body",
+        )
+    for key in extra:
+        if not isinstance(key, str):
+            raise bad(f"'extra_body' keys must be strings, got {key!r}", "extra_body")
+        argument = _OWN_ARGUMENTS.get(key)
+        if argument is not None:
+            if legacy and key == "messages":
+                argument = "prompt="
+            param = f"extra_body.{key}"
+            raise bad(f"'{param}' is create()'s own argument: pass {argument}... instead", param)
+    return extra
+
+
 def chat_body(
     messages: Any,
     params: Mapping[str, Any],
@@ -377,9 +437,11 @@ def prepare(
         elif name not in _OPTION_NAMES:
             raise TypeError(f"{method}() got an unexpected keyword argument '{name}'")
     model = validate_model(model)
-    body = chat_body(sdk_messages(messages), params, kwargs.get("extra_body"))
+    extra_body = validate_extra_body(kwargs.get("extra_body"), legacy)
+    body = chat_body(sdk_messages(messages), params, extra_body)
     fallbacks = validate_fallbacks(kwargs.get("fallbacks"))
-    provider = kwargs.get("provider")
+    provider = validate_provider(kwargs.get("provider"))
+    extra_headers = validate_extra_headers(kwargs.get("extra_headers"))
     # Absent: the client's timeout. Given, even as None (no timeout, as in the openai SDK).
     timeout = parse_timeout(kwargs["timeout"]) if "timeout" in kwargs else None
     if remote:
@@ -389,7 +451,7 @@ def prepare(
             body["fallbacks"] = fallbacks
         if provider is not None:
             body["provider"] = provider
-    opts = RequestOptions(model, fallbacks, provider, timeout, kwargs.get("extra_headers") or {})
+    opts = RequestOptions(model, fallbacks, provider, timeout, extra_headers)
     return body, opts
 
 

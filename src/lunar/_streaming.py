@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, TypeVar, overload
 
 from ._types import (
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
     Choice,
+    Completion,
     Function,
     ToolCall,
     Usage,
@@ -105,6 +106,16 @@ def tool_arguments(call: ToolCall) -> Any:
     return json.loads(call.function.arguments or "{}")
 
 
+def _final(
+    acc: ChatAccumulator, finish: Callable[[ChatCompletion], ChatCompletion | Completion] | None
+) -> ChatCompletion | Completion:
+    """The whole answer, as ``finish`` makes it (the legacy endpoint: a ``Completion``)."""
+    completion = acc.completion()
+    if finish is None:
+        return completion
+    return finish(completion)
+
+
 def _text(chunk: ChatCompletionChunk) -> str | None:
     for choice in chunk.choices:
         if choice.index == 0:
@@ -120,9 +131,11 @@ class Stream(Generic[T]):
         self,
         iterator: Iterator[ChatCompletionChunk],
         convert: Callable[[ChatCompletionChunk], T] | None = None,
+        finish: Callable[[ChatCompletion], ChatCompletion | Completion] | None = None,
     ) -> None:
         self._iterator = iterator
         self._convert = convert
+        self._finish = finish
         self._acc = ChatAccumulator()
         self._closed = False
 
@@ -164,11 +177,17 @@ class Stream(Generic[T]):
             except StopIteration:
                 return self
 
-    def get_final_completion(self) -> ChatCompletion:
+    @overload
+    def get_final_completion(self: Stream[Completion]) -> Completion: ...
+    @overload
+    def get_final_completion(self: Stream[ChatCompletionChunk]) -> ChatCompletion: ...
+
+    def get_final_completion(self) -> ChatCompletion | Completion:
         """Reads the rest of the stream and returns the whole answer (the chunks already
-        iterated included)."""
+        iterated included): a ``ChatCompletion`` for a chat stream, a ``Completion`` for a
+        legacy completions stream, as the call without ``stream`` returns."""
         self.until_done()
-        return self._acc.completion()
+        return _final(self._acc, self._finish)
 
     @property
     def text_stream(self) -> Iterator[str]:
@@ -194,9 +213,11 @@ class AsyncStream(Generic[T]):
         self,
         iterator: AsyncIterator[ChatCompletionChunk],
         convert: Callable[[ChatCompletionChunk], T] | None = None,
+        finish: Callable[[ChatCompletion], ChatCompletion | Completion] | None = None,
     ) -> None:
         self._iterator = iterator
         self._convert = convert
+        self._finish = finish
         self._acc = ChatAccumulator()
         self._closed = False
 
@@ -232,9 +253,15 @@ class AsyncStream(Generic[T]):
             except StopAsyncIteration:
                 return self
 
-    async def get_final_completion(self) -> ChatCompletion:
+    @overload
+    async def get_final_completion(self: AsyncStream[Completion]) -> Completion: ...
+    @overload
+    async def get_final_completion(self: AsyncStream[ChatCompletionChunk]) -> ChatCompletion: ...
+
+    async def get_final_completion(self) -> ChatCompletion | Completion:
+        """As ``Stream.get_final_completion``."""
         await self.until_done()
-        return self._acc.completion()
+        return _final(self._acc, self._finish)
 
     @property
     def text_stream(self) -> AsyncIterator[str]:

@@ -46,6 +46,7 @@ from .._request import (
     bad,
     validate_fallbacks,
     validate_model,
+    validate_provider,
 )
 from .._types import Usage
 from .config import ServerConfig
@@ -574,9 +575,7 @@ class Gateway:
                     raise bad("'stream' must be a boolean", "stream")
                 row.stream = bool(stream)
                 fallbacks = validate_fallbacks(lunar["fallbacks"])
-                provider = lunar["provider"]
-                if provider is not None and (not isinstance(provider, str) or not provider):
-                    raise bad("'provider' must be a provider name", "provider")
+                provider = validate_provider(lunar["provider"])
                 opts = RequestOptions(model, fallbacks, provider)
                 candidates, call.label = self._check_access(key, opts)
                 est = (
