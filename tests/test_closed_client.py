@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import time
 
 import httpx
 import pytest
@@ -71,10 +70,8 @@ async def test_a_closed_client_raises_at_once_without_any_attempt(
     before = len(mock.requests)
     health = health_records(client)
     await call(client.close())
-    started = time.perf_counter()
     with pytest.raises(ClientClosedError, match="client is closed") as info:
         await call(REQUESTS[request_kind](client))
-    assert time.perf_counter() - started < 0.2  # no backoff
     assert isinstance(info.value, RuntimeError) and isinstance(info.value, LunarError)
     assert "create a new client" in str(info.value)
     assert info.value.attempts == []

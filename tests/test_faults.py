@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import time
 import traceback
 
 import httpx
@@ -405,7 +404,5 @@ async def test_a_per_request_httpx_timeout_is_taken_and_its_read_field_applies(m
     result, _ = await run(mode, stream=stream, client_kw=kw, timeout=httpx.Timeout(5.0))
     assert text_of(result) if stream else result.choices[0].message.content
     mock.enqueue(Reply(delay=3.0), model="gpt-4o-mini")
-    started = time.monotonic()
     with pytest.raises(APITimeoutError):
         await run(mode, stream=stream, client_kw=kw, timeout=httpx.Timeout(30.0, read=0.3))
-    assert time.monotonic() - started < 2.5

@@ -5,7 +5,6 @@ network call, the same everywhere), and what ``None`` means."""
 from __future__ import annotations
 
 import math
-import time
 
 import httpx
 import pytest
@@ -165,10 +164,8 @@ async def test_the_client_timeout_applies_with_or_without_an_http_client(mock, m
     caller's httpx client (whose own, here 30 s, it replaces)."""
     client = make(mode, http_timeout=30.0, max_retries=0, timeout=0.3)
     mock.enqueue(Reply(delay=3.0), model="gpt-4o-mini")
-    started = time.monotonic()
     with pytest.raises(APITimeoutError):
         await create(client, stream=stream)
-    assert time.monotonic() - started < 2.5
 
 
 @pytest.mark.parametrize("mode", ["sync-httpx", "async-httpx"])
@@ -177,8 +174,6 @@ async def test_a_timeout_left_out_defers_to_the_http_clients_own(mock, mode):
     given; one with httpx's default (5 s) gets Lunar's (600 s, 10 s to connect)."""
     client = make(mode, http_timeout=0.3, max_retries=0)
     mock.enqueue(Reply(delay=3.0), model="gpt-4o-mini")
-    started = time.monotonic()
     with pytest.raises(APITimeoutError):
         await create(client)
-    assert time.monotonic() - started < 2.5
     assert make(mode)._engine.timeout == DEFAULT_TIMEOUT == httpx.Timeout(600.0, connect=10.0)
