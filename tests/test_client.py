@@ -10,6 +10,7 @@ import json
 import pytest
 
 from lunar import (
+    APIError,
     AsyncLunar,
     AuthenticationError,
     BadRequestError,
@@ -665,3 +666,33 @@ async def test_messages_may_be_any_iterable_as_in_the_openai_sdk(mock):
         [{"role": "user", "content": "Say hi"}],
         MESSAGES,
     ]
+
+
+@pytest.mark.parametrize("answer", [b"<html>a web page</html>", b"[1, 2]", b'{"data": 3}'])
+async def test_remote_models_from_a_server_that_is_no_gateway_is_an_api_error(answer):
+    """A base_url that points at some other web server answers 200 with its own page: an
+    APIError that says to check base_url, not a JSON parser's exception."""
+    import http.server
+    import threading
+
+    class Page(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(200)
+            self.send_header("content-length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    try:
+        with pytest.raises(APIError, match="not a Lunar gateway's JSON"):
+            Lunar(base_url=base, api_key="k", max_retries=0).models.list()
+        async with AsyncLunar(base_url=base, api_key="k", max_retries=0) as client:
+            with pytest.raises(APIError, match="check base_url"):
+                await client.models.retrieve("gpt-4o-mini")
+    finally:
+        server.shutdown()

@@ -672,6 +672,27 @@ def test_the_openai_sdk_reads_cached_tokens_where_openai_puts_them(gw, key, upst
     assert usage.prompt_tokens_details.cached_tokens == 6
 
 
+def test_an_unpriced_models_answer_with_costs_that_are_no_amounts_is_served_and_recorded(
+    gw, key, upstream
+):
+    """Cost is Lunar's own, from the catalogue; an unpriced model keeps what its upstream
+    sent (a Lunar gateway sends its costs). A string there failed the key's settlement after
+    the answer had gone out, and the row was lost."""
+    key, key_id = gw.new_key(name="costs")
+    msg = '"message":{"role":"assistant","content":"hi"},"finish_reason":"stop"}],'
+    usage = '{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4,"total_cost_usd":"0.5"}'
+    body = '{"id":"x","created":1,"model":"m","choices":[{"index":0,' + msg + '"usage":'
+    upstream.enqueue(Reply(body=body + usage + "}"))
+    r = gw.http.post(
+        "/v1/chat/completions",
+        json={"model": "openai/unpriced-costs", "messages": MESSAGES},
+        headers={"x-api-key": key},
+    )
+    assert r.status_code == 200 and r.json()["usage"]["total_cost_usd"] is None
+    (row,) = gw.rows(key_id, expected=1)
+    assert (row["status"], row["total_cost_usd"]) == ("ok", 0)
+
+
 @pytest.mark.parametrize("retry_after", ["inf", "1e999"])
 def test_upstream_429_with_an_endless_retry_after_is_still_a_429(gw, key, upstream, retry_after):
     upstream.enqueue(Reply(status=429, headers={"retry-after": retry_after}))

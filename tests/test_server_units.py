@@ -963,3 +963,61 @@ def test_every_route_is_in_the_openapi_document(tmp_path):
     for route, methods in app._routes.items():
         if route not in aliases:
             assert {m.lower() for m in methods} - {"head"} <= set(paths.get(route, {})), route
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("durable", [False, True])
+async def test_a_shutdown_cancel_while_the_answer_ends_keeps_the_answer_and_its_row(
+    tmp_path, durable, stream
+):
+    """The server's shutdown cancels a request as its answer ends: with ``durable_ack``,
+    while its row's commit is pending; without, while its last bytes wait for the socket (a
+    slow reader). The answer still ends as its row records it (ok, 200), with one head and
+    no 503 written after it."""
+    with MockServer() as upstream:
+        upstream.default = Reply(chunks=3)
+        env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
+        env["LUNAR_MASTER_KEY"] = MASTER
+        env["LUNAR_LEDGER_DURABLE_ACK"] = "true" if durable else "false"
+        app = create_app(load_config(None, env, db=str(tmp_path / "g.db")))
+        await app.startup()
+        ending = asyncio.Event()
+        if durable:  # the commit never comes
+            queue = app.storage.record
+            app.storage.record = lambda row, done=None: (ending.set(), queue(row))[1]
+        chat = {
+            "model": "gpt-4o-mini",
+            "stream": stream,
+            "messages": [{"role": "user", "content": "hi"}],
+        }
+        body = json.dumps(chat).encode()
+        scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions"}
+        scope["headers"] = [(b"authorization", b"Bearer " + MASTER.encode())]
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            if not sent:
+                return {"type": "http.request", "body": body, "more_body": False}
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            last = message["type"] == "http.response.body" and not message.get("more_body")
+            if last and not durable and not ending.is_set():
+                ending.set()
+                await asyncio.sleep(3600)  # the socket's buffer is full
+            sent.append(message)
+
+        task = asyncio.create_task(app(scope, receive, send))
+        await asyncio.wait_for(ending.wait(), 10)
+        task.cancel("shutdown")
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await app.shutdown()
+    heads = [m["status"] for m in sent if m["type"] == "http.response.start"]
+    assert heads == [200]
+    if durable:
+        assert sent[-1]["type"] == "http.response.body" and not sent[-1].get("more_body")
+    with sqlite3.connect(tmp_path / "g.db") as db:
+        rows = db.execute("SELECT status, http_status FROM usage").fetchall()
+    assert rows == [("ok", 200)]

@@ -146,6 +146,10 @@ JSON_VALUE = st.recursive(
                 "candidatesTokenCount",
                 "thoughtsTokenCount",
                 "cachedContentTokenCount",
+                "input_cost_usd",
+                "cached_input_cost_usd",
+                "output_cost_usd",
+                "total_cost_usd",
             ]
         ),
         JSON_VALUE | st.fixed_dictionaries({"cached_tokens": JSON_VALUE}),
@@ -157,7 +161,11 @@ def test_any_usage_json_from_any_wire_prices_to_finite_costs(d):
     from lunar._catalog import Prices, cost
     from lunar.providers import anthropic, gemini
 
-    for usage in (Usage.from_dict(d), anthropic._usage(d), gemini._usage(d)):
+    given = Usage.from_dict(d)  # costs too, as a Lunar gateway sends them (remote mode)
+    costs = (given.input_cost_usd, given.cached_input_cost_usd, given.output_cost_usd)
+    costs += (given.total_cost_usd,)
+    assert all(c is None or (type(c) is float and 0 <= c < math.inf) for c in costs)
+    for usage in (given, anthropic._usage(d), gemini._usage(d)):
         cost(usage, Prices(input=0.15, output=0.6, cached_input=0.075))
         counts = (usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens)
         assert all(type(n) is int and n >= 0 for n in (*counts, usage.total_tokens))

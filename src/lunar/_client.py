@@ -17,7 +17,7 @@ import httpx
 from . import __version__, _http
 from ._catalog import Catalog, Deployment, ProviderSpec
 from ._engine import NETWORK_ERRORS, AsyncEngine, Router, SyncEngine, connection_error
-from ._errors import AuthenticationError, error_from_response
+from ._errors import APIError, AuthenticationError, error_from_response
 from ._request import (
     ChatParams,
     CompletionParams,
@@ -119,17 +119,44 @@ def validate_fallback_map(fallbacks: Mapping[str, Any] | None) -> dict[str, list
 
 
 def _models_page(response: Any) -> SyncPage:
-    if response.status_code >= 400:
-        raise error_from_response(response.status_code, response.headers, response.content)
-    return SyncPage([Model.from_dict(m) for m in json.loads(response.content).get("data", [])])
+    data = _gateway_json(response).get("data")
+    if not isinstance(data, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("id"), str) for m in data
+    ):
+        raise _not_a_gateway(response)
+    return SyncPage([Model.from_dict(m) for m in data])
 
 
 def _model(response: Any) -> Model:
     """The gateway's answer to ``GET /models/{model}``: the model, or its error (a 404 says
     whether the model is unknown or only not for this key)."""
+    obj = _gateway_json(response)
+    if not isinstance(obj.get("id"), str):
+        raise _not_a_gateway(response)
+    return Model.from_dict(obj)
+
+
+def _gateway_json(response: Any) -> dict[str, Any]:
+    """A Lunar gateway's JSON object, or its error; anything else (a web page from a wrong
+    ``base_url``) is an APIError that says so, not a parser's exception."""
     if response.status_code >= 400:
         raise error_from_response(response.status_code, response.headers, response.content)
-    return Model.from_dict(json.loads(response.content))
+    try:
+        obj = json.loads(response.content)
+    except ValueError:
+        obj = None
+    if not isinstance(obj, dict):
+        raise _not_a_gateway(response)
+    return obj
+
+
+def _not_a_gateway(response: Any) -> APIError:
+    return APIError(
+        f"The answer is not a Lunar gateway's JSON ({bytes(response.content[:80])!r}): "
+        "check base_url",
+        response.status_code,
+        response.content,
+    )
 
 
 def _catalog_model(settings: _Settings, model: str) -> Model:

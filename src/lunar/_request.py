@@ -147,7 +147,9 @@ def _seconds(value: Any, param: str, error: Callable[[str, str], Exception]) -> 
             f"got {type(value).__name__}",
             param,
         )
-    if not math.isfinite(value):
+    if isinstance(value, int) and value > LONGEST_TIMEOUT:
+        return LONGEST_TIMEOUT  # (an int too large for a float would overflow below)
+    if isinstance(value, float) and not math.isfinite(value):  # (an int always is)
         raise error(
             f"'{param}' must be a finite number of seconds (None for no timeout), got {value!r}",
             param,

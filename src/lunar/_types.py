@@ -8,6 +8,7 @@ trusts the shape it is given (it comes from an adapter); ``to_dict`` gives the O
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from json.encoder import encode_basestring
 from typing import Any, TypeVar
@@ -108,6 +109,14 @@ def tokens(n: Any) -> int:
     return 0
 
 
+def usd(x: Any) -> float | None:
+    """An amount in USD as an upstream's JSON gave it: a finite number from 0, else None
+    (unknown), never a value the ledger and the limits cannot add."""
+    if type(x) is float or type(x) is int:
+        return float(x) if 0 <= x < math.inf else None
+    return None
+
+
 class Usage(_Obj):
     """Token counts, their cost in USD and the request's timing.
 
@@ -176,25 +185,34 @@ class Usage(_Obj):
             cached = details.get("cached_tokens") if type(details) is dict else 0
         total = get("total_tokens")
         # Whole numbers in range, as nearly every answer has them, skip the calls. The OR of
-        # ints is negative if one is, reaches 2**53 if one does, and fails on anything else.
+        # ints is negative if one is, reaches 2**53 if one does, and fails on anything else
+        # but a bool, which the type test leaves out.
         try:
             whole = (
-                0 <= (prompt | completion | cached) < _MAX_TOKENS and 0 < (total | 0) < _MAX_TOKENS
+                type(prompt) is type(completion) is type(cached) is type(total) is int
+                and 0 <= (prompt | completion | cached) < _MAX_TOKENS
+                and 0 < total < _MAX_TOKENS
             )
         except TypeError:
             whole = False
         if not whole:
             prompt, completion, cached = tokens(prompt), tokens(completion), tokens(cached)
             total = tokens(total) or None
+        # Costs come from a Lunar gateway (remote mode); from another upstream, seldom.
+        cost_in, cost_cached = get("input_cost_usd"), get("cached_input_cost_usd")
+        cost_out, cost_total = get("output_cost_usd"), get("total_cost_usd")
+        if not (cost_in is cost_cached is cost_out is cost_total is None):
+            cost_in, cost_cached = usd(cost_in), usd(cost_cached)
+            cost_out, cost_total = usd(cost_out), usd(cost_total)
         return cls(  # positional, in __init__'s order: keywords cost more, on every answer
             prompt,
             completion,
             total,
             cached,
-            get("input_cost_usd"),
-            get("cached_input_cost_usd"),
-            get("output_cost_usd"),
-            get("total_cost_usd"),
+            cost_in,
+            cost_cached,
+            cost_out,
+            cost_total,
             get("latency_ms"),
             get("ttft_ms"),
         )

@@ -680,7 +680,9 @@ class Gateway:
                 f"Internal error in the gateway (request {request_id})", 500, code="internal_error"
             )
             with contextlib.suppress(Exception):
-                if not response_started:
+                if call.recorded:
+                    pass  # it failed sending the answer its row records: nothing to add
+                elif not response_started:
                     await _send_error(send, internal, dialect.error, [rid])
                 else:
                     tail = dialect.stream("", {}).error(internal, request_id)
@@ -690,8 +692,7 @@ class Gateway:
             if watch is not None:
                 watch.stop()
             if not call.recorded:
-                self._close(call)
-                self.storage.record(row)
+                self._record(call)
             plan = call.trace.plan
             if plan is not None and plan.attempts:  # a failed attempt's error, recorded
                 plan.release()
@@ -791,20 +792,35 @@ class Gateway:
         loop: the bookkeeping is off the answer's path, and done before the gateway reads
         anything else (the client's next request included)."""
         if not self.config.durable_ack:
-            await send_last()
-            self._close(call)
-            self.storage.record(call.row)
+            try:
+                await send_last()
+            finally:  # also when the send fails or is cancelled: the row says what was answered
+                self._record(call)
             return
-        self._close(call)
         loop = asyncio.get_running_loop()
         committed: asyncio.Future[None] = loop.create_future()
 
         def done() -> None:
             loop.call_soon_threadsafe(_resolve, committed)
 
-        self.storage.record(call.row, done)
-        await committed
+        self._record(call, done)
+        try:
+            await committed
+        except asyncio.CancelledError:
+            # Cancelled (shutdown) while the commit was pending: the row is queued, and the
+            # shutdown flushes it, so the answer it records still goes out.
+            with contextlib.suppress(Exception):
+                await send_last()
+            raise
         await send_last()
+
+    def _record(self, call: _Call, on_commit: Callable[[], None] | None = None) -> None:
+        """Close the row and queue it: queued even if closing it fails, which would lose
+        the row, and leave the key's reservation unsettled."""
+        try:
+            self._close(call)
+        finally:
+            self.storage.record(call.row, on_commit)
 
     async def _count_tokens(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Anthropic's ``/v1/messages/count_tokens``: an estimate (~4 characters a token),
