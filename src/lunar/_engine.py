@@ -648,6 +648,24 @@ def _headers(
     return headers
 
 
+def _httpx_request(
+    http: httpx.Client | httpx.AsyncClient,
+    req: HTTPRequest,
+    opts: RequestOptions,
+    defaults: Mapping[str, str] | None,
+    timeout: httpx.Timeout | None,
+) -> httpx.Request:
+    """The request for an httpx client (the caller's, or Lunar's own sync one), with the
+    engine's headers and timeout: they go with every request, as in the openai SDK."""
+    return http.build_request(
+        req.method,
+        req.url,
+        headers=_headers(req.headers, opts, defaults),
+        content=req.content,
+        timeout=_timeout(opts, timeout),
+    )
+
+
 def has_substance(chunks: list[ChatCompletionChunk]) -> bool:
     """Whether any chunk carries something for the caller. Providers send a role-only chunk
     before generating; committing to a provider waits for more, so a failure right after
@@ -798,13 +816,7 @@ class SyncEngine(_Closable):
     def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> httpx.Response:
         """The response (its body read unless ``stream``)."""
         self.ensure_open()
-        request = self.http.build_request(
-            req.method,
-            req.url,
-            headers=_headers(req.headers, opts, self.headers),
-            content=req.content,
-            timeout=_timeout(opts, self.timeout),
-        )
+        request = _httpx_request(self.http, req, opts, self.headers, self.timeout)
         return self.http.send(request, stream=stream)
 
     def complete(
@@ -979,13 +991,7 @@ class AsyncEngine(_Closable):
                 stream=stream,
                 timeout=pool_timeouts(opts.timeout),
             )
-        request = self.http.build_request(
-            req.method,
-            req.url,
-            headers=_headers(req.headers, opts, self.headers),
-            content=req.content,
-            timeout=_timeout(opts, self.timeout),
-        )
+        request = _httpx_request(self.http, req, opts, self.headers, self.timeout)
         return await self.http.send(request, stream=stream)
 
     async def complete(
