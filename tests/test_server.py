@@ -1345,8 +1345,14 @@ def test_keys_and_usage_on_a_file_that_is_not_a_database_say_so(cli, tmp_path):
             assert out.returncode == 1 and out.stdout == ""
             assert out.stderr.startswith(f"Error: --db '{path}': {problem}"), out.stderr
     assert garbage.read_text() == "not a database\n"
-    out = cli("keys", "list", "--db", str(other))
-    assert (out.returncode, out.stderr) == (1, f"Error: --db '{other}': no such column: id\n")
+    for command in DB_COMMANDS:  # another program's database is refused, and left as it was
+        out = cli(*command, "--db", str(other))
+        assert out.returncode == 1, out.stderr
+        assert "not a Lunar gateway's database" in out.stderr
+    with sqlite3.connect(other) as conn:
+        tables = conn.execute("SELECT name FROM sqlite_master").fetchall()
+    conn.close()
+    assert tables == [("keys",)]
 
 
 def test_usage_cli_prints_a_table(gw, cli):

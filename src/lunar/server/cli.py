@@ -267,7 +267,7 @@ class _Target:
         """The database of ``--db``, open. It must exist: these commands work on a
         gateway's database (``lunar serve`` creates it), and opening a mistyped path would
         create an empty one, directories and all, and show it as empty."""
-        from .storage import SQLiteStorage, unreadable_database
+        from .storage import SQLiteStorage, not_a_gateway_database, unreadable_database
 
         assert self.db is not None
         try:
@@ -279,7 +279,7 @@ class _Target:
                 f"--db {self.db!r}: no such file. Give the database of a gateway "
                 "(`lunar serve --db FILE` creates it), or check the path."
             )
-        problem = unreadable_database(self.db)
+        problem = unreadable_database(self.db) or not_a_gateway_database(self.db)
         if problem:
             raise _Fail(f"--db {self.db!r}: {problem} (give the database of a gateway)")
         storage.open()

@@ -296,6 +296,28 @@ def unreadable_database(path: str) -> str | None:
     return None
 
 
+def not_a_gateway_database(path: str) -> str | None:
+    """Why the SQLite file at ``path`` is not a Lunar gateway's (it lacks the ``keys`` and
+    ``usage`` tables), or None. Read-only: another program's database is left as it is."""
+    try:
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+        try:
+            names = {
+                row[0]
+                for row in conn.execute(
+                    "SELECT name FROM sqlite_master WHERE type = 'table' AND name IN (?, ?)",
+                    ("keys", "usage"),
+                )
+            }
+        finally:
+            conn.close()
+    except sqlite3.Error as e:
+        return str(e)
+    if names != {"keys", "usage"}:
+        return "not a Lunar gateway's database (no keys and usage tables)"
+    return None
+
+
 class SQLiteStorage:
     """SQLite in WAL mode: readers never wait for the writer, and a commit survives the
     process being killed (``synchronous=NORMAL``: only an OS crash or power loss can take
