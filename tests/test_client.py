@@ -516,6 +516,15 @@ def test_bad_input_fails_before_any_network_call(mock, kwargs, param):
     assert mock.requests == []
 
 
+def test_nan_parameter_is_named_as_nan(mock):
+    with pytest.raises(BadRequestError) as info:
+        Lunar().chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, temperature=float("nan")
+        )
+    assert (info.value.param, "got NaN" in str(info.value)) == ("temperature", True)
+    assert mock.requests == []
+
+
 BAD_OPTIONS = [
     ({"extra_headers": [("x-a", "b")]}, "extra_headers", "mapping of header names"),
     ({"extra_headers": {"x-a": 1}}, "extra_headers", "str to str"),

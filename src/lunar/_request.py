@@ -118,8 +118,10 @@ def bad(message: str, param: str) -> BadRequestError:
 
 
 def _number(value: Any, name: str, lo: float, hi: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise bad(f"'{name}' must be a number, got {type(value).__name__}", name)
+    if math.isnan(value):
+        raise bad(f"'{name}' must be a number, got NaN", name)
     if not lo <= value <= hi:
         raise bad(f"'{name}' must be between {lo:g} and {hi:g}, got {value!r}", name)
 
