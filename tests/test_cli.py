@@ -77,6 +77,16 @@ def test_mock_takes_the_emulators_options(capsys):
     assert "default 9000" in out
     assert main(["mock", "--chunks", "-1"]) == 2
     assert "--chunks must be >= 0" in capsys.readouterr().err
+    # Refused before listening, as `lunar serve` does: not a port taken modulo 65536, not
+    # a negative or endless pause.
+    for option, value, said in (
+        ("--port", "99999", "--port must be between 0 and 65535, got 99999"),
+        ("--pacing-ms", "-5", "--pacing-ms must be a number of milliseconds >= 0, got -5"),
+        ("--delay-ms", "inf", "--delay-ms must be a number of milliseconds >= 0, got inf"),
+        ("--pacing-ms", "nan", "--pacing-ms must be a number of milliseconds >= 0, got nan"),
+    ):
+        assert main(["mock", option, value]) == 2
+        assert said in capsys.readouterr().err
     for argv in (["models", "--no-such-option"], ["--no-such-option", "mock"]):
         with pytest.raises(SystemExit):
             main(argv)
@@ -103,6 +113,17 @@ def test_mock_command_serves_the_emulator():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+def test_mock_on_a_taken_port_says_so_without_a_traceback(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert main(["mock", "--port", str(port)]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith(f"Error: cannot listen on 127.0.0.1:{port}: ") and "in use" in err
+    assert "Traceback" not in err and out == ""
 
 
 def _closed_port() -> int:

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from ._reply import Reply
@@ -48,11 +49,29 @@ def main(
     argv: list[str] | None = None, prog: str = "python -m lunar.testing", default_port: int = 4010
 ) -> int:
     args = build_parser(prog, default_port).parse_args(argv)
-    if args.chunks < 0:
-        print("--chunks must be >= 0", file=sys.stderr)
+    problem = _refused(args)
+    if problem:
+        print(problem, file=sys.stderr)
         return 2
     default = Reply(
         chunks=args.chunks, pacing=args.pacing_ms / 1000.0, delay=args.delay_ms / 1000.0
     )
-    serve(args.host, args.port, default, require_api_key=args.api_key)
+    try:
+        serve(args.host, args.port, default, require_api_key=args.api_key)
+    except OSError as e:  # the port taken, an unknown interface (gaierror)
+        where = f"{args.host}:{args.port}"
+        print(f"Error: cannot listen on {where}: {e.strerror or e}", file=sys.stderr)
+        return 1
     return 0
+
+
+def _refused(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options, before anything listens."""
+    if args.chunks < 0:
+        return "--chunks must be >= 0"
+    if not 0 <= args.port <= 65535:
+        return f"--port must be between 0 and 65535, got {args.port}"
+    for name, value in (("--pacing-ms", args.pacing_ms), ("--delay-ms", args.delay_ms)):
+        if not (math.isfinite(value) and value >= 0):
+            return f"{name} must be a number of milliseconds >= 0, got {value:g}"
+    return None
