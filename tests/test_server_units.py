@@ -481,6 +481,19 @@ def test_bad_config_is_refused_with_the_setting_named(tmp_path, text, message):
         load_config(cfg, {}).build_catalog()
 
 
+@pytest.mark.parametrize("protocol", ["grpc", "_base", "Openai"])
+def test_a_provider_protocol_lunar_does_not_speak_is_refused_at_start(tmp_path, protocol):
+    """Not accepted, to answer every request to its models with a 500 (the adapter module
+    that does not exist is imported at the first request)."""
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(
+        f'[providers.house]\nprotocol = "{protocol}"\nbase_url = "http://h/v1"\n'
+        '[models.house-llama]\ndeployments = [{provider = "house", id = "l"}]\n'
+    )
+    with pytest.raises(ConfigError, match=r"\[providers.house\] protocol must be one of openai, "):
+        load_config(cfg, {}).build_catalog()
+
+
 def test_a_bad_log_level_is_refused_naming_the_setting_and_where_it_came_from(tmp_path):
     """Not at `logging.basicConfig` once the gateway is starting, as `ValueError: Unknown
     level: 'LOUD'`: in the loader, as every other setting, and `--print-config` refuses it."""

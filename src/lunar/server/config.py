@@ -377,6 +377,10 @@ def _local_models(local: Any, src: str) -> dict[str, Any]:
     return out
 
 
+# The wire protocols a provider of the file may speak (an adapter in lunar.providers each).
+PROTOCOLS = ("openai", "anthropic", "gemini")
+
+
 # Settings that take one of a few words, in any case.
 _CHOICES: dict[str, tuple[str, ...]] = {"log_level": LOG_LEVELS}
 
@@ -501,9 +505,15 @@ def load_config(
             not isinstance(alt, list) or not all(isinstance(a, str) for a in alt)
         ):
             raise ConfigError(f"{where}: api_key_env_alt must be a list of variable names")
+        protocol = _opt(table, "protocol", str, where)
+        if protocol is not None and protocol not in PROTOCOLS:
+            # Else every request to its models would be a 500 (no adapter to import).
+            raise ConfigError(
+                f"{where} protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}"
+            )
         pc = ProviderConfig(
             name=name,
-            protocol=_opt(table, "protocol", str, where),
+            protocol=protocol,
             base_url=_opt(table, "base_url", str, where),
             api_key_env=_opt(table, "api_key_env", str, where),
             api_key_env_alt=alt,
