@@ -494,6 +494,56 @@ def test_a_provider_protocol_lunar_does_not_speak_is_refused_at_start(tmp_path, 
         load_config(cfg, {}).build_catalog()
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # A typo in a price: the model was silently unpriced (billed $0; budgets refused it).
+        (
+            '[models.m]\ndeployments = [{provider = "openai", id = "x", input = 1, ouput = 2}]\n',
+            r"\[models.m\] deployments\[0\]: unknown setting 'ouput'",
+        ),
+        (
+            '[models.m]\ndeployments = [{provider = "openai", id = "x", input = 1}]\n',
+            r"\[models.m\] deployments\[0\]: give both 'input' and 'output'",
+        ),
+        (
+            '[models.m]\ncontext = 8192\ndeployments = [{provider = "openai", id = "x"}]\n',
+            r"\[models.m\]: unknown setting 'context'",
+        ),
+        # A string was taken letter by letter: capabilities {'t', 'o', 'l', 's'}.
+        (
+            '[models.m]\ncapabilities = "tools"\ndeployments = [{provider = "openai", id = "x"}]\n',
+            r"\[models.m\] capabilities must be a list of tools, vision, json",
+        ),
+        (
+            '[models.m]\ncapabilities = ["tool"]\n'
+            'deployments = [{provider = "openai", id = "x"}]\n',
+            r"\[models.m\] capabilities must be a list of tools, vision, json",
+        ),
+        (
+            '[models.m]\ncontext_window = "big"\ndeployments = [{provider = "openai", id = "x"}]\n',
+            r"\[models.m\] context_window must be a int",
+        ),
+        (
+            '[models.m]\ndeployments = [{provider = "openai", id = "x", context_window = 0}]\n',
+            r"\[models.m\] deployments\[0\] context_window must be positive",
+        ),
+        # Not a table: an AttributeError traceback at start-up.
+        ('[local]\nmodels = ["/m.gguf"]\n', r"\[local.models\] maps a name to a GGUF path"),
+        ("[local]\nmodels = 3\n", r"\[local.models\] maps a name to a GGUF path"),
+        (
+            '[local.models]\nx = {path = "/m.gguf", context = 4096}\n',
+            r"\[local.models.x\]: unknown setting 'context'",
+        ),
+    ],
+)
+def test_model_entries_with_typos_or_wrong_types_are_refused_naming_them(tmp_path, text, message):
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg, {}).build_catalog()
+
+
 def test_a_bad_log_level_is_refused_naming_the_setting_and_where_it_came_from(tmp_path):
     """Not at `logging.basicConfig` once the gateway is starting, as `ValueError: Unknown
     level: 'LOUD'`: in the loader, as every other setting, and `--print-config` refuses it."""
