@@ -993,6 +993,28 @@ async def test_private_metrics_need_the_master_key(tmp_path):
     await app.shutdown()
 
 
+async def test_metrics_still_render_once_a_counter_overflows_to_infinity(tmp_path):
+    """An unpriced model keeps the cost its upstream states; two finite but huge ones sum to
+    infinity, which `/metrics` could not write (an OverflowError: a 500 at every scrape
+    from then on). The text format spells it +Inf."""
+    head = '{"id":"x","created":1,"model":"m","choices":[{"index":0,"message":{"role":'
+    head += '"assistant","content":"hi"},"finish_reason":"stop"}],"usage":'
+    usage = '{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4,"total_cost_usd":1e308}'
+    with MockServer() as upstream:
+        async with gateway_before(upstream, tmp_path) as app:
+            transport = httpx.ASGITransport(app=app)
+            auth = {"authorization": f"Bearer {MASTER}"}
+            chat = {"model": "openai/costly", "messages": [{"role": "user", "content": "hi"}]}
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                for _ in range(2):
+                    upstream.enqueue(Reply(body=head + usage + "}"))
+                    r = await client.post("/v1/chat/completions", json=chat, headers=auth)
+                    assert r.status_code == 200, r.text
+                r = await client.get("/metrics")
+    assert r.status_code == 200, r.text
+    assert 'lunar_cost_usd_total{model="openai/other",provider="openai"} +Inf' in r.text
+
+
 def test_local_models_section_names_gguf_files(tmp_path):
     from lunar.server.config import ConfigError, load_config
 
