@@ -544,6 +544,23 @@ def test_model_entries_with_typos_or_wrong_types_are_refused_naming_them(tmp_pat
         load_config(cfg, {}).build_catalog()
 
 
+def test_a_port_or_retry_count_out_of_range_is_refused_naming_where_it_came_from(tmp_path):
+    """As every other setting: "port must be between 0 and 65535" did not say whether the
+    file, $LUNAR_PORT or --port gave it."""
+    with pytest.raises(ConfigError, match=r"^\$LUNAR_PORT must be between 0 and 65535, got "):
+        load_config(None, {"LUNAR_PORT": "99999"})
+    with pytest.raises(ConfigError, match=r"^--port must be between 0 and 65535, got -1"):
+        load_config(None, {}, port=-1)
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text("[server]\nport = 70000\n[engine]\nmax_retries = -1\n")
+    with pytest.raises(ConfigError, match=f"^{cfg}: server.port must be between 0 and 65535"):
+        load_config(cfg, {"LUNAR_MAX_RETRIES": "1"})
+    with pytest.raises(ConfigError, match=r"^\$LUNAR_MAX_RETRIES must be >= 0, got -2"):
+        load_config(None, {"LUNAR_MAX_RETRIES": "-2"})
+    with pytest.raises(ConfigError, match=f"^{cfg}: engine.max_retries must be >= 0, got -1"):
+        load_config(cfg, {"LUNAR_PORT": "1"})
+
+
 def test_a_bad_log_level_is_refused_naming_the_setting_and_where_it_came_from(tmp_path):
     """Not at `logging.basicConfig` once the gateway is starting, as `ValueError: Unknown
     level: 'LOUD'`: in the loader, as every other setting, and `--print-config` refuses it."""

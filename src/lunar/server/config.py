@@ -533,9 +533,9 @@ def load_config(
             setattr(cfg, name, value)
             cfg.origins[name] = origin
     if not 0 <= cfg.port <= 65535:
-        raise ConfigError(f"port must be between 0 and 65535, got {cfg.port}")
+        raise ConfigError(f"{cfg.setting('port')} must be between 0 and 65535, got {cfg.port}")
     if cfg.max_retries < 0:
-        raise ConfigError(f"max_retries must be >= 0, got {cfg.max_retries}")
+        raise ConfigError(f"{cfg.setting('max_retries')} must be >= 0, got {cfg.max_retries}")
     problem = unusable_path(cfg.db)
     if problem:
         raise ConfigError(f"db = {cfg.db!r}: {problem}")
