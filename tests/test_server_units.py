@@ -310,6 +310,21 @@ def test_parse_time():
         parse_time("soon")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400", "Infinity"])
+def test_a_time_filter_that_is_no_time_is_refused_naming_it(value):
+    """float() reads them: `since=nan` filtered every row out (SQLite compares with NULL)
+    and `lunar usage --since nan` printed an empty table with exit code 0."""
+    from lunar import BadRequestError
+    from lunar.server.app import usage_query
+
+    with pytest.raises(ValueError, match="Unreadable time"):
+        parse_time(value)
+    for name in ("since", "until"):
+        with pytest.raises(BadRequestError, match="Unreadable time") as info:
+            usage_query(f"{name}={value}".encode())
+        assert info.value.param == name
+
+
 # ---------------------------------------------------------------------------------------------
 # Keys
 
