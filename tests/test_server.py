@@ -1305,6 +1305,18 @@ def test_keys_cli_over_http_and_on_the_database(gw, cli):
     assert "Traceback" not in memory.stderr
 
 
+@pytest.mark.parametrize("models", [[], "", " , "])
+def test_a_key_for_no_model_at_all_is_refused_naming_models(gw, cli, models):
+    """An empty allow-list made a key that every model refused (403, "allowed: "), which
+    `lunar keys list` showed as allowed every model ("*")."""
+    r = gw.admin("POST", "/admin/keys", json={"name": "none", "models": models})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "models"
+    assert "at least one model" in r.json()["error"]["message"]
+    out = cli("keys", "create", "--name", "none", "--models", ",", "--url", gw.url)
+    assert out.returncode == 1 and "at least one model" in out.stderr
+
+
 DB_COMMANDS = [
     ("keys", "list"),
     ("keys", "revoke", "key_x"),

@@ -310,6 +310,21 @@ def test_parse_time():
         parse_time("soon")
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "1e400", "Infinity"])
+def test_a_time_filter_that_is_no_time_is_refused_naming_it(value):
+    """float() reads them: `since=nan` filtered every row out (SQLite compares with NULL)
+    and `lunar usage --since nan` printed an empty table with exit code 0."""
+    from lunar import BadRequestError
+    from lunar.server.app import usage_query
+
+    with pytest.raises(ValueError, match="Unreadable time"):
+        parse_time(value)
+    for name in ("since", "until"):
+        with pytest.raises(BadRequestError, match="Unreadable time") as info:
+            usage_query(f"{name}={value}".encode())
+        assert info.value.param == name
+
+
 # ---------------------------------------------------------------------------------------------
 # Keys
 
@@ -479,6 +494,86 @@ def test_bad_config_is_refused_with_the_setting_named(tmp_path, text, message):
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(cfg, {}).build_catalog()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "_base", "Openai"])
+def test_a_provider_protocol_lunar_does_not_speak_is_refused_at_start(tmp_path, protocol):
+    """Not accepted, to answer every request to its models with a 500 (the adapter module
+    that does not exist is imported at the first request)."""
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(
+        f'[providers.house]\nprotocol = "{protocol}"\nbase_url = "http://h/v1"\n'
+        '[models.house-llama]\ndeployments = [{provider = "house", id = "l"}]\n'
+    )
+    with pytest.raises(ConfigError, match=r"\[providers.house\] protocol must be one of openai, "):
+        load_config(cfg, {}).build_catalog()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # A typo in a price: the model was silently unpriced (billed $0; budgets refused it).
+        (
+            '[models.m]\ndeployments = [{provider = "openai", id = "x", input = 1, ouput = 2}]\n',
+            r"\[models.m\] deployments\[0\]: unknown setting 'ouput'",
+        ),
+        (
+            '[models.m]\ndeployments = [{provider = "openai", id = "x", input = 1}]\n',
+            r"\[models.m\] deployments\[0\]: give both 'input' and 'output'",
+        ),
+        (
+            '[models.m]\ncontext = 8192\ndeployments = [{provider = "openai", id = "x"}]\n',
+            r"\[models.m\]: unknown setting 'context'",
+        ),
+        # A string was taken letter by letter: capabilities {'t', 'o', 'l', 's'}.
+        (
+            '[models.m]\ncapabilities = "tools"\ndeployments = [{provider = "openai", id = "x"}]\n',
+            r"\[models.m\] capabilities must be a list of tools, vision, json",
+        ),
+        (
+            '[models.m]\ncapabilities = ["tool"]\n'
+            'deployments = [{provider = "openai", id = "x"}]\n',
+            r"\[models.m\] capabilities must be a list of tools, vision, json",
+        ),
+        (
+            '[models.m]\ncontext_window = "big"\ndeployments = [{provider = "openai", id = "x"}]\n',
+            r"\[models.m\] context_window must be a int",
+        ),
+        (
+            '[models.m]\ndeployments = [{provider = "openai", id = "x", context_window = 0}]\n',
+            r"\[models.m\] deployments\[0\] context_window must be positive",
+        ),
+        # Not a table: an AttributeError traceback at start-up.
+        ('[local]\nmodels = ["/m.gguf"]\n', r"\[local.models\] maps a name to a GGUF path"),
+        ("[local]\nmodels = 3\n", r"\[local.models\] maps a name to a GGUF path"),
+        (
+            '[local.models]\nx = {path = "/m.gguf", context = 4096}\n',
+            r"\[local.models.x\]: unknown setting 'context'",
+        ),
+    ],
+)
+def test_model_entries_with_typos_or_wrong_types_are_refused_naming_them(tmp_path, text, message):
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(cfg, {}).build_catalog()
+
+
+def test_a_port_or_retry_count_out_of_range_is_refused_naming_where_it_came_from(tmp_path):
+    """As every other setting: "port must be between 0 and 65535" did not say whether the
+    file, $LUNAR_PORT or --port gave it."""
+    with pytest.raises(ConfigError, match=r"^\$LUNAR_PORT must be between 0 and 65535, got "):
+        load_config(None, {"LUNAR_PORT": "99999"})
+    with pytest.raises(ConfigError, match=r"^--port must be between 0 and 65535, got -1"):
+        load_config(None, {}, port=-1)
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text("[server]\nport = 70000\n[engine]\nmax_retries = -1\n")
+    with pytest.raises(ConfigError, match=f"^{cfg}: server.port must be between 0 and 65535"):
+        load_config(cfg, {"LUNAR_MAX_RETRIES": "1"})
+    with pytest.raises(ConfigError, match=r"^\$LUNAR_MAX_RETRIES must be >= 0, got -2"):
+        load_config(None, {"LUNAR_MAX_RETRIES": "-2"})
+    with pytest.raises(ConfigError, match=f"^{cfg}: engine.max_retries must be >= 0, got -1"):
+        load_config(cfg, {"LUNAR_PORT": "1"})
 
 
 def test_a_bad_log_level_is_refused_naming_the_setting_and_where_it_came_from(tmp_path):
@@ -928,6 +1023,28 @@ async def test_private_metrics_need_the_master_key(tmp_path):
         ok = await client.get("/metrics", headers={"x-api-key": "m" * 32})
         assert ok.status_code == 200 and "lunar_requests_total" in ok.text
     await app.shutdown()
+
+
+async def test_metrics_still_render_once_a_counter_overflows_to_infinity(tmp_path):
+    """An unpriced model keeps the cost its upstream states; two finite but huge ones sum to
+    infinity, which `/metrics` could not write (an OverflowError: a 500 at every scrape
+    from then on). The text format spells it +Inf."""
+    head = '{"id":"x","created":1,"model":"m","choices":[{"index":0,"message":{"role":'
+    head += '"assistant","content":"hi"},"finish_reason":"stop"}],"usage":'
+    usage = '{"prompt_tokens":3,"completion_tokens":1,"total_tokens":4,"total_cost_usd":1e308}'
+    with MockServer() as upstream:
+        async with gateway_before(upstream, tmp_path) as app:
+            transport = httpx.ASGITransport(app=app)
+            auth = {"authorization": f"Bearer {MASTER}"}
+            chat = {"model": "openai/costly", "messages": [{"role": "user", "content": "hi"}]}
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+                for _ in range(2):
+                    upstream.enqueue(Reply(body=head + usage + "}"))
+                    r = await client.post("/v1/chat/completions", json=chat, headers=auth)
+                    assert r.status_code == 200, r.text
+                r = await client.get("/metrics")
+    assert r.status_code == 200, r.text
+    assert 'lunar_cost_usd_total{model="openai/other",provider="openai"} +Inf' in r.text
 
 
 def test_local_models_section_names_gguf_files(tmp_path):

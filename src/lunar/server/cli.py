@@ -386,7 +386,7 @@ def _keys_list(args: argparse.Namespace) -> int:
             "-" if k["tpm"] is None else str(k["tpm"]),
             "-" if k["budget_usd"] is None else f"{k['budget_usd']:g}",
             f"{k.get('spent_usd') or 0:.6f}",
-            ",".join(k["models"]) if k["models"] else "*",
+            "*" if k["models"] is None else ",".join(k["models"]) or "(none)",
             time.strftime("%Y-%m-%d", time.gmtime(k["created_at"])),
             "revoked" if k["revoked_at"] else "active",
         )

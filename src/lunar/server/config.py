@@ -356,12 +356,21 @@ def _local_models(local: Any, src: str) -> dict[str, Any]:
     usage = f'{src}: [local.models] maps a name to a GGUF path: house = "/models/house.gguf"'
     if not isinstance(local, dict) or set(local) - {"models"}:
         raise ConfigError(usage)
+    models = local.get("models") or {}
+    if not isinstance(models, dict):
+        raise ConfigError(usage)
     out: dict[str, Any] = {}
-    for name, entry in (local.get("models") or {}).items():
+    for name, entry in models.items():
         if isinstance(entry, str):
             entry = {"path": entry}
         if not isinstance(entry, dict) or not isinstance(entry.get("path"), str):
             raise ConfigError(usage)
+        extra = set(entry) - {"path", "context_window"}
+        if extra:
+            raise ConfigError(
+                f"{src}: [local.models.{name}]: unknown setting '{sorted(extra)[0]}' "
+                "(known: context_window, path)"
+            )
         out[name] = {
             "context_window": _check(
                 f"{src}: [local.models.{name}] context_window",
@@ -375,6 +384,66 @@ def _local_models(local: Any, src: str) -> dict[str, Any]:
             ],
         }
     return out
+
+
+# The wire protocols a provider of the file may speak (an adapter in lunar.providers each).
+PROTOCOLS = ("openai", "anthropic", "gemini")
+# A [models.NAME] entry and its deployments, in the catalogue's format.
+_MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "capabilities", "full_name"}
+_DEPLOYMENT_KEYS = {"provider", "id", "input", "output", "cached_input", "context_window"}
+CAPABILITIES = ("tools", "vision", "json")
+
+
+def _check_model(where: str, m: dict[str, Any]) -> None:
+    """A ``[models.NAME]`` entry: the catalogue reads what it knows and ignores the rest, so
+    a typo (``ouput = 0.6``) would silently leave the model unpriced, and a wrong type
+    (``capabilities = "tools"``) would be read as something else."""
+    deps = m.get("deployments")
+    if (
+        not isinstance(deps, list)
+        or not deps
+        or not all(
+            isinstance(d, dict)
+            and isinstance(d.get("provider"), str)
+            and isinstance(d.get("id"), str)
+            for d in deps
+        )
+    ):
+        raise ConfigError(
+            f'{where} needs deployments = [{{provider = "...", '
+            'id = "...", input = 0.15, output = 0.6}]'
+        )
+    extra = set(m) - _MODEL_KEYS
+    if extra:
+        raise ConfigError(
+            f"{where}: unknown setting '{sorted(extra)[0]}' (known: "
+            f"{', '.join(sorted(_MODEL_KEYS))})"
+        )
+    for name in ("context_window", "max_output_tokens"):
+        if name in m:
+            _check(f"{where} {name}", m[name], int, positive=True)
+    if "full_name" in m:
+        _check(f"{where} full_name", m["full_name"], str)
+    caps = m.get("capabilities", [])
+    if not isinstance(caps, list) or not all(c in CAPABILITIES for c in caps):
+        raise ConfigError(
+            f"{where} capabilities must be a list of {', '.join(CAPABILITIES)}, got {caps!r}"
+        )
+    for i, d in enumerate(deps):
+        at = f"{where} deployments[{i}]"
+        extra = set(d) - _DEPLOYMENT_KEYS
+        if extra:
+            raise ConfigError(
+                f"{at}: unknown setting '{sorted(extra)[0]}' (known: "
+                f"{', '.join(sorted(_DEPLOYMENT_KEYS))})"
+            )
+        if ("input" in d) != ("output" in d):
+            raise ConfigError(
+                f"{at}: give both 'input' and 'output' prices (USD per 1M tokens), or neither "
+                "for an unpriced model"
+            )
+        if "context_window" in d:
+            _check(f"{at} context_window", d["context_window"], int, positive=True)
 
 
 # Settings that take one of a few words, in any case.
@@ -464,9 +533,9 @@ def load_config(
             setattr(cfg, name, value)
             cfg.origins[name] = origin
     if not 0 <= cfg.port <= 65535:
-        raise ConfigError(f"port must be between 0 and 65535, got {cfg.port}")
+        raise ConfigError(f"{cfg.setting('port')} must be between 0 and 65535, got {cfg.port}")
     if cfg.max_retries < 0:
-        raise ConfigError(f"max_retries must be >= 0, got {cfg.max_retries}")
+        raise ConfigError(f"{cfg.setting('max_retries')} must be >= 0, got {cfg.max_retries}")
     problem = unusable_path(cfg.db)
     if problem:
         raise ConfigError(f"db = {cfg.db!r}: {problem}")
@@ -501,9 +570,15 @@ def load_config(
             not isinstance(alt, list) or not all(isinstance(a, str) for a in alt)
         ):
             raise ConfigError(f"{where}: api_key_env_alt must be a list of variable names")
+        protocol = _opt(table, "protocol", str, where)
+        if protocol is not None and protocol not in PROTOCOLS:
+            # Else every request to its models would be a 500 (no adapter to import).
+            raise ConfigError(
+                f"{where} protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}"
+            )
         pc = ProviderConfig(
             name=name,
-            protocol=_opt(table, "protocol", str, where),
+            protocol=protocol,
             base_url=_opt(table, "base_url", str, where),
             api_key_env=_opt(table, "api_key_env", str, where),
             api_key_env_alt=alt,
@@ -516,21 +591,7 @@ def load_config(
     if not isinstance(models, dict) or not all(isinstance(m, dict) for m in models.values()):
         raise ConfigError(f"{src}: [models.NAME] entries must be tables (catalogue format)")
     for name, m in models.items():
-        deps = m.get("deployments")
-        if (
-            not isinstance(deps, list)
-            or not deps
-            or not all(
-                isinstance(d, dict)
-                and isinstance(d.get("provider"), str)
-                and isinstance(d.get("id"), str)
-                for d in deps
-            )
-        ):
-            raise ConfigError(
-                f'{src}: [models.{name}] needs deployments = [{{provider = "...", '
-                'id = "...", input = 0.15, output = 0.6}]'
-            )
+        _check_model(f"{src}: [models.{name}]", m)
     cfg.models = dict(models)
     cfg.models.update(_local_models(data.get("local", {}), src))
 

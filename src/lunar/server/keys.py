@@ -247,6 +247,11 @@ def key_from_request(body: Any, catalog: Catalog) -> tuple[str, KeyRecord]:
             isinstance(m, str) and m and _unicode(m) for m in models
         ):
             raise BadRequestError("'models' must be a list of model names or null", param="models")
+        if not models:  # a key every model would refuse
+            raise BadRequestError(
+                "'models' must name at least one model, or be null (every model)",
+                param="models",
+            )
         for i, m in enumerate(models):
             try:
                 catalog.resolve(m)

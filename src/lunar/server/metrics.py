@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import gc
+import math
 from collections.abc import Callable, Iterable
 
 from .._catalog import Deployment
@@ -39,6 +40,8 @@ def _labels(names: Labels, values: Labels, extra: str = "") -> str:
 
 
 def _num(x: float) -> str:
+    if not math.isfinite(x):  # the text format's spellings (a sum can overflow)
+        return "NaN" if math.isnan(x) else ("+Inf" if x > 0 else "-Inf")
     if x == int(x) and abs(x) < 1e15:
         return str(int(x))
     return repr(float(x))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import operator
 import os
 import re
@@ -706,9 +707,12 @@ def parse_time(value: str, now: float | None = None) -> float:
     if m:
         return (time.time() if now is None else now) - float(m.group(1)) * _UNITS[m.group(2)]
     try:
-        return float(text)
+        seconds = float(text)
     except ValueError:
         pass
+    else:
+        if math.isfinite(seconds):  # not nan, inf: no row would match, silently
+            return seconds
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
