@@ -1317,9 +1317,115 @@ def test_a_key_for_no_model_at_all_is_refused_naming_models(gw, cli, models):
     assert out.returncode == 1 and "at least one model" in out.stderr
 
 
+def test_raising_a_budget_lets_the_same_key_go_on(gw, upstream):
+    """Budgets are lifetime amounts: topping one up keeps the key (its secret, id and
+    spend); lowering a limit or narrowing the models applies to the next request."""
+    upstream.default = Reply(chunks=4)
+    key, key_id = gw.new_key(budget_usd=0.0)
+    client = oai(gw, key)
+    with pytest.raises(openai.RateLimitError) as info:
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert "Budget exhausted" in info.value.message
+    r = gw.admin("PATCH", f"/admin/keys/{key_id}", json={"budget_usd": 1.0, "rpm": 100})
+    assert r.status_code == 200, r.text
+    changed = r.json()
+    assert (changed["id"], changed["budget_usd"], changed["rpm"]) == (key_id, 1.0, 100)
+    assert changed["spent_usd"] == 0 and "key" not in changed
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).usage
+    _wait(lambda: gw.admin("GET", f"/admin/keys/{key_id}").json()["spent_usd"] > 0, "the spend")
+    spent = gw.admin("GET", f"/admin/keys/{key_id}").json()["spent_usd"]
+
+    # null lifts a limit; the models narrow at once; what is not given stays.
+    r = gw.admin("PATCH", f"/admin/keys/{key_id}", json={"rpm": None, "models": ["gpt-4o"]})
+    assert r.status_code == 200, r.text
+    assert (r.json()["rpm"], r.json()["budget_usd"], r.json()["models"]) == (None, 1.0, ["gpt-4o"])
+    assert r.json()["spent_usd"] == spent
+    with pytest.raises(openai.PermissionDeniedError):
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert [m.id for m in client.models.list()] == ["gpt-4o"]
+    r = gw.admin("PATCH", f"/admin/keys/{key_id}", json={"name": "renamed", "models": None})
+    assert (r.json()["name"], r.json()["models"]) == ("renamed", None)
+    assert client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).usage
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({}, 400, None),
+        ({"rpm": 0}, 400, "rpm"),
+        ({"budget_usd": "lots"}, 400, "budget_usd"),
+        ({"name": None}, 400, "name"),
+        ({"models": []}, 400, "models"),
+        ({"models": ["gpt-4o", "no-such-model"]}, 400, "models[1]"),
+        ({"key_hash": "x"}, 400, "key_hash"),
+        ({"revoked_at": None}, 400, "revoked_at"),
+    ],
+)
+def test_a_bad_key_change_is_refused_naming_the_field_and_changes_nothing(gw, body, status, param):
+    _, key_id = gw.new_key(rpm=7)
+    r = gw.admin("PATCH", f"/admin/keys/{key_id}", json=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["param"] == param
+    after = gw.admin("GET", f"/admin/keys/{key_id}").json()
+    assert (after["name"], after["rpm"], after["models"], after["revoked_at"]) == (
+        "test",
+        7,
+        None,
+        None,
+    )
+
+
+def test_a_revoked_or_unknown_key_cannot_be_changed(gw):
+    key, key_id = gw.new_key()
+    assert gw.admin("DELETE", f"/admin/keys/{key_id}").status_code == 200
+    r = gw.admin("PATCH", f"/admin/keys/{key_id}", json={"budget_usd": 5})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "key_revoked"
+    assert gw.http.get("/v1/models", headers={"x-api-key": key}).status_code == 401
+    after = gw.admin("GET", f"/admin/keys/{key_id}").json()
+    assert after["budget_usd"] is None and after["revoked_at"] is not None
+    r = gw.admin("PATCH", "/admin/keys/key_nosuch", json={"rpm": 1})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "key_id"
+    unauthorised = gw.http.patch(f"/admin/keys/{key_id}", json={"rpm": 1})
+    assert unauthorised.status_code == 401
+
+
+def test_keys_update_cli_over_http_and_on_the_database(gw, cli):
+    _, key_id = gw.new_key(rpm=5, budget_usd=1.0)
+    out = cli("keys", "update", key_id, "--budget-usd", "20", "--rpm", "none", "--url", gw.url)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == (
+        f"Key 'test' ({key_id}) updated: rpm none, tpm none, budget $ 20.0, models all.\n"
+    )
+    out = cli("keys", "update", key_id, "--models", "gpt-4o-mini", "--url", gw.url, "--json")
+    assert json.loads(out.stdout)["models"] == ["gpt-4o-mini"]
+    shown = gw.admin("GET", f"/admin/keys/{key_id}").json()
+    assert (shown["rpm"], shown["budget_usd"], shown["models"]) == (None, 20.0, ["gpt-4o-mini"])
+
+    # On the database: the running gateway picks the change up by itself.
+    out = cli("keys", "update", key_id, "--models", "gpt-4o", "--db", str(gw.db))
+    assert out.returncode == 0, out.stderr
+    assert "models ['gpt-4o']" in out.stdout
+    _wait(
+        lambda: gw.admin("GET", f"/admin/keys/{key_id}").json()["models"] == ["gpt-4o"],
+        "the gateway to load the change",
+    )
+    for args, said in (
+        ((key_id, "--rpm", "0"), "'rpm' must be an integer from 1"),
+        ((key_id,), "Nothing to change"),
+        (("key_nosuch", "--rpm", "3"), "No key with id 'key_nosuch'"),
+    ):
+        for where in (("--url", gw.url), ("--db", str(gw.db))):
+            out = cli("keys", "update", *args, *where)
+            assert out.returncode == 1 and said in out.stderr, (args, where, out.stderr)
+    gw.admin("DELETE", f"/admin/keys/{key_id}")
+    out = cli("keys", "update", key_id, "--rpm", "3", "--db", str(gw.db))
+    assert out.returncode == 1 and "is revoked" in out.stderr
+
+
 DB_COMMANDS = [
     ("keys", "list"),
     ("keys", "revoke", "key_x"),
+    ("keys", "update", "key_x", "--rpm", "3"),
     ("keys", "create", "--name", "x"),
     ("usage",),
 ]

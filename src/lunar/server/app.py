@@ -32,6 +32,7 @@ from .._errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
+    ConflictError,
     LunarError,
     NotFoundError,
     PermissionDeniedError,
@@ -61,7 +62,14 @@ from .dialects import (
     openai_error,
     parse_request,
 )
-from .keys import MASTER_KEY, KeyRing, credential, is_master, key_from_request
+from .keys import (
+    MASTER_KEY,
+    KeyRing,
+    changes_from_request,
+    credential,
+    is_master,
+    key_from_request,
+)
 from .limits import UNUSED, InMemoryLimiter, Limiter, Refusal, Ticket, estimate, needs_estimate
 from .metrics import Metrics, model_label
 from .openapi import openapi_document
@@ -418,7 +426,11 @@ class Gateway:
             if path.startswith("/v1/models/") and len(path) > 11:
                 methods, args = {"GET": self._model}, (path[11:],)
             elif path.startswith("/admin/keys/") and len(path) > 12:
-                methods = {"GET": self._get_key, "DELETE": self._revoke_key}
+                methods = {
+                    "GET": self._get_key,
+                    "PATCH": self._update_key,
+                    "DELETE": self._revoke_key,
+                }
                 args = (path[12:],)
             else:
                 error = {
@@ -994,6 +1006,25 @@ class Gateway:
             rec = self.keys.get(key_id)
             if rec is None or rec is MASTER_KEY:
                 raise NotFoundError(f"No key with id '{key_id}'", param="key_id")
+            return 200, rec.public(self.limiter.spent(rec.id))
+
+        await self._admin_call(scope, receive, send, work)
+
+    async def _update_key(self, scope: Scope, receive: Receive, send: Send, key_id: str) -> None:
+        async def work() -> tuple[int, Any]:
+            raw = self._parse_json(await self._read_body(scope, receive, _headers(scope)))
+            changes = changes_from_request(raw, self.catalog)
+            rec = await asyncio.to_thread(self.storage.update_key, key_id, changes)
+            if rec is None:
+                raise NotFoundError(f"No key with id '{key_id}'", param="key_id")
+            if rec.revoked:
+                raise ConflictError(
+                    f"Key '{key_id}' ({rec.name}) is revoked: it cannot be changed, create a "
+                    "new key instead",
+                    param="key_id",
+                    code="key_revoked",
+                )
+            self.keys.put(rec)
             return 200, rec.public(self.limiter.spent(rec.id))
 
         await self._admin_call(scope, receive, send, work)

@@ -1,4 +1,4 @@
-"""``lunar serve``, ``lunar keys create|list|revoke`` and ``lunar usage``.
+"""``lunar serve``, ``lunar keys create|list|update|revoke`` and ``lunar usage``.
 
 ``add_server_commands(subparsers)`` adds them to the ``lunar`` command's parser; ``python -m
 lunar.server`` runs them on their own. ``keys`` and ``usage`` talk to a running gateway's
@@ -18,7 +18,7 @@ import socket
 import sqlite3
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .config import LOG_LEVELS, ConfigError, ServerConfig, load_config
@@ -56,7 +56,7 @@ def add_server_commands(subparsers: Any) -> None:
     serve.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default warning")
     serve.set_defaults(func=cmd_serve)
 
-    keys = subparsers.add_parser("keys", help="create, list and revoke the gateway's keys")
+    keys = subparsers.add_parser("keys", help="create, list, update and revoke the gateway's keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
     create = ksub.add_parser("create", help="mint a key (shown once)")
     create.add_argument("--name", required=True)
@@ -67,10 +67,27 @@ def add_server_commands(subparsers: Any) -> None:
     create.set_defaults(func=cmd_keys_create)
     lst = ksub.add_parser("list", help="list keys with their limits and spend")
     lst.set_defaults(func=cmd_keys_list)
+    update = ksub.add_parser(
+        "update",
+        help="change a key's name, limits or models (its secret and spend stay)",
+        description="Change a key in place: give only what changes. 'none' lifts a limit "
+        "(--models none: every model).",
+    )
+    update.add_argument("key_id")
+    update.add_argument("--name", default=argparse.SUPPRESS)
+    update.add_argument("--rpm", type=_or_none(int), default=argparse.SUPPRESS, metavar="N|none")
+    update.add_argument("--tpm", type=_or_none(int), default=argparse.SUPPRESS, metavar="N|none")
+    update.add_argument(
+        "--budget-usd", type=_or_none(float), default=argparse.SUPPRESS, metavar="X|none"
+    )
+    update.add_argument(
+        "--models", type=_or_none(str), default=argparse.SUPPRESS, metavar="a,b|none"
+    )
+    update.set_defaults(func=cmd_keys_update)
     revoke = ksub.add_parser("revoke", help="revoke a key by id")
     revoke.add_argument("key_id")
     revoke.set_defaults(func=cmd_keys_revoke)
-    for p in (create, lst, revoke):
+    for p in (create, lst, update, revoke):
         _target_args(p)
 
     usage = subparsers.add_parser("usage", help="print usage and cost from the ledger")
@@ -338,22 +355,29 @@ def _keys_create(args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
         return 0
     print(out["key"])
-    limits = ", ".join(
-        f"{label} {out[name]}"
-        for name, label in (
-            ("rpm", "rpm"),
-            ("tpm", "tpm"),
-            ("budget_usd", "budget $"),
-            ("models", "models"),
-        )
-        if out.get(name) is not None
-    )
+    limits = _limits_text(out)
     print(
         f"Key '{out['name']}' ({out['id']}) created{': ' + limits if limits else ''}. "
         "It is shown only this once: store it now.",
         file=sys.stderr,
     )
     return 0
+
+
+def _limits_text(key: dict[str, Any], every: bool = False) -> str:
+    """A key's limits in words; with ``every``, also the ones it does not have."""
+    parts = []
+    for name, label, unset in (
+        ("rpm", "rpm", "none"),
+        ("tpm", "tpm", "none"),
+        ("budget_usd", "budget $", "none"),
+        ("models", "models", "all"),
+    ):
+        if key.get(name) is not None:
+            parts.append(f"{label} {key[name]}")
+        elif every:
+            parts.append(f"{label} {unset}")
+    return ", ".join(parts)
 
 
 def cmd_keys_list(args: argparse.Namespace) -> int:
@@ -396,6 +420,53 @@ def _keys_list(args: argparse.Namespace) -> int:
         ("id", "name", "key", "rpm", "tpm", "budget $", "spent $", "models", "created", "status"),
         rows,
     )
+    return 0
+
+
+def _or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An option's type that also takes ``none`` (a limit lifted)."""
+
+    def parse(text: str) -> Any:
+        return None if text.strip().lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__  # argparse names the type in its error
+    return parse
+
+
+def cmd_keys_update(args: argparse.Namespace) -> int:
+    return _run(_keys_update, args)
+
+
+def _keys_update(args: argparse.Namespace) -> int:
+    from .storage import KEY_FIELDS
+
+    body = {name: getattr(args, name) for name in KEY_FIELDS if hasattr(args, name)}
+    target = _Target(args)
+    if target.db is None:
+        out = target.http("PATCH", f"/admin/keys/{args.key_id}", json=body)
+    else:
+        from .._errors import APIError
+        from .keys import changes_from_request
+
+        try:
+            changes = changes_from_request(body, _config(args).build_catalog())
+        except APIError as e:
+            raise _Fail(e.message) from None
+        storage = target.storage()
+        try:
+            rec = storage.update_key(args.key_id, changes)
+            spent = storage.spend_by_key().get(args.key_id, 0.0)
+        finally:
+            storage.close()
+        if rec is None:
+            raise _Fail(f"No key with id '{args.key_id}'")
+        if rec.revoked:
+            raise _Fail(f"Key '{args.key_id}' ({rec.name}) is revoked: it cannot be changed")
+        out = rec.public(spent)
+    if args.json:
+        print(json.dumps(out, indent=2))
+    else:
+        print(f"Key '{out['name']}' ({out['id']}) updated: {_limits_text(out, every=True)}.")
     return 0
 
 

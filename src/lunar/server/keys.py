@@ -17,7 +17,7 @@ from typing import Any
 
 from .._catalog import Catalog
 from .._errors import AuthenticationError, BadRequestError, NotFoundError
-from .storage import KeyRecord
+from .storage import KEY_FIELDS, KeyRecord
 
 KEY_PREFIX = "lk-"
 KEY_BODY_CHARS = 32
@@ -218,62 +218,89 @@ def _unicode(value: str) -> bool:
     return True
 
 
-def key_from_request(body: Any, catalog: Catalog) -> tuple[str, KeyRecord]:
-    """Validate ``POST /admin/keys`` and mint the key: ``(key, record)``."""
+def _fields(body: Any, catalog: Catalog, *, creating: bool) -> dict[str, Any]:
+    """The key fields ``body`` gives, checked: all of them when creating (absent ones as
+    ``None``), only those present when changing a key."""
     if not isinstance(body, Mapping):
         raise BadRequestError("The request body must be a JSON object", param=None)
-    name = body.get("name")
-    if not isinstance(name, str) or not name.strip() or len(name) > 200 or not _unicode(name):
-        raise BadRequestError(
-            "'name' must be a non-empty string (at most 200 characters)", param="name"
-        )
-    rpm = _positive_int(body, "rpm")
-    tpm = _positive_int(body, "tpm")
-    budget = body.get("budget_usd")
-    if budget is not None and (
-        isinstance(budget, bool)
-        or not isinstance(budget, (int, float))
-        or not 0 <= budget <= MAX_LIMIT
-    ):
-        raise BadRequestError(
-            f"'budget_usd' must be a number from 0 to {MAX_LIMIT} or null, got {budget!r}",
-            param="budget_usd",
-        )
-    models = body.get("models")
-    if models is not None:
-        if isinstance(models, str):
-            models = [m.strip() for m in models.split(",") if m.strip()]
-        if not isinstance(models, list) or not all(
-            isinstance(m, str) and m and _unicode(m) for m in models
-        ):
-            raise BadRequestError("'models' must be a list of model names or null", param="models")
-        if not models:  # a key every model would refuse
-            raise BadRequestError(
-                "'models' must name at least one model, or be null (every model)",
-                param="models",
-            )
-        for i, m in enumerate(models):
-            try:
-                catalog.resolve(m)
-            except NotFoundError as e:
-                raise BadRequestError(e.message, param=f"models[{i}]") from None
-    unknown = set(body) - {"name", "rpm", "tpm", "budget_usd", "models"}
+    unknown = set(body) - set(KEY_FIELDS)
     if unknown:
         field = sorted(unknown)[0]
         raise BadRequestError(
             f"Unknown field '{field}': keys take name, rpm, tpm, budget_usd, models",
             param=field,
         )
+    out: dict[str, Any] = {}
+    if creating or "name" in body:
+        name = body.get("name")
+        if not isinstance(name, str) or not name.strip() or len(name) > 200 or not _unicode(name):
+            raise BadRequestError(
+                "'name' must be a non-empty string (at most 200 characters)", param="name"
+            )
+        out["name"] = name.strip()
+    for field in ("rpm", "tpm"):
+        if creating or field in body:
+            out[field] = _positive_int(body, field)
+    if creating or "budget_usd" in body:
+        budget = body.get("budget_usd")
+        if budget is not None and (
+            isinstance(budget, bool)
+            or not isinstance(budget, (int, float))
+            or not 0 <= budget <= MAX_LIMIT
+        ):
+            raise BadRequestError(
+                f"'budget_usd' must be a number from 0 to {MAX_LIMIT} or null, got {budget!r}",
+                param="budget_usd",
+            )
+        out["budget_usd"] = None if budget is None else float(budget)
+    if creating or "models" in body:
+        out["models"] = _models(body.get("models"), catalog)
+    return out
+
+
+def _models(models: Any, catalog: Catalog) -> list[str] | None:
+    if models is None:
+        return None
+    if isinstance(models, str):
+        models = [m.strip() for m in models.split(",") if m.strip()]
+    if not isinstance(models, list) or not all(
+        isinstance(m, str) and m and _unicode(m) for m in models
+    ):
+        raise BadRequestError("'models' must be a list of model names or null", param="models")
+    if not models:  # a key every model would refuse
+        raise BadRequestError(
+            "'models' must name at least one model, or be null (every model)",
+            param="models",
+        )
+    for i, m in enumerate(models):
+        try:
+            catalog.resolve(m)
+        except NotFoundError as e:
+            raise BadRequestError(e.message, param=f"models[{i}]") from None
+    return models
+
+
+def key_from_request(body: Any, catalog: Catalog) -> tuple[str, KeyRecord]:
+    """Validate ``POST /admin/keys`` and mint the key: ``(key, record)``."""
+    fields = _fields(body, catalog, creating=True)
     key = new_key()
     rec = KeyRecord(
         id="key_" + secrets.token_hex(8),
-        name=name.strip(),
         key_hash=hash_key(key),
         hint=hint(key),
         created_at=time.time(),
-        rpm=rpm,
-        tpm=tpm,
-        budget_usd=None if budget is None else float(budget),
-        models=models,
+        **fields,
     )
     return key, rec
+
+
+def changes_from_request(body: Any, catalog: Catalog) -> dict[str, Any]:
+    """Validate ``PATCH /admin/keys/{id}``: the fields to change (``null`` lifts a limit).
+    The secret, the id and the spend stay; a revoked key stays revoked."""
+    changes = _fields(body, catalog, creating=False)
+    if not changes:
+        raise BadRequestError(
+            "Nothing to change: give one or more of name, rpm, tpm, budget_usd, models",
+            param=None,
+        )
+    return changes

@@ -266,6 +266,14 @@ _SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 
+_KEY_FIELDS = {
+    "name": {"type": "string", "minLength": 1, "maxLength": 200},
+    "rpm": {"type": "integer", "minimum": 1, "nullable": True},
+    "tpm": {"type": "integer", "minimum": 1, "nullable": True},
+    "budget_usd": {"type": "number", "minimum": 0, "nullable": True},
+    "models": {"type": "array", "items": {"type": "string"}, "minItems": 1, "nullable": True},
+}
+
 
 def openapi_document(version: str) -> dict[str, Any]:
     inference_errors = (400, 401, 403, 404, 413, 429, 502, 504)
@@ -443,25 +451,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                                     "type": "object",
                                     "required": ["name"],
                                     "additionalProperties": False,
-                                    "properties": {
-                                        "name": {
-                                            "type": "string",
-                                            "minLength": 1,
-                                            "maxLength": 200,
-                                        },
-                                        "rpm": {"type": "integer", "minimum": 1, "nullable": True},
-                                        "tpm": {"type": "integer", "minimum": 1, "nullable": True},
-                                        "budget_usd": {
-                                            "type": "number",
-                                            "minimum": 0,
-                                            "nullable": True,
-                                        },
-                                        "models": {
-                                            "type": "array",
-                                            "items": {"type": "string"},
-                                            "nullable": True,
-                                        },
-                                    },
+                                    "properties": _KEY_FIELDS,
                                 }
                             }
                         },
@@ -486,6 +476,25 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "summary": "One key (master key)",
                     "security": _SECURED,
                     "responses": {"200": _json({"type": "object"}), **_errors(401, 404)},
+                },
+                "patch": {
+                    "summary": "Change a key's name, limits or models (master key); its secret "
+                    "and spend stay, null lifts a limit",
+                    "security": _SECURED,
+                    "requestBody": {
+                        "required": True,
+                        "content": {
+                            "application/json": {
+                                "schema": {
+                                    "type": "object",
+                                    "minProperties": 1,
+                                    "additionalProperties": False,
+                                    "properties": _KEY_FIELDS,
+                                }
+                            }
+                        },
+                    },
+                    "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 404, 409)},
                 },
                 "delete": {
                     "summary": "Revoke a key (master key)",

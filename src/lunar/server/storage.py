@@ -156,6 +156,8 @@ class Storage(Protocol):
 
     def revoke_key(self, key_id: str, when: float) -> KeyRecord | None: ...
 
+    def update_key(self, key_id: str, changes: Mapping[str, Any]) -> KeyRecord | None: ...
+
     def spend_by_key(self) -> dict[str, float]: ...
 
     def record(self, row: UsageRow, on_commit: Callable[[], None] | None = None) -> None:
@@ -216,6 +218,8 @@ _INSERT = (
     f"INSERT INTO usage ({', '.join(_ROW_FIELDS)}) VALUES ({', '.join('?' for _ in _ROW_FIELDS)})"
 )
 _KEY_COLUMNS = "id, name, key_hash, hint, created_at, revoked_at, rpm, tpm, budget_usd, models"
+#: What an admin may change on a key (the column names).
+KEY_FIELDS = ("name", "rpm", "tpm", "budget_usd", "models")
 
 _STOP = object()
 
@@ -428,6 +432,26 @@ class SQLiteStorage:
                 (when, key_id),
             )
             db.commit()
+            row = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
+        return None if row is None else _key_from_row(row)
+
+    def update_key(self, key_id: str, changes: Mapping[str, Any]) -> KeyRecord | None:
+        """Change a key's name, limits or models (the fields of ``KEY_FIELDS`` in
+        ``changes``); a revoked key is left as it is. The key as stored after, or None."""
+        sets = [f"{name} = ?" for name in changes]
+        values = [
+            json.dumps(v) if name == "models" and v is not None else v
+            for name, v in changes.items()
+        ]
+        assert set(changes) <= set(KEY_FIELDS), changes
+        with self._lock:
+            db = self._db()
+            if sets:
+                db.execute(
+                    f"UPDATE keys SET {', '.join(sets)} WHERE id = ? AND revoked_at IS NULL",
+                    (*values, key_id),
+                )
+                db.commit()
             row = db.execute(f"SELECT {_KEY_COLUMNS} FROM keys WHERE id = ?", (key_id,)).fetchone()
         return None if row is None else _key_from_row(row)
 
