@@ -406,3 +406,85 @@ async def test_a_per_request_httpx_timeout_is_taken_and_its_read_field_applies(m
     mock.enqueue(Reply(delay=3.0), model="gpt-4o-mini")
     with pytest.raises(APITimeoutError):
         await run(mode, stream=stream, client_kw=kw, timeout=httpx.Timeout(30.0, read=0.3))
+
+
+# Answers of status 200 whose JSON is not of the wire's shape (a misbehaving upstream or a
+# proxy in the way), one per wire and mode: (model, reply, stream).
+_SSE = {"content-type": "text/event-stream"}
+_CHUNK = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+MISSHAPEN = {
+    "openai_choices_not_a_list": ("gpt-4o-mini", Reply(body={"choices": "x"}), False),
+    "openai_message_not_an_object": (
+        "gpt-4o-mini",
+        Reply(body={"choices": [{"message": "x"}]}),
+        False,
+    ),
+    "openai_stream_choice_not_an_object": (
+        "gpt-4o-mini",
+        Reply(body=f"data: {json.dumps({**_CHUNK, 'choices': [1]})}\n\n", headers=_SSE),
+        True,
+    ),
+    "openai_stream_tool_calls_not_a_list": (
+        "gpt-4o-mini",
+        Reply(
+            body="data: "
+            + json.dumps({**_CHUNK, "choices": [{"index": 0, "delta": {"tool_calls": 5}}]})
+            + "\n\n",
+            headers=_SSE,
+        ),
+        True,
+    ),
+    "anthropic_content_not_a_list": (
+        "claude-3-haiku",
+        Reply(body={"type": "message", "content": [1]}),
+        False,
+    ),
+    "anthropic_stream_delta_not_an_object": (
+        "claude-3-haiku",
+        Reply(
+            body='event: content_block_delta\ndata: {"type":"content_block_delta",'
+            '"index":0,"delta":"x"}\n\n',
+            headers=_SSE,
+        ),
+        True,
+    ),
+    "gemini_candidates_not_a_list": ("gemini-2.0-flash", Reply(body={"candidates": "x"}), False),
+    "gemini_stream_part_not_an_object": (
+        "gemini-2.0-flash",
+        Reply(body='data: {"candidates":[{"content":{"parts":[1]}}]}\n\n', headers=_SSE),
+        True,
+    ),
+}
+
+
+@MODES
+@pytest.mark.parametrize("case", list(MISSHAPEN))
+async def test_a_misshapen_answer_is_a_typed_error_that_falls_back(mock, monkeypatch, mode, case):
+    """A 200 whose JSON has the wrong shape (``choices`` not a list, an event's ``delta`` a
+    string …) raised the parser's AttributeError or TypeError from deep inside: no typed
+    error, and no fallback although another model would have answered. It is the
+    provider's fault, as invalid JSON is: a 5xx-like error, retried and fallen back from."""
+    model, reply, stream = MISSHAPEN[case]
+    for name in ("ANTHROPIC", "GEMINI"):
+        monkeypatch.setenv(f"{name}_API_KEY", "k")
+        monkeypatch.setenv(f"{name}_BASE_URL", mock.url)
+    mock.enqueue(reply, reply)
+    client = Lunar(max_retries=0) if mode == "sync" else AsyncLunar(max_retries=0)
+    if mode == "async-httpx":
+        client = AsyncLunar(max_retries=0, http_client=httpx.AsyncClient())
+
+    async def ask(**kw):
+        result = client.chat.completions.create(model=model, messages=MESSAGES, stream=stream, **kw)
+        if mode != "sync":
+            result = await result
+        if stream:
+            return [c async for c in result] if mode != "sync" else list(result)
+        return result
+
+    with pytest.raises(LunarError) as info:
+        await ask()
+    assert isinstance(info.value, (ServerError, StreamError))
+    assert info.value.provider == case.split("_")[0]  # who misbehaved, named
+    assert info.value.provider in str(info.value) and busy_connections(client) == 0
+    result = await ask(fallbacks=["llama-3.1-8b"])
+    assert (result[-1] if stream else result).provider == "groq"

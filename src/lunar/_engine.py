@@ -47,6 +47,7 @@ from ._types import (
     Usage,
 )
 from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
+from .providers._shared import MISSHAPEN, misshapen
 
 _now = time.perf_counter
 
@@ -666,6 +667,15 @@ def _httpx_request(
     )
 
 
+def parse_answer(adapter: Adapter, content: bytes, target: Target) -> ChatCompletion:
+    """The adapter's reading of a 2xx answer; one of the wrong shape is the provider's error
+    (502), not the parser's ``AttributeError``."""
+    try:
+        return adapter.parse_response(content, target)
+    except MISSHAPEN as exc:
+        raise misshapen(target.provider, exc, content) from exc
+
+
 def has_substance(chunks: list[ChatCompletionChunk]) -> bool:
     """Whether any chunk carries something for the caller. Providers send a role-only chunk
     before generating; committing to a provider waits for more, so a failure right after
@@ -857,7 +867,7 @@ class SyncEngine(_Closable):
             raise self._network_error(exc, target) from exc
         if resp.status_code >= 400:
             raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
-        return adapter.parse_response(resp.content, target)
+        return parse_answer(adapter, resp.content, target)
 
     def stream(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
@@ -1032,7 +1042,7 @@ class AsyncEngine(_Closable):
             raise self._network_error(exc, target) from exc
         if resp.status_code >= 400:
             raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
-        return adapter.parse_response(resp.content, target)
+        return parse_answer(adapter, resp.content, target)
 
     async def stream(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
