@@ -488,3 +488,49 @@ async def test_a_misshapen_answer_is_a_typed_error_that_falls_back(mock, monkeyp
     assert info.value.provider in str(info.value) and busy_connections(client) == 0
     result = await ask(fallbacks=["llama-3.1-8b"])
     assert (result[-1] if stream else result).provider == "groq"
+
+
+@MODES
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_a_provider_is_timed_by_its_own_attempt_not_the_ones_before_it(
+    mock, monkeypatch, mode, stream
+):
+    """Health ranks a model's providers by their p50 time to first token. The time a
+    request lost before an attempt (another provider failing, a Retry-After wait) is not
+    the serving provider's: counted, a fallback that answered at once looked as slow as
+    the outage it covered for, and fell behind providers that are slower. The caller's
+    ``ttft_ms`` still counts from the call. (A fake clock that only the waits move.)"""
+    import types
+
+    import lunar._engine as engine
+
+    clock = [1000.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    async def asleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(engine, "_now", lambda: clock[0])
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(sleep=sleep, time=engine.time.time))
+    monkeypatch.setattr(engine, "asyncio", types.SimpleNamespace(sleep=asleep))
+    groq, together = "llama-3.1-8b-instant", "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo"
+    mock.enqueue(Reply(status=429, retry_after=20), Reply(status=503, retry_after=0), model=groq)
+    if mode == "sync":
+        client = Lunar(max_retries=1)
+    else:
+        http = httpx.AsyncClient() if mode == "async-httpx" else None
+        client = AsyncLunar(max_retries=1, http_client=http)
+    result = client.chat.completions.create(model="llama-3.1-8b", messages=MESSAGES, stream=stream)
+    if mode != "sync":
+        result = await result
+    if stream:
+        result = list(result) if mode == "sync" else [c async for c in result]
+    final = result[-1] if stream else result
+    assert final.provider == "together"
+    assert [r.json["model"] for r in mock.requests] == [groq, groq, together]
+    assert final.usage.ttft_ms >= 20_000  # the caller waited through Groq's Retry-After
+    health = client._settings.router.health
+    [served] = [d for d in client.catalog.resolve("llama-3.1-8b") if d.provider == "together"]
+    assert health.snapshot(served)["ttft_p50"] < 20_000  # together answered at once
