@@ -161,10 +161,10 @@ class SSETranslator:
                 raise
             self._error = err
         except MISSHAPEN as exc:
-            err = misshapen(self._provider, exc)
+            bad = misshapen(self._provider, exc)
             if not out:
-                raise err from exc
-            self._error = err
+                raise bad from exc
+            self._error = bad
         return out
 
     def close(self) -> list[ChatCompletionChunk]:
