@@ -143,3 +143,28 @@ def test_openai_error_json_shape():
             "code": None,
         }
     }
+
+
+def test_an_error_copied_or_pickled_reads_the_same():
+    """``copy.copy`` and pickle (a worker process handing its exception back) rebuilt an
+    error by calling its class with ``str(err)``, whose ``[429] `` prefix the constructor
+    added again: ``[429] [429] Rate limit exceeded``."""
+    import copy
+    import pickle
+
+    from lunar import APITimeoutError, BadGatewayError, StreamError
+
+    errors = [
+        error_from_response(429, {"retry-after": "2"}, OPENAI_BODY, "openai"),
+        error_from_stream_event({"type": "api_connection_error", "message": "down"}),
+        BadGatewayError("unreachable"),
+        StreamError("malformed", provider="groq"),
+        APITimeoutError("slow"),
+        LunarError("plain"),
+    ]
+    errors[0].attempts = []
+    for err in errors:
+        for again in (copy.copy(err), pickle.loads(pickle.dumps(err))):
+            assert type(again) is type(err)
+            assert str(again) == str(err)
+            assert vars(again) == vars(err)

@@ -406,3 +406,131 @@ async def test_a_per_request_httpx_timeout_is_taken_and_its_read_field_applies(m
     mock.enqueue(Reply(delay=3.0), model="gpt-4o-mini")
     with pytest.raises(APITimeoutError):
         await run(mode, stream=stream, client_kw=kw, timeout=httpx.Timeout(30.0, read=0.3))
+
+
+# Answers of status 200 whose JSON is not of the wire's shape (a misbehaving upstream or a
+# proxy in the way), one per wire and mode: (model, reply, stream).
+_SSE = {"content-type": "text/event-stream"}
+_CHUNK = {"id": "x", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+MISSHAPEN = {
+    "openai_choices_not_a_list": ("gpt-4o-mini", Reply(body={"choices": "x"}), False),
+    "openai_message_not_an_object": (
+        "gpt-4o-mini",
+        Reply(body={"choices": [{"message": "x"}]}),
+        False,
+    ),
+    "openai_stream_choice_not_an_object": (
+        "gpt-4o-mini",
+        Reply(body=f"data: {json.dumps({**_CHUNK, 'choices': [1]})}\n\n", headers=_SSE),
+        True,
+    ),
+    "openai_stream_tool_calls_not_a_list": (
+        "gpt-4o-mini",
+        Reply(
+            body="data: "
+            + json.dumps({**_CHUNK, "choices": [{"index": 0, "delta": {"tool_calls": 5}}]})
+            + "\n\n",
+            headers=_SSE,
+        ),
+        True,
+    ),
+    "anthropic_content_not_a_list": (
+        "claude-3-haiku",
+        Reply(body={"type": "message", "content": [1]}),
+        False,
+    ),
+    "anthropic_stream_delta_not_an_object": (
+        "claude-3-haiku",
+        Reply(
+            body='event: content_block_delta\ndata: {"type":"content_block_delta",'
+            '"index":0,"delta":"x"}\n\n',
+            headers=_SSE,
+        ),
+        True,
+    ),
+    "gemini_candidates_not_a_list": ("gemini-2.0-flash", Reply(body={"candidates": "x"}), False),
+    "gemini_stream_part_not_an_object": (
+        "gemini-2.0-flash",
+        Reply(body='data: {"candidates":[{"content":{"parts":[1]}}]}\n\n', headers=_SSE),
+        True,
+    ),
+}
+
+
+@MODES
+@pytest.mark.parametrize("case", list(MISSHAPEN))
+async def test_a_misshapen_answer_is_a_typed_error_that_falls_back(mock, monkeypatch, mode, case):
+    """A 200 whose JSON has the wrong shape (``choices`` not a list, an event's ``delta`` a
+    string …) raised the parser's AttributeError or TypeError from deep inside: no typed
+    error, and no fallback although another model would have answered. It is the
+    provider's fault, as invalid JSON is: a 5xx-like error, retried and fallen back from."""
+    model, reply, stream = MISSHAPEN[case]
+    for name in ("ANTHROPIC", "GEMINI"):
+        monkeypatch.setenv(f"{name}_API_KEY", "k")
+        monkeypatch.setenv(f"{name}_BASE_URL", mock.url)
+    mock.enqueue(reply, reply)
+    client = Lunar(max_retries=0) if mode == "sync" else AsyncLunar(max_retries=0)
+    if mode == "async-httpx":
+        client = AsyncLunar(max_retries=0, http_client=httpx.AsyncClient())
+
+    async def ask(**kw):
+        result = client.chat.completions.create(model=model, messages=MESSAGES, stream=stream, **kw)
+        if mode != "sync":
+            result = await result
+        if stream:
+            return [c async for c in result] if mode != "sync" else list(result)
+        return result
+
+    with pytest.raises(LunarError) as info:
+        await ask()
+    assert isinstance(info.value, (ServerError, StreamError))
+    assert info.value.provider == case.split("_")[0]  # who misbehaved, named
+    assert info.value.provider in str(info.value) and busy_connections(client) == 0
+    result = await ask(fallbacks=["llama-3.1-8b"])
+    assert (result[-1] if stream else result).provider == "groq"
+
+
+@MODES
+@pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
+async def test_a_provider_is_timed_by_its_own_attempt_not_the_ones_before_it(
+    mock, monkeypatch, mode, stream
+):
+    """Health ranks a model's providers by their p50 time to first token. The time a
+    request lost before an attempt (another provider failing, a Retry-After wait) is not
+    the serving provider's: counted, a fallback that answered at once looked as slow as
+    the outage it covered for, and fell behind providers that are slower. The caller's
+    ``ttft_ms`` still counts from the call. (A fake clock that only the waits move.)"""
+    import types
+
+    import lunar._engine as engine
+
+    clock = [1000.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    async def asleep(seconds: float) -> None:
+        clock[0] += seconds
+
+    monkeypatch.setattr(engine, "_now", lambda: clock[0])
+    monkeypatch.setattr(engine, "time", types.SimpleNamespace(sleep=sleep, time=engine.time.time))
+    monkeypatch.setattr(engine, "asyncio", types.SimpleNamespace(sleep=asleep))
+    groq, together = "llama-3.1-8b-instant", "meta-llama/Meta-Llama-3.1-8B-Instruct-Turbo"
+    mock.enqueue(Reply(status=429, retry_after=20), Reply(status=503, retry_after=0), model=groq)
+    if mode == "sync":
+        client = Lunar(max_retries=1)
+    else:
+        http = httpx.AsyncClient() if mode == "async-httpx" else None
+        client = AsyncLunar(max_retries=1, http_client=http)
+    result = client.chat.completions.create(model="llama-3.1-8b", messages=MESSAGES, stream=stream)
+    if mode != "sync":
+        result = await result
+    if stream:
+        result = list(result) if mode == "sync" else [c async for c in result]
+    final = result[-1] if stream else result
+    assert final.provider == "together"
+    assert [r.json["model"] for r in mock.requests] == [groq, groq, together]
+    assert final.usage.ttft_ms >= 20_000  # the caller waited through Groq's Retry-After
+    health = client._settings.router.health
+    [served] = [d for d in client.catalog.resolve("llama-3.1-8b") if d.provider == "together"]
+    assert health.snapshot(served)["ttft_p50"] < 20_000  # together answered at once

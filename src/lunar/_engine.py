@@ -47,6 +47,7 @@ from ._types import (
     Usage,
 )
 from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
+from .providers._shared import MISSHAPEN, misshapen
 
 _now = time.perf_counter
 
@@ -281,12 +282,15 @@ def backoff(retry: int, rand: Callable[[], float] = random.random) -> float:
 
 
 class Step:
-    __slots__ = ("delay", "model", "target")
+    __slots__ = ("delay", "model", "target", "waited")
 
-    def __init__(self, model: str, target: Target, delay: float) -> None:
+    def __init__(self, model: str, target: Target, delay: float, waited: float = 0.0) -> None:
         self.model = model
         self.target = target
         self.delay = delay
+        #: Seconds from the request's start to this attempt's (after ``delay``): the time
+        #: lost to the attempts before it, which is not this provider's.
+        self.waited = waited
 
 
 class Plan:
@@ -299,8 +303,10 @@ class Plan:
         max_retries: int,
         rand: Callable[[], float] = random.random,
         health: Health | None = None,
+        started: float | None = None,
     ) -> None:
         self._health = health
+        self._started = _now() if started is None else started
         self._chain = chain
         self._max_retries = max_retries
         self._rand = rand
@@ -322,7 +328,8 @@ class Plan:
                 self._index += 1
                 continue
             delay, self._delay = self._delay, 0.0
-            return Step(model, target, delay)
+            waited = _now() + delay - self._started if self.attempts else 0.0
+            return Step(model, target, delay, waited)
         return None
 
     def failed(self, step: Step, err: LunarError) -> None:
@@ -377,8 +384,13 @@ class Plan:
         _drop_tracebacks(attempt.error for attempt in self.attempts)
 
     def succeeded(self, step: Step, usage: Usage | None) -> None:
+        """Health learns the serving attempt's own timing: ``usage`` counts from the
+        request's start (what the caller waited), failed attempts and waits included."""
         if self._health is not None and usage is not None:
-            self._health.success(step.target.deployment, usage.ttft_ms, usage.latency_ms)
+            ttft, latency = usage.ttft_ms, usage.latency_ms
+            if step.waited and ttft is not None and latency is not None:
+                ttft, latency = ttft - ms(step.waited), latency - ms(step.waited)
+            self._health.success(step.target.deployment, ttft, latency)
 
     def error(self) -> LunarError:
         err = self._last_tried or self._last_skipped
@@ -666,6 +678,15 @@ def _httpx_request(
     )
 
 
+def parse_answer(adapter: Adapter, content: bytes, target: Target) -> ChatCompletion:
+    """The adapter's reading of a 2xx answer; one of the wrong shape is the provider's error
+    (502), not the parser's ``AttributeError``."""
+    try:
+        return adapter.parse_response(content, target)
+    except MISSHAPEN as exc:
+        raise misshapen(target.provider, exc, content) from exc
+
+
 def has_substance(chunks: list[ChatCompletionChunk]) -> bool:
     """Whether any chunk carries something for the caller. Providers send a role-only chunk
     before generating; committing to a provider waits for more, so a failure right after
@@ -701,8 +722,9 @@ def plan_for(
     body: Mapping[str, Any],
     max_retries: int,
     trace: Trace | None,
+    started: float | None = None,
 ) -> Plan:
-    plan = Plan(router.chain(opts, body), max_retries, health=router.health)
+    plan = Plan(router.chain(opts, body), max_retries, health=router.health, started=started)
     if trace is not None:
         trace.plan = plan
         trace.stream = None  # a Trace used again: nothing from its last request
@@ -824,7 +846,7 @@ class SyncEngine(_Closable):
     ) -> ChatCompletion:
         self.ensure_open()
         started = _now()
-        plan = plan_for(self.router, opts, body, self.max_retries, trace)
+        plan = plan_for(self.router, opts, body, self.max_retries, trace, started)
         while (step := plan.next()) is not None:
             if trace is not None:
                 trace.target = step.target
@@ -857,7 +879,7 @@ class SyncEngine(_Closable):
             raise self._network_error(exc, target) from exc
         if resp.status_code >= 400:
             raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
-        return adapter.parse_response(resp.content, target)
+        return parse_answer(adapter, resp.content, target)
 
     def stream(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
@@ -866,7 +888,7 @@ class SyncEngine(_Closable):
         nothing has reached the caller); the iterator then yields every chunk as it comes."""
         self.ensure_open()
         started = _now()
-        plan = plan_for(self.router, opts, body, self.max_retries, trace)
+        plan = plan_for(self.router, opts, body, self.max_retries, trace, started)
         while (step := plan.next()) is not None:
             if trace is not None:
                 trace.target = step.target
@@ -999,7 +1021,7 @@ class AsyncEngine(_Closable):
     ) -> ChatCompletion:
         self.ensure_open()
         started = _now()
-        plan = plan_for(self.router, opts, body, self.max_retries, trace)
+        plan = plan_for(self.router, opts, body, self.max_retries, trace, started)
         while (step := plan.next()) is not None:
             if trace is not None:
                 trace.target = step.target
@@ -1032,14 +1054,14 @@ class AsyncEngine(_Closable):
             raise self._network_error(exc, target) from exc
         if resp.status_code >= 400:
             raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
-        return adapter.parse_response(resp.content, target)
+        return parse_answer(adapter, resp.content, target)
 
     async def stream(
         self, body: Mapping[str, Any], opts: RequestOptions, trace: Trace | None = None
     ) -> AsyncOpenStream:
         self.ensure_open()
         started = _now()
-        plan = plan_for(self.router, opts, body, self.max_retries, trace)
+        plan = plan_for(self.router, opts, body, self.max_retries, trace, started)
         while (step := plan.next()) is not None:
             if trace is not None:
                 trace.target = step.target

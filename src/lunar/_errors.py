@@ -23,6 +23,15 @@ class LunarError(Exception):
         """Whether retrying the same request (or falling back) may succeed."""
         return False
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # For pickle and copy: rebuilt without calling __init__ with ``str(self)``, which
+        # would put the ``[429] `` prefix before the one it has; the attributes follow.
+        return _rebuilt, (type(self), self.args), self.__dict__
+
+
+def _rebuilt(cls: type[LunarError], args: tuple[Any, ...]) -> LunarError:
+    return cls.__new__(cls, *args)
+
 
 class Attempt:
     """One try against one provider, kept on the error raised when all of them fail."""

@@ -13,6 +13,7 @@ from .._errors import (
     APIError,
     BadRequestError,
     LunarError,
+    StreamError,
     error_class_for,
     error_from_response,
 )
@@ -30,6 +31,29 @@ def invalid_json(provider: str, content: bytes | str) -> APIError:
     text = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
     return error_class_for(502)(
         f"Invalid JSON from provider '{provider}': {text!r}", 502, text, provider=provider
+    )
+
+
+#: What reading an upstream's JSON of the wrong shape raises (``choices`` a string, an
+#: event's ``delta`` a number …): the parsers trust the wire's shape, the upstream broke it.
+MISSHAPEN = (AttributeError, TypeError, KeyError, IndexError, ValueError)
+
+
+def misshapen(provider: str, exc: Exception, content: bytes | str | None = None) -> APIError:
+    """An answer (``content``) or a stream event of the wrong shape: the provider misbehaved,
+    as with invalid JSON (502; a stream's: a ``StreamError``), so it is retried and fallen
+    back from."""
+    what = f"{type(exc).__name__}: {exc}"
+    if content is None:
+        return StreamError(
+            f"Unexpected event in the stream from '{provider}' ({what})", provider=provider
+        )
+    text = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
+    return error_class_for(502)(
+        f"Unexpected answer from provider '{provider}' ({what}): {text!r}",
+        502,
+        text,
+        provider=provider,
     )
 
 
@@ -120,6 +144,7 @@ class SSETranslator:
     carry several events, and those came first)."""
 
     __slots__ = ("_error", "_sse")
+    _provider: str  # set by each translator
 
     def __init__(self) -> None:
         self._sse = SSEDecoder()
@@ -135,6 +160,11 @@ class SSETranslator:
             if not out:
                 raise
             self._error = err
+        except MISSHAPEN as exc:
+            bad = misshapen(self._provider, exc)
+            if not out:
+                raise bad from exc
+            self._error = bad
         return out
 
     def close(self) -> list[ChatCompletionChunk]:
