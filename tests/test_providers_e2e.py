@@ -659,3 +659,21 @@ def test_gemini_answer_without_usage_is_estimated(mock: MockServer) -> None:
     mock.enqueue(Reply(usage=False))
     done = Lunar(**FAST).chat.completions.create(model=GEMINI.model, messages=MESSAGES)
     assert done.usage.prompt_tokens > 0 and done.usage.completion_tokens > 0
+
+
+NO_ARGS = [{"type": "function", "function": {"name": "get_time"}}]
+
+
+@PROVIDERS
+@MODES
+@STREAMS
+async def test_tool_call_without_arguments_has_empty_object_arguments(
+    mock: MockServer, p: P, mode: str, stream: bool
+) -> None:
+    # Claude streams a call without arguments as one ``partial_json: ""``: the assembled
+    # arguments must still be "{}" (JSON), as unstreamed and as OpenAI gives them.
+    mock.enqueue(Reply(tool_calls=[{"name": "get_time", "arguments": {}}]), model=p.provider_model)
+    result, _ = await call(mode, stream=stream, model=p.model, tools=NO_ARGS)
+    (tool_call,) = tool_calls_of(result, stream)
+    assert tool_call["name"] == "get_time"
+    assert json.loads(tool_call["arguments"]) == {}

@@ -136,6 +136,7 @@ class AnthropicStreamTranslator(ChunkMaker):
         super().__init__(target, "")
         self._input: Mapping[str, Any] = {}
         self._tool_index: dict[int, int] = {}
+        self._no_args: set[int] = set()  # tool_use blocks with no arguments yet
         self._finished = False
         self._stopped = False
 
@@ -149,21 +150,35 @@ class AnthropicStreamTranslator(ChunkMaker):
                 if dtype == "text_delta":
                     out.append(self._chunk(ChoiceDelta(content=delta.get("text", ""))))
                 elif dtype == "input_json_delta":
-                    index = self._tool_index.get(obj.get("index", 0), 0)
-                    call = ChoiceDeltaToolCall(
-                        index, function=Function(None, delta.get("partial_json", ""))
-                    )
-                    out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
+                    block_index = obj.get("index", 0)
+                    index = self._tool_index.get(block_index)
+                    partial = delta.get("partial_json", "")
+                    if index is not None and partial:
+                        self._no_args.discard(block_index)
+                        call = ChoiceDeltaToolCall(index, function=Function(None, partial))
+                        out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
             elif kind == "content_block_start":
                 block = obj.get("content_block") or {}
                 if block.get("type") == "tool_use":
-                    index = self._tool_index[obj.get("index", 0)] = len(self._tool_index)
+                    block_index = obj.get("index", 0)
+                    index = self._tool_index[block_index] = len(self._tool_index)
+                    self._no_args.add(block_index)
                     call = ChoiceDeltaToolCall(
                         index, block.get("id"), "function", Function(block.get("name"), "")
                     )
                     out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
                 elif block.get("type") == "text" and block.get("text"):
                     out.append(self._chunk(ChoiceDelta(content=block["text"])))
+            elif kind == "content_block_stop":
+                block_index = obj.get("index", 0)
+                if block_index in self._no_args:
+                    # Claude streams a call without arguments as one empty ``partial_json``;
+                    # they are "{}", as unstreamed (and as OpenAI streams them).
+                    self._no_args.discard(block_index)
+                    call = ChoiceDeltaToolCall(
+                        self._tool_index[block_index], function=Function(None, "{}")
+                    )
+                    out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
             elif kind == "message_start":
                 message = obj.get("message") or {}
                 self._id = message.get("id", "")
@@ -193,7 +208,7 @@ class AnthropicStreamTranslator(ChunkMaker):
                 self._stopped = True
             elif kind == "error":
                 raise error_from_stream_event(obj.get("error") or obj, self._provider)
-            # ping, content_block_stop, thinking and unknown events carry nothing for callers
+            # ping, thinking and unknown events carry nothing for callers
 
     def _end(self) -> list[ChatCompletionChunk]:
         if not (self._finished or self._stopped):
