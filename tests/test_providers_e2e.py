@@ -677,3 +677,24 @@ async def test_tool_call_without_arguments_has_empty_object_arguments(
     (tool_call,) = tool_calls_of(result, stream)
     assert tool_call["name"] == "get_time"
     assert json.loads(tool_call["arguments"]) == {}
+
+
+@PROVIDERS
+@STREAMS
+def test_an_empty_answer_put_back_in_the_conversation_is_accepted(
+    mock: MockServer, p: P, stream: bool
+) -> None:
+    # Both providers refuse a turn without content (and empty text): the empty answer the
+    # model gave (a refusal, an empty end_turn) must not break the next turn.
+    client = Lunar(**FAST)
+    mock.enqueue(Reply(text=""), model=p.provider_model)
+    first = client.chat.completions.create(model=p.model, messages=MESSAGES)
+    assert first.choices[0].message.content == ""
+    messages = [
+        *MESSAGES,
+        first.choices[0].message,
+        {"role": "user", "content": [{"type": "text", "text": ""}]},
+        {"role": "user", "content": "Try again."},
+    ]
+    result = client.chat.completions.create(model=p.model, messages=messages, stream=stream)
+    assert final_of(list(result) if stream else result, stream)[0] == story(8)

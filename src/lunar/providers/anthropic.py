@@ -55,7 +55,8 @@ def _content_blocks(content: Any) -> list[dict[str, Any]]:
     for part in content or ():
         kind = part.get("type")
         if kind == "text":
-            blocks.append({"type": "text", "text": part["text"]})
+            if part["text"]:  # Anthropic refuses empty text blocks
+                blocks.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
             src = image_source(part)
             source: dict[str, Any]
@@ -97,6 +98,8 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
                         "input": tool_arguments_object(fn.get("arguments")),
                     }
                 )
+        if not blocks:
+            continue  # an empty answer or question: Anthropic refuses a turn without content
         if out and out[-1]["role"] == role:
             out[-1]["content"].extend(blocks)
         else:

@@ -83,7 +83,8 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     for part in content or ():
         if part.get("type") == "text":
-            parts.append({"text": part["text"]})
+            if part["text"]:  # Gemini refuses empty text parts
+                parts.append({"text": part["text"]})
         elif part.get("type") == "image_url":
             src = image_source(part)
             if src.data is not None:
@@ -127,6 +128,8 @@ def _contents(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     }
                 )
             role = "model" if role == "assistant" else "user"
+        if not parts:
+            continue  # an empty answer or question: Gemini refuses a turn without parts
         if out and out[-1]["role"] == role:
             out[-1]["parts"].extend(parts)
         else:
