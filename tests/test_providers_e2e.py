@@ -698,3 +698,28 @@ def test_an_empty_answer_put_back_in_the_conversation_is_accepted(
     ]
     result = client.chat.completions.create(model=p.model, messages=messages, stream=stream)
     assert final_of(list(result) if stream else result, stream)[0] == story(8)
+
+
+@PROVIDERS
+@MODES
+@STREAMS
+async def test_extra_body_fields_reach_the_providers_body(
+    mock: MockServer, p: P, mode: str, stream: bool
+) -> None:
+    # The provider's own fields are merged into its body (a nested object into the one Lunar
+    # built); OpenAI's own (logit_bias) have no meaning there and are not sent.
+    safety = [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]
+    extra: dict[str, Any] = (
+        {"top_k": 5, "logit_bias": {"1": 2}}
+        if p is ANTHROPIC
+        else {"generationConfig": {"topK": 5}, "safetySettings": safety, "logit_bias": {"1": 2}}
+    )
+    result, _ = await call(mode, stream=stream, model=p.model, temperature=0.5, extra_body=extra)
+    assert final_of(result, stream)[0] == story(8)
+    sent = mock.requests[-1].json
+    assert "logit_bias" not in sent
+    if p is ANTHROPIC:
+        assert (sent["top_k"], sent["temperature"]) == (5, 0.5)
+    else:
+        assert sent["generationConfig"] == {"temperature": 0.5, "topK": 5}
+        assert sent["safetySettings"] == safety

@@ -91,6 +91,61 @@ def tool_arguments_object(arguments: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
+#: The fields of an OpenAI Chat Completions request: what adapters of other wires translate
+#: (or leave out, when the wire has no such thing).
+OPENAI_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "n",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "metadata",
+        "store",
+        "service_tier",
+        "modalities",
+        "audio",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+        "safety_identifier",
+        "prompt_cache_key",
+    }
+)
+
+
+def merge_extra(payload: dict[str, Any], body: Mapping[str, Any]) -> None:
+    """The body's fields that are not OpenAI's (``extra_body``) are the provider's own: into
+    ``payload`` as given, an object merged into the one the adapter built (``generationConfig``)."""
+    for key, value in body.items():
+        if key in OPENAI_FIELDS:
+            continue
+        built = payload.get(key)
+        if isinstance(built, Mapping) and isinstance(value, Mapping):
+            payload[key] = {**built, **value}
+        else:
+            payload[key] = value
+
+
 def json_object(content: bytes | str, provider: str) -> dict[str, Any]:
     """A response body or event that must be a JSON object, or the provider misbehaved."""
     try:

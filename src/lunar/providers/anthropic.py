@@ -30,6 +30,7 @@ from ._shared import (
     dumps,
     image_source,
     json_object,
+    merge_extra,
     system_text,
     text_of,
     tool_arguments_object,
@@ -263,6 +264,7 @@ class AnthropicAdapter(HTTPAdapter):
         choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if choice is not None and tools:
             payload["tool_choice"] = choice
+        merge_extra(payload, body)
         if stream:
             payload["stream"] = True
         headers = {

@@ -34,6 +34,7 @@ from ._shared import (
     image_source,
     json_object,
     loads,
+    merge_extra,
     system_text,
     text_of,
     tool_arguments_object,
@@ -293,6 +294,7 @@ class GeminiAdapter(HTTPAdapter):
             config_tools = _tool_config(body.get("tool_choice"))
             if config_tools:
                 payload["toolConfig"] = config_tools
+        merge_extra(payload, body)
         headers = {"content-type": "application/json"}
         if target.api_key:
             headers["x-goog-api-key"] = target.api_key
