@@ -449,6 +449,60 @@ def test_image_inputs_arrive_in_each_providers_form(mock: MockServer, p: P) -> N
         ]
 
 
+PDF = "JVBERi0xLjQK"  # "%PDF-1.4\n"
+AUDIO = "UklGRiQAAABXQVZF"  # the start of a WAV file
+FILE_PART = {
+    "type": "file",
+    "file": {"filename": "a.pdf", "file_data": f"data:application/pdf;base64,{PDF}"},
+}
+AUDIO_PART = {"type": "input_audio", "input_audio": {"data": AUDIO, "format": "wav"}}
+
+
+@PROVIDERS
+def test_file_inputs_arrive_in_each_providers_form(mock: MockServer, p: P) -> None:
+    # A part the adapter cannot carry must not vanish: the model would answer without it.
+    question = {"role": "user", "content": [{"type": "text", "text": "Summarize."}, FILE_PART]}
+    done = Lunar(**FAST).chat.completions.create(model=p.model, messages=[question])
+    assert done.choices[0].message.content == story(8)
+    sent = mock.requests[-1].json
+    if p is ANTHROPIC:
+        assert sent["messages"][0]["content"][1] == {
+            "type": "document",
+            "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},
+        }
+    else:
+        assert sent["contents"][0]["parts"][1] == {
+            "inlineData": {"mimeType": "application/pdf", "data": PDF}
+        }
+
+
+def test_gemini_takes_audio_input(mock: MockServer) -> None:
+    question = {"role": "user", "content": [{"type": "text", "text": "Transcribe."}, AUDIO_PART]}
+    Lunar(**FAST).chat.completions.create(model=GEMINI.model, messages=[question])
+    assert mock.requests[-1].json["contents"][0]["parts"][1] == {
+        "inlineData": {"mimeType": "audio/wav", "data": AUDIO}
+    }
+
+
+@pytest.mark.parametrize(
+    ("p", "part", "param"),
+    [
+        (ANTHROPIC, AUDIO_PART, "input_audio"),
+        (ANTHROPIC, {"type": "file", "file": {"file_id": "file-abc"}}, "file"),
+        (GEMINI, {"type": "file", "file": {"file_id": "file-abc"}}, "file"),
+    ],
+    ids=["anthropic-audio", "anthropic-file-id", "gemini-file-id"],
+)
+def test_a_part_the_provider_cannot_take_is_refused_before_sending(
+    mock: MockServer, p: P, part: dict[str, Any], param: str
+) -> None:
+    question = {"role": "user", "content": [{"type": "text", "text": "Here."}, part]}
+    with pytest.raises(BadRequestError) as info:
+        Lunar(**FAST).chat.completions.create(model=p.model, messages=[question])
+    assert info.value.param == f"messages.content.{param}"
+    assert mock.requests == []
+
+
 @STREAMS
 def test_gemini_json_mode_is_native(mock: MockServer, stream: bool) -> None:
     mock.enqueue(Reply(text='{"ok": true}', chunks=3))

@@ -8,6 +8,7 @@ from typing import Any
 
 from .._errors import (
     APIConnectionError,
+    BadRequestError,
     error_from_stream_event,
 )
 from .._types import (
@@ -28,6 +29,7 @@ from ._shared import (
     HTTPAdapter,
     dump_body,
     dumps,
+    file_data,
     image_source,
     json_object,
     merge_extra,
@@ -66,6 +68,16 @@ def _content_blocks(content: Any) -> list[dict[str, Any]]:
             else:
                 source = {"type": "url", "url": src.url}
             blocks.append({"type": "image", "source": source})
+        elif kind == "file":
+            media_type, data = file_data(part, "anthropic")
+            source = {"type": "base64", "media_type": media_type, "data": data}
+            blocks.append({"type": "document", "source": source})
+        elif kind == "input_audio":
+            raise BadRequestError(
+                "Anthropic models take no audio input: leave out the input_audio part, "
+                "or choose a model that takes audio",
+                param="messages.content.input_audio",
+            )
     return blocks
 
 

@@ -29,8 +29,10 @@ from ._base import HTTPRequest, Target
 from ._shared import (
     ChunkMaker,
     HTTPAdapter,
+    audio_data,
     dump_body,
     dumps,
+    file_data,
     image_source,
     json_object,
     loads,
@@ -92,6 +94,11 @@ def _parts(content: Any) -> list[dict[str, Any]]:
                 parts.append({"inlineData": {"mimeType": src.media_type, "data": src.data}})
             else:
                 parts.append({"fileData": {"mimeType": src.media_type, "fileUri": src.url}})
+        elif part.get("type") in ("file", "input_audio"):
+            media_type, data = (
+                file_data(part, "gemini") if part["type"] == "file" else audio_data(part)
+            )
+            parts.append({"inlineData": {"mimeType": media_type, "data": data}})
     return parts
 
 
