@@ -390,6 +390,9 @@ def test_anthropic_stream_usage_as_far_as_the_wire_gave_it(start_usage, delta_us
         ("max_tokens", "length"),
         ("tool_use", "tool_calls"),
         ("refusal", "content_filter"),
+        ("pause_turn", "stop"),
+        # The answer was cut short by the context window: as cut by max_tokens.
+        ("model_context_window_exceeded", "length"),
     ],
 )
 def test_anthropic_stop_reasons(reason, finish):
@@ -398,6 +401,9 @@ def test_anthropic_stop_reasons(reason, finish):
         assemble(run(ANTHROPIC.stream_translator(A_TARGET), [data])).choices[0].finish_reason
         == finish
     )
+    message = {"id": "msg_5", "content": [{"type": "text", "text": "Hi"}], "stop_reason": reason}
+    done = ANTHROPIC.parse_response(json.dumps(message).encode(), A_TARGET)
+    assert done.choices[0].finish_reason == finish
 
 
 @settings(max_examples=150)

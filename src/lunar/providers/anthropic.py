@@ -46,6 +46,7 @@ FINISH_REASONS = {
     "stop_sequence": "stop",
     "pause_turn": "stop",
     "max_tokens": "length",
+    "model_context_window_exceeded": "length",  # cut short, by the context window
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
