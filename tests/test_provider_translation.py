@@ -313,6 +313,37 @@ def test_anthropic_tool_stream_numbers_calls_among_calls():
     assert done.choices[0].finish_reason == "tool_calls"
 
 
+def test_anthropic_streamed_call_without_arguments_gives_an_empty_object():
+    # As Claude streams it: the only delta of a call without arguments is an empty string.
+    wire = sse(
+        [
+            ("message_start", {"type": "message_start", "message": {"id": "msg_4"}}),
+            (
+                "content_block_start",
+                {
+                    "type": "content_block_start",
+                    "index": 0,
+                    "content_block": {"type": "tool_use", "id": "toolu_9", "name": "now"},
+                },
+            ),
+            (
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": 0,
+                    "delta": {"type": "input_json_delta", "partial_json": ""},
+                },
+            ),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    )
+    done = assemble(run(ANTHROPIC.stream_translator(A_TARGET), [wire]))
+    [call] = done.choices[0].message.tool_calls
+    assert (call.id, call.function.name, call.function.arguments) == ("toolu_9", "now", "{}")
+
+
 @pytest.mark.parametrize(
     ("start_usage", "delta_usage", "expected"),
     [
@@ -359,6 +390,9 @@ def test_anthropic_stream_usage_as_far_as_the_wire_gave_it(start_usage, delta_us
         ("max_tokens", "length"),
         ("tool_use", "tool_calls"),
         ("refusal", "content_filter"),
+        ("pause_turn", "stop"),
+        # The answer was cut short by the context window: as cut by max_tokens.
+        ("model_context_window_exceeded", "length"),
     ],
 )
 def test_anthropic_stop_reasons(reason, finish):
@@ -367,6 +401,9 @@ def test_anthropic_stop_reasons(reason, finish):
         assemble(run(ANTHROPIC.stream_translator(A_TARGET), [data])).choices[0].finish_reason
         == finish
     )
+    message = {"id": "msg_5", "content": [{"type": "text", "text": "Hi"}], "stop_reason": reason}
+    done = ANTHROPIC.parse_response(json.dumps(message).encode(), A_TARGET)
+    assert done.choices[0].finish_reason == finish
 
 
 @settings(max_examples=150)

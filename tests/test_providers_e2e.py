@@ -449,6 +449,60 @@ def test_image_inputs_arrive_in_each_providers_form(mock: MockServer, p: P) -> N
         ]
 
 
+PDF = "JVBERi0xLjQK"  # "%PDF-1.4\n"
+AUDIO = "UklGRiQAAABXQVZF"  # the start of a WAV file
+FILE_PART = {
+    "type": "file",
+    "file": {"filename": "a.pdf", "file_data": f"data:application/pdf;base64,{PDF}"},
+}
+AUDIO_PART = {"type": "input_audio", "input_audio": {"data": AUDIO, "format": "wav"}}
+
+
+@PROVIDERS
+def test_file_inputs_arrive_in_each_providers_form(mock: MockServer, p: P) -> None:
+    # A part the adapter cannot carry must not vanish: the model would answer without it.
+    question = {"role": "user", "content": [{"type": "text", "text": "Summarize."}, FILE_PART]}
+    done = Lunar(**FAST).chat.completions.create(model=p.model, messages=[question])
+    assert done.choices[0].message.content == story(8)
+    sent = mock.requests[-1].json
+    if p is ANTHROPIC:
+        assert sent["messages"][0]["content"][1] == {
+            "type": "document",
+            "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},
+        }
+    else:
+        assert sent["contents"][0]["parts"][1] == {
+            "inlineData": {"mimeType": "application/pdf", "data": PDF}
+        }
+
+
+def test_gemini_takes_audio_input(mock: MockServer) -> None:
+    question = {"role": "user", "content": [{"type": "text", "text": "Transcribe."}, AUDIO_PART]}
+    Lunar(**FAST).chat.completions.create(model=GEMINI.model, messages=[question])
+    assert mock.requests[-1].json["contents"][0]["parts"][1] == {
+        "inlineData": {"mimeType": "audio/wav", "data": AUDIO}
+    }
+
+
+@pytest.mark.parametrize(
+    ("p", "part", "param"),
+    [
+        (ANTHROPIC, AUDIO_PART, "input_audio"),
+        (ANTHROPIC, {"type": "file", "file": {"file_id": "file-abc"}}, "file"),
+        (GEMINI, {"type": "file", "file": {"file_id": "file-abc"}}, "file"),
+    ],
+    ids=["anthropic-audio", "anthropic-file-id", "gemini-file-id"],
+)
+def test_a_part_the_provider_cannot_take_is_refused_before_sending(
+    mock: MockServer, p: P, part: dict[str, Any], param: str
+) -> None:
+    question = {"role": "user", "content": [{"type": "text", "text": "Here."}, part]}
+    with pytest.raises(BadRequestError) as info:
+        Lunar(**FAST).chat.completions.create(model=p.model, messages=[question])
+    assert info.value.param == f"messages.content.{param}"
+    assert mock.requests == []
+
+
 @STREAMS
 def test_gemini_json_mode_is_native(mock: MockServer, stream: bool) -> None:
     mock.enqueue(Reply(text='{"ok": true}', chunks=3))
@@ -659,3 +713,67 @@ def test_gemini_answer_without_usage_is_estimated(mock: MockServer) -> None:
     mock.enqueue(Reply(usage=False))
     done = Lunar(**FAST).chat.completions.create(model=GEMINI.model, messages=MESSAGES)
     assert done.usage.prompt_tokens > 0 and done.usage.completion_tokens > 0
+
+
+NO_ARGS = [{"type": "function", "function": {"name": "get_time"}}]
+
+
+@PROVIDERS
+@MODES
+@STREAMS
+async def test_tool_call_without_arguments_has_empty_object_arguments(
+    mock: MockServer, p: P, mode: str, stream: bool
+) -> None:
+    # Claude streams a call without arguments as one ``partial_json: ""``: the assembled
+    # arguments must still be "{}" (JSON), as unstreamed and as OpenAI gives them.
+    mock.enqueue(Reply(tool_calls=[{"name": "get_time", "arguments": {}}]), model=p.provider_model)
+    result, _ = await call(mode, stream=stream, model=p.model, tools=NO_ARGS)
+    (tool_call,) = tool_calls_of(result, stream)
+    assert tool_call["name"] == "get_time"
+    assert json.loads(tool_call["arguments"]) == {}
+
+
+@PROVIDERS
+@STREAMS
+def test_an_empty_answer_put_back_in_the_conversation_is_accepted(
+    mock: MockServer, p: P, stream: bool
+) -> None:
+    # Both providers refuse a turn without content (and empty text): the empty answer the
+    # model gave (a refusal, an empty end_turn) must not break the next turn.
+    client = Lunar(**FAST)
+    mock.enqueue(Reply(text=""), model=p.provider_model)
+    first = client.chat.completions.create(model=p.model, messages=MESSAGES)
+    assert first.choices[0].message.content == ""
+    messages = [
+        *MESSAGES,
+        first.choices[0].message,
+        {"role": "user", "content": [{"type": "text", "text": ""}]},
+        {"role": "user", "content": "Try again."},
+    ]
+    result = client.chat.completions.create(model=p.model, messages=messages, stream=stream)
+    assert final_of(list(result) if stream else result, stream)[0] == story(8)
+
+
+@PROVIDERS
+@MODES
+@STREAMS
+async def test_extra_body_fields_reach_the_providers_body(
+    mock: MockServer, p: P, mode: str, stream: bool
+) -> None:
+    # The provider's own fields are merged into its body (a nested object into the one Lunar
+    # built); OpenAI's own (logit_bias) have no meaning there and are not sent.
+    safety = [{"category": "HARM_CATEGORY_HARASSMENT", "threshold": "BLOCK_NONE"}]
+    extra: dict[str, Any] = (
+        {"top_k": 5, "logit_bias": {"1": 2}}
+        if p is ANTHROPIC
+        else {"generationConfig": {"topK": 5}, "safetySettings": safety, "logit_bias": {"1": 2}}
+    )
+    result, _ = await call(mode, stream=stream, model=p.model, temperature=0.5, extra_body=extra)
+    assert final_of(result, stream)[0] == story(8)
+    sent = mock.requests[-1].json
+    assert "logit_bias" not in sent
+    if p is ANTHROPIC:
+        assert (sent["top_k"], sent["temperature"]) == (5, 0.5)
+    else:
+        assert sent["generationConfig"] == {"temperature": 0.5, "topK": 5}
+        assert sent["safetySettings"] == safety

@@ -98,6 +98,35 @@ def image_source(part: Mapping[str, Any]) -> ImageSource:
     return ImageSource(url, media_type, None)
 
 
+def file_data(part: Mapping[str, Any], provider: str) -> tuple[str, str]:
+    """An OpenAI ``file`` part's (media type, base64 data). Only data travels to other
+    providers: a ``file_id`` names a file uploaded to OpenAI."""
+    file = part.get("file")
+    data = file.get("file_data") if isinstance(file, Mapping) else None
+    if not (isinstance(data, str) and data.startswith("data:") and ";base64," in data):
+        raise BadRequestError(
+            f"Provider '{provider}' takes a file part only with its data: pass "
+            "'file': {'file_data': 'data:application/pdf;base64,...'} (a 'file_id' is OpenAI's)",
+            param="messages.content.file",
+        )
+    header, _, b64 = data[5:].partition(",")
+    return header.split(";")[0], b64
+
+
+def audio_data(part: Mapping[str, Any]) -> tuple[str, str]:
+    """An OpenAI ``input_audio`` part's (media type, base64 data)."""
+    audio = part.get("input_audio")
+    data = audio.get("data") if isinstance(audio, Mapping) else None
+    fmt = audio.get("format") if isinstance(audio, Mapping) else None
+    if not isinstance(data, str) or not isinstance(fmt, str):
+        raise BadRequestError(
+            "Audio parts must be {'type': 'input_audio', 'input_audio': {'data': <base64>, "
+            "'format': 'wav' | 'mp3'}}",
+            param="messages.content.input_audio",
+        )
+    return f"audio/{fmt}", data
+
+
 def tool_arguments_object(arguments: Any) -> dict[str, Any]:
     """An assistant tool call's JSON arguments as the object providers other than OpenAI
     want back in the conversation."""
@@ -113,6 +142,61 @@ def tool_arguments_object(arguments: Any) -> dict[str, Any]:
             param="messages.tool_calls.function.arguments",
         ) from None
     return value if isinstance(value, dict) else {"value": value}
+
+
+#: The fields of an OpenAI Chat Completions request: what adapters of other wires translate
+#: (or leave out, when the wire has no such thing).
+OPENAI_FIELDS = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "temperature",
+        "top_p",
+        "n",
+        "max_tokens",
+        "max_completion_tokens",
+        "stop",
+        "presence_penalty",
+        "frequency_penalty",
+        "seed",
+        "user",
+        "tools",
+        "tool_choice",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "response_format",
+        "logprobs",
+        "top_logprobs",
+        "logit_bias",
+        "metadata",
+        "store",
+        "service_tier",
+        "modalities",
+        "audio",
+        "prediction",
+        "reasoning_effort",
+        "verbosity",
+        "web_search_options",
+        "safety_identifier",
+        "prompt_cache_key",
+    }
+)
+
+
+def merge_extra(payload: dict[str, Any], body: Mapping[str, Any]) -> None:
+    """The body's fields that are not OpenAI's (``extra_body``) are the provider's own: into
+    ``payload`` as given, an object merged into the one the adapter built (``generationConfig``)."""
+    for key, value in body.items():
+        if key in OPENAI_FIELDS:
+            continue
+        built = payload.get(key)
+        if isinstance(built, Mapping) and isinstance(value, Mapping):
+            payload[key] = {**built, **value}
+        else:
+            payload[key] = value
 
 
 def json_object(content: bytes | str, provider: str) -> dict[str, Any]:

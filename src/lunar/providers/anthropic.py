@@ -8,6 +8,7 @@ from typing import Any
 
 from .._errors import (
     APIConnectionError,
+    BadRequestError,
     error_from_stream_event,
 )
 from .._types import (
@@ -28,8 +29,10 @@ from ._shared import (
     HTTPAdapter,
     dump_body,
     dumps,
+    file_data,
     image_source,
     json_object,
+    merge_extra,
     system_text,
     text_of,
     tool_arguments_object,
@@ -43,6 +46,7 @@ FINISH_REASONS = {
     "stop_sequence": "stop",
     "pause_turn": "stop",
     "max_tokens": "length",
+    "model_context_window_exceeded": "length",  # cut short, by the context window
     "tool_use": "tool_calls",
     "refusal": "content_filter",
 }
@@ -55,7 +59,8 @@ def _content_blocks(content: Any) -> list[dict[str, Any]]:
     for part in content or ():
         kind = part.get("type")
         if kind == "text":
-            blocks.append({"type": "text", "text": part["text"]})
+            if part["text"]:  # Anthropic refuses empty text blocks
+                blocks.append({"type": "text", "text": part["text"]})
         elif kind == "image_url":
             src = image_source(part)
             source: dict[str, Any]
@@ -64,6 +69,16 @@ def _content_blocks(content: Any) -> list[dict[str, Any]]:
             else:
                 source = {"type": "url", "url": src.url}
             blocks.append({"type": "image", "source": source})
+        elif kind == "file":
+            media_type, data = file_data(part, "anthropic")
+            source = {"type": "base64", "media_type": media_type, "data": data}
+            blocks.append({"type": "document", "source": source})
+        elif kind == "input_audio":
+            raise BadRequestError(
+                "Anthropic models take no audio input: leave out the input_audio part, "
+                "or choose a model that takes audio",
+                param="messages.content.input_audio",
+            )
     return blocks
 
 
@@ -97,6 +112,8 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
                         "input": tool_arguments_object(fn.get("arguments")),
                     }
                 )
+        if not blocks:
+            continue  # an empty answer or question: Anthropic refuses a turn without content
         if out and out[-1]["role"] == role:
             out[-1]["content"].extend(blocks)
         else:
@@ -136,6 +153,7 @@ class AnthropicStreamTranslator(ChunkMaker):
         super().__init__(target, "")
         self._input: Mapping[str, Any] = {}
         self._tool_index: dict[int, int] = {}
+        self._no_args: set[int] = set()  # tool_use blocks with no arguments yet
         self._finished = False
         self._stopped = False
 
@@ -149,21 +167,35 @@ class AnthropicStreamTranslator(ChunkMaker):
                 if dtype == "text_delta":
                     out.append(self._chunk(ChoiceDelta(content=delta.get("text", ""))))
                 elif dtype == "input_json_delta":
-                    index = self._tool_index.get(obj.get("index", 0), 0)
-                    call = ChoiceDeltaToolCall(
-                        index, function=Function(None, delta.get("partial_json", ""))
-                    )
-                    out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
+                    block_index = obj.get("index", 0)
+                    index = self._tool_index.get(block_index)
+                    partial = delta.get("partial_json", "")
+                    if index is not None and partial:
+                        self._no_args.discard(block_index)
+                        call = ChoiceDeltaToolCall(index, function=Function(None, partial))
+                        out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
             elif kind == "content_block_start":
                 block = obj.get("content_block") or {}
                 if block.get("type") == "tool_use":
-                    index = self._tool_index[obj.get("index", 0)] = len(self._tool_index)
+                    block_index = obj.get("index", 0)
+                    index = self._tool_index[block_index] = len(self._tool_index)
+                    self._no_args.add(block_index)
                     call = ChoiceDeltaToolCall(
                         index, block.get("id"), "function", Function(block.get("name"), "")
                     )
                     out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
                 elif block.get("type") == "text" and block.get("text"):
                     out.append(self._chunk(ChoiceDelta(content=block["text"])))
+            elif kind == "content_block_stop":
+                block_index = obj.get("index", 0)
+                if block_index in self._no_args:
+                    # Claude streams a call without arguments as one empty ``partial_json``;
+                    # they are "{}", as unstreamed (and as OpenAI streams them).
+                    self._no_args.discard(block_index)
+                    call = ChoiceDeltaToolCall(
+                        self._tool_index[block_index], function=Function(None, "{}")
+                    )
+                    out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
             elif kind == "message_start":
                 message = obj.get("message") or {}
                 self._id = message.get("id", "")
@@ -193,7 +225,7 @@ class AnthropicStreamTranslator(ChunkMaker):
                 self._stopped = True
             elif kind == "error":
                 raise error_from_stream_event(obj.get("error") or obj, self._provider)
-            # ping, content_block_stop, thinking and unknown events carry nothing for callers
+            # ping, thinking and unknown events carry nothing for callers
 
     def _end(self) -> list[ChatCompletionChunk]:
         if not (self._finished or self._stopped):
@@ -245,6 +277,7 @@ class AnthropicAdapter(HTTPAdapter):
         choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if choice is not None and tools:
             payload["tool_choice"] = choice
+        merge_extra(payload, body)
         if stream:
             payload["stream"] = True
         headers = {

@@ -29,11 +29,14 @@ from ._base import HTTPRequest, Target
 from ._shared import (
     ChunkMaker,
     HTTPAdapter,
+    audio_data,
     dump_body,
     dumps,
+    file_data,
     image_source,
     json_object,
     loads,
+    merge_extra,
     system_text,
     text_of,
     tool_arguments_object,
@@ -83,13 +86,19 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     for part in content or ():
         if part.get("type") == "text":
-            parts.append({"text": part["text"]})
+            if part["text"]:  # Gemini refuses empty text parts
+                parts.append({"text": part["text"]})
         elif part.get("type") == "image_url":
             src = image_source(part)
             if src.data is not None:
                 parts.append({"inlineData": {"mimeType": src.media_type, "data": src.data}})
             else:
                 parts.append({"fileData": {"mimeType": src.media_type, "fileUri": src.url}})
+        elif part.get("type") in ("file", "input_audio"):
+            media_type, data = (
+                file_data(part, "gemini") if part["type"] == "file" else audio_data(part)
+            )
+            parts.append({"inlineData": {"mimeType": media_type, "data": data}})
     return parts
 
 
@@ -127,6 +136,8 @@ def _contents(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
                     }
                 )
             role = "model" if role == "assistant" else "user"
+        if not parts:
+            continue  # an empty answer or question: Gemini refuses a turn without parts
         if out and out[-1]["role"] == role:
             out[-1]["parts"].extend(parts)
         else:
@@ -290,6 +301,7 @@ class GeminiAdapter(HTTPAdapter):
             config_tools = _tool_config(body.get("tool_choice"))
             if config_tools:
                 payload["toolConfig"] = config_tools
+        merge_extra(payload, body)
         headers = {"content-type": "application/json"}
         if target.api_key:
             headers["x-goog-api-key"] = target.api_key

@@ -538,7 +538,9 @@ class AnthropicWire(Wire):
             else:
                 boundary = [block_stop(index), block_start(index + 1, header)]
             index += 1
-            for j, piece in enumerate(call.pieces):
+            # Claude streams a call without arguments as one empty piece, not as "{}".
+            no_args = call.arguments.replace(" ", "") == "{}"
+            for j, piece in enumerate(("",) if no_args else call.pieces):
                 json_delta = f'{{"type":"input_json_delta","partial_json":{dumps(piece)}}}'
                 positions.append([*(boundary if j == 0 else ()), delta(index, json_delta)])
         closing: dict[str, Any] = {
