@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 pytest.importorskip("llama_cpp")
@@ -23,6 +24,7 @@ from lunar import AsyncLunar, Lunar
 from lunar._errors import APIConnectionError, BadRequestError, NotFoundError
 from lunar._types import ChatCompletionChunk
 from lunar.providers import local
+from lunar.server import create_app, load_config
 
 pytestmark = pytest.mark.local
 
@@ -336,6 +338,46 @@ def test_json_mode_is_constrained(client: Lunar) -> None:
         client, messages=ask, max_tokens=100, temperature=0, response_format={"type": "json_object"}
     )
     assert isinstance(json.loads(text_of(chunks)), dict)
+
+
+@pytest.mark.parametrize(
+    ("fmt", "param"),
+    [
+        ({"type": "json_schema", "json_schema": "cat"}, "response_format.json_schema"),
+        ({"type": "json_schema", "json_schema": ["cat"]}, "response_format.json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "cat", "schema": "object"}},
+            "response_format.json_schema.schema",
+        ),
+    ],
+)
+async def test_a_json_schema_that_is_not_an_object_is_a_bad_request(
+    tmp_path: Any, fmt: dict[str, Any], param: str
+) -> None:
+    # Not a traceback from deep inside (an AttributeError, a 500 at the gateway), nor a
+    # grammar error: the field is named before anything runs.
+    with pytest.raises(BadRequestError) as info:
+        Lunar(max_retries=0).chat.completions.create(
+            model="smollm2", messages=HELLO, max_tokens=2, response_format=fmt
+        )
+    assert info.value.param == param and param in str(info.value)
+    with pytest.raises(BadRequestError) as info:
+        await AsyncLunar(max_retries=0).chat.completions.create(
+            model="smollm2", messages=HELLO, max_tokens=2, response_format=fmt, stream=True
+        )
+    assert info.value.param == param
+    app = create_app(load_config(None, {"LUNAR_MASTER_KEY": "m" * 32}, db=str(tmp_path / "g.db")))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gw"
+    ) as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            json={"model": "smollm2", "messages": HELLO, "max_tokens": 2, "response_format": fmt},
+            headers={"x-api-key": "m" * 32},
+        )
+    await app.shutdown()
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
 
 
 def test_text_parts_and_developer_role(client: Lunar) -> None:
