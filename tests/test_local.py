@@ -189,6 +189,24 @@ def test_seed_determinism(client: Lunar) -> None:
     assert any(run(seed) != first for seed in (1, 2, 3))
 
 
+@pytest.mark.parametrize("seed", [-1, 2**63 - 1])
+def test_every_seed_is_deterministic(client: Lunar, seed: int) -> None:
+    # llama.cpp reads its 32-bit seed 0xFFFFFFFF as "pick one at random": a seed that came
+    # out as that (-1, 2**32 - 1, ...) gave another text each time.
+    def run() -> str:
+        r = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Write a haiku about rain."}],
+            max_tokens=16,
+            temperature=1.5,
+            top_p=1.0,
+            seed=seed,
+        )
+        return r.choices[0].message.content or ""
+
+    assert run() == run()
+
+
 def test_legacy_completions(client: Lunar) -> None:
     r = client.completions.create(model="smollm2", prompt="Say hi.", max_tokens=5)
     assert r.object == "text_completion" and r.provider == "local"

@@ -503,7 +503,9 @@ class LocalModel:
             # Evaluate the whole prompt afresh: logits of a prompt partly taken from the
             # cache differ in the last bits, enough to change what a seeded sampler picks.
             llama.reset()
-            llama.set_seed(req.seed)
+            # llama.cpp takes 32 bits and reads 0xFFFFFFFF as "random": fold any int into
+            # the other values (those below it unchanged).
+            llama.set_seed(req.seed % 0xFFFFFFFF)
         else:
             llama.set_seed(random.getrandbits(31))
         decode = codecs.getincrementaldecoder("utf-8")("replace").decode
