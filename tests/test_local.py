@@ -207,6 +207,22 @@ def test_every_seed_is_deterministic(client: Lunar, seed: int) -> None:
     assert run() == run()
 
 
+def test_temperature_zero_gives_the_same_text_whatever_is_cached(client: Lunar) -> None:
+    # Greedy decoding picks the likeliest token; the logits of a prompt taken whole from the
+    # KV cache (its last token evaluated alone) differed in the last bits from a fresh
+    # evaluation's, and that was enough to change the answer to the very same request.
+    def run(**kwargs: Any) -> str:
+        r = client.chat.completions.create(
+            model="smollm2", messages=HELLO, max_tokens=12, temperature=0, **kwargs
+        )
+        return r.choices[0].message.content or ""
+
+    client.chat.completions.create(model="smollm2", messages=COUNT, max_tokens=1)
+    first = run()  # the shared system prompt cached, the rest evaluated
+    assert run() == first  # the whole prompt cached
+    assert run(seed=7) == first  # the whole prompt evaluated afresh
+
+
 def test_legacy_completions(client: Lunar) -> None:
     r = client.completions.create(model="smollm2", prompt="Say hi.", max_tokens=5)
     assert r.object == "text_completion" and r.provider == "local"
