@@ -26,6 +26,8 @@ from lunar._types import ChatCompletionChunk
 from lunar.providers import local
 from lunar.server import create_app, load_config
 
+from .conftest import cyclic_garbage
+
 pytestmark = pytest.mark.local
 
 try:
@@ -500,6 +502,53 @@ def test_fallback_from_unreachable_cloud_model() -> None:
     assert r.provider == "local" and r.choices[0].message.content
     with pytest.raises(APIConnectionError):
         client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=4)
+
+
+TOOL_HISTORY = [
+    {"role": "user", "content": "What is the weather?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "Sunny."},
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"logprobs": True}, {"logit_bias": {"1": 5}}, {"messages": TOOL_HISTORY}]
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_local_fallback_that_cannot_take_the_request_is_skipped(
+    mock: Any, kwargs: dict[str, Any], stream: bool
+) -> None:
+    # As for tools and images: the fallback chain goes on past the local model, and when
+    # nothing serves, the error raised is the outage's, not the local model's refusal.
+    kwargs = {"messages": HELLO, "max_tokens": 4, "stream": stream, **kwargs}
+    unreachable = {"api_key": "sk-x", "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
+    client = Lunar(providers={"openai": unreachable}, max_retries=0)
+    with cyclic_garbage() as left:
+        r = client.chat.completions.create(
+            model="gpt-4o-mini", fallbacks=["smollm2", "groq/llama-3.1-8b-instant"], **kwargs
+        )
+        assert (list(r)[-1] if stream else r).provider == "groq"
+        del r
+    assert left == []  # the refusal kept no frames (nor, through them, the request)
+    with pytest.raises(APIConnectionError) as info:
+        client.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"], **kwargs)
+    assert [a.provider for a in info.value.attempts] == ["openai", "local"]
+    assert isinstance(info.value.attempts[1].error, BadRequestError)
+    aclient = AsyncLunar(providers={"openai": unreachable}, max_retries=0)
+    with pytest.raises(APIConnectionError):
+        await aclient.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"], **kwargs)
+    await aclient.close()
+    # Asked for by name, the local model refuses it (bad input, not an outage).
+    with pytest.raises(BadRequestError, match="local model does not support"):
+        client.chat.completions.create(
+            model="smollm2", fallbacks=["groq/llama-3.1-8b-instant"], **kwargs
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,8 +82,9 @@ class Router:
         """``(model, target or the reason it cannot be tried)`` in the order to try them:
         the model's deployments ranked by health, then each fallback's; deployments whose
         breaker is open go last. An unknown primary model, or one that cannot take what the
-        request needs (tools, images, ``n`` > 1 choices), raises at once: that is bad input,
-        not an outage. A fallback that cannot is kept as the reason it is skipped."""
+        request needs (tools, images, ``n`` > 1 choices, what its adapter refuses), raises at
+        once: that is bad input, not an outage. A fallback that cannot is kept as the reason
+        it is skipped."""
         if self.remote is not None:
             dep = Deployment(opts.model, "lunar", opts.model, None, catalogued=False)
             return [
@@ -123,8 +124,18 @@ class Router:
                     raise err
                 out.append((name, err))
                 continue
+            refused = self.refusals(deployments, body) if body is not None else {}
+            if refused and len(refused) == len(deployments):
+                refusal = refused[deployments[0]]
+                if i == 0:
+                    raise refusal
+                out.append((name, refusal))
+                continue
             for dep in self.health.rank(deployments, lambda d: d):
-                target = choices_error(name, n, dep.provider) if dep in single else self.target(dep)
+                if dep in single:
+                    target: Target | LunarError = choices_error(name, n, dep.provider)
+                else:
+                    target = refused.get(dep) or self.target(dep)
                 entry = (name, target)
                 (cooling if self.health.cooling_down(dep) else out).append(entry)
         return out + cooling
@@ -136,6 +147,20 @@ class Router:
             spec = self.catalog.providers.get(dep.provider)
             if spec is not None and not adapter_for(spec.protocol).multiple_choices:
                 out.append(dep)
+        return out
+
+    def refusals(
+        self, deployments: list[Deployment], body: Mapping[str, Any]
+    ) -> dict[Deployment, LunarError]:
+        """What the deployments whose adapter checks a body itself (the local model: no
+        logprobs, no tool messages, ...) refuse in this one, found before anything runs."""
+        out: dict[Deployment, LunarError] = {}
+        for dep in deployments:
+            spec = self.catalog.providers.get(dep.provider)
+            refusal = getattr(adapter_for(spec.protocol), "refusal", None) if spec else None
+            if refusal is not None and (err := refusal(body)) is not None:
+                # Without the traceback of its making: frames up to this one, and ``out``.
+                out[dep] = err.with_traceback(None)
         return out
 
     def target(self, dep: Deployment) -> Target | LunarError:

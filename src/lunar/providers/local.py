@@ -765,6 +765,15 @@ class LocalAdapter:
     in_process = LocalRuntime()
     multiple_choices = False  # one generation per request (``parse_body`` refuses n > 1 too)
 
+    def refusal(self, body: Mapping[str, Any]) -> BadRequestError | None:
+        """What this model cannot do in ``body``, asked before the engine tries it: as a
+        fallback it is then skipped, as for tools or images, and the chain goes on."""
+        try:
+            parse_body(body)
+        except BadRequestError as err:
+            return err
+        return None
+
     def _no_http(self) -> LunarError:
         return LunarError("The local provider runs in-process and has no HTTP form")
 
