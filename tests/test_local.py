@@ -551,6 +551,36 @@ async def test_a_local_fallback_that_cannot_take_the_request_is_skipped(
         )
 
 
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_prompt_too_long_for_a_local_fallback_goes_on_to_the_next(
+    mock: Any, client: Lunar, stream: bool
+) -> None:
+    # The README's "last resort": the cloud model is out of reach and the prompt is longer
+    # than the local model's 2048 tokens. Another model's window may well hold it, and
+    # when none is left the outage is the error, not "your prompt is too long".
+    long = [{"role": "user", "content": "lorem ipsum dolor " * 1200}]
+    kwargs: dict[str, Any] = {"messages": long, "max_tokens": 4, "stream": stream}
+    unreachable = {"api_key": "sk-x", "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
+    cloud = Lunar(providers={"openai": unreachable}, max_retries=0)
+    r = cloud.chat.completions.create(
+        model="gpt-4o-mini", fallbacks=["smollm2", "groq/llama-3.1-8b-instant"], **kwargs
+    )
+    assert (list(r)[-1] if stream else r).provider == "groq"
+    with pytest.raises(APIConnectionError) as info:
+        cloud.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"], **kwargs)
+    assert [a.provider for a in info.value.attempts] == ["openai", "local"]
+    assert info.value.attempts[1].error.code == "context_length_exceeded"
+    acloud = AsyncLunar(providers={"openai": unreachable}, max_retries=0)
+    with pytest.raises(APIConnectionError):
+        await acloud.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"], **kwargs)
+    await acloud.close()
+    # Asked for by name, the local model's window is what to change.
+    with pytest.raises(BadRequestError, match="context window"):
+        cloud.chat.completions.create(
+            model="smollm2", fallbacks=["groq/llama-3.1-8b-instant"], **kwargs
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # Async
 

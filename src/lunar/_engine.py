@@ -300,6 +300,11 @@ def may_fall_back(err: LunarError) -> bool:
     return False
 
 
+def too_long_for(err: LunarError) -> bool:
+    """The prompt does not fit this model's context window (another's may hold it)."""
+    return isinstance(err, APIError) and err.code == "context_length_exceeded"
+
+
 def backoff(retry: int, rand: Callable[[], float] = random.random) -> float:
     """Exponential backoff with jitter, as the official SDKs do: min(0.5 * 2**n, 8) x [0.75, 1]."""
     return min(0.5 * 2.0**retry, 8.0) * (1 - 0.25 * rand())
@@ -324,9 +329,12 @@ class Plan:
         max_retries: int,
         rand: Callable[[], float] = random.random,
         health: Health | None = None,
+        primary: str | None = None,
     ) -> None:
         self._health = health
         self._chain = chain
+        #: The model asked for (the chain's first unless its deployments are cooling down).
+        self._primary = primary if primary is not None else (chain[0][0] if chain else None)
         self._max_retries = max_retries
         self._rand = rand
         self._index = 0
@@ -352,7 +360,7 @@ class Plan:
 
     def failed(self, step: Step, err: LunarError) -> None:
         self.attempts.append(Attempt(step.model, step.target.provider, err))
-        self._last_tried = err
+        previous, self._last_tried = self._last_tried, err
         if isinstance(err, ClientClosedError):  # not the provider's doing: nothing more
             self._stopped = True
             return
@@ -369,9 +377,14 @@ class Plan:
                 self._retries += 1
                 self._delay = wait
                 return
-        if not overload:  # another model would be refused the same way
-            self._stopped = True
-            return
+        if not overload:  # another model would be refused the same way ...
+            if step.model != self._primary and too_long_for(err):
+                # ... but not for a prompt too long for this fallback's window: skipped, and
+                # what led to it (an outage) stays the error to raise if nothing serves.
+                self._last_tried, self._last_skipped = previous, err
+            else:
+                self._stopped = True
+                return
         self._index += 1
         self._retries = 0
 
@@ -727,7 +740,7 @@ def plan_for(
     max_retries: int,
     trace: Trace | None,
 ) -> Plan:
-    plan = Plan(router.chain(opts, body), max_retries, health=router.health)
+    plan = Plan(router.chain(opts, body), max_retries, health=router.health, primary=opts.model)
     if trace is not None:
         trace.plan = plan
         trace.stream = None  # a Trace used again: nothing from its last request
