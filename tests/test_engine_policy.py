@@ -123,6 +123,28 @@ def test_should_retry_true_retries_a_client_error_but_never_falls_back():
     assert [a.provider for a in plan.error().attempts] == ["openai"] * 3
 
 
+def test_a_fallback_too_small_for_the_prompt_is_passed_over():
+    """A prompt longer than one fallback's context window says nothing of the next one's;
+    the error to raise when nothing serves stays the outage that led to the fallbacks."""
+    too_long = (
+        b'{"error": {"message": "This model\'s maximum context length is 8192 tokens", '
+        b'"type": "invalid_request_error", "param": "messages", '
+        b'"code": "context_length_exceeded"}}'
+    )
+    outage = error_from_response(503, {}, b"")
+    plan = Plan(chain(router(), "gpt-4o-mini", ["claude-3-haiku", "gpt-4o"]), max_retries=0)
+    seen = step_through(plan, [outage, error_from_response(400, {}, too_long)])
+    assert [s[1] for s in seen] == ["openai", "anthropic", "openai"]
+    assert seen[-1][0] == "gpt-4o"
+    plan = Plan(chain(router(), "gpt-4o-mini", ["claude-3-haiku"]), max_retries=0)
+    step_through(plan, [outage, error_from_response(400, {}, too_long)])
+    assert plan.error() is outage
+    # Too long for the model asked for: that is what to change, nothing else is tried.
+    plan = Plan(chain(router(), "gpt-4o-mini", ["claude-3-haiku"]), max_retries=0)
+    assert len(step_through(plan, [error_from_response(400, {}, too_long)])) == 1
+    assert plan.error().code == "context_length_exceeded"
+
+
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
 def test_client_errors_never_fall_back(status):
     plan = Plan(chain(router(), "gpt-4o-mini", ["claude-3-haiku"]), max_retries=2)

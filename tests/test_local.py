@@ -15,6 +15,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import pytest
 
 pytest.importorskip("llama_cpp")
@@ -23,6 +24,9 @@ from lunar import AsyncLunar, Lunar
 from lunar._errors import APIConnectionError, BadRequestError, NotFoundError
 from lunar._types import ChatCompletionChunk
 from lunar.providers import local
+from lunar.server import create_app, load_config
+
+from .conftest import cyclic_garbage
 
 pytestmark = pytest.mark.local
 
@@ -187,6 +191,40 @@ def test_seed_determinism(client: Lunar) -> None:
     assert any(run(seed) != first for seed in (1, 2, 3))
 
 
+@pytest.mark.parametrize("seed", [-1, 2**63 - 1])
+def test_every_seed_is_deterministic(client: Lunar, seed: int) -> None:
+    # llama.cpp reads its 32-bit seed 0xFFFFFFFF as "pick one at random": a seed that came
+    # out as that (-1, 2**32 - 1, ...) gave another text each time.
+    def run() -> str:
+        r = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Write a haiku about rain."}],
+            max_tokens=16,
+            temperature=1.5,
+            top_p=1.0,
+            seed=seed,
+        )
+        return r.choices[0].message.content or ""
+
+    assert run() == run()
+
+
+def test_temperature_zero_gives_the_same_text_whatever_is_cached(client: Lunar) -> None:
+    # Greedy decoding picks the likeliest token; the logits of a prompt taken whole from the
+    # KV cache (its last token evaluated alone) differed in the last bits from a fresh
+    # evaluation's, and that was enough to change the answer to the very same request.
+    def run(**kwargs: Any) -> str:
+        r = client.chat.completions.create(
+            model="smollm2", messages=HELLO, max_tokens=12, temperature=0, **kwargs
+        )
+        return r.choices[0].message.content or ""
+
+    client.chat.completions.create(model="smollm2", messages=COUNT, max_tokens=1)
+    first = run()  # the shared system prompt cached, the rest evaluated
+    assert run() == first  # the whole prompt cached
+    assert run(seed=7) == first  # the whole prompt evaluated afresh
+
+
 def test_legacy_completions(client: Lunar) -> None:
     r = client.completions.create(model="smollm2", prompt="Say hi.", max_tokens=5)
     assert r.object == "text_completion" and r.provider == "local"
@@ -338,6 +376,46 @@ def test_json_mode_is_constrained(client: Lunar) -> None:
     assert isinstance(json.loads(text_of(chunks)), dict)
 
 
+@pytest.mark.parametrize(
+    ("fmt", "param"),
+    [
+        ({"type": "json_schema", "json_schema": "cat"}, "response_format.json_schema"),
+        ({"type": "json_schema", "json_schema": ["cat"]}, "response_format.json_schema"),
+        (
+            {"type": "json_schema", "json_schema": {"name": "cat", "schema": "object"}},
+            "response_format.json_schema.schema",
+        ),
+    ],
+)
+async def test_a_json_schema_that_is_not_an_object_is_a_bad_request(
+    tmp_path: Any, fmt: dict[str, Any], param: str
+) -> None:
+    # Not a traceback from deep inside (an AttributeError, a 500 at the gateway), nor a
+    # grammar error: the field is named before anything runs.
+    with pytest.raises(BadRequestError) as info:
+        Lunar(max_retries=0).chat.completions.create(
+            model="smollm2", messages=HELLO, max_tokens=2, response_format=fmt
+        )
+    assert info.value.param == param and param in str(info.value)
+    with pytest.raises(BadRequestError) as info:
+        await AsyncLunar(max_retries=0).chat.completions.create(
+            model="smollm2", messages=HELLO, max_tokens=2, response_format=fmt, stream=True
+        )
+    assert info.value.param == param
+    app = create_app(load_config(None, {"LUNAR_MASTER_KEY": "m" * 32}, db=str(tmp_path / "g.db")))
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://gw"
+    ) as http:
+        r = await http.post(
+            "/v1/chat/completions",
+            json={"model": "smollm2", "messages": HELLO, "max_tokens": 2, "response_format": fmt},
+            headers={"x-api-key": "m" * 32},
+        )
+    await app.shutdown()
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+
+
 def test_text_parts_and_developer_role(client: Lunar) -> None:
     r = client.chat.completions.create(
         model="smollm2",
@@ -424,6 +502,83 @@ def test_fallback_from_unreachable_cloud_model() -> None:
     assert r.provider == "local" and r.choices[0].message.content
     with pytest.raises(APIConnectionError):
         client.chat.completions.create(model="gpt-4o-mini", messages=HELLO, max_tokens=4)
+
+
+TOOL_HISTORY = [
+    {"role": "user", "content": "What is the weather?"},
+    {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}
+        ],
+    },
+    {"role": "tool", "tool_call_id": "c1", "content": "Sunny."},
+]
+
+
+@pytest.mark.parametrize(
+    "kwargs", [{"logprobs": True}, {"logit_bias": {"1": 5}}, {"messages": TOOL_HISTORY}]
+)
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_local_fallback_that_cannot_take_the_request_is_skipped(
+    mock: Any, kwargs: dict[str, Any], stream: bool
+) -> None:
+    # As for tools and images: the fallback chain goes on past the local model, and when
+    # nothing serves, the error raised is the outage's, not the local model's refusal.
+    kwargs = {"messages": HELLO, "max_tokens": 4, "stream": stream, **kwargs}
+    unreachable = {"api_key": "sk-x", "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
+    client = Lunar(providers={"openai": unreachable}, max_retries=0)
+    with cyclic_garbage() as left:
+        r = client.chat.completions.create(
+            model="gpt-4o-mini", fallbacks=["smollm2", "groq/llama-3.1-8b-instant"], **kwargs
+        )
+        assert (list(r)[-1] if stream else r).provider == "groq"
+        del r
+    assert left == []  # the refusal kept no frames (nor, through them, the request)
+    with pytest.raises(APIConnectionError) as info:
+        client.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"], **kwargs)
+    assert [a.provider for a in info.value.attempts] == ["openai", "local"]
+    assert isinstance(info.value.attempts[1].error, BadRequestError)
+    aclient = AsyncLunar(providers={"openai": unreachable}, max_retries=0)
+    with pytest.raises(APIConnectionError):
+        await aclient.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"], **kwargs)
+    await aclient.close()
+    # Asked for by name, the local model refuses it (bad input, not an outage).
+    with pytest.raises(BadRequestError, match="local model does not support"):
+        client.chat.completions.create(
+            model="smollm2", fallbacks=["groq/llama-3.1-8b-instant"], **kwargs
+        )
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_prompt_too_long_for_a_local_fallback_goes_on_to_the_next(
+    mock: Any, client: Lunar, stream: bool
+) -> None:
+    # The README's "last resort": the cloud model is out of reach and the prompt is longer
+    # than the local model's 2048 tokens. Another model's window may well hold it, and
+    # when none is left the outage is the error, not "your prompt is too long".
+    long = [{"role": "user", "content": "lorem ipsum dolor " * 1200}]
+    kwargs: dict[str, Any] = {"messages": long, "max_tokens": 4, "stream": stream}
+    unreachable = {"api_key": "sk-x", "base_url": f"http://127.0.0.1:{closed_port()}/v1"}
+    cloud = Lunar(providers={"openai": unreachable}, max_retries=0)
+    r = cloud.chat.completions.create(
+        model="gpt-4o-mini", fallbacks=["smollm2", "groq/llama-3.1-8b-instant"], **kwargs
+    )
+    assert (list(r)[-1] if stream else r).provider == "groq"
+    with pytest.raises(APIConnectionError) as info:
+        cloud.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"], **kwargs)
+    assert [a.provider for a in info.value.attempts] == ["openai", "local"]
+    assert info.value.attempts[1].error.code == "context_length_exceeded"
+    acloud = AsyncLunar(providers={"openai": unreachable}, max_retries=0)
+    with pytest.raises(APIConnectionError):
+        await acloud.chat.completions.create(model="gpt-4o-mini", fallbacks=["smollm2"], **kwargs)
+    await acloud.close()
+    # Asked for by name, the local model's window is what to change.
+    with pytest.raises(BadRequestError, match="context window"):
+        cloud.chat.completions.create(
+            model="smollm2", fallbacks=["groq/llama-3.1-8b-instant"], **kwargs
+        )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -83,8 +83,9 @@ class Router:
         """``(model, target or the reason it cannot be tried)`` in the order to try them:
         the model's deployments ranked by health, then each fallback's; deployments whose
         breaker is open go last. An unknown primary model, or one that cannot take what the
-        request needs (tools, images, ``n`` > 1 choices), raises at once: that is bad input,
-        not an outage. A fallback that cannot is kept as the reason it is skipped."""
+        request needs (tools, images, ``n`` > 1 choices, what its adapter refuses), raises at
+        once: that is bad input, not an outage. A fallback that cannot is kept as the reason
+        it is skipped."""
         if self.remote is not None:
             dep = Deployment(opts.model, "lunar", opts.model, None, catalogued=False)
             return [
@@ -124,8 +125,18 @@ class Router:
                     raise err
                 out.append((name, err))
                 continue
+            refused = self.refusals(deployments, body) if body is not None else {}
+            if refused and len(refused) == len(deployments):
+                refusal = refused[deployments[0]]
+                if i == 0:
+                    raise refusal
+                out.append((name, refusal))
+                continue
             for dep in self.health.rank(deployments, lambda d: d):
-                target = choices_error(name, n, dep.provider) if dep in single else self.target(dep)
+                if dep in single:
+                    target: Target | LunarError = choices_error(name, n, dep.provider)
+                else:
+                    target = refused.get(dep) or self.target(dep)
                 entry = (name, target)
                 (cooling if self.health.cooling_down(dep) else out).append(entry)
         return out + cooling
@@ -137,6 +148,20 @@ class Router:
             spec = self.catalog.providers.get(dep.provider)
             if spec is not None and not adapter_for(spec.protocol).multiple_choices:
                 out.append(dep)
+        return out
+
+    def refusals(
+        self, deployments: list[Deployment], body: Mapping[str, Any]
+    ) -> dict[Deployment, LunarError]:
+        """What the deployments whose adapter checks a body itself (the local model: no
+        logprobs, no tool messages, ...) refuse in this one, found before anything runs."""
+        out: dict[Deployment, LunarError] = {}
+        for dep in deployments:
+            spec = self.catalog.providers.get(dep.provider)
+            refusal = getattr(adapter_for(spec.protocol), "refusal", None) if spec else None
+            if refusal is not None and (err := refusal(body)) is not None:
+                # Without the traceback of its making: frames up to this one, and ``out``.
+                out[dep] = err.with_traceback(None)
         return out
 
     def target(self, dep: Deployment) -> Target | LunarError:
@@ -276,6 +301,11 @@ def may_fall_back(err: LunarError) -> bool:
     return False
 
 
+def too_long_for(err: LunarError) -> bool:
+    """The prompt does not fit this model's context window (another's may hold it)."""
+    return isinstance(err, APIError) and err.code == "context_length_exceeded"
+
+
 def backoff(retry: int, rand: Callable[[], float] = random.random) -> float:
     """Exponential backoff with jitter, as the official SDKs do: min(0.5 * 2**n, 8) x [0.75, 1]."""
     return min(0.5 * 2.0**retry, 8.0) * (1 - 0.25 * rand())
@@ -304,10 +334,13 @@ class Plan:
         rand: Callable[[], float] = random.random,
         health: Health | None = None,
         started: float | None = None,
+        primary: str | None = None,
     ) -> None:
         self._health = health
         self._started = _now() if started is None else started
         self._chain = chain
+        #: The model asked for (the chain's first unless its deployments are cooling down).
+        self._primary = primary if primary is not None else (chain[0][0] if chain else None)
         self._max_retries = max_retries
         self._rand = rand
         self._index = 0
@@ -334,7 +367,7 @@ class Plan:
 
     def failed(self, step: Step, err: LunarError) -> None:
         self.attempts.append(Attempt(step.model, step.target.provider, err))
-        self._last_tried = err
+        previous, self._last_tried = self._last_tried, err
         if isinstance(err, ClientClosedError):  # not the provider's doing: nothing more
             self._stopped = True
             return
@@ -351,9 +384,14 @@ class Plan:
                 self._retries += 1
                 self._delay = wait
                 return
-        if not overload:  # another model would be refused the same way
-            self._stopped = True
-            return
+        if not overload:  # another model would be refused the same way ...
+            if step.model != self._primary and too_long_for(err):
+                # ... but not for a prompt too long for this fallback's window: skipped, and
+                # what led to it (an outage) stays the error to raise if nothing serves.
+                self._last_tried, self._last_skipped = previous, err
+            else:
+                self._stopped = True
+                return
         self._index += 1
         self._retries = 0
 
@@ -724,7 +762,8 @@ def plan_for(
     trace: Trace | None,
     started: float | None = None,
 ) -> Plan:
-    plan = Plan(router.chain(opts, body), max_retries, health=router.health, started=started)
+    chain = router.chain(opts, body)
+    plan = Plan(chain, max_retries, health=router.health, started=started, primary=opts.model)
     if trace is not None:
         trace.plan = plan
         trace.stream = None  # a Trace used again: nothing from its last request

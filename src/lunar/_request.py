@@ -266,6 +266,17 @@ def _tools(tools: Any, name: str) -> None:
 def _response_format(rf: Any, name: str) -> None:
     if not (isinstance(rf, Mapping) and isinstance(rf.get("type"), str)):
         raise bad("'response_format' must be an object with a 'type'", "response_format")
+    # The engine (JSON mode by instruction) and the adapters read the schema from these.
+    js = rf.get("json_schema")
+    if js is None:
+        return
+    if not isinstance(js, Mapping):
+        param = "response_format.json_schema"
+        raise bad(f"'{param}' must be an object ({{'name', 'schema'}})", param)
+    schema = js.get("schema")
+    if schema is not None and not isinstance(schema, Mapping):
+        param = "response_format.json_schema.schema"
+        raise bad(f"'{param}' must be a JSON Schema object", param)
 
 
 def _stream_options(so: Any, name: str) -> None:

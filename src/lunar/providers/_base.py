@@ -57,6 +57,9 @@ class Adapter(Protocol):
     #: ``candidateCount``). Where it cannot, the engine refuses ``n`` > 1 before sending, or
     #: skips the deployment as a fallback: one answer must not stand for ``n`` of them.
     multiple_choices: bool
+    # Optional: ``refusal(body) -> LunarError | None``, what the adapter cannot do in a body
+    # (the local model's own checks). The engine asks it before trying the deployment, and
+    # skips it as a fallback the way it skips one without tools or vision.
 
     def build_request(
         self, body: Mapping[str, Any], target: Target, stream: bool

@@ -36,9 +36,9 @@ JSON mode (``json_object``, or ``json_schema``) by constrained decoding, a llama
 grammar. Tools, images/audio/files, ``logprobs`` and ``logit_bias`` are refused with a
 ``BadRequestError``. Text content parts are joined with newlines; ``developer`` messages
 count as ``system``. The KV cache is reused across requests that share a prompt prefix,
-except with a ``seed``: then the whole prompt is evaluated afresh, since cached logits
-differ in the last bits and that is enough to change what a seeded sampler picks (same
-seed and parameters, same text).
+except with a ``seed`` or ``temperature`` 0: then the whole prompt is evaluated afresh,
+since cached logits differ in the last bits and that is enough to change what a seeded or
+greedy sampler picks (same seed, or temperature 0, and parameters: same text).
 
 Usage is counted, not estimated: ``prompt_tokens`` is the length of the prompt after the
 GGUF's chat template (which adds its own system prompt when there is none), and
@@ -499,11 +499,15 @@ class LocalModel:
         if req.max_tokens is not None:
             budget = min(budget, req.max_tokens)
         grammar = self._grammar(req) if req.json_mode else None
-        if req.seed is not None:
+        if req.seed is not None or req.temperature == 0:
             # Evaluate the whole prompt afresh: logits of a prompt partly taken from the
-            # cache differ in the last bits, enough to change what a seeded sampler picks.
+            # cache differ in the last bits, enough to change what a seeded (or greedy)
+            # sampler picks.
             llama.reset()
-            llama.set_seed(req.seed)
+        if req.seed is not None:
+            # llama.cpp takes 32 bits and reads 0xFFFFFFFF as "random": fold any int into
+            # the other values (those below it unchanged).
+            llama.set_seed(req.seed % 0xFFFFFFFF)
         else:
             llama.set_seed(random.getrandbits(31))
         decode = codecs.getincrementaldecoder("utf-8")("replace").decode
@@ -760,6 +764,15 @@ class LocalAdapter:
 
     in_process = LocalRuntime()
     multiple_choices = False  # one generation per request (``parse_body`` refuses n > 1 too)
+
+    def refusal(self, body: Mapping[str, Any]) -> BadRequestError | None:
+        """What this model cannot do in ``body``, asked before the engine tries it: as a
+        fallback it is then skipped, as for tools or images, and the chain goes on."""
+        try:
+            parse_body(body)
+        except BadRequestError as err:
+            return err
+        return None
 
     def _no_http(self) -> LunarError:
         return LunarError("The local provider runs in-process and has no HTTP form")
