@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -49,7 +51,26 @@ def test_every_wire_type_has_its_own_to_dict():
     assert len(CLASSES) >= 10
     for cls in CLASSES:
         assert "to_dict" in vars(cls), cls
-        assert cls.model_dump is cls.to_dict
+
+
+def test_model_dump_takes_what_openai_users_pass():
+    """`r.model_dump(exclude_none=True)` and `r.model_dump_json()`, as on the openai SDK's
+    objects (pydantic's), were a TypeError and an AttributeError."""
+    message = types.ChatCompletionMessage("assistant", "héllo")
+    choice = types.Choice(0, message, "stop")
+    done = types.ChatCompletion("c1", 1, "m", [choice], usage=Usage(3, 4))
+    full = done.model_dump()
+    assert full == done.to_dict() == done.model_dump(mode="json", by_alias=True)
+    assert full["choices"][0]["message"]["tool_calls"] is None
+    lean = done.model_dump(exclude_none=True)
+    assert "tool_calls" not in lean["choices"][0]["message"]
+    assert "logprobs" not in lean["choices"][0]
+    assert lean["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}  # zeros stay
+    assert json.loads(done.model_dump_json()) == full
+    assert json.loads(done.model_dump_json(exclude_none=True, indent=2)) == lean
+    assert "héllo" in done.model_dump_json(indent=2)  # as pydantic writes it, unescaped
+    with pytest.raises(ValueError, match="mode"):
+        done.model_dump(mode="yaml")
 
 
 #: All but the hand-written ones (a streamed tool call's piece leaves out what it lacks;

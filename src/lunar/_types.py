@@ -34,22 +34,35 @@ class _Obj:
         """Each class gets a ``to_dict`` written for its slots, unless it (or a base
         between it and ``_Obj``) has its own."""
         super().__init_subclass__(**kwargs)
-        to_dict = None
-        for name in ("to_dict", "model_dump"):
-            inherited = getattr(cls, name)
-            if name not in cls.__dict__ and (
-                inherited is _Obj.to_dict or getattr(inherited, "_from_slots", False)
-            ):
-                to_dict = to_dict or _to_dict_for(cls)
-                setattr(cls, name, to_dict)
+        inherited = cls.to_dict
+        if "to_dict" not in cls.__dict__ and (
+            inherited is _Obj.to_dict or getattr(inherited, "_from_slots", False)
+        ):
+            cls.to_dict = _to_dict_for(cls)  # type: ignore[method-assign,assignment]
 
     def to_dict(self) -> dict[str, Any]:
         return {}
 
-    model_dump = to_dict  # the name openai/pydantic users reach for
-
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    # The names openai (pydantic) users reach for, with the arguments they pass most.
+    def model_dump(
+        self, *, mode: str = "python", exclude_none: bool = False, by_alias: bool = False
+    ) -> dict[str, Any]:
+        """``to_dict()``; ``exclude_none`` leaves out the fields that are None, at every
+        depth. ``mode`` ("python" or "json") and ``by_alias`` change nothing: every field
+        is JSON already, under its wire name."""
+        if mode not in ("python", "json"):
+            raise ValueError(f"mode must be 'python' or 'json', got {mode!r}")
+        out = self.to_dict()
+        return _without_none(out) if exclude_none else out
+
+    def model_dump_json(self, *, indent: int | None = None, exclude_none: bool = False) -> str:
+        out = self.model_dump(exclude_none=exclude_none)
+        if indent is None:
+            return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
+        return json.dumps(out, indent=indent, ensure_ascii=False)
 
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
@@ -73,6 +86,14 @@ def _dump(value: Any) -> Any:
         return value.to_dict()
     if isinstance(value, list):
         return [_dump(v) for v in value]
+    return value
+
+
+def _without_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_none(v) for v in value]
     return value
 
 
@@ -173,7 +194,6 @@ class Usage(_Obj):
         out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         return out
 
-    model_dump = to_dict
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Usage:
@@ -294,7 +314,6 @@ class ChoiceDeltaToolCall(_Obj):
             )
         return out
 
-    model_dump = to_dict
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChoiceDeltaToolCall:
