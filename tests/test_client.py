@@ -705,3 +705,18 @@ async def test_remote_models_from_a_server_that_is_no_gateway_is_an_api_error(an
                 await client.models.retrieve("gpt-4o-mini")
     finally:
         server.shutdown()
+
+
+async def test_errors_carry_body_and_request_id_as_the_openai_sdks_do(mock):
+    """`e.body` and `e.request_id`, the names openai SDK users read, in both clients."""
+    mock.enqueue(Reply(status=400), Reply(status=400), model="gpt-4o-mini")
+    with pytest.raises(BadRequestError) as info:
+        Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    async with AsyncLunar() as client:
+        with pytest.raises(BadRequestError) as async_info:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    for err in (info.value, async_info.value):
+        assert err.body == err.response_body and err.body["error"]["type"]
+        assert err.request_id is not None and err.request_id.startswith("req_mock_")
+    assert info.value.request_id != async_info.value.request_id
+    assert BadRequestError("refused before sending").request_id is None

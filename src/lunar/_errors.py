@@ -85,6 +85,19 @@ class APIError(LunarError):
             return False
         return self.status_code in (408, 409, 429) or (self.status_code or 0) >= 500
 
+    # As on the openai SDK's errors.
+    @property
+    def body(self) -> Any:
+        """The error answer's body (parsed JSON when it was JSON): ``response_body``."""
+        return self.response_body
+
+    @property
+    def request_id(self) -> str | None:
+        """The answering server's id for the request (``x-request-id``; Anthropic's
+        ``request-id``), to quote to its support."""
+        headers = self.headers
+        return headers.get("x-request-id") or headers.get("request-id")
+
     def to_openai_dict(self) -> dict[str, Any]:
         """The OpenAI error JSON shape: ``{"error": {"message", "type", "param", "code"}}``."""
         return {
