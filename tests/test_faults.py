@@ -490,6 +490,54 @@ async def test_a_misshapen_answer_is_a_typed_error_that_falls_back(mock, monkeyp
     assert (result[-1] if stream else result).provider == "groq"
 
 
+NOT_A_STREAM = {
+    "html_page": (
+        Reply(
+            body="<html><body>Please log in</body></html>",
+            headers={"content-type": "text/html"},
+        ),
+        "answered a stream request with text/html, not an event stream: '<html><body>Please",
+    ),
+    "whole_answer": (
+        Reply(body={"id": "x", "object": "chat.completion", "choices": []}),
+        "answered a stream request with application/json, not an event stream: '{",
+    ),
+    "error_with_200": (
+        Reply(body={"error": {"message": "model overloaded", "type": "server_error"}}),
+        "model overloaded (provider: openai)",
+    ),
+}
+
+
+@MODES
+@pytest.mark.parametrize("case", list(NOT_A_STREAM))
+async def test_a_stream_request_answered_without_a_stream_says_what_came(mock, mode, case):
+    """A 200 with a web page or a JSON body answering ``stream=True`` raised "the stream
+    ended before it was complete": true, but no clue. Now the error shows what came (or the
+    provider's own error message), and is still a provider fault that falls back."""
+    reply, said = NOT_A_STREAM[case]
+    mock.enqueue(reply, model="gpt-4o-mini")
+    client = Lunar(max_retries=0) if mode == "sync" else AsyncLunar(max_retries=0)
+    if mode == "async-httpx":
+        client = AsyncLunar(max_retries=0, http_client=httpx.AsyncClient())
+
+    async def ask(**kw):
+        result = client.chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, **kw
+        )
+        if mode == "sync":
+            return list(result)
+        return [c async for c in await result]
+
+    with pytest.raises(ServerError) as info:
+        await ask()
+    assert info.value.status_code == 502 and info.value.provider == "openai"
+    assert said in info.value.message and busy_connections(client) == 0
+    mock.enqueue(reply, model="gpt-4o-mini")
+    chunks = await ask(fallbacks=["llama-3.1-8b"])
+    assert chunks[-1].provider == "groq" and chunks[-1].choices[0].finish_reason == "stop"
+
+
 @MODES
 @pytest.mark.parametrize("stream", [False, True], ids=["complete", "stream"])
 async def test_a_provider_is_timed_by_its_own_attempt_not_the_ones_before_it(

@@ -33,10 +33,12 @@ from ._errors import (
     LunarError,
     NotFoundError,
     UnprocessableEntityError,
+    error_class_for,
     retry_after_seconds,
 )
 from ._health import Health
 from ._http import AsyncPool, Timeouts, TransportError, TransportTimeout
+from ._json import loads
 from ._request import RequestOptions
 from ._types import (
     ChatCompletion,
@@ -725,6 +727,38 @@ def parse_answer(adapter: Adapter, content: bytes, target: Target) -> ChatComple
         raise misshapen(target.provider, exc, content) from exc
 
 
+def not_an_event_stream(headers: Mapping[str, str]) -> bool:
+    """A 2xx answer to a stream request that is plainly something else: a JSON body (an
+    error, or a whole answer from a server that ignored ``stream``) or a web page (a proxy's,
+    a login portal's). No content type at all is read as a stream: some servers omit it."""
+    ctype = headers.get("content-type") or ""
+    return ctype.startswith(("application/json", "text/html"))
+
+
+def stream_refused(
+    adapter: Adapter, status: int, headers: Mapping[str, str], content: bytes, target: Target
+) -> APIError:
+    """What a stream request that got no event stream raises: the error answer's own, or
+    a 502 that shows what came instead (retried and fallen back from, as a provider's
+    fault)."""
+    if status >= 400:
+        return adapter.parse_error(status, headers, content, target)
+    try:
+        answer = loads(content)
+    except ValueError:
+        answer = None
+    if isinstance(answer, dict) and "error" in answer:  # an error with a 200 status
+        return adapter.parse_error(502, headers, content, target)
+    ctype = headers.get("content-type") or ""
+    return error_class_for(502)(
+        f"Provider '{target.provider}' answered a stream request with {ctype}, not an event "
+        f"stream: {content[:200].decode('utf-8', 'replace')!r}",
+        502,
+        content[:2000].decode("utf-8", "replace"),
+        provider=target.provider,
+    )
+
+
 def has_substance(chunks: list[ChatCompletionChunk]) -> bool:
     """Whether any chunk carries something for the caller. Providers send a role-only chunk
     before generating; committing to a provider waits for more, so a failure right after
@@ -963,9 +997,9 @@ class SyncEngine(_Closable):
         resp = None
         try:
             resp = self.send(req, opts, stream=True)
-            if resp.status_code >= 400:
+            if resp.status_code >= 400 or not_an_event_stream(resp.headers):
                 resp.read()
-                raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
+                raise stream_refused(adapter, resp.status_code, resp.headers, resp.content, target)
             translator = adapter.stream_translator(target)
             raw = resp.iter_bytes()
             first: list[ChatCompletionChunk] = []
@@ -1136,9 +1170,9 @@ class AsyncEngine(_Closable):
         resp = None
         try:
             resp = await self.send(req, opts, stream=True)
-            if resp.status_code >= 400:
+            if resp.status_code >= 400 or not_an_event_stream(resp.headers):
                 await resp.aread()
-                raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
+                raise stream_refused(adapter, resp.status_code, resp.headers, resp.content, target)
             translator = adapter.stream_translator(target)
             raw = resp.aiter_bytes()
             first: list[ChatCompletionChunk] = []
