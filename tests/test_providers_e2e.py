@@ -6,6 +6,7 @@ and async, streamed and not, with faults, fallbacks, usage and cost.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -247,6 +248,20 @@ async def test_tool_call(mock: MockServer, p: P, mode: str, stream: bool) -> Non
     else:
         assert sent["tools"][0]["functionDeclarations"][0]["name"] == "get_weather"
     assert busy_connections(client) == 0
+
+
+@STREAMS
+async def test_gemini_calls_without_an_id_get_ids_unique_across_answers(
+    mock: MockServer, stream: bool
+) -> None:
+    """Gemini may send a call without an id; every answer made them call_0, call_1 … again,
+    so a conversation keeping calls by id mixed up the turns'."""
+    ids = []
+    for _ in range(2):
+        result, _ = await call("async", stream=stream, model=GEMINI.model, tools=TOOLS)
+        ids += [c["id"] for c in tool_calls_of(result, stream)]
+    assert len(ids) == len(set(ids)) == 2
+    assert all(re.fullmatch(r"call_[0-9a-f]{24}", i) for i in ids), ids
 
 
 @PROVIDERS

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -145,6 +146,12 @@ def _contents(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def new_call_id() -> str:
+    """An id for a call Gemini sent without one, unique across answers as OpenAI's are
+    (``call_0`` in every answer mixed up the calls of a conversation kept by id)."""
+    return "call_" + secrets.token_hex(12)
+
+
 def _tool_config(choice: Any) -> dict[str, Any] | None:
     if choice is None:
         return None
@@ -220,7 +227,7 @@ class GeminiStreamTranslator(ChunkMaker):
                         self._calls[index] = number + 1
                         tool_call = ChoiceDeltaToolCall(
                             number,
-                            call.get("id") or f"call_{number}",
+                            call.get("id") or new_call_id(),
                             "function",
                             Function(call.get("name"), dumps(call.get("args") or {})),
                         )
@@ -328,7 +335,7 @@ class GeminiAdapter(HTTPAdapter):
                     call = part["functionCall"]
                     calls.append(
                         ToolCall(
-                            call.get("id") or f"call_{len(calls)}",
+                            call.get("id") or new_call_id(),
                             Function(call.get("name"), dumps(call.get("args") or {})),
                         )
                     )
