@@ -1357,6 +1357,8 @@ def test_raising_a_budget_lets_the_same_key_go_on(gw, upstream):
         ({"name": None}, 400, "name"),
         ({"models": []}, 400, "models"),
         ({"models": ["gpt-4o", "no-such-model"]}, 400, "models[1]"),
+        ({"name": "team\nb"}, 400, "name"),  # it would break the tables of keys
+        ({"name": "tab\there"}, 400, "name"),
         ({"key_hash": "x"}, 400, "key_hash"),
         ({"revoked_at": None}, 400, "revoked_at"),
     ],
@@ -1373,6 +1375,13 @@ def test_a_bad_key_change_is_refused_naming_the_field_and_changes_nothing(gw, bo
         None,
         None,
     )
+
+
+def test_a_key_name_may_be_any_printable_text_but_no_control_character(gw):
+    assert gw.admin("POST", "/admin/keys", json={"name": "équipe 日本 ✓"}).status_code == 201
+    r = gw.admin("POST", "/admin/keys", json={"name": "a\nb"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "name"
+    assert "printable" in r.json()["error"]["message"]
 
 
 def test_a_revoked_or_unknown_key_cannot_be_changed(gw):

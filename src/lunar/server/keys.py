@@ -233,9 +233,16 @@ def _fields(body: Any, catalog: Catalog, *, creating: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if creating or "name" in body:
         name = body.get("name")
-        if not isinstance(name, str) or not name.strip() or len(name) > 200 or not _unicode(name):
+        if (
+            not isinstance(name, str)
+            or not name.strip()
+            or len(name) > 200
+            or not _unicode(name)
+            or not name.isprintable()  # a newline or tab would break every table of keys
+        ):
             raise BadRequestError(
-                "'name' must be a non-empty string (at most 200 characters)", param="name"
+                "'name' must be a non-empty string of printable characters (at most 200)",
+                param="name",
             )
         out["name"] = name.strip()
     for field in ("rpm", "tpm"):
