@@ -21,7 +21,7 @@ import pytest
 pytest.importorskip("llama_cpp")
 
 from lunar import AsyncLunar, Lunar
-from lunar._errors import APIConnectionError, BadRequestError, NotFoundError
+from lunar._errors import APIConnectionError, APITimeoutError, BadRequestError, NotFoundError
 from lunar._types import ChatCompletionChunk
 from lunar.providers import local
 from lunar.server import create_app, load_config
@@ -699,3 +699,46 @@ async def test_async_fallback() -> None:
     chunks = [c async for c in stream]
     assert all(c.provider == "local" for c in chunks)
     await client.close()
+
+
+class _Busy:
+    """Holds the worker thread, as a long generation would, until ``gate`` is set."""
+
+    def __init__(self, gate: threading.Event) -> None:
+        self.gate = gate
+
+    def run(self, job: Any) -> None:
+        self.gate.wait(30)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_request_queued_behind_others_times_out_and_falls_back(
+    mock: Any, client: Lunar, stream: bool
+) -> None:
+    """The local model serves one request at a time. A request behind a long one waited
+    for it whatever its timeout (600 s by default), and a fallback never got its chance.
+    The timeout's read part now bounds each wait for the model's next piece."""
+    gate = threading.Event()
+    local._worker.submit(_Busy(gate), local._Job(None, lambda item: None))  # type: ignore[arg-type]
+    try:
+        kw: dict[str, Any] = {"messages": HELLO, "max_tokens": 4, "stream": stream}
+        sync = Lunar(max_retries=0, timeout=0.2)
+        with pytest.raises(APITimeoutError, match=r"within the timeout \(0.2 s\)") as info:
+            r = sync.chat.completions.create(model="smollm2", **kw)
+            list(r) if stream else r
+        assert [a.provider for a in info.value.attempts] == ["local"]
+        answer = sync.chat.completions.create(model="smollm2", fallbacks=["gpt-4o-mini"], **kw)
+        assert (list(answer)[-1] if stream else answer).provider == "openai"
+        # A per-request timeout, in the async client (whose own default is 600 s).
+        async with AsyncLunar(max_retries=0) as aclient:
+            with pytest.raises(APITimeoutError):
+                r = await aclient.chat.completions.create(model="smollm2", timeout=0.2, **kw)
+                [c async for c in r] if stream else r
+            r = await aclient.chat.completions.create(
+                model="smollm2", fallbacks=["gpt-4o-mini"], timeout=httpx.Timeout(5, read=0.2), **kw
+            )
+            assert ([c async for c in r][-1] if stream else r).provider == "openai"
+    finally:
+        gate.set()
+    # The requests that gave up left nothing queued in the model's way.
+    assert text_of(stream_chunks(client, max_tokens=4, temperature=0))

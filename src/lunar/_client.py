@@ -228,6 +228,7 @@ class Lunar:
             self._settings.router,
             self._http,
             max_retries,
+            local_wait=self._settings.timeout.read,
             **self._settings.for_http_client(http_client),
         )
         self.chat = Chat(self)
@@ -410,6 +411,7 @@ class AsyncLunar:
             self._settings.router,
             self._http,
             max_retries,
+            local_wait=self._settings.timeout.read,
             **self._settings.for_http_client(http_client),
         )
         self.chat = AsyncChat(self)

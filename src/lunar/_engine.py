@@ -886,6 +886,14 @@ class _Closable:
         """A failed exchange: the client closed under it, or the provider's connection."""
         return closed_error(self.closed, self.http) or connection_error(exc, target)
 
+    #: The client's read timeout, for the local model (which has no HTTP client to hold it).
+    local_wait: float | None
+
+    def _wait(self, opts: RequestOptions) -> float | None:
+        """How long the local model may take for its next piece: the request's read
+        timeout, else the client's."""
+        return self.local_wait if opts.timeout is None else opts.timeout.read
+
 
 class SyncEngine(_Closable):
     """``http`` is an ``httpx.Client``. ``headers`` and ``timeout``, when given, go with every
@@ -901,12 +909,14 @@ class SyncEngine(_Closable):
         *,
         headers: Mapping[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        local_wait: float | None = None,
     ) -> None:
         self.router = router
         self.http = http
         self.max_retries = max_retries
         self.headers = headers
         self.timeout = timeout
+        self.local_wait = local_wait
 
     def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> httpx.Response:
         """The response (its body read unless ``stream``)."""
@@ -943,7 +953,7 @@ class SyncEngine(_Closable):
         adapter = adapter_for(target.spec.protocol)
         local = _in_process(adapter)
         if local is not None:
-            result: ChatCompletion = local.complete(body, target)
+            result: ChatCompletion = local.complete(body, target, self._wait(opts))
             return result
         req = adapter.build_request(body, target, stream=False)
         try:
@@ -986,7 +996,8 @@ class SyncEngine(_Closable):
         adapter = adapter_for(target.spec.protocol)
         local = _in_process(adapter)
         if local is not None:
-            batches: Iterator[list[ChatCompletionChunk]] = local.stream(body, target)
+            wait = self._wait(opts)
+            batches: Iterator[list[ChatCompletionChunk]] = local.stream(body, target, wait)
             try:
                 head = next(batches, [])
             except BaseException:
@@ -1066,12 +1077,14 @@ class AsyncEngine(_Closable):
         *,
         headers: Mapping[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        local_wait: float | None = None,
     ) -> None:
         self.router = router
         self.http = http
         self.max_retries = max_retries
         self.headers = headers
         self.timeout = timeout
+        self.local_wait = local_wait
 
     async def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> Any:
         """The response (its body read unless ``stream``): ``status_code``, ``headers``,
@@ -1118,7 +1131,7 @@ class AsyncEngine(_Closable):
         adapter = adapter_for(target.spec.protocol)
         local = _in_process(adapter)
         if local is not None:
-            result: ChatCompletion = await local.acomplete(body, target)
+            result: ChatCompletion = await local.acomplete(body, target, self._wait(opts))
             return result
         req = adapter.build_request(body, target, stream=False)
         try:
@@ -1159,7 +1172,8 @@ class AsyncEngine(_Closable):
         adapter = adapter_for(target.spec.protocol)
         local = _in_process(adapter)
         if local is not None:
-            batches: AsyncIterator[list[ChatCompletionChunk]] = local.astream(body, target)
+            wait = self._wait(opts)
+            batches: AsyncIterator[list[ChatCompletionChunk]] = local.astream(body, target, wait)
             try:
                 head: list[ChatCompletionChunk] = await anext(batches, [])
             except BaseException:

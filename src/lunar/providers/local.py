@@ -22,9 +22,12 @@ that runs llama.cpp: contexts are not thread-safe, so that thread is the lock, a
 (sync or async, from any thread, for any local model) queue for it in order. The worker
 sends each piece of text to the caller as it is generated: through a ``queue.SimpleQueue``
 for the sync API, through ``loop.call_soon_threadsafe`` into an ``asyncio.Queue`` for the
-async one, so generation never blocks an event loop. Closing a stream (``close()``,
-``aclose()``, cancelling the task) sets a flag the worker checks after every token, which
-stops generation within a token and frees the model for the next request. A stream
+async one, so generation never blocks an event loop. The caller waits for each piece at
+most its read timeout (the first piece too, queue included): ``APITimeoutError`` then, and
+its job is dropped (skipped if not begun, stopped within a token if it had). Closing a
+stream (``close()``, ``aclose()``, cancelling the task) sets a flag the worker checks after
+every token, which stops generation within a token and frees the model for the next
+request. A stream
 abandoned without closing runs to its end (at most ``max_tokens``) before the next request
 starts; one that is garbage-collected is closed.
 
@@ -57,6 +60,7 @@ import json
 import os
 import queue
 import random
+import sys
 import threading
 import time
 import uuid
@@ -65,7 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeAlias
 
-from .._errors import APIError, BadRequestError, LunarError, NotFoundError
+from .._errors import APIError, APITimeoutError, BadRequestError, LunarError, NotFoundError
 from .._types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -673,31 +677,35 @@ class _Chunks:
 
 
 class LocalRuntime:
-    """What the engine calls for the ``local`` provider instead of sending HTTP."""
+    """What the engine calls for the ``local`` provider instead of sending HTTP. ``wait`` is
+    the read timeout's counterpart: the seconds the worker may take to give the next piece
+    (the first: the requests queued before this one, then the prompt); ``None``: no limit."""
 
-    def complete(self, body: Mapping[str, Any], target: Target) -> ChatCompletion:
+    def complete(
+        self, body: Mapping[str, Any], target: Target, wait: float | None = None
+    ) -> ChatCompletion:
         items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         job, chunks = _start(body, target, items.put)
         parts: list[str] = []
         try:
-            while (done := chunks.collect(parts, items.get())) is None:
+            while (done := chunks.collect(parts, _next(items, wait))) is None:
                 pass
             return done
         finally:
             job.cancelled = True
 
     def stream(
-        self, body: Mapping[str, Any], target: Target
+        self, body: Mapping[str, Any], target: Target, wait: float | None = None
     ) -> Iterator[list[ChatCompletionChunk]]:
         items: queue.SimpleQueue[_Item] = queue.SimpleQueue()
         job, chunks = _start(body, target, items.put)
         try:
             batch = [chunks.role()]
-            done = chunks.add(items.get(), batch)
+            done = chunks.add(_next(items, wait), batch)
             yield batch
             while not done:
                 batch = []
-                done = chunks.add(items.get(), batch)
+                done = chunks.add(_next(items, wait), batch)
                 while not done:
                     try:
                         item = items.get_nowait()
@@ -708,34 +716,63 @@ class LocalRuntime:
         finally:
             job.cancelled = True
 
-    async def acomplete(self, body: Mapping[str, Any], target: Target) -> ChatCompletion:
+    async def acomplete(
+        self, body: Mapping[str, Any], target: Target, wait: float | None = None
+    ) -> ChatCompletion:
         items, emit = _async_channel()
         job, chunks = _start(body, target, emit)
         parts: list[str] = []
         try:
-            while (done := chunks.collect(parts, await items.get())) is None:
+            while (done := chunks.collect(parts, await _anext(items, wait))) is None:
                 pass
             return done
         finally:
             job.cancelled = True
 
     async def astream(
-        self, body: Mapping[str, Any], target: Target
+        self, body: Mapping[str, Any], target: Target, wait: float | None = None
     ) -> AsyncIterator[list[ChatCompletionChunk]]:
         items, emit = _async_channel()
         job, chunks = _start(body, target, emit)
         try:
             batch = [chunks.role()]
-            done = chunks.add(await items.get(), batch)
+            done = chunks.add(await _anext(items, wait), batch)
             yield batch
             while not done:
                 batch = []
-                done = chunks.add(await items.get(), batch)
+                done = chunks.add(await _anext(items, wait), batch)
                 while not done and not items.empty():
                     done = chunks.add(items.get_nowait(), batch)
                 yield batch
         finally:
             job.cancelled = True
+
+
+def _next(items: queue.SimpleQueue[_Item], wait: float | None) -> _Item:
+    try:
+        return items.get(timeout=wait)
+    except queue.Empty:
+        raise _too_slow(wait) from None
+
+
+async def _anext(items: asyncio.Queue[_Item], wait: float | None) -> _Item:
+    if wait is None or not items.empty():
+        return await items.get()
+    try:
+        if sys.version_info >= (3, 11):
+            async with asyncio.timeout(wait):  # per token: no task of its own, as wait_for has
+                return await items.get()
+        return await asyncio.wait_for(items.get(), wait)
+    except (TimeoutError, asyncio.TimeoutError):
+        raise _too_slow(wait) from None
+
+
+def _too_slow(wait: float | None) -> APITimeoutError:
+    return APITimeoutError(
+        f"The local model gave nothing within the timeout ({wait:g} s): it serves one "
+        "request at a time, so this one may have queued behind others (a timeout, then a "
+        "fallback, sends it elsewhere)"
+    )
 
 
 def _start(

@@ -347,7 +347,9 @@ class Gateway:
                 max_idle_per_origin=c.max_connections,
                 headers={"user-agent": f"lunar-gateway/{__version__}"},
             )
-            self.engine = AsyncEngine(self.router, self._http, c.max_retries)
+            self.engine = AsyncEngine(
+                self.router, self._http, c.max_retries, local_wait=c.timeout_seconds
+            )
             self._refresher = asyncio.create_task(self._refresh_keys())
             self._started = True
 
