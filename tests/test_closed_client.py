@@ -130,3 +130,67 @@ async def test_an_async_client_closed_while_backing_off_stops_there(mock):
     assert errors == ["ServerError", "ClientClosedError"]
     ((_, stats),) = health_records(client).items()  # the 500, nothing for the close
     assert (len(stats.outcomes), stats.failed) == (1, 1)
+
+
+async def _next(stream):
+    return await stream.__anext__() if hasattr(stream, "__anext__") else next(stream)
+
+
+async def _rest(stream):
+    if hasattr(stream, "__anext__"):
+        return [c async for c in stream]
+    return list(stream)
+
+
+async def _close(client):
+    await call(client.close())
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_closing_a_client_ends_its_streams_in_flight(mock, monkeypatch, mode):
+    """On the async pool, or with the caller's own httpx client (which stays open), a
+    stream went on to its end after close(), while Lunar's own httpx client ended it: the
+    same ClientClosedError now, whatever the client."""
+    mock.default = Reply(chunks=40, pacing=0.005)
+    client = client_for(mode, monkeypatch)
+    stream = await call(
+        client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
+    )
+    await _next(stream)
+    await _next(stream)
+    await _close(client)
+    with pytest.raises(ClientClosedError):
+        await _rest(stream)
+    assert health_records(client) == {}  # not the provider's doing
+
+
+@pytest.mark.parametrize("mode", ["sync", "async-pool"])
+async def test_closing_a_client_ends_its_local_streams_and_frees_the_model(mode, monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from lunar.providers import local
+
+    try:
+        local.bundled_model_path()
+    except Exception as exc:
+        pytest.skip(f"bundled GGUF not available: {exc}")
+    long = {"role": "user", "content": "Write a very long story."}
+    client = client_for(mode, monkeypatch)
+    stream = await call(
+        client.chat.completions.create(
+            model="smollm2", messages=[long], stream=True, max_tokens=1500, temperature=2.0
+        )
+    )
+    await _next(stream)
+    await _next(stream)
+    await _close(client)
+    with pytest.raises(ClientClosedError):
+        await _rest(stream)
+    # The generation stopped: the next local request is served (not after 1,500 tokens).
+    fresh = client_for(mode, monkeypatch)
+    answer = await call(
+        fresh.chat.completions.create(
+            model="smollm2", messages=MESSAGES, max_tokens=3, timeout=30
+        )
+    )
+    assert answer.choices[0].message.content
+    await _close(fresh)

@@ -650,16 +650,20 @@ def connection_error(exc: Exception, target: Target) -> APIConnectionError:
     return APIConnectionError(f"Connection to {where} failed: {detail}")
 
 
+def client_closed() -> ClientClosedError:
+    return ClientClosedError(
+        "This Lunar client is closed (close() was called, or its `with` block ended): "
+        "create a new client to make more requests"
+    )
+
+
 def closed_error(closed: bool, http: Any) -> ClientClosedError | None:
     """What to raise for a request on a closed client (``closed``: ``close()`` was called),
     or on one whose HTTP client is closed (the caller's ``http_client``, closed by its
     owner); ``None`` while both are open. Checked before anything is tried, so a closed
     client costs no attempt, no backoff and no provider's health."""
     if closed:
-        return ClientClosedError(
-            "This Lunar client is closed (close() was called, or its `with` block ended): "
-            "create a new client to make more requests"
-        )
+        return client_closed()
     if getattr(http, "is_closed", False):
         return ClientClosedError(
             "The http_client given to this Lunar client is closed: keep it open while the "
@@ -1043,9 +1047,13 @@ class SyncEngine(_Closable):
             yield from finisher.push(first)
             if translator is None:  # in-process: batches of chunks already
                 for batch in raw:
+                    if self.closed:  # close() ends every stream of the client
+                        raise client_closed()
                     yield from finisher.push(batch)
             else:
                 for data in raw:
+                    if self.closed:  # with a caller's http_client, still open
+                        raise client_closed()
                     chunks = translator.feed(data)
                     if chunks:
                         yield from finisher.push(chunks)
@@ -1221,10 +1229,14 @@ class AsyncEngine(_Closable):
                 yield out
             if translator is None:
                 async for batch in raw:
+                    if self.closed:  # close() ends every stream of the client
+                        raise client_closed()
                     if out := finisher.push(batch):
                         yield out
             else:
                 async for data in raw:
+                    if self.closed:  # with a caller's http_client, still open
+                        raise client_closed()
                     chunks = translator.feed(data)
                     if chunks and (out := finisher.push(chunks)):
                         yield out

@@ -369,6 +369,9 @@ class AsyncPool:
         self._urls: dict[str, tuple[tuple[str, str, int], bytes]] = {}
         self._header_blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._closed = False
+        # The connections carrying a stream now: closing the pool ends them too, as closing
+        # an httpx client does (a response read whole is left to finish).
+        self._streaming: set[_Connection] = set()
 
     @property
     def is_closed(self) -> bool:
@@ -445,10 +448,15 @@ class AsyncPool:
             response = Response(self, conn, read_timeout)
             if not stream:
                 await response.aread()
+            else:
+                self._streaming.add(conn)
             return response
 
     async def aclose(self) -> None:
         self._closed = True
+        for conn in self._streaming:
+            conn.close()  # its reader gets "the server closed the connection" at once
+        self._streaming.clear()
         for queue in self._idle.values():
             for conn in queue:
                 conn.close()
@@ -591,6 +599,7 @@ class AsyncPool:
 
     def _release(self, conn: _Connection) -> None:
         """The response is done with ``conn``: keep it idle when it can serve another."""
+        self._streaming.discard(conn)
         if self._closed or not conn.reusable() or self.max_idle_per_origin <= 0:
             self._discard(conn)
             return
