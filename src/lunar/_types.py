@@ -203,6 +203,8 @@ class Usage(_Obj):
         if not cached:
             details = get("prompt_tokens_details")
             cached = details.get("cached_tokens") if type(details) is dict else 0
+            if not cached:  # DeepSeek's name for them: its cache hits are billed as cached
+                cached = get("prompt_cache_hit_tokens") or 0
         total = get("total_tokens")
         # Whole numbers in range, as nearly every answer has them, skip the calls. The OR of
         # ints is negative if one is, reaches 2**53 if one does, and fails on anything else

@@ -1,0 +1,76 @@
+"""Usage and cost as each provider bills them: tokens counted where each wire puts them,
+every token priced once, at the price of what it was (input, cached input, output)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lunar import Lunar
+from lunar.testing import MockServer, Reply
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def cost(tokens: int, price: float) -> float:
+    return round(tokens * price / 1e6, 10)
+
+
+@pytest.fixture
+def deepseek(mock: MockServer, monkeypatch: pytest.MonkeyPatch) -> MockServer:
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-ds")
+    monkeypatch.setenv("DEEPSEEK_BASE_URL", mock.base_url)
+    return mock
+
+
+def _openai_body(usage: dict) -> dict:
+    return {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "deepseek-chat",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
+        ],
+        "usage": usage,
+    }
+
+
+def _openai_stream(usage: dict) -> bytes:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "deepseek-chat"}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**chunk, "choices": [], "usage": usage},
+    ]
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+# DeepSeek's usage: its cache hits in its own field, not in prompt_tokens_details.
+DEEPSEEK_USAGE = {
+    "prompt_tokens": 1000,
+    "completion_tokens": 10,
+    "total_tokens": 1010,
+    "prompt_cache_hit_tokens": 800,
+    "prompt_cache_miss_tokens": 200,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_deepseek_cache_hits_are_billed_at_the_cached_price(deepseek, stream):
+    body = _openai_stream(DEEPSEEK_USAGE) if stream else _openai_body(DEEPSEEK_USAGE)
+    headers = {"content-type": "text/event-stream"} if stream else {}
+    deepseek.enqueue(Reply(body=body, headers=headers), model="deepseek-chat")
+    with Lunar(max_retries=0) as client:
+        result = client.chat.completions.create(
+            model="deepseek-chat", messages=MESSAGES, stream=stream
+        )
+        usage = list(result)[-1].usage if stream else result.usage
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.total_tokens) == (1000, 800, 1010)
+    assert usage.prompt_tokens_details.cached_tokens == 800
+    assert usage.input_cost_usd == cost(200, 0.27)
+    assert usage.cached_input_cost_usd == cost(800, 0.07)
+    assert usage.output_cost_usd == cost(10, 1.10)
