@@ -74,3 +74,55 @@ def test_deepseek_cache_hits_are_billed_at_the_cached_price(deepseek, stream):
     assert usage.input_cost_usd == cost(200, 0.27)
     assert usage.cached_input_cost_usd == cost(800, 0.07)
     assert usage.output_cost_usd == cost(10, 1.10)
+
+
+@pytest.fixture
+def providers(mock: MockServer, monkeypatch: pytest.MonkeyPatch) -> MockServer:
+    """The emulator as OpenAI and co., Anthropic and Gemini."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", mock.url)
+    monkeypatch.setenv("GEMINI_API_KEY", "g")
+    monkeypatch.setenv("GEMINI_BASE_URL", mock.url)
+    return mock
+
+
+def _sse(events: list[tuple[str | None, dict]]) -> bytes:
+    out = b""
+    for name, obj in events:
+        out += f"event: {name}\n".encode() if name else b""
+        out += b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return out
+
+
+def _ask(model: str, stream: bool, reply: Reply, mock: MockServer, provider_model: str):
+    headers = {"content-type": "text/event-stream"} if stream else {}
+    mock.enqueue(reply.replace(headers=headers), model=provider_model)
+    with Lunar(max_retries=0) as client:
+        result = client.chat.completions.create(model=model, messages=MESSAGES, stream=stream)
+        return list(result)[-1].usage if stream else result.usage
+
+
+# Gemini: thoughts and tool-use prompt tokens are counted apart from the candidates and
+# the prompt, and billed as output and input; totalTokenCount adds them all.
+GEMINI_USAGE = {
+    "promptTokenCount": 100,
+    "cachedContentTokenCount": 40,
+    "candidatesTokenCount": 10,
+    "thoughtsTokenCount": 30,
+    "toolUsePromptTokenCount": 20,
+    "totalTokenCount": 160,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_gemini_thoughts_and_tool_use_prompt_tokens_are_counted_and_billed(providers, stream):
+    candidate = {"content": {"role": "model", "parts": [{"text": "Hi"}]}, "finishReason": "STOP"}
+    response = {"candidates": [candidate], "usageMetadata": GEMINI_USAGE}
+    body = _sse([(None, response)]) if stream else response
+    usage = _ask("gemini-2.5-flash", stream, Reply(body=body), providers, "gemini-2.5-flash")
+    assert (usage.prompt_tokens, usage.completion_tokens) == (120, 40)
+    assert usage.total_tokens == GEMINI_USAGE["totalTokenCount"]
+    assert usage.cached_tokens == 40
+    assert usage.input_cost_usd == cost(80, 0.30)
+    assert usage.cached_input_cost_usd == cost(40, 0.075)
+    assert usage.output_cost_usd == cost(40, 2.50)
