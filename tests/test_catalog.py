@@ -192,3 +192,35 @@ def test_an_unreadable_lunar_catalog_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("LUNAR_CATALOG", str(broken))
     with pytest.raises(ValueError, match=r"LUNAR_CATALOG=.*broken\.json"):
         Catalog.load()
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"deployments": {"provider": "openai", "id": "x"}}, "'deployments' must be a list"),
+        ({"deployments": ["openai/x"]}, r"deployments\[0\] must be an object"),
+        ({"deployments": [{"provider": "openai", "input": 1, "output": 2}]}, "'id'"),
+        ({"deployments": [{"id": "x", "input": 1, "output": 2}]}, "'provider'"),
+        # A typo must not leave the model silently unpriced (costs None).
+        ({"deployments": [{"provider": "openai", "id": "x", "input": 1, "ouput": 2}]}, "'output'"),
+        ({"deployments": [{"provider": "openai", "id": "x", "output": 2}]}, "'input'"),
+        (
+            {"deployments": [{"provider": "openai", "id": "x", "cached_input": 1}]},
+            "'input' and 'output'",
+        ),
+        ({"context_window": "128k", "deployments": []}, "'context_window'"),
+        ({"max_output_tokens": 0, "deployments": []}, "'max_output_tokens'"),
+        ({"capabilities": "tools", "deployments": []}, "'capabilities'"),
+        ({"full_name": 3, "deployments": []}, "'full_name'"),
+        ([{"provider": "openai", "id": "x"}], "must be an object"),
+    ],
+)
+def test_a_malformed_catalogue_entry_fails_at_load_naming_the_model_and_field(entry, says):
+    with pytest.raises(ValueError, match=says) as info:
+        Catalog.load({"models": {"my-model": entry}})
+    assert "'my-model'" in str(info.value)
+
+
+def test_a_catalogue_whose_models_are_not_an_object_fails_at_load():
+    with pytest.raises(ValueError, match="'models' must be an object"):
+        Catalog.load({"models": [{"my-model": {}}]})

@@ -100,10 +100,54 @@ def _check_price(value: Any, model: str, deployment: Mapping[str, Any], field: s
         )
 
 
+def _check_model(name: str, m: Any) -> None:
+    """A model entry a user wrote (``catalog=``, ``LUNAR_CATALOG``): the wrong shape fails
+    here, naming the model and the field, not as a KeyError on load, a crash in
+    ``lunar models`` or, for a price left out, a model silently unpriced."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"Catalogue model '{name}': {what}")
+
+    if not isinstance(m, Mapping):
+        raise bad(f"must be an object with 'deployments', got {m!r}")
+    for key in ("context_window", "max_output_tokens"):
+        value = m.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise bad(f"'{key}' must be a whole number of tokens above 0, got {value!r}")
+    caps = m.get("capabilities", ())
+    if not isinstance(caps, (list, tuple)) or not all(isinstance(c, str) for c in caps):
+        raise bad(f"'capabilities' must be a list of names (\"tools\", ...), got {caps!r}")
+    if m.get("full_name") is not None and not isinstance(m["full_name"], str):
+        raise bad(f"'full_name' must be a string, got {m['full_name']!r}")
+    deps = m.get("deployments", [])
+    if not isinstance(deps, (list, tuple)):
+        raise bad(f"'deployments' must be a list of objects, got {deps!r}")
+    for i, d in enumerate(deps):
+        if not isinstance(d, Mapping):
+            raise bad(f"deployments[{i}] must be an object, got {d!r}")
+        for key in ("provider", "id"):
+            if not isinstance(d.get(key), str) or not d[key]:
+                raise bad(f"deployments[{i}] needs '{key}' (a string), got {d.get(key)!r}")
+        priced = [key for key in ("input", "output") if d.get(key) is not None]
+        if len(priced) == 1:
+            missing = "output" if priced == ["input"] else "input"
+            raise bad(
+                f"deployments[{i}] has '{priced[0]}' but no '{missing}' price: give both "
+                "(USD per 1M tokens), or neither for an unpriced model"
+            )
+        if not priced and d.get("cached_input") is not None:
+            raise bad(f"deployments[{i}] has 'cached_input' but no 'input' and 'output' prices")
+
+
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for section in ("providers", "models"):
         if section in extra:
+            if not isinstance(extra[section], Mapping):
+                raise ValueError(
+                    f"Catalogue '{section}' must be an object of name: entry, "
+                    f"got {type(extra[section]).__name__}"
+                )
             merged = dict(base.get(section, {}))
             merged.update(extra[section])
             out[section] = merged
@@ -126,6 +170,7 @@ class Catalog:
         self._by_provider_id: dict[tuple[str, str], Deployment] = {}
         self._aliases: dict[str, str] = {}
         for name, m in data.get("models", {}).items():
+            _check_model(name, m)
             caps = frozenset(m.get("capabilities", ()))
             deployments = []
             for d in m.get("deployments", ()):
