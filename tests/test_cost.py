@@ -126,3 +126,57 @@ def test_gemini_thoughts_and_tool_use_prompt_tokens_are_counted_and_billed(provi
     assert usage.input_cost_usd == cost(80, 0.30)
     assert usage.cached_input_cost_usd == cost(40, 0.075)
     assert usage.output_cost_usd == cost(40, 2.50)
+
+
+# Anthropic: input_tokens counts neither cache reads nor cache writes; writes (5-minute
+# cache) cost 1.25x the input price, reads 0.1x.
+ANTHROPIC_USAGE = {
+    "input_tokens": 50,
+    "cache_creation_input_tokens": 1000,
+    "cache_read_input_tokens": 2000,
+    "output_tokens": 10,
+}
+
+
+def _anthropic(stream: bool, usage: dict) -> bytes | dict:
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "Hi"}],
+        "stop_reason": "end_turn",
+        "usage": usage,
+    }
+    if not stream:
+        return message
+    start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+    return _sse(
+        [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Hi"}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": usage["output_tokens"]}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_cache_writes_are_counted_and_billed_at_the_cache_write_price(providers, stream):
+    body = _anthropic(stream, ANTHROPIC_USAGE)
+    usage = _ask("claude-sonnet-4-5", stream, Reply(body=body), providers, "claude-sonnet-4-5")
+    # As OpenAI counts a prompt: every input token, read, written or neither.
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (3050, 10, 3060)
+    assert (usage.cached_tokens, usage.cache_write_tokens) == (2000, 1000)
+    assert usage.input_cost_usd == round((50 * 3.00 + 1000 * 3.75) / 1e6, 10)
+    assert usage.cached_input_cost_usd == cost(2000, 0.30)
+    assert usage.output_cost_usd == cost(10, 15.00)
+    assert usage.total_cost_usd == round(
+        usage.input_cost_usd + usage.cached_input_cost_usd + usage.output_cost_usd, 10
+    )
+    assert usage.to_dict()["cache_write_tokens"] == 1000

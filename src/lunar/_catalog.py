@@ -38,11 +38,14 @@ class ProviderSpec:
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per 1M tokens."""
+    """USD per 1M tokens. ``cached_input``: tokens read from a prompt cache (None: no
+    discount, the input price); ``cache_write``: tokens written to one (Anthropic's
+    5-minute cache, 1.25x its input price; None: the input price)."""
 
     input: float
     output: float
     cached_input: float | None = None
+    cache_write: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,16 @@ def scaled_round(x: float, scale: float) -> float:
 
 def cost(usage: Usage, prices: Prices) -> None:
     """Fill the cost fields of ``usage`` in place: tokens / 1e6 x price, per side, rounded to
-    10 decimals. Cached input tokens are billed at the cached price when there is one."""
-    cached = min(usage.cached_tokens, usage.prompt_tokens) if prices.cached_input is not None else 0
-    input_cost = scaled_round((usage.prompt_tokens - cached) * prices.input / 1e6, 1e10)
+    10 decimals. Cached input tokens are billed at the cached price when there is one, and
+    tokens written to a cache (part of the input cost) at the cache-write price."""
+    prompt = usage.prompt_tokens
+    cached = min(usage.cached_tokens, prompt) if prices.cached_input is not None else 0
+    # Reads and writes are each a part of the prompt, never the same tokens.
+    written = min(usage.cache_write_tokens, prompt - min(usage.cached_tokens, prompt))
+    write_price = prices.input if prices.cache_write is None else prices.cache_write
+    input_cost = scaled_round(
+        ((prompt - cached - written) * prices.input + written * write_price) / 1e6, 1e10
+    )
     cached_cost = scaled_round(cached * (prices.cached_input or 0.0) / 1e6, 1e10)
     output_cost = scaled_round(usage.completion_tokens * prices.output / 1e6, 1e10)
     usage.input_cost_usd = input_cost
@@ -85,7 +95,7 @@ def cost(usage: Usage, prices: Prices) -> None:
 def _check_price(value: Any, model: str, deployment: Mapping[str, Any], field: str) -> None:
     """A price is a finite number of USD per 1M tokens, at least 0: anything else would
     fail (or bill infinity) on every request that uses it, so it fails at load."""
-    if value is None and field == "cached_input":
+    if value is None and field in ("cached_input", "cache_write"):
         return
     if (
         isinstance(value, bool)
@@ -135,8 +145,9 @@ def _check_model(name: str, m: Any) -> None:
                 f"deployments[{i}] has '{priced[0]}' but no '{missing}' price: give both "
                 "(USD per 1M tokens), or neither for an unpriced model"
             )
-        if not priced and d.get("cached_input") is not None:
-            raise bad(f"deployments[{i}] has 'cached_input' but no 'input' and 'output' prices")
+        for key in ("cached_input", "cache_write"):
+            if not priced and d.get(key) is not None:
+                raise bad(f"deployments[{i}] has '{key}' but no 'input' and 'output' prices")
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -176,9 +187,11 @@ class Catalog:
             for d in m.get("deployments", ()):
                 prices = None
                 if d.get("input") is not None and d.get("output") is not None:
-                    for field in ("input", "output", "cached_input"):
+                    for field in ("input", "output", "cached_input", "cache_write"):
                         _check_price(d.get(field), name, d, field)
-                    prices = Prices(d["input"], d["output"], d.get("cached_input"))
+                    prices = Prices(
+                        d["input"], d["output"], d.get("cached_input"), d.get("cache_write")
+                    )
                 dep = Deployment(
                     model=name,
                     provider=d["provider"],
