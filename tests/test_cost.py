@@ -180,3 +180,13 @@ def test_anthropic_cache_writes_are_counted_and_billed_at_the_cache_write_price(
         usage.input_cost_usd + usage.cached_input_cost_usd + usage.output_cost_usd, 10
     )
     assert usage.to_dict()["cache_write_tokens"] == 1000
+
+
+def test_a_gateways_usage_comes_back_whole_in_remote_mode():
+    """Remote mode reads the gateway's usage JSON: every count and cost as it was sent."""
+    from lunar._types import Usage
+
+    sent = Usage(3050, 10, None, 2000, 1.5e-4, 6e-4, 1.5e-4, 9e-4, 12.0, 3.0, 1000)
+    got = Usage.from_dict(json.loads(json.dumps(sent.to_dict())))
+    assert got.to_dict() == sent.to_dict()
+    assert got.cache_write_tokens == 1000
