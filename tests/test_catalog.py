@@ -192,3 +192,67 @@ def test_an_unreadable_lunar_catalog_names_the_variable(tmp_path, monkeypatch):
     monkeypatch.setenv("LUNAR_CATALOG", str(broken))
     with pytest.raises(ValueError, match=r"LUNAR_CATALOG=.*broken\.json"):
         Catalog.load()
+
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"deployments": {"provider": "openai", "id": "x"}}, "'deployments' must be a list"),
+        ({"deployments": ["openai/x"]}, r"deployments\[0\] must be an object"),
+        ({"deployments": [{"provider": "openai", "input": 1, "output": 2}]}, "'id'"),
+        ({"deployments": [{"id": "x", "input": 1, "output": 2}]}, "'provider'"),
+        # A typo must not leave the model silently unpriced (costs None).
+        ({"deployments": [{"provider": "openai", "id": "x", "input": 1, "ouput": 2}]}, "'output'"),
+        ({"deployments": [{"provider": "openai", "id": "x", "output": 2}]}, "'input'"),
+        (
+            {"deployments": [{"provider": "openai", "id": "x", "cached_input": 1}]},
+            "'input' and 'output'",
+        ),
+        ({"context_window": "128k", "deployments": []}, "'context_window'"),
+        ({"max_output_tokens": 0, "deployments": []}, "'max_output_tokens'"),
+        ({"capabilities": "tools", "deployments": []}, "'capabilities'"),
+        ({"full_name": 3, "deployments": []}, "'full_name'"),
+        ([{"provider": "openai", "id": "x"}], "must be an object"),
+    ],
+)
+def test_a_malformed_catalogue_entry_fails_at_load_naming_the_model_and_field(entry, says):
+    with pytest.raises(ValueError, match=says) as info:
+        Catalog.load({"models": {"my-model": entry}})
+    assert "'my-model'" in str(info.value)
+
+
+def test_a_catalogue_whose_models_are_not_an_object_fails_at_load():
+    with pytest.raises(ValueError, match="'models' must be an object"):
+        Catalog.load({"models": [{"my-model": {}}]})
+
+
+def test_cache_write_is_a_price_of_the_catalogue_and_of_the_gateway_config(tmp_path):
+    from lunar.server import load_config
+
+    assert Catalog.load().resolve("claude-sonnet-4-5")[0].prices.cache_write == 3.75
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(
+        '[models.house-claude]\ndeployments = [{provider = "anthropic", id = "c", '
+        "input = 2.0, output = 8.0, cached_input = 0.2, cache_write = 2.5}]\n"
+    )
+    catalog = load_config(cfg, {}, db=str(tmp_path / "l.db")).build_catalog()
+    prices = catalog.resolve("house-claude")[0].prices
+    assert (prices.cached_input, prices.cache_write) == (0.2, 2.5)
+    with pytest.raises(ValueError, match="'cache_write' must be a finite price"):
+        Catalog.load(
+            {"models": {"m": {"deployments": [
+                {"provider": "anthropic", "id": "c", "input": 1, "output": 2, "cache_write": "x"}
+            ]}}}
+        )  # fmt: skip
+
+
+def test_cache_writes_without_a_cache_write_price_cost_the_input_price():
+    usage = Usage(prompt_tokens=1000, cached_tokens=300, cache_write_tokens=500)
+    cost(usage, Prices(input=2.0, output=8.0, cached_input=0.2))
+    assert usage.input_cost_usd == round(700 * 2.0 / 1e6, 10)  # 200 plain + 500 written
+    assert usage.cached_input_cost_usd == round(300 * 0.2 / 1e6, 10)
+    # A provider that says more was cached and written than the prompt had: each token once.
+    usage = Usage(prompt_tokens=100, cached_tokens=80, cache_write_tokens=80)
+    cost(usage, Prices(input=1.0, output=1.0, cached_input=0.1, cache_write=1.25))
+    assert usage.input_cost_usd == round(20 * 1.25 / 1e6, 10)
+    assert usage.cached_input_cost_usd == round(80 * 0.1 / 1e6, 10)

@@ -230,6 +230,10 @@ def test_health_openapi_and_public_pricing(gw):
     assert pricing.status_code == 200
     mini = next(m for m in pricing.json()["data"] if m["id"] == "gpt-4o-mini")
     assert mini["deployments"][0]["input_price_per_1m"] == 0.15
+    assert mini["deployments"][0]["cached_input_price_per_1m"] == 0.075
+    assert mini["deployments"][0]["cache_write_price_per_1m"] is None
+    sonnet = next(m for m in pricing.json()["data"] if m["id"] == "claude-sonnet-4-5")
+    assert sonnet["deployments"][0]["cache_write_price_per_1m"] == 3.75
     assert any(m["id"] == "fast" for m in pricing.json()["data"])  # alias from the config
 
 

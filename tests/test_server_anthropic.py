@@ -356,3 +356,26 @@ def test_error_body_shape():
         "type": "error",
         "error": {"type": "invalid_request_error", "message": "bad 'x'"},
     }
+
+
+def test_cache_reads_and_writes_come_back_where_anthropic_puts_them():
+    """An answer of Claude's with a prompt cache: ``input_tokens`` is what was neither read
+    from nor written to the cache, as Anthropic counts it, streamed or not."""
+    usage = Usage(3050, 10, cached_tokens=2000, cache_write_tokens=1000)
+    expected = {
+        "input_tokens": 50,
+        "cache_read_input_tokens": 2000,
+        "cache_creation_input_tokens": 1000,
+        "output_tokens": 10,
+    }
+    completion = ChatCompletion(
+        "chatcmpl-c", 1, "claude-sonnet-4-5",
+        [Choice(0, ChatCompletionMessage(content="Hi"), "stop")], usage, provider="anthropic",
+    )  # fmt: skip
+    got = message_from_completion(completion)["usage"]
+    assert {k: got[k] for k in expected} == expected
+    enc = MessageStreamEncoder("claude-sonnet-4-5")
+    out = enc.feed(chunk(content="Hi", role="assistant"))
+    out += enc.feed(chunk(finish="stop", usage=usage)) + enc.end()
+    [delta] = [e for k, e in events(out) if k == "message_delta"]
+    assert {k: delta["usage"][k] for k in expected} == expected

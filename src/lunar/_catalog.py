@@ -38,11 +38,14 @@ class ProviderSpec:
 
 @dataclass(frozen=True)
 class Prices:
-    """USD per 1M tokens."""
+    """USD per 1M tokens. ``cached_input``: tokens read from a prompt cache (None: no
+    discount, the input price); ``cache_write``: tokens written to one (Anthropic's
+    5-minute cache, 1.25x its input price; None: the input price)."""
 
     input: float
     output: float
     cached_input: float | None = None
+    cache_write: float | None = None
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,16 @@ def scaled_round(x: float, scale: float) -> float:
 
 def cost(usage: Usage, prices: Prices) -> None:
     """Fill the cost fields of ``usage`` in place: tokens / 1e6 x price, per side, rounded to
-    10 decimals. Cached input tokens are billed at the cached price when there is one."""
-    cached = min(usage.cached_tokens, usage.prompt_tokens) if prices.cached_input is not None else 0
-    input_cost = scaled_round((usage.prompt_tokens - cached) * prices.input / 1e6, 1e10)
+    10 decimals. Cached input tokens are billed at the cached price when there is one, and
+    tokens written to a cache (part of the input cost) at the cache-write price."""
+    prompt = usage.prompt_tokens
+    cached = min(usage.cached_tokens, prompt) if prices.cached_input is not None else 0
+    # Reads and writes are each a part of the prompt, never the same tokens.
+    written = min(usage.cache_write_tokens, prompt - min(usage.cached_tokens, prompt))
+    write_price = prices.input if prices.cache_write is None else prices.cache_write
+    input_cost = scaled_round(
+        ((prompt - cached - written) * prices.input + written * write_price) / 1e6, 1e10
+    )
     cached_cost = scaled_round(cached * (prices.cached_input or 0.0) / 1e6, 1e10)
     output_cost = scaled_round(usage.completion_tokens * prices.output / 1e6, 1e10)
     usage.input_cost_usd = input_cost
@@ -85,7 +95,7 @@ def cost(usage: Usage, prices: Prices) -> None:
 def _check_price(value: Any, model: str, deployment: Mapping[str, Any], field: str) -> None:
     """A price is a finite number of USD per 1M tokens, at least 0: anything else would
     fail (or bill infinity) on every request that uses it, so it fails at load."""
-    if value is None and field == "cached_input":
+    if value is None and field in ("cached_input", "cache_write"):
         return
     if (
         isinstance(value, bool)
@@ -100,10 +110,55 @@ def _check_price(value: Any, model: str, deployment: Mapping[str, Any], field: s
         )
 
 
+def _check_model(name: str, m: Any) -> None:
+    """A model entry a user wrote (``catalog=``, ``LUNAR_CATALOG``): the wrong shape fails
+    here, naming the model and the field, not as a KeyError on load, a crash in
+    ``lunar models`` or, for a price left out, a model silently unpriced."""
+
+    def bad(what: str) -> ValueError:
+        return ValueError(f"Catalogue model '{name}': {what}")
+
+    if not isinstance(m, Mapping):
+        raise bad(f"must be an object with 'deployments', got {m!r}")
+    for key in ("context_window", "max_output_tokens"):
+        value = m.get(key)
+        if value is not None and (type(value) is not int or value <= 0):
+            raise bad(f"'{key}' must be a whole number of tokens above 0, got {value!r}")
+    caps = m.get("capabilities", ())
+    if not isinstance(caps, (list, tuple)) or not all(isinstance(c, str) for c in caps):
+        raise bad(f"'capabilities' must be a list of names (\"tools\", ...), got {caps!r}")
+    if m.get("full_name") is not None and not isinstance(m["full_name"], str):
+        raise bad(f"'full_name' must be a string, got {m['full_name']!r}")
+    deps = m.get("deployments", [])
+    if not isinstance(deps, (list, tuple)):
+        raise bad(f"'deployments' must be a list of objects, got {deps!r}")
+    for i, d in enumerate(deps):
+        if not isinstance(d, Mapping):
+            raise bad(f"deployments[{i}] must be an object, got {d!r}")
+        for key in ("provider", "id"):
+            if not isinstance(d.get(key), str) or not d[key]:
+                raise bad(f"deployments[{i}] needs '{key}' (a string), got {d.get(key)!r}")
+        priced = [key for key in ("input", "output") if d.get(key) is not None]
+        if len(priced) == 1:
+            missing = "output" if priced == ["input"] else "input"
+            raise bad(
+                f"deployments[{i}] has '{priced[0]}' but no '{missing}' price: give both "
+                "(USD per 1M tokens), or neither for an unpriced model"
+            )
+        for key in ("cached_input", "cache_write"):
+            if not priced and d.get(key) is not None:
+                raise bad(f"deployments[{i}] has '{key}' but no 'input' and 'output' prices")
+
+
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(base)
     for section in ("providers", "models"):
         if section in extra:
+            if not isinstance(extra[section], Mapping):
+                raise ValueError(
+                    f"Catalogue '{section}' must be an object of name: entry, "
+                    f"got {type(extra[section]).__name__}"
+                )
             merged = dict(base.get(section, {}))
             merged.update(extra[section])
             out[section] = merged
@@ -126,14 +181,17 @@ class Catalog:
         self._by_provider_id: dict[tuple[str, str], Deployment] = {}
         self._aliases: dict[str, str] = {}
         for name, m in data.get("models", {}).items():
+            _check_model(name, m)
             caps = frozenset(m.get("capabilities", ()))
             deployments = []
             for d in m.get("deployments", ()):
                 prices = None
                 if d.get("input") is not None and d.get("output") is not None:
-                    for field in ("input", "output", "cached_input"):
+                    for field in ("input", "output", "cached_input", "cache_write"):
                         _check_price(d.get(field), name, d, field)
-                    prices = Prices(d["input"], d["output"], d.get("cached_input"))
+                    prices = Prices(
+                        d["input"], d["output"], d.get("cached_input"), d.get("cache_write")
+                    )
                 dep = Deployment(
                     model=name,
                     provider=d["provider"],

@@ -141,10 +141,14 @@ def usd(x: Any) -> float | None:
 class Usage(_Obj):
     """Token counts, their cost in USD and the request's timing.
 
+    ``prompt_tokens`` counts every input token, as OpenAI does: ``cached_tokens`` of them
+    were read from a prompt cache (billed at the cached price), ``cache_write_tokens``
+    written to one (Anthropic; billed at the cache-write price, in ``input_cost_usd``).
     Costs are ``None`` only when the catalogue has no price for the model that answered.
     """
 
     __slots__ = (
+        "cache_write_tokens",
         "cached_input_cost_usd",
         "cached_tokens",
         "completion_tokens",
@@ -169,6 +173,7 @@ class Usage(_Obj):
         total_cost_usd: float | None = None,
         latency_ms: float | None = None,
         ttft_ms: float | None = None,
+        cache_write_tokens: int = 0,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
@@ -176,6 +181,7 @@ class Usage(_Obj):
             prompt_tokens + completion_tokens if total_tokens is None else total_tokens
         )
         self.cached_tokens = cached_tokens
+        self.cache_write_tokens = cache_write_tokens
         self.input_cost_usd = input_cost_usd
         self.cached_input_cost_usd = cached_input_cost_usd
         self.output_cost_usd = output_cost_usd
@@ -203,6 +209,8 @@ class Usage(_Obj):
         if not cached:
             details = get("prompt_tokens_details")
             cached = details.get("cached_tokens") if type(details) is dict else 0
+            if not cached:  # DeepSeek's name for them: its cache hits are billed as cached
+                cached = get("prompt_cache_hit_tokens") or 0
         total = get("total_tokens")
         # Whole numbers in range, as nearly every answer has them, skip the calls. The OR of
         # ints is negative if one is, reaches 2**53 if one does, and fails on anything else
@@ -235,6 +243,8 @@ class Usage(_Obj):
             cost_total,
             get("latency_ms"),
             get("ttft_ms"),
+            # Anthropic's cache writes, as a Lunar gateway passes them on (remote mode).
+            0 if (written := get("cache_write_tokens")) is None else tokens(written),
         )
 
 

@@ -142,6 +142,7 @@ def _usage(u: Mapping[str, Any], output_tokens: Any = None) -> Usage:
             u.get("output_tokens") if output_tokens is None else output_tokens
         ),
         cached_tokens=cached,
+        cache_write_tokens=created,
     )
 
 

@@ -163,8 +163,11 @@ def _tool_config(choice: Any) -> dict[str, Any] | None:
 
 
 def _usage(meta: Mapping[str, Any]) -> Usage:
+    # Thoughts are billed as output and the prompts of tool use as input, but neither is
+    # in the candidates' or the prompt's count (totalTokenCount adds all four).
     return Usage(
-        prompt_tokens=tokens(meta.get("promptTokenCount")),
+        prompt_tokens=tokens(meta.get("promptTokenCount"))
+        + tokens(meta.get("toolUsePromptTokenCount")),
         completion_tokens=tokens(meta.get("candidatesTokenCount"))
         + tokens(meta.get("thoughtsTokenCount")),
         cached_tokens=tokens(meta.get("cachedContentTokenCount")),

@@ -331,12 +331,15 @@ def _message_id(openai_id: str | None) -> str:
 def _usage(usage: Usage | None) -> dict[str, Any]:
     if usage is None:
         return {"input_tokens": 0, "output_tokens": 0}
+    # Anthropic's input_tokens counts neither the tokens read from the cache nor those
+    # written to it; Lunar's prompt_tokens, as OpenAI's, counts all three.
     cached = min(usage.cached_tokens, usage.prompt_tokens)
+    written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
     out: dict[str, Any] = {
-        "input_tokens": usage.prompt_tokens - cached,
+        "input_tokens": usage.prompt_tokens - cached - written,
         "output_tokens": usage.completion_tokens,
         "cache_read_input_tokens": cached,
-        "cache_creation_input_tokens": 0,
+        "cache_creation_input_tokens": written,
     }
     for name in (
         "input_cost_usd",

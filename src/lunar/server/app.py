@@ -874,6 +874,9 @@ class Gateway:
                             "cached_input_price_per_1m": (
                                 d.prices.cached_input if d.prices else None
                             ),
+                            "cache_write_price_per_1m": (
+                                d.prices.cache_write if d.prices else None
+                            ),
                         }
                         for d in deps
                     ],

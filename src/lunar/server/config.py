@@ -390,7 +390,15 @@ def _local_models(local: Any, src: str) -> dict[str, Any]:
 PROTOCOLS = ("openai", "anthropic", "gemini")
 # A [models.NAME] entry and its deployments, in the catalogue's format.
 _MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "capabilities", "full_name"}
-_DEPLOYMENT_KEYS = {"provider", "id", "input", "output", "cached_input", "context_window"}
+_DEPLOYMENT_KEYS = {
+    "provider",
+    "id",
+    "input",
+    "output",
+    "cached_input",
+    "cache_write",
+    "context_window",
+}
 CAPABILITIES = ("tools", "vision", "json")
 
 

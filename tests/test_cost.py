@@ -1,0 +1,192 @@
+"""Usage and cost as each provider bills them: tokens counted where each wire puts them,
+every token priced once, at the price of what it was (input, cached input, output)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lunar import Lunar
+from lunar.testing import MockServer, Reply
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+
+def cost(tokens: int, price: float) -> float:
+    return round(tokens * price / 1e6, 10)
+
+
+@pytest.fixture
+def deepseek(mock: MockServer, monkeypatch: pytest.MonkeyPatch) -> MockServer:
+    monkeypatch.setenv("DEEPSEEK_API_KEY", "sk-ds")
+    monkeypatch.setenv("DEEPSEEK_BASE_URL", mock.base_url)
+    return mock
+
+
+def _openai_body(usage: dict) -> dict:
+    return {
+        "id": "c1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "deepseek-chat",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}
+        ],
+        "usage": usage,
+    }
+
+
+def _openai_stream(usage: dict) -> bytes:
+    chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "deepseek-chat"}
+    events = [
+        {**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hi"}}]},
+        {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+        {**chunk, "choices": [], "usage": usage},
+    ]
+    return b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + (
+        b"data: [DONE]\n\n"
+    )
+
+
+# DeepSeek's usage: its cache hits in its own field, not in prompt_tokens_details.
+DEEPSEEK_USAGE = {
+    "prompt_tokens": 1000,
+    "completion_tokens": 10,
+    "total_tokens": 1010,
+    "prompt_cache_hit_tokens": 800,
+    "prompt_cache_miss_tokens": 200,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_deepseek_cache_hits_are_billed_at_the_cached_price(deepseek, stream):
+    body = _openai_stream(DEEPSEEK_USAGE) if stream else _openai_body(DEEPSEEK_USAGE)
+    headers = {"content-type": "text/event-stream"} if stream else {}
+    deepseek.enqueue(Reply(body=body, headers=headers), model="deepseek-chat")
+    with Lunar(max_retries=0) as client:
+        result = client.chat.completions.create(
+            model="deepseek-chat", messages=MESSAGES, stream=stream
+        )
+        usage = list(result)[-1].usage if stream else result.usage
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.total_tokens) == (1000, 800, 1010)
+    assert usage.prompt_tokens_details.cached_tokens == 800
+    assert usage.input_cost_usd == cost(200, 0.27)
+    assert usage.cached_input_cost_usd == cost(800, 0.07)
+    assert usage.output_cost_usd == cost(10, 1.10)
+
+
+@pytest.fixture
+def providers(mock: MockServer, monkeypatch: pytest.MonkeyPatch) -> MockServer:
+    """The emulator as OpenAI and co., Anthropic and Gemini."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", mock.url)
+    monkeypatch.setenv("GEMINI_API_KEY", "g")
+    monkeypatch.setenv("GEMINI_BASE_URL", mock.url)
+    return mock
+
+
+def _sse(events: list[tuple[str | None, dict]]) -> bytes:
+    out = b""
+    for name, obj in events:
+        out += f"event: {name}\n".encode() if name else b""
+        out += b"data: " + json.dumps(obj).encode() + b"\n\n"
+    return out
+
+
+def _ask(model: str, stream: bool, reply: Reply, mock: MockServer, provider_model: str):
+    headers = {"content-type": "text/event-stream"} if stream else {}
+    mock.enqueue(reply.replace(headers=headers), model=provider_model)
+    with Lunar(max_retries=0) as client:
+        result = client.chat.completions.create(model=model, messages=MESSAGES, stream=stream)
+        return list(result)[-1].usage if stream else result.usage
+
+
+# Gemini: thoughts and tool-use prompt tokens are counted apart from the candidates and
+# the prompt, and billed as output and input; totalTokenCount adds them all.
+GEMINI_USAGE = {
+    "promptTokenCount": 100,
+    "cachedContentTokenCount": 40,
+    "candidatesTokenCount": 10,
+    "thoughtsTokenCount": 30,
+    "toolUsePromptTokenCount": 20,
+    "totalTokenCount": 160,
+}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_gemini_thoughts_and_tool_use_prompt_tokens_are_counted_and_billed(providers, stream):
+    candidate = {"content": {"role": "model", "parts": [{"text": "Hi"}]}, "finishReason": "STOP"}
+    response = {"candidates": [candidate], "usageMetadata": GEMINI_USAGE}
+    body = _sse([(None, response)]) if stream else response
+    usage = _ask("gemini-2.5-flash", stream, Reply(body=body), providers, "gemini-2.5-flash")
+    assert (usage.prompt_tokens, usage.completion_tokens) == (120, 40)
+    assert usage.total_tokens == GEMINI_USAGE["totalTokenCount"]
+    assert usage.cached_tokens == 40
+    assert usage.input_cost_usd == cost(80, 0.30)
+    assert usage.cached_input_cost_usd == cost(40, 0.075)
+    assert usage.output_cost_usd == cost(40, 2.50)
+
+
+# Anthropic: input_tokens counts neither cache reads nor cache writes; writes (5-minute
+# cache) cost 1.25x the input price, reads 0.1x.
+ANTHROPIC_USAGE = {
+    "input_tokens": 50,
+    "cache_creation_input_tokens": 1000,
+    "cache_read_input_tokens": 2000,
+    "output_tokens": 10,
+}
+
+
+def _anthropic(stream: bool, usage: dict) -> bytes | dict:
+    message = {
+        "id": "msg_1",
+        "type": "message",
+        "role": "assistant",
+        "model": "claude-sonnet-4-5",
+        "content": [{"type": "text", "text": "Hi"}],
+        "stop_reason": "end_turn",
+        "usage": usage,
+    }
+    if not stream:
+        return message
+    start = {**message, "content": [], "stop_reason": None, "usage": {**usage, "output_tokens": 1}}
+    return _sse(
+        [
+            ("message_start", {"type": "message_start", "message": start}),
+            ("content_block_start", {"type": "content_block_start", "index": 0,
+                                     "content_block": {"type": "text", "text": ""}}),
+            ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                     "delta": {"type": "text_delta", "text": "Hi"}}),
+            ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                               "usage": {"output_tokens": usage["output_tokens"]}}),
+            ("message_stop", {"type": "message_stop"}),
+        ]
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_cache_writes_are_counted_and_billed_at_the_cache_write_price(providers, stream):
+    body = _anthropic(stream, ANTHROPIC_USAGE)
+    usage = _ask("claude-sonnet-4-5", stream, Reply(body=body), providers, "claude-sonnet-4-5")
+    # As OpenAI counts a prompt: every input token, read, written or neither.
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (3050, 10, 3060)
+    assert (usage.cached_tokens, usage.cache_write_tokens) == (2000, 1000)
+    assert usage.input_cost_usd == round((50 * 3.00 + 1000 * 3.75) / 1e6, 10)
+    assert usage.cached_input_cost_usd == cost(2000, 0.30)
+    assert usage.output_cost_usd == cost(10, 15.00)
+    assert usage.total_cost_usd == round(
+        usage.input_cost_usd + usage.cached_input_cost_usd + usage.output_cost_usd, 10
+    )
+    assert usage.to_dict()["cache_write_tokens"] == 1000
+
+
+def test_a_gateways_usage_comes_back_whole_in_remote_mode():
+    """Remote mode reads the gateway's usage JSON: every count and cost as it was sent."""
+    from lunar._types import Usage
+
+    sent = Usage(3050, 10, None, 2000, 1.5e-4, 6e-4, 1.5e-4, 9e-4, 12.0, 3.0, 1000)
+    got = Usage.from_dict(json.loads(json.dumps(sent.to_dict())))
+    assert got.to_dict() == sent.to_dict()
+    assert got.cache_write_tokens == 1000
