@@ -612,3 +612,34 @@ async def test_a_pool_that_keeps_nothing_idle_closes_each_connection():
         for _ in range(2):
             assert (await p.send("GET", srv.url, {})).content == b"hello"
         assert srv.connections == 2 and p.connections == 0
+
+
+async def test_a_body_that_ends_with_the_connection_is_read_whole():
+    """With neither content-length nor chunked framing, the body is what comes until the
+    server closes (an HTTP/1.0 server's usual answer; RFC 9112 section 6.3): that close is
+    the body's end, not a failure."""
+
+    def until_close(head: bytes, pieces: list[bytes]) -> Answer:
+        async def answer(w: asyncio.StreamWriter) -> bool:
+            w.write(head)
+            for piece in pieces:
+                await asyncio.sleep(0.01)
+                w.write(piece)
+            await w.drain()
+            return False
+
+        return answer
+
+    heads = (
+        b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n",
+    )
+    for head in heads:
+        async with Server([until_close(head, [b'{"a": ', b"1}"])]) as srv:
+            p = pool()
+            resp = await p.send("POST", srv.url, {})
+            assert (resp.status_code, resp.content) == (200, b'{"a": 1}')
+            resp = await p.send("POST", srv.url, {}, stream=True)
+            assert [d async for d in resp.aiter_bytes()] == [b'{"a": ', b"1}"]
+            assert p.connections == 0  # never kept: the close was its end
+

@@ -10,8 +10,8 @@ connection is a pop from a per-origin deque (most recently used first, expired o
 from the other end).
 
 Scope, on purpose: HTTP/1.1 with keep-alive, TLS (certifi's CA bundle when installed),
-``content-length`` and chunked bodies, gzip/deflate bodies, connect, read and pool (the wait
-for a free connection) timeouts, a ceiling on open connections with a fair queue. No write
+``content-length``, chunked and close-delimited bodies, gzip/deflate bodies, connect, read and
+pool (the wait for a free connection) timeouts, a ceiling on open connections with a fair queue. No write
 timeout: a request is handed to the transport's buffer in one ``write`` and never waits on
 the socket; a peer that stops reading shows as a read timeout. Not here: proxies, HTTP/2,
 redirects, cookies — ``AsyncLunar`` uses httpx when a proxy is configured or an
@@ -123,6 +123,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._disarm()
+        if not self.complete and exc is None and self.headers_done and self._ends_at_close():
+            self.complete = True  # a clean close is the end of a body framed by nothing else
         if not self.complete:
             detail = f": {exc}" if exc else ""
             self._fail(TransportError(f"The server closed the connection{detail}"))
@@ -151,6 +153,17 @@ class _Connection(asyncio.Protocol):
         self.complete = True
         # Asked now: once this callback returns, llhttp has reset for the next message.
         self.keep_alive = self.parser.should_keep_alive()
+
+    def _ends_at_close(self) -> bool:
+        """Whether the body has no framing but the connection's end (no content-length,
+        and not chunked): an HTTP/1.0 server's usual answer (RFC 9112 section 6.3)."""
+        for name, value in self.raw_headers:
+            name = name.lower()
+            if name == b"content-length":
+                return False
+            if name == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
+                return False
+        return True
 
     # -- the reader's side --------------------------------------------------------------------
 
