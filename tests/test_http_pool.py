@@ -643,3 +643,31 @@ async def test_a_body_that_ends_with_the_connection_is_read_whole():
             assert [d async for d in resp.aiter_bytes()] == [b'{"a": ', b"1}"]
             assert p.connections == 0  # never kept: the close was its end
 
+
+async def test_interim_1xx_answers_are_skipped_for_the_final_one():
+    """A 100 Continue or 103 Early Hints may come before the answer, even unasked for
+    (RFC 9110 section 15.2): the answer is the final one, with its own headers only."""
+
+    def interim(first: bytes) -> Answer:
+        async def answer(w: asyncio.StreamWriter) -> bool:
+            w.write(first)
+            await w.drain()
+            await asyncio.sleep(0.02)  # the interim answer arrives on its own
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-final: 1\r\n\r\nhello")
+            await w.drain()
+            return True
+
+        return answer
+
+    for first in (
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
+    ):
+        async with Server([interim(first), ok(b"again")]) as srv:
+            p = pool()
+            resp = await p.send("POST", srv.url, {})
+            assert (resp.status_code, resp.content) == (200, b"hello")
+            assert dict(resp.headers) == {"content-length": "5", "x-final": "1"}
+            assert (await p.send("POST", srv.url, {})).content == b"again"
+            assert srv.connections == 1  # kept alive across the interim answer

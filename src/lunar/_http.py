@@ -101,6 +101,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.error: TransportError | None = None
+        self.interim = False  # parsing a 1xx answer, which the final one follows
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.paused = False
@@ -139,7 +140,14 @@ class _Connection(asyncio.Protocol):
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints), possibly unasked for: the
+            # final one follows on this connection (RFC 9110 section 15.2).
+            self.interim = True
+            self.raw_headers = []
+            return
+        self.status = status
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -150,6 +158,9 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
         self.complete = True
         # Asked now: once this callback returns, llhttp has reset for the next message.
         self.keep_alive = self.parser.should_keep_alive()
