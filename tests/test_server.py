@@ -6,6 +6,7 @@ test makes its own keys, so limits and ledger rows never mix."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import json
 import os
 import signal
@@ -861,6 +862,48 @@ def test_oversized_bodies_get_413_and_other_requests_are_unaffected(gw, key, ups
     assert r.status_code == 413 and r.json()["error"]["type"] == "request_too_large"
     assert _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES}).status_code == 200
 
+
+def _raw_exchange(gw: GatewayProcess, head: bytes, pieces: Iterator[bytes]) -> bytes:
+    """Send ``head`` then ``pieces`` on one connection (stopping when the gateway closes
+    it), and read until it closes."""
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head)
+        try:
+            for piece in pieces:
+                s.sendall(piece)
+        except OSError:  # closed by the gateway before the header ended
+            pass
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := s.recv(65536):
+                got += data
+    return got
+
+
+@pytest.mark.parametrize("shape", ["one long value", "many headers"])
+def test_a_header_block_without_end_gets_431_and_other_requests_are_unaffected(gw, key, shape):
+    """The request head is held in memory until it ends: one that never ends would take the
+    gateway's memory, and every request in flight with it. Past 64 KiB it is refused."""
+    if shape == "one long value":
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-big: "
+        pieces = (b"a" * 16384 for _ in range(8192))  # 128 MiB, never ended
+    else:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+        pieces = (b"x-h: 1\r\n" * 2048 for _ in range(8192))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(_raw_exchange, gw, head, pieces)
+        ok = _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES})
+        answer = refused.result(timeout=60)
+    assert ok.status_code == 200
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+    head_lines, _, body = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in head_lines.lower().split(b"\r\n")
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "header_too_large"
+    assert "64 KiB" in error["message"]
+    assert "Invalid HTTP request" not in gw.logs()
 
 def test_unknown_routes_and_methods(gw, key):
     assert _error(gw.http.get("/v1/nothing"), 404)["code"] == "unknown_route"
