@@ -11,9 +11,9 @@ from the other end).
 
 Scope, on purpose: HTTP/1.1 with keep-alive, TLS (certifi's CA bundle when installed),
 ``content-length``, chunked and close-delimited bodies, gzip/deflate bodies, connect, read and
-pool (the wait for a free connection) timeouts, a ceiling on open connections with a fair queue. No write
-timeout: a request is handed to the transport's buffer in one ``write`` and never waits on
-the socket; a peer that stops reading shows as a read timeout. Not here: proxies, HTTP/2,
+pool (the wait for a free connection) timeouts, a ceiling on open connections with a fair queue.
+No write timeout: a request is handed to the transport's buffer in one ``write`` and never
+waits on the socket; a peer that stops reading shows as a read timeout. Not here: proxies, HTTP/2,
 redirects, cookies — ``AsyncLunar`` uses httpx when a proxy is configured or an
 ``http_client`` is given.
 """
