@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import gzip
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -863,6 +865,34 @@ def test_oversized_bodies_get_413_and_other_requests_are_unaffected(gw, key, ups
     assert _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES}).status_code == 200
 
 
+def test_compressed_request_bodies_are_decoded_or_refused_naming_the_encoding(gw, key):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    for encoding, data in (
+        ("gzip", gzip.compress(body)),
+        ("deflate", zlib.compress(body)),
+        ("identity", body),
+    ):
+        r = _post(gw, key, content=data, headers={"content-encoding": encoding})
+        assert r.status_code == 200, (encoding, r.text)
+    # Small on the wire, larger than max_body_bytes once decoded: 413 as for a plain body.
+    big = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * MAX_BODY}]}
+    )
+    r = _post(gw, key, content=gzip.compress(big.encode()), headers={"content-encoding": "gzip"})
+    assert _error(r, 413)["code"] == "request_too_large"
+    r = _post(gw, key, content=b"\x1f\x8b not gzip", headers={"content-encoding": "gzip"})
+    assert _error(r, 400)["code"] == "invalid_body_encoding"
+    r = _post(gw, key, content=b"...", headers={"content-encoding": "br"})
+    err = _error(r, 415)
+    assert err["code"] == "unsupported_content_encoding" and "'br'" in err["message"]
+    r = gw.http.post(
+        "/v1/messages",
+        headers={"x-api-key": key, "content-encoding": "zstd"},
+        content=b"...",
+    )
+    assert r.status_code == 415 and r.json()["type"] == "error"
+
+
 def _raw_exchange(gw: GatewayProcess, head: bytes, pieces: Iterator[bytes]) -> bytes:
     """Send ``head`` then ``pieces`` on one connection (stopping when the gateway closes
     it), and read until it closes."""
@@ -904,6 +934,7 @@ def test_a_header_block_without_end_gets_431_and_other_requests_are_unaffected(g
     assert error["type"] == "invalid_request_error" and error["code"] == "header_too_large"
     assert "64 KiB" in error["message"]
     assert "Invalid HTTP request" not in gw.logs()
+
 
 def test_unknown_routes_and_methods(gw, key):
     assert _error(gw.http.get("/v1/nothing"), 404)["code"] == "unknown_route"

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import traceback
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any
@@ -502,7 +503,39 @@ class Gateway:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
-        return b"".join(parts)
+        data = b"".join(parts)
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        if encoding and encoding != b"identity":
+            data = self._decoded(encoding, data, limit)
+        return data
+
+    @classmethod
+    def _decoded(cls, encoding: bytes, data: bytes, limit: int) -> bytes:
+        """A gzip- or deflate-encoded body, decoded up to ``limit`` bytes (413 past it)."""
+        name = encoding.decode("latin-1")
+        if encoding not in (b"gzip", b"x-gzip", b"deflate"):
+            raise APIError(
+                f"Content-Encoding '{name}' is not supported: send the body uncompressed, "
+                "or gzip- or deflate-encoded",
+                415,
+                code="unsupported_content_encoding",
+                type="invalid_request_error",
+            )
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # a gzip or a zlib header
+        try:
+            out = decoder.decompress(data, limit + 1)
+        except zlib.error:
+            out = b""
+        if len(out) > limit:
+            raise cls._too_large(limit)
+        if not decoder.eof:
+            raise BadRequestError(
+                f"The request body is not complete {name}-encoded data, as its "
+                "Content-Encoding header says",
+                param=None,
+                code="invalid_body_encoding",
+            )
+        return out
 
     @staticmethod
     def _too_large(limit: int) -> RequestEntityTooLargeError:
