@@ -942,6 +942,24 @@ def test_unknown_routes_and_methods(gw, key):
     assert _error(r, 405)["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
 
 
+def test_unknown_routes_and_methods_under_messages_answer_in_anthropics_shape(gw, key):
+    """Anthropic clients read Anthropic's error shape on every /v1/messages route."""
+    r = gw.http.get("/v1/messages", headers={"x-api-key": key})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "GET" in r.json()["error"]["message"]
+    for path in ("/v1/messages/", "/v1/messages/batches"):
+        r = gw.http.post(path, headers={"x-api-key": key}, json={})
+        assert r.status_code == 404
+        assert r.json() == {
+            "type": "error",
+            "error": {
+                "type": "not_found_error",
+                "message": f"Unknown route POST {path}: see GET /openapi.json",
+            },
+        }
+
 def test_legacy_completions_reject_unsupported_fields(gw, key):
     r = _post(
         gw, key, "/v1/completions", json={"model": "gpt-4o-mini", "prompt": "x", "echo": True}

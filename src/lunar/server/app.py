@@ -125,6 +125,13 @@ async def _send_error(
     await _send_json(send, status, payload, [*(headers or ()), *extra])
 
 
+def _error_shape(path: str) -> Callable[[LunarError], tuple[int, Any, Headers]]:
+    """How errors are shaped on ``path``: Anthropic's under /v1/messages, else OpenAI's."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return MESSAGES.error
+    return openai_error
+
+
 def _unpriced(key: KeyRecord, model: str, primary: str) -> PermissionDeniedError:
     """A key with a budget and a model the catalogue has no price for: what it would spend
     is unknown, so the budget could not hold it."""
@@ -434,24 +441,23 @@ class Gateway:
                 }
                 args = (path[12:],)
             else:
-                error = {
-                    "message": f"Unknown route {method} {path}: see GET /openapi.json",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "unknown_route",
-                }
-                await _send_json(send, 404, {"error": error})
+                unknown = NotFoundError(
+                    f"Unknown route {method} {path}: see GET /openapi.json",
+                    code="unknown_route",
+                    type="invalid_request_error",
+                )
+                await _send_error(send, unknown, _error_shape(path))
                 return
         handler = methods.get(method)
         if handler is None:
             allow = ", ".join(sorted(methods))
-            error = {
-                "message": f"Method {method} not allowed on {path} (allowed: {allow})",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "method_not_allowed",
-            }
-            await _send_json(send, 405, {"error": error}, [(b"allow", allow.encode())])
+            refused = APIError(
+                f"Method {method} not allowed on {path} (allowed: {allow})",
+                405,
+                code="method_not_allowed",
+                type="invalid_request_error",
+            )
+            await _send_error(send, refused, _error_shape(path), [(b"allow", allow.encode())])
             return
         try:
             await handler(scope, receive, send, *args)
