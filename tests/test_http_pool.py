@@ -671,3 +671,32 @@ async def test_interim_1xx_answers_are_skipped_for_the_final_one():
             assert dict(resp.headers) == {"content-length": "5", "x-final": "1"}
             assert (await p.send("POST", srv.url, {})).content == b"again"
             assert srv.connections == 1  # kept alive across the interim answer
+
+
+async def test_a_connection_that_gets_bytes_after_its_answer_is_not_reused():
+    """Bytes beyond the answer (an answer to no request, in the same packet or while the
+    connection is idle) mean the server is out of step with it: the answer is what its
+    framing says, and the next request goes on a fresh connection."""
+    stray = b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n"
+
+    def then_stray(together: bool) -> Answer:
+        async def answer(w: asyncio.StreamWriter) -> bool:
+            w.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello" + (stray if together else b"")
+            )
+            await w.drain()
+            if not together:
+                await asyncio.sleep(0.02)
+                w.write(stray + b"stale")
+                await w.drain()
+            return True
+
+        return answer
+
+    for together in (True, False):
+        async with Server([then_stray(together), ok(b"second")]) as srv:
+            p = pool()
+            assert (await p.send("POST", srv.url, {})).content == b"hello"
+            await asyncio.sleep(0.05)
+            assert (await p.send("POST", srv.url, {})).content == b"second"
+            assert srv.connections == 2

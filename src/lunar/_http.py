@@ -92,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self.lost = False
+        self.awaiting = False  # a request was sent whose final answer has not ended yet
         self._reset()
 
     def _reset(self) -> None:
@@ -136,6 +137,12 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools ----------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if not self.awaiting:
+            # An answer to no request: the server is out of step with this connection,
+            # which must not carry another request (its answer would be misread).
+            raise TransportError("An answer arrived with no request outstanding")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
 
@@ -161,6 +168,7 @@ class _Connection(asyncio.Protocol):
         if self.interim:
             self.interim = False
             return
+        self.awaiting = False
         self.complete = True
         # Asked now: once this callback returns, llhttp has reset for the next message.
         self.keep_alive = self.parser.should_keep_alive()
@@ -189,6 +197,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         self._reset()
+        self.awaiting = True
         assert self.transport is not None
         self.transport.write(data)
 
@@ -250,6 +259,7 @@ class _Connection(asyncio.Protocol):
         return self.complete and self.keep_alive and not self.lost
 
     def close(self) -> None:
+        self.lost = True  # never reused, even before connection_lost says so
         self._disarm()
         if self.transport is not None:
             with contextlib.suppress(RuntimeError):  # its event loop is already closed
