@@ -125,7 +125,13 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._disarm()
-        if not self.complete and exc is None and self.headers_done and self._ends_at_close():
+        if (
+            not self.complete
+            and exc is None
+            and self.error is None
+            and self.headers_done
+            and self._ends_at_close()
+        ):
             self.complete = True  # a clean close is the end of a body framed by nothing else
         if not self.complete:
             detail = f": {exc}" if exc else ""
