@@ -612,3 +612,91 @@ async def test_a_pool_that_keeps_nothing_idle_closes_each_connection():
         for _ in range(2):
             assert (await p.send("GET", srv.url, {})).content == b"hello"
         assert srv.connections == 2 and p.connections == 0
+
+
+async def test_a_body_that_ends_with_the_connection_is_read_whole():
+    """With neither content-length nor chunked framing, the body is what comes until the
+    server closes (an HTTP/1.0 server's usual answer; RFC 9112 section 6.3): that close is
+    the body's end, not a failure."""
+
+    def until_close(head: bytes, pieces: list[bytes]) -> Answer:
+        async def answer(w: asyncio.StreamWriter) -> bool:
+            w.write(head)
+            for piece in pieces:
+                await asyncio.sleep(0.01)
+                w.write(piece)
+            await w.drain()
+            return False
+
+        return answer
+
+    heads = (
+        b"HTTP/1.0 200 OK\r\ncontent-type: application/json\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n",
+    )
+    for head in heads:
+        async with Server([until_close(head, [b'{"a": ', b"1}"])]) as srv:
+            p = pool()
+            resp = await p.send("POST", srv.url, {})
+            assert (resp.status_code, resp.content) == (200, b'{"a": 1}')
+            resp = await p.send("POST", srv.url, {}, stream=True)
+            assert [d async for d in resp.aiter_bytes()] == [b'{"a": ', b"1}"]
+            assert p.connections == 0  # never kept: the close was its end
+
+
+async def test_interim_1xx_answers_are_skipped_for_the_final_one():
+    """A 100 Continue or 103 Early Hints may come before the answer, even unasked for
+    (RFC 9110 section 15.2): the answer is the final one, with its own headers only."""
+
+    def interim(first: bytes) -> Answer:
+        async def answer(w: asyncio.StreamWriter) -> bool:
+            w.write(first)
+            await w.drain()
+            await asyncio.sleep(0.02)  # the interim answer arrives on its own
+            w.write(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\nx-final: 1\r\n\r\nhello")
+            await w.drain()
+            return True
+
+        return answer
+
+    for first in (
+        b"HTTP/1.1 100 Continue\r\n\r\n",
+        b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>; rel=preload\r\n\r\n",
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\n\r\n",
+    ):
+        async with Server([interim(first), ok(b"again")]) as srv:
+            p = pool()
+            resp = await p.send("POST", srv.url, {})
+            assert (resp.status_code, resp.content) == (200, b"hello")
+            assert dict(resp.headers) == {"content-length": "5", "x-final": "1"}
+            assert (await p.send("POST", srv.url, {})).content == b"again"
+            assert srv.connections == 1  # kept alive across the interim answer
+
+
+async def test_a_connection_that_gets_bytes_after_its_answer_is_not_reused():
+    """Bytes beyond the answer (an answer to no request, in the same packet or while the
+    connection is idle) mean the server is out of step with it: the answer is what its
+    framing says, and the next request goes on a fresh connection."""
+    stray = b"HTTP/1.1 200 OK\r\ncontent-length: 40\r\n\r\n"
+
+    def then_stray(together: bool) -> Answer:
+        async def answer(w: asyncio.StreamWriter) -> bool:
+            w.write(
+                b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello" + (stray if together else b"")
+            )
+            await w.drain()
+            if not together:
+                await asyncio.sleep(0.02)
+                w.write(stray + b"stale")
+                await w.drain()
+            return True
+
+        return answer
+
+    for together in (True, False):
+        async with Server([then_stray(together), ok(b"second")]) as srv:
+            p = pool()
+            assert (await p.send("POST", srv.url, {})).content == b"hello"
+            await asyncio.sleep(0.05)
+            assert (await p.send("POST", srv.url, {})).content == b"second"
+            assert srv.connections == 2

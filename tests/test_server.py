@@ -6,6 +6,8 @@ test makes its own keys, so limits and ledger rows never mix."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import gzip
 import json
 import os
 import signal
@@ -14,6 +16,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -866,11 +869,100 @@ def test_oversized_bodies_get_413_and_other_requests_are_unaffected(gw, key, ups
     assert _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES}).status_code == 200
 
 
+def test_compressed_request_bodies_are_decoded_or_refused_naming_the_encoding(gw, key):
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    for encoding, data in (
+        ("gzip", gzip.compress(body)),
+        ("deflate", zlib.compress(body)),
+        ("identity", body),
+    ):
+        r = _post(gw, key, content=data, headers={"content-encoding": encoding})
+        assert r.status_code == 200, (encoding, r.text)
+    # Small on the wire, larger than max_body_bytes once decoded: 413 as for a plain body.
+    big = json.dumps(
+        {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * MAX_BODY}]}
+    )
+    r = _post(gw, key, content=gzip.compress(big.encode()), headers={"content-encoding": "gzip"})
+    assert _error(r, 413)["code"] == "request_too_large"
+    r = _post(gw, key, content=b"\x1f\x8b not gzip", headers={"content-encoding": "gzip"})
+    assert _error(r, 400)["code"] == "invalid_body_encoding"
+    r = _post(gw, key, content=b"...", headers={"content-encoding": "br"})
+    err = _error(r, 415)
+    assert err["code"] == "unsupported_content_encoding" and "'br'" in err["message"]
+    r = gw.http.post(
+        "/v1/messages",
+        headers={"x-api-key": key, "content-encoding": "zstd"},
+        content=b"...",
+    )
+    assert r.status_code == 415 and r.json()["type"] == "error"
+
+
+def _raw_exchange(gw: GatewayProcess, head: bytes, pieces: Iterator[bytes]) -> bytes:
+    """Send ``head`` then ``pieces`` on one connection (stopping when the gateway closes
+    it), and read until it closes."""
+    host, port = gw.url.removeprefix("http://").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as s:
+        s.sendall(head)
+        try:
+            for piece in pieces:
+                s.sendall(piece)
+        except OSError:  # closed by the gateway before the header ended
+            pass
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while data := s.recv(65536):
+                got += data
+    return got
+
+
+@pytest.mark.parametrize("shape", ["one long value", "many headers"])
+def test_a_header_block_without_end_gets_431_and_other_requests_are_unaffected(gw, key, shape):
+    """The request head is held in memory until it ends: one that never ends would take the
+    gateway's memory, and every request in flight with it. Past 64 KiB it is refused."""
+    if shape == "one long value":
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-big: "
+        pieces = (b"a" * 16384 for _ in range(8192))  # 128 MiB, never ended
+    else:
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+        pieces = (b"x-h: 1\r\n" * 2048 for _ in range(8192))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        refused = pool.submit(_raw_exchange, gw, head, pieces)
+        ok = _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES})
+        answer = refused.result(timeout=60)
+    assert ok.status_code == 200
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+    head_lines, _, body = rest.partition(b"\r\n\r\n")
+    assert b"connection: close" in head_lines.lower().split(b"\r\n")
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "header_too_large"
+    assert "64 KiB" in error["message"]
+    assert "Invalid HTTP request" not in gw.logs()
+
+
 def test_unknown_routes_and_methods(gw, key):
     assert _error(gw.http.get("/v1/nothing"), 404)["code"] == "unknown_route"
     r = gw.http.get("/v1/chat/completions", headers={"x-api-key": key})
     assert _error(r, 405)["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
 
+
+def test_unknown_routes_and_methods_under_messages_answer_in_anthropics_shape(gw, key):
+    """Anthropic clients read Anthropic's error shape on every /v1/messages route."""
+    r = gw.http.get("/v1/messages", headers={"x-api-key": key})
+    assert r.status_code == 405 and r.headers["allow"] == "POST"
+    assert r.json()["type"] == "error"
+    assert r.json()["error"]["type"] == "invalid_request_error"
+    assert "GET" in r.json()["error"]["message"]
+    for path in ("/v1/messages/", "/v1/messages/batches"):
+        r = gw.http.post(path, headers={"x-api-key": key}, json={})
+        assert r.status_code == 404
+        assert r.json() == {
+            "type": "error",
+            "error": {
+                "type": "not_found_error",
+                "message": f"Unknown route POST {path}: see GET /openapi.json",
+            },
+        }
 
 def test_legacy_completions_reject_unsupported_fields(gw, key):
     r = _post(

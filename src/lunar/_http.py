@@ -10,10 +10,10 @@ connection is a pop from a per-origin deque (most recently used first, expired o
 from the other end).
 
 Scope, on purpose: HTTP/1.1 with keep-alive, TLS (certifi's CA bundle when installed),
-``content-length`` and chunked bodies, gzip/deflate bodies, connect, read and pool (the wait
-for a free connection) timeouts, a ceiling on open connections with a fair queue. No write
-timeout: a request is handed to the transport's buffer in one ``write`` and never waits on
-the socket; a peer that stops reading shows as a read timeout. Not here: proxies, HTTP/2,
+``content-length``, chunked and close-delimited bodies, gzip/deflate bodies, connect, read and
+pool (the wait for a free connection) timeouts, a ceiling on open connections with a fair queue.
+No write timeout: a request is handed to the transport's buffer in one ``write`` and never
+waits on the socket; a peer that stops reading shows as a read timeout. Not here: proxies, HTTP/2,
 redirects, cookies — ``AsyncLunar`` uses httpx when a proxy is configured or an
 ``http_client`` is given.
 """
@@ -92,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self.lost = False
+        self.awaiting = False  # a request was sent whose final answer has not ended yet
         self._reset()
 
     def _reset(self) -> None:
@@ -101,6 +102,7 @@ class _Connection(asyncio.Protocol):
         self.complete = False
         self.keep_alive = False
         self.error: TransportError | None = None
+        self.interim = False  # parsing a 1xx answer, which the final one follows
         self.chunks: list[bytes] = []
         self.buffered = 0
         self.paused = False
@@ -123,6 +125,14 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._disarm()
+        if (
+            not self.complete
+            and exc is None
+            and self.error is None
+            and self.headers_done
+            and self._ends_at_close()
+        ):
+            self.complete = True  # a clean close is the end of a body framed by nothing else
         if not self.complete:
             detail = f": {exc}" if exc else ""
             self._fail(TransportError(f"The server closed the connection{detail}"))
@@ -133,11 +143,24 @@ class _Connection(asyncio.Protocol):
 
     # -- httptools ----------------------------------------------------------------------------
 
+    def on_message_begin(self) -> None:
+        if not self.awaiting:
+            # An answer to no request: the server is out of step with this connection,
+            # which must not carry another request (its answer would be misread).
+            raise TransportError("An answer arrived with no request outstanding")
+
     def on_header(self, name: bytes, value: bytes) -> None:
         self.raw_headers.append((name, value))
 
     def on_headers_complete(self) -> None:
-        self.status = self.parser.get_status_code()
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            # An interim answer (100 Continue, 103 Early Hints), possibly unasked for: the
+            # final one follows on this connection (RFC 9110 section 15.2).
+            self.interim = True
+            self.raw_headers = []
+            return
+        self.status = status
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
@@ -148,9 +171,24 @@ class _Connection(asyncio.Protocol):
             self.transport.pause_reading()
 
     def on_message_complete(self) -> None:
+        if self.interim:
+            self.interim = False
+            return
+        self.awaiting = False
         self.complete = True
         # Asked now: once this callback returns, llhttp has reset for the next message.
         self.keep_alive = self.parser.should_keep_alive()
+
+    def _ends_at_close(self) -> bool:
+        """Whether the body has no framing but the connection's end (no content-length,
+        and not chunked): an HTTP/1.0 server's usual answer (RFC 9112 section 6.3)."""
+        for name, value in self.raw_headers:
+            name = name.lower()
+            if name == b"content-length":
+                return False
+            if name == b"transfer-encoding" and value.strip().lower().endswith(b"chunked"):
+                return False
+        return True
 
     # -- the reader's side --------------------------------------------------------------------
 
@@ -165,6 +203,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, data: bytes) -> None:
         self._reset()
+        self.awaiting = True
         assert self.transport is not None
         self.transport.write(data)
 
@@ -226,6 +265,7 @@ class _Connection(asyncio.Protocol):
         return self.complete and self.keep_alive and not self.lost
 
     def close(self) -> None:
+        self.lost = True  # never reused, even before connection_lost says so
         self._disarm()
         if self.transport is not None:
             with contextlib.suppress(RuntimeError):  # its event loop is already closed

@@ -20,6 +20,7 @@ import logging
 import os
 import time
 import traceback
+import zlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from functools import partial
 from typing import Any
@@ -122,6 +123,13 @@ async def _send_error(
     """``err`` as its API shapes errors (OpenAI's by default), with ``headers`` first."""
     status, payload, extra = shape(err)
     await _send_json(send, status, payload, [*(headers or ()), *extra])
+
+
+def _error_shape(path: str) -> Callable[[LunarError], tuple[int, Any, Headers]]:
+    """How errors are shaped on ``path``: Anthropic's under /v1/messages, else OpenAI's."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return MESSAGES.error
+    return openai_error
 
 
 def _unpriced(key: KeyRecord, model: str, primary: str) -> PermissionDeniedError:
@@ -435,24 +443,23 @@ class Gateway:
                 }
                 args = (path[12:],)
             else:
-                error = {
-                    "message": f"Unknown route {method} {path}: see GET /openapi.json",
-                    "type": "invalid_request_error",
-                    "param": None,
-                    "code": "unknown_route",
-                }
-                await _send_json(send, 404, {"error": error})
+                unknown = NotFoundError(
+                    f"Unknown route {method} {path}: see GET /openapi.json",
+                    code="unknown_route",
+                    type="invalid_request_error",
+                )
+                await _send_error(send, unknown, _error_shape(path))
                 return
         handler = methods.get(method)
         if handler is None:
             allow = ", ".join(sorted(methods))
-            error = {
-                "message": f"Method {method} not allowed on {path} (allowed: {allow})",
-                "type": "invalid_request_error",
-                "param": None,
-                "code": "method_not_allowed",
-            }
-            await _send_json(send, 405, {"error": error}, [(b"allow", allow.encode())])
+            refused = APIError(
+                f"Method {method} not allowed on {path} (allowed: {allow})",
+                405,
+                code="method_not_allowed",
+                type="invalid_request_error",
+            )
+            await _send_error(send, refused, _error_shape(path), [(b"allow", allow.encode())])
             return
         try:
             await handler(scope, receive, send, *args)
@@ -504,7 +511,39 @@ class Gateway:
                 parts.append(chunk)
             if not message.get("more_body", False):
                 break
-        return b"".join(parts)
+        data = b"".join(parts)
+        encoding = headers.get(b"content-encoding", b"").strip().lower()
+        if encoding and encoding != b"identity":
+            data = self._decoded(encoding, data, limit)
+        return data
+
+    @classmethod
+    def _decoded(cls, encoding: bytes, data: bytes, limit: int) -> bytes:
+        """A gzip- or deflate-encoded body, decoded up to ``limit`` bytes (413 past it)."""
+        name = encoding.decode("latin-1")
+        if encoding not in (b"gzip", b"x-gzip", b"deflate"):
+            raise APIError(
+                f"Content-Encoding '{name}' is not supported: send the body uncompressed, "
+                "or gzip- or deflate-encoded",
+                415,
+                code="unsupported_content_encoding",
+                type="invalid_request_error",
+            )
+        decoder = zlib.decompressobj(zlib.MAX_WBITS | 32)  # a gzip or a zlib header
+        try:
+            out = decoder.decompress(data, limit + 1)
+        except zlib.error:
+            out = b""
+        if len(out) > limit:
+            raise cls._too_large(limit)
+        if not decoder.eof:
+            raise BadRequestError(
+                f"The request body is not complete {name}-encoded data, as its "
+                "Content-Encoding header says",
+                param=None,
+                code="invalid_body_encoding",
+            )
+        return out
 
     @staticmethod
     def _too_large(limit: int) -> RequestEntityTooLargeError:

@@ -9,6 +9,9 @@ worst ~5 s late (``ss`` showed the queue, up to ~460; ``strace`` one ``accept4``
 ms). asyncio's own loop accepts up to ``backlog`` connections per wake-up; this does the
 same on either loop, and hands each connection to uvicorn's protocol with
 ``loop.connect_accepted_socket``.
+
+Each connection's protocol is uvicorn's, with one bound added (``bounded_head_protocol``): a
+request head larger than ``MAX_HEAD_BYTES`` is refused with a 431.
 """
 
 from __future__ import annotations
@@ -20,11 +23,80 @@ import socket
 
 import uvicorn
 
+from .._json import dumps
+
 log = logging.getLogger("lunar.server")
 
 # Out of descriptors or memory: accepting again at once would spin; asyncio waits 1 s too.
 _RESOURCE_ERRORS = (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM)
 RETRY_AFTER_S = 1.0
+
+# The request line and headers together. uvicorn's h11 protocol refuses a head past 16 KiB;
+# with httptools nothing bounded it, so a head that never ended grew in memory without end.
+MAX_HEAD_BYTES = 64 * 1024
+
+
+def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]:
+    """``cls``, or when it is uvicorn's httptools protocol, that protocol answering a request
+    head past ``MAX_HEAD_BYTES`` with a 431 (OpenAI's error shape) and closing the
+    connection. A head is counted from the first read that lies wholly inside it, so it is
+    refused within ``MAX_HEAD_BYTES`` and one read (at most 256 KiB) of its start."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:  # no httptools: uvicorn uses h11, which bounds the head itself
+        return cls
+    if cls is not HttpToolsProtocol:
+        return cls
+
+    class BoundedHead(HttpToolsProtocol):
+        _in_head = False  # between a request's first byte and the end of its headers
+        _began = False  # a request began during the current read
+        _head_bytes = 0
+
+        def on_message_begin(self) -> None:
+            self._in_head = self._began = True
+            self._head_bytes = 0
+            super().on_message_begin()
+
+        def on_headers_complete(self) -> None:
+            self._in_head = False
+            super().on_headers_complete()
+
+        def data_received(self, data: bytes) -> None:
+            self._began = False
+            super().data_received(data)
+            if not self._in_head or self.transport.is_closing():
+                return
+            if not self._began:
+                self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._refuse_head()
+
+        def _refuse_head(self) -> None:
+            self._in_head = False
+            cycle = self.cycle
+            # While an earlier (pipelined) request is answered, an answer written now would
+            # cut into it: the connection is closed without one.
+            if cycle is None or cycle.response_complete:
+                error = {
+                    "message": f"Request headers larger than {MAX_HEAD_BYTES // 1024} KiB: "
+                    "send large data in the request body",
+                    "type": "invalid_request_error",
+                    "param": None,
+                    "code": "header_too_large",
+                }
+                body = dumps({"error": error})
+                head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+                for name, value in self.server_state.default_headers:
+                    head.append(b"%s: %s\r\n" % (name, value))
+                head.append(
+                    b"content-type: application/json\r\ncontent-length: %d\r\n"
+                    b"connection: close\r\n\r\n" % len(body)
+                )
+                self.transport.write(b"".join(head) + body)
+            self.transport.close()
+
+    return BoundedHead
 
 
 class GatewayServer(uvicorn.Server):
@@ -39,6 +111,7 @@ class GatewayServer(uvicorn.Server):
         self._opening: set[asyncio.Task[None]] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._fd = -1  # the descriptor being watched, -1 when none
+        self._protocol_class: type[asyncio.Protocol] | None = None
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if sockets:
@@ -47,6 +120,7 @@ class GatewayServer(uvicorn.Server):
         if not self.started:
             return
         self._loop = asyncio.get_running_loop()
+        self._protocol_class = bounded_head_protocol(self.config.http_protocol_class)
         self.sock.setblocking(False)
         self.sock.listen(self.config.backlog)
         self._listen()
@@ -101,10 +175,11 @@ class GatewayServer(uvicorn.Server):
 
     async def _open(self, loop: asyncio.AbstractEventLoop, conn: socket.socket) -> None:
         config = self.config
+        cls = self._protocol_class or config.http_protocol_class
 
         def protocol() -> asyncio.Protocol:
             # As uvicorn's own startup builds it for the servers it creates.
-            made: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+            made: asyncio.Protocol = cls(  # type: ignore[call-arg]
                 config=config, server_state=self.server_state, app_state=self.lifespan.state
             )
             return made
