@@ -63,6 +63,12 @@ class Deployment:
     #: False for ``provider/model`` names the catalogue does not know: nothing is assumed.
     catalogued: bool = True
 
+    def __hash__(self) -> int:
+        # Deployments key the router's and health's dicts on every request: the generated
+        # hash of all eight fields (prices, capabilities) cost ~70 bytecodes a call. Equal
+        # deployments share these three, so this one agrees with ``__eq__``.
+        return hash((self.model, self.provider, self.provider_model))
+
 
 def scaled_round(x: float, scale: float) -> float:
     """``x`` rounded to steps of ``1 / scale`` (scale 1e10: ten decimals), as
@@ -78,12 +84,15 @@ def cost(usage: Usage, prices: Prices) -> None:
     tokens written to a cache (part of the input cost) at the cache-write price."""
     prompt = usage.prompt_tokens
     cached = min(usage.cached_tokens, prompt) if prices.cached_input is not None else 0
-    # Reads and writes are each a part of the prompt, never the same tokens.
-    written = min(usage.cache_write_tokens, prompt - min(usage.cached_tokens, prompt))
-    write_price = prices.input if prices.cache_write is None else prices.cache_write
-    input_cost = scaled_round(
-        ((prompt - cached - written) * prices.input + written * write_price) / 1e6, 1e10
-    )
+    written = usage.cache_write_tokens
+    if written:  # Anthropic's cache writes: a part of the prompt, never the tokens read
+        written = min(written, prompt - min(usage.cached_tokens, prompt))
+        write_price = prices.input if prices.cache_write is None else prices.cache_write
+        input_cost = scaled_round(
+            ((prompt - cached - written) * prices.input + written * write_price) / 1e6, 1e10
+        )
+    else:
+        input_cost = scaled_round((prompt - cached) * prices.input / 1e6, 1e10)
     cached_cost = scaled_round(cached * (prices.cached_input or 0.0) / 1e6, 1e10)
     output_cost = scaled_round(usage.completion_tokens * prices.output / 1e6, 1e10)
     usage.input_cost_usd = input_cost

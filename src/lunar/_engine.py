@@ -78,6 +78,9 @@ class Router:
         self.remote = remote
         self._environ = os.environ if environ is None else environ
         self._targets: dict[Deployment, Target] = {}
+        #: Per provider, its adapter's ``refusal`` hook, or None (only the local one has one).
+        self._refusal_hooks: dict[str, Callable[[Mapping[str, Any]], LunarError | None] | None]
+        self._refusal_hooks = {}
 
     def chain(
         self, opts: RequestOptions, body: Mapping[str, Any] | None = None
@@ -138,7 +141,7 @@ class Router:
                 if dep in single:
                     target: Target | LunarError = choices_error(name, n, dep.provider)
                 else:
-                    target = refused.get(dep) or self.target(dep)
+                    target = (refused.get(dep) if refused else None) or self.target(dep)
                 entry = (name, target)
                 (cooling if self.health.cooling_down(dep) else out).append(entry)
         return out + cooling
@@ -158,9 +161,14 @@ class Router:
         """What the deployments whose adapter checks a body itself (the local model: no
         logprobs, no tool messages, ...) refuse in this one, found before anything runs."""
         out: dict[Deployment, LunarError] = {}
+        hooks = self._refusal_hooks
         for dep in deployments:
-            spec = self.catalog.providers.get(dep.provider)
-            refusal = getattr(adapter_for(spec.protocol), "refusal", None) if spec else None
+            try:
+                refusal = hooks[dep.provider]
+            except KeyError:
+                spec = self.catalog.providers.get(dep.provider)
+                adapter = adapter_for(spec.protocol) if spec else None
+                refusal = hooks[dep.provider] = getattr(adapter, "refusal", None)
             if refusal is not None and (err := refusal(body)) is not None:
                 # Without the traceback of its making: frames up to this one, and ``out``.
                 out[dep] = err.with_traceback(None)
@@ -734,24 +742,22 @@ def parse_answer(adapter: Adapter, content: bytes, target: Target) -> ChatComple
 def not_an_event_stream(headers: Mapping[str, str]) -> bool:
     """A 2xx answer to a stream request that is plainly something else: a JSON body (an
     error, or a whole answer from a server that ignored ``stream``) or a web page (a proxy's,
-    a login portal's). No content type at all is read as a stream: some servers omit it."""
+    a login portal's). Asked only of a stream that gave no chunk (on the way to an error),
+    so a stream that works never decodes its headers for it."""
     ctype = headers.get("content-type") or ""
     return ctype.startswith(("application/json", "text/html"))
 
 
-def stream_refused(
-    adapter: Adapter, status: int, headers: Mapping[str, str], content: bytes, target: Target
-) -> APIError:
-    """What a stream request that got no event stream raises: the error answer's own, or
-    a 502 that shows what came instead (retried and fallen back from, as a provider's
-    fault)."""
-    if status >= 400:
-        return adapter.parse_error(status, headers, content, target)
+def stream_refused(headers: Mapping[str, str], content: bytes, target: Target) -> APIError:
+    """What a stream request answered with no event stream raises, once it gave no chunk:
+    the provider's error when the body is one (with a 200), else a 502 that shows what came
+    instead (both retried and fallen back from, as a provider's fault)."""
+    adapter = adapter_for(target.spec.protocol)
     try:
         answer = loads(content)
     except ValueError:
         answer = None
-    if isinstance(answer, dict) and "error" in answer:  # an error with a 200 status
+    if isinstance(answer, dict) and "error" in answer:
         return adapter.parse_error(502, headers, content, target)
     ctype = headers.get("content-type") or ""
     return error_class_for(502)(
@@ -1012,19 +1018,27 @@ class SyncEngine(_Closable):
         resp = None
         try:
             resp = self.send(req, opts, stream=True)
-            if resp.status_code >= 400 or not_an_event_stream(resp.headers):
+            if resp.status_code >= 400:
                 resp.read()
-                raise stream_refused(adapter, resp.status_code, resp.headers, resp.content, target)
+                raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
             translator = adapter.stream_translator(target)
             raw = resp.iter_bytes()
             first: list[ChatCompletionChunk] = []
-            for data in raw:
-                first += translator.feed(data)
-                if has_substance(first):
-                    break
-            else:
-                first += translator.close()
-                translator = None  # type: ignore[assignment]
+            seen = b""  # the bytes while no chunk came: shown if they were no event stream
+            try:
+                for data in raw:
+                    if not first:
+                        seen += data
+                    first += translator.feed(data)
+                    if has_substance(first):
+                        break
+                else:
+                    first += translator.close()
+                    translator = None  # type: ignore[assignment]
+            except LunarError:
+                if not first and not_an_event_stream(resp.headers):
+                    raise stream_refused(resp.headers, seen, target) from None
+                raise
             return resp, raw, translator, first
         except NETWORK_ERRORS as exc:
             if resp is not None:
@@ -1192,19 +1206,27 @@ class AsyncEngine(_Closable):
         resp = None
         try:
             resp = await self.send(req, opts, stream=True)
-            if resp.status_code >= 400 or not_an_event_stream(resp.headers):
+            if resp.status_code >= 400:
                 await resp.aread()
-                raise stream_refused(adapter, resp.status_code, resp.headers, resp.content, target)
+                raise adapter.parse_error(resp.status_code, resp.headers, resp.content, target)
             translator = adapter.stream_translator(target)
             raw = resp.aiter_bytes()
             first: list[ChatCompletionChunk] = []
-            async for data in raw:
-                first += translator.feed(data)
-                if has_substance(first):
-                    break
-            else:
-                first += translator.close()
-                translator = None  # type: ignore[assignment]
+            seen = b""  # the bytes while no chunk came: shown if they were no event stream
+            try:
+                async for data in raw:
+                    if not first:
+                        seen += data
+                    first += translator.feed(data)
+                    if has_substance(first):
+                        break
+                else:
+                    first += translator.close()
+                    translator = None  # type: ignore[assignment]
+            except LunarError:
+                if not first and not_an_event_stream(resp.headers):
+                    raise stream_refused(resp.headers, seen, target) from None
+                raise
             return resp, raw, translator, first
         except NETWORK_ERRORS as exc:
             if resp is not None:

@@ -154,7 +154,7 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status < 200 and status >= 100 and status != 101:
             # An interim answer (100 Continue, 103 Early Hints), possibly unasked for: the
             # final one follows on this connection (RFC 9110 section 15.2).
             self.interim = True

@@ -200,7 +200,6 @@ class Usage(_Obj):
         out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
         return out
 
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Usage:
         get: Callable[[str], Any] = d.get  # the upstream's JSON: anything

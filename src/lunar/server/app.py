@@ -512,9 +512,11 @@ class Gateway:
             if not message.get("more_body", False):
                 break
         data = b"".join(parts)
-        encoding = headers.get(b"content-encoding", b"").strip().lower()
-        if encoding and encoding != b"identity":
-            data = self._decoded(encoding, data, limit)
+        encoding = headers.get(b"content-encoding")
+        if encoding is not None:  # seldom: one lookup is all a plain body costs
+            encoding = encoding.strip().lower()
+            if encoding and encoding != b"identity":
+                data = self._decoded(encoding, data, limit)
         return data
 
     @classmethod
