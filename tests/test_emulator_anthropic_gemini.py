@@ -592,7 +592,9 @@ def test_gemini_stream_shape(client: httpx.Client) -> None:
     assert len(events) == 8  # one per piece; the last carries the finish and the usage
     assert g_text(events) == story(8)
     for e in events[:-1]:
-        assert "usageMetadata" not in e and "finishReason" not in e["candidates"][0]
+        # As Gemini streams: the prompt's count on every event, the output's only at the end.
+        assert e["usageMetadata"] == {"promptTokenCount": 12, "totalTokenCount": 12}
+        assert "finishReason" not in e["candidates"][0]
         assert e["modelVersion"] == "gemini-test"
     last = events[-1]
     assert last["candidates"][0]["finishReason"] == "STOP"
@@ -826,7 +828,8 @@ def test_gemini_end_cut_and_malformed(mock: MockServer, client: httpx.Client) ->
     mock.enqueue(Reply(end_after=3), Reply(end_after=8), Reply(malformed_after=1))
     events = g_events(gemini(client, True).text)
     assert g_text(events) == story(3)
-    assert not any("finishReason" in e["candidates"][0] or "usageMetadata" in e for e in events)
+    assert not any("finishReason" in e["candidates"][0] for e in events)
+    assert not any("candidatesTokenCount" in e.get("usageMetadata", {}) for e in events)
     events = g_events(gemini(client, True).text)  # every piece, but no finish
     assert g_text(events) == story(8)
     assert not any("finishReason" in e["candidates"][0] for e in events)

@@ -291,7 +291,10 @@ ANTHROPIC_TOOL = sse(
 
 
 def test_anthropic_text_stream():
-    chunks = run(ANTHROPIC.stream_translator(A_TARGET), [ANTHROPIC_TEXT])
+    told, *chunks = run(ANTHROPIC.stream_translator(A_TARGET), [ANTHROPIC_TEXT])
+    # message_start's count comes first, on a chunk of no choice (the engine keeps it for a
+    # stream cut short, and hands it to no caller).
+    assert told.choices == [] and told.usage.prompt_tokens == 30 and told.usage.cached_tokens == 5
     assert chunks[0].choices[0].delta.role == "assistant"
     done = assemble(chunks)
     assert done.choices[0].message.content == "Hello wörld ☃"
@@ -302,7 +305,7 @@ def test_anthropic_text_stream():
 
 
 def test_anthropic_tool_stream_numbers_calls_among_calls():
-    chunks = run(ANTHROPIC.stream_translator(A_TARGET), [ANTHROPIC_TOOL])
+    chunks = [c for c in run(ANTHROPIC.stream_translator(A_TARGET), [ANTHROPIC_TOOL]) if c.choices]
     calls = [tc for c in chunks for tc in (c.choices[0].delta.tool_calls or [])]
     assert {tc.index for tc in calls} == {0}  # block 1 is tool call 0
     done = assemble(chunks)
@@ -612,6 +615,11 @@ GEMINI_TWO_CANDIDATES = sse(
 
 def test_gemini_stream_gives_each_candidate_its_own_choice():
     chunks = run(GEMINI.stream_translator(G_TARGET), [GEMINI_TWO_CANDIDATES])
+    # The first usageMetadata's count, on a chunk of no choice before that event's content
+    # (the engine keeps it for a stream cut short, and hands it to no caller).
+    [told] = [c for c in chunks if not c.choices]
+    assert told.usage.prompt_tokens == 8 and chunks.index(told) == len(chunks) - 5
+    chunks.remove(told)
     assert all(len(c.choices) == 1 for c in chunks)
     roles = [c.choices[0].index for c in chunks if c.choices[0].delta.role == "assistant"]
     assert roles == [0, 1]  # each choice opens with its role, as OpenAI's stream does

@@ -1712,3 +1712,35 @@ def test_an_upstream_usage_that_is_no_count_still_serves_records_and_settles(
         ("ok", 200, "openai")
     ] * 4
     assert all(x["prompt_tokens"] >= 0 and x["total_cost_usd"] >= 0 for x in rows)
+
+
+@pytest.mark.parametrize("provider", ["anthropic", "gemini"])
+def test_a_stream_cut_short_bills_the_prompt_its_provider_counted(upstream, tmp_path, provider):
+    """Anthropic tells the prompt's count in message_start, Gemini in its first event: a
+    stream cut after them was billed from Lunar's estimate (characters / 4, all at the input
+    price) though the provider's exact count, cache reads included, had come."""
+    env = {f"{provider.upper()}_API_KEY": "k", f"{provider.upper()}_BASE_URL": upstream.url}
+    gw = GatewayProcess(tmp_path, upstream, **env)
+    try:
+        key, key_id = gw.new_key()
+        model = {"anthropic": "claude-3-haiku", "gemini": "gemini-2.0-flash"}[provider]
+        prompt = "a " * 2000  # 4,000 characters: an estimate of ~1,000 tokens; 2,000 words
+        upstream.enqueue(Reply(chunks=20, pacing=0.2, cached_tokens=1500))
+        payload = {
+            "model": model,
+            "messages": [{"role": "user", "content": prompt}],
+            "stream": True,
+        }
+        with gw.http.stream(
+            "POST", "/v1/chat/completions", json=payload, headers={"x-api-key": key}
+        ) as r:
+            for line in r.iter_lines():
+                if '"content":"Once' in line:
+                    break  # gone after the first piece
+        [row] = gw.rows(key_id, 1)
+        assert (row["status"], row["error_type"]) == ("cancelled", "client_disconnected")
+        assert row["prompt_tokens"] == 2003  # the emulator's count: its words, + 3
+        assert row["cached_tokens"] == 1500
+        assert 0 < row["completion_tokens"] < 20
+    finally:
+        gw.stop()

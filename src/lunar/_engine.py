@@ -539,6 +539,7 @@ class StreamFinisher:
         "_body",
         "_held",
         "_last",
+        "_provisional",
         "_target",
         "_text",
         "_tools",
@@ -561,6 +562,9 @@ class StreamFinisher:
         self._held: ChatCompletionChunk | None = None
         self._last: ChatCompletionChunk | None = None
         self._usage: Usage | None = None  # the provider's, when it sends one
+        #: ``_usage`` is what the provider told before any content (Anthropic's
+        #: message_start, Gemini's first event): its prompt is exact, its output not yet.
+        self._provisional = False
         #: What the stream has brought so far: characters of text and tool arguments, when
         #: the first of them came (``perf_counter``, like ``started``), and its priced usage
         #: once ``end`` or ``seen`` gave it (what the gateway's ledger bills).
@@ -574,7 +578,9 @@ class StreamFinisher:
             if chunk.usage is not None:
                 self._usage = chunk.usage
                 if not chunk.choices:
+                    self._provisional = self.first_at is None
                     continue
+                self._provisional = False
             self._last = chunk
             if self._held is not None:
                 out.append(self._held)
@@ -627,6 +633,13 @@ class StreamFinisher:
         for a stream cut short, the provider's if it sent one, else an estimate from what
         came; None when nothing came."""
         if self.usage is None and (self._usage is not None or self.first_at is not None):
+            told = self._usage
+            if told is not None and self._provisional:
+                # Cut before the provider said its output: what streamed, estimated (the
+                # prompt stays the provider's count, its cached and cache-write parts too).
+                out = max(told.completion_tokens, estimate_tokens(self.chars))
+                told.completion_tokens = out
+                told.total_tokens = told.prompt_tokens + out
             self._account()
         return self.usage
 
@@ -774,7 +787,7 @@ def has_substance(chunks: list[ChatCompletionChunk]) -> bool:
     before generating; committing to a provider waits for more, so a failure right after
     that empty chunk can still fall back."""
     for chunk in chunks:
-        if chunk.usage is not None:
+        if chunk.usage is not None and chunk.choices:  # not the prompt's count told first
             return True
         for choice in chunk.choices:
             d = choice.delta

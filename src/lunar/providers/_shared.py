@@ -275,6 +275,14 @@ class ChunkMaker(SSETranslator):
         self._id = id
         self._created = int(time.time())
 
+    def _prompt_usage(self, usage: Usage) -> ChatCompletionChunk:
+        """A chunk with no choice, only the usage the provider told at the start (its
+        prompt's exact count): the engine keeps it for a stream cut short, which it would
+        otherwise bill from an estimate, and hands no such chunk to callers."""
+        return ChatCompletionChunk(
+            self._id, self._created, self._model, [], usage, provider=self._provider
+        )
+
     def _chunk(
         self,
         delta: ChoiceDelta,

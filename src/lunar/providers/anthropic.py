@@ -202,6 +202,8 @@ class AnthropicStreamTranslator(ChunkMaker):
                 self._id = message.get("id", "")
                 self._model = message.get("model") or self._model
                 self._input = message.get("usage") or {}
+                if self._input:
+                    out.append(self._prompt_usage(_usage(self._input, 0)))
                 out.append(self._chunk(ChoiceDelta(role="assistant", content="")))
             elif kind == "message_delta":
                 reason = (obj.get("delta") or {}).get("stop_reason")

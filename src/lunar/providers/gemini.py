@@ -194,6 +194,7 @@ class GeminiStreamTranslator(ChunkMaker):
         self._calls: dict[int, int] = {}  # choice index -> its tool calls so far
         self._finish: dict[int, str] = {}  # choice index -> Gemini's finishReason
         self._usage: Usage | None = None
+        self._told = False  # the prompt's count has been handed on
 
     def _begin(self, index: int, out: list[ChatCompletionChunk]) -> None:
         self._calls[index] = 0
@@ -208,8 +209,14 @@ class GeminiStreamTranslator(ChunkMaker):
                 self._started = True
                 self._model = obj.get("modelVersion") or self._model
                 self._begin(0, out)
-            if obj.get("usageMetadata"):
-                self._usage = _usage(obj["usageMetadata"])
+            meta = obj.get("usageMetadata")
+            if meta:
+                self._usage = _usage(meta)
+                if not self._told and self._usage.prompt_tokens:
+                    # Gemini counts the prompt on every event (some first events say 0): the
+                    # first count, before this event's content, for a stream cut short.
+                    self._told = True
+                    out.append(self._prompt_usage(_usage(meta)))
             candidates = obj.get("candidates") or ()
             if not candidates and (obj.get("promptFeedback") or {}).get("blockReason"):
                 self._finish[0] = "SAFETY"

@@ -606,6 +606,14 @@ class GeminiWire(Wire):
         return dumps(usage)
 
     @staticmethod
+    def _prompt_usage(job: Job) -> str:
+        usage: dict[str, Any] = {"promptTokenCount": job.prompt_tokens}
+        if job.cached_tokens > 0:
+            usage["cachedContentTokenCount"] = job.cached_tokens
+        usage["totalTokenCount"] = job.prompt_tokens
+        return dumps(usage)
+
+    @staticmethod
     def _call(call: ToolCall) -> str:
         body: dict[str, Any] = {"name": call.name, "args": call.arguments_object()}
         if call.id:
@@ -623,7 +631,12 @@ class GeminiWire(Wire):
             f'{{"content":{{"parts":[{parts}],"role":"model"}}{finish},"index":{i}}}'
             for i in range(job.n)
         )
-        usage = f',"usageMetadata":{self._usage(job)}' if finished and job.include_usage else ""
+        if not job.include_usage:
+            usage = ""
+        elif finished:
+            usage = f',"usageMetadata":{self._usage(job)}'
+        else:  # as Gemini streams: the prompt's count on every event, the output's at the end
+            usage = f',"usageMetadata":{self._prompt_usage(job)}'
         return (
             f'{{"candidates":[{candidates}]{usage},"modelVersion":{dumps(job.model)},'
             f'"responseId":"{id_}"}}'
