@@ -123,6 +123,7 @@ def test_gemini_thoughts_and_tool_use_prompt_tokens_are_counted_and_billed(provi
     assert (usage.prompt_tokens, usage.completion_tokens) == (120, 40)
     assert usage.total_tokens == GEMINI_USAGE["totalTokenCount"]
     assert usage.cached_tokens == 40
+    assert usage.completion_tokens_details.reasoning_tokens == 30  # the thoughts, as OpenAI says
     assert usage.input_cost_usd == cost(80, 0.30)
     assert usage.cached_input_cost_usd == cost(40, 0.075)
     assert usage.output_cost_usd == cost(40, 2.50)
@@ -190,3 +191,28 @@ def test_a_gateways_usage_comes_back_whole_in_remote_mode():
     got = Usage.from_dict(json.loads(json.dumps(sent.to_dict())))
     assert got.to_dict() == sent.to_dict()
     assert got.cache_write_tokens == 1000
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_reasoning_tokens_are_where_openai_puts_them(mock, stream):
+    """`usage.completion_tokens_details.reasoning_tokens`, which code written against the
+    openai SDK reads for its reasoning models, was an AttributeError."""
+    usage = {
+        "prompt_tokens": 10,
+        "completion_tokens": 50,
+        "total_tokens": 60,
+        "completion_tokens_details": {"reasoning_tokens": 42},
+    }
+    body = _openai_stream(usage) if stream else _openai_body(usage)
+    headers = {"content-type": "text/event-stream"} if stream else {}
+    mock.enqueue(Reply(body=body, headers=headers), model="o3-mini")
+    with Lunar(max_retries=0) as client:
+        result = client.chat.completions.create(
+            model="openai/o3-mini", messages=MESSAGES, stream=stream
+        )
+        got = list(result)[-1].usage if stream else result.usage
+    assert (got.completion_tokens, got.reasoning_tokens) == (50, 42)
+    assert got.completion_tokens_details.reasoning_tokens == 42
+    out = got.to_dict()
+    assert out["completion_tokens_details"] == {"reasoning_tokens": 42}
+    assert type(got).from_dict(out).reasoning_tokens == 42  # as remote mode reads it back

@@ -96,7 +96,7 @@ def test_usage_also_puts_cached_tokens_where_openai_does():
     assert usage.prompt_tokens_details.cached_tokens == 3
     out = usage.to_dict()
     assert out["prompt_tokens_details"] == {"cached_tokens": 3}
-    assert list(out) == [*Usage.__slots__, "prompt_tokens_details"]
+    assert list(out) == [*Usage.__slots__, "prompt_tokens_details", "completion_tokens_details"]
     assert usage.model_dump() == out
 
 

@@ -144,6 +144,8 @@ class Usage(_Obj):
     ``prompt_tokens`` counts every input token, as OpenAI does: ``cached_tokens`` of them
     were read from a prompt cache (billed at the cached price), ``cache_write_tokens``
     written to one (Anthropic; billed at the cache-write price, in ``input_cost_usd``).
+    ``completion_tokens`` counts every output token: ``reasoning_tokens`` of them were a
+    reasoning model's thinking (OpenAI's and Gemini's count; billed as output).
     Costs are ``None`` only when the catalogue has no price for the model that answered.
     """
 
@@ -156,6 +158,7 @@ class Usage(_Obj):
         "latency_ms",
         "output_cost_usd",
         "prompt_tokens",
+        "reasoning_tokens",
         "total_cost_usd",
         "total_tokens",
         "ttft_ms",
@@ -174,6 +177,7 @@ class Usage(_Obj):
         latency_ms: float | None = None,
         ttft_ms: float | None = None,
         cache_write_tokens: int = 0,
+        reasoning_tokens: int = 0,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
@@ -182,6 +186,7 @@ class Usage(_Obj):
         )
         self.cached_tokens = cached_tokens
         self.cache_write_tokens = cache_write_tokens
+        self.reasoning_tokens = reasoning_tokens
         self.input_cost_usd = input_cost_usd
         self.cached_input_cost_usd = cached_input_cost_usd
         self.output_cost_usd = output_cost_usd
@@ -194,10 +199,16 @@ class Usage(_Obj):
         """``cached_tokens`` where OpenAI puts it, for code written against its SDK."""
         return PromptTokensDetails(self.cached_tokens)
 
+    @property
+    def completion_tokens_details(self) -> CompletionTokensDetails:
+        """``reasoning_tokens`` where OpenAI puts it, for code written against its SDK."""
+        return CompletionTokensDetails(self.reasoning_tokens)
+
     def to_dict(self) -> dict[str, Any]:
         out = _usage_fields(self)
-        # OpenAI's place for the cached tokens too: the openai SDK reads them there.
+        # OpenAI's places for the cached and reasoning tokens too: its SDK reads them there.
         out["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        out["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         return out
 
     @classmethod
@@ -244,6 +255,10 @@ class Usage(_Obj):
             get("ttft_ms"),
             # Anthropic's cache writes, as a Lunar gateway passes them on (remote mode).
             0 if (written := get("cache_write_tokens")) is None else tokens(written),
+            # A reasoning model's thinking, where OpenAI (and a Lunar gateway) put it.
+            tokens(done.get("reasoning_tokens"))
+            if type(done := get("completion_tokens_details")) is dict
+            else 0,
         )
 
 
@@ -257,6 +272,16 @@ class PromptTokensDetails(_Obj):
 
     def __init__(self, cached_tokens: int = 0) -> None:
         self.cached_tokens = cached_tokens
+
+
+class CompletionTokensDetails(_Obj):
+    """OpenAI's ``usage.completion_tokens_details``: where its SDK users read
+    ``reasoning_tokens``."""
+
+    __slots__ = ("reasoning_tokens",)
+
+    def __init__(self, reasoning_tokens: int = 0) -> None:
+        self.reasoning_tokens = reasoning_tokens
 
 
 class Function(_Obj):

@@ -171,6 +171,7 @@ def _usage(meta: Mapping[str, Any]) -> Usage:
         completion_tokens=tokens(meta.get("candidatesTokenCount"))
         + tokens(meta.get("thoughtsTokenCount")),
         cached_tokens=tokens(meta.get("cachedContentTokenCount")),
+        reasoning_tokens=tokens(meta.get("thoughtsTokenCount")),
     )
 
 
