@@ -176,7 +176,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 parts.append(_image_part(block, bw))
             elif kind == "tool_use" and role == "assistant":
                 tid, name = block.get("id"), block.get("name")
-                if not isinstance(tid, str) or not isinstance(name, str):
+                if not isinstance(tid, str) or not isinstance(name, str) or not name:
                     raise bad(f"'{bw}' needs string 'id' and 'name'", bw)
                 tool_input = block.get("input", {})
                 tool_calls.append(
@@ -255,7 +255,7 @@ def _tool_choice(raw: Any) -> tuple[Any, bool | None]:
         return "none", None
     if kind == "tool":
         name = raw.get("name")
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not name:
             raise bad("'tool_choice.name' must be a tool name", "tool_choice.name")
         return {"type": "function", "function": {"name": name}}, parallel
     raise bad(
