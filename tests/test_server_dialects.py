@@ -162,3 +162,70 @@ def test_empty_tool_names_on_messages_name_the_anthropic_field(gw, key, upstream
     assert r.status_code == 400 and "messages[1].content[0]" in r.json()["error"]["message"]
     assert r.json()["type"] == "error"
     assert upstream.requests == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Anthropic messages: fields the Messages API does not have, and fields of the wrong type
+
+
+@pytest.mark.parametrize(
+    ("fields", "param"),
+    [
+        ({"seed": 1}, "seed"),
+        ({"max_completion_tokens": 5}, "max_completion_tokens"),
+        ({"n": 3}, "n"),
+        ({"response_format": {"type": "json_object"}}, "response_format"),
+        ({"logprobs": True}, "logprobs"),
+        ({"stop": ["END"]}, "stop"),
+        ({"top_k": "x"}, "top_k"),
+        ({"top_k": -1}, "top_k"),
+        ({"thinking": "on"}, "thinking"),
+        ({"metadata": {"user_id": 5}}, "metadata.user_id"),
+        ({"mcp_servers": []}, "mcp_servers"),
+        ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format"),
+    ],
+)
+def test_messages_refuses_what_anthropic_refuses_naming_the_field(
+    gw, key, upstream, fields, param
+):
+    """An OpenAI parameter sent to the Anthropic route, or an Anthropic feature the answer
+    depends on, is a 400 naming it (as Anthropic's API answers a field it does not have):
+    dropped without a word, the answer was not what was asked."""
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(
+            model="gpt-4o-mini", max_tokens=5, messages=HI, extra_body=fields
+        )
+    error = info.value.body["error"]
+    assert error["type"] == "invalid_request_error"
+    assert f"(param: {param})" in error["message"]
+    assert upstream.requests == []
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_messages_still_takes_every_anthropic_field_it_can_serve(gw, key, upstream, model):
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    msg = client.messages.create(
+        model=model,
+        max_tokens=20,
+        system=[{"type": "text", "text": "Be brief.", "cache_control": {"type": "ephemeral"}}],
+        messages=HI,
+        metadata={"user_id": "u-1"},
+        stop_sequences=["END"],
+        thinking={"type": "disabled"},
+        service_tier="auto",
+        tools=[{"name": "f", "input_schema": {"type": "object"}}],
+        tool_choice={"type": "auto", "disable_parallel_tool_use": True},
+        # (this SDK's create() has no sampling arguments; Anthropic's API still takes them)
+        extra_body={
+            "temperature": 0.5,
+            "top_p": 0.9,
+            "top_k": 5,
+            "cache_control": {"type": "ephemeral"},
+            "output_config": {"effort": "low"},
+            "context_management": {"edits": []},
+            "fallbacks": ["gpt-4o-mini"],
+        },
+    )
+    assert msg.type == "message"
+    assert len(upstream.requests) == 1
