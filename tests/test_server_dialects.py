@@ -229,3 +229,16 @@ def test_messages_still_takes_every_anthropic_field_it_can_serve(gw, key, upstre
     )
     assert msg.type == "message"
     assert len(upstream.requests) == 1
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{"messages": HI}, {"model": 5, "messages": HI}, {"model": "", "messages": HI}],
+    ids=["missing", "number", "empty"],
+)
+def test_count_tokens_requires_a_model(gw, key, body):
+    """Anthropic's count_tokens needs the model, as its OpenAPI entry here says."""
+    r = post(gw, key, "/v1/messages/count_tokens", body)
+    assert r.status_code == 400, r.text
+    assert r.json()["type"] == "error"
+    assert "(param: model)" in r.json()["error"]["message"]
