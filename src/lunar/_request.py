@@ -470,25 +470,41 @@ def chat_body(
 def sdk_messages(messages: Any) -> Any:
     """What ``create()`` takes as ``messages`` beyond a list of dicts, as the openai SDK does:
     any iterable (a generator), and the message objects answers carry (``choices[0].message``,
-    Lunar's or the openai SDK's) as their dicts without the fields left unset (``None``).
+    Lunar's or the openai SDK's) as their dicts without the fields left unset (``None``),
+    and so the call objects of an answer (``message.tool_calls``) in a dict turn.
     Anything else goes on to the validation, which names it."""
     if type(messages) is not list:
         if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
             return messages
         messages = list(messages)
     for i, msg in enumerate(messages):
-        if type(msg) is not dict and not isinstance(msg, Mapping):
+        if (type(msg) is not dict and not isinstance(msg, Mapping)) or _call_objects(msg):
             messages = [*messages[:i], *map(_as_message, messages[i:])]
             break
     return messages
 
 
-def _as_message(msg: Any) -> Any:
-    dump = None if isinstance(msg, Mapping) else getattr(msg, "model_dump", None)
+def _call_objects(msg: Mapping[str, Any]) -> bool:
+    """A dict turn holding an answer's call objects: ``{"role": "assistant", "tool_calls":
+    message.tool_calls}``, which the openai SDK takes too."""
+    calls = msg.get("tool_calls")
+    return type(calls) is list and any(not isinstance(c, Mapping) for c in calls)
+
+
+def _as_dict(obj: Any) -> Any:
+    dump = None if isinstance(obj, Mapping) else getattr(obj, "model_dump", None)
     out = dump() if callable(dump) else None
     if not isinstance(out, Mapping):
-        return msg
+        return obj
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _as_message(msg: Any) -> Any:
+    if isinstance(msg, Mapping):
+        if _call_objects(msg):  # a copy: the caller's dict stays as it was
+            return {**msg, "tool_calls": [_as_dict(c) for c in msg["tool_calls"]]}
+        return msg
+    return _as_dict(msg)
 
 
 def prepare(
