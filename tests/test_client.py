@@ -658,6 +658,39 @@ def test_an_answers_message_object_can_be_appended_to_messages(mock):
     assert isinstance(messages[1], type(first.choices[0].message))  # the caller's list as it was
 
 
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-haiku"])
+def test_an_answers_tool_calls_can_be_put_in_a_message_dict(mock, monkeypatch, model):
+    """The other idiom: ``{"role": "assistant", "tool_calls": message.tool_calls}``, the
+    answer's call objects (Lunar's or the openai SDK's) in a dict of the caller's."""
+    import openai.types.chat as oai
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", mock.url)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    client = Lunar()
+    mock.default = Reply(tool_calls=[{"name": "f", "arguments": {"a": 1}}])
+    first = client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, tools=tools)
+    [ours] = first.choices[0].message.tool_calls
+    theirs = oai.ChatCompletionMessageFunctionToolCall(
+        id="call_2", type="function", function={"name": "f", "arguments": '{"a": 2}'}
+    )
+    mock.default = Reply(chunks=2)
+    messages = [
+        *MESSAGES,
+        {"role": "assistant", "content": None, "tool_calls": [ours, theirs]},
+        {"role": "tool", "tool_call_id": ours.id, "content": "one"},
+        {"role": "tool", "tool_call_id": "call_2", "content": "two"},
+    ]
+    answer = client.chat.completions.create(model=model, messages=messages, tools=tools)
+    assert answer.choices[0].finish_reason == "stop"
+    sent = mock.requests[-1].json["messages"][1]
+    if model == "gpt-4o-mini":
+        assert [c["function"]["arguments"] for c in sent["tool_calls"]] == ['{"a":1}', '{"a": 2}']
+    else:
+        assert [b["input"] for b in sent["content"]] == [{"a": 1}, {"a": 2}]
+    assert messages[1]["tool_calls"][0] is ours  # the caller's list as it was
+
+
 @pytest.mark.parametrize("bad", [[object()], [{"role": "user", "content": "hi"}, 3]])
 def test_a_message_that_is_no_object_is_still_named(mock, bad):
     with pytest.raises(BadRequestError, match=r"messages\[\d\]' must be an object"):

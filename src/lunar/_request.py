@@ -209,6 +209,21 @@ def _validate_content(content: Any, where: str, role: str, allow_none: bool) -> 
     )
 
 
+def _validate_tool_calls(calls: Any, where: str) -> None:
+    # Every adapter reads each call's function name: checked here, the same for all of them.
+    if not isinstance(calls, list):
+        raise bad(f"'{where}' must be a list of tool calls", where)
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, Mapping) else None
+        if not isinstance(fn, Mapping):
+            param = f"{where}[{j}].function"
+            raise bad(f"'{param}' must be an object {{'name', 'arguments'}}", param)
+        name = fn.get("name")
+        if not isinstance(name, str) or not name:
+            param = f"{where}[{j}].function.name"
+            raise bad(f"'{param}' must be the name of a tool", param)
+
+
 def validate_messages(messages: Any) -> None:
     # `type(...) is` first: what JSON gives (list, dict, str) skips the ABC checks, which
     # run Python code on every call.
@@ -229,8 +244,11 @@ def validate_messages(messages: Any) -> None:
                 f"messages[{i}].role",
             )
         content = msg.get("content")
+        calls = msg.get("tool_calls")
+        if calls is not None and role == "assistant":
+            _validate_tool_calls(calls, f"messages[{i}].tool_calls")
         if type(content) is not str:
-            has_tool_calls = role == "assistant" and bool(msg.get("tool_calls"))
+            has_tool_calls = role == "assistant" and bool(calls)
             _validate_content(content, f"messages[{i}].content", role, has_tool_calls)
         if role == "tool" and not isinstance(msg.get("tool_call_id"), str):
             param = f"messages[{i}].tool_call_id"
@@ -261,6 +279,41 @@ def _tools(tools: Any, name: str) -> None:
                 f"'tools[{i}]' must be {{'type': 'function', 'function': {{'name', …}}}}",
                 f"tools[{i}]",
             )
+        parameters = fn.get("parameters")
+        if parameters is not None and not isinstance(parameters, Mapping):
+            param = f"tools[{i}].function.parameters"
+            raise bad(f"'{param}' must be a JSON Schema object", param)
+
+
+_TOOL_CHOICES = ("none", "auto", "required")
+
+
+def _tool_choice(choice: Any, name: str) -> None:
+    if isinstance(choice, str):
+        if choice not in _TOOL_CHOICES:
+            raise bad(
+                f"'tool_choice' must be one of {', '.join(_TOOL_CHOICES)} or "
+                f"{{'type': 'function', 'function': {{'name'}}}}, got {choice!r}",
+                "tool_choice",
+            )
+        return
+    if not isinstance(choice, Mapping) or not isinstance(choice.get("type"), str):
+        raise bad("'tool_choice' must be a string or an object with a 'type'", "tool_choice")
+    if choice["type"] == "function":
+        fn = choice.get("function")
+        if not isinstance(fn, Mapping) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            param = "tool_choice.function.name"
+            raise bad(f"'{param}' must name the tool to call", param)
+
+
+def _bool(value: Any, name: str) -> None:
+    if not isinstance(value, bool):
+        raise bad(f"'{name}' must be true or false, got {type(value).__name__}", name)
+
+
+def _top_logprobs(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 20:
+        raise bad(f"'{name}' must be an integer from 0 to 20, got {value!r}", name)
 
 
 def _response_format(rf: Any, name: str) -> None:
@@ -300,6 +353,10 @@ _PARAM_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "seed": _seed,
     "stop": _stop,
     "tools": _tools,
+    "tool_choice": _tool_choice,
+    "parallel_tool_calls": _bool,
+    "logprobs": _bool,
+    "top_logprobs": _top_logprobs,
     "response_format": _response_format,
     "stream_options": _stream_options,
 }
@@ -413,25 +470,41 @@ def chat_body(
 def sdk_messages(messages: Any) -> Any:
     """What ``create()`` takes as ``messages`` beyond a list of dicts, as the openai SDK does:
     any iterable (a generator), and the message objects answers carry (``choices[0].message``,
-    Lunar's or the openai SDK's) as their dicts without the fields left unset (``None``).
+    Lunar's or the openai SDK's) as their dicts without the fields left unset (``None``),
+    and so the call objects of an answer (``message.tool_calls``) in a dict turn.
     Anything else goes on to the validation, which names it."""
     if type(messages) is not list:
         if isinstance(messages, (str, bytes, Mapping)) or not isinstance(messages, Iterable):
             return messages
         messages = list(messages)
     for i, msg in enumerate(messages):
-        if type(msg) is not dict and not isinstance(msg, Mapping):
+        if (type(msg) is not dict and not isinstance(msg, Mapping)) or _call_objects(msg):
             messages = [*messages[:i], *map(_as_message, messages[i:])]
             break
     return messages
 
 
-def _as_message(msg: Any) -> Any:
-    dump = None if isinstance(msg, Mapping) else getattr(msg, "model_dump", None)
+def _call_objects(msg: Mapping[str, Any]) -> bool:
+    """A dict turn holding an answer's call objects: ``{"role": "assistant", "tool_calls":
+    message.tool_calls}``, which the openai SDK takes too."""
+    calls = msg.get("tool_calls")
+    return type(calls) is list and any(not isinstance(c, Mapping) for c in calls)
+
+
+def _as_dict(obj: Any) -> Any:
+    dump = None if isinstance(obj, Mapping) else getattr(obj, "model_dump", None)
     out = dump() if callable(dump) else None
     if not isinstance(out, Mapping):
-        return msg
+        return obj
     return {k: v for k, v in out.items() if v is not None}
+
+
+def _as_message(msg: Any) -> Any:
+    if isinstance(msg, Mapping):
+        if _call_objects(msg):  # a copy: the caller's dict stays as it was
+            return {**msg, "tool_calls": [_as_dict(c) for c in msg["tool_calls"]]}
+        return msg
+    return _as_dict(msg)
 
 
 def prepare(

@@ -176,7 +176,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 parts.append(_image_part(block, bw))
             elif kind == "tool_use" and role == "assistant":
                 tid, name = block.get("id"), block.get("name")
-                if not isinstance(tid, str) or not isinstance(name, str):
+                if not isinstance(tid, str) or not isinstance(name, str) or not name:
                     raise bad(f"'{bw}' needs string 'id' and 'name'", bw)
                 tool_input = block.get("input", {})
                 tool_calls.append(
@@ -255,12 +255,83 @@ def _tool_choice(raw: Any) -> tuple[Any, bool | None]:
         return "none", None
     if kind == "tool":
         name = raw.get("name")
-        if not isinstance(name, str):
+        if not isinstance(name, str) or not name:
             raise bad("'tool_choice.name' must be a tool name", "tool_choice.name")
         return {"type": "function", "function": {"name": name}}, parallel
     raise bad(
         f"'tool_choice.type' must be auto, any, tool or none, got {kind!r}", "tool_choice.type"
     )
+
+
+#: OpenAI's request fields that Anthropic's Messages API does not have: sent here, they are
+#: refused, never dropped without a word (``seed``, ``n``, ``response_format`` …).
+_OPENAI_ONLY = frozenset(
+    {
+        "n",
+        "seed",
+        "stop",
+        "user",
+        "max_completion_tokens",
+        "presence_penalty",
+        "frequency_penalty",
+        "logit_bias",
+        "logprobs",
+        "top_logprobs",
+        "response_format",
+        "stream_options",
+        "parallel_tool_calls",
+        "functions",
+        "function_call",
+        "reasoning_effort",
+        "modalities",
+        "audio",
+        "prediction",
+        "store",
+        "verbosity",
+        "web_search_options",
+        "prompt_cache_key",
+        "safety_identifier",
+    }
+)
+#: Anthropic's features that change what the answer is, which Lunar cannot serve.
+_UNSERVED = frozenset({"mcp_servers", "container", "output_format"})
+_LUNAR = ("model", "stream", "fallbacks", "provider")
+
+
+def _check_fields(raw: Mapping[str, Any]) -> None:
+    """Refuse, naming it, a field this route would otherwise drop although the answer
+    depends on it. Anthropic's other fields (``top_k``, ``thinking``, ``cache_control``,
+    ``context_management``, ``service_tier`` and newer ones) tune how or where an answer is
+    made, not what it is: accepted, and left out, since the model answering may not be
+    Anthropic's (clients such as Claude Code send some of them on every request)."""
+    for name in raw:
+        if name in _OPENAI_ONLY:
+            raise bad(
+                f"'{name}' is an OpenAI parameter, not a field of Anthropic's Messages API: "
+                "send it to /v1/chat/completions, or leave it out",
+                name,
+            )
+        if name in _UNSERVED:
+            raise bad(f"'{name}' is not supported on Lunar's /v1/messages", name)
+    top_k = raw.get("top_k")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+        raise bad(f"'top_k' must be a non-negative integer, got {top_k!r}", "top_k")
+    thinking = raw.get("thinking")
+    if thinking is not None and not (
+        isinstance(thinking, Mapping) and isinstance(thinking.get("type"), str)
+    ):
+        raise bad("'thinking' must be an object with a 'type'", "thinking")
+    output = raw.get("output_config")
+    if output is not None:
+        if not isinstance(output, Mapping):
+            raise bad("'output_config' must be an object", "output_config")
+        if output.get("format") is not None:
+            # A format the answer would not follow: refused, never ignored.
+            raise bad(
+                "'output_config.format' (structured output) is not supported on /v1/messages: "
+                "use response_format on /v1/chat/completions",
+                "output_config.format",
+            )
 
 
 def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -270,6 +341,7 @@ def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     (validated by the caller). Raises ``BadRequestError`` naming the Anthropic field."""
     if not isinstance(raw, Mapping):
         raise BadRequestError("The request body must be a JSON object", param=None)
+    _check_fields(raw)
     body: dict[str, Any] = {}
     messages = _messages(raw.get("messages"))
     system = raw.get("system")
@@ -300,7 +372,9 @@ def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
         if not isinstance(metadata, Mapping):
             raise bad("'metadata' must be an object", "metadata")
         user = metadata.get("user_id")
-        if isinstance(user, str) and user:
+        if user is not None and not isinstance(user, str):
+            raise bad("'metadata.user_id' must be a string", "metadata.user_id")
+        if user:
             body["user"] = user
     tools = raw.get("tools")
     if tools is not None:
@@ -314,7 +388,7 @@ def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             body["tool_choice"] = tc
             if parallel is not None:
                 body["parallel_tool_calls"] = parallel
-    lunar = {name: raw.get(name) for name in ("model", "stream", "fallbacks", "provider")}
+    lunar = {name: raw.get(name) for name in _LUNAR}
     return body, lunar
 
 

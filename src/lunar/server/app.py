@@ -886,7 +886,8 @@ class Gateway:
             raw = self._parse_json(await self._read_body(scope, receive, headers))
             if isinstance(raw, dict) and raw.get("max_tokens") is None:
                 raw = {**raw, "max_tokens": 1}
-            body, _ = parse_request(MESSAGES, raw)
+            body, lunar = parse_request(MESSAGES, raw)
+            validate_model(lunar["model"])
         except LunarError as err:
             await _send_error(send, err, MESSAGES.error)
             return

@@ -219,6 +219,13 @@ _MESSAGES_REQUEST = {
         "stop_sequences": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
+        "top_k": {"type": "integer", "minimum": 0, "description": "accepted, ignored"},
+        "thinking": {
+            "type": "object",
+            "required": ["type"],
+            "properties": {"type": {"type": "string"}},
+            "description": "accepted, ignored",
+        },
         "stream": {"type": "boolean"},
         "metadata": {"type": "object", "properties": {"user_id": {"type": "string"}}},
         "tools": {
