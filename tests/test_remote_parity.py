@@ -1,0 +1,165 @@
+"""Remote mode against direct mode: the same call made by ``Lunar``/``AsyncLunar`` straight to
+the providers and through a real `lunar serve` process, both in front of the same emulator,
+must give the same objects, errors and behaviour (README: "the same objects")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+
+import lunar
+from lunar.testing import MockServer, Reply
+
+from .test_server import MESSAGES, GatewayProcess
+
+pytest.importorskip("uvicorn")
+
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[MockServer]:
+    with MockServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    proc = GatewayProcess(
+        tmp_path_factory.mktemp("gateway"),
+        upstream,
+        ANTHROPIC_API_KEY="sk-anthropic",
+        ANTHROPIC_BASE_URL=upstream.url,
+        GEMINI_API_KEY="sk-gemini",
+        GEMINI_BASE_URL=upstream.url,
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _direct_env(upstream: MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct mode sees the providers the gateway sees (the gateway's own environment)."""
+    upstream.reset()
+    for p in ("OPENAI", "GROQ", "TOGETHER", "FIREWORKS"):
+        monkeypatch.setenv(f"{p}_API_KEY", f"sk-{p.lower()}")
+        monkeypatch.setenv(f"{p}_BASE_URL", upstream.base_url)
+    for p in ("ANTHROPIC", "GEMINI"):
+        monkeypatch.setenv(f"{p}_API_KEY", f"sk-{p.lower()}")
+        monkeypatch.setenv(f"{p}_BASE_URL", upstream.url)
+
+
+@pytest.fixture(params=["sync", "async"])
+def flavor(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def call(result: Any) -> Any:
+    return (await result) if hasattr(result, "__await__") else result
+
+
+async def collect(stream: Any) -> list[Any]:
+    if hasattr(stream, "__aiter__"):
+        return [chunk async for chunk in stream]
+    return list(stream)
+
+
+async def raised(fn: Callable[[], Any]) -> lunar.LunarError:
+    """The error ``fn()`` raises, called (and awaited, for an async client) or iterated to
+    its end when it is a stream."""
+    with pytest.raises(lunar.LunarError) as info:
+        result = await call(fn())
+        if hasattr(result, "__aiter__") or hasattr(result, "__iter__"):
+            await collect(result)
+    return info.value
+
+
+class Pair:
+    """A direct client and a remote one, of one flavour, with the same arguments."""
+
+    def __init__(self, gw: GatewayProcess, upstream: MockServer, flavor: str, **kw: Any) -> None:
+        cls = lunar.Lunar if flavor == "sync" else lunar.AsyncLunar
+        kw.setdefault("max_retries", 0)
+        self.upstream = upstream
+        self.direct = cls(**kw)
+        self.remote = cls(base_url=gw.url + "/v1", api_key=gw.new_key()[0], **kw)
+
+    async def run(
+        self, fn: Callable[[Any], Any], *replies: Reply
+    ) -> tuple[Any, Any]:
+        """``fn(client)`` (a coroutine) against each client, the emulator scripted the same
+        for both: (direct's result, remote's)."""
+        out = []
+        for client in (self.direct, self.remote):
+            self.upstream.reset()
+            self.upstream.enqueue(*replies)
+            out.append(await fn(client))
+        return out[0], out[1]
+
+    async def close(self) -> None:
+        await call(self.direct.close())
+        await call(self.remote.close())
+
+
+@pytest.fixture
+async def pair(gw: GatewayProcess, upstream: MockServer, flavor: str) -> Any:
+    made: list[Pair] = []
+
+    def make(**kw: Any) -> Pair:
+        made.append(Pair(gw, upstream, flavor, **kw))
+        return made[-1]
+
+    yield make
+    for p in made:
+        await p.close()
+
+
+def error_view(e: lunar.LunarError) -> dict[str, Any]:
+    """What a user reads off an error, the same in both modes."""
+    return {
+        "class": type(e).__name__,
+        "str": str(e),
+        "status_code": getattr(e, "status_code", None),
+        "param": getattr(e, "param", None),
+        "code": getattr(e, "code", None),
+        "type": getattr(e, "type", None),
+        "retry_after": getattr(e, "retry_after", None),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Fallbacks
+
+
+async def test_client_level_fallbacks_are_honoured_in_remote_mode(pair, flavor):
+    """``Lunar(fallbacks={model: [...]})`` is the client's mapping in both modes: remote
+    mode sent no fallbacks to the gateway, so the first 503 was the caller's error."""
+    # Models of this test's own: the gateway's health (one process) learns across tests.
+    model, fallback = f"openai/nano-{flavor}", f"openai/big-{flavor}"
+    p = pair(fallbacks={model: [fallback]})
+
+    async def served_by(client: Any) -> tuple[str, list[str]]:
+        done = await call(client.chat.completions.create(model=model, messages=MESSAGES))
+        return done.model, [r.model for r in p.upstream.requests]
+
+    direct, remote = await p.run(served_by, Reply(status=503))
+    assert direct == remote == (fallback[7:], [model[7:], fallback[7:]])
+
+    async def streamed(client: Any) -> str:
+        stream = await call(
+            client.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+        )
+        return str((await collect(stream))[-1].model)
+
+    assert await p.run(streamed, Reply(status=503)) == (fallback[7:], fallback[7:])
+
+    # Per-request fallbacks replace the client's, in both modes ([] means none).
+    async def none(client: Any) -> int | None:
+        err = await raised(
+            lambda: client.chat.completions.create(model=model, messages=MESSAGES, fallbacks=[])
+        )
+        return err.status_code  # type: ignore[attr-defined,no-any-return]
+
+    assert await p.run(none, Reply(status=503)) == (503, 503)
