@@ -86,9 +86,7 @@ class Pair:
         self.direct = cls(**kw)
         self.remote = cls(base_url=gw.url + "/v1", api_key=gw.new_key()[0], **kw)
 
-    async def run(
-        self, fn: Callable[[Any], Any], *replies: Reply
-    ) -> tuple[Any, Any]:
+    async def run(self, fn: Callable[[Any], Any], *replies: Reply) -> tuple[Any, Any]:
         """``fn(client)`` (a coroutine) against each client, the emulator scripted the same
         for both: (direct's result, remote's)."""
         out = []
@@ -163,3 +161,61 @@ async def test_client_level_fallbacks_are_honoured_in_remote_mode(pair, flavor):
         return err.status_code  # type: ignore[attr-defined,no-any-return]
 
     assert await p.run(none, Reply(status=503)) == (503, 503)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422, 429, 500, 502, 503, 504])
+async def test_an_upstream_error_reads_the_same_in_both_modes(pair, status):
+    """The gateway's error message already names the provider at fault; remote mode added
+    ``(provider: lunar)`` after it, so ``str(e)`` differed from direct mode's."""
+    p = pair()
+
+    async def fails(client: Any) -> dict[str, Any]:
+        err = await raised(
+            lambda: client.chat.completions.create(model="openai/errs", messages=MESSAGES)
+        )
+        return error_view(err)
+
+    direct, remote = await p.run(fails, Reply(status=status, retry_after=3))
+    assert remote == direct
+    assert direct["str"].endswith("(provider: openai)")
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [Reply(chunks=5, error_after=2), Reply(chunks=5, error_after=2, error_type="rate_limit_error")],
+)
+async def test_a_mid_stream_error_reads_the_same_in_both_modes(pair, reply):
+    """The gateway relays an upstream's error event with its message ("Error event in the
+    stream: … (provider: openai)"); remote mode said "Error event in the stream: " twice."""
+    p = pair()
+
+    async def fails(client: Any) -> dict[str, Any]:
+        err = await raised(
+            lambda: client.chat.completions.create(
+                model="openai/mid", messages=MESSAGES, stream=True
+            )
+        )
+        return error_view(err)
+
+    direct, remote = await p.run(fails, reply)
+    assert remote == direct
+
+
+async def test_a_request_the_gateway_refuses_reads_as_direct_mode_refuses_it(pair):
+    """A request the engine refuses before sending (here ``n`` > 1 to Anthropic): the same
+    class, ``param``, ``code`` and message in both modes."""
+    p = pair()
+
+    async def refused(client: Any) -> dict[str, Any]:
+        err = await raised(
+            lambda: client.chat.completions.create(model="claude-3-haiku", messages=MESSAGES, n=2)
+        )
+        return error_view(err)
+
+    direct, remote = await p.run(refused)
+    assert remote == direct
+    assert direct["param"] == "n"
