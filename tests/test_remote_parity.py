@@ -167,36 +167,50 @@ async def test_client_level_fallbacks_are_honoured_in_remote_mode(pair, flavor):
 # Errors
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 422, 429, 500, 502, 503, 504])
-async def test_an_upstream_error_reads_the_same_in_both_modes(pair, status):
+@pytest.mark.parametrize("model", ["openai/errs", "claude-3-5-haiku", "gemini-2.0-flash"])
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422, 429, 500, 502, 503, 504, 529])
+async def test_an_upstream_error_reads_the_same_in_both_modes(pair, status, model):
     """The gateway's error message already names the provider at fault; remote mode added
     ``(provider: lunar)`` after it, so ``str(e)`` differed from direct mode's."""
     p = pair()
 
     async def fails(client: Any) -> dict[str, Any]:
         err = await raised(
-            lambda: client.chat.completions.create(model="openai/errs", messages=MESSAGES)
+            lambda: client.chat.completions.create(
+                model=model, messages=MESSAGES, max_tokens=5, fallbacks=[]
+            )
         )
         return error_view(err)
 
     direct, remote = await p.run(fails, Reply(status=status, retry_after=3))
     assert remote == direct
-    assert direct["str"].endswith("(provider: openai)")
+    assert direct["str"].endswith(
+        f"(provider: {model.split('-')[0].replace('claude', 'anthropic').replace('openai/errs', 'openai')})"
+    )
 
 
+@pytest.mark.parametrize("model", ["openai/mid", "claude-3-5-haiku", "gemini-2.0-flash"])
 @pytest.mark.parametrize(
     "reply",
-    [Reply(chunks=5, error_after=2), Reply(chunks=5, error_after=2, error_type="rate_limit_error")],
+    [
+        Reply(chunks=5, error_after=2),
+        Reply(chunks=5, error_after=2, error_type="rate_limit_error"),
+        Reply(chunks=5, error_after=2, error_type="invalid_request_error"),
+    ],
 )
-async def test_a_mid_stream_error_reads_the_same_in_both_modes(pair, reply):
+async def test_a_mid_stream_error_reads_the_same_in_both_modes(pair, reply, model):
     """The gateway relays an upstream's error event with its message ("Error event in the
-    stream: … (provider: openai)"); remote mode said "Error event in the stream: " twice."""
+    stream: … (provider: openai)"); remote mode said "Error event in the stream: " twice.
+    And the event's ``type`` alone lost the class of a Gemini error (``UNAVAILABLE``,
+    ``RESOURCE_EXHAUSTED``): remote mode raised a bare ``StreamError`` where direct mode
+    raises ``ServiceUnavailableError`` / ``RateLimitError``; the event now says its
+    ``status``."""
     p = pair()
 
     async def fails(client: Any) -> dict[str, Any]:
         err = await raised(
             lambda: client.chat.completions.create(
-                model="openai/mid", messages=MESSAGES, stream=True
+                model=model, messages=MESSAGES, stream=True, max_tokens=50
             )
         )
         return error_view(err)
@@ -219,3 +233,141 @@ async def test_a_request_the_gateway_refuses_reads_as_direct_mode_refuses_it(pai
     direct, remote = await p.run(refused)
     assert remote == direct
     assert direct["param"] == "n"
+
+
+# ---------------------------------------------------------------------------------------------
+# Objects
+
+
+def same_shape(obj: Any) -> Any:
+    """``obj.to_dict()`` without what differs between any two requests: ids, ``created``,
+    timing (measured by each client) and the emulator's numbered tool-call ids."""
+    if isinstance(obj, list):
+        return [same_shape(o) for o in obj]
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    if isinstance(obj, dict):
+        return {
+            k: same_shape(v)
+            for k, v in obj.items()
+            if k not in ("id", "created", "latency_ms", "ttft_ms")
+        }
+    return obj
+
+
+ANSWERS = {
+    "text": ("gpt-4o-mini", {}, Reply(chunks=4, cached_tokens=3)),
+    "n=2": ("gpt-4o-mini", {"n": 2}, Reply(chunks=3)),
+    "tools": (
+        "gpt-4o-mini",
+        {"tools": TOOLS},
+        Reply(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}]),
+    ),
+    "anthropic": ("claude-3-5-haiku", {"max_tokens": 50}, Reply(chunks=4, cached_tokens=5)),
+    "anthropic tools": (
+        "claude-3-5-haiku",
+        {"max_tokens": 50, "tools": TOOLS},
+        Reply(tool_calls=[{"name": "get_weather", "arguments": {"city": "Oslo"}}]),
+    ),
+    "gemini": ("gemini-2.0-flash", {}, Reply(chunks=4, cached_tokens=2)),
+    "gemini n=2": ("gemini-2.0-flash", {"n": 2}, Reply(chunks=2)),
+    "length": ("gpt-4o-mini", {"max_tokens": 2}, Reply(chunks=6)),
+}
+
+
+@pytest.mark.parametrize("case", list(ANSWERS))
+async def test_answers_streamed_or_not_are_the_same_objects(pair, case):
+    """Chunks, completions, ``get_final_completion()``, ``text_stream`` and legacy
+    completions: field for field what direct mode gives (usage with cached tokens and
+    costs, ``provider``, ``model``, tool calls), timing and ids aside."""
+    model, kwargs, reply = ANSWERS[case]
+    p = pair()
+
+    async def whole(client: Any) -> Any:
+        done = await call(client.chat.completions.create(model=model, messages=MESSAGES, **kwargs))
+        assert done.usage.ttft_ms is not None and done.usage.latency_ms is not None
+        return same_shape(done)
+
+    async def chunks(client: Any) -> Any:
+        stream = await call(
+            client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **kwargs)
+        )
+        got = await collect(stream)
+        assert got[-1].usage.ttft_ms is not None and got[-1].usage.latency_ms is not None
+        assert len({c.id for c in got}) == 1
+        return same_shape(got)
+
+    async def final(client: Any) -> Any:
+        stream = await call(
+            client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **kwargs)
+        )
+        done = await call(stream.get_final_completion())
+        return type(done).__name__, same_shape(done)
+
+    async def text(client: Any) -> Any:
+        stream = await call(
+            client.chat.completions.create(model=model, messages=MESSAGES, stream=True, **kwargs)
+        )
+        return await collect(stream.text_stream)
+
+    for fn in (whole, chunks, final, text):
+        direct, remote = await p.run(fn, reply)
+        assert remote == direct, fn.__name__
+
+    if "tools" in kwargs or kwargs.get("n", 1) > 1:
+        return
+    for stream in (False, True):
+
+        async def legacy(client: Any, stream: bool = stream) -> Any:
+            answer = await call(
+                client.completions.create(model=model, prompt="Once", stream=stream, **kwargs)
+            )
+            return same_shape(await collect(answer) if stream else answer)
+
+        direct, remote = await p.run(legacy, reply)
+        assert remote == direct, f"legacy stream={stream}"
+
+
+BAD = {
+    "unknown provider of the model": dict(model="gpt-4o-mini", provider="groq"),
+    "unknown provider": dict(model="gpt-4o-mini", provider="nope"),
+    "tools to a model without": dict(model="smollm2", tools=TOOLS),
+    "n to the local model": dict(model="smollm2", n=3),
+    "bad extra_body": dict(model="gpt-4o-mini", extra_body={"temperature": 9}),
+    "extra_body model": dict(model="gpt-4o-mini", extra_body={"model": "x"}),
+    "bad temperature": dict(model="gpt-4o-mini", temperature=3),
+    "unknown model": dict(model="gpt-4o-minii"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+async def test_bad_requests_fail_the_same_in_both_modes(pair, case):
+    p = pair()
+
+    async def fails(client: Any) -> dict[str, Any]:
+        err = await raised(lambda: client.chat.completions.create(messages=MESSAGES, **BAD[case]))
+        return error_view(err)
+
+    direct, remote = await p.run(fails)
+    assert remote == direct
+
+
+async def test_a_malformed_upstream_stream_is_the_gateways_502_in_remote_mode(pair):
+    """By design: direct mode raises ``StreamError`` (no status) for a malformed event in an
+    upstream stream; the gateway answers every failure with a status, here 502 in its error
+    event, and remote mode raises that status's class (both are ``APIError``)."""
+    p = pair()
+
+    async def fails(client: Any) -> dict[str, Any]:
+        err = await raised(
+            lambda: client.chat.completions.create(
+                model="openai/malformed", messages=MESSAGES, stream=True
+            )
+        )
+        assert isinstance(err, lunar.APIError)
+        return error_view(err)
+
+    direct, remote = await p.run(fails, Reply(chunks=5, malformed_after=2))
+    assert direct["class"] == "StreamError" and direct["status_code"] is None
+    assert (remote["class"], remote["status_code"]) == ("ServerError", 502)
+    assert remote["str"] == "[502] " + direct["str"]

@@ -354,13 +354,15 @@ _STATUS_BY_TYPE = {
 
 
 def error_from_stream_event(
-    err: Any, provider: str | None = None, relayed: bool = False
+    err: Any, provider: str | None = None, relayed: bool = False, status: Any = None
 ) -> APIError:
     """An error that arrived as a stream event instead of a chunk. Its ``type`` (or numeric
     ``code``) picks the class, so ``except RateLimitError`` works mid-stream too.
-    ``relayed``: a Lunar gateway's event, whose message is already the whole story."""
+    ``relayed``: a Lunar gateway's event, whose message is already the whole story, and
+    whose ``status`` (the answer the gateway would have given) picks the class first."""
     message, etype, param, code = _describe({"error": err} if not isinstance(err, dict) else err)
-    status = _STATUS_BY_TYPE.get(etype or "")
+    if not (isinstance(status, int) and 400 <= status < 600):
+        status = _STATUS_BY_TYPE.get(etype or "")
     if status is None and isinstance(code, int) and 400 <= code < 600:
         status = code
     if relayed and message:

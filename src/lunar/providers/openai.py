@@ -53,7 +53,8 @@ class OpenAIStreamTranslator(SSETranslator):
                     provider=self._provider,
                 )
             if "error" in obj and not obj.get("choices"):
-                raise error_from_stream_event(obj["error"], self._provider, self._remote)
+                status = obj.get("status") if self._remote else None
+                raise error_from_stream_event(obj["error"], self._provider, self._remote, status)
             chunk = ChatCompletionChunk.from_dict(
                 obj, answered_by(obj, self._provider) if self._remote else self._provider
             )
