@@ -184,9 +184,8 @@ async def test_an_upstream_error_reads_the_same_in_both_modes(pair, status, mode
 
     direct, remote = await p.run(fails, Reply(status=status, retry_after=3))
     assert remote == direct
-    assert direct["str"].endswith(
-        f"(provider: {model.split('-')[0].replace('claude', 'anthropic').replace('openai/errs', 'openai')})"
-    )
+    provider = {"openai/errs": "openai", "claude-3-5-haiku": "anthropic"}.get(model, "gemini")
+    assert direct["str"].endswith(f"(provider: {provider})")
 
 
 @pytest.mark.parametrize("model", ["openai/mid", "claude-3-5-haiku", "gemini-2.0-flash"])
@@ -371,3 +370,23 @@ async def test_a_malformed_upstream_stream_is_the_gateways_502_in_remote_mode(pa
     assert direct["class"] == "StreamError" and direct["status_code"] is None
     assert (remote["class"], remote["status_code"]) == ("ServerError", 502)
     assert remote["str"] == "[502] " + direct["str"]
+
+
+async def test_a_mid_stream_error_names_the_request_id_of_who_answered(pair, gw):
+    """``e.request_id`` is the answering server's id for the request (README): the
+    provider's in direct mode, the gateway's (its ledger's) in remote mode, after the first
+    chunk too. A mid-stream error had none in either mode."""
+    p = pair()
+
+    async def fails(client: Any) -> str | None:
+        err = await raised(
+            lambda: client.chat.completions.create(
+                model="openai/mid-id", messages=MESSAGES, stream=True
+            )
+        )
+        return err.request_id  # type: ignore[attr-defined,no-any-return]
+
+    for reply in (Reply(chunks=5, error_after=2), Reply(chunks=5, error_after=0)):
+        direct, remote = await p.run(fails, reply)
+        assert direct is not None and direct.startswith("req_mock")
+        assert remote is not None and remote.startswith("req_") and remote != direct
