@@ -12,7 +12,7 @@ import pytest
 import lunar
 from lunar.testing import MockServer, Reply
 
-from .test_server import MESSAGES, GatewayProcess
+from .test_server import CONFIG, MESSAGES, GatewayProcess
 
 pytest.importorskip("uvicorn")
 
@@ -30,6 +30,8 @@ def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     proc = GatewayProcess(
         tmp_path_factory.mktemp("gateway"),
         upstream,
+        # Time for the local model to load in the gateway's process (no test here stalls).
+        CONFIG.replace("timeout_seconds = 2.0", "timeout_seconds = 60.0"),
         ANTHROPIC_API_KEY="sk-anthropic",
         ANTHROPIC_BASE_URL=upstream.url,
         GEMINI_API_KEY="sk-gemini",
@@ -390,3 +392,45 @@ async def test_a_mid_stream_error_names_the_request_id_of_who_answered(pair, gw)
         direct, remote = await p.run(fails, reply)
         assert direct is not None and direct.startswith("req_mock")
         assert remote is not None and remote.startswith("req_") and remote != direct
+
+
+async def test_a_gateway_out_of_reach_is_a_connection_error_naming_it(flavor):
+    """Nothing listening at ``base_url``: ``APIConnectionError`` (as for a provider out of
+    reach in direct mode), for inference and ``models`` alike, naming the URL."""
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    cls = lunar.Lunar if flavor == "sync" else lunar.AsyncLunar
+    client = cls(base_url=url, api_key="lk-" + "a" * 32, max_retries=0)
+    for fn in (
+        lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES),
+        lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True),
+        client.models.list,
+    ):
+        err = await raised(fn)
+        assert type(err) is lunar.APIConnectionError
+        assert str(err).startswith(f"Connection to provider 'lunar' at {url} failed")
+    await call(client.close())
+
+
+@pytest.mark.local
+async def test_the_local_model_through_the_gateway_is_the_same_answer(pair):
+    """``smollm2`` served in the gateway's process: the same text (greedy, seeded), usage,
+    ``provider`` and ``model`` as in-process, streamed or not."""
+    pytest.importorskip("llama_cpp")
+    p = pair()
+    kwargs = {"model": "smollm2", "messages": MESSAGES, "max_tokens": 6, "temperature": 0}
+
+    async def whole(client: Any) -> Any:
+        return same_shape(await call(client.chat.completions.create(seed=1, **kwargs)))
+
+    async def streamed(client: Any) -> Any:
+        stream = await call(client.chat.completions.create(stream=True, seed=1, **kwargs))
+        return same_shape(await call(stream.get_final_completion()))
+
+    for fn in (whole, streamed):
+        direct, remote = await p.run(fn)
+        assert remote == direct
+        assert direct["provider"] == "local" and direct["usage"]["total_cost_usd"] == 0
