@@ -223,7 +223,9 @@ class Lunar:
         self._http = http_client or httpx.Client(
             timeout=self._settings.timeout, limits=_LIMITS, headers=self._settings.headers
         )
-        self._remote = self._settings.remote is not None
+        # Remote mode: the client's fallbacks, which travel in each request's body.
+        remote = self._settings.remote is not None
+        self._remote = self._settings.router.fallbacks if remote else None
         self._engine = SyncEngine(
             self._settings.router,
             self._http,
@@ -406,7 +408,9 @@ class AsyncLunar:
         )
         self._owns_http = http_client is None
         self._http = http_client or _async_http(self._settings)
-        self._remote = self._settings.remote is not None
+        # Remote mode: the client's fallbacks, which travel in each request's body.
+        remote = self._settings.remote is not None
+        self._remote = self._settings.router.fallbacks if remote else None
         self._engine = AsyncEngine(
             self._settings.router,
             self._http,

@@ -671,6 +671,18 @@ def connection_error(exc: Exception, target: Target) -> APIConnectionError:
     return APIConnectionError(f"Connection to {where} failed: {detail}")
 
 
+def with_request_id(err: LunarError, resp: Any) -> LunarError:
+    """``err``, raised while reading a stream's events, with the answer's request id (the
+    provider's, or a gateway's) when it has no headers of its own: a mid-stream error
+    keeps ``e.request_id`` as an error answer does."""
+    headers = getattr(resp, "headers", None)
+    if isinstance(err, APIError) and not err.headers and headers is not None:
+        rid = headers.get("x-request-id") or headers.get("request-id")
+        if rid:
+            err.headers = {"x-request-id": rid}
+    return err
+
+
 def client_closed() -> ClientClosedError:
     return ClientClosedError(
         "This Lunar client is closed (close() was called, or its `with` block ended): "
@@ -1048,9 +1060,10 @@ class SyncEngine(_Closable):
                 else:
                     first += translator.close()
                     translator = None  # type: ignore[assignment]
-            except LunarError:
+            except LunarError as err:
                 if not first and not_an_event_stream(resp.headers):
                     raise stream_refused(resp.headers, seen, target) from None
+                with_request_id(err, resp)
                 raise
             return resp, raw, translator, first
         except NETWORK_ERRORS as exc:
@@ -1091,7 +1104,7 @@ class SyncEngine(_Closable):
         except NETWORK_ERRORS as exc:
             raise plan.lost(step, self._network_error(exc, step.target)) from exc
         except LunarError as err:
-            plan.lost(step, err)
+            plan.lost(step, with_request_id(err, resp))
             raise
         finally:
             resp.close()
@@ -1236,9 +1249,10 @@ class AsyncEngine(_Closable):
                 else:
                     first += translator.close()
                     translator = None  # type: ignore[assignment]
-            except LunarError:
+            except LunarError as err:
                 if not first and not_an_event_stream(resp.headers):
                     raise stream_refused(resp.headers, seen, target) from None
+                with_request_id(err, resp)
                 raise
             return resp, raw, translator, first
         except NETWORK_ERRORS as exc:
@@ -1283,7 +1297,7 @@ class AsyncEngine(_Closable):
         except NETWORK_ERRORS as exc:
             raise plan.lost(step, self._network_error(exc, step.target)) from exc
         except LunarError as err:
-            plan.lost(step, err)
+            plan.lost(step, with_request_id(err, closer))
             raise
         finally:
             await closer.aclose()

@@ -158,8 +158,6 @@ class ServiceUnavailableError(ServerError):
     status_code = 503
 
 
-
-
 class StreamError(APIError):
     """The upstream sent an error event in a stream, or broke the stream's framing."""
 
@@ -288,8 +286,11 @@ def error_from_response(
     headers: Mapping[str, str],
     body: bytes | str | Any,
     provider: str | None = None,
+    relayed: bool = False,
 ) -> APIError:
-    """Map an HTTP error answer (any provider's JSON shape, or text) to the right exception."""
+    """Map an HTTP error answer (any provider's JSON shape, or text) to the right exception.
+    ``relayed``: the answer of a Lunar gateway, whose message already says which provider
+    failed (or that the gateway refused): kept as it is, so it reads as in direct mode."""
     parsed: Any = body
     if isinstance(body, (bytes, str)):
         try:
@@ -299,7 +300,7 @@ def error_from_response(
     message, etype, param, code = _describe(parsed)
     if not message:
         message = f"HTTP {status} from {provider or 'upstream'}"
-    elif provider:
+    elif provider and not relayed:
         message = f"{message} (provider: {provider})"
     cls = error_class_for(status, etype)
     return cls(
@@ -352,16 +353,24 @@ _STATUS_BY_TYPE = {
 }
 
 
-def error_from_stream_event(err: Any, provider: str | None = None) -> APIError:
+def error_from_stream_event(
+    err: Any, provider: str | None = None, relayed: bool = False, status: Any = None
+) -> APIError:
     """An error that arrived as a stream event instead of a chunk. Its ``type`` (or numeric
-    ``code``) picks the class, so ``except RateLimitError`` works mid-stream too."""
+    ``code``) picks the class, so ``except RateLimitError`` works mid-stream too.
+    ``relayed``: a Lunar gateway's event, whose message is already the whole story, and
+    whose ``status`` (the answer the gateway would have given) picks the class first."""
     message, etype, param, code = _describe({"error": err} if not isinstance(err, dict) else err)
-    status = _STATUS_BY_TYPE.get(etype or "")
+    if not (isinstance(status, int) and 400 <= status < 600):
+        status = _STATUS_BY_TYPE.get(etype or "")
     if status is None and isinstance(code, int) and 400 <= code < 600:
         status = code
-    text = f"Error event in the stream: {message or 'no message'}"
-    if provider:
-        text += f" (provider: {provider})"
+    if relayed and message:
+        text = message
+    else:
+        text = f"Error event in the stream: {message or 'no message'}"
+        if provider:
+            text += f" (provider: {provider})"
     cls: type[APIError] = error_class_for(status, etype) if status else StreamError
     return cls(
         text,

@@ -513,10 +513,11 @@ def prepare(
     messages: Any,
     kwargs: Mapping[str, Any],
     legacy: bool = False,
-    remote: bool = False,
+    remote: Mapping[str, list[str]] | None = None,
 ) -> tuple[dict[str, Any], RequestOptions]:
     """``create()``'s arguments -> (validated body, options). Unknown keywords are a
-    ``TypeError``, as for any Python function."""
+    ``TypeError``, as for any Python function. ``remote``: in remote mode, the client's
+    fallbacks mapping (``{model: [fallback, ...]}``)."""
     allowed = _COMPLETION_PARAMS if legacy else CHAT_PARAMS
     params: dict[str, Any] = {}
     for name, value in kwargs.items():
@@ -532,11 +533,13 @@ def prepare(
     extra_headers = validate_extra_headers(kwargs.get("extra_headers"))
     # Absent: the client's timeout. Given, even as None (no timeout, as in the openai SDK).
     timeout = parse_timeout(kwargs["timeout"]) if "timeout" in kwargs else None
-    if remote:
-        # The gateway routes: Lunar's options travel in the body.
+    if remote is not None:
+        # The gateway routes: Lunar's options travel in the body, the client's fallbacks
+        # for the model too (per-request ones replace them, as in direct mode).
         body["model"] = model
-        if fallbacks is not None:
-            body["fallbacks"] = fallbacks
+        chain = fallbacks if fallbacks is not None else remote.get(model)
+        if chain is not None:
+            body["fallbacks"] = chain
         if provider is not None:
             body["provider"] = provider
     opts = RequestOptions(model, fallbacks, provider, timeout, extra_headers)

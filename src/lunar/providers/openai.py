@@ -8,7 +8,9 @@ from typing import Any
 
 from .._errors import (
     APIConnectionError,
+    APIError,
     StreamError,
+    error_from_response,
     error_from_stream_event,
 )
 from .._types import ChatCompletion, ChatCompletionChunk
@@ -51,7 +53,8 @@ class OpenAIStreamTranslator(SSETranslator):
                     provider=self._provider,
                 )
             if "error" in obj and not obj.get("choices"):
-                raise error_from_stream_event(obj["error"], self._provider)
+                status = obj.get("status") if self._remote else None
+                raise error_from_stream_event(obj["error"], self._provider, self._remote, status)
             chunk = ChatCompletionChunk.from_dict(
                 obj, answered_by(obj, self._provider) if self._remote else self._provider
             )
@@ -71,6 +74,12 @@ class OpenAIStreamTranslator(SSETranslator):
 
 
 class OpenAIAdapter(HTTPAdapter):
+    def parse_error(
+        self, status: int, headers: Mapping[str, str], content: bytes, target: Target
+    ) -> APIError:
+        remote = target.spec.name == REMOTE
+        return error_from_response(status, headers, content, target.provider, remote)
+
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         payload = dict(body)
         payload["model"] = target.deployment.provider_model
@@ -95,7 +104,8 @@ class OpenAIAdapter(HTTPAdapter):
         obj = json_object(content, target.provider)
         if "choices" not in obj:
             if "error" in obj:
-                raise error_from_stream_event(obj["error"], target.provider)
+                remote = target.spec.name == REMOTE
+                raise error_from_stream_event(obj["error"], target.provider, remote)
             raise invalid_json(target.provider, content)
         remote = target.spec.name == REMOTE
         provider = answered_by(obj, target.provider) if remote else target.provider

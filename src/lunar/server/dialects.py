@@ -104,12 +104,16 @@ class StreamWriter:
         return _DONE
 
     def error(self, err: LunarError, request_id: str) -> bytes:
-        """After the first byte: an error event, then ``[DONE]`` — never a clean finish."""
-        _, payload, _ = openai_error(err)
+        """After the first byte: an error event, then ``[DONE]`` — never a clean finish.
+        ``status`` is what the gateway would have answered before the first byte: the
+        error's ``type`` alone may not say it (a Gemini ``UNAVAILABLE``), and Lunar's
+        remote mode raises the class of that status, as it does for an answer."""
+        status, payload, _ = openai_error(err)
         e = payload["error"]
         event = {
             "id": self.last_id or request_id,
             "object": "error",
+            "status": status,
             "error": {
                 "message": e["message"],
                 "type": e["type"],
