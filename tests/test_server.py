@@ -940,6 +940,45 @@ def test_a_header_block_without_end_gets_431_and_other_requests_are_unaffected(g
     assert "Invalid HTTP request" not in gw.logs()
 
 
+@pytest.mark.parametrize(("size", "refused"), [(60_000, False), (70_000, True), (200_000, True)])
+def test_a_whole_header_block_past_64_kib_gets_431_however_it_arrives(gw, key, size, refused):
+    """The documented bound is the head's size, not how many reads it took: a complete head
+    past 64 KiB sent at once (one read, or its end in the read that began it) is refused as
+    one that trickles in is, and one under it is served."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-api-key: %s\r\n"
+        b"connection: close\r\nx-big: %s\r\ncontent-length: %d\r\n\r\n"
+        % (key.encode(), b"a" * size, len(body))
+    )
+    answer = _raw_exchange(gw, head + body, iter(()))
+    status = answer.partition(b"\r\n")[0]
+    if refused:
+        assert status == b"HTTP/1.1 431 Request Header Fields Too Large", answer[:200]
+        assert json.loads(answer.partition(b"\r\n\r\n")[2])["error"]["code"] == "header_too_large"
+    else:
+        assert status == b"HTTP/1.1 200 OK", answer[:200]
+    assert "Invalid HTTP request" not in gw.logs() and "Traceback" not in gw.logs()
+
+
+def test_a_head_past_64_kib_pipelined_behind_a_request_in_flight_closes_cleanly(gw, key):
+    """No answer can follow an unfinished one on the connection, so it is closed; the request
+    in flight learns it as of any disconnect, and nothing fails inside the gateway."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+
+    def request(extra: bytes = b"") -> bytes:
+        return (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-api-key: %s\r\n%s"
+            b"content-length: %d\r\n\r\n%s" % (key.encode(), extra, len(body), body)
+        )
+
+    before = gw.logs()
+    _raw_exchange(gw, request() + request(b"x-big: %s\r\n" % (b"a" * 70_000,)), iter(()))
+    assert _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES}).status_code == 200
+    new_logs = gw.logs()[len(before) :]
+    assert "internal error" not in new_logs and "Traceback" not in new_logs, new_logs
+
+
 def test_unknown_routes_and_methods(gw, key):
     assert _error(gw.http.get("/v1/nothing"), 404)["code"] == "unknown_route"
     r = gw.http.get("/v1/chat/completions", headers={"x-api-key": key})

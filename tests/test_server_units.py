@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import re
 import sqlite3
 import subprocess
 import sys
@@ -479,7 +480,7 @@ def test_a_setting_is_named_by_where_its_value_came_from(tmp_path):
     ("text", "message"),
     [
         ("[server]\nprot = 1\n", "unknown setting server.prot"),
-        ('[server]\nport = "x"\n', "server.port must be a int"),
+        ('[server]\nport = "x"\n', "server.port must be an integer, got 'x'"),
         ("[engine]\ntimeout_seconds = -1\n", "must be positive"),
         ('[providers.openai]\napi_key = "sk-x"\n', "api_key_env"),
         ('[providers.house]\nbase_url = "http://h"\n', "give its 'protocol'"),
@@ -494,6 +495,19 @@ def test_bad_config_is_refused_with_the_setting_named(tmp_path, text, message):
     cfg.write_text(text)
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
         load_config(cfg, {}).build_catalog()
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"LUNAR_MAX_BODY_BYTES": "8MB"}, "$LUNAR_MAX_BODY_BYTES must be an integer, got '8MB'"),
+        ({"LUNAR_TIMEOUT_SECONDS": "soon"}, "$LUNAR_TIMEOUT_SECONDS must be a number, got 'soon'"),
+        ({"LUNAR_METRICS_PUBLIC": "maybe"}, "$LUNAR_METRICS_PUBLIC must be true or false"),
+    ],
+)
+def test_a_bad_environment_setting_says_what_it_takes(env, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, env)
 
 
 @pytest.mark.parametrize("protocol", ["grpc", "_base", "Openai"])
@@ -537,7 +551,7 @@ def test_a_provider_protocol_lunar_does_not_speak_is_refused_at_start(tmp_path, 
         ),
         (
             '[models.m]\ncontext_window = "big"\ndeployments = [{provider = "openai", id = "x"}]\n',
-            r"\[models.m\] context_window must be a int",
+            r"\[models.m\] context_window must be an integer",
         ),
         (
             '[models.m]\ndeployments = [{provider = "openai", id = "x", context_window = 0}]\n',

@@ -295,14 +295,27 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+_KIND_NAMES = {
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    bool: "true or false",
+    dict: "a table",
+    list: "a list",
+}
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    """``kind`` as a setting's expected value reads in an error: "an integer", not "a int"."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_KIND_NAMES.get(k, f"a {k.__name__}") for k in kinds)
+
+
 def _check(where: str, value: Any, kind: type | tuple[type, ...], positive: bool = False) -> Any:
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
-    if isinstance(value, bool) and kind is not bool:
-        raise ConfigError(f"{where} must be a {getattr(kind, '__name__', kind)}, got {value!r}")
-    if not isinstance(value, kind):
-        name = getattr(kind, "__name__", str(kind))
-        raise ConfigError(f"{where} must be a {name}, got {value!r}")
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
+        raise ConfigError(f"{where} must be {_kind_name(kind)}, got {value!r}")
     if positive and (value <= 0 or (isinstance(value, float) and not math.isfinite(value))):  # type: ignore[operator]
         raise ConfigError(f"{where} must be positive, got {value!r}")
     return value
@@ -479,7 +492,7 @@ def _from_env(name: str, text: str, kind: type) -> Any:
             raise ValueError(text)
         return kind(text)
     except ValueError:
-        raise ConfigError(f"${name} must be a {kind.__name__}, got {text!r}") from None
+        raise ConfigError(f"${name} must be {_kind_name(kind)}, got {text!r}") from None
 
 
 def load_config(

@@ -40,7 +40,8 @@ def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]
     """``cls``, or when it is uvicorn's httptools protocol, that protocol answering a request
     head past ``MAX_HEAD_BYTES`` with a 431 (OpenAI's error shape) and closing the
     connection. A head is counted from the first read that lies wholly inside it, so it is
-    refused within ``MAX_HEAD_BYTES`` and one read (at most 256 KiB) of its start."""
+    refused within ``MAX_HEAD_BYTES`` and one read (at most 256 KiB) of its start; a head that
+    ends is measured when it does, so one past the bound is refused however it arrived."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:  # no httptools: uvicorn uses h11, which bounds the head itself
@@ -52,6 +53,8 @@ def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]
         _in_head = False  # between a request's first byte and the end of its headers
         _began = False  # a request began during the current read
         _head_bytes = 0
+        _read_bytes = 0  # the current read's length
+        _refused = False
 
         def on_message_begin(self) -> None:
             self._in_head = self._began = True
@@ -60,10 +63,30 @@ def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]
 
         def on_headers_complete(self) -> None:
             self._in_head = False
+            if self._refused:  # a request pipelined behind a refused one
+                return
+            # A head that began in this read, no longer than the bound, is within it; any
+            # other is measured (the per-read count misses the read that began it and the
+            # one that ended it): the request line and each header line.
+            if not (self._began and self._read_bytes <= MAX_HEAD_BYTES):
+                size = len(self.url) + 16 + sum(len(n) + len(v) + 4 for n, v in self.headers)
+                if size > MAX_HEAD_BYTES:
+                    earlier = self.cycle
+                    self._refuse_head()
+                    # A stand-in for the request's cycle, complete: the parser's callbacks for
+                    # the rest of its bytes do nothing, and no app task starts. The closing
+                    # connection is then told to it, not to an earlier request still being
+                    # answered (pipelined): that one is told now, as uvicorn would.
+                    self.cycle = _Refused()  # type: ignore[assignment]
+                    if earlier is not None and not earlier.response_complete:
+                        earlier.disconnected = True
+                        earlier.message_event.set()
+                    return
             super().on_headers_complete()
 
         def data_received(self, data: bytes) -> None:
             self._began = False
+            self._read_bytes = len(data)
             super().data_received(data)
             if not self._in_head or self.transport.is_closing():
                 return
@@ -74,6 +97,7 @@ def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]
 
         def _refuse_head(self) -> None:
             self._in_head = False
+            self._refused = True
             cycle = self.cycle
             # While an earlier (pipelined) request is answered, an answer written now would
             # cut into it: the connection is closed without one.
@@ -97,6 +121,15 @@ def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]
             self.transport.close()
 
     return BoundedHead
+
+
+class _Refused:
+    """The cycle of a request refused for its head, as uvicorn's callbacks read it."""
+
+    response_complete = True
+
+    def __init__(self) -> None:
+        self.message_event = asyncio.Event()
 
 
 class GatewayServer(uvicorn.Server):
