@@ -46,6 +46,13 @@ def _server() -> Iterator[MockServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[MockServer]:
+    """The emulator behind a module's gateway process (``test_server.GatewayProcess``)."""
+    with MockServer() as server:
+        yield server
+
+
 @pytest.fixture
 def mock(_server: MockServer, monkeypatch: pytest.MonkeyPatch) -> MockServer:
     """The OpenAI-wire emulator on 127.0.0.1, standing in for OpenAI, Groq, Together and

@@ -12,17 +12,11 @@ import pytest
 import lunar
 from lunar.testing import MockServer, Reply
 
-from .test_server import CONFIG, MESSAGES, GatewayProcess
+from .test_server import CONFIG, MESSAGES, GatewayProcess, every_wire
 
 pytest.importorskip("uvicorn")
 
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[MockServer]:
-    with MockServer() as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
@@ -32,10 +26,7 @@ def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         upstream,
         # Time for the local model to load in the gateway's process (no test here stalls).
         CONFIG.replace("timeout_seconds = 2.0", "timeout_seconds = 60.0"),
-        ANTHROPIC_API_KEY="sk-anthropic",
-        ANTHROPIC_BASE_URL=upstream.url,
-        GEMINI_API_KEY="sk-gemini",
-        GEMINI_BASE_URL=upstream.url,
+        **every_wire(upstream),
     )
     yield proc
     proc.stop()

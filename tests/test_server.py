@@ -163,10 +163,15 @@ class GatewayProcess:
         return code
 
 
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[MockServer]:
-    with MockServer() as server:
-        yield server
+def every_wire(upstream: MockServer) -> dict[str, str]:
+    """A gateway's environment for the emulator as Anthropic and Gemini too (OpenAI and its
+    kin are in ``gateway_env``)."""
+    return {
+        "ANTHROPIC_API_KEY": "sk-ant",
+        "ANTHROPIC_BASE_URL": upstream.url,
+        "GEMINI_API_KEY": "sk-gem",
+        "GEMINI_BASE_URL": upstream.url,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -1181,6 +1186,16 @@ def test_client_disconnect_cancels_upstream_and_records_usage_seen(gw, upstream)
     assert 0 < row["ttft_ms"] < row["latency_ms"]  # from the first delta the gateway saw
 
 
+def leave_stream_at(gw: GatewayProcess, key: str, payload: dict[str, Any], text: str) -> None:
+    """Stream ``payload`` and hang up at the first line with ``text`` (the first piece)."""
+    with gw.http.stream(
+        "POST", "/v1/chat/completions", json=payload, headers={"x-api-key": key}
+    ) as r:
+        for line in r.iter_lines():
+            if text in line:
+                break
+
+
 def test_a_tool_call_stream_cut_short_bills_the_arguments_seen(gw, upstream):
     key, key_id = gw.new_key()
     # 4,000 characters of arguments (~1,000 tokens) in three pieces, half a second apart,
@@ -1189,12 +1204,7 @@ def test_a_tool_call_stream_cut_short_bills_the_arguments_seen(gw, upstream):
     upstream.enqueue(Reply(pacing=0.5, usage=False, tool_calls=[call]))
     tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
     payload = {"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True, "tools": tools}
-    with gw.http.stream(
-        "POST", "/v1/chat/completions", json=payload, headers={"x-api-key": key}
-    ) as r:
-        for line in r.iter_lines():
-            if '"arguments":"x' in line:
-                break  # gone after the first piece
+    leave_stream_at(gw, key, payload, '"arguments":"x')
     [row] = gw.rows(key_id, 1)
     assert (row["status"], row["error_type"]) == ("cancelled", "client_disconnected")
     assert 100 < row["completion_tokens"] < 1000  # the pieces seen, not 0 and not all
@@ -1758,8 +1768,7 @@ def test_a_stream_cut_short_bills_the_prompt_its_provider_counted(upstream, tmp_
     """Anthropic tells the prompt's count in message_start, Gemini in its first event: a
     stream cut after them was billed from Lunar's estimate (characters / 4, all at the input
     price) though the provider's exact count, cache reads included, had come."""
-    env = {f"{provider.upper()}_API_KEY": "k", f"{provider.upper()}_BASE_URL": upstream.url}
-    gw = GatewayProcess(tmp_path, upstream, **env)
+    gw = GatewayProcess(tmp_path, upstream, **every_wire(upstream))
     try:
         key, key_id = gw.new_key()
         model = {"anthropic": "claude-3-haiku", "gemini": "gemini-2.0-flash"}[provider]
@@ -1770,12 +1779,7 @@ def test_a_stream_cut_short_bills_the_prompt_its_provider_counted(upstream, tmp_
             "messages": [{"role": "user", "content": prompt}],
             "stream": True,
         }
-        with gw.http.stream(
-            "POST", "/v1/chat/completions", json=payload, headers={"x-api-key": key}
-        ) as r:
-            for line in r.iter_lines():
-                if '"content":"Once' in line:
-                    break  # gone after the first piece
+        leave_stream_at(gw, key, payload, '"content":"Once')
         [row] = gw.rows(key_id, 1)
         assert (row["status"], row["error_type"]) == ("cancelled", "client_disconnected")
         assert row["prompt_tokens"] == 2003  # the emulator's count: its words, + 3

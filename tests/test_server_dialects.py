@@ -14,7 +14,7 @@ import pytest
 from lunar import BadRequestError, Lunar
 from lunar.testing import MockServer
 
-from .test_server import GatewayProcess
+from .test_server import GatewayProcess, every_wire
 
 anthropic = pytest.importorskip("anthropic")
 pytest.importorskip("uvicorn")
@@ -24,20 +24,11 @@ HI = [{"role": "user", "content": "hi"}]
 
 
 @pytest.fixture(scope="module")
-def upstream() -> Iterator[MockServer]:
-    with MockServer() as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     proc = GatewayProcess(
         tmp_path_factory.mktemp("gateway"),
         upstream,
-        ANTHROPIC_API_KEY="sk-ant",
-        ANTHROPIC_BASE_URL=upstream.url,
-        GEMINI_API_KEY="sk-gem",
-        GEMINI_BASE_URL=upstream.url,
+        **every_wire(upstream),
     )
     yield proc
     proc.stop()

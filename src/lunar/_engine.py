@@ -773,6 +773,18 @@ def not_an_event_stream(headers: Mapping[str, str]) -> bool:
     return ctype.startswith(("application/json", "text/html"))
 
 
+def unopened(
+    err: LunarError, first: list[ChatCompletionChunk], resp: Any, seen: bytes, target: Target
+) -> APIError | None:
+    """A stream that failed before its first chunk (``err``, after ``seen`` bytes): the
+    error to raise instead, when the answer was no event stream; else ``err``, with the
+    answering server's request id, is raised as it is (None)."""
+    if not first and not_an_event_stream(resp.headers):
+        return stream_refused(resp.headers, seen, target)
+    with_request_id(err, resp)
+    return None
+
+
 def stream_refused(headers: Mapping[str, str], content: bytes, target: Target) -> APIError:
     """What a stream request answered with no event stream raises, once it gave no chunk:
     the provider's error when the body is one (with a 200), else a 502 that shows what came
@@ -1061,9 +1073,8 @@ class SyncEngine(_Closable):
                     first += translator.close()
                     translator = None  # type: ignore[assignment]
             except LunarError as err:
-                if not first and not_an_event_stream(resp.headers):
-                    raise stream_refused(resp.headers, seen, target) from None
-                with_request_id(err, resp)
+                if (refused := unopened(err, first, resp, seen, target)) is not None:
+                    raise refused from None
                 raise
             return resp, raw, translator, first
         except NETWORK_ERRORS as exc:
@@ -1250,9 +1261,8 @@ class AsyncEngine(_Closable):
                     first += translator.close()
                     translator = None  # type: ignore[assignment]
             except LunarError as err:
-                if not first and not_an_event_stream(resp.headers):
-                    raise stream_refused(resp.headers, seen, target) from None
-                with_request_id(err, resp)
+                if (refused := unopened(err, first, resp, seen, target)) is not None:
+                    raise refused from None
                 raise
             return resp, raw, translator, first
         except NETWORK_ERRORS as exc:

@@ -17,6 +17,7 @@ from .._errors import (
     error_class_for,
     error_from_response,
 )
+from .._request import CHAT_PARAMS
 from .._sse import SSEDecoder
 from .._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage, compact_json
 from ._base import Target
@@ -151,26 +152,9 @@ OPENAI_FIELDS = frozenset(
         "model",
         "messages",
         "stream",
-        "stream_options",
-        "temperature",
-        "top_p",
-        "n",
-        "max_tokens",
-        "max_completion_tokens",
-        "stop",
-        "presence_penalty",
-        "frequency_penalty",
-        "seed",
-        "user",
-        "tools",
-        "tool_choice",
-        "parallel_tool_calls",
+        *CHAT_PARAMS,  # those Lunar checks and passes on
         "functions",
         "function_call",
-        "response_format",
-        "logprobs",
-        "top_logprobs",
-        "logit_bias",
         "metadata",
         "store",
         "service_tier",

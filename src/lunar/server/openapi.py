@@ -15,6 +15,11 @@ def _json(schema: Any, description: str = "OK") -> dict[str, Any]:
     return {"description": description, "content": {"application/json": {"schema": schema}}}
 
 
+def _body(schema: Any) -> dict[str, Any]:
+    """A required JSON request body."""
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 def _errors(*statuses: int, anthropic: bool = False) -> dict[str, Any]:
     ref = {"$ref": "#/components/schemas/AnthropicError"} if anthropic else _ERROR
     text = {
@@ -313,10 +318,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "post": {
                     "summary": "Chat completion (OpenAI), streamed with stream=true",
                     "security": _SECURED,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _CHAT_REQUEST}},
-                    },
+                    "requestBody": _body(_CHAT_REQUEST),
                     "responses": {
                         "200": {
                             "description": "A chat.completion, or SSE chunks when streamed",
@@ -335,10 +337,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "post": {
                     "summary": "Legacy text completion (OpenAI)",
                     "security": _SECURED,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _COMPLETION_REQUEST}},
-                    },
+                    "requestBody": _body(_COMPLETION_REQUEST),
                     "responses": {
                         "200": {
                             "description": "A text_completion, or SSE when streamed",
@@ -352,10 +351,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "post": {
                     "summary": "Anthropic Messages API over any Lunar model",
                     "security": _SECURED,
-                    "requestBody": {
-                        "required": True,
-                        "content": {"application/json": {"schema": _MESSAGES_REQUEST}},
-                    },
+                    "requestBody": _body(_MESSAGES_REQUEST),
                     "responses": {
                         "200": {
                             "description": "A message, or Anthropic's event stream",
@@ -370,14 +366,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "summary": "Anthropic's token count: an estimate (~4 characters a token), "
                     "since the model that answers may be any provider's",
                     "security": _SECURED,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {**_MESSAGES_REQUEST, "required": ["model", "messages"]}
-                            }
-                        },
-                    },
+                    "requestBody": _body({**_MESSAGES_REQUEST, "required": ["model", "messages"]}),
                     "responses": {
                         "200": _json(
                             {
@@ -451,19 +440,14 @@ def openapi_document(version: str) -> dict[str, Any]:
                 "post": {
                     "summary": "Create a key (master key); the key is shown once",
                     "security": _SECURED,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["name"],
-                                    "additionalProperties": False,
-                                    "properties": _KEY_FIELDS,
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "required": ["name"],
+                            "additionalProperties": False,
+                            "properties": _KEY_FIELDS,
+                        }
+                    ),
                     "responses": {
                         "201": _json(
                             {
@@ -489,19 +473,14 @@ def openapi_document(version: str) -> dict[str, Any]:
                     "summary": "Change a key's name, limits or models (master key); its secret "
                     "and spend stay, null lifts a limit",
                     "security": _SECURED,
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "minProperties": 1,
-                                    "additionalProperties": False,
-                                    "properties": _KEY_FIELDS,
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _body(
+                        {
+                            "type": "object",
+                            "minProperties": 1,
+                            "additionalProperties": False,
+                            "properties": _KEY_FIELDS,
+                        }
+                    ),
                     "responses": {"200": _json({"type": "object"}), **_errors(400, 401, 404, 409)},
                 },
                 "delete": {
