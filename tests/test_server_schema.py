@@ -17,7 +17,7 @@ from schemathesis.checks import not_a_server_error  # noqa: E402
 from lunar import __version__  # noqa: E402
 from lunar.server.openapi import openapi_document  # noqa: E402
 
-from .test_server import MASTER, gw, upstream  # noqa: E402, F401  (module fixtures)
+from .test_server import MASTER, gw  # noqa: E402, F401  (a module fixture; upstream: conftest)
 
 schema = schemathesis.openapi.from_dict(openapi_document(__version__))
 
