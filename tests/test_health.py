@@ -335,3 +335,34 @@ def test_a_policy_with_no_window_remembers_nothing():
     health.failure(LLAMA["groq"], trips_breaker=False)
     assert health.snapshot(LLAMA["groq"])["samples"] == 0
     assert len(order(health)) == 3
+
+
+def test_a_requests_own_refusals_leave_its_providers_health_alone(mock):
+    """Over real sockets: 400/413/422 answers (the request's fault) counted toward the
+    provider's error rate, so a caller sending bad requests moved every caller's traffic
+    off a healthy provider. A 401 (a wrong key: every request fails) still counts."""
+    from lunar import APIError, Lunar
+    from lunar.testing import Reply
+
+    client = Lunar(max_retries=0)
+    groq = LLAMA["groq"]
+    for status in (400, 413, 422, 400, 413, 422):
+        mock.enqueue(Reply(status=status), model=groq.provider_model)
+        with pytest.raises(APIError):
+            client.chat.completions.create(
+                model="llama-3.1-8b", provider="groq", messages=[{"role": "user", "content": "x"}]
+            )
+    health = client._engine.router.health
+    assert health.snapshot(groq)["samples"] == 0
+    mock.enqueue(Reply(status=401), model=groq.provider_model)
+    with pytest.raises(APIError):
+        client.chat.completions.create(
+            model="llama-3.1-8b", provider="groq", messages=[{"role": "user", "content": "x"}]
+        )
+    assert health.snapshot(groq) | {"ttft_p50": None} == {
+        "samples": 1,
+        "error_rate": 1.0,
+        "ttft_p50": None,
+        "latency_p50": None,
+        "cooling_down": False,
+    }

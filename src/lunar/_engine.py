@@ -311,6 +311,14 @@ def may_fall_back(err: LunarError) -> bool:
     return False
 
 
+def the_requests_fault(err: LunarError) -> bool:
+    """A refusal of this request (malformed, too large, unprocessable), not a sign of the
+    provider's health: counted, one caller's bad requests would move every caller's traffic
+    off a healthy provider. (401, 403 and 404 still count: a deployment with a wrong key or
+    a model it lacks fails every request.)"""
+    return isinstance(err, APIError) and err.status_code in (400, 413, 422)
+
+
 def too_long_for(err: LunarError) -> bool:
     """The prompt does not fit this model's context window (another's may hold it)."""
     return isinstance(err, APIError) and err.code == "context_length_exceeded"
@@ -382,7 +390,7 @@ class Plan:
             self._stopped = True
             return
         overload = may_fall_back(err)
-        if self._health is not None:
+        if self._health is not None and not the_requests_fault(err):
             self._health.failure(step.target.deployment, trips_breaker=overload)
         # A retry first: the provider may ask for one even on a 4xx (``x-should-retry``).
         if err.retryable and self._retries < self._max_retries:

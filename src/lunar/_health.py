@@ -121,7 +121,8 @@ class Health:
 
     def failure(self, dep: Deployment, trips_breaker: bool = True) -> None:
         """A failed attempt. Overloads (429, 5xx, connection errors, timeouts) trip the
-        breaker; other failures only count toward the error rate."""
+        breaker; other failures (401, 403, 404 …) only count toward the error rate. The
+        engine does not report a request's own refusals (400, 413, 422) at all."""
         with self._lock:
             stats = self._get(dep)
             now = self._clock()
