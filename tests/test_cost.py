@@ -216,3 +216,31 @@ async def test_reasoning_tokens_are_where_openai_puts_them(mock, stream):
     out = got.to_dict()
     assert out["completion_tokens_details"] == {"reasoning_tokens": 42}
     assert type(got).from_dict(out).reasoning_tokens == 42  # as remote mode reads it back
+
+
+def test_a_cut_gemini_stream_whose_first_event_counts_no_prompt_bills_what_streamed():
+    """Some Gemini first events say promptTokenCount 0: the prompt's count then comes with
+    a later event, after content, and was taken as the final usage of a stream cut short
+    (its output count that of the event it came with: 2 tokens of ~100 streamed)."""
+    from lunar._catalog import Catalog
+    from lunar._engine import Router, StreamFinisher
+    from lunar._request import RequestOptions
+    from lunar.providers.gemini import GeminiStreamTranslator
+
+    router = Router(Catalog.load(), environ={"GEMINI_API_KEY": "g"})
+    target = router.chain(RequestOptions("gemini-2.0-flash", None, None))[0][1]
+
+    def event(text: str, prompt: int, output: int) -> bytes:
+        meta = {"promptTokenCount": prompt, "candidatesTokenCount": output}
+        obj = {"candidates": [{"content": {"parts": [{"text": text}]}}], "usageMetadata": meta}
+        return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+    for first_prompt in (0, 12):
+        translator = GeminiStreamTranslator(target)
+        finisher = StreamFinisher(target, {"messages": [{"role": "user", "content": "x"}]}, 0.0)
+        finisher.push(translator.feed(event("Hello", first_prompt, 1)))
+        for i in range(100):  # 400 characters more: ~100 tokens
+            finisher.push(translator.feed(event(" abc", 12, 2 + i)))
+        usage = finisher.seen()  # cut here
+        assert usage is not None and usage.prompt_tokens == 12
+        assert usage.completion_tokens >= 100, first_prompt

@@ -329,3 +329,24 @@ async def test_async_open_stream_gives_chunks_one_by_one_or_in_batches_never_bot
     assert closed == [True]
     with pytest.raises(StopAsyncIteration):
         await stream.__anext__()
+
+
+def test_a_fallback_of_a_protocol_lunar_lacks_does_not_break_the_requests_it_is_not_needed_for(
+    mock,
+):
+    """The local model's refusal check looked up every deployment's adapter, fallbacks
+    never tried included: one whose protocol does not exist (a catalogue typo) turned every
+    request into a ModuleNotFoundError traceback."""
+    from lunar import Lunar
+
+    catalog = {
+        "providers": {
+            "acme": {"protocol": "opnai", "base_url": mock.base_url, "key_required": False}
+        },
+        "models": {"m": {"deployments": [{"provider": "acme", "id": "m"}]}},
+    }
+    client = Lunar(catalog=catalog, max_retries=0)
+    answer = client.chat.completions.create(
+        model="gpt-4o-mini", fallbacks=["m"], messages=[{"role": "user", "content": "hi"}]
+    )
+    assert answer.provider == "openai"

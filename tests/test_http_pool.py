@@ -700,3 +700,24 @@ async def test_a_connection_that_gets_bytes_after_its_answer_is_not_reused():
             await asyncio.sleep(0.05)
             assert (await p.send("POST", srv.url, {})).content == b"second"
             assert srv.connections == 2
+
+
+async def test_closing_the_pool_cuts_a_body_that_ends_with_the_connection():
+    """A body framed by the connection's close ended cleanly when the pool itself closed
+    that connection (AsyncLunar.close() mid-stream): the reader took a truncated stream for
+    a whole one. Only the server's close ends such a body."""
+
+    async def slow(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\ndata: 1\n\n")
+        await w.drain()
+        await asyncio.sleep(30)
+        return False
+
+    async with Server([slow]) as srv:
+        p = pool()
+        resp = await p.send("POST", srv.url, {}, stream=True)
+        it = resp.aiter_bytes()
+        assert await it.__anext__() == b"data: 1\n\n"
+        await p.aclose()
+        with pytest.raises(TransportError, match="closed the connection"):
+            await it.__anext__()

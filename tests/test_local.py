@@ -722,7 +722,7 @@ async def test_a_request_queued_behind_others_times_out_and_falls_back(
     local._worker.submit(_Busy(gate), local._Job(None, lambda item: None))  # type: ignore[arg-type]
     try:
         kw: dict[str, Any] = {"messages": HELLO, "max_tokens": 4, "stream": stream}
-        sync = Lunar(max_retries=0, timeout=0.2)
+        sync = Lunar(timeout=0.2)  # the default retries: none for this (same queue again)
         with pytest.raises(APITimeoutError, match=r"within the timeout \(0.2 s\)") as info:
             r = sync.chat.completions.create(model="smollm2", **kw)
             list(r) if stream else r

@@ -49,7 +49,7 @@ from ._types import (
     Usage,
 )
 from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
-from .providers._shared import MISSHAPEN, misshapen
+from .providers._shared import MISSHAPEN, PromptCount, misshapen
 
 _now = time.perf_counter
 
@@ -167,7 +167,10 @@ class Router:
                 refusal = hooks[dep.provider]
             except KeyError:
                 spec = self.catalog.providers.get(dep.provider)
-                adapter = adapter_for(spec.protocol) if spec else None
+                try:
+                    adapter = adapter_for(spec.protocol) if spec else None
+                except ImportError:  # a protocol Lunar lacks: its target() says so, if tried
+                    adapter = None
                 refusal = hooks[dep.provider] = getattr(adapter, "refusal", None)
             if refusal is not None and (err := refusal(body)) is not None:
                 # Without the traceback of its making: frames up to this one, and ``out``.
@@ -586,7 +589,7 @@ class StreamFinisher:
             if chunk.usage is not None:
                 self._usage = chunk.usage
                 if not chunk.choices:
-                    self._provisional = self.first_at is None
+                    self._provisional = type(chunk) is PromptCount
                     continue
                 self._provisional = False
             self._last = chunk

@@ -92,6 +92,7 @@ class _Connection(asyncio.Protocol):
         self.idle_since = 0.0
         self.reused = False
         self.lost = False
+        self.closed_here = False
         self.awaiting = False  # a request was sent whose final answer has not ended yet
         self._reset()
 
@@ -130,6 +131,7 @@ class _Connection(asyncio.Protocol):
             and exc is None
             and self.error is None
             and self.headers_done
+            and not self.closed_here
             and self._ends_at_close()
         ):
             self.complete = True  # a clean close is the end of a body framed by nothing else
@@ -266,6 +268,7 @@ class _Connection(asyncio.Protocol):
 
     def close(self) -> None:
         self.lost = True  # never reused, even before connection_lost says so
+        self.closed_here = True  # so a close-delimited body is not taken as whole
         self._disarm()
         if self.transport is not None:
             with contextlib.suppress(RuntimeError):  # its event loop is already closed

@@ -205,6 +205,13 @@ class HTTPAdapter:
         return error_from_response(status, headers, content, target.provider)
 
 
+class PromptCount(ChatCompletionChunk):
+    """The chunk of ``ChunkMaker._prompt_usage``: its usage's output count is not final."""
+
+    __slots__ = ()
+    to_dict = ChatCompletionChunk.to_dict  # a chunk's fields (the slot walk would give none)
+
+
 class SSETranslator:
     """The frame of every stream translator: SSE bytes in, chunks out. ``_translate``
     appends the chunks that ``data`` completes and raises on an error event; the error
@@ -260,12 +267,10 @@ class ChunkMaker(SSETranslator):
         self._created = int(time.time())
 
     def _prompt_usage(self, usage: Usage) -> ChatCompletionChunk:
-        """A chunk with no choice, only the usage the provider told at the start (its
+        """A chunk with no choice, only the usage the provider told before its output (its
         prompt's exact count): the engine keeps it for a stream cut short, which it would
         otherwise bill from an estimate, and hands no such chunk to callers."""
-        return ChatCompletionChunk(
-            self._id, self._created, self._model, [], usage, provider=self._provider
-        )
+        return PromptCount(self._id, self._created, self._model, [], usage, provider=self._provider)
 
     def _chunk(
         self,

@@ -194,7 +194,7 @@ class GeminiStreamTranslator(ChunkMaker):
         self._started = False
         self._calls: dict[int, int] = {}  # choice index -> its tool calls so far
         self._finish: dict[int, str] = {}  # choice index -> Gemini's finishReason
-        self._usage: Usage | None = None
+        self._meta: Mapping[str, Any] | None = None  # the last usageMetadata
         self._told = False  # the prompt's count has been handed on
 
     def _begin(self, index: int, out: list[ChatCompletionChunk]) -> None:
@@ -212,10 +212,10 @@ class GeminiStreamTranslator(ChunkMaker):
                 self._begin(0, out)
             meta = obj.get("usageMetadata")
             if meta:
-                self._usage = _usage(meta)
-                if not self._told and self._usage.prompt_tokens:
-                    # Gemini counts the prompt on every event (some first events say 0): the
-                    # first count, before this event's content, for a stream cut short.
+                self._meta = meta  # on every event: only the last one's is read, at the end
+                if not self._told and meta.get("promptTokenCount"):
+                    # The first count of the prompt (some first events say 0), before this
+                    # event's content, for a stream cut short.
                     self._told = True
                     out.append(self._prompt_usage(_usage(meta)))
             candidates = obj.get("candidates") or ()
@@ -255,11 +255,12 @@ class GeminiStreamTranslator(ChunkMaker):
                 f"(no finishReason{which})"
             )
         last = max(self._finish)
+        usage = _usage(self._meta) if self._meta is not None else None
         return [
             self._chunk(
                 ChoiceDelta(),
                 _finish(reason, self._calls.get(i, 0) > 0),
-                self._usage if i == last else None,
+                usage if i == last else None,
                 index=i,
             )
             for i, reason in sorted(self._finish.items())

@@ -137,28 +137,21 @@ def _unsupported(what: str, param: str) -> BadRequestError:
     )
 
 
-def _content(content: Any, where: str) -> str:
+def _text(content: Any) -> str:
+    """A message's text (parts already checked by ``check_body``), parts on lines."""
     if content is None:
         return ""
     if isinstance(content, str):
         return content
-    texts = []
-    for i, part in enumerate(content):
-        ptype = part.get("type")
-        if ptype == "text":
-            texts.append(part.get("text") or "")
-        elif ptype == "refusal":
-            texts.append(part.get("refusal") or "")
-        elif ptype == "image_url":
-            raise _unsupported("images", f"{where}[{i}]")
-        else:
-            raise _unsupported(f"'{ptype}' content", f"{where}[{i}]")
-    return "\n".join(texts)
+    return "\n".join(
+        (part.get("text") if part.get("type") == "text" else part.get("refusal")) or ""
+        for part in content
+    )
 
 
-def parse_body(body: Mapping[str, Any]) -> GenerationRequest:
-    """The OpenAI-shaped body as a ``GenerationRequest``; ``BadRequestError`` for what the
-    local model cannot do."""
+def check_body(body: Mapping[str, Any]) -> None:
+    """``BadRequestError`` for what the local model cannot do in ``body``; checks only, so
+    that asking it of a fallback costs little (it runs for every request that names one)."""
     if body.get("tools"):
         raise _unsupported("tools", "tools")
     if body.get("functions"):
@@ -174,16 +167,33 @@ def parse_body(body: Mapping[str, Any]) -> GenerationRequest:
     rtype = rf.get("type") if rf is not None else None
     if rtype not in (None, "text", "json_object", "json_schema"):
         raise _unsupported(f"response_format '{rtype}'", "response_format")
-    schema = ((rf or {}).get("json_schema") or {}).get("schema") if rtype == "json_schema" else None
-    messages = []
     for i, msg in enumerate(body.get("messages") or ()):
         role = msg.get("role")
-        where = f"messages[{i}]"
         if role in ("tool", "function") or msg.get("tool_calls") or msg.get("function_call"):
-            raise _unsupported("tools", where)
-        if role == "developer":
-            role = "system"
-        messages.append({"role": role, "content": _content(msg.get("content"), f"{where}.content")})
+            raise _unsupported("tools", f"messages[{i}]")
+        content = msg.get("content")
+        if isinstance(content, list):
+            for j, part in enumerate(content):
+                ptype = part.get("type")
+                if ptype not in ("text", "refusal"):
+                    what = "images" if ptype == "image_url" else f"'{ptype}' content"
+                    raise _unsupported(what, f"messages[{i}].content[{j}]")
+
+
+def parse_body(body: Mapping[str, Any]) -> GenerationRequest:
+    """The OpenAI-shaped body as a ``GenerationRequest``; ``BadRequestError`` for what the
+    local model cannot do."""
+    check_body(body)
+    rf = body.get("response_format")
+    rtype = rf.get("type") if rf is not None else None
+    schema = ((rf or {}).get("json_schema") or {}).get("schema") if rtype == "json_schema" else None
+    messages = [
+        {
+            "role": "system" if msg.get("role") == "developer" else msg.get("role"),
+            "content": _text(msg.get("content")),
+        }
+        for msg in body.get("messages") or ()
+    ]
     stop = body.get("stop")
     stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
     max_tokens = body.get("max_completion_tokens")
@@ -767,8 +777,18 @@ async def _anext(items: asyncio.Queue[_Item], wait: float | None) -> _Item:
         raise _too_slow(wait) from None
 
 
+class LocalModelBusyError(APITimeoutError):
+    """The local model gave nothing within the timeout. Not retried: a retry would queue
+    behind the same requests again; a fallback is what can help (it is an
+    ``APIConnectionError``, so it falls back)."""
+
+    @property
+    def retryable(self) -> bool:
+        return False
+
+
 def _too_slow(wait: float | None) -> APITimeoutError:
-    return APITimeoutError(
+    return LocalModelBusyError(
         f"The local model gave nothing within the timeout ({wait:g} s): it serves one "
         "request at a time, so this one may have queued behind others (a timeout, then a "
         "fallback, sends it elsewhere)"
@@ -806,7 +826,7 @@ class LocalAdapter:
         """What this model cannot do in ``body``, asked before the engine tries it: as a
         fallback it is then skipped, as for tools or images, and the chain goes on."""
         try:
-            parse_body(body)
+            check_body(body)
         except BadRequestError as err:
             return err
         return None
