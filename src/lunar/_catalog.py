@@ -119,6 +119,16 @@ def _check_price(value: Any, model: str, deployment: Mapping[str, Any], field: s
         )
 
 
+#: What a catalogue model entry and each of its deployments may say.
+MODEL_KEYS = frozenset(
+    {"deployments", "context_window", "max_output_tokens", "capabilities", "full_name"}
+)
+DEPLOYMENT_KEYS = frozenset(
+    {"provider", "id", "input", "output", "cached_input", "cache_write", "context_window"}
+)
+CAPABILITIES = ("tools", "vision", "json")
+
+
 def _check_model(name: str, m: Any) -> None:
     """A model entry a user wrote (``catalog=``, ``LUNAR_CATALOG``): the wrong shape fails
     here, naming the model and the field, not as a KeyError on load, a crash in
@@ -129,13 +139,15 @@ def _check_model(name: str, m: Any) -> None:
 
     if not isinstance(m, Mapping):
         raise bad(f"must be an object with 'deployments', got {m!r}")
+    if extra := set(m) - MODEL_KEYS:  # a typo would be ignored, its value lost
+        raise bad(f"unknown field '{sorted(extra)[0]}' (known: {', '.join(sorted(MODEL_KEYS))})")
     for key in ("context_window", "max_output_tokens"):
         value = m.get(key)
         if value is not None and (type(value) is not int or value <= 0):
             raise bad(f"'{key}' must be a whole number of tokens above 0, got {value!r}")
     caps = m.get("capabilities", ())
-    if not isinstance(caps, (list, tuple)) or not all(isinstance(c, str) for c in caps):
-        raise bad(f"'capabilities' must be a list of names (\"tools\", ...), got {caps!r}")
+    if not isinstance(caps, (list, tuple)) or not all(c in CAPABILITIES for c in caps):
+        raise bad(f"'capabilities' must be a list of {', '.join(CAPABILITIES)}, got {caps!r}")
     if m.get("full_name") is not None and not isinstance(m["full_name"], str):
         raise bad(f"'full_name' must be a string, got {m['full_name']!r}")
     deps = m.get("deployments", [])
@@ -144,6 +156,10 @@ def _check_model(name: str, m: Any) -> None:
     for i, d in enumerate(deps):
         if not isinstance(d, Mapping):
             raise bad(f"deployments[{i}] must be an object, got {d!r}")
+        if extra := set(d) - DEPLOYMENT_KEYS:
+            known = ", ".join(sorted(DEPLOYMENT_KEYS))
+            field = sorted(extra)[0]
+            raise bad(f"deployments[{i}] has an unknown field '{field}' (known: {known})")
         for key in ("provider", "id"):
             if not isinstance(d.get(key), str) or not d[key]:
                 raise bad(f"deployments[{i}] needs '{key}' (a string), got {d.get(key)!r}")

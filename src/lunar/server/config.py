@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._catalog import Catalog
+from .._catalog import CAPABILITIES, DEPLOYMENT_KEYS, MODEL_KEYS, Catalog
 from .._errors import NotFoundError
 from .storage import unusable_path
 
@@ -402,17 +402,7 @@ def _local_models(local: Any, src: str) -> dict[str, Any]:
 # The wire protocols a provider of the file may speak (an adapter in lunar.providers each).
 PROTOCOLS = ("openai", "anthropic", "gemini")
 # A [models.NAME] entry and its deployments, in the catalogue's format.
-_MODEL_KEYS = {"deployments", "context_window", "max_output_tokens", "capabilities", "full_name"}
-_DEPLOYMENT_KEYS = {
-    "provider",
-    "id",
-    "input",
-    "output",
-    "cached_input",
-    "cache_write",
-    "context_window",
-}
-CAPABILITIES = ("tools", "vision", "json")
+_MODEL_KEYS, _DEPLOYMENT_KEYS = MODEL_KEYS, DEPLOYMENT_KEYS
 
 
 def _check_model(where: str, m: dict[str, Any]) -> None:
