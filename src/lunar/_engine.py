@@ -33,7 +33,6 @@ from ._errors import (
     LunarError,
     NotFoundError,
     UnprocessableEntityError,
-    error_class_for,
     retry_after_seconds,
 )
 from ._health import Health
@@ -49,7 +48,7 @@ from ._types import (
     Usage,
 )
 from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
-from .providers._shared import MISSHAPEN, PromptCount, misshapen
+from .providers._shared import MISSHAPEN, PromptCount, bad_answer, misshapen
 
 _now = time.perf_counter
 
@@ -808,13 +807,8 @@ def stream_refused(headers: Mapping[str, str], content: bytes, target: Target) -
     if isinstance(answer, dict) and "error" in answer:
         return adapter.parse_error(502, headers, content, target)
     ctype = headers.get("content-type") or ""
-    return error_class_for(502)(
-        f"Provider '{target.provider}' answered a stream request with {ctype}, not an event "
-        f"stream: {content[:200].decode('utf-8', 'replace')!r}",
-        502,
-        content[:2000].decode("utf-8", "replace"),
-        provider=target.provider,
-    )
+    what = f"Provider '{target.provider}' answered a stream request with {ctype}"
+    return bad_answer(target.provider, f"{what}, not an event stream", content)
 
 
 def has_substance(chunks: list[ChatCompletionChunk]) -> bool:

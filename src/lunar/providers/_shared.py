@@ -27,12 +27,16 @@ dump_body = _json.dumps  # bytes, for a request body
 loads = _json.loads
 
 
+def bad_answer(provider: str, what: str, content: bytes | str) -> APIError:
+    """A 2xx answer the provider got wrong (``what``: how): its fault, a 502 quoting the
+    start of the body, retried and fallen back from."""
+    text = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
+    return error_class_for(502)(f"{what}: {text!r}", 502, text, provider=provider)
+
+
 def invalid_json(provider: str, content: bytes | str) -> APIError:
     """A 2xx answer whose body is not the JSON it should be: the provider misbehaved (502)."""
-    text = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
-    return error_class_for(502)(
-        f"Invalid JSON from provider '{provider}': {text!r}", 502, text, provider=provider
-    )
+    return bad_answer(provider, f"Invalid JSON from provider '{provider}'", content)
 
 
 #: What reading an upstream's JSON of the wrong shape raises (``choices`` a string, an
@@ -49,13 +53,7 @@ def misshapen(provider: str, exc: Exception, content: bytes | str | None = None)
         return StreamError(
             f"Unexpected event in the stream from '{provider}' ({what})", provider=provider
         )
-    text = content[:200] if isinstance(content, str) else content[:200].decode("utf-8", "replace")
-    return error_class_for(502)(
-        f"Unexpected answer from provider '{provider}' ({what}): {text!r}",
-        502,
-        text,
-        provider=provider,
-    )
+    return bad_answer(provider, f"Unexpected answer from provider '{provider}' ({what})", content)
 
 
 def text_of(content: Any) -> str:

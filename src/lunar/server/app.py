@@ -33,7 +33,6 @@ from .._errors import (
     APIError,
     AuthenticationError,
     BadRequestError,
-    ConflictError,
     LunarError,
     NotFoundError,
     PermissionDeniedError,
@@ -70,6 +69,7 @@ from .keys import (
     credential,
     is_master,
     key_from_request,
+    update_key,
 )
 from .limits import UNUSED, InMemoryLimiter, Limiter, Refusal, Ticket, estimate, needs_estimate
 from .metrics import Metrics, model_label
@@ -1061,16 +1061,7 @@ class Gateway:
         async def work() -> tuple[int, Any]:
             raw = self._parse_json(await self._read_body(scope, receive, _headers(scope)))
             changes = changes_from_request(raw, self.catalog)
-            rec = await asyncio.to_thread(self.storage.update_key, key_id, changes)
-            if rec is None:
-                raise NotFoundError(f"No key with id '{key_id}'", param="key_id")
-            if rec.revoked:
-                raise ConflictError(
-                    f"Key '{key_id}' ({rec.name}) is revoked: it cannot be changed, create a "
-                    "new key instead",
-                    param="key_id",
-                    code="key_revoked",
-                )
+            rec = await asyncio.to_thread(update_key, self.storage, key_id, changes)
             self.keys.put(rec)
             return 200, rec.public(self.limiter.spent(rec.id))
 

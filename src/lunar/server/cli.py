@@ -446,22 +446,18 @@ def _keys_update(args: argparse.Namespace) -> int:
         out = target.http("PATCH", f"/admin/keys/{args.key_id}", json=body)
     else:
         from .._errors import APIError
-        from .keys import changes_from_request
+        from .keys import changes_from_request, update_key
 
         try:
             changes = changes_from_request(body, _config(args).build_catalog())
+            storage = target.storage()
+            try:
+                rec = update_key(storage, args.key_id, changes)
+                spent = storage.spend_by_key().get(args.key_id, 0.0)
+            finally:
+                storage.close()
         except APIError as e:
             raise _Fail(e.message) from None
-        storage = target.storage()
-        try:
-            rec = storage.update_key(args.key_id, changes)
-            spent = storage.spend_by_key().get(args.key_id, 0.0)
-        finally:
-            storage.close()
-        if rec is None:
-            raise _Fail(f"No key with id '{args.key_id}'")
-        if rec.revoked:
-            raise _Fail(f"Key '{args.key_id}' ({rec.name}) is revoked: it cannot be changed")
         out = rec.public(spent)
     if args.json:
         print(json.dumps(out, indent=2))

@@ -16,8 +16,8 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._catalog import Catalog
-from .._errors import AuthenticationError, BadRequestError, NotFoundError
-from .storage import KEY_FIELDS, KeyRecord
+from .._errors import AuthenticationError, BadRequestError, ConflictError, NotFoundError
+from .storage import KEY_FIELDS, KeyRecord, Storage
 
 KEY_PREFIX = "lk-"
 KEY_BODY_CHARS = 32
@@ -311,3 +311,20 @@ def changes_from_request(body: Any, catalog: Catalog) -> dict[str, Any]:
             param=None,
         )
     return changes
+
+
+def update_key(storage: Storage, key_id: str, changes: Mapping[str, Any]) -> KeyRecord:
+    """Write ``changes`` (from ``changes_from_request``) to a key: the key as stored after;
+    ``NotFoundError`` for no such key, ``ConflictError`` for a revoked one (left as it is).
+    For the admin API and ``lunar keys update --db`` alike."""
+    rec = storage.update_key(key_id, changes)
+    if rec is None:
+        raise NotFoundError(f"No key with id '{key_id}'", param="key_id")
+    if rec.revoked:
+        raise ConflictError(
+            f"Key '{key_id}' ({rec.name}) is revoked: it cannot be changed, create a "
+            "new key instead",
+            param="key_id",
+            code="key_revoked",
+        )
+    return rec

@@ -596,21 +596,16 @@ class GeminiWire(Wire):
     # -- rendering --------------------------------------------------------------------------
 
     @staticmethod
-    def _usage(job: Job) -> str:
+    def _usage(job: Job, output: bool = True) -> str:
+        """``usageMetadata``: with the output's count (the last event), or the prompt's
+        only (every event before it)."""
         usage: dict[str, Any] = {"promptTokenCount": job.prompt_tokens}
         if job.cached_tokens > 0:
             usage["cachedContentTokenCount"] = job.cached_tokens
-        completion = job.completion_tokens
-        usage["candidatesTokenCount"] = completion
+        completion = job.completion_tokens if output else 0
+        if output:
+            usage["candidatesTokenCount"] = completion
         usage["totalTokenCount"] = job.prompt_tokens + completion
-        return dumps(usage)
-
-    @staticmethod
-    def _prompt_usage(job: Job) -> str:
-        usage: dict[str, Any] = {"promptTokenCount": job.prompt_tokens}
-        if job.cached_tokens > 0:
-            usage["cachedContentTokenCount"] = job.cached_tokens
-        usage["totalTokenCount"] = job.prompt_tokens
         return dumps(usage)
 
     @staticmethod
@@ -636,7 +631,7 @@ class GeminiWire(Wire):
         elif finished:
             usage = f',"usageMetadata":{self._usage(job)}'
         else:  # as Gemini streams: the prompt's count on every event, the output's at the end
-            usage = f',"usageMetadata":{self._prompt_usage(job)}'
+            usage = f',"usageMetadata":{self._usage(job, output=False)}'
         return (
             f'{{"candidates":[{candidates}]{usage},"modelVersion":{dumps(job.model)},'
             f'"responseId":"{id_}"}}'
