@@ -4,6 +4,7 @@ import contextlib
 import gc
 import inspect
 import os
+import sqlite3
 from collections.abc import Iterator
 from typing import Any
 
@@ -121,3 +122,86 @@ def cyclic_garbage(only_lunar: bool = True) -> Iterator[list[Any]]:
         gc.garbage[:] = kept
         if enabled:
             gc.enable()
+
+
+# The gateway's database as Lunar created it before the ledger had a cache_write_tokens
+# column (its schema then, verbatim): an older gateway's file must keep working.
+OLD_LEDGER_SCHEMA = """
+CREATE TABLE IF NOT EXISTS keys (
+    id TEXT PRIMARY KEY,
+    name TEXT NOT NULL,
+    key_hash TEXT NOT NULL UNIQUE,
+    hint TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    revoked_at REAL,
+    rpm INTEGER,
+    tpm INTEGER,
+    budget_usd REAL,
+    models TEXT
+);
+CREATE TABLE IF NOT EXISTS usage (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL,
+    request_id TEXT NOT NULL,
+    key_id TEXT NOT NULL,
+    route TEXT NOT NULL,
+    model TEXT,
+    served_model TEXT,
+    provider TEXT,
+    attempts INTEGER NOT NULL,
+    stream INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    http_status INTEGER NOT NULL,
+    error_type TEXT,
+    prompt_tokens INTEGER NOT NULL,
+    completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL,
+    input_cost_usd REAL NOT NULL,
+    cached_input_cost_usd REAL NOT NULL,
+    output_cost_usd REAL NOT NULL,
+    total_cost_usd REAL NOT NULL,
+    ttft_ms REAL,
+    latency_ms REAL
+);
+CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
+CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts);
+"""
+
+#: The row of an older gateway's ledger: a Claude request that read 300 tokens from a cache.
+OLD_LEDGER_ROW = {
+    "ts": 1000.0,
+    "request_id": "old-1",
+    "key_id": "old-key",
+    "route": "chat",
+    "model": "claude-3-haiku",
+    "served_model": "claude-3-haiku",
+    "provider": "anthropic",
+    "attempts": 1,
+    "stream": 0,
+    "status": "ok",
+    "http_status": 200,
+    "error_type": None,
+    "prompt_tokens": 1000,
+    "completion_tokens": 10,
+    "cached_tokens": 300,
+    "input_cost_usd": 0.000175,
+    "cached_input_cost_usd": 0.000009,
+    "output_cost_usd": 0.0000125,
+    "total_cost_usd": 0.0001965,
+    "ttft_ms": 12.0,
+    "latency_ms": 40.0,
+}
+
+
+def old_ledger(path: Any) -> None:
+    """A ledger file as an older gateway left it: the old schema, one key, one row."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(OLD_LEDGER_SCHEMA)
+        db.execute(
+            "INSERT INTO keys (id, name, key_hash, hint, created_at) VALUES (?, ?, ?, ?, ?)",
+            ("old-key", "old-team", "0" * 64, "lk-…old", 900.0),
+        )
+        columns = ", ".join(OLD_LEDGER_ROW)
+        marks = ", ".join("?" for _ in OLD_LEDGER_ROW)
+        db.execute(f"INSERT INTO usage ({columns}) VALUES ({marks})", list(OLD_LEDGER_ROW.values()))
+        db.commit()

@@ -533,6 +533,22 @@ def test_anthropic_finish_override_cached_and_usage(mock: MockServer, client: ht
     assert "usage" not in anthropic(client).json()
 
 
+def test_anthropic_cache_writes(mock: MockServer, client: httpx.Client) -> None:
+    """Tokens written to the cache are reported apart, as read ones are: ``input_tokens``
+    counts neither, streamed (``message_start``) or not."""
+    reply = Reply(cached_tokens=4, cache_write_tokens=3)
+    mock.enqueue(reply, reply)
+    assert anthropic(client).json()["usage"] == {
+        "input_tokens": A_PROMPT - 7,
+        "output_tokens": 8,
+        "cache_read_input_tokens": 4,
+        "cache_creation_input_tokens": 3,
+    }
+    start = a_events(anthropic(client, stream=True).text)[0][1]["message"]
+    assert start["usage"]["input_tokens"] == A_PROMPT - 7
+    assert start["usage"]["cache_creation_input_tokens"] == 3
+
+
 def test_anthropic_auth(mock: MockServer, client: httpx.Client) -> None:
     mock.require_api_key = "sk-ant"
     r = anthropic(client)

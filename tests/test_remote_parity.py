@@ -255,7 +255,11 @@ ANSWERS = {
         {"tools": TOOLS},
         Reply(tool_calls=[{"name": "get_weather", "arguments": {"city": "Paris"}}]),
     ),
-    "anthropic": ("claude-3-5-haiku", {"max_tokens": 50}, Reply(chunks=4, cached_tokens=5)),
+    "anthropic": (
+        "claude-3-5-haiku",
+        {"max_tokens": 50},
+        Reply(chunks=4, cached_tokens=5, cache_write_tokens=7),
+    ),
     "anthropic tools": (
         "claude-3-5-haiku",
         {"max_tokens": 50, "tools": TOOLS},

@@ -30,7 +30,7 @@ from lunar._catalog import Catalog
 from lunar.server.limits import estimate
 from lunar.testing import MockServer, Reply
 
-from .conftest import PROVIDER_ENV
+from .conftest import OLD_LEDGER_ROW, PROVIDER_ENV, old_ledger
 
 openai = pytest.importorskip("openai")
 anthropic = pytest.importorskip("anthropic")
@@ -1785,5 +1785,65 @@ def test_a_stream_cut_short_bills_the_prompt_its_provider_counted(upstream, tmp_
         assert row["prompt_tokens"] == 2003  # the emulator's count: its words, + 3
         assert row["cached_tokens"] == 1500
         assert 0 < row["completion_tokens"] < 20
+    finally:
+        gw.stop()
+
+
+def test_cache_writes_reach_the_ledger_of_an_older_database_and_every_report(
+    upstream, tmp_path, cli
+):
+    """A gateway started on an older gateway's database (no cache_write_tokens column)
+    keeps its rows and records Claude's cache writes, streamed or not, in the ledger, the
+    admin usage report, ``lunar usage`` (over HTTP and on the file) and the metrics."""
+    old_ledger(tmp_path / "lunar.db")  # where GatewayProcess puts its database
+    gw = GatewayProcess(tmp_path, upstream, **every_wire(upstream))
+    try:
+        key, key_id = gw.new_key(name="caching")
+        prompt = [{"role": "user", "content": "a " * 2000}]  # 2,003 tokens to the emulator
+        for stream in (False, True):
+            upstream.enqueue(Reply(chunks=4, cached_tokens=1500, cache_write_tokens=400))
+            r = gw.http.post(
+                "/v1/chat/completions",
+                headers={"x-api-key": key},
+                json={"model": "claude-3-haiku", "messages": prompt, "stream": stream},
+            )
+            assert r.status_code == 200, r.text
+            if stream:
+                [usage] = [c["usage"] for c in sse(r) if c != "[DONE]" and c.get("usage")]
+            else:
+                usage = r.json()["usage"]
+            assert (usage["cached_tokens"], usage["cache_write_tokens"]) == (1500, 400)
+        rows = gw.rows(key_id, 2)
+        assert [x["stream"] for x in rows] == [False, True]
+        for x in rows:
+            assert (x["prompt_tokens"], x["cached_tokens"], x["cache_write_tokens"]) == (
+                2003,
+                1500,
+                400,
+            )
+            # claude-3-haiku: $0.25 input, $0.30 cache write, $0.03 cache read per 1M.
+            assert x["input_cost_usd"] == round((103 * 0.25 + 400 * 0.30) / 1e6, 10)
+            assert x["cached_input_cost_usd"] == round(1500 * 0.03 / 1e6, 10)
+        totals = gw.admin("GET", "/admin/usage", params={"key": key_id}).json()["totals"]
+        assert (totals["cached_tokens"], totals["cache_write_tokens"]) == (3000, 800)
+        old = gw.admin("GET", "/admin/usage", params={"key": "old-team", "group_by": "none"})
+        [kept] = old.json()["data"]
+        assert {k: kept[k] for k in OLD_LEDGER_ROW} == {**OLD_LEDGER_ROW, "stream": False}
+        assert kept["cache_write_tokens"] == 0
+        metrics = gw.http.get("/metrics").text
+        assert (
+            'lunar_tokens_total{model="claude-3-haiku",provider="anthropic",kind="cache_write"} 800'
+            in metrics
+        )
+        table = cli("usage", "--key", "caching", "--url", gw.url)
+        assert table.returncode == 0, table.stderr
+        head, *_, total = table.stdout.splitlines()
+        assert "cache read tok" in head and "cache write tok" in head
+        assert total.split()[-3:-1] == ["3000", "800"]
+        on_file = cli("usage", "--key", "old-team", "--group-by", "none", "--db", str(gw.db))
+        assert on_file.returncode == 0, on_file.stderr
+        assert "old-team" in on_file.stdout and "cache write tok" in on_file.stdout
+        exported = json.loads(cli("usage", "--group-by", "model", "--url", gw.url, "--json").stdout)
+        assert exported["totals"]["cache_write_tokens"] == 800
     finally:
         gw.stop()

@@ -29,7 +29,7 @@ from lunar.server.limits import UNUSED, Estimate, InMemoryLimiter, Refusal, Tick
 from lunar.server.storage import KeyRecord, parse_time, usage_row_from
 from lunar.testing import MockServer, Reply
 
-from .conftest import cyclic_garbage
+from .conftest import OLD_LEDGER_ROW, cyclic_garbage, old_ledger
 
 
 class Clock:
@@ -269,6 +269,7 @@ def test_usage_groups_filters_and_keys(tmp_path):
         "prompt_tokens": 10,
         "completion_tokens": 5,
         "cached_tokens": 0,
+        "cache_write_tokens": 0,
         "input_cost_usd": 0.0,
         "cached_input_cost_usd": 0.0,
         "output_cost_usd": 0.0,
@@ -282,6 +283,50 @@ def test_usage_groups_filters_and_keys(tmp_path):
     assert st.revoke_key("k1", 5.0).revoked_at == 5.0
     assert st.revoke_key("nope", 5.0) is None
     st.close()
+
+
+def test_an_older_ledger_is_upgraded_in_place_keeping_its_rows(tmp_path):
+    """A database from before the cache_write_tokens column: opening it adds the column
+    (0 for the rows there), so the gateway can write to it and report on it again; an older
+    gateway's inserts (without the column) still work; opening it again changes nothing."""
+    path = tmp_path / "old.db"
+    old_ledger(path)
+    st = SQLiteStorage(path)
+    st.open()
+    st.record(row(1, key_id="old-key", cached_tokens=2000, cache_write_tokens=1000))
+    assert st.flush(10)
+    out = st.usage(UsageQuery(group_by=()))
+    assert [(r["request_id"], r["cache_write_tokens"]) for r in out["data"]] == [
+        ("r1", 1000),
+        ("old-1", 0),
+    ]
+    old = out["data"][1]
+    assert {k: old[k] for k in OLD_LEDGER_ROW} == {**OLD_LEDGER_ROW, "stream": False}
+    totals = st.usage(UsageQuery(key="old-team"))["totals"]
+    assert (totals["requests"], totals["cached_tokens"], totals["cache_write_tokens"]) == (
+        2,
+        2300,
+        1000,
+    )
+    assert st.spend_by_key() == {"old-key": pytest.approx(0.0011965)}
+    st.close()
+    with sqlite3.connect(path) as db:  # what an older gateway inserts: no such column
+        columns = ", ".join(OLD_LEDGER_ROW)
+        values = {**OLD_LEDGER_ROW, "request_id": "old-2", "ts": 2000.0}
+        db.execute(f"INSERT INTO usage ({columns}) VALUES ({', '.join('?' * len(values))})",
+                   list(values.values()))  # fmt: skip
+    again = SQLiteStorage(path)
+    again.open()
+    newest = again.usage(UsageQuery(group_by=()))["data"][0]
+    assert (newest["request_id"], newest["cache_write_tokens"]) == ("old-2", 0)
+    again.close()
+    with sqlite3.connect(path) as db:
+        names = [r[1] for r in db.execute("PRAGMA table_info(usage)")]
+    new = SQLiteStorage(tmp_path / "new.db")
+    new.open()
+    new.close()
+    with sqlite3.connect(tmp_path / "new.db") as db:  # the same columns as a database made new
+        assert names == [r[1] for r in db.execute("PRAGMA table_info(usage)")]
 
 
 def test_the_ledger_keeps_whether_a_request_streamed(tmp_path):

@@ -825,6 +825,7 @@ class Gateway:
             row.prompt_tokens = usage.prompt_tokens
             row.completion_tokens = usage.completion_tokens
             row.cached_tokens = usage.cached_tokens
+            row.cache_write_tokens = usage.cache_write_tokens
             row.input_cost_usd = usage.input_cost_usd or 0.0
             row.cached_input_cost_usd = usage.cached_input_cost_usd or 0.0
             row.output_cost_usd = usage.output_cost_usd or 0.0

@@ -526,11 +526,24 @@ def _usage(args: argparse.Namespace) -> int:
 
 
 def print_usage(out: dict[str, Any]) -> None:
+    """The report as a table. Cache reads and writes (parts of the prompt tokens) get their
+    columns when the report has any."""
     groups = out.get("group_by") or []
     totals = out["totals"]
+    caches = bool(totals.get("cached_tokens") or totals.get("cache_write_tokens"))
+
+    def tokens(r: dict[str, Any]) -> list[str]:
+        cells = [str(r["prompt_tokens"]), str(r["completion_tokens"])]
+        if caches:  # (a gateway older than the cache_write_tokens column: 0)
+            cells += [str(r.get("cached_tokens", 0)), str(r.get("cache_write_tokens", 0))]
+        return cells
+
+    token_heads: tuple[str, ...] = ("prompt tok", "completion tok")
+    if caches:
+        token_heads += ("cache read tok", "cache write tok")
     if groups:
         heads = [("key" if g == "key" else g) for g in groups]
-        headers = (*heads, "requests", "errors", "prompt tok", "completion tok", "cost $")
+        headers = (*heads, "requests", "errors", *token_heads, "cost $")
         rows = []
         for item in out["data"]:
             cells = []
@@ -542,8 +555,7 @@ def print_usage(out: dict[str, Any]) -> None:
             cells += [
                 str(item["requests"]),
                 str(item["errors"] + item["rejected"] + item["cancelled"]),
-                str(item["prompt_tokens"]),
-                str(item["completion_tokens"]),
+                *tokens(item),
                 f"{item['total_cost_usd']:.6f}",
             ]
             rows.append(tuple(cells))
@@ -554,8 +566,7 @@ def print_usage(out: dict[str, Any]) -> None:
                     *([""] * (len(groups) - 1)),
                     str(totals["requests"]),
                     str(totals["errors"] + totals["rejected"] + totals["cancelled"]),
-                    str(totals["prompt_tokens"]),
-                    str(totals["completion_tokens"]),
+                    *tokens(totals),
                     f"{totals['total_cost_usd']:.6f}",
                 ]
             )
@@ -569,25 +580,14 @@ def print_usage(out: dict[str, Any]) -> None:
                 r["model"] or "-",
                 r["provider"] or "-",
                 r["status"],
-                str(r["prompt_tokens"]),
-                str(r["completion_tokens"]),
+                *tokens(r),
                 f"{r['total_cost_usd']:.6f}",
                 "-" if r["latency_ms"] is None else f"{r['latency_ms']:.0f}",
             )
             for r in out["data"]
         ]
         _table(
-            (
-                "time (UTC)",
-                "key",
-                "model",
-                "provider",
-                "status",
-                "prompt tok",
-                "completion tok",
-                "cost $",
-                "ms",
-            ),
+            ("time (UTC)", "key", "model", "provider", "status", *token_heads, "cost $", "ms"),
             rows,
         )
 

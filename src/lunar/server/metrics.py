@@ -106,7 +106,7 @@ class Metrics:
         )
         self.tokens = Counter(
             "lunar_tokens_total",
-            "Tokens by model, provider and kind (prompt, completion, cached).",
+            "Tokens by model, provider and kind (prompt, completion, cached, cache_write).",
             ("model", "provider", "kind"),
         )
         self.cost = Counter(
@@ -149,6 +149,8 @@ class Metrics:
             self.tokens.inc((served, provider, "completion"), row.completion_tokens)
         if row.cached_tokens:
             self.tokens.inc((served, provider, "cached"), row.cached_tokens)
+        if row.cache_write_tokens:
+            self.tokens.inc((served, provider, "cache_write"), row.cache_write_tokens)
         if row.total_cost_usd:
             self.cost.inc((served, provider), row.total_cost_usd)
         if row.status == "ok" and row.ttft_ms is not None:

@@ -102,7 +102,8 @@ class UsageRow:
     error_type: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # read from a prompt cache (part of prompt_tokens)
+    cache_write_tokens: int = 0  # written to one (Anthropic's; part of prompt_tokens)
     input_cost_usd: float = 0.0
     cached_input_cost_usd: float = 0.0
     output_cost_usd: float = 0.0
@@ -208,11 +209,18 @@ CREATE TABLE IF NOT EXISTS usage (
     output_cost_usd REAL NOT NULL,
     total_cost_usd REAL NOT NULL,
     ttft_ms REAL,
-    latency_ms REAL
+    latency_ms REAL,
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts);
 """
+
+#: Columns the ledger gained after its first schema, with their definitions: ``open()`` adds
+#: those an older database lacks (``ALTER TABLE ... ADD COLUMN``, its rows kept, the column 0
+#: for them), so a ledger file from an older Lunar keeps working. Each is also in
+#: ``_SCHEMA``, last, so that a new database and an upgraded one have the same columns.
+_ADDED_COLUMNS = (("cache_write_tokens", "INTEGER NOT NULL DEFAULT 0"),)
 
 _INSERT = (
     f"INSERT INTO usage ({', '.join(_ROW_FIELDS)}) VALUES ({', '.join('?' for _ in _ROW_FIELDS)})"
@@ -252,6 +260,27 @@ def _row_values(row: UsageRow) -> tuple[Any, ...]:
         if text is not None and not text.isascii():
             return tuple(_text(value) for value in values)
     return values
+
+
+def _upgrade(conn: sqlite3.Connection) -> None:
+    """Add the columns of ``_ADDED_COLUMNS`` an older ledger lacks. Under a write lock, so
+    that two processes opening the same old file (a gateway, ``lunar usage --db``) do not
+    both add a column; a database that has them all is only read."""
+
+    def missing() -> list[tuple[str, str]]:
+        have = {r[1] for r in conn.execute("PRAGMA table_info(usage)")}
+        return [(name, sql) for name, sql in _ADDED_COLUMNS if name not in have]
+
+    if not missing():
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for name, sql in missing():  # again, under the lock: another may have added them
+            conn.execute(f"ALTER TABLE usage ADD COLUMN {name} {sql}")
+        conn.commit()
+    except BaseException:
+        conn.rollback()
+        raise
 
 
 def _key_from_row(r: Sequence[Any]) -> KeyRecord:
@@ -367,6 +396,7 @@ class SQLiteStorage:
         conn = self._connect()
         conn.executescript(_SCHEMA)
         conn.commit()
+        _upgrade(conn)
         self._admin = conn
         self._thread = threading.Thread(target=self._writer, name="lunar-ledger", daemon=True)
         self._thread.start()
@@ -640,8 +670,8 @@ class SQLiteStorage:
             "COUNT(*), SUM(u.status = 'ok'), SUM(u.status = 'error'), "
             "SUM(u.status = 'rejected'), SUM(u.status = 'cancelled'), "
             "SUM(u.prompt_tokens), SUM(u.completion_tokens), SUM(u.cached_tokens), "
-            "SUM(u.input_cost_usd), SUM(u.cached_input_cost_usd), SUM(u.output_cost_usd), "
-            "SUM(u.total_cost_usd)"
+            "SUM(u.cache_write_tokens), SUM(u.input_cost_usd), SUM(u.cached_input_cost_usd), "
+            "SUM(u.output_cost_usd), SUM(u.total_cost_usd)"
         )
         src = "FROM usage u LEFT JOIN keys k ON k.id = u.key_id"
         with self._lock:
@@ -705,6 +735,7 @@ def _sums(r: Sequence[Any]) -> dict[str, Any]:
         "prompt_tokens",
         "completion_tokens",
         "cached_tokens",
+        "cache_write_tokens",
         "input_cost_usd",
         "cached_input_cost_usd",
         "output_cost_usd",

@@ -452,13 +452,16 @@ class AnthropicWire(Wire):
 
     @staticmethod
     def _usage(job: Job, output_tokens: int) -> dict[str, Any]:
-        cached = job.cached_tokens
+        # input_tokens counts neither the tokens read from the cache nor those written.
+        cached, written = job.cached_tokens, job.cache_write_tokens
         usage: dict[str, Any] = {
-            "input_tokens": max(job.prompt_tokens - cached, 0) if cached > 0 else job.prompt_tokens,
+            "input_tokens": max(job.prompt_tokens - max(cached, 0) - max(written, 0), 0),
             "output_tokens": output_tokens,
         }
         if cached > 0:
             usage["cache_read_input_tokens"] = cached
+        if written > 0:
+            usage["cache_creation_input_tokens"] = written
         return usage
 
     @staticmethod

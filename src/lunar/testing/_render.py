@@ -241,6 +241,8 @@ class Job:
     finish_reason: str
     """In OpenAI's words (``stop`` …) or a verbatim override; each wire maps it."""
     cached_tokens: int
+    cache_write_tokens: int = 0
+    """Anthropic: the input tokens written to the prompt cache (``Reply.cache_write_tokens``)."""
     stop_sequence: str | None = None
     """Anthropic: the ``stop_sequence`` reported with a ``stop_sequence`` finish."""
     sse: bool = True
@@ -282,6 +284,7 @@ class Job:
             self.pieces,
             self.finish_reason,
             self.cached_tokens,
+            self.cache_write_tokens,
             self.stop_sequence,
             self.sse,
         )
@@ -324,6 +327,7 @@ def make_job(
         tool_calls=calls,
         finish_reason=finish,
         cached_tokens=reply.cached_tokens,
+        cache_write_tokens=reply.cache_write_tokens,
         stop_sequence=stop_sequence,
         sse=sse,
     )

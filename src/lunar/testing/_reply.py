@@ -94,6 +94,10 @@ class Reply:
     ``prompt_tokens_details.cached_tokens``; Anthropic ``cache_read_input_tokens`` (then
     ``input_tokens`` counts only the uncached rest, as Anthropic does); Gemini
     ``cachedContentTokenCount``."""
+    cache_write_tokens: int = 0
+    """Anthropic: when > 0, usage reports N of the input tokens as written to the prompt
+    cache (``cache_creation_input_tokens``; ``input_tokens`` counts neither these nor the
+    ``cached_tokens`` read, as Anthropic does). The other wires have no cache writes."""
 
     def __post_init__(self) -> None:
         if not 100 <= int(self.status) <= 599:  # 529 (Anthropic's "overloaded") included
