@@ -263,3 +263,43 @@ def test_cache_writes_without_a_cache_write_price_cost_the_input_price():
     cost(usage, Prices(input=1.0, output=1.0, cached_input=0.1, cache_write=1.25))
     assert usage.input_cost_usd == round(20 * 1.25 / 1e6, 10)
     assert usage.cached_input_cost_usd == round(80 * 0.1 / 1e6, 10)
+
+
+def test_cache_write_1h_is_a_price_of_the_catalogue_and_of_the_gateway_config(tmp_path):
+    from lunar.server import load_config
+
+    assert Catalog.load().resolve("claude-sonnet-4-5")[0].prices.cache_write_1h == 6.00
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(
+        '[models.house-claude]\ndeployments = [{provider = "anthropic", id = "c", '
+        "input = 2.0, output = 8.0, cache_write = 2.5, cache_write_1h = 4.5}]\n"
+    )
+    catalog = load_config(cfg, {}, db=str(tmp_path / "l.db")).build_catalog()
+    prices = catalog.resolve("house-claude")[0].prices
+    assert (prices.cache_write, prices.cache_write_1h) == (2.5, 4.5)
+    dep = {"provider": "anthropic", "id": "c", "input": 1, "output": 2}
+    with pytest.raises(ValueError, match="'cache_write_1h' must be a finite price"):
+        Catalog.load({"models": {"m": {"deployments": [{**dep, "cache_write_1h": -1}]}}})
+    with pytest.raises(ValueError, match="has 'cache_write_1h' but no 'input' and 'output'"):
+        Catalog.load(
+            {"models": {"m": {"deployments": [{"provider": "anthropic", "id": "c",
+                                               "cache_write_1h": 2.0}]}}}
+        )  # fmt: skip
+
+
+def test_1h_cache_writes_cost_their_price_else_twice_the_input_price():
+    """Anthropic bills a 1-hour cache write at 2x the input price (a 5-minute one 1.25x):
+    a deployment without a ``cache_write_1h`` price bills them at that, not at the
+    5-minute price."""
+    usage = Usage(prompt_tokens=1000, cached_tokens=300, cache_write_tokens=500,
+                  cache_write_1h_tokens=200)  # fmt: skip
+    cost(usage, Prices(input=2.0, output=8.0, cached_input=0.2, cache_write=2.5,
+                       cache_write_1h=4.5))  # fmt: skip
+    assert usage.input_cost_usd == round((200 * 2.0 + 300 * 2.5 + 200 * 4.5) / 1e6, 10)
+    cost(usage, Prices(input=2.0, output=8.0, cached_input=0.2, cache_write=2.5))
+    assert usage.input_cost_usd == round((200 * 2.0 + 300 * 2.5 + 200 * 4.0) / 1e6, 10)
+    # More 1-hour writes than writes, more writes than the prompt: each token billed once.
+    usage = Usage(prompt_tokens=100, cached_tokens=80, cache_write_tokens=80,
+                  cache_write_1h_tokens=90)  # fmt: skip
+    cost(usage, Prices(input=1.0, output=1.0, cached_input=0.1, cache_write=1.25))
+    assert usage.input_cost_usd == round(20 * 2.0 / 1e6, 10)

@@ -139,7 +139,9 @@ ANTHROPIC_USAGE = {
 }
 
 
-def _anthropic(stream: bool, usage: dict) -> bytes | dict:
+def _anthropic(stream: bool, usage: dict, delta: dict | None = None) -> bytes | dict:
+    """An answer of Claude's with ``usage``; streamed, its ``message_delta`` says ``delta``
+    (default: the output tokens only)."""
     message = {
         "id": "msg_1",
         "type": "message",
@@ -161,7 +163,7 @@ def _anthropic(stream: bool, usage: dict) -> bytes | dict:
                                      "delta": {"type": "text_delta", "text": "Hi"}}),
             ("content_block_stop", {"type": "content_block_stop", "index": 0}),
             ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
-                               "usage": {"output_tokens": usage["output_tokens"]}}),
+                               "usage": delta or {"output_tokens": usage["output_tokens"]}}),
             ("message_stop", {"type": "message_stop"}),
         ]
     )  # fmt: skip
@@ -183,14 +185,61 @@ def test_anthropic_cache_writes_are_counted_and_billed_at_the_cache_write_price(
     assert usage.to_dict()["cache_write_tokens"] == 1000
 
 
+# Anthropic's writes by cache lifetime: to the 1-hour cache at 2x the input price, to the
+# 5-minute one at 1.25x. Its message_delta repeats the sums, without the breakdown.
+HOUR_WRITES = {"ephemeral_5m_input_tokens": 600, "ephemeral_1h_input_tokens": 400}
+HOUR_USAGE = {
+    "as sent": ({**ANTHROPIC_USAGE, "cache_creation": HOUR_WRITES}, None),
+    "breakdown only": (
+        {k: v for k, v in ANTHROPIC_USAGE.items() if k != "cache_creation_input_tokens"}
+        | {"cache_creation": HOUR_WRITES},
+        None,
+    ),
+    "sums again at the end": (
+        {**ANTHROPIC_USAGE, "cache_creation": HOUR_WRITES},
+        dict(ANTHROPIC_USAGE),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(HOUR_USAGE))
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_1h_cache_writes_are_billed_at_the_1h_price(providers, stream, case):
+    usage_sent, delta = HOUR_USAGE[case]
+    body = _anthropic(stream, usage_sent, delta)
+    usage = _ask("claude-sonnet-4-5", stream, Reply(body=body), providers, "claude-sonnet-4-5")
+    assert (usage.prompt_tokens, usage.cached_tokens) == (3050, 2000)
+    assert (usage.cache_write_tokens, usage.cache_write_1h_tokens) == (1000, 400)
+    # claude-sonnet-4-5: $3 input, $3.75 5-minute write, $6 1-hour write per 1M.
+    assert usage.input_cost_usd == round((50 * 3.00 + 600 * 3.75 + 400 * 6.00) / 1e6, 10)
+    assert usage.total_cost_usd == round(
+        usage.input_cost_usd + usage.cached_input_cost_usd + usage.output_cost_usd, 10
+    )
+    assert usage.to_dict()["cache_write_1h_tokens"] == 400
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_emulators_1h_cache_writes_are_billed_at_the_1h_price(providers, stream):
+    reply = Reply(cached_tokens=20, cache_write_tokens=300, cache_write_1h_tokens=100)
+    usage = _ask("claude-haiku-4-5", stream, reply, providers, "claude-haiku-4-5")
+    assert (usage.cached_tokens, usage.cache_write_tokens, usage.cache_write_1h_tokens) == (
+        20,
+        300,
+        100,
+    )
+    plain = usage.prompt_tokens - 320
+    # claude-haiku-4-5: $1 input, $1.25 5-minute write, $2 1-hour write per 1M.
+    assert usage.input_cost_usd == round((plain * 1.00 + 200 * 1.25 + 100 * 2.00) / 1e6, 10)
+
+
 def test_a_gateways_usage_comes_back_whole_in_remote_mode():
     """Remote mode reads the gateway's usage JSON: every count and cost as it was sent."""
     from lunar._types import Usage
 
-    sent = Usage(3050, 10, None, 2000, 1.5e-4, 6e-4, 1.5e-4, 9e-4, 12.0, 3.0, 1000)
+    sent = Usage(3050, 10, None, 2000, 1.5e-4, 6e-4, 1.5e-4, 9e-4, 12.0, 3.0, 1000, 0, 400)
     got = Usage.from_dict(json.loads(json.dumps(sent.to_dict())))
     assert got.to_dict() == sent.to_dict()
-    assert got.cache_write_tokens == 1000
+    assert (got.cache_write_tokens, got.cache_write_1h_tokens) == (1000, 400)
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

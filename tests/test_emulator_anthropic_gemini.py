@@ -534,19 +534,22 @@ def test_anthropic_finish_override_cached_and_usage(mock: MockServer, client: ht
 
 
 def test_anthropic_cache_writes(mock: MockServer, client: httpx.Client) -> None:
-    """Tokens written to the cache are reported apart, as read ones are: ``input_tokens``
-    counts neither, streamed (``message_start``) or not."""
-    reply = Reply(cached_tokens=4, cache_write_tokens=3)
+    """Tokens written to the cache are reported apart, as read ones are, and by cache
+    lifetime: ``input_tokens`` counts neither, streamed (``message_start``) or not."""
+    reply = Reply(cached_tokens=4, cache_write_tokens=3, cache_write_1h_tokens=1)
     mock.enqueue(reply, reply)
-    assert anthropic(client).json()["usage"] == {
+    usage = {
         "input_tokens": A_PROMPT - 7,
         "output_tokens": 8,
         "cache_read_input_tokens": 4,
         "cache_creation_input_tokens": 3,
+        "cache_creation": {"ephemeral_5m_input_tokens": 2, "ephemeral_1h_input_tokens": 1},
     }
+    assert anthropic(client).json()["usage"] == usage
     start = a_events(anthropic(client, stream=True).text)[0][1]["message"]
-    assert start["usage"]["input_tokens"] == A_PROMPT - 7
-    assert start["usage"]["cache_creation_input_tokens"] == 3
+    assert start["usage"] == {**usage, "output_tokens": 1}
+    with pytest.raises(ValueError, match="part of cache_write_tokens"):
+        Reply(cache_write_tokens=1, cache_write_1h_tokens=2)
 
 
 def test_anthropic_auth(mock: MockServer, client: httpx.Client) -> None:

@@ -258,7 +258,7 @@ ANSWERS = {
     "anthropic": (
         "claude-3-5-haiku",
         {"max_tokens": 50},
-        Reply(chunks=4, cached_tokens=5, cache_write_tokens=7),
+        Reply(chunks=4, cached_tokens=5, cache_write_tokens=7, cache_write_1h_tokens=3),
     ),
     "anthropic tools": (
         "claude-3-5-haiku",

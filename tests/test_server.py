@@ -242,6 +242,7 @@ def test_health_openapi_and_public_pricing(gw):
     assert mini["deployments"][0]["cache_write_price_per_1m"] is None
     sonnet = next(m for m in pricing.json()["data"] if m["id"] == "claude-sonnet-4-5")
     assert sonnet["deployments"][0]["cache_write_price_per_1m"] == 3.75
+    assert sonnet["deployments"][0]["cache_write_1h_price_per_1m"] == 6.00
     assert any(m["id"] == "fast" for m in pricing.json()["data"])  # alias from the config
 
 
@@ -1792,16 +1793,20 @@ def test_a_stream_cut_short_bills_the_prompt_its_provider_counted(upstream, tmp_
 def test_cache_writes_reach_the_ledger_of_an_older_database_and_every_report(
     upstream, tmp_path, cli
 ):
-    """A gateway started on an older gateway's database (no cache_write_tokens column)
-    keeps its rows and records Claude's cache writes, streamed or not, in the ledger, the
-    admin usage report, ``lunar usage`` (over HTTP and on the file) and the metrics."""
+    """A gateway started on an older gateway's database (no cache-write columns) keeps its
+    rows and records Claude's cache writes, streamed or not, 1-hour ones apart, in the
+    ledger, the admin usage report, ``lunar usage`` (over HTTP and on the file) and the
+    metrics; its Anthropic route gives them back as Anthropic does."""
     old_ledger(tmp_path / "lunar.db")  # where GatewayProcess puts its database
     gw = GatewayProcess(tmp_path, upstream, **every_wire(upstream))
     try:
         key, key_id = gw.new_key(name="caching")
         prompt = [{"role": "user", "content": "a " * 2000}]  # 2,003 tokens to the emulator
+        reply = Reply(
+            chunks=4, cached_tokens=1500, cache_write_tokens=400, cache_write_1h_tokens=100
+        )
         for stream in (False, True):
-            upstream.enqueue(Reply(chunks=4, cached_tokens=1500, cache_write_tokens=400))
+            upstream.enqueue(reply)
             r = gw.http.post(
                 "/v1/chat/completions",
                 headers={"x-api-key": key},
@@ -1813,37 +1818,48 @@ def test_cache_writes_reach_the_ledger_of_an_older_database_and_every_report(
             else:
                 usage = r.json()["usage"]
             assert (usage["cached_tokens"], usage["cache_write_tokens"]) == (1500, 400)
-        rows = gw.rows(key_id, 2)
-        assert [x["stream"] for x in rows] == [False, True]
+            assert usage["cache_write_1h_tokens"] == 100
+        upstream.enqueue(reply)
+        r = gw.http.post(
+            "/v1/messages",
+            headers={"x-api-key": key},
+            json={"model": "claude-3-haiku", "max_tokens": 50, "messages": prompt},
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["cache_creation"] == {
+            "ephemeral_5m_input_tokens": 300,
+            "ephemeral_1h_input_tokens": 100,
+        }
+        rows = gw.rows(key_id, 3)
+        assert [x["stream"] for x in rows] == [False, True, False]
         for x in rows:
-            assert (x["prompt_tokens"], x["cached_tokens"], x["cache_write_tokens"]) == (
-                2003,
-                1500,
-                400,
-            )
-            # claude-3-haiku: $0.25 input, $0.30 cache write, $0.03 cache read per 1M.
-            assert x["input_cost_usd"] == round((103 * 0.25 + 400 * 0.30) / 1e6, 10)
+            assert (x["prompt_tokens"], x["cached_tokens"]) == (2003, 1500)
+            assert (x["cache_write_tokens"], x["cache_write_1h_tokens"]) == (400, 100)
+            # claude-3-haiku per 1M: $0.25 input, $0.30 (5-minute) and $0.50 (1-hour) cache
+            # writes, $0.03 cache reads.
+            assert x["input_cost_usd"] == round((103 * 0.25 + 300 * 0.30 + 100 * 0.50) / 1e6, 10)
             assert x["cached_input_cost_usd"] == round(1500 * 0.03 / 1e6, 10)
         totals = gw.admin("GET", "/admin/usage", params={"key": key_id}).json()["totals"]
-        assert (totals["cached_tokens"], totals["cache_write_tokens"]) == (3000, 800)
+        assert (totals["cached_tokens"], totals["cache_write_tokens"]) == (4500, 1200)
+        assert totals["cache_write_1h_tokens"] == 300
         old = gw.admin("GET", "/admin/usage", params={"key": "old-team", "group_by": "none"})
         [kept] = old.json()["data"]
         assert {k: kept[k] for k in OLD_LEDGER_ROW} == {**OLD_LEDGER_ROW, "stream": False}
-        assert kept["cache_write_tokens"] == 0
+        assert (kept["cache_write_tokens"], kept["cache_write_1h_tokens"]) == (0, 0)
         metrics = gw.http.get("/metrics").text
-        assert (
-            'lunar_tokens_total{model="claude-3-haiku",provider="anthropic",kind="cache_write"} 800'
-            in metrics
+        written = (
+            'lunar_tokens_total{model="claude-3-haiku",provider="anthropic",kind="cache_write"}'
         )
+        assert f"{written} 1200" in metrics
         table = cli("usage", "--key", "caching", "--url", gw.url)
         assert table.returncode == 0, table.stderr
         head, *_, total = table.stdout.splitlines()
         assert "cache read tok" in head and "cache write tok" in head
-        assert total.split()[-3:-1] == ["3000", "800"]
+        assert total.split()[-3:-1] == ["4500", "1200"]
         on_file = cli("usage", "--key", "old-team", "--group-by", "none", "--db", str(gw.db))
         assert on_file.returncode == 0, on_file.stderr
         assert "old-team" in on_file.stdout and "cache write tok" in on_file.stdout
         exported = json.loads(cli("usage", "--group-by", "model", "--url", gw.url, "--json").stdout)
-        assert exported["totals"]["cache_write_tokens"] == 800
+        assert exported["totals"]["cache_write_1h_tokens"] == 300
     finally:
         gw.stop()

@@ -361,11 +361,12 @@ def test_error_body_shape():
 def test_cache_reads_and_writes_come_back_where_anthropic_puts_them():
     """An answer of Claude's with a prompt cache: ``input_tokens`` is what was neither read
     from nor written to the cache, as Anthropic counts it, streamed or not."""
-    usage = Usage(3050, 10, cached_tokens=2000, cache_write_tokens=1000)
+    usage = Usage(3050, 10, cached_tokens=2000, cache_write_tokens=1000, cache_write_1h_tokens=400)
     expected = {
         "input_tokens": 50,
         "cache_read_input_tokens": 2000,
         "cache_creation_input_tokens": 1000,
+        "cache_creation": {"ephemeral_5m_input_tokens": 600, "ephemeral_1h_input_tokens": 400},
         "output_tokens": 10,
     }
     completion = ChatCompletion(

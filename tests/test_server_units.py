@@ -270,6 +270,7 @@ def test_usage_groups_filters_and_keys(tmp_path):
         "completion_tokens": 5,
         "cached_tokens": 0,
         "cache_write_tokens": 0,
+        "cache_write_1h_tokens": 0,
         "input_cost_usd": 0.0,
         "cached_input_cost_usd": 0.0,
         "output_cost_usd": 0.0,
@@ -286,20 +287,22 @@ def test_usage_groups_filters_and_keys(tmp_path):
 
 
 def test_an_older_ledger_is_upgraded_in_place_keeping_its_rows(tmp_path):
-    """A database from before the cache_write_tokens column: opening it adds the column
-    (0 for the rows there), so the gateway can write to it and report on it again; an older
+    """A database from before the cache-write columns: opening it adds them (0 for the
+    rows there), so the gateway can write to it and report on it again; an older
     gateway's inserts (without the column) still work; opening it again changes nothing."""
     path = tmp_path / "old.db"
     old_ledger(path)
     st = SQLiteStorage(path)
     st.open()
-    st.record(row(1, key_id="old-key", cached_tokens=2000, cache_write_tokens=1000))
+    st.record(
+        row(1, key_id="old-key", cached_tokens=2000, cache_write_tokens=1000,
+            cache_write_1h_tokens=400)
+    )  # fmt: skip
     assert st.flush(10)
     out = st.usage(UsageQuery(group_by=()))
-    assert [(r["request_id"], r["cache_write_tokens"]) for r in out["data"]] == [
-        ("r1", 1000),
-        ("old-1", 0),
-    ]
+    assert [
+        (r["request_id"], r["cache_write_tokens"], r["cache_write_1h_tokens"]) for r in out["data"]
+    ] == [("r1", 1000, 400), ("old-1", 0, 0)]
     old = out["data"][1]
     assert {k: old[k] for k in OLD_LEDGER_ROW} == {**OLD_LEDGER_ROW, "stream": False}
     totals = st.usage(UsageQuery(key="old-team"))["totals"]

@@ -36,16 +36,28 @@ class ProviderSpec:
         return f"{self.name.upper()}_BASE_URL"
 
 
+#: What Anthropic bills a token written to its 1-hour prompt cache, in input prices: the
+#: 1-hour write price of a deployment that does not give its own ``cache_write_1h``.
+HOUR_WRITE_TIMES_INPUT = 2.0
+
+
 @dataclass(frozen=True)
 class Prices:
     """USD per 1M tokens. ``cached_input``: tokens read from a prompt cache (None: no
     discount, the input price); ``cache_write``: tokens written to one (Anthropic's
-    5-minute cache, 1.25x its input price; None: the input price)."""
+    5-minute cache, 1.25x its input price; None: the input price); ``cache_write_1h``:
+    tokens written to Anthropic's 1-hour cache (None: ``HOUR_WRITE_TIMES_INPUT`` x the
+    input price, as Anthropic bills them whatever the model)."""
 
     input: float
     output: float
     cached_input: float | None = None
     cache_write: float | None = None
+    cache_write_1h: float | None = None
+
+
+#: The prices a priced deployment may leave out (each has a default: see ``Prices``).
+OPTIONAL_PRICES = ("cached_input", "cache_write", "cache_write_1h")
 
 
 @dataclass(frozen=True)
@@ -81,15 +93,24 @@ def scaled_round(x: float, scale: float) -> float:
 def cost(usage: Usage, prices: Prices) -> None:
     """Fill the cost fields of ``usage`` in place: tokens / 1e6 x price, per side, rounded to
     10 decimals. Cached input tokens are billed at the cached price when there is one, and
-    tokens written to a cache (part of the input cost) at the cache-write price."""
+    tokens written to a cache (part of the input cost) at the cache-write price: the 1-hour
+    one for those written to Anthropic's 1-hour cache."""
     prompt = usage.prompt_tokens
     cached = min(usage.cached_tokens, prompt) if prices.cached_input is not None else 0
     written = usage.cache_write_tokens
     if written:  # Anthropic's cache writes: a part of the prompt, never the tokens read
         written = min(written, prompt - min(usage.cached_tokens, prompt))
         write_price = prices.input if prices.cache_write is None else prices.cache_write
+        hour = min(usage.cache_write_1h_tokens, written)  # of them, to the 1-hour cache
+        if hour:
+            hour_price = prices.cache_write_1h
+            if hour_price is None:
+                hour_price = HOUR_WRITE_TIMES_INPUT * prices.input
+            written_cost = (written - hour) * write_price + hour * hour_price
+        else:
+            written_cost = written * write_price
         input_cost = scaled_round(
-            ((prompt - cached - written) * prices.input + written * write_price) / 1e6, 1e10
+            ((prompt - cached - written) * prices.input + written_cost) / 1e6, 1e10
         )
     else:
         input_cost = scaled_round((prompt - cached) * prices.input / 1e6, 1e10)
@@ -104,7 +125,7 @@ def cost(usage: Usage, prices: Prices) -> None:
 def _check_price(value: Any, model: str, deployment: Mapping[str, Any], field: str) -> None:
     """A price is a finite number of USD per 1M tokens, at least 0: anything else would
     fail (or bill infinity) on every request that uses it, so it fails at load."""
-    if value is None and field in ("cached_input", "cache_write"):
+    if value is None and field in OPTIONAL_PRICES:
         return
     if (
         isinstance(value, bool)
@@ -124,7 +145,7 @@ MODEL_KEYS = frozenset(
     {"deployments", "context_window", "max_output_tokens", "capabilities", "full_name"}
 )
 DEPLOYMENT_KEYS = frozenset(
-    {"provider", "id", "input", "output", "cached_input", "cache_write", "context_window"}
+    {"provider", "id", "input", "output", *OPTIONAL_PRICES, "context_window"}
 )
 CAPABILITIES = ("tools", "vision", "json")
 
@@ -170,7 +191,7 @@ def _check_model(name: str, m: Any) -> None:
                 f"deployments[{i}] has '{priced[0]}' but no '{missing}' price: give both "
                 "(USD per 1M tokens), or neither for an unpriced model"
             )
-        for key in ("cached_input", "cache_write"):
+        for key in OPTIONAL_PRICES:
             if not priced and d.get(key) is not None:
                 raise bad(f"deployments[{i}] has '{key}' but no 'input' and 'output' prices")
 
@@ -212,10 +233,14 @@ class Catalog:
             for d in m.get("deployments", ()):
                 prices = None
                 if d.get("input") is not None and d.get("output") is not None:
-                    for field in ("input", "output", "cached_input", "cache_write"):
+                    for field in ("input", "output", *OPTIONAL_PRICES):
                         _check_price(d.get(field), name, d, field)
                     prices = Prices(
-                        d["input"], d["output"], d.get("cached_input"), d.get("cache_write")
+                        d["input"],
+                        d["output"],
+                        d.get("cached_input"),
+                        d.get("cache_write"),
+                        d.get("cache_write_1h"),
                     )
                 dep = Deployment(
                     model=name,

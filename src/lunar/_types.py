@@ -143,13 +143,15 @@ class Usage(_Obj):
 
     ``prompt_tokens`` counts every input token, as OpenAI does: ``cached_tokens`` of them
     were read from a prompt cache (billed at the cached price), ``cache_write_tokens``
-    written to one (Anthropic; billed at the cache-write price, in ``input_cost_usd``).
+    written to one (Anthropic; billed at the cache-write price, in ``input_cost_usd``), of
+    which ``cache_write_1h_tokens`` to its 1-hour cache (billed at the 1-hour write price).
     ``completion_tokens`` counts every output token: ``reasoning_tokens`` of them were a
     reasoning model's thinking (OpenAI's and Gemini's count; billed as output).
     Costs are ``None`` only when the catalogue has no price for the model that answered.
     """
 
     __slots__ = (
+        "cache_write_1h_tokens",
         "cache_write_tokens",
         "cached_input_cost_usd",
         "cached_tokens",
@@ -178,6 +180,7 @@ class Usage(_Obj):
         ttft_ms: float | None = None,
         cache_write_tokens: int = 0,
         reasoning_tokens: int = 0,
+        cache_write_1h_tokens: int = 0,
     ) -> None:
         self.prompt_tokens = prompt_tokens
         self.completion_tokens = completion_tokens
@@ -186,6 +189,7 @@ class Usage(_Obj):
         )
         self.cached_tokens = cached_tokens
         self.cache_write_tokens = cache_write_tokens
+        self.cache_write_1h_tokens = cache_write_1h_tokens
         self.reasoning_tokens = reasoning_tokens
         self.input_cost_usd = input_cost_usd
         self.cached_input_cost_usd = cached_input_cost_usd
@@ -259,6 +263,8 @@ class Usage(_Obj):
             tokens(done.get("reasoning_tokens"))
             if type(done := get("completion_tokens_details")) is dict
             else 0,
+            # Of the cache writes, those to Anthropic's 1-hour cache (looked for only then).
+            tokens(get("cache_write_1h_tokens")) if written else 0,
         )
 
 

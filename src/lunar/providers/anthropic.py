@@ -136,6 +136,13 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
 def _usage(u: Mapping[str, Any], output_tokens: Any = None) -> Usage:
     cached = tokens(u.get("cache_read_input_tokens"))
     created = tokens(u.get("cache_creation_input_tokens"))
+    hour = 0
+    # The writes by cache lifetime: those to the 1-hour cache cost more (2x input, 5m 1.25x).
+    if type(ttl := u.get("cache_creation")) is dict:
+        hour = tokens(ttl.get("ephemeral_1h_input_tokens"))
+        if not created:  # the breakdown alone: its sum is the writes
+            created = tokens(ttl.get("ephemeral_5m_input_tokens")) + hour
+        hour = min(hour, created)
     return Usage(
         prompt_tokens=tokens(u.get("input_tokens")) + cached + created,
         completion_tokens=tokens(
@@ -143,6 +150,7 @@ def _usage(u: Mapping[str, Any], output_tokens: Any = None) -> Usage:
         ),
         cached_tokens=cached,
         cache_write_tokens=created,
+        cache_write_1h_tokens=hour,
     )
 
 

@@ -409,11 +409,17 @@ def _usage(usage: Usage | None) -> dict[str, Any]:
     # written to it; Lunar's prompt_tokens, as OpenAI's, counts all three.
     cached = min(usage.cached_tokens, usage.prompt_tokens)
     written = min(usage.cache_write_tokens, usage.prompt_tokens - cached)
+    hour = min(usage.cache_write_1h_tokens, written)
     out: dict[str, Any] = {
         "input_tokens": usage.prompt_tokens - cached - written,
         "output_tokens": usage.completion_tokens,
         "cache_read_input_tokens": cached,
         "cache_creation_input_tokens": written,
+        # The writes by cache lifetime, as Anthropic gives them beside their sum.
+        "cache_creation": {
+            "ephemeral_5m_input_tokens": written - hour,
+            "ephemeral_1h_input_tokens": hour,
+        },
     }
     for name in (
         "input_cost_usd",

@@ -826,6 +826,7 @@ class Gateway:
             row.completion_tokens = usage.completion_tokens
             row.cached_tokens = usage.cached_tokens
             row.cache_write_tokens = usage.cache_write_tokens
+            row.cache_write_1h_tokens = usage.cache_write_1h_tokens
             row.input_cost_usd = usage.input_cost_usd or 0.0
             row.cached_input_cost_usd = usage.cached_input_cost_usd or 0.0
             row.output_cost_usd = usage.output_cost_usd or 0.0
@@ -919,6 +920,9 @@ class Gateway:
                             ),
                             "cache_write_price_per_1m": (
                                 d.prices.cache_write if d.prices else None
+                            ),
+                            "cache_write_1h_price_per_1m": (
+                                d.prices.cache_write_1h if d.prices else None
                             ),
                         }
                         for d in deps

@@ -266,6 +266,7 @@ _USAGE = {
         "total_tokens": {"type": "integer"},
         "cached_tokens": {"type": "integer"},
         "cache_write_tokens": {"type": "integer"},
+        "cache_write_1h_tokens": {"type": "integer"},
         "input_cost_usd": {"type": "number", "nullable": True},
         "cached_input_cost_usd": {"type": "number", "nullable": True},
         "output_cost_usd": {"type": "number", "nullable": True},

@@ -104,6 +104,7 @@ class UsageRow:
     completion_tokens: int = 0
     cached_tokens: int = 0  # read from a prompt cache (part of prompt_tokens)
     cache_write_tokens: int = 0  # written to one (Anthropic's; part of prompt_tokens)
+    cache_write_1h_tokens: int = 0  # of them, to Anthropic's 1-hour cache
     input_cost_usd: float = 0.0
     cached_input_cost_usd: float = 0.0
     output_cost_usd: float = 0.0
@@ -210,7 +211,8 @@ CREATE TABLE IF NOT EXISTS usage (
     total_cost_usd REAL NOT NULL,
     ttft_ms REAL,
     latency_ms REAL,
-    cache_write_tokens INTEGER NOT NULL DEFAULT 0
+    cache_write_tokens INTEGER NOT NULL DEFAULT 0,
+    cache_write_1h_tokens INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS usage_ts ON usage (ts);
 CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts);
@@ -220,7 +222,10 @@ CREATE INDEX IF NOT EXISTS usage_key_ts ON usage (key_id, ts);
 #: those an older database lacks (``ALTER TABLE ... ADD COLUMN``, its rows kept, the column 0
 #: for them), so a ledger file from an older Lunar keeps working. Each is also in
 #: ``_SCHEMA``, last, so that a new database and an upgraded one have the same columns.
-_ADDED_COLUMNS = (("cache_write_tokens", "INTEGER NOT NULL DEFAULT 0"),)
+_ADDED_COLUMNS = (
+    ("cache_write_tokens", "INTEGER NOT NULL DEFAULT 0"),
+    ("cache_write_1h_tokens", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 _INSERT = (
     f"INSERT INTO usage ({', '.join(_ROW_FIELDS)}) VALUES ({', '.join('?' for _ in _ROW_FIELDS)})"
@@ -670,8 +675,8 @@ class SQLiteStorage:
             "COUNT(*), SUM(u.status = 'ok'), SUM(u.status = 'error'), "
             "SUM(u.status = 'rejected'), SUM(u.status = 'cancelled'), "
             "SUM(u.prompt_tokens), SUM(u.completion_tokens), SUM(u.cached_tokens), "
-            "SUM(u.cache_write_tokens), SUM(u.input_cost_usd), SUM(u.cached_input_cost_usd), "
-            "SUM(u.output_cost_usd), SUM(u.total_cost_usd)"
+            "SUM(u.cache_write_tokens), SUM(u.cache_write_1h_tokens), SUM(u.input_cost_usd), "
+            "SUM(u.cached_input_cost_usd), SUM(u.output_cost_usd), SUM(u.total_cost_usd)"
         )
         src = "FROM usage u LEFT JOIN keys k ON k.id = u.key_id"
         with self._lock:
@@ -736,6 +741,7 @@ def _sums(r: Sequence[Any]) -> dict[str, Any]:
         "completion_tokens",
         "cached_tokens",
         "cache_write_tokens",
+        "cache_write_1h_tokens",
         "input_cost_usd",
         "cached_input_cost_usd",
         "output_cost_usd",

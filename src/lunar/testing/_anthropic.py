@@ -462,6 +462,11 @@ class AnthropicWire(Wire):
             usage["cache_read_input_tokens"] = cached
         if written > 0:
             usage["cache_creation_input_tokens"] = written
+            hour = job.cache_write_1h_tokens
+            usage["cache_creation"] = {  # the same writes by cache lifetime
+                "ephemeral_5m_input_tokens": written - hour,
+                "ephemeral_1h_input_tokens": hour,
+            }
         return usage
 
     @staticmethod

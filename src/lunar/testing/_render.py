@@ -243,6 +243,8 @@ class Job:
     cached_tokens: int
     cache_write_tokens: int = 0
     """Anthropic: the input tokens written to the prompt cache (``Reply.cache_write_tokens``)."""
+    cache_write_1h_tokens: int = 0
+    """Anthropic: of them, those to the 1-hour cache (``Reply.cache_write_1h_tokens``)."""
     stop_sequence: str | None = None
     """Anthropic: the ``stop_sequence`` reported with a ``stop_sequence`` finish."""
     sse: bool = True
@@ -285,6 +287,7 @@ class Job:
             self.finish_reason,
             self.cached_tokens,
             self.cache_write_tokens,
+            self.cache_write_1h_tokens,
             self.stop_sequence,
             self.sse,
         )
@@ -328,6 +331,7 @@ def make_job(
         finish_reason=finish,
         cached_tokens=reply.cached_tokens,
         cache_write_tokens=reply.cache_write_tokens,
+        cache_write_1h_tokens=reply.cache_write_1h_tokens,
         stop_sequence=stop_sequence,
         sse=sse,
     )

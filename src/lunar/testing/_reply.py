@@ -96,14 +96,23 @@ class Reply:
     ``cachedContentTokenCount``."""
     cache_write_tokens: int = 0
     """Anthropic: when > 0, usage reports N of the input tokens as written to the prompt
-    cache (``cache_creation_input_tokens``; ``input_tokens`` counts neither these nor the
-    ``cached_tokens`` read, as Anthropic does). The other wires have no cache writes."""
+    cache (``cache_creation_input_tokens``, and by cache lifetime in ``cache_creation``;
+    ``input_tokens`` counts neither these nor the ``cached_tokens`` read, as Anthropic
+    does). The other wires have no cache writes."""
+    cache_write_1h_tokens: int = 0
+    """Anthropic: how many of the ``cache_write_tokens`` went to the 1-hour cache
+    (``cache_creation.ephemeral_1h_input_tokens``; the rest are ``ephemeral_5m``)."""
 
     def __post_init__(self) -> None:
         if not 100 <= int(self.status) <= 599:  # 529 (Anthropic's "overloaded") included
             raise ValueError(f"status must be an HTTP status code, got {self.status!r}")
         if self.chunks < 0:
             raise ValueError("chunks must be >= 0")
+        if self.cache_write_1h_tokens > max(self.cache_write_tokens, 0):
+            raise ValueError(
+                "cache_write_1h_tokens are a part of cache_write_tokens: give "
+                f"cache_write_tokens of at least {self.cache_write_1h_tokens}"
+            )
 
     # -- convenience constructors ---------------------------------------------------------
 
