@@ -266,6 +266,16 @@ ASGI_RELAY = Spec(
 )
 
 
+ASGI_SPLICE = Spec(
+    "asgi-splice",
+    _script_command("asgi_splice.py", lambda up: up.split("/v1", 1)[0]),
+    "/health",
+    lambda base, env: {},
+    _lunar_available,
+    lambda: "uvicorn app splicing parsed events past ASGI (bench/gateway/asgi_splice.py)",
+)
+
+
 def _granian_relay_command(
     upstream: str, port: int, work: Path
 ) -> tuple[list[str], dict[str, str], dict[str, str]]:
@@ -308,6 +318,7 @@ SPECS = {
     "litellm": LITELLM,
     "relay": RELAY,
     "asgi-relay": ASGI_RELAY,
+    "asgi-splice": ASGI_SPLICE,
     "granian-relay": GRANIAN_RELAY,
 }
 
