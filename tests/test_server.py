@@ -991,6 +991,19 @@ def test_unknown_routes_and_methods(gw, key):
     assert _error(r, 405)["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
 
 
+def test_without_cors_a_preflight_is_a_405_in_the_routes_shape(gw):
+    """CORS is off by default: OPTIONS is a method no route takes, and no answer says
+    any origin may read it."""
+    preflight = {"origin": "https://app.example.com", "access-control-request-method": "POST"}
+    r = gw.http.options("/v1/chat/completions", headers=preflight)
+    assert _error(r, 405)["code"] == "method_not_allowed" and r.headers["allow"] == "POST"
+    r = gw.http.options("/v1/messages", headers=preflight)
+    assert r.status_code == 405 and r.json()["type"] == "error"
+    r = gw.http.get("/health", headers={"origin": "https://app.example.com"})
+    assert r.status_code == 200
+    assert not [h for h in r.headers if h.startswith("access-control-") or h == "vary"]
+
+
 def test_unknown_routes_and_methods_under_messages_answer_in_anthropics_shape(gw, key):
     """Anthropic clients read Anthropic's error shape on every /v1/messages route."""
     r = gw.http.get("/v1/messages", headers={"x-api-key": key})
@@ -1008,6 +1021,7 @@ def test_unknown_routes_and_methods_under_messages_answer_in_anthropics_shape(gw
                 "message": f"Unknown route POST {path}: see GET /openapi.json",
             },
         }
+
 
 def test_legacy_completions_reject_unsupported_fields(gw, key):
     r = _post(

@@ -655,6 +655,76 @@ def test_a_bad_log_level_is_refused_naming_the_setting_and_where_it_came_from(tm
     assert load_config(cfg, {}).log_level == "debug"
 
 
+def test_cors_is_off_by_default_and_read_from_the_file_or_the_environment(tmp_path):
+    c = load_config(None, {})
+    assert (c.allow_origins, c.allow_headers, c.max_age_seconds) == ([], ["*"], 600)
+    assert "_http_request" not in vars(create_app(c))  # off: the plain request path
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(
+        '[cors]\nallow_origins = ["HTTPS://App.Example.com:443", "http://localhost:5173", '
+        '"https://app.example.com", "http://[::1]:80"]\n'
+        'allow_headers = ["X-Team"]\nmax_age_seconds = 0\n'
+    )
+    c = load_config(cfg, {})
+    # As browsers spell them in Origin (no default port), once each.
+    assert c.allow_origins == ["https://app.example.com", "http://localhost:5173", "http://[::1]"]
+    assert (c.allow_headers, c.max_age_seconds) == (["x-team"], 0)
+    assert '"https://app.example.com", "http://localhost:5173"' in c.render()
+    env = {"LUNAR_CORS_ALLOW_ORIGINS": " https://a.example , https://b.example:8443,"}
+    env["LUNAR_CORS_ALLOW_HEADERS"] = "*"
+    c = load_config(cfg, env)
+    assert c.allow_origins == ["https://a.example", "https://b.example:8443"]
+    assert c.allow_headers == ["*"]
+    assert load_config(None, {"LUNAR_CORS_ALLOW_ORIGINS": "*"}).allow_origins == ["*"]
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "[cors]\nallowed_origins = []\n",
+            "unknown setting cors.allowed_origins (known: "
+            "allow_headers, allow_origins, max_age_seconds)",
+        ),
+        (
+            '[cors]\nallow_origins = "https://a.example"\n',
+            "cors.allow_origins must be a list of strings, got 'https://a.example'",
+        ),
+        (
+            '[cors]\nallow_origins = ["https://a.example/"]\n',
+            "cors.allow_origins: "
+            "'https://a.example/' has a path: an origin is scheme://host[:port], as a browser "
+            "sends it in its Origin header: 'https://a.example'",
+        ),
+        ('[cors]\nallow_origins = ["https://*.a.example"]\n', "give exact origins"),
+        ('[cors]\nallow_origins = ["a.example"]\n', "'a.example' is not an origin"),
+        ('[cors]\nallow_origins = ["null"]\n', "'null' is not an origin"),
+        (
+            '[cors]\nallow_origins = ["*", "https://a.example"]\n',
+            "'*' stands for all: give it alone",
+        ),
+        (
+            '[cors]\nallow_headers = ["x team"]\n',
+            "cors.allow_headers: 'x team' is not a header name",
+        ),
+        ("[cors]\nmax_age_seconds = -1\n", "cors.max_age_seconds must be >= 0, got -1"),
+        ("[cors]\nmax_age_seconds = 1.5\n", "cors.max_age_seconds must be an integer"),
+    ],
+)
+def test_bad_cors_settings_are_refused_naming_them(tmp_path, text, message):
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=f"^{re.escape(str(cfg))}: .*{re.escape(message)}"):
+        load_config(cfg, {})
+
+
+def test_a_bad_cors_environment_variable_is_named():
+    with pytest.raises(ConfigError, match=r"^\$LUNAR_CORS_ALLOW_ORIGINS: 'https://a/x' has a path"):
+        load_config(None, {"LUNAR_CORS_ALLOW_ORIGINS": "https://a/x"})
+    with pytest.raises(ConfigError, match=r"^\$LUNAR_CORS_MAX_AGE_SECONDS must be an integer"):
+        load_config(None, {"LUNAR_CORS_MAX_AGE_SECONDS": "10m"})
+
+
 def test_an_unreadable_lunar_catalog_is_a_config_error(tmp_path, monkeypatch):
     monkeypatch.setenv("LUNAR_CATALOG", str(tmp_path / "nope.json"))
     with pytest.raises(ConfigError, match=r"LUNAR_CATALOG=.*nope\.json"):

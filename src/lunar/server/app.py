@@ -21,7 +21,7 @@ import os
 import time
 import traceback
 import zlib
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from functools import partial
 from typing import Any
 from urllib.parse import parse_qs
@@ -51,6 +51,7 @@ from .._request import (
 )
 from .._types import Usage
 from .config import ServerConfig
+from .cors import Cors
 from .dialects import (
     CHAT,
     COMPLETIONS,
@@ -130,6 +131,26 @@ def _error_shape(path: str) -> Callable[[LunarError], tuple[int, Any, Headers]]:
     if path == "/v1/messages" or path.startswith("/v1/messages/"):
         return MESSAGES.error
     return openai_error
+
+
+def _unknown_route(method: str, path: str) -> NotFoundError:
+    return NotFoundError(
+        f"Unknown route {method} {path}: see GET /openapi.json",
+        code="unknown_route",
+        type="invalid_request_error",
+    )
+
+
+def _not_allowed(method: str, path: str, methods: Iterable[str]) -> tuple[APIError, Headers]:
+    """The 405 for ``method`` on a route taking ``methods``, and its ``Allow`` header."""
+    allow = ", ".join(sorted(methods))
+    refused = APIError(
+        f"Method {method} not allowed on {path} (allowed: {allow})",
+        405,
+        code="method_not_allowed",
+        type="invalid_request_error",
+    )
+    return refused, [(b"allow", allow.encode())]
 
 
 def _unpriced(key: KeyRecord, model: str, primary: str) -> PermissionDeniedError:
@@ -332,6 +353,20 @@ class Gateway:
             "/admin/keys": {"GET": self._list_keys, "POST": self._create_key},
             "/admin/usage": {"GET": self._usage},
         }
+        # Routes with an id after their prefix.
+        self._prefixed: tuple[tuple[str, dict[str, Callable[..., Awaitable[None]]]], ...] = (
+            ("/v1/models/", {"GET": self._model}),
+            (
+                "/admin/keys/",
+                {"GET": self._get_key, "PATCH": self._update_key, "DELETE": self._revoke_key},
+            ),
+        )
+        self._cors: Cors | None = None
+        if config.allow_origins:
+            self._cors = Cors(config.allow_origins, config.allow_headers, config.max_age_seconds)
+            # Each request goes through `_cors_request` first. Off, the class's own method
+            # runs as before: CORS costs a request nothing, not even a test.
+            self._http_request = self._cors_request  # type: ignore[method-assign]
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -433,33 +468,14 @@ class Gateway:
         methods = self._routes.get(path)
         args: tuple[Any, ...] = ()
         if methods is None:
-            if path.startswith("/v1/models/") and len(path) > 11:
-                methods, args = {"GET": self._model}, (path[11:],)
-            elif path.startswith("/admin/keys/") and len(path) > 12:
-                methods = {
-                    "GET": self._get_key,
-                    "PATCH": self._update_key,
-                    "DELETE": self._revoke_key,
-                }
-                args = (path[12:],)
-            else:
-                unknown = NotFoundError(
-                    f"Unknown route {method} {path}: see GET /openapi.json",
-                    code="unknown_route",
-                    type="invalid_request_error",
-                )
-                await _send_error(send, unknown, _error_shape(path))
+            methods, args = self._route_with_id(path)
+            if methods is None:
+                await _send_error(send, _unknown_route(method, path), _error_shape(path))
                 return
         handler = methods.get(method)
         if handler is None:
-            allow = ", ".join(sorted(methods))
-            refused = APIError(
-                f"Method {method} not allowed on {path} (allowed: {allow})",
-                405,
-                code="method_not_allowed",
-                type="invalid_request_error",
-            )
-            await _send_error(send, refused, _error_shape(path), [(b"allow", allow.encode())])
+            refused, allow = _not_allowed(method, path, methods)
+            await _send_error(send, refused, _error_shape(path), allow)
             return
         try:
             await handler(scope, receive, send, *args)
@@ -480,6 +496,75 @@ class Gateway:
             }
             with contextlib.suppress(Exception):
                 await _send_json(send, 500, {"error": error})
+
+    def _route_with_id(
+        self, path: str
+    ) -> tuple[dict[str, Callable[..., Awaitable[None]]] | None, tuple[Any, ...]]:
+        """A route of ``_prefixed`` and the id after its prefix; ``None`` when none is."""
+        for prefix, methods in self._prefixed:
+            if path.startswith(prefix) and len(path) > len(prefix):
+                return methods, (path[len(prefix) :],)
+        return None, ()
+
+    async def _cors_request(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """A request with CORS on: a preflight is answered here; any other response gets
+        the headers its Origin calls for (precomputed lists) in its start message."""
+        cors = self._cors
+        assert cors is not None
+        origin: bytes | None = None
+        for name, value in scope["headers"]:  # ASGI servers give names in lower case
+            if name == b"origin":
+                origin = value
+                break
+        if origin is not None and scope["method"] == "OPTIONS":
+            headers = _headers(scope)
+            requested = headers.get(b"access-control-request-method")
+            if requested is not None:
+                await self._preflight(scope, send, cors, origin, requested, headers)
+                return
+        extra = cors.response_headers(origin)
+
+        def cors_send(message: Message) -> Awaitable[None]:
+            # A plain function: no coroutine of its own for each body message of a stream.
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message["headers"], *extra]
+            return send(message)
+
+        await Gateway._http_request(self, scope, receive, cors_send)
+
+    async def _preflight(
+        self,
+        scope: Scope,
+        send: Send,
+        cors: Cors,
+        origin: bytes,
+        requested: bytes,
+        headers: dict[bytes, bytes],
+    ) -> None:
+        """``OPTIONS`` with ``Origin`` and ``Access-Control-Request-Method``: 204 with what
+        the origin may send to the route, else a refusal in the route's error shape that
+        says why (an unknown route: its 404)."""
+        path: str = scope["path"]
+        methods = self._routes.get(path) or self._route_with_id(path)[0]
+        shape = _error_shape(path)
+        extra = cors.response_headers(origin)
+        method = requested.decode("latin-1")
+        if methods is None:
+            await _send_error(send, _unknown_route(method, path), shape, extra)
+            return
+        try:
+            cors.check_origin(origin)
+            if method not in methods:
+                refused, allow = _not_allowed(method, path, methods)
+                await _send_error(send, refused, shape, [*extra, *allow])
+                return
+            allowed = ", ".join(sorted(methods)).encode()
+            out = cors.preflight(origin, allowed, headers.get(b"access-control-request-headers"))
+        except APIError as err:
+            await _send_error(send, err, shape, extra)
+            return
+        await send({"type": "http.response.start", "status": 204, "headers": out})
+        await send({"type": "http.response.body", "body": b""})
 
     def _request_id(self) -> str:
         self._counter += 1

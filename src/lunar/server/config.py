@@ -22,6 +22,9 @@
     [aliases]
     fast = "gpt-4o-mini"
 
+    [cors]                                # browsers may call the gateway from these pages
+    allow_origins = ["https://app.example.com"]
+
     [fallbacks]
     "gpt-4o-mini" = ["claude-3-5-haiku", "smollm2"]
 
@@ -34,13 +37,14 @@ import json
 import math
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .._catalog import CAPABILITIES, DEPLOYMENT_KEYS, MODEL_KEYS, Catalog
 from .._errors import NotFoundError
+from . import cors
 from .storage import unusable_path
 
 __all__ = ["ConfigError", "ProviderConfig", "ServerConfig", "load_config", "read_toml"]
@@ -87,6 +91,10 @@ class ServerConfig:
     batch_size: int = 1000
     flush_interval_ms: float = 10.0
     durable_ack: bool = False
+    # [cors] (no origins: off)
+    allow_origins: list[str] = field(default_factory=list)
+    allow_headers: list[str] = field(default_factory=lambda: ["*"])
+    max_age_seconds: int = 600
     # routing
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     models: dict[str, Any] = field(default_factory=dict)
@@ -248,6 +256,11 @@ class ServerConfig:
                 "flush_interval_ms": self.flush_interval_ms,
                 "durable_ack": self.durable_ack,
             },
+            "cors": {
+                "allow_origins": list(self.allow_origins),
+                "allow_headers": list(self.allow_headers),
+                "max_age_seconds": self.max_age_seconds,
+            },
             "providers": providers,
             "aliases": dict(self.aliases),
             "fallbacks": {k: list(v) for k, v in self.fallbacks.items()},
@@ -312,6 +325,10 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
 
 
 def _check(where: str, value: Any, kind: type | tuple[type, ...], positive: bool = False) -> Any:
+    if kind is list:  # the settings' lists are of strings
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where} must be a list of strings, got {value!r}")
+        return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
@@ -340,12 +357,16 @@ _SETTINGS: dict[str, tuple[str, type, bool, str | None]] = {
     "batch_size": ("ledger", int, True, "LUNAR_LEDGER_BATCH_SIZE"),
     "flush_interval_ms": ("ledger", float, True, "LUNAR_LEDGER_FLUSH_INTERVAL_MS"),
     "durable_ack": ("ledger", bool, False, "LUNAR_LEDGER_DURABLE_ACK"),
+    "allow_origins": ("cors", list, False, "LUNAR_CORS_ALLOW_ORIGINS"),
+    "allow_headers": ("cors", list, False, "LUNAR_CORS_ALLOW_HEADERS"),
+    "max_age_seconds": ("cors", int, False, "LUNAR_CORS_MAX_AGE_SECONDS"),
 }
 _SECTIONS = {
     "server",
     "engine",
     "limits",
     "ledger",
+    "cors",
     "providers",
     "models",
     "aliases",
@@ -472,6 +493,8 @@ def _choice(where: str, name: str, value: Any) -> Any:
 
 
 def _from_env(name: str, text: str, kind: type) -> Any:
+    if kind is list:  # comma-separated
+        return [part.strip() for part in text.split(",") if part.strip()]
     try:
         if kind is bool:
             low = text.strip().lower()
@@ -550,6 +573,12 @@ def load_config(
     problem = unusable_path(cfg.db)
     if problem:
         raise ConfigError(f"db = {cfg.db!r}: {problem}")
+    if cfg.max_age_seconds < 0:
+        raise ConfigError(
+            f"{cfg.setting('max_age_seconds')} must be >= 0, got {cfg.max_age_seconds}"
+        )
+    cfg.allow_origins = _cors_list(cfg, "allow_origins", cors.origin)
+    cfg.allow_headers = _cors_list(cfg, "allow_headers", cors.header_name)
 
     catalog = data.get("catalog")
     if catalog is not None:
@@ -623,6 +652,17 @@ def load_config(
 
     cfg.master_key = env.get("LUNAR_MASTER_KEY") or None
     return cfg
+
+
+def _cors_list(cfg: ServerConfig, name: str, check: Callable[[str], str]) -> list[str]:
+    """``[cors]``'s list ``name``, each entry checked (and spelled as browsers do), without
+    repeats."""
+    try:
+        values = list(dict.fromkeys(check(v) for v in getattr(cfg, name)))
+        cors.alone(values)
+    except ValueError as e:
+        raise ConfigError(f"{cfg.setting(name)}: {e}") from None
+    return values
 
 
 def _opt(table: Mapping[str, Any], name: str, kind: type, where: str) -> Any:
