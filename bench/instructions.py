@@ -50,7 +50,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -113,17 +113,54 @@ async def _one(
         await gone.wait()
         return {"type": "http.disconnect"}
 
+    def wrote() -> None:
+        nonlocal writes
+        writes += 1
+        if writes == leave_after:
+            gone.set()
+
+    cycle = _Cycle(wrote)
+
     async def send(message: dict[str, Any]) -> None:
-        nonlocal status, writes
+        nonlocal status
         if message["type"] == "http.response.start":
             status = message["status"]
+            cycle.response_started = True
         elif message["type"] == "http.response.body":
-            writes += 1
-            if writes == leave_after:
-                gone.set()
+            wrote()
 
+    # What lunar serve's uvicorn protocol gives the app (lunar.server.relay): the gateway
+    # relays plain stream events to its transport, past send (older revisions ignore it).
+    scope["extensions"] = {"lunar.uvicorn_cycle": cycle}
     await app(scope, receive, send)
     return status
+
+
+class _Transport:
+    def __init__(self, wrote: Callable[[], None]) -> None:
+        self.wrote = wrote
+
+    def write(self, data: bytes) -> None:
+        self.wrote()
+
+    def is_closing(self) -> bool:
+        return False
+
+
+class _Flow:
+    write_paused = False
+
+
+class _Cycle:
+    """The parts of uvicorn's httptools ``RequestResponseCycle`` the relay reads."""
+
+    def __init__(self, wrote: Callable[[], None]) -> None:
+        self.transport = _Transport(wrote)
+        self.flow = _Flow()
+        self.disconnected = False
+        self.response_complete = False
+        self.response_started = False
+        self.chunked_encoding = True
 
 
 async def _lifespan(app: Any) -> asyncio.Task[None]:

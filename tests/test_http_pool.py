@@ -721,3 +721,72 @@ async def test_closing_the_pool_cuts_a_body_that_ends_with_the_connection():
         await p.aclose()
         with pytest.raises(TransportError, match="closed the connection"):
             await it.__anext__()
+
+
+# -- the tap (the gateway's relay of plain stream events: Response.tap) ----------------------
+
+
+def taking(upto: bytes, taken: list[bytes]) -> Callable[[bytes], bytes]:
+    """A tap that takes every piece until one holding ``upto``, and leaves that one's bytes
+    from ``upto`` on."""
+
+    def tap(body: bytes) -> bytes:
+        at = body.find(upto)
+        if at < 0:
+            taken.append(body)
+            return b""
+        taken.append(body[:at])
+        return body[at:]
+
+    return tap
+
+
+async def test_a_tap_takes_the_body_until_it_leaves_bytes_which_the_reader_then_gets():
+    release = asyncio.Event()
+
+    async def answer(w: asyncio.StreamWriter) -> bool:
+        w.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nfirst\r\n")
+        await w.drain()
+        await release.wait()
+        for piece in (b"aa", b"bb", b"ccSTOPdd", b"ee"):
+            w.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+            await w.drain()
+            await asyncio.sleep(0.01)
+        w.write(b"0\r\n\r\n")
+        return True
+
+    async with Server([answer]) as srv:
+        p = pool()
+        resp = await p.send("POST", srv.url, {}, stream=True)
+        it = resp.aiter_bytes()
+        assert await it.__anext__() == b"first"
+        taken: list[bytes] = []
+        assert resp.tap(taking(b"STOP", taken))
+        release.set()
+        rest = [d async for d in it]
+        assert taken == [b"aa", b"bb", b"cc"]
+        assert b"".join(rest) == b"STOPddee"  # in order, and the tap is gone
+        assert p.idle_connections == 1
+        again = await p.send("POST", srv.url, {}, stream=True)  # the same connection, no tap
+        assert b"".join([d async for d in again.aiter_bytes()]) == b"firstaabbccSTOPddee"
+        assert srv.connections == 1
+
+
+async def test_bytes_a_tap_takes_restart_the_read_timeout_and_silence_after_them_is_one():
+    # 8 pieces 0.1 s apart: 0.8 s in all, four times the 0.2 s timeout, each gap within it.
+    async with Server([paced(8, 0.1, then_stall=True)]) as srv:
+        p = pool(timeout=0.2)
+        resp = await p.send("POST", srv.url, {}, stream=True)
+        taken: list[bytes] = []
+        assert resp.tap(taking(b"never", taken))
+        got = await read_until(resp, TransportTimeout)
+        assert (got, b"".join(taken)) == ([], b"01234567")
+        assert p.connections == 0
+
+
+async def test_no_tap_while_bytes_wait_for_the_reader_or_once_the_body_ended():
+    async with Server([ok(b"whole")]) as srv:
+        p = pool()
+        resp = await p.send("POST", srv.url, {}, stream=True)
+        assert not resp.tap(lambda body: b"")  # the body is here already, and complete
+        assert b"".join([d async for d in resp.aiter_bytes()]) == b"whole"

@@ -16,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -45,10 +45,14 @@ from ._types import (
     ChatCompletionMessage,
     ChoiceDelta,
     ChunkChoice,
+    ChunkEncoder,
     Usage,
 )
 from .providers import Adapter, HTTPRequest, StreamTranslator, Target, adapter_for
 from .providers._shared import MISSHAPEN, PromptCount, bad_answer, misshapen
+
+if TYPE_CHECKING:
+    from .providers.openai import PlainRelay, RelaySink
 
 _now = time.perf_counter
 
@@ -570,7 +574,9 @@ class StreamFinisher:
         self._body = body
         self.started = started
         self._held: ChatCompletionChunk | None = None
-        self._last: ChatCompletionChunk | None = None
+        #: The last chunk with choices: for ``end``'s envelope when no chunk finished. An
+        #: event's dict when the gateway relayed it (``relayed``) without building it.
+        self._last: ChatCompletionChunk | dict[str, Any] | None = None
         self._usage: Usage | None = None  # the provider's, when it sends one
         #: ``_usage`` is what the provider told before any content (Anthropic's
         #: message_start, Gemini's first event): its prompt is exact, its output not yet.
@@ -617,6 +623,20 @@ class StreamFinisher:
                 out.append(chunk)
         return out
 
+    def relayable(self) -> bool:
+        """Whether the gateway may relay the next events itself (``relayed``): nothing is
+        held, and the text is not kept for a check at the end."""
+        return self._held is None and self._text is None
+
+    def relayed(self, event: dict[str, Any], content: Any) -> None:
+        """An event the gateway relayed without its chunk (``PlainRelay``): one choice, no
+        usage, no tool call, no finish; what ``push`` would note of it."""
+        self._last = event
+        if content:
+            self.chars += len(content)
+            if self.first_at is None:
+                self.first_at = _now()
+
     def end(self) -> list[ChatCompletionChunk]:
         if self._text is not None and not self._tools:
             check_json("".join(self._text), self._target)
@@ -625,7 +645,12 @@ class StreamFinisher:
             # The upstream ended cleanly ([DONE]) but said no finish_reason (some OpenAI-
             # compatible servers): the answer is whole, so it finished as answers do, and the
             # caller's last chunk still has ``choices[0]``.
-            last = self._last
+            seen = self._last
+            last = (
+                ChatCompletionChunk.from_dict(seen, self._target.provider)
+                if isinstance(seen, dict)
+                else seen
+            )
             finished = ChunkChoice(0, ChoiceDelta(), "tool_calls" if self._tools else "stop")
             final = ChatCompletionChunk(
                 id=last.id if last else "",
@@ -896,12 +921,21 @@ class AsyncOpenStream(_Opened):
     batch at once, so a read of several events costs one write, not one each), iterating
     gives them one by one. Use one or the other."""
 
-    __slots__ = ("_ready",)
+    __slots__ = ("_ready", "relay")
     _chunks: AsyncIterator[list[ChatCompletionChunk]]
 
-    def __init__(self, chunks: AsyncIterator[list[ChatCompletionChunk]], upstream: Any) -> None:
+    def __init__(self, chunks: Any, upstream: Any) -> None:
         super().__init__(chunks, upstream)
         self._ready: collections.deque[ChatCompletionChunk] = collections.deque()
+        #: Set by ``relay_to``.
+        self.relay: tuple[ChunkEncoder, RelaySink] | None = None
+
+    def relay_to(self, encoder: ChunkEncoder, sink: RelaySink) -> None:
+        """Let the gateway relay plain events (an OpenAI stream's text deltas) from the
+        upstream's reads straight to ``sink``, written as ``encoder`` writes their chunks,
+        without building their chunks or waking the reader: ``batches()`` then gives only
+        the rest, each batch after the bytes relayed before it (``PlainRelay``)."""
+        self.relay = (encoder, sink)
 
     def batches(self) -> AsyncIterator[list[ChatCompletionChunk]]:
         if self._ready:
@@ -1227,7 +1261,9 @@ class AsyncEngine(_Closable):
             finisher = StreamFinisher(step.target, body, started, json_check)
             if trace is not None:
                 trace.stream = finisher
-            return AsyncOpenStream(self._iterate(step, opened, finisher, plan), opened[0])
+            stream = AsyncOpenStream(None, opened[0])
+            stream._chunks = self._iterate(step, opened, finisher, plan, stream)
+            return stream
         raise plan.error()
 
     async def _open(
@@ -1279,14 +1315,32 @@ class AsyncEngine(_Closable):
                 await resp.aclose()
             raise
 
+    def _relay(
+        self, stream: AsyncOpenStream, resp: Any, translator: Any, finisher: StreamFinisher
+    ) -> PlainRelay | None:
+        """Hand the stream's next plain events to the gateway's relay, when the translator
+        has one (OpenAI's) and nothing is pending in it, the finisher or the response: the
+        relay, if it was."""
+        relay_for = getattr(translator, "relay", None)
+        tap = getattr(resp, "tap", None)
+        if relay_for is None or tap is None or self.closed or not finisher.relayable():
+            return None
+        encoder, sink = stream.relay  # type: ignore[misc]
+        relay: PlainRelay | None = relay_for(encoder, sink, finisher)
+        if relay is None or not tap(relay):
+            return None
+        return relay
+
     async def _iterate(
         self,
         step: Step,
         opened: tuple[Any, AsyncIterator[Any], StreamTranslator | None, list[ChatCompletionChunk]],
         finisher: StreamFinisher,
         plan: Plan,
+        stream: AsyncOpenStream,
     ) -> AsyncIterator[list[ChatCompletionChunk]]:
-        """The chunks in batches, never empty: those each upstream read completed."""
+        """The chunks in batches, never empty: those each upstream read completed. Between
+        reads, the events the gateway can relay itself go past this (``relay_to``)."""
         closer, raw, translator, first = opened
         try:
             if out := finisher.push(first):
@@ -1298,12 +1352,20 @@ class AsyncEngine(_Closable):
                     if out := finisher.push(batch):
                         yield out
             else:
+                relay = None
+                if stream.relay is not None:
+                    relay = self._relay(stream, closer, translator, finisher)
                 async for data in raw:
                     if self.closed:  # with a caller's http_client, still open
                         raise client_closed()
                     chunks = translator.feed(data)
                     if chunks and (out := finisher.push(chunks)):
                         yield out
+                    if stream.relay is not None:
+                        if relay is not None and relay.missed:
+                            stream.relay = None  # not a stream of plain events
+                        else:
+                            relay = self._relay(stream, closer, translator, finisher)
                 if out := finisher.push(translator.close()):
                     yield out
             final = finisher.end()

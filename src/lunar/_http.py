@@ -28,7 +28,7 @@ import os
 import ssl
 import time
 import zlib
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
@@ -108,6 +108,9 @@ class _Connection(asyncio.Protocol):
         self.buffered = 0
         self.paused = False
         self.got_bytes = False
+        #: Takes the body's bytes as they arrive instead of the reader (``Response.tap``),
+        #: returning those it leaves: the reader then has them, and the tap is gone.
+        self.tap: Callable[[bytes], bytes] | None = None
 
     # -- asyncio ------------------------------------------------------------------------------
 
@@ -121,7 +124,12 @@ class _Connection(asyncio.Protocol):
         except httptools.HttpParserError as exc:
             self._fail(TransportError(f"Invalid HTTP response: {exc}"))
             self.close()
-        self._wake()
+        if self.tap is None or self.chunks or self.complete or self.error is not None:
+            self._wake()
+        elif self._deadline != math.inf:
+            # The tap took it all, and the reader sleeps on: bytes came, so its read
+            # timeout starts again.
+            self._deadline = self.loop.time() + self._timeout
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
@@ -166,6 +174,11 @@ class _Connection(asyncio.Protocol):
         self.headers_done = True
 
     def on_body(self, body: bytes) -> None:
+        if self.tap is not None:
+            body = self.tap(body)
+            if not body:
+                return
+            self.tap = None
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > _HIGH_WATER and not self.paused and self.transport is not None:
@@ -323,6 +336,26 @@ class Response:
                 headers[key] = f"{headers[key]}, {text}" if key in headers else text
         return self._headers
 
+    def tap(self, tap: Callable[[bytes], bytes]) -> bool:
+        """Have ``tap`` take the body's bytes as they arrive, from now until it leaves some
+        (``aiter_bytes`` then reads those) or ``untap()``: whether it was set. It is not
+        when bytes are waiting to be read, or the body is compressed, complete or failed."""
+        conn = self._conn
+        if (
+            conn is None
+            or conn.chunks
+            or conn.complete
+            or conn.error is not None
+            or self._decoder is not None
+        ):
+            return False
+        conn.tap = tap
+        return True
+
+    def untap(self) -> None:
+        if self._conn is not None:
+            self._conn.tap = None
+
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         conn = self._conn
         if conn is None:
@@ -358,6 +391,7 @@ class Response:
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            conn.tap = None
             self._pool._release(conn)
 
 

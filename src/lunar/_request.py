@@ -434,8 +434,7 @@ def validate_extra_body(extra: Any, legacy: bool = False) -> Mapping[str, Any] |
         return None
     if not isinstance(extra, Mapping):
         raise bad(
-            f"'extra_body' must be a mapping of field names to values, got "
-            f"{type(extra).__name__}",
+            f"'extra_body' must be a mapping of field names to values, got {type(extra).__name__}",
             "extra_body",
         )
     for key in extra:

@@ -90,6 +90,10 @@ class SSEDecoder:
                 self._event = None  # an empty event resets the type, per the spec
         return events
 
+    def idle(self) -> bool:
+        """Whether nothing is pending: the next bytes start a new event."""
+        return not self._buf and not self._skip_lf and not self._data and self._event is None
+
     def flush(self) -> list[ServerSentEvent]:
         """End of stream: an unterminated last line still counts, but an event is only
         dispatched on a blank line, so a half-sent event is dropped (the spec's rule)."""

@@ -354,7 +354,6 @@ class ChoiceDeltaToolCall(_Obj):
             )
         return out
 
-
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChoiceDeltaToolCall:
         f = d.get("function")
@@ -503,35 +502,57 @@ class ChunkEncoder:
             return None
         choice = choices[0]
         delta = choice.delta
-        created = chunk.created
-        if (
-            delta.tool_calls is not None
-            or choice.logprobs is not None
-            or type(choice.index) is not int
-            or type(created) is not int  # checked each time: True == 1 in the tuple below
-        ):
+        if delta.tool_calls is not None or choice.logprobs is not None:
             return None
-        envelope = (
+        return self.text(
             chunk.id,
-            created,
+            chunk.created,
             chunk.model,
             chunk.object,
             chunk.provider,
             chunk.system_fingerprint,
+            choice.index,
+            delta.content,
+            delta.refusal,
+            delta.role,
+            choice.finish_reason,
         )
+
+    def text(
+        self,
+        id: Any,
+        created: Any,
+        model: Any,
+        obj: Any,
+        provider: Any,
+        fingerprint: Any,
+        index: Any,
+        c: Any,
+        r: Any,
+        ro: Any,
+        f: Any,
+    ) -> str | None:
+        """The JSON text of a chunk with one choice, no usage, no tool calls and no logprobs,
+        from its fields (``c``, ``r``, ``ro``, ``f``: the delta's content, refusal and role,
+        and the finish reason); ``None`` when a field has no fast path (not a string, an int,
+        or None where it should be). ``encode`` gives a chunk's fields; the gateway's relay
+        (``providers.openai.PlainRelay``) gives an event's, read from its JSON."""
+        # Checked each time: True == 1 in the envelope tuple below.
+        if type(index) is not int or type(created) is not int:
+            return None
+        envelope = (id, created, model, obj, provider, fingerprint)
         if envelope != self._envelope:
             parts = [_text(v) for v in envelope[2:]]
-            id = _text(envelope[0])
-            if id is None or None in parts:
+            text_id = _text(id)
+            if text_id is None or None in parts:
                 return None
-            model, obj, provider, fp = parts
+            model_t, obj_t, provider_t, fp_t = parts
             self._tail = (
-                f'"created":{created},"id":{id},"model":{model},"object":{obj},'
-                f'"provider":{provider},"system_fingerprint":{fp},"usage":null}}'
+                f'"created":{created},"id":{text_id},"model":{model_t},"object":{obj_t},'
+                f'"provider":{provider_t},"system_fingerprint":{fp_t},"usage":null}}'
             )
             self._envelope = envelope
         # None is most of these: "null" without a call.
-        c, r, ro, f = delta.content, delta.refusal, delta.role, choice.finish_reason
         content = "null" if c is None else _text(c)
         refusal = "null" if r is None else _text(r)
         role = "null" if ro is None else _text(ro)
@@ -541,7 +562,7 @@ class ChunkEncoder:
         return (
             f'{{"choices":[{{"delta":{{"content":{content},"refusal":{refusal},'
             f'"role":{role},"tool_calls":null}},"finish_reason":{finish},'
-            f'"index":{choice.index},"logprobs":null}}],{self._tail}'
+            f'"index":{index},"logprobs":null}}],{self._tail}'
         )
 
 

@@ -4,7 +4,7 @@ DeepSeek, Mistral, OpenRouter, Ollama, vLLM and Lunar's own gateway."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from .._errors import (
     APIConnectionError,
@@ -13,7 +13,7 @@ from .._errors import (
     error_from_response,
     error_from_stream_event,
 )
-from .._types import ChatCompletion, ChatCompletionChunk
+from .._types import ChatCompletion, ChatCompletionChunk, ChunkEncoder
 from ._base import HTTPRequest, Target
 from ._shared import HTTPAdapter, SSETranslator, dump_body, invalid_json, json_object
 from ._shared import loads as _loads
@@ -64,6 +64,14 @@ class OpenAIStreamTranslator(SSETranslator):
                         self._finished = True
             out.append(chunk)
 
+    def relay(self, encoder: ChunkEncoder, sink: RelaySink, seen: RelayCount) -> PlainRelay | None:
+        """A ``PlainRelay`` taking this stream's next bytes, when nothing of it is pending
+        here (no part of an event, no end seen) and it is no gateway's (whose chunks say
+        who answered them each); else ``None``."""
+        if self._remote or self._done or self._finished or not self._sse.idle():
+            return None
+        return PlainRelay(self._provider, encoder, sink, seen)
+
     def _end(self) -> list[ChatCompletionChunk]:
         if not self._done and not self._finished:
             raise APIConnectionError(
@@ -71,6 +79,126 @@ class OpenAIStreamTranslator(SSETranslator):
                 "(no finish_reason and no [DONE])"
             )
         return []
+
+
+class RelaySink(Protocol):
+    """Where a ``PlainRelay`` writes: the client's connection."""
+
+    def ready(self) -> bool:
+        """Whether a write now would go out (the client is there and not pushing back)."""
+        ...
+
+    def write(self, data: bytes) -> None: ...
+
+
+class RelayCount(Protocol):
+    """What a ``PlainRelay`` tells of the events it took (the engine's ``StreamFinisher``)."""
+
+    def relayed(self, event: dict[str, Any], content: Any) -> None: ...
+
+
+class PlainRelay:
+    """The gateway's relay of a stream's plain events, from the upstream's reads straight to
+    the client: called with each piece of the body as it arrives (``_http``'s tap), it
+    writes each event as its chunk object would have been written (``ChunkEncoder``) and
+    returns ``b""``. A plain event is one ``data:`` line of a JSON object with one choice,
+    no usage, no tool call, no logprobs and no ``finish_reason``: the events between a
+    stream's first and its last. At the first other one (the last ones, usage, tool calls,
+    an error, ``[DONE]``, other SSE framing, anything misshapen), or when the client pushes
+    back, it returns the bytes from that event on, for the translator (which says what is
+    wrong, if anything), and is done.
+
+    Nothing is built per event but its dict and its text, and no coroutine wakes: at lane
+    3's load that was most of what an event cost the gateway."""
+
+    __slots__ = ("_pending", "_provider", "_seen", "_sink", "_text", "missed")
+
+    def __init__(
+        self, provider: str, encoder: ChunkEncoder, sink: RelaySink, seen: RelayCount
+    ) -> None:
+        self._provider = provider
+        self._text = encoder.text
+        self._sink = sink
+        self._seen = seen
+        self._pending = b""
+        #: It left the first event it met: no plain one came (a stream of tool calls, or of
+        #: several choices), and another relay would most likely leave the next one too.
+        self.missed = False
+
+    def __call__(self, body: bytes) -> bytes:
+        data = self._pending + body if self._pending else body
+        self._pending = b""
+        sink = self._sink
+        if not sink.ready():
+            return data
+        out: list[bytes] = []
+        start = 0
+        while (end := data.find(b"\n\n", start)) >= 0:
+            line = self._line(data, start, end)
+            if line is None:
+                if out:
+                    sink.write(b"".join(out))
+                elif start == 0:
+                    self.missed = True
+                return data[start:]
+            out.append(line)
+            start = end + 2
+        self._pending = data[start:]
+        if out:
+            sink.write(out[0] if len(out) == 1 else b"".join(out))
+        return b""
+
+    def _line(self, data: bytes, start: int, end: int) -> bytes | None:
+        """The event at ``data[start:end]`` as the gateway writes it, counted as seen, when
+        it is plain; else ``None``."""
+        if not data.startswith(b"data: ", start):
+            return None
+        payload = data[start + 6 : end]
+        # One line, nothing else: what the SSE decoder would give as it is ([DONE] and
+        # anything else that is not a JSON object fail below).
+        if b"\n" in payload or b"\r" in payload:
+            return None
+        try:
+            event = _relay_loads(payload)
+        except ValueError:
+            return None
+        if type(event) is not dict:
+            return None
+        get = event.get
+        choices = get("choices")
+        if type(choices) is not list or len(choices) != 1 or get("usage") is not None:
+            return None
+        choice = choices[0]
+        if type(choice) is not dict or choice.get("finish_reason") is not None:
+            return None
+        delta = choice.get("delta") or {}
+        if type(delta) is not dict or delta.get("tool_calls") is not None:
+            return None
+        if choice.get("logprobs") is not None:
+            return None
+        content = delta.get("content")
+        # As ChatCompletionChunk.from_dict reads the fields, and ChatWriter writes them.
+        text = self._text(
+            get("id") or "",
+            get("created") or 0,
+            get("model") or "",
+            "chat.completion.chunk",
+            self._provider,
+            get("system_fingerprint"),
+            choice.get("index", 0),
+            content,
+            delta.get("refusal"),
+            delta.get("role"),
+            None,
+        )
+        if text is None:
+            return None
+        try:
+            line = ("data: " + text + "\n\n").encode()
+        except UnicodeEncodeError:  # a lone surrogate: the writer's own escape for it
+            return None
+        self._seen.relayed(event, content)
+        return line
 
 
 class OpenAIAdapter(HTTPAdapter):
@@ -114,6 +242,15 @@ class OpenAIAdapter(HTTPAdapter):
     def stream_translator(self, target: Target) -> OpenAIStreamTranslator:
         return OpenAIStreamTranslator(target.provider, remote=target.spec.name == REMOTE)
 
+
+#: JSON for the relay: orjson's own, when installed. The relay reads only strings and
+#: ints (``created``, ``index``), which orjson gives exactly or refuses (an int past 64 bits,
+#: nesting past its limit): a refused event goes to the translator, which parses it as
+#: ``_json.loads`` does.
+try:
+    from orjson import loads as _relay_loads
+except ImportError:  # pragma: no cover - the core install (which has no relay: no pool)
+    _relay_loads = _loads  # type: ignore[assignment]
 
 #: The provider name of a Lunar gateway (remote mode), whose answers say who served them.
 REMOTE = "lunar"

@@ -75,6 +75,7 @@ from .keys import (
 from .limits import UNUSED, InMemoryLimiter, Limiter, Refusal, Ticket, estimate, needs_estimate
 from .metrics import Metrics, model_label
 from .openapi import openapi_document
+from .relay import client_sink
 from .storage import GROUP_BY, KeyRecord, SQLiteStorage, Storage, UsageQuery, UsageRow, parse_time
 
 log = logging.getLogger("lunar.server")
@@ -766,6 +767,8 @@ class Gateway:
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
                 )
+                if writer.encoder is not None and (sink := client_sink(scope)) is not None:
+                    it.relay_to(writer.encoder, sink)
                 async for batch in it.batches():
                     data = writer.chunks(batch)  # what one upstream read brought: one write
                     if data:

@@ -90,6 +90,9 @@ def error_type(err: LunarError) -> str:
 
 class StreamWriter:
     last_id: str | None = None
+    #: How this writer writes an OpenAI chunk's JSON, when it writes OpenAI chunks: the
+    #: engine's relay of plain events then writes them so too (``AsyncOpenStream.relay_to``).
+    encoder: ChunkEncoder | None = None
 
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         raise NotImplementedError
@@ -125,12 +128,14 @@ class StreamWriter:
 
 
 class ChatWriter(StreamWriter):
+    encoder: ChunkEncoder
+
     def __init__(self) -> None:
-        self._encoder = ChunkEncoder()
+        self.encoder = ChunkEncoder()
 
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         self.last_id = chunk.id
-        text = self._encoder.encode(chunk)
+        text = self.encoder.encode(chunk)
         data = dumps(chunk.to_dict()) if text is None else utf8(text)
         return b"data: " + data + b"\n\n"
 

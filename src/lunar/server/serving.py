@@ -20,10 +20,12 @@ import asyncio
 import errno
 import logging
 import socket
+from typing import Any
 
 import uvicorn
 
 from .._json import dumps
+from .relay import CYCLE_EXTENSION
 
 log = logging.getLogger("lunar.server")
 
@@ -83,6 +85,12 @@ def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]
                         earlier.message_event.set()
                     return
             super().on_headers_complete()
+            cycle = self.cycle
+            if cycle is not None:
+                # The request's own cycle, for the gateway's relay of stream events past
+                # ASGI's send (``relay.client_sink``); the app task has not started yet.
+                extensions: dict[str, Any] = cycle.scope.setdefault("extensions", {})
+                extensions[CYCLE_EXTENSION] = cycle
 
         def data_received(self, data: bytes) -> None:
             self._began = False
