@@ -409,6 +409,32 @@ def test_anthropic_stop_reasons(reason, finish):
     assert done.choices[0].finish_reason == finish
 
 
+def test_anthropic_says_which_stop_sequence_ended_the_answer():
+    """Anthropic names the stop sequence that matched; OpenAI's finish_reason "stop" cannot,
+    so the choice carries it beside (``stop_sequence``), streamed and not."""
+    data = ANTHROPIC_TEXT.replace(
+        b'"stop_reason": "max_tokens", "stop_sequence": null',
+        b'"stop_reason": "stop_sequence", "stop_sequence": "END"',
+    )
+    chunks = run(ANTHROPIC.stream_translator(A_TARGET), [data])
+    assert chunks[-1].choices[0].stop_sequence == "END"
+    assert chunks[-1].to_dict()["choices"][0]["stop_sequence"] == "END"
+    done = assemble(chunks)
+    assert (done.choices[0].finish_reason, done.choices[0].stop_sequence) == ("stop", "END")
+    message = {
+        "id": "msg_5",
+        "content": [{"type": "text", "text": "Hi"}],
+        "stop_reason": "stop_sequence",
+        "stop_sequence": "END",
+    }
+    done = ANTHROPIC.parse_response(json.dumps(message).encode(), A_TARGET)
+    assert (done.choices[0].finish_reason, done.choices[0].stop_sequence) == ("stop", "END")
+    message["stop_reason"] = "end_turn"  # a sequence beside another reason is no match
+    done = ANTHROPIC.parse_response(json.dumps(message).encode(), A_TARGET)
+    assert done.choices[0].stop_sequence is None
+    assert "stop_sequence" not in done.to_dict()["choices"][0]
+
+
 @settings(max_examples=150)
 @given(st.lists(st.integers(0, 10_000), max_size=25))
 def test_anthropic_any_split_gives_the_same_final_message(cuts):

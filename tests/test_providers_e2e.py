@@ -319,6 +319,18 @@ async def test_tool_result_round_trip(mock: MockServer, p: P, mode: str, stream:
     assert busy_connections(client) == 0
 
 
+@MODES
+@STREAMS
+async def test_anthropic_names_the_stop_sequence_that_ended_the_answer(
+    mock: MockServer, mode: str, stream: bool
+) -> None:
+    mock.enqueue(Reply(finish_reason="stop_sequence"))
+    result, _ = await call(mode, stream=stream, model=ANTHROPIC.model, stop=["END", "STOP"])
+    choice = result[-1].choices[0] if stream else result.choices[0]
+    assert (choice.finish_reason, choice.stop_sequence) == ("stop", "END")
+    assert mock.requests[-1].json["stop_sequences"] == ["END", "STOP"]
+
+
 # -- limits, faults, fallbacks -------------------------------------------------------------
 
 

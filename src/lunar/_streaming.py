@@ -22,7 +22,7 @@ T = TypeVar("T")
 
 
 class _ChoiceState:
-    __slots__ = ("finish_reason", "parts", "refusal", "role", "tools")
+    __slots__ = ("finish_reason", "parts", "refusal", "role", "stop_sequence", "tools")
 
     def __init__(self) -> None:
         self.role = "assistant"
@@ -30,6 +30,7 @@ class _ChoiceState:
         self.refusal: list[str] = []
         self.tools: dict[int, list[Any]] = {}  # index -> [id, name, [argument pieces]]
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
 
 
 class ChatAccumulator:
@@ -73,6 +74,7 @@ class ChatAccumulator:
                             entry[2].append(tc.function.arguments)
             if c.finish_reason is not None:
                 state.finish_reason = c.finish_reason
+                state.stop_sequence = c.stop_sequence
 
     def completion(self) -> ChatCompletion:
         first = self._first
@@ -89,7 +91,7 @@ class ChatAccumulator:
                 tool_calls=tool_calls,
                 refusal="".join(s.refusal) or None,
             )
-            choices.append(Choice(index, message, s.finish_reason))
+            choices.append(Choice(index, message, s.finish_reason, None, s.stop_sequence))
         return ChatCompletion(
             id=first.id if first else "",
             created=first.created if first else 0,

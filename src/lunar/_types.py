@@ -29,6 +29,10 @@ def _text(value: Any) -> str | None:
 
 class _Obj:
     __slots__: tuple[str, ...] = ()
+    #: Slots that ``to_dict`` leaves out while they are None: Lunar's additions to an
+    #: OpenAI shape that most answers do not have (OpenAI's SDK and stricter OpenAI-compatible
+    #: servers never see them then, not even as null).
+    _omit_none: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each class gets a ``to_dict`` written for its slots, unless it (or a base
@@ -105,9 +109,18 @@ def _to_dict_for(cls: type[_Obj]) -> Callable[[Any], dict[str, Any]]:
     items = "".join(
         f"{name!r}: v if (v := self.{name}).__class__ in _SCALARS else _dump(v), "
         for name in cls.__slots__
+        if name not in cls._omit_none
+    )
+    optional = "".join(
+        f"    if (v := self.{name}) is not None:\n"
+        f"        out[{name!r}] = v if v.__class__ in _SCALARS else _dump(v)\n"
+        for name in cls._omit_none
     )
     namespace: dict[str, Any] = {"_SCALARS": _SCALARS, "_dump": _dump}
-    source = f"def to_dict(self):\n    return {{{items}}}\n"
+    if optional:
+        source = f"def to_dict(self):\n    out = {{{items}}}\n{optional}    return out\n"
+    else:
+        source = f"def to_dict(self):\n    return {{{items}}}\n"
     exec(compile(source, f"<{cls.__qualname__}.to_dict from __slots__>", "exec"), namespace)
     to_dict = namespace["to_dict"]
     to_dict.__qualname__ = f"{cls.__qualname__}.to_dict"
@@ -383,7 +396,10 @@ class ChoiceDelta(_Obj):
 
 
 class ChunkChoice(_Obj):
-    __slots__ = ("delta", "finish_reason", "index", "logprobs")
+    """A choice of a streamed chunk; ``stop_sequence`` as on ``Choice``, with the finish."""
+
+    __slots__ = ("delta", "finish_reason", "index", "logprobs", "stop_sequence")
+    _omit_none = ("stop_sequence",)
 
     def __init__(
         self,
@@ -391,11 +407,20 @@ class ChunkChoice(_Obj):
         delta: ChoiceDelta | None = None,
         finish_reason: str | None = None,
         logprobs: Any = None,
+        stop_sequence: str | None = None,
     ) -> None:
         self.index = index
         self.delta = ChoiceDelta() if delta is None else delta
         self.finish_reason = finish_reason
         self.logprobs = logprobs
+        self.stop_sequence = stop_sequence
+
+
+def _stop_sequence(c: dict[str, Any]) -> str | None:
+    """The matched stop sequence of a finished choice, as a Lunar gateway passes it on
+    (called for the finishing chunk only: the others skip the call)."""
+    stop = c.get("stop_sequence")
+    return stop if type(stop) is str else None
 
 
 def _envelope(
@@ -465,6 +490,7 @@ class ChatCompletionChunk(_Obj):
         for c in d.get("choices") or ():
             delta = c.get("delta") or {}
             tcs = delta.get("tool_calls")
+            finish = c.get("finish_reason")
             choices.append(
                 ChunkChoice(
                     c.get("index", 0),
@@ -474,8 +500,9 @@ class ChatCompletionChunk(_Obj):
                         None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
                         delta.get("refusal"),
                     ),
-                    c.get("finish_reason"),
+                    finish,
                     c.get("logprobs"),
+                    None if finish is None else _stop_sequence(c),
                 )
             )
         return _envelope(cls, d, choices, provider)
@@ -507,6 +534,7 @@ class ChunkEncoder:
         if (
             delta.tool_calls is not None
             or choice.logprobs is not None
+            or choice.stop_sequence is not None
             or type(choice.index) is not int
             or type(created) is not int  # checked each time: True == 1 in the tuple below
         ):
@@ -562,7 +590,13 @@ class ChatCompletionMessage(_Obj):
 
 
 class Choice(_Obj):
-    __slots__ = ("finish_reason", "index", "logprobs", "message")
+    """A choice of a whole answer. ``stop_sequence`` (Lunar's, not OpenAI's) is the stop
+    sequence that ended it (``finish_reason`` "stop"), when the provider says which: an
+    Anthropic model does; OpenAI and Gemini say only "stop", so it is None there (and not
+    in the JSON) -- as it is for an answer that stopped for any other reason."""
+
+    __slots__ = ("finish_reason", "index", "logprobs", "message", "stop_sequence")
+    _omit_none = ("stop_sequence",)
 
     def __init__(
         self,
@@ -570,11 +604,13 @@ class Choice(_Obj):
         message: ChatCompletionMessage,
         finish_reason: str | None,
         logprobs: Any = None,
+        stop_sequence: str | None = None,
     ) -> None:
         self.index = index
         self.message = message
         self.finish_reason = finish_reason
         self.logprobs = logprobs
+        self.stop_sequence = stop_sequence
 
 
 class ChatCompletion(_Obj):
@@ -615,6 +651,7 @@ class ChatCompletion(_Obj):
         for c in d.get("choices") or ():
             m = c.get("message") or {}
             tcs = m.get("tool_calls")
+            finish = c.get("finish_reason")
             choices.append(
                 Choice(
                     c.get("index", 0),
@@ -624,8 +661,9 @@ class ChatCompletion(_Obj):
                         [ToolCall.from_dict(t) for t in tcs] if tcs else None,
                         m.get("refusal"),
                     ),
-                    c.get("finish_reason"),
+                    finish,
                     c.get("logprobs"),
+                    None if finish is None else _stop_sequence(c),
                 )
             )
         return _envelope(cls, d, choices, provider)
