@@ -606,6 +606,59 @@ def test_gemini_tool_stream():
     assert done.choices[0].finish_reason == "tool_calls"
 
 
+SIGNED_CALLS = [
+    {
+        "functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+        "thoughtSignature": "c2lnLTE=",
+    },
+    # Gemini 3 signs the first of parallel calls only.
+    {"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}},
+]
+SIGNED = {"google": {"thought_signature": "c2lnLTE="}}
+
+
+def test_gemini_thought_signature_stays_on_the_tool_call_streamed_and_not():
+    """Where Google's OpenAI-compatible endpoint puts it: ``extra_content.google``."""
+    chunks = run(GEMINI.stream_translator(G_TARGET), [sse([g_event(SIGNED_CALLS, "STOP")])])
+    pieces = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices[0].delta.tool_calls]
+    assert [p.extra_content for p in pieces] == [SIGNED, None]
+    assert pieces[0].to_dict()["extra_content"] == SIGNED
+    assert "extra_content" not in pieces[1].to_dict()
+    streamed = assemble(chunks).choices[0].message.tool_calls
+    body = {"candidates": [candidate(0, SIGNED_CALLS, "STOP")]}
+    whole = GEMINI.parse_response(json.dumps(body).encode(), G_TARGET).choices[0].message
+    for calls in (streamed, whole.tool_calls):
+        assert [c.extra_content for c in calls] == [SIGNED, None]
+        assert calls[0].to_dict()["extra_content"] == SIGNED
+        assert "extra_content" not in calls[1].to_dict()
+
+
+def test_gemini_thought_signature_goes_back_on_its_function_call_part():
+    body = {"candidates": [candidate(0, SIGNED_CALLS, "STOP")]}
+    answer = GEMINI.parse_response(json.dumps(body).encode(), G_TARGET).choices[0].message
+    calls = [c.to_dict() for c in answer.tool_calls]
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        *({"role": "tool", "tool_call_id": c["id"], "content": "sunny"} for c in calls),
+    ]
+    sent = json.loads(GEMINI.build_request({"messages": messages}, G_TARGET, False).content)
+    assert sent["contents"][1]["parts"] == SIGNED_CALLS
+
+
+def test_gemini_thought_signature_of_the_wrong_type_is_named():
+    call = {
+        "id": "c",
+        "type": "function",
+        "function": {"name": "f", "arguments": "{}"},
+        "extra_content": {"google": {"thought_signature": 5}},
+    }
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]}]
+    with pytest.raises(BadRequestError) as info:
+        GEMINI.build_request({"messages": messages}, G_TARGET, False)
+    assert info.value.param == "messages.tool_calls.extra_content.google.thought_signature"
+
+
 def candidate(index, parts, finish=None):
     cand = {"content": {"role": "model", "parts": parts}, "index": index}
     if finish:

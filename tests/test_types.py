@@ -120,12 +120,15 @@ def test_to_dict_gives_every_slot_in_order_with_objects_as_dicts(cls, data):
 @pytest.mark.parametrize(
     ("obj", "name", "value"),
     [
+        (types.ToolCall("c", types.Function("f", "{}")), "extra_content", {"google": {}}),
         (types.Choice(0, types.ChatCompletionMessage(), "stop"), "stop_sequence", "END"),
         (types.ChunkChoice(0, types.ChoiceDelta(), "stop"), "stop_sequence", "END"),
     ],
 )
 def test_lunars_additions_are_in_the_json_only_when_set(obj, name, value):
-    """An OpenAI client sees no ``"stop_sequence": null`` on every choice."""
+    """No ``"stop_sequence": null`` on every choice, no ``"extra_content": null`` on every
+    tool call: OpenAI refuses a field it does not know in a tool call sent back, and an SDK
+    user sends back what ``to_dict`` gave."""
     assert name not in obj.to_dict()
     setattr(obj, name, value)
     assert obj.to_dict()[name] == value

@@ -28,7 +28,8 @@ class _ChoiceState:
         self.role = "assistant"
         self.parts: list[str] = []
         self.refusal: list[str] = []
-        self.tools: dict[int, list[Any]] = {}  # index -> [id, name, [argument pieces]]
+        # index -> [id, name, [argument pieces], extra_content]
+        self.tools: dict[int, list[Any]] = {}
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None
 
@@ -64,9 +65,11 @@ class ChatAccumulator:
                 for tc in delta.tool_calls:
                     entry = state.tools.get(tc.index)
                     if entry is None:
-                        entry = state.tools[tc.index] = [None, None, []]
+                        entry = state.tools[tc.index] = [None, None, [], None]
                     if tc.id:
                         entry[0] = tc.id
+                    if tc.extra_content is not None:
+                        entry[3] = tc.extra_content
                     if tc.function is not None:
                         if tc.function.name:
                             entry[1] = tc.function.name
@@ -82,8 +85,8 @@ class ChatAccumulator:
         for index in sorted(self._choices):
             s = self._choices[index]
             tool_calls = [
-                ToolCall(id or "", Function(name, "".join(args)))
-                for _, (id, name, args) in sorted(s.tools.items())
+                ToolCall(id or "", Function(name, "".join(args)), extra_content=extra)
+                for _, (id, name, args, extra) in sorted(s.tools.items())
             ] or None
             message = ChatCompletionMessage(
                 role=s.role,

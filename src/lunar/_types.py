@@ -311,15 +311,34 @@ class Function(_Obj):
         self.arguments = arguments
 
 
+def _extra_content(d: dict[str, Any]) -> dict[str, Any] | None:
+    extra = d.get("extra_content")
+    return extra if type(extra) is dict else None
+
+
 class ToolCall(_Obj):
-    """A tool call in a whole message: ``function.arguments`` is the complete JSON text."""
+    """A tool call in a whole message: ``function.arguments`` is the complete JSON text.
 
-    __slots__ = ("function", "id", "type")
+    ``extra_content`` is the provider's state that must travel back with the call, where
+    Google's OpenAI-compatible endpoint puts it: ``{"google": {"thought_signature": ...}}``
+    for a Gemini call. Send the call back as it came (the message object, or its dict) and
+    the Gemini adapter returns the signature to Gemini; it is None (and not in the JSON) for
+    every other provider."""
 
-    def __init__(self, id: str, function: Function, type: str = "function") -> None:
+    __slots__ = ("extra_content", "function", "id", "type")
+    _omit_none = ("extra_content",)
+
+    def __init__(
+        self,
+        id: str,
+        function: Function,
+        type: str = "function",
+        extra_content: dict[str, Any] | None = None,
+    ) -> None:
         self.id = id
         self.type = type
         self.function = function
+        self.extra_content = extra_content
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ToolCall:
@@ -328,14 +347,16 @@ class ToolCall(_Obj):
             id=d.get("id") or "",
             type=d.get("type") or "function",
             function=Function(f.get("name"), f.get("arguments") or ""),
+            extra_content=_extra_content(d),
         )
 
 
 class ChoiceDeltaToolCall(_Obj):
     """A piece of a streamed tool call: ``id`` and ``name`` arrive once, ``arguments`` in
-    pieces to concatenate by ``index``."""
+    pieces to concatenate by ``index``; ``extra_content`` (see ``ToolCall``) with the
+    piece that has the ``id``."""
 
-    __slots__ = ("function", "id", "index", "type")
+    __slots__ = ("extra_content", "function", "id", "index", "type")
 
     def __init__(
         self,
@@ -343,11 +364,13 @@ class ChoiceDeltaToolCall(_Obj):
         id: str | None = None,
         type: str | None = None,
         function: Function | None = None,
+        extra_content: dict[str, Any] | None = None,
     ) -> None:
         self.index = index
         self.id = id
         self.type = type
         self.function = function
+        self.extra_content = extra_content
 
     def to_dict(self) -> dict[str, Any]:
         """Without the fields a piece does not carry, as OpenAI streams them: the openai
@@ -365,8 +388,9 @@ class ChoiceDeltaToolCall(_Obj):
                 if f.name is None
                 else {"name": f.name, "arguments": f.arguments}
             )
+        if self.extra_content is not None:
+            out["extra_content"] = self.extra_content
         return out
-
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ChoiceDeltaToolCall:
@@ -376,6 +400,7 @@ class ChoiceDeltaToolCall(_Obj):
             id=d.get("id"),
             type=d.get("type"),
             function=None if f is None else Function(f.get("name"), f.get("arguments") or ""),
+            extra_content=_extra_content(d),
         )
 
 
