@@ -774,6 +774,56 @@ def test_gemini_tool_calls(client: httpx.Client) -> None:
     assert answer["content"]["parts"] == [{"text": story(8)}]
 
 
+def test_gemini_thinking_models_sign_the_first_call_and_gemini_3_checks_it(
+    mock: MockServer, client: httpx.Client
+) -> None:
+    """2.5 and 3 sign the first call of each answer (as Gemini does for parallel calls);
+    only 3 refuses a step of the current turn whose first call lacks its signature."""
+    calls = [{"name": "a", "arguments": {"x": 1}}, {"name": "b", "arguments": {}}]
+    mark = "bW9jay10aG91Z2h0OmE="  # base64 of "mock-thought:a"
+    signed = [
+        {"functionCall": {"name": "a", "args": {"x": 1}}, "thoughtSignature": mark},
+        {"functionCall": {"name": "b", "args": {}}},
+    ]
+    for model in ("gemini-2.5-flash", "gemini-3-pro-preview"):
+        mock.enqueue(Reply(tool_calls=calls), Reply(tool_calls=calls))
+        path = f"/v1beta/models/{model}:generateContent"
+        body = client.post(path, json=G_BODY).json()
+        assert body["candidates"][0]["content"]["parts"] == signed
+        stream = f"/v1beta/models/{model}:streamGenerateContent?alt=sse"
+        events = g_events(client.post(stream, json=G_BODY).text)
+        assert [e["candidates"][0]["content"]["parts"][0] for e in events] == signed
+    assert "thoughtSignature" not in gemini(client, tools=G_TOOLS).text  # 2.0 does not think
+
+    def turn(*first_part_fields: dict[str, Any]) -> list[dict[str, Any]]:
+        call = {"functionCall": {"name": "a", "args": {"x": 1}}}
+        return [
+            {"role": "user", "parts": [{"text": "Go"}]},
+            {"role": "model", "parts": [{**call, **f} for f in first_part_fields]},
+            {
+                "role": "user",
+                "parts": [{"functionResponse": {"name": "a", "response": {}}}]
+                * len(first_part_fields),
+            },
+        ]
+
+    path = "/v1beta/models/gemini-3-pro-preview:generateContent"
+    ok = client.post(path, json={"contents": turn({"thoughtSignature": mark}, {})})
+    assert ok.status_code == 200, ok.text
+    missing = client.post(path, json={"contents": turn({})})
+    assert missing.status_code == 400
+    assert "missing a thought_signature" in missing.json()["error"]["message"]
+    assert "function call `a` , position 2" in missing.json()["error"]["message"]
+    wrong = client.post(path, json={"contents": turn({"thoughtSignature": "bm9wZQ=="})})
+    assert wrong.status_code == 400
+    assert wrong.json()["error"]["message"] == "Corrupted thought signature."
+    # A past turn (before the last user text) is not checked; 2.5 checks nothing.
+    past = [*turn({}), {"role": "model", "parts": [{"text": "Done."}]}, *G_BODY["contents"]]
+    assert client.post(path, json={"contents": past}).status_code == 200
+    flash = "/v1beta/models/gemini-2.5-flash:generateContent"
+    assert client.post(flash, json={"contents": turn({})}).status_code == 200
+
+
 def test_gemini_explicit_tool_calls_stream_one_event_each(
     mock: MockServer, client: httpx.Client
 ) -> None:

@@ -165,9 +165,11 @@ def test_stop_sequences(client: Lunar) -> None:
     r = client.chat.completions.create(model="smollm2", stop=["4", "zzz"], **base)
     assert r.choices[0].message.content == expected
     assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].stop_sequence == "4"  # which one matched, as Anthropic tells it
     chunks = stream_chunks(client, stop="4", **base)
     assert text_of(chunks) == expected
     assert chunks[-1].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices[0].stop_sequence == "4"
     # A multi-character stop spanning tokens is held back, never half-sent.
     tail = full[len(expected) :]
     stop = tail[:4]

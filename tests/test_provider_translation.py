@@ -409,6 +409,32 @@ def test_anthropic_stop_reasons(reason, finish):
     assert done.choices[0].finish_reason == finish
 
 
+def test_anthropic_says_which_stop_sequence_ended_the_answer():
+    """Anthropic names the stop sequence that matched; OpenAI's finish_reason "stop" cannot,
+    so the choice carries it beside (``stop_sequence``), streamed and not."""
+    data = ANTHROPIC_TEXT.replace(
+        b'"stop_reason": "max_tokens", "stop_sequence": null',
+        b'"stop_reason": "stop_sequence", "stop_sequence": "END"',
+    )
+    chunks = run(ANTHROPIC.stream_translator(A_TARGET), [data])
+    assert chunks[-1].choices[0].stop_sequence == "END"
+    assert chunks[-1].to_dict()["choices"][0]["stop_sequence"] == "END"
+    done = assemble(chunks)
+    assert (done.choices[0].finish_reason, done.choices[0].stop_sequence) == ("stop", "END")
+    message = {
+        "id": "msg_5",
+        "content": [{"type": "text", "text": "Hi"}],
+        "stop_reason": "stop_sequence",
+        "stop_sequence": "END",
+    }
+    done = ANTHROPIC.parse_response(json.dumps(message).encode(), A_TARGET)
+    assert (done.choices[0].finish_reason, done.choices[0].stop_sequence) == ("stop", "END")
+    message["stop_reason"] = "end_turn"  # a sequence beside another reason is no match
+    done = ANTHROPIC.parse_response(json.dumps(message).encode(), A_TARGET)
+    assert done.choices[0].stop_sequence is None
+    assert "stop_sequence" not in done.to_dict()["choices"][0]
+
+
 @settings(max_examples=150)
 @given(st.lists(st.integers(0, 10_000), max_size=25))
 def test_anthropic_any_split_gives_the_same_final_message(cuts):
@@ -578,6 +604,59 @@ def test_gemini_tool_stream():
     assert call.function.name == "get_weather"
     assert json.loads(call.function.arguments) == {"city": "Paris"}
     assert done.choices[0].finish_reason == "tool_calls"
+
+
+SIGNED_CALLS = [
+    {
+        "functionCall": {"name": "get_weather", "args": {"city": "Paris"}},
+        "thoughtSignature": "c2lnLTE=",
+    },
+    # Gemini 3 signs the first of parallel calls only.
+    {"functionCall": {"name": "get_weather", "args": {"city": "Oslo"}}},
+]
+SIGNED = {"google": {"thought_signature": "c2lnLTE="}}
+
+
+def test_gemini_thought_signature_stays_on_the_tool_call_streamed_and_not():
+    """Where Google's OpenAI-compatible endpoint puts it: ``extra_content.google``."""
+    chunks = run(GEMINI.stream_translator(G_TARGET), [sse([g_event(SIGNED_CALLS, "STOP")])])
+    pieces = [c.choices[0].delta.tool_calls[0] for c in chunks if c.choices[0].delta.tool_calls]
+    assert [p.extra_content for p in pieces] == [SIGNED, None]
+    assert pieces[0].to_dict()["extra_content"] == SIGNED
+    assert "extra_content" not in pieces[1].to_dict()
+    streamed = assemble(chunks).choices[0].message.tool_calls
+    body = {"candidates": [candidate(0, SIGNED_CALLS, "STOP")]}
+    whole = GEMINI.parse_response(json.dumps(body).encode(), G_TARGET).choices[0].message
+    for calls in (streamed, whole.tool_calls):
+        assert [c.extra_content for c in calls] == [SIGNED, None]
+        assert calls[0].to_dict()["extra_content"] == SIGNED
+        assert "extra_content" not in calls[1].to_dict()
+
+
+def test_gemini_thought_signature_goes_back_on_its_function_call_part():
+    body = {"candidates": [candidate(0, SIGNED_CALLS, "STOP")]}
+    answer = GEMINI.parse_response(json.dumps(body).encode(), G_TARGET).choices[0].message
+    calls = [c.to_dict() for c in answer.tool_calls]
+    messages = [
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        *({"role": "tool", "tool_call_id": c["id"], "content": "sunny"} for c in calls),
+    ]
+    sent = json.loads(GEMINI.build_request({"messages": messages}, G_TARGET, False).content)
+    assert sent["contents"][1]["parts"] == SIGNED_CALLS
+
+
+def test_gemini_thought_signature_of_the_wrong_type_is_named():
+    call = {
+        "id": "c",
+        "type": "function",
+        "function": {"name": "f", "arguments": "{}"},
+        "extra_content": {"google": {"thought_signature": 5}},
+    }
+    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "tool_calls": [call]}]
+    with pytest.raises(BadRequestError) as info:
+        GEMINI.build_request({"messages": messages}, G_TARGET, False)
+    assert info.value.param == "messages.tool_calls.extra_content.google.thought_signature"
 
 
 def candidate(index, parts, finish=None):

@@ -20,6 +20,7 @@ from lunar import (
 )
 from lunar._streaming import ChatAccumulator
 from lunar.testing import STORY, MockServer, Reply
+from lunar.testing._gemini import thought_signature
 
 from .conftest import busy_connections
 
@@ -132,6 +133,16 @@ def tool_calls_of(result: Any, stream: bool) -> list[dict[str, Any]]:
                 call["name"] = piece.function.name
             call["arguments"] += piece.function.arguments or ""
     return [calls[i] for i in sorted(calls)]
+
+
+def whole(result: Any, stream: bool) -> Any:
+    """The completion, or the stream's chunks put together as one."""
+    if not stream:
+        return result
+    acc = ChatAccumulator()
+    for chunk in result:
+        acc.add(chunk)
+    return acc.completion()
 
 
 def cost(tokens: int, price: float) -> float:
@@ -317,6 +328,83 @@ async def test_tool_result_round_trip(mock: MockServer, p: P, mode: str, stream:
             "parts": [{"functionResponse": {"name": "get_weather", "response": {"temp_c": 21}}}],
         }
     assert busy_connections(client) == 0
+
+
+GEMINI_3 = "gemini/gemini-3-pro-preview"  # signs its calls, and checks them (the emulator)
+SIGNED = {"google": {"thought_signature": thought_signature("get_weather")}}
+
+
+@MODES
+@STREAMS
+async def test_gemini_3_tool_use_round_trip_carries_the_thought_signature(
+    mock: MockServer, mode: str, stream: bool
+) -> None:
+    """The call comes back with Gemini's signature where Google's OpenAI-compatible endpoint
+    puts it; the answer's message put back in the conversation returns it to its
+    ``functionCall`` part, and Gemini 3 (which refuses a call without it) answers."""
+    first, _ = await call(mode, stream=stream, model=GEMINI_3, tools=TOOLS)
+    message = whole(first, stream).choices[0].message
+    [tool_call] = message.tool_calls
+    assert tool_call.extra_content == SIGNED
+    assert tool_call.to_dict()["extra_content"] == SIGNED
+    result = {"role": "tool", "tool_call_id": tool_call.id, "content": '{"temp_c": 21}'}
+    for turn in (message, message.to_dict()):  # the answer's object, or its dict
+        messages = [*MESSAGES, turn, result]
+        second, client = await call(
+            mode, stream=stream, model=GEMINI_3, tools=TOOLS, messages=messages
+        )
+        text, finish, _ = final_of(second, stream)
+        assert text == story(8) and finish == "stop"
+        sent = mock.requests[-1].json["contents"][-2]
+        assert sent["parts"][0]["thoughtSignature"] == SIGNED["google"]["thought_signature"]
+        assert busy_connections(client) == 0
+
+
+def test_gemini_3_refuses_a_call_sent_back_without_its_signature(mock: MockServer) -> None:
+    client = Lunar(**FAST)
+    answer = client.chat.completions.create(model=GEMINI_3, messages=MESSAGES, tools=TOOLS)
+    message = answer.choices[0].message
+    [tool_call] = message.tool_calls
+    bare = {
+        "role": "assistant",
+        "tool_calls": [{k: v for k, v in tool_call.to_dict().items() if k != "extra_content"}],
+    }
+    result = {"role": "tool", "tool_call_id": tool_call.id, "content": "21"}
+    with pytest.raises(BadRequestError, match="missing a thought_signature"):
+        client.chat.completions.create(
+            model=GEMINI_3, messages=[*MESSAGES, bare, result], tools=TOOLS
+        )
+
+
+@STREAMS
+def test_a_gemini_signature_is_not_sent_to_another_provider(mock: MockServer, stream: bool) -> None:
+    """A conversation begun on Gemini and carried on elsewhere (another model, a fallback):
+    OpenAI and other strict servers refuse a tool call with a field they do not know."""
+    client = Lunar(**FAST)
+    answer = client.chat.completions.create(model=GEMINI_3, messages=MESSAGES, tools=TOOLS)
+    message = answer.choices[0].message
+    turn = message.to_dict()
+    result = {"role": "tool", "tool_call_id": message.tool_calls[0].id, "content": "21"}
+    for model in ("gpt-4o-mini", ANTHROPIC.model):
+        answer = client.chat.completions.create(
+            model=model, messages=[*MESSAGES, turn, result], tools=TOOLS, stream=stream
+        )
+        if stream:
+            list(answer)
+        assert "extra_content" not in json.dumps(mock.requests[-1].json)
+    assert turn["tool_calls"][0]["extra_content"] == SIGNED  # the caller's dict unchanged
+
+
+@MODES
+@STREAMS
+async def test_anthropic_names_the_stop_sequence_that_ended_the_answer(
+    mock: MockServer, mode: str, stream: bool
+) -> None:
+    mock.enqueue(Reply(finish_reason="stop_sequence"))
+    result, _ = await call(mode, stream=stream, model=ANTHROPIC.model, stop=["END", "STOP"])
+    choice = result[-1].choices[0] if stream else result.choices[0]
+    assert (choice.finish_reason, choice.stop_sequence) == ("stop", "END")
+    assert mock.requests[-1].json["stop_sequences"] == ["END", "STOP"]
 
 
 # -- limits, faults, fallbacks -------------------------------------------------------------

@@ -276,6 +276,25 @@ def test_stop_reasons(finish, stop_reason):
     assert message_from_completion(completion)["stop_reason"] == stop_reason
 
 
+def test_the_stop_sequence_that_matched_is_named_whole_and_streamed():
+    """"stop_sequence" only with the sequence the upstream named; a bare "stop" (OpenAI's,
+    Gemini's: a natural end or a stop sequence, unknown which) reads "end_turn"."""
+    for sequence, expected in (("END", ("stop_sequence", "END")), (None, ("end_turn", None))):
+        choice = Choice(0, ChatCompletionMessage(content="x"), "stop", None, sequence)
+        msg = message_from_completion(ChatCompletion("c", 1, "m", [choice]))
+        assert (msg["stop_reason"], msg["stop_sequence"]) == expected
+        enc = MessageStreamEncoder("m")
+        last = chunk(finish="stop")
+        last.choices[0].stop_sequence = sequence
+        got = events(enc.feed(chunk(content="x")) + enc.feed(last) + enc.end())
+        [delta] = [e for k, e in got if k == "message_delta"]
+        assert (delta["delta"]["stop_reason"], delta["delta"]["stop_sequence"]) == expected
+    # A sequence beside another finish is no match.
+    choice = Choice(0, ChatCompletionMessage(content="x"), "length", None, "END")
+    msg = message_from_completion(ChatCompletion("c", 1, "m", [choice]))
+    assert (msg["stop_reason"], msg["stop_sequence"]) == ("max_tokens", None)
+
+
 def test_text_stream_becomes_anthropic_events():
     enc = MessageStreamEncoder("gpt-4o-mini", input_tokens_estimate=9)
     out = enc.feed(chunk(content="", role="assistant"))

@@ -18,11 +18,19 @@ CLASSES = [
 ]
 
 
+def fields(obj: _Obj) -> list[str]:
+    """The slots ``to_dict`` gives, in order: every slot, those of ``_omit_none`` (Lunar's
+    additions to an OpenAI shape) last and only while they are set."""
+    cls = type(obj)
+    always = [name for name in cls.__slots__ if name not in cls._omit_none]
+    return always + [name for name in cls._omit_none if getattr(obj, name) is not None]
+
+
 def reference(value: Any) -> Any:
-    """What ``to_dict`` must give: every slot in order, objects and lists of them turned
+    """What ``to_dict`` must give: its ``fields`` in order, objects and lists of them turned
     into dicts, anything else (a dict, a scalar) as it is."""
     if isinstance(value, _Obj):
-        return {name: reference(getattr(value, name)) for name in type(value).__slots__}
+        return {name: reference(getattr(value, name)) for name in fields(value)}
     if isinstance(value, list):
         return [reference(v) for v in value]
     return value
@@ -105,8 +113,25 @@ def test_to_dict_gives_every_slot_in_order_with_objects_as_dicts(cls, data):
     obj = instance(cls, data)
     out = obj.to_dict()
     assert out == reference(obj)
-    assert list(out) == list(cls.__slots__)
+    assert list(out) == fields(obj)
     assert obj.model_dump() == out
+
+
+@pytest.mark.parametrize(
+    ("obj", "name", "value"),
+    [
+        (types.ToolCall("c", types.Function("f", "{}")), "extra_content", {"google": {}}),
+        (types.Choice(0, types.ChatCompletionMessage(), "stop"), "stop_sequence", "END"),
+        (types.ChunkChoice(0, types.ChoiceDelta(), "stop"), "stop_sequence", "END"),
+    ],
+)
+def test_lunars_additions_are_in_the_json_only_when_set(obj, name, value):
+    """No ``"stop_sequence": null`` on every choice, no ``"extra_content": null`` on every
+    tool call: OpenAI refuses a field it does not know in a tool call sent back, and an SDK
+    user sends back what ``to_dict`` gave."""
+    assert name not in obj.to_dict()
+    setattr(obj, name, value)
+    assert obj.to_dict()[name] == value
 
 
 def test_a_hand_written_to_dict_or_model_dump_is_kept_by_the_class_and_its_subclasses():

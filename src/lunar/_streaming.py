@@ -22,14 +22,16 @@ T = TypeVar("T")
 
 
 class _ChoiceState:
-    __slots__ = ("finish_reason", "parts", "refusal", "role", "tools")
+    __slots__ = ("finish_reason", "parts", "refusal", "role", "stop_sequence", "tools")
 
     def __init__(self) -> None:
         self.role = "assistant"
         self.parts: list[str] = []
         self.refusal: list[str] = []
-        self.tools: dict[int, list[Any]] = {}  # index -> [id, name, [argument pieces]]
+        # index -> [id, name, [argument pieces], extra_content]
+        self.tools: dict[int, list[Any]] = {}
         self.finish_reason: str | None = None
+        self.stop_sequence: str | None = None
 
 
 class ChatAccumulator:
@@ -63,9 +65,11 @@ class ChatAccumulator:
                 for tc in delta.tool_calls:
                     entry = state.tools.get(tc.index)
                     if entry is None:
-                        entry = state.tools[tc.index] = [None, None, []]
+                        entry = state.tools[tc.index] = [None, None, [], None]
                     if tc.id:
                         entry[0] = tc.id
+                    if tc.extra_content is not None:
+                        entry[3] = tc.extra_content
                     if tc.function is not None:
                         if tc.function.name:
                             entry[1] = tc.function.name
@@ -73,6 +77,7 @@ class ChatAccumulator:
                             entry[2].append(tc.function.arguments)
             if c.finish_reason is not None:
                 state.finish_reason = c.finish_reason
+                state.stop_sequence = c.stop_sequence
 
     def completion(self) -> ChatCompletion:
         first = self._first
@@ -80,8 +85,8 @@ class ChatAccumulator:
         for index in sorted(self._choices):
             s = self._choices[index]
             tool_calls = [
-                ToolCall(id or "", Function(name, "".join(args)))
-                for _, (id, name, args) in sorted(s.tools.items())
+                ToolCall(id or "", Function(name, "".join(args)), extra_content=extra)
+                for _, (id, name, args, extra) in sorted(s.tools.items())
             ] or None
             message = ChatCompletionMessage(
                 role=s.role,
@@ -89,7 +94,7 @@ class ChatAccumulator:
                 tool_calls=tool_calls,
                 refusal="".join(s.refusal) or None,
             )
-            choices.append(Choice(index, message, s.finish_reason))
+            choices.append(Choice(index, message, s.finish_reason, None, s.stop_sequence))
         return ChatCompletion(
             id=first.id if first else "",
             created=first.created if first else 0,

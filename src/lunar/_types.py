@@ -29,6 +29,10 @@ def _text(value: Any) -> str | None:
 
 class _Obj:
     __slots__: tuple[str, ...] = ()
+    #: Slots that ``to_dict`` leaves out while they are None: Lunar's additions to an
+    #: OpenAI shape that most answers do not have (OpenAI's SDK and stricter OpenAI-compatible
+    #: servers never see them then, not even as null).
+    _omit_none: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each class gets a ``to_dict`` written for its slots, unless it (or a base
@@ -105,9 +109,18 @@ def _to_dict_for(cls: type[_Obj]) -> Callable[[Any], dict[str, Any]]:
     items = "".join(
         f"{name!r}: v if (v := self.{name}).__class__ in _SCALARS else _dump(v), "
         for name in cls.__slots__
+        if name not in cls._omit_none
+    )
+    optional = "".join(
+        f"    if (v := self.{name}) is not None:\n"
+        f"        out[{name!r}] = v if v.__class__ in _SCALARS else _dump(v)\n"
+        for name in cls._omit_none
     )
     namespace: dict[str, Any] = {"_SCALARS": _SCALARS, "_dump": _dump}
-    source = f"def to_dict(self):\n    return {{{items}}}\n"
+    if optional:
+        source = f"def to_dict(self):\n    out = {{{items}}}\n{optional}    return out\n"
+    else:
+        source = f"def to_dict(self):\n    return {{{items}}}\n"
     exec(compile(source, f"<{cls.__qualname__}.to_dict from __slots__>", "exec"), namespace)
     to_dict = namespace["to_dict"]
     to_dict.__qualname__ = f"{cls.__qualname__}.to_dict"
@@ -298,15 +311,34 @@ class Function(_Obj):
         self.arguments = arguments
 
 
+def _extra_content(d: dict[str, Any]) -> dict[str, Any] | None:
+    extra = d.get("extra_content")
+    return extra if type(extra) is dict else None
+
+
 class ToolCall(_Obj):
-    """A tool call in a whole message: ``function.arguments`` is the complete JSON text."""
+    """A tool call in a whole message: ``function.arguments`` is the complete JSON text.
 
-    __slots__ = ("function", "id", "type")
+    ``extra_content`` is the provider's state that must travel back with the call, where
+    Google's OpenAI-compatible endpoint puts it: ``{"google": {"thought_signature": ...}}``
+    for a Gemini call. Send the call back as it came (the message object, or its dict) and
+    the Gemini adapter returns the signature to Gemini; it is None (and not in the JSON) for
+    every other provider."""
 
-    def __init__(self, id: str, function: Function, type: str = "function") -> None:
+    __slots__ = ("extra_content", "function", "id", "type")
+    _omit_none = ("extra_content",)
+
+    def __init__(
+        self,
+        id: str,
+        function: Function,
+        type: str = "function",
+        extra_content: dict[str, Any] | None = None,
+    ) -> None:
         self.id = id
         self.type = type
         self.function = function
+        self.extra_content = extra_content
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ToolCall:
@@ -315,14 +347,16 @@ class ToolCall(_Obj):
             id=d.get("id") or "",
             type=d.get("type") or "function",
             function=Function(f.get("name"), f.get("arguments") or ""),
+            extra_content=_extra_content(d),
         )
 
 
 class ChoiceDeltaToolCall(_Obj):
     """A piece of a streamed tool call: ``id`` and ``name`` arrive once, ``arguments`` in
-    pieces to concatenate by ``index``."""
+    pieces to concatenate by ``index``; ``extra_content`` (see ``ToolCall``) with the
+    piece that has the ``id``."""
 
-    __slots__ = ("function", "id", "index", "type")
+    __slots__ = ("extra_content", "function", "id", "index", "type")
 
     def __init__(
         self,
@@ -330,11 +364,13 @@ class ChoiceDeltaToolCall(_Obj):
         id: str | None = None,
         type: str | None = None,
         function: Function | None = None,
+        extra_content: dict[str, Any] | None = None,
     ) -> None:
         self.index = index
         self.id = id
         self.type = type
         self.function = function
+        self.extra_content = extra_content
 
     def to_dict(self) -> dict[str, Any]:
         """Without the fields a piece does not carry, as OpenAI streams them: the openai
@@ -352,6 +388,8 @@ class ChoiceDeltaToolCall(_Obj):
                 if f.name is None
                 else {"name": f.name, "arguments": f.arguments}
             )
+        if self.extra_content is not None:
+            out["extra_content"] = self.extra_content
         return out
 
     @classmethod
@@ -362,6 +400,7 @@ class ChoiceDeltaToolCall(_Obj):
             id=d.get("id"),
             type=d.get("type"),
             function=None if f is None else Function(f.get("name"), f.get("arguments") or ""),
+            extra_content=_extra_content(d),
         )
 
 
@@ -382,7 +421,10 @@ class ChoiceDelta(_Obj):
 
 
 class ChunkChoice(_Obj):
-    __slots__ = ("delta", "finish_reason", "index", "logprobs")
+    """A choice of a streamed chunk; ``stop_sequence`` as on ``Choice``, with the finish."""
+
+    __slots__ = ("delta", "finish_reason", "index", "logprobs", "stop_sequence")
+    _omit_none = ("stop_sequence",)
 
     def __init__(
         self,
@@ -390,11 +432,20 @@ class ChunkChoice(_Obj):
         delta: ChoiceDelta | None = None,
         finish_reason: str | None = None,
         logprobs: Any = None,
+        stop_sequence: str | None = None,
     ) -> None:
         self.index = index
         self.delta = ChoiceDelta() if delta is None else delta
         self.finish_reason = finish_reason
         self.logprobs = logprobs
+        self.stop_sequence = stop_sequence
+
+
+def _stop_sequence(c: dict[str, Any]) -> str | None:
+    """The matched stop sequence of a finished choice, as a Lunar gateway passes it on
+    (called for the finishing chunk only: the others skip the call)."""
+    stop = c.get("stop_sequence")
+    return stop if type(stop) is str else None
 
 
 def _envelope(
@@ -464,6 +515,7 @@ class ChatCompletionChunk(_Obj):
         for c in d.get("choices") or ():
             delta = c.get("delta") or {}
             tcs = delta.get("tool_calls")
+            finish = c.get("finish_reason")
             choices.append(
                 ChunkChoice(
                     c.get("index", 0),
@@ -473,8 +525,9 @@ class ChatCompletionChunk(_Obj):
                         None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
                         delta.get("refusal"),
                     ),
-                    c.get("finish_reason"),
+                    finish,
                     c.get("logprobs"),
+                    None if finish is None else _stop_sequence(c),
                 )
             )
         return _envelope(cls, d, choices, provider)
@@ -502,7 +555,11 @@ class ChunkEncoder:
             return None
         choice = choices[0]
         delta = choice.delta
-        if delta.tool_calls is not None or choice.logprobs is not None:
+        if (
+            delta.tool_calls is not None
+            or choice.logprobs is not None
+            or choice.stop_sequence is not None
+        ):
             return None
         return self.text(
             chunk.id,
@@ -583,7 +640,13 @@ class ChatCompletionMessage(_Obj):
 
 
 class Choice(_Obj):
-    __slots__ = ("finish_reason", "index", "logprobs", "message")
+    """A choice of a whole answer. ``stop_sequence`` (Lunar's, not OpenAI's) is the stop
+    sequence that ended it (``finish_reason`` "stop"), when the provider says which: an
+    Anthropic model does; OpenAI and Gemini say only "stop", so it is None there (and not
+    in the JSON) -- as it is for an answer that stopped for any other reason."""
+
+    __slots__ = ("finish_reason", "index", "logprobs", "message", "stop_sequence")
+    _omit_none = ("stop_sequence",)
 
     def __init__(
         self,
@@ -591,11 +654,13 @@ class Choice(_Obj):
         message: ChatCompletionMessage,
         finish_reason: str | None,
         logprobs: Any = None,
+        stop_sequence: str | None = None,
     ) -> None:
         self.index = index
         self.message = message
         self.finish_reason = finish_reason
         self.logprobs = logprobs
+        self.stop_sequence = stop_sequence
 
 
 class ChatCompletion(_Obj):
@@ -636,6 +701,7 @@ class ChatCompletion(_Obj):
         for c in d.get("choices") or ():
             m = c.get("message") or {}
             tcs = m.get("tool_calls")
+            finish = c.get("finish_reason")
             choices.append(
                 Choice(
                     c.get("index", 0),
@@ -645,8 +711,9 @@ class ChatCompletion(_Obj):
                         [ToolCall.from_dict(t) for t in tcs] if tcs else None,
                         m.get("refusal"),
                     ),
-                    c.get("finish_reason"),
+                    finish,
                     c.get("logprobs"),
+                    None if finish is None else _stop_sequence(c),
                 )
             )
         return _envelope(cls, d, choices, provider)

@@ -121,6 +121,15 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
+def _stop_sequence(reason: Any, holder: Mapping[str, Any]) -> str | None:
+    """Which of the request's stop sequences ended the answer (``stop_sequence`` beside a
+    ``stop_reason`` of "stop_sequence"), else None."""
+    if reason != "stop_sequence":
+        return None
+    stop = holder.get("stop_sequence")
+    return stop if isinstance(stop, str) else None
+
+
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     if choice is None and parallel is None:
         return None
@@ -214,24 +223,25 @@ class AnthropicStreamTranslator(ChunkMaker):
                     out.append(self._prompt_usage(_usage(self._input, 0)))
                 out.append(self._chunk(ChoiceDelta(role="assistant", content="")))
             elif kind == "message_delta":
-                reason = (obj.get("delta") or {}).get("stop_reason")
+                delta = obj.get("delta") or {}
+                reason = delta.get("stop_reason")
                 usage = obj.get("usage") or {}
                 self._finished = True
                 counted = {
                     **self._input,
                     **{k: v for k, v in usage.items() if v is not None and k != "output_tokens"},
                 }
-                out.append(
-                    self._chunk(
-                        ChoiceDelta(),
-                        FINISH_REASONS.get(reason or "end_turn", "stop"),
-                        # No usage on the wire at all: none here either, so that it is
-                        # estimated rather than billed as zero.
-                        _usage(counted, usage.get("output_tokens"))
-                        if any(v is not None for v in (*self._input.values(), *usage.values()))
-                        else None,
-                    )
+                chunk = self._chunk(
+                    ChoiceDelta(),
+                    FINISH_REASONS.get(reason or "end_turn", "stop"),
+                    # No usage on the wire at all: none here either, so that it is
+                    # estimated rather than billed as zero.
+                    _usage(counted, usage.get("output_tokens"))
+                    if any(v is not None for v in (*self._input.values(), *usage.values()))
+                    else None,
                 )
+                chunk.choices[0].stop_sequence = _stop_sequence(reason, delta)
+                out.append(chunk)
             elif kind == "message_stop":
                 self._stopped = True
             elif kind == "error":
@@ -320,12 +330,13 @@ class AnthropicAdapter(HTTPAdapter):
         message = ChatCompletionMessage(
             content="".join(texts) if texts or not calls else None, tool_calls=calls or None
         )
-        reason = FINISH_REASONS.get(obj.get("stop_reason") or "end_turn", "stop")
+        stop_reason = obj.get("stop_reason")
+        reason = FINISH_REASONS.get(stop_reason or "end_turn", "stop")
         return ChatCompletion(
             id=obj.get("id", ""),
             created=int(time.time()),
             model=obj.get("model") or target.deployment.provider_model,
-            choices=[Choice(0, message, reason)],
+            choices=[Choice(0, message, reason, None, _stop_sequence(stop_reason, obj))],
             usage=_usage(obj["usage"]) if obj.get("usage") else None,
             provider=target.provider,
         )

@@ -11,6 +11,7 @@ from urllib.parse import quote
 from .._errors import (
     APIConnectionError,
     APIError,
+    BadRequestError,
     error_from_response,
     error_from_stream_event,
 )
@@ -103,9 +104,32 @@ def _parts(content: Any) -> list[dict[str, Any]]:
     return parts
 
 
+def _signature(call: Mapping[str, Any]) -> str | None:
+    """The thought signature an assistant tool call carries back to Gemini, where Lunar
+    (and Google's OpenAI-compatible endpoint) put it: ``extra_content.google``."""
+    extra = call.get("extra_content")
+    google = extra.get("google") if isinstance(extra, Mapping) else None
+    sig = google.get("thought_signature") if isinstance(google, Mapping) else None
+    if sig is None or isinstance(sig, str):
+        return sig
+    raise BadRequestError(
+        "A tool call's thought signature must be the string Gemini gave: send the call "
+        f"back as the answer had it, got {type(sig).__name__}",
+        param="messages.tool_calls.extra_content.google.thought_signature",
+    )
+
+
+def _extra_content(part: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A part's ``thoughtSignature`` where the call returned to the caller keeps it."""
+    sig = part.get("thoughtSignature")
+    return {"google": {"thought_signature": sig}} if isinstance(sig, str) and sig else None
+
+
 def _contents(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """OpenAI turns -> Gemini ``contents``: assistant is ``model``; tool results are
-    ``functionResponse`` parts named after the call they answer."""
+    ``functionResponse`` parts named after the call they answer; a call's thought signature
+    goes back on its ``functionCall`` part (Gemini 3 refuses a call of the current turn
+    without the one it gave)."""
     names: dict[str, str] = {}
     out: list[dict[str, Any]] = []
     for msg in messages:
@@ -128,14 +152,16 @@ def _contents(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
             for call in msg.get("tool_calls") or ():
                 fn = call.get("function", {})
                 names[call.get("id", "")] = fn.get("name", "")
-                parts.append(
-                    {
-                        "functionCall": {
-                            "name": fn.get("name", ""),
-                            "args": tool_arguments_object(fn.get("arguments")),
-                        }
+                part: dict[str, Any] = {
+                    "functionCall": {
+                        "name": fn.get("name", ""),
+                        "args": tool_arguments_object(fn.get("arguments")),
                     }
-                )
+                }
+                sig = _signature(call)
+                if sig:
+                    part["thoughtSignature"] = sig
+                parts.append(part)
             role = "model" if role == "assistant" else "user"
         if not parts:
             continue  # an empty answer or question: Gemini refuses a turn without parts
@@ -241,6 +267,7 @@ class GeminiStreamTranslator(ChunkMaker):
                             call.get("id") or new_call_id(),
                             "function",
                             Function(call.get("name"), dumps(call.get("args") or {})),
+                            _extra_content(part),
                         )
                         out.append(self._chunk(ChoiceDelta(tool_calls=[tool_call]), index=index))
                 if cand.get("finishReason"):
@@ -349,6 +376,7 @@ class GeminiAdapter(HTTPAdapter):
                         ToolCall(
                             call.get("id") or new_call_id(),
                             Function(call.get("name"), dumps(call.get("args") or {})),
+                            extra_content=_extra_content(part),
                         )
                     )
             message = ChatCompletionMessage(

@@ -298,6 +298,7 @@ class _Finish(NamedTuple):
     reason: str
     prompt_tokens: int
     completion_tokens: int
+    stop_sequence: str | None = None  # the one that matched, with reason "stop"
 
 
 # What the worker sends a job's caller: pieces of text, then a _Finish or an exception.
@@ -529,6 +530,7 @@ class LocalModel:
         pending = ""  # text held back while it may be the start of a stop sequence
         generated = 0
         reason = "length"
+        matched: str | None = None
         tokens = llama.generate(
             prompt,
             top_k=TOP_K,
@@ -553,10 +555,10 @@ class LocalModel:
                 text = decode(llama.detokenize([token]))
                 if text and stops:
                     pending += text
-                    cut = _stop_at(pending, stops)
-                    if cut is not None:
-                        pending = pending[:cut]
-                        reason = "stop"
+                    found = _stop_at(pending, stops)
+                    if found is not None:
+                        pending = pending[: found[0]]
+                        reason, matched = "stop", found[1]
                         break
                     keep = _partial_stop(pending, stops)
                     text, pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
@@ -571,13 +573,13 @@ class LocalModel:
             tokens.close()
         if pending and not job.send(pending):
             return
-        job.send(_Finish(reason, n_prompt, generated))
+        job.send(_Finish(reason, n_prompt, generated, matched))
 
 
-def _stop_at(text: str, stops: tuple[str, ...]) -> int | None:
-    """Where the first stop sequence in ``text`` starts, if any does."""
-    found = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return min(found) if found else None
+def _stop_at(text: str, stops: tuple[str, ...]) -> tuple[int, str] | None:
+    """Where the first stop sequence in ``text`` starts, and which it is, if any is there."""
+    found = [(i, s) for s in stops if (i := text.find(s)) >= 0]
+    return min(found, key=lambda f: f[0]) if found else None
 
 
 def _partial_stop(text: str, stops: tuple[str, ...]) -> int:
@@ -660,7 +662,8 @@ class _Chunks:
             out.append(self.chunk([ChunkChoice(0, ChoiceDelta(content=item))]))
             return False
         if isinstance(item, _Finish):
-            out.append(self.chunk([ChunkChoice(0, ChoiceDelta(), item.reason)]))
+            finish = ChunkChoice(0, ChoiceDelta(), item.reason, None, item.stop_sequence)
+            out.append(self.chunk([finish]))
             out.append(self.chunk([], Usage(item.prompt_tokens, item.completion_tokens)))
             return True
         raise item
@@ -680,7 +683,7 @@ class _Chunks:
             self.id,
             self.created,
             self.model,
-            [Choice(0, message, finish.reason)],
+            [Choice(0, message, finish.reason, None, finish.stop_sequence)],
             Usage(finish.prompt_tokens, finish.completion_tokens),
             provider=PROVIDER,
         )

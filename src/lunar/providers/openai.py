@@ -211,6 +211,8 @@ class OpenAIAdapter(HTTPAdapter):
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         payload = dict(body)
         payload["model"] = target.deployment.provider_model
+        if target.spec.name != REMOTE:
+            payload["messages"] = without_extra_content(body["messages"])
         if stream:
             payload["stream"] = True
             options = dict(payload.get("stream_options") or {})
@@ -251,6 +253,32 @@ try:
     from orjson import loads as _relay_loads
 except ImportError:  # pragma: no cover - the core install (which has no relay: no pool)
     _relay_loads = _loads  # type: ignore[assignment]
+
+def without_extra_content(messages: list[Any]) -> list[Any]:
+    """``messages`` without the ``extra_content`` of assistant tool calls: Gemini's thought
+    signatures (``ToolCall.extra_content``) mean nothing to another provider, and OpenAI and
+    other strict servers refuse a call with a field they do not know. Only a Lunar gateway
+    takes them, for the Gemini model behind it. The caller's list and dicts stay as they were;
+    without any such call, the same list."""
+    out: list[Any] | None = None
+    for i, msg in enumerate(messages):
+        calls = msg.get("tool_calls")
+        if type(calls) is list and any(
+            isinstance(c, Mapping) and "extra_content" in c for c in calls
+        ):
+            if out is None:
+                out = list(messages)
+            out[i] = {
+                **msg,
+                "tool_calls": [
+                    {k: v for k, v in c.items() if k != "extra_content"}
+                    if isinstance(c, Mapping)
+                    else c
+                    for c in calls
+                ],
+            }
+    return messages if out is None else out
+
 
 #: The provider name of a Lunar gateway (remote mode), whose answers say who served them.
 REMOTE = "lunar"

@@ -445,10 +445,20 @@ def _tool_input(arguments: str) -> Any:
     return value if isinstance(value, dict) else {"value": value}
 
 
+def _stop(finish: str | None, sequence: str | None) -> tuple[str, str | None]:
+    """``(stop_reason, stop_sequence)`` for an OpenAI finish. "stop_sequence" only when the
+    upstream named the sequence that matched (Anthropic's models do): OpenAI and Gemini say
+    "stop" for a stop sequence and for a natural end alike, and which it was is not known,
+    so that answer reads "end_turn" with no sequence rather than a guess."""
+    if sequence is not None and finish == "stop":
+        return "stop_sequence", sequence
+    return STOP_REASONS.get(finish or "stop", "end_turn"), None
+
+
 def message_from_completion(completion: ChatCompletion) -> dict[str, Any]:
     """A ``ChatCompletion`` as an Anthropic ``Message`` (first choice)."""
     content: list[dict[str, Any]] = []
-    reason = None
+    reason = sequence = None
     if completion.choices:
         choice = completion.choices[0]
         msg = choice.message
@@ -465,7 +475,7 @@ def message_from_completion(completion: ChatCompletion) -> dict[str, Any]:
                     "input": _tool_input(call.function.arguments),
                 }
             )
-        reason = STOP_REASONS.get(choice.finish_reason or "stop", "end_turn")
+        reason, sequence = _stop(choice.finish_reason, choice.stop_sequence)
     return {
         "id": _message_id(completion.id),
         "type": "message",
@@ -473,7 +483,7 @@ def message_from_completion(completion: ChatCompletion) -> dict[str, Any]:
         "model": completion.model,
         "content": content,
         "stop_reason": reason,
-        "stop_sequence": None,
+        "stop_sequence": sequence,
         "usage": _usage(completion.usage),
         "provider": completion.provider,
     }
@@ -499,6 +509,7 @@ class MessageStreamEncoder:
         self._open: tuple[str, int] | None = None  # ("text", 0) or ("tool", openai index)
         self._tool_blocks: dict[int, int] = {}
         self._finish: str | None = None
+        self._stop_sequence: str | None = None
         self._usage: Usage | None = None
         self._id = ""
 
@@ -582,17 +593,18 @@ class MessageStreamEncoder:
                     )
             if choice.finish_reason is not None:
                 self._finish = choice.finish_reason
+                self._stop_sequence = choice.stop_sequence
         return out
 
     def end(self) -> bytes:
         out = b"" if self._started else self._start(None)
         out += self._close_block()
-        reason = STOP_REASONS.get(self._finish or "stop", "end_turn")
+        reason, sequence = _stop(self._finish, self._stop_sequence)
         out += _event(
             "message_delta",
             {
                 "type": "message_delta",
-                "delta": {"stop_reason": reason, "stop_sequence": None},
+                "delta": {"stop_reason": reason, "stop_sequence": sequence},
                 "usage": _usage(self._usage),
             },
         )

@@ -8,10 +8,18 @@ as its calls, function names, and schemas (function parameters, ``responseSchema
 to the OpenAPI subset Gemini accepts: ``additionalProperties``, ``$ref``, ``const`` … are
 refused, an ``object`` needs non-empty ``properties``, and ``required`` names must be among
 them.
+
+Thought signatures as Gemini 2.5 and 3 give them: the first function call of an answer from a
+``gemini-2.5*`` or ``gemini-3*`` model carries a ``thoughtSignature`` (one per step, on the first
+of parallel calls). A ``gemini-3*`` model checks them as Gemini 3 does: in the current turn
+(the contents after the last user text), the first function call of each model step must
+carry the signature given for it, or the request is refused (400).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import re
 from typing import Any
@@ -23,7 +31,6 @@ from ._render import (
     Event,
     Job,
     Plan,
-    ToolCall,
     ToolOffer,
     dumps,
     make_job,
@@ -425,6 +432,60 @@ def _check_config(config: Any) -> str | None:
     return None
 
 
+SIGNING_MODELS = ("gemini-2.5", "gemini-3")
+CHECKING_MODELS = ("gemini-3",)
+_SIGNATURE_PREFIX = "mock-thought:"
+
+
+def thought_signature(name: str) -> str:
+    """The signature the emulator gives a call of function ``name`` (base64, as Gemini's)."""
+    return base64.b64encode((_SIGNATURE_PREFIX + name).encode()).decode()
+
+
+def _signed_for(signature: Any) -> str | None:
+    """The function name a signature was given for, or None for a signature not this
+    emulator's."""
+    if not isinstance(signature, str):
+        return None
+    try:
+        text = base64.b64decode(signature, validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return text[len(_SIGNATURE_PREFIX) :] if text.startswith(_SIGNATURE_PREFIX) else None
+
+
+def check_signatures(contents: list[Any]) -> str | None:
+    """Gemini 3's check, in its words: each model step of the current turn (after the last
+    user content with text) opens its function calls with the signature given for it."""
+    start = 0
+    for i, content in enumerate(contents):
+        if get(content, "role") != "model" and any(
+            isinstance(get(p, "text"), str) for p in get(content, "parts") or ()
+        ):
+            start = i + 1
+    for i in range(start, len(contents)):
+        content = contents[i]
+        if get(content, "role") != "model":
+            continue
+        calls = [p for p in get(content, "parts") or () if get(p, "functionCall") is not None]
+        if not calls:
+            continue
+        first = calls[0]
+        name = get(get(first, "functionCall"), "name")
+        signature = get(first, "thoughtSignature")
+        if signature is None:
+            return (
+                "Function call is missing a thought_signature in functionCall parts. This is "
+                "required for tools to work correctly, and missing thought_signature may lead "
+                f"to degraded model performance. Additional data, function call `{name}` , "
+                f"position {i + 1}. Please refer to "
+                "https://ai.google.dev/gemini-api/docs/thought-signatures for more details."
+            )
+        if _signed_for(signature) != name:
+            return "Corrupted thought signature."
+    return None
+
+
 def _part_words(part: dict[str, Any]) -> int:
     if isinstance(part.get("text"), str):
         return words(part["text"])
@@ -516,9 +577,14 @@ class GeminiWire(Wire):
         if error is not None:
             return invalid(error)
         model, _, action = path.rpartition("/")[2].partition(":")
+        model = gemini_model(path) or model
+        if model.startswith(CHECKING_MODELS):
+            error = check_signatures(get(request, "contents"))
+            if error is not None:
+                return invalid(error)
         stream = action == "streamGenerateContent"
         sse = "sse" in (parse_qs(query).get("alt") or ())
-        return Incoming(gemini_model(path) or model, stream, request, sse)
+        return Incoming(model, stream, request, sse)
 
     def count_tokens(self, request: Any) -> int | Rejection:
         """``:countTokens``: ``contents`` or a whole ``generateContentRequest``."""
@@ -609,11 +675,18 @@ class GeminiWire(Wire):
         return dumps(usage)
 
     @staticmethod
-    def _call(call: ToolCall) -> str:
-        body: dict[str, Any] = {"name": call.name, "args": call.arguments_object()}
-        if call.id:
-            body["id"] = call.id
-        return dumps({"functionCall": body})
+    def _calls(job: Job) -> list[str]:
+        """Each call as a part; the first signed, from a model that thinks (2.5, 3)."""
+        out = []
+        for i, call in enumerate(job.tool_calls):
+            body: dict[str, Any] = {"name": call.name, "args": call.arguments_object()}
+            if call.id:
+                body["id"] = call.id
+            part: dict[str, Any] = {"functionCall": body}
+            if i == 0 and job.model.startswith(SIGNING_MODELS):
+                part["thoughtSignature"] = thought_signature(call.name)
+            out.append(dumps(part))
+        return out
 
     def _response(self, job: Job, id_: str, parts: str, finished: bool) -> str:
         """One ``GenerateContentResponse`` with ``parts`` (JSON text) in every candidate."""
@@ -642,14 +715,14 @@ class GeminiWire(Wire):
             plan = self.render_stream(job, id_, created)
             return "[" + ",\r\n".join(str(e) for e in plan.events()) + "]"
         if job.tool_calls:
-            parts = ",".join(self._call(c) for c in job.tool_calls)
+            parts = ",".join(self._calls(job))
         else:
             parts = dumps({"text": "".join(job.pieces)})
         return self._response(job, id_, parts, True)
 
     def render_stream(self, job: Job, id_: str, created: str) -> Plan:
         if job.tool_calls:
-            items = [self._call(c) for c in job.tool_calls]
+            items = self._calls(job)
         else:
             items = [dumps({"text": piece}) for piece in job.pieces]
         positions: list[list[Event]] = [[self._response(job, id_, p, False)] for p in items]
