@@ -386,7 +386,11 @@ class Plan:
         return None
 
     def failed(self, step: Step, err: LunarError) -> None:
-        self.attempts.append(Attempt(step.model, step.target.provider, err))
+        relayed = err.attempts  # a Lunar gateway's (remote mode): the attempts it made
+        if relayed:
+            self.attempts += relayed
+        else:
+            self.attempts.append(Attempt(step.model, step.target.provider, err))
         previous, self._last_tried = self._last_tried, err
         if isinstance(err, ClientClosedError):  # not the provider's doing: nothing more
             self._stopped = True

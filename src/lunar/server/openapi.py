@@ -549,6 +549,26 @@ def openapi_document(version: str) -> dict[str, Any]:
                                 "code": {"type": "string", "nullable": True},
                             },
                         },
+                        "attempts": {"$ref": "#/components/schemas/Attempts"},
+                    },
+                },
+                "Attempts": {
+                    "description": "When the gateway tried providers and gave up (it answers "
+                    "x-should-retry: false): each try, retries and fallbacks included, with "
+                    "the error it would have answered for that try alone",
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["model", "provider", "status", "message", "type"],
+                        "properties": {
+                            "model": {"type": "string"},
+                            "provider": {"type": "string"},
+                            "status": {"type": "integer"},
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": "string", "nullable": True},
+                            "code": {"type": "string", "nullable": True},
+                        },
                     },
                 },
                 "AnthropicError": {
@@ -564,6 +584,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                                 "message": {"type": "string"},
                             },
                         },
+                        "attempts": {"$ref": "#/components/schemas/Attempts"},
                     },
                 },
                 "ModelList": {
