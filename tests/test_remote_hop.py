@@ -244,3 +244,162 @@ def test_the_gateways_error_lists_its_attempts_for_any_client(gw, upstream):
         ("openai/wire", "openai", 503, body["error"]["type"])
     ] * 3
     assert body["attempts"][-1]["message"] == body["error"]["message"]
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The SDK's retry budget and timeout are the gateway's
+
+
+@pytest.mark.parametrize(("asked", "made"), [(0, 1), (1, 2), (5, 3)])
+async def test_the_sdks_max_retries_reaches_the_gateway(gw, upstream, flavor, asked, made):
+    """``Lunar(max_retries=n)`` is the retry budget of the whole call: the gateway retries
+    each model up to ``n`` times, never more than its own ``max_retries`` (2 here). It
+    retried 2 times whatever the client asked."""
+    model = f"budget-{asked}-{flavor}"
+    upstream.enqueue(*[FAILING] * 12, model=model)
+    client = remote(gw, flavor, max_retries=asked)
+    try:
+        await raised(
+            lambda: client.chat.completions.create(model=f"openai/{model}", messages=MESSAGES)
+        )
+    finally:
+        await call(client.close())
+    assert len(received(upstream, model)) == made
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_sdks_timeout_caps_the_gateways_whole_request(gw, upstream, flavor, stream):
+    """``timeout=3`` on create covered only the hop: the gateway waited on the upstream
+    (its own 60 s), the SDK gave up at 3 s and sent the request again, twice: three
+    upstream requests and an ``APITimeoutError`` that said nothing of them. The SDK now
+    sends its deadline (``x-lunar-timeout-ms``), the gateway cuts its attempt there and
+    answers a 504 ``deadline_exceeded`` with its attempts, which the SDK does not retry."""
+    model = f"slow-{flavor}-{stream}"
+    upstream.enqueue(*[Reply(delay=8)] * 4, model=model)
+    client = remote(gw, flavor)
+    try:
+        err = await raised(
+            lambda: client.chat.completions.create(
+                model=f"openai/{model}", messages=MESSAGES, stream=stream, timeout=3
+            )
+        )
+    finally:
+        await call(client.close())
+    assert isinstance(err, lunar.GatewayTimeoutError)
+    assert isinstance(err, lunar.APITimeoutError)  # one `except` for both modes
+    assert err.code == "deadline_exceeded"
+    assert "x-lunar-timeout-ms" in str(err)
+    assert attempts_view(err) == [
+        (f"openai/{model}", "openai", "GatewayTimeoutError", 504, "deadline_exceeded")
+    ]
+    assert received(upstream, model) == [model]
+
+
+def test_no_retry_waits_past_the_deadline(gw, upstream):
+    """A retry whose wait (here the upstream's ``Retry-After: 5``) would end past the
+    client's deadline is not waited for: the gateway answers what it has, at once."""
+    key, _ = gw.new_key()
+    upstream.enqueue(*[Reply(status=503, retry_after=5)] * 3, model="wait-long")
+    r = post(gw, key, "openai/wait-long", **{"x-lunar-timeout-ms": "2000"})
+    assert r.status_code == 503
+    assert r.headers["x-should-retry"] == "false"
+    assert received(upstream, "wait-long") == ["wait-long"]
+
+
+async def test_a_deadline_cut_does_not_count_against_the_provider(mock):
+    """The client's short deadline is its own limit: a provider cut at it, again and again,
+    is not cooled down (it would have been after 3, moving every caller's traffic)."""
+    from lunar._catalog import Catalog
+    from lunar._engine import AsyncEngine, Router, _now
+    from lunar._http import AsyncPool
+    from lunar._request import RequestOptions
+
+    router = Router(Catalog.load(None))
+    engine = AsyncEngine(router, AsyncPool(timeout=60))
+    mock.enqueue(*[Reply(delay=3)] * 4, model="cut-often")
+    try:
+        for _ in range(4):
+            opts = RequestOptions("openai/cut-often", deadline=_now() + 0.2)
+            with pytest.raises(lunar.GatewayTimeoutError) as info:
+                await engine.complete({"messages": MESSAGES}, opts)
+            assert info.value.code == "deadline_exceeded"
+            assert len(info.value.attempts) == 1
+    finally:
+        await engine.http.aclose()
+    (_, target), *_ = router.chain(RequestOptions("openai/cut-often"))
+    assert not router.health.cooling_down(target.deployment)  # type: ignore[union-attr]
+    assert received(mock, "cut-often") == ["cut-often"] * 4
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("x-lunar-timeout-ms", "abc"),
+        ("x-lunar-timeout-ms", "0"),
+        ("x-lunar-timeout-ms", "1.5"),
+        ("x-lunar-timeout-ms", "-100"),
+        ("x-lunar-timeout-ms", ""),
+        ("x-lunar-max-retries", "-1"),
+        ("x-lunar-max-retries", "two"),
+    ],
+)
+def test_a_bad_hop_header_is_a_400_naming_it(gw, upstream, name, value):
+    key, _ = gw.new_key()
+    r = post(gw, key, "gpt-4o-mini", **{name: value})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == name
+    assert error["code"] == "invalid_header"
+    assert name in error["message"]
+    assert upstream.requests == []
+    # One bad request hurts no other.
+    assert post(gw, key, "gpt-4o-mini").status_code == 200
+
+
+def test_a_huge_deadline_is_no_deadline_to_speak_of(gw, upstream):
+    key, _ = gw.new_key()
+    headers = {"x-lunar-timeout-ms": "9" * 40, "x-lunar-max-retries": "9" * 40}
+    assert post(gw, key, "gpt-4o-mini", **headers).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("kw", "expected"),
+    [
+        ({}, ("1", "19000")),
+        ({"timeout": 5}, ("1", "4500")),
+        ({"timeout": httpx.Timeout(3, read=0.5)}, ("1", "450")),
+        ({"timeout": None}, ("1", None)),
+        ({"extra_headers": {"X-Lunar-Timeout-Ms": "1234"}}, ("1", "1234")),
+    ],
+)
+async def test_the_sdk_sends_its_retry_budget_and_deadline(upstream, flavor, kw, expected):
+    """What the hop carries (the emulator standing in for the gateway shows it): the
+    client's ``max_retries``, and a deadline a little under the read timeout the client
+    waits with (the request's, else the client's: a tenth less, at most a second), so the
+    gateway's answer comes back in time; none for ``timeout=None``. ``extra_headers``
+    win, whatever their case."""
+    cls = lunar.Lunar if flavor == "sync" else lunar.AsyncLunar
+    client = cls(base_url=upstream.base_url, api_key="lk-x", max_retries=1, timeout=20)
+    try:
+        await call(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **kw))
+    finally:
+        await call(client.close())
+    (request,) = upstream.requests
+    sent = request.headers
+    assert (sent.get("x-lunar-max-retries"), sent.get("x-lunar-timeout-ms")) == expected
+
+
+async def test_a_callers_http_client_timeout_is_the_deadline_sent(upstream, flavor):
+    """With an ``http_client`` of the caller's that keeps its own timeout, that is the one
+    the client waits with, and so the deadline it sends."""
+    own = httpx.Client(timeout=7) if flavor == "sync" else httpx.AsyncClient(timeout=7)
+    cls = lunar.Lunar if flavor == "sync" else lunar.AsyncLunar
+    client = cls(base_url=upstream.base_url, api_key="lk-x", http_client=own)
+    try:
+        await call(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+    finally:
+        await call(client.close())
+        await call(own.close() if flavor == "sync" else own.aclose())
+    (request,) = upstream.requests
+    assert request.headers["x-lunar-timeout-ms"] == "6300"
+    assert request.headers["x-lunar-max-retries"] == "2"
