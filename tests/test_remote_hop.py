@@ -295,6 +295,30 @@ async def test_the_sdks_timeout_caps_the_gateways_whole_request(gw, upstream, fl
     assert received(upstream, model) == [model]
 
 
+def test_the_deadline_on_the_wire_and_in_the_ledger(gw, upstream):
+    """Any client may send ``x-lunar-timeout-ms``: past it, a 504 ``deadline_exceeded``
+    that says not to retry, with the attempt it cut; the ledger tells it from a provider's
+    own timeout."""
+    key, key_id = gw.new_key()
+    upstream.enqueue(Reply(delay=5), model="wire-slow")
+    r = post(gw, key, "openai/wire-slow", **{"x-lunar-timeout-ms": "300"})
+    assert r.status_code == 504
+    assert r.headers["x-should-retry"] == "false"
+    body = r.json()
+    assert body["error"]["code"] == "deadline_exceeded"
+    assert body["error"]["type"] == "timeout_error"
+    assert [(a["provider"], a["status"], a["code"]) for a in body["attempts"]] == [
+        ("openai", 504, "deadline_exceeded")
+    ]
+    (row,) = gw.rows(key_id, 1)
+    assert (row["error_type"], row["http_status"], row["attempts"]) == (
+        "deadline_exceeded",
+        504,
+        1,
+    )
+    assert received(upstream, "wire-slow") == ["wire-slow"]
+
+
 def test_no_retry_waits_past_the_deadline(gw, upstream):
     """A retry whose wait (here the upstream's ``Retry-After: 5``) would end past the
     client's deadline is not waited for: the gateway answers what it has, at once."""

@@ -107,7 +107,9 @@ def attempts_json(err: LunarError) -> list[dict[str, Any]]:
 
 def error_type(err: LunarError) -> str:
     if isinstance(err, APIError):
-        return err.code if err.code in ("budget_exceeded", "model_not_found") else err.type
+        if err.code in ("budget_exceeded", "model_not_found", "deadline_exceeded"):
+            return err.code
+        return err.type
     if isinstance(err, APITimeoutError):
         return "timeout_error"
     if isinstance(err, APIConnectionError):
