@@ -110,7 +110,6 @@ class _Settings:
         keep_theirs = not self.timeout_given and http.timeout != _HTTPX_DEFAULT_TIMEOUT
         return {"headers": self.headers, "timeout": None if keep_theirs else self.timeout}
 
-
     def for_remote(self, http: httpx.Client | httpx.AsyncClient | None) -> Remote | None:
         """Remote mode's additions to each request: the client's fallbacks (in the body),
         its ``max_retries`` and the read timeout it waits with (as headers: the gateway
