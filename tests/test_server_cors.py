@@ -241,13 +241,17 @@ def test_answers_to_other_origins_or_none_vary_by_origin_and_allow_nothing(gw):
 
 
 def test_every_origin_gets_a_star_and_no_vary(gw_any):
-    r = preflight(gw_any, "/v1/chat/completions", EVIL, asked="Authorization, X-Team")
+    """A list of headers allows those, and always what the gateway reads: the key, the
+    body's type, and a Lunar client's retry budget and deadline."""
+    r = preflight(
+        gw_any, "/v1/chat/completions", EVIL, asked="Authorization, X-Team, X-Lunar-Timeout-Ms"
+    )
     assert r.status_code == 204
     assert cors_headers(r) == {
         "access-control-allow-origin": "*",
         "access-control-allow-methods": "POST",
-        "access-control-allow-headers": "authorization, content-type, x-api-key, x-team, "
-        "anthropic-version",
+        "access-control-allow-headers": "authorization, content-type, x-api-key, "
+        "x-lunar-max-retries, x-lunar-timeout-ms, x-team, anthropic-version",
         "access-control-max-age": "600",
     }
     assert "vary" not in r.headers

@@ -21,6 +21,7 @@ from ._errors import APIError, AuthenticationError, error_from_response
 from ._request import (
     ChatParams,
     CompletionParams,
+    Remote,
     RequestOptions,
     completion_from_chat,
     completion_from_chunk,
@@ -108,6 +109,17 @@ class _Settings:
             return {}
         keep_theirs = not self.timeout_given and http.timeout != _HTTPX_DEFAULT_TIMEOUT
         return {"headers": self.headers, "timeout": None if keep_theirs else self.timeout}
+
+    def for_remote(self, http: httpx.Client | httpx.AsyncClient | None) -> Remote | None:
+        """Remote mode's additions to each request: the client's fallbacks (in the body),
+        its ``max_retries`` and the read timeout it waits with (as headers: the gateway
+        retries, falls back and answers within them). The timeout is the one requests go
+        with: Lunar's, or the caller's ``http_client``'s own when it keeps it."""
+        if self.remote is None:
+            return None
+        timeout = self.for_http_client(http).get("timeout", self.timeout)
+        read = (http.timeout if timeout is None and http is not None else timeout).read
+        return Remote(self.router.fallbacks, self.max_retries, read)
 
 
 def validate_fallback_map(fallbacks: Mapping[str, Any] | None) -> dict[str, list[str]]:
@@ -223,9 +235,7 @@ class Lunar:
         self._http = http_client or httpx.Client(
             timeout=self._settings.timeout, limits=_LIMITS, headers=self._settings.headers
         )
-        # Remote mode: the client's fallbacks, which travel in each request's body.
-        remote = self._settings.remote is not None
-        self._remote = self._settings.router.fallbacks if remote else None
+        self._remote = self._settings.for_remote(http_client)
         self._engine = SyncEngine(
             self._settings.router,
             self._http,
@@ -408,9 +418,7 @@ class AsyncLunar:
         )
         self._owns_http = http_client is None
         self._http = http_client or _async_http(self._settings)
-        # Remote mode: the client's fallbacks, which travel in each request's body.
-        remote = self._settings.remote is not None
-        self._remote = self._settings.router.fallbacks if remote else None
+        self._remote = self._settings.for_remote(http_client)
         self._engine = AsyncEngine(
             self._settings.router,
             self._http,

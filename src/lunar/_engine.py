@@ -15,8 +15,8 @@ import os
 import random
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
@@ -30,6 +30,7 @@ from ._errors import (
     AuthenticationError,
     BadRequestError,
     ClientClosedError,
+    GatewayTimeoutError,
     LunarError,
     NotFoundError,
     UnprocessableEntityError,
@@ -38,7 +39,7 @@ from ._errors import (
 from ._health import Health
 from ._http import AsyncPool, Timeouts, TransportError, TransportTimeout
 from ._json import loads
-from ._request import RequestOptions
+from ._request import TIMEOUT_HEADER, RequestOptions
 from ._types import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -325,6 +326,23 @@ def the_requests_fault(err: LunarError) -> bool:
     return isinstance(err, APIError) and err.status_code in (400, 413, 422)
 
 
+#: The ``code`` of the error an attempt cut at the request's deadline raises.
+DEADLINE_EXCEEDED = "deadline_exceeded"
+
+
+def deadline_error(model: str, target: Target, tried: bool) -> GatewayTimeoutError:
+    """What the request's deadline running out raises (504): the caller's own limit, so no
+    provider's health pays for it, and nothing more is tried."""
+    what = "while waiting for" if tried else "before it could try"
+    return GatewayTimeoutError(
+        f"The request's deadline (the client's timeout, {TIMEOUT_HEADER}) ran out {what} "
+        f"model '{model}' at provider '{target.provider}': retries and fallbacks stop "
+        "there. Give the request a longer timeout if the answer takes longer",
+        code=DEADLINE_EXCEEDED,
+        provider=target.provider,
+    )
+
+
 def too_long_for(err: LunarError) -> bool:
     """The prompt does not fit this model's context window (another's may hold it)."""
     return isinstance(err, APIError) and err.code == "context_length_exceeded"
@@ -359,8 +377,11 @@ class Plan:
         health: Health | None = None,
         started: float | None = None,
         primary: str | None = None,
+        deadline: float | None = None,
     ) -> None:
         self._health = health
+        #: ``perf_counter()`` time past which nothing is tried (``RequestOptions.deadline``).
+        self.deadline = deadline
         self._started = _now() if started is None else started
         self._chain = chain
         #: The model asked for (the chain's first unless its deployments are cooling down).
@@ -385,14 +406,30 @@ class Plan:
                 self._index += 1
                 continue
             delay, self._delay = self._delay, 0.0
+            if self.deadline is not None and _now() + delay >= self.deadline:
+                # Out of time before this try (a retry or a fallback): kept as the reason.
+                err = deadline_error(model, target, tried=False)
+                self.attempts.append(Attempt(model, target.provider, err))
+                self._last_skipped = err
+                self._stopped = True
+                return None
             waited = _now() + delay - self._started if self.attempts else 0.0
             return Step(model, target, delay, waited)
         return None
 
     def failed(self, step: Step, err: LunarError) -> None:
-        self.attempts.append(Attempt(step.model, step.target.provider, err))
+        relayed = err.attempts  # a Lunar gateway's (remote mode): the attempts it made
+        if relayed:
+            self.attempts += relayed
+        else:
+            self.attempts.append(Attempt(step.model, step.target.provider, err))
         previous, self._last_tried = self._last_tried, err
         if isinstance(err, ClientClosedError):  # not the provider's doing: nothing more
+            self._stopped = True
+            return
+        if self.deadline is not None and getattr(err, "code", None) == DEADLINE_EXCEEDED:
+            # Cut at the request's own deadline: no time is left for anything, and the
+            # provider's health does not pay for the caller's limit.
             self._stopped = True
             return
         overload = may_fall_back(err)
@@ -404,7 +441,8 @@ class Plan:
             wait = retry_after_seconds(headers) if headers else None
             if wait is None:
                 wait = backoff(self._retries, self._rand)
-            if wait <= MAX_RETRY_AFTER_SECONDS:
+            in_time = self.deadline is None or _now() + wait < self.deadline
+            if wait <= MAX_RETRY_AFTER_SECONDS and in_time:
                 self._retries += 1
                 self._delay = wait
                 return
@@ -874,11 +912,45 @@ def plan_for(
     started: float | None = None,
 ) -> Plan:
     chain = router.chain(opts, body)
-    plan = Plan(chain, max_retries, health=router.health, started=started, primary=opts.model)
+    if opts.max_retries is not None:
+        max_retries = opts.max_retries
+    plan = Plan(
+        chain,
+        max_retries,
+        health=router.health,
+        started=started,
+        primary=opts.model,
+        deadline=opts.deadline,
+    )
     if trace is not None:
         trace.plan = plan
         trace.stream = None  # a Trace used again: nothing from its last request
     return plan
+
+
+_T = TypeVar("_T")
+
+
+async def within(attempt: Awaitable[_T], deadline: float, step: Step) -> _T:
+    """``attempt``'s result, or the request's deadline error when it runs out first (the
+    attempt is cancelled, which closes its upstream connection)."""
+    left = deadline - _now()
+    if _asyncio_timeout is None:  # Python 3.10
+        try:
+            return await asyncio.wait_for(attempt, left)
+        except asyncio.TimeoutError:
+            raise deadline_error(step.model, step.target, tried=True) from None
+    timer = _asyncio_timeout(left)
+    try:
+        async with timer:
+            return await attempt
+    except TimeoutError:
+        if not timer.expired():
+            raise
+        raise deadline_error(step.model, step.target, tried=True) from None
+
+
+_asyncio_timeout = getattr(asyncio, "timeout", None)
 
 
 def _in_process(adapter: Adapter) -> Any:
@@ -1213,7 +1285,11 @@ class AsyncEngine(_Closable):
                 await asyncio.sleep(step.delay)
             sent, json_check = body_for(body, step.target)
             try:
-                completion = await self._complete_once(step.target, sent, opts)
+                answer = self._complete_once(step.target, sent, opts)
+                if plan.deadline is None:
+                    completion = await answer
+                else:
+                    completion = await within(answer, plan.deadline, step)
                 completion = finish_completion(completion, step.target, body, started, json_check)
             except LunarError as err:
                 plan.failed(step, err)
@@ -1253,7 +1329,11 @@ class AsyncEngine(_Closable):
                 await asyncio.sleep(step.delay)
             sent, json_check = body_for(body, step.target)
             try:
-                opened = await self._open(step.target, sent, opts)
+                opening = self._open(step.target, sent, opts)
+                if plan.deadline is None:
+                    opened = await opening
+                else:
+                    opened = await within(opening, plan.deadline, step)
             except LunarError as err:
                 plan.failed(step, err)
                 continue

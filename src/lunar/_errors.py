@@ -303,7 +303,7 @@ def error_from_response(
     elif provider and not relayed:
         message = f"{message} (provider: {provider})"
     cls = error_class_for(status, etype)
-    return cls(
+    err = cls(
         message,
         status,
         parsed,
@@ -313,6 +313,39 @@ def error_from_response(
         type=etype,
         provider=provider,
     )
+    if relayed and isinstance(parsed, dict) and "attempts" in parsed:
+        err.attempts = relayed_attempts(parsed["attempts"])
+    return err
+
+
+def relayed_attempts(items: Any) -> list[Attempt]:
+    """The attempts a Lunar gateway reports beside its error (``"attempts"``: model,
+    provider, ``status`` and the error's fields, for each upstream try, retries and
+    fallbacks included) as ``Attempt``s holding the error each would have raised alone:
+    what ``e.attempts`` shows in direct mode. Entries of another shape are left out."""
+    out: list[Attempt] = []
+    if not isinstance(items, list):
+        return out
+    for item in items:
+        if not isinstance(item, dict):
+            continue
+        model, provider, status = item.get("model"), item.get("provider"), item.get("status")
+        if not (isinstance(model, str) and isinstance(provider, str)):
+            continue
+        message, etype, param, code = _describe(item)
+        if not (isinstance(status, int) and 400 <= status < 600):
+            status = _STATUS_BY_TYPE.get(etype or "", 502)
+        error = error_class_for(status, etype)(
+            message or f"HTTP {status} from {provider}",
+            status,
+            item,
+            param=param if isinstance(param, str) else None,
+            code=None if code is None else str(code),
+            type=etype if isinstance(etype, str) else None,
+            provider=provider,
+        )
+        out.append(Attempt(model, provider, error))
+    return out
 
 
 def _describe(parsed: Any) -> tuple[str, str | None, str | None, Any]:
@@ -354,12 +387,17 @@ _STATUS_BY_TYPE = {
 
 
 def error_from_stream_event(
-    err: Any, provider: str | None = None, relayed: bool = False, status: Any = None
+    err: Any,
+    provider: str | None = None,
+    relayed: bool = False,
+    status: Any = None,
+    attempts: Any = None,
 ) -> APIError:
     """An error that arrived as a stream event instead of a chunk. Its ``type`` (or numeric
     ``code``) picks the class, so ``except RateLimitError`` works mid-stream too.
-    ``relayed``: a Lunar gateway's event, whose message is already the whole story, and
-    whose ``status`` (the answer the gateway would have given) picks the class first."""
+    ``relayed``: a Lunar gateway's event, whose message is already the whole story, whose
+    ``status`` (the answer the gateway would have given) picks the class first, and whose
+    ``attempts`` (the upstream tries it made) become the error's."""
     message, etype, param, code = _describe({"error": err} if not isinstance(err, dict) else err)
     if not (isinstance(status, int) and 400 <= status < 600):
         status = _STATUS_BY_TYPE.get(etype or "")
@@ -372,7 +410,7 @@ def error_from_stream_event(
         if provider:
             text += f" (provider: {provider})"
     cls: type[APIError] = error_class_for(status, etype) if status else StreamError
-    return cls(
+    error = cls(
         text,
         status,
         err,
@@ -381,3 +419,6 @@ def error_from_stream_event(
         type=etype,
         provider=provider,
     )
+    if relayed and attempts is not None:
+        error.attempts = relayed_attempts(attempts)
+    return error

@@ -111,6 +111,94 @@ class RequestOptions:
     #: ``None``: the client's timeout (``httpx.Timeout(None)`` is no timeout at all).
     timeout: httpx.Timeout | None = None
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+    #: ``None``: the engine's. The gateway sets it from ``x-lunar-max-retries``.
+    max_retries: int | None = None
+    #: ``perf_counter()`` time by which the answer (a stream's first chunk) must be there:
+    #: no retry, backoff or fallback starts past it, and the async engine cuts an attempt
+    #: still running at it. The gateway sets it from ``x-lunar-timeout-ms``.
+    deadline: float | None = None
+
+
+# Remote mode's hop: what the SDK tells a Lunar gateway beside the body (docs/gateway.md).
+#: Retries per model the client allows (the gateway's ``max_retries`` is the most it gets).
+MAX_RETRIES_HEADER = "x-lunar-max-retries"
+#: Milliseconds the gateway has to answer (a stream: its first chunk), from receiving the
+#: request, its retries and fallbacks included; past them, a 504 ``deadline_exceeded``.
+TIMEOUT_HEADER = "x-lunar-timeout-ms"
+#: The longest ``x-lunar-timeout-ms`` taken as it is (``LONGEST_TIMEOUT`` seconds).
+_LONGEST_TIMEOUT_MS = 10**12
+
+
+def timeout_ms(read: float) -> str:
+    """The ``x-lunar-timeout-ms`` a client that waits ``read`` seconds for the gateway's
+    answer sends: a tenth less, at most a second less, so the gateway's answer (its 504
+    and attempts included) has time to come back before the client stops waiting."""
+    return str(max(1, int(read * 1000.0 - min(read * 100.0, 1000.0))))
+
+
+class Remote:
+    """What remote mode adds to each request: the client's fallbacks (in the body) and the
+    headers that give the gateway the client's retry budget and deadline."""
+
+    __slots__ = ("_default_timeout", "_max_retries", "fallbacks")
+
+    def __init__(
+        self, fallbacks: Mapping[str, list[str]], max_retries: int, read_timeout: float | None
+    ) -> None:
+        self.fallbacks = fallbacks
+        self._max_retries = str(max_retries)
+        self._default_timeout = None if read_timeout is None else timeout_ms(read_timeout)
+
+    def headers(
+        self, timeout: httpx.Timeout | None, extra: Mapping[str, str]
+    ) -> Mapping[str, str]:
+        """The request's headers for the gateway: the client's ``max_retries`` and the read
+        timeout it waits with (the request's, else the client's; none: no deadline), under
+        the caller's ``extra_headers``, which win whatever their case."""
+        if timeout is None:
+            ms = self._default_timeout
+        else:
+            ms = None if timeout.read is None else timeout_ms(timeout.read)
+        out = {MAX_RETRIES_HEADER: self._max_retries}
+        if ms is not None:
+            out[TIMEOUT_HEADER] = ms
+        if extra:
+            given = {name.lower() for name in extra}
+            out = {k: v for k, v in out.items() if k not in given}
+            out.update(extra)
+        return out
+
+
+def _header_int(value: bytes, name: str, lowest: int, highest: int, hint: str) -> int:
+    """A header's whole number (ASCII digits), at most ``highest`` (taken as that beyond)."""
+    value = value.strip()
+    if value.isdigit():  # bytes: ASCII digits only
+        digits = value.lstrip(b"0")
+        number = highest if len(digits) > 18 else min(int(digits or b"0"), highest)
+        if number >= lowest:
+            return number
+    shown = value[:40].decode("latin-1")
+    raise BadRequestError(
+        f"Invalid {name} header {shown!r}: {hint}", param=name, code="invalid_header"
+    )
+
+
+def hop_policy(
+    max_retries: bytes | None, timeout: bytes | None, started: float, most_retries: int
+) -> tuple[int | None, float | None]:
+    """What a client's ``x-lunar-max-retries`` and ``x-lunar-timeout-ms`` ask of the
+    gateway: retries per model (at most ``most_retries``, the gateway's own), and the
+    ``perf_counter()`` deadline (from ``started``, when the request came). A value that is
+    not a whole number in range is a 400 naming the header."""
+    retries = deadline = None
+    if max_retries is not None:
+        hint = "a whole number of retries, 0 or more"
+        retries = _header_int(max_retries, MAX_RETRIES_HEADER, 0, most_retries, hint)
+    if timeout is not None:
+        hint = "a whole number of milliseconds, 1 or more"
+        ms = _header_int(timeout, TIMEOUT_HEADER, 1, _LONGEST_TIMEOUT_MS, hint)
+        deadline = started + ms / 1000.0
+    return retries, deadline
 
 
 def bad(message: str, param: str) -> BadRequestError:
@@ -512,11 +600,11 @@ def prepare(
     messages: Any,
     kwargs: Mapping[str, Any],
     legacy: bool = False,
-    remote: Mapping[str, list[str]] | None = None,
+    remote: Remote | None = None,
 ) -> tuple[dict[str, Any], RequestOptions]:
     """``create()``'s arguments -> (validated body, options). Unknown keywords are a
-    ``TypeError``, as for any Python function. ``remote``: in remote mode, the client's
-    fallbacks mapping (``{model: [fallback, ...]}``)."""
+    ``TypeError``, as for any Python function. ``remote``: in remote mode, what the client
+    adds for the gateway (its fallbacks, its retry budget and deadline)."""
     allowed = _COMPLETION_PARAMS if legacy else CHAT_PARAMS
     params: dict[str, Any] = {}
     for name, value in kwargs.items():
@@ -536,11 +624,12 @@ def prepare(
         # The gateway routes: Lunar's options travel in the body, the client's fallbacks
         # for the model too (per-request ones replace them, as in direct mode).
         body["model"] = model
-        chain = fallbacks if fallbacks is not None else remote.get(model)
+        chain = fallbacks if fallbacks is not None else remote.fallbacks.get(model)
         if chain is not None:
             body["fallbacks"] = chain
         if provider is not None:
             body["provider"] = provider
+        extra_headers = remote.headers(timeout, extra_headers)
     opts = RequestOptions(model, fallbacks, provider, timeout, extra_headers)
     return body, opts
 

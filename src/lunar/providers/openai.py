@@ -53,8 +53,11 @@ class OpenAIStreamTranslator(SSETranslator):
                     provider=self._provider,
                 )
             if "error" in obj and not obj.get("choices"):
-                status = obj.get("status") if self._remote else None
-                raise error_from_stream_event(obj["error"], self._provider, self._remote, status)
+                if self._remote:
+                    raise error_from_stream_event(
+                        obj["error"], self._provider, True, obj.get("status"), obj.get("attempts")
+                    )
+                raise error_from_stream_event(obj["error"], self._provider)
             chunk = ChatCompletionChunk.from_dict(
                 obj, answered_by(obj, self._provider) if self._remote else self._provider
             )

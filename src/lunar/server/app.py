@@ -43,8 +43,11 @@ from .._errors import (
 from .._http import AsyncPool
 from .._json import dumps, loads
 from .._request import (
+    MAX_RETRIES_HEADER,
+    TIMEOUT_HEADER,
     RequestOptions,
     bad,
+    hop_policy,
     validate_fallbacks,
     validate_model,
     validate_provider,
@@ -86,6 +89,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 _JSON = (b"content-type", b"application/json")
+# A Lunar client's retry budget and deadline for the request (remote mode, docs/gateway.md).
+_MAX_RETRIES, _TIMEOUT = MAX_RETRIES_HEADER.encode(), TIMEOUT_HEADER.encode()
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -718,6 +723,12 @@ class Gateway:
                 fallbacks = validate_fallbacks(lunar["fallbacks"])
                 provider = validate_provider(lunar["provider"])
                 opts = RequestOptions(model, fallbacks, provider)
+                asked_retries = headers.get(_MAX_RETRIES)
+                asked_timeout = headers.get(_TIMEOUT)
+                if asked_retries is not None or asked_timeout is not None:
+                    opts.max_retries, opts.deadline = hop_policy(
+                        asked_retries, asked_timeout, started, self.config.max_retries
+                    )
                 candidates, call.label = self._check_access(key, opts)
                 est = (
                     estimate(body, candidates, self.catalog, self.config.output_tokens_estimate)

@@ -18,6 +18,7 @@ import re
 from collections.abc import Sequence
 
 from .._errors import PermissionDeniedError
+from .._request import MAX_RETRIES_HEADER, TIMEOUT_HEADER
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -25,9 +26,16 @@ Headers = list[tuple[bytes, bytes]]
 # Content-Length, Cache-Control, …): the request id, and the wait a 429 asks for. Cost and
 # timing are in the answer's body (`usage`), not in headers.
 EXPOSE_HEADERS = b"x-request-id, retry-after, x-should-retry"
-# Always allowed in a preflight: what the gateway reads to authenticate and parse a request.
+# Always allowed in a preflight: what the gateway reads to authenticate and parse a request,
+# and a Lunar client's retry budget and deadline for it (docs/gateway.md).
 # The literal `*` of Access-Control-Allow-Headers never covers Authorization (Fetch standard).
-BASE_HEADERS = ("authorization", "content-type", "x-api-key")
+BASE_HEADERS = (
+    "authorization",
+    "content-type",
+    "x-api-key",
+    MAX_RETRIES_HEADER,
+    TIMEOUT_HEADER,
+)
 
 _ORIGIN = re.compile(r"([a-z][a-z0-9+.-]*)://([a-z0-9._~-]+|\[[0-9a-f:.]+\])(?::([0-9]{1,5}))?")
 _DEFAULT_PORTS = {"http": "80", "https": "443"}

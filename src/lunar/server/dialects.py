@@ -57,7 +57,20 @@ _LUNAR_FIELDS = ("model", "stream", "fallbacks", "provider")
 
 
 def openai_error(err: LunarError) -> tuple[int, dict[str, Any], Headers]:
-    """An engine or gateway error as (status, OpenAI error JSON, extra headers)."""
+    """An engine or gateway error as (status, OpenAI error JSON, extra headers).
+
+    An error the engine gave up with (it has ``attempts``: the gateway already retried and
+    fell back as the request allowed) says ``x-should-retry: false``, so no client starts
+    the whole chain again, and lists the attempts beside ``error`` (``attempts_json``)."""
+    status, payload, headers = _shaped(err)
+    if err.attempts:
+        headers = [h for h in headers if h[0] != b"x-should-retry"]
+        headers.append((b"x-should-retry", b"false"))
+        payload["attempts"] = attempts_json(err)
+    return status, payload, headers
+
+
+def _shaped(err: LunarError) -> tuple[int, dict[str, Any], Headers]:
     headers: Headers = []
     if isinstance(err, APIError):
         status = err.status_code or 502
@@ -78,9 +91,25 @@ def openai_error(err: LunarError) -> tuple[int, dict[str, Any], Headers]:
     return status, payload, headers
 
 
+def attempts_json(err: LunarError) -> list[dict[str, Any]]:
+    """``err.attempts`` as the gateway reports them: for each, the model and provider tried
+    and its error as the gateway would have answered it alone (``status``, and ``error``'s
+    ``message``, ``type``, ``param``, ``code``). Lunar's remote mode makes them
+    ``e.attempts`` again."""
+    out = []
+    for attempt in err.attempts:
+        status, payload, _ = _shaped(attempt.error)
+        item = {"model": attempt.model, "provider": attempt.provider, "status": status}
+        item.update(payload["error"])
+        out.append(item)
+    return out
+
+
 def error_type(err: LunarError) -> str:
     if isinstance(err, APIError):
-        return err.code if err.code in ("budget_exceeded", "model_not_found") else err.type
+        if err.code in ("budget_exceeded", "model_not_found", "deadline_exceeded"):
+            return err.code
+        return err.type
     if isinstance(err, APITimeoutError):
         return "timeout_error"
     if isinstance(err, APIConnectionError):
@@ -124,6 +153,8 @@ class StreamWriter:
                 "param": e.get("param"),
             },
         }
+        if "attempts" in payload:
+            event["attempts"] = payload["attempts"]
         return b"data: " + dumps(event) + b"\n\n" + _DONE
 
 
@@ -233,8 +264,11 @@ class Messages(Dialect):
         return chat_body(messages, body), lunar
 
     def error(self, err: LunarError) -> tuple[int, dict[str, Any], Headers]:
-        status, _, headers = openai_error(err)
-        return status, anthropic.error_body(err), headers
+        status, payload, headers = openai_error(err)
+        body = anthropic.error_body(err)
+        if "attempts" in payload:
+            body["attempts"] = payload["attempts"]
+        return status, body, headers
 
     def complete(self, completion: ChatCompletion) -> dict[str, Any]:
         return anthropic.message_from_completion(completion)

@@ -31,7 +31,7 @@ def _errors(*statuses: int, anthropic: bool = False) -> dict[str, Any]:
         413: "Request body too large",
         429: "Rate limit (with Retry-After) or budget exhausted",
         502: "Every provider failed",
-        504: "Provider timed out",
+        504: "Provider timed out, or the request's deadline (x-lunar-timeout-ms) ran out",
     }
     return {str(s): _json(ref, text.get(s, "Error")) for s in statuses}
 
@@ -280,6 +280,27 @@ _SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 
 _SECURED: list[dict[str, list[str]]] = [{"bearer": []}, {"apiKey": []}]
 
+# What a Lunar client tells the gateway of its retry budget and deadline (docs/gateway.md).
+_HOP_HEADERS: list[dict[str, Any]] = [
+    {
+        "name": "x-lunar-max-retries",
+        "in": "header",
+        "required": False,
+        "description": "Retries per model the client allows (at most the gateway's "
+        "max_retries). A bad value is a 400 naming the header.",
+        "schema": {"type": "integer", "minimum": 0},
+    },
+    {
+        "name": "x-lunar-timeout-ms",
+        "in": "header",
+        "required": False,
+        "description": "Milliseconds the gateway has to answer (a stream: its first chunk), "
+        "retries and fallbacks included; past them, a 504 deadline_exceeded. A bad value "
+        "is a 400 naming the header.",
+        "schema": {"type": "integer", "minimum": 1},
+    },
+]
+
 _KEY_FIELDS = {
     "name": {"type": "string", "minLength": 1, "maxLength": 200},
     "rpm": {"type": "integer", "minimum": 1, "nullable": True},
@@ -318,6 +339,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/v1/chat/completions": {
                 "post": {
                     "summary": "Chat completion (OpenAI), streamed with stream=true",
+                    "parameters": _HOP_HEADERS,
                     "security": _SECURED,
                     "requestBody": _body(_CHAT_REQUEST),
                     "responses": {
@@ -337,6 +359,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/v1/completions": {
                 "post": {
                     "summary": "Legacy text completion (OpenAI)",
+                    "parameters": _HOP_HEADERS,
                     "security": _SECURED,
                     "requestBody": _body(_COMPLETION_REQUEST),
                     "responses": {
@@ -351,6 +374,7 @@ def openapi_document(version: str) -> dict[str, Any]:
             "/v1/messages": {
                 "post": {
                     "summary": "Anthropic Messages API over any Lunar model",
+                    "parameters": _HOP_HEADERS,
                     "security": _SECURED,
                     "requestBody": _body(_MESSAGES_REQUEST),
                     "responses": {
@@ -549,6 +573,26 @@ def openapi_document(version: str) -> dict[str, Any]:
                                 "code": {"type": "string", "nullable": True},
                             },
                         },
+                        "attempts": {"$ref": "#/components/schemas/Attempts"},
+                    },
+                },
+                "Attempts": {
+                    "description": "When the gateway tried providers and gave up (it answers "
+                    "x-should-retry: false): each try, retries and fallbacks included, with "
+                    "the error it would have answered for that try alone",
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["model", "provider", "status", "message", "type"],
+                        "properties": {
+                            "model": {"type": "string"},
+                            "provider": {"type": "string"},
+                            "status": {"type": "integer"},
+                            "message": {"type": "string"},
+                            "type": {"type": "string"},
+                            "param": {"type": "string", "nullable": True},
+                            "code": {"type": "string", "nullable": True},
+                        },
                     },
                 },
                 "AnthropicError": {
@@ -564,6 +608,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                                 "message": {"type": "string"},
                             },
                         },
+                        "attempts": {"$ref": "#/components/schemas/Attempts"},
                     },
                 },
                 "ModelList": {
