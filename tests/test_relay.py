@@ -86,21 +86,48 @@ class Sink:
         self.out += data
 
 
+def dumps(event: Any, compact: bool) -> bytes:
+    """As OpenAI writes its events (compact, UTF-8), or as json.dumps does by default."""
+    if compact:
+        return json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode()
+    return json.dumps(event).encode()
+
+
+# Text as most streams have it (printable ASCII, which the relay writes as it came), and any.
+words = st.text(alphabet="abc XYZ.,!?'-019", max_size=8) | st.text(max_size=8)
+# Events that differ only in their text, as nearly all of a stream's do.
+same_but_text = st.lists(
+    words | st.sampled_from(['"', "\\", "\n", "é", "\x7f", "a\x00"]), max_size=6
+).map(lambda texts: [content_event(t) for t in texts])
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.lists(events_st | st.sampled_from([None, [], "x", 3]), min_size=1, max_size=6))
-def test_the_relay_writes_an_event_as_its_chunk_would_be_written_or_leaves_it(events):
+@given(
+    st.lists(
+        st.lists(events_st | st.sampled_from([None, [], "x", 3]), min_size=1, max_size=3)
+        | same_but_text,
+        min_size=1,
+        max_size=4,
+    ),
+    st.booleans(),
+)
+def test_the_relay_writes_an_event_as_its_chunk_would_be_written_or_leaves_it(groups, compact):
     finisher = StreamFinisher(TARGET, BODY, 0.0)
     relay_writer, chunk_writer = ChatWriter(), ChatWriter()  # each keeps its own envelope
-    for event in events:
-        sink = Sink()
-        line = b"data: " + json.dumps(event).encode() + b"\n\n"
-        relay = openai_wire.PlainRelay("openai", relay_writer.encoder, sink, finisher)
+    sink = Sink()
+    relay = openai_wire.PlainRelay("openai", relay_writer.encoder, sink, finisher)
+    chars = 0
+    for event in [e for group in groups for e in group]:
+        sink.out.clear()
+        line = b"data: " + dumps(event, compact) + b"\n\n"
         left = relay(line)
         if left:
             assert left == line and not sink.out  # left whole, nothing written
             continue
         chunk = ChatCompletionChunk.from_dict(event, "openai")
         assert bytes(sink.out) == chunk_writer.chunks([chunk])
+        chars += len(chunk.choices[0].delta.content or "")
+        assert finisher.chars == chars
         # Only the events between a stream's first and last: nothing the finisher holds.
         (choice,) = chunk.choices
         assert chunk.usage is None and choice.finish_reason is None
@@ -143,12 +170,14 @@ def relayed(pieces: list[bytes], sink: Sink) -> tuple[bytes, StreamFinisher, int
     return bytes(sink.out), finisher, taken
 
 
-def stream_bytes(events: list[Any], crlf: bool, comment_at: int | None) -> bytes:
+def stream_bytes(
+    events: list[Any], crlf: bool, comment_at: int | None, compact: bool = False
+) -> bytes:
     out = b""
     for i, event in enumerate(events):
         if i == comment_at:
             out += b": keep-alive\n\n"
-        data = event if isinstance(event, bytes) else json.dumps(event).encode()
+        data = event if isinstance(event, bytes) else dumps(event, compact)
         out += b"data: " + data + (b"\r\n\r\n" if crlf and i == len(events) - 1 else b"\n\n")
     return out + b"data: [DONE]\n\n"
 
@@ -158,7 +187,11 @@ def content_event(text: Any, **extra: Any) -> dict[str, Any]:
     return {"id": "chatcmpl-9", "created": 1700000000, "model": "gpt-4o-mini", "choices": [choice]}
 
 
-plain_events = st.lists(st.text(max_size=8).map(content_event), min_size=0, max_size=12)
+plain_events = st.lists(
+    (words | st.sampled_from(['"', "\\", "é", "\x7f"])).map(content_event),
+    min_size=0,
+    max_size=12,
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -170,9 +203,10 @@ plain_events = st.lists(st.text(max_size=8).map(content_event), min_size=0, max_
     cuts=st.lists(st.integers(0, 10_000), max_size=20),
     broken=st.sampled_from([None, b"{not json", b'"text"', b"\xff\xfe"]),
     pushback_after=st.none() | st.integers(0, 5),
+    compact=st.booleans(),
 )
 def test_the_relay_gives_the_bytes_and_the_count_of_the_translator(
-    head, middle, crlf, comment_at, cuts, broken, pushback_after
+    head, middle, crlf, comment_at, cuts, broken, pushback_after, compact
 ):
     events: list[Any] = [content_event(head)]
     for group in middle:
@@ -182,7 +216,7 @@ def test_the_relay_gives_the_bytes_and_the_count_of_the_translator(
     last = content_event(None)
     last["choices"][0]["finish_reason"] = "stop"
     usage = {"choices": [], "usage": {"prompt_tokens": 5, "completion_tokens": 9}}
-    wire = stream_bytes([*events, last, usage], crlf, comment_at)
+    wire = stream_bytes([*events, last, usage], crlf, comment_at, compact)
     points = sorted({c % (len(wire) + 1) for c in cuts})
     pieces = [wire[a:b] for a, b in zip([0, *points], [*points, len(wire)]) if b > a]
 

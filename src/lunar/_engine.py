@@ -666,12 +666,14 @@ class StreamFinisher:
         held, and the text is not kept for a check at the end."""
         return self._held is None and self._text is None
 
-    def relayed(self, event: dict[str, Any], content: Any) -> None:
+    def relayed(self, event: dict[str, Any] | None, chars: int) -> None:
         """An event the gateway relayed without its chunk (``PlainRelay``): one choice, no
-        usage, no tool call, no finish; what ``push`` would note of it."""
-        self._last = event
-        if content:
-            self.chars += len(content)
+        usage, no tool call, no finish, ``chars`` of text; what ``push`` would note of it.
+        ``event``: its dict, or ``None`` when it was the last one's but for its text."""
+        if event is not None:
+            self._last = event
+        if chars:
+            self.chars += chars
             if self.first_at is None:
                 self.first_at = _now()
 

@@ -77,6 +77,10 @@ class Headers(dict):  # type: ignore[type-arg]
 # One connection: an asyncio protocol that feeds httptools and wakes one waiting reader
 
 
+#: No deadline (``math.inf``), as a module global: compared once per tapped read.
+_NEVER = math.inf
+
+
 class _Connection(asyncio.Protocol):
     def __init__(self, origin: tuple[str, str, int], loop: asyncio.AbstractEventLoop) -> None:
         self.origin = origin
@@ -126,7 +130,7 @@ class _Connection(asyncio.Protocol):
             self.close()
         if self.tap is None or self.chunks or self.complete or self.error is not None:
             self._wake()
-        elif self._deadline != math.inf:
+        elif self._deadline != _NEVER:
             # The tap took it all, and the reader sleeps on: bytes came, so its read
             # timeout starts again.
             self._deadline = self.loop.time() + self._timeout

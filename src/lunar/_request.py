@@ -149,9 +149,7 @@ class Remote:
         self._max_retries = str(max_retries)
         self._default_timeout = None if read_timeout is None else timeout_ms(read_timeout)
 
-    def headers(
-        self, timeout: httpx.Timeout | None, extra: Mapping[str, str]
-    ) -> Mapping[str, str]:
+    def headers(self, timeout: httpx.Timeout | None, extra: Mapping[str, str]) -> Mapping[str, str]:
         """The request's headers for the gateway: the client's ``max_retries`` and the read
         timeout it waits with (the request's, else the client's; none: no deadline), under
         the caller's ``extra_headers``, which win whatever their case."""

@@ -3,6 +3,7 @@ DeepSeek, Mistral, OpenRouter, Ollama, vLLM and Lunar's own gateway."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any, Protocol
 
@@ -97,7 +98,7 @@ class RelaySink(Protocol):
 class RelayCount(Protocol):
     """What a ``PlainRelay`` tells of the events it took (the engine's ``StreamFinisher``)."""
 
-    def relayed(self, event: dict[str, Any], content: Any) -> None: ...
+    def relayed(self, event: dict[str, Any] | None, chars: int) -> None: ...
 
 
 class PlainRelay:
@@ -114,7 +115,7 @@ class PlainRelay:
     Nothing is built per event but its dict and its text, and no coroutine wakes: at lane
     3's load that was most of what an event cost the gateway."""
 
-    __slots__ = ("_pending", "_provider", "_seen", "_sink", "_text", "missed")
+    __slots__ = ("_pending", "_provider", "_seen", "_shape", "_sink", "_text", "missed")
 
     def __init__(
         self, provider: str, encoder: ChunkEncoder, sink: RelaySink, seen: RelayCount
@@ -124,16 +125,31 @@ class PlainRelay:
         self._sink = sink
         self._seen = seen
         self._pending = b""
+        #: The last event around its text, and what it was written as around its text: an
+        #: event the same but for its text (as nearly all of a stream's are) is written from
+        #: these, without its JSON parsed (``_same_shape``).
+        self._shape: tuple[bytes, bytes, bytes, bytes] | None = None
         #: It left the first event it met: no plain one came (a stream of tool calls, or of
         #: several choices), and another relay would most likely leave the next one too.
         self.missed = False
 
     def __call__(self, body: bytes) -> bytes:
-        data = self._pending + body if self._pending else body
-        self._pending = b""
+        if self._pending:
+            data = self._pending + body
+            self._pending = b""
+        else:
+            data = body
         sink = self._sink
         if not sink.ready():
             return data
+        end = data.find(b"\n\n")
+        if end == len(data) - 2 and end >= 0:  # one whole event: a paced stream's read
+            line = self._line(data, 0, end)
+            if line is None:
+                self.missed = True
+                return data
+            sink.write(line)
+            return b""
         out: list[bytes] = []
         start = 0
         while (end := data.find(b"\n\n", start)) >= 0:
@@ -157,6 +173,8 @@ class PlainRelay:
         if not data.startswith(b"data: ", start):
             return None
         payload = data[start + 6 : end]
+        if self._shape is not None and (line := self._same_shape(payload)) is not None:
+            return line
         # One line, nothing else: what the SSE decoder would give as it is ([DONE] and
         # anything else that is not a JSON object fail below).
         if b"\n" in payload or b"\r" in payload:
@@ -200,8 +218,54 @@ class PlainRelay:
             line = ("data: " + text + "\n\n").encode()
         except UnicodeEncodeError:  # a lone surrogate: the writer's own escape for it
             return None
-        self._seen.relayed(event, content)
+        self._seen.relayed(event, len(content) if content else 0)
+        self._shape = _shape(payload, line, content) if type(content) is str else None
         return line
+
+    def _same_shape(self, payload: bytes) -> bytes | None:
+        """The event written from ``_shape`` when it is the last one but for its text, and
+        that text is a JSON string of printable ASCII with no escape (the writer writes it
+        as it is); else ``None``. Equal around the text, the event has the last one's fields
+        and values, so it is plain and is written as that one was."""
+        head, tail, out_head, out_tail = self._shape  # type: ignore[misc]
+        if not (payload.startswith(head) and payload.endswith(tail)):
+            return None
+        literal = payload[len(head) : len(payload) - len(tail)]
+        if len(head) + len(tail) > len(payload) or _PLAIN_STRING.fullmatch(literal) is None:
+            return None
+        self._seen.relayed(None, len(literal) - 2)
+        return out_head + literal + out_tail
+
+
+#: A JSON string of printable ASCII without quote or backslash: its text as it is.
+_PLAIN_STRING = re.compile(rb'"[ !#-\[\]-~]*"')
+_CONTENT_KEY = b'"content":'
+
+
+def _shape(payload: bytes, line: bytes, content: str) -> tuple[bytes, bytes, bytes, bytes] | None:
+    """``payload`` and the ``line`` it was written as, each cut around its text
+    (``content``): where the text's key appears once in each, and the text is written the
+    same in both (``PlainRelay._same_shape``); else ``None``."""
+    literal = _json_text(content)
+    if payload.count(_CONTENT_KEY) != 1 or line.count(_CONTENT_KEY) != 1:
+        return None
+    at = payload.index(_CONTENT_KEY) + len(_CONTENT_KEY)
+    out_at = line.index(_CONTENT_KEY) + len(_CONTENT_KEY)
+    if not (payload.startswith(literal, at) and line.startswith(literal, out_at)):
+        return None
+    return (
+        payload[:at],
+        payload[at + len(literal) :],
+        line[:out_at],
+        line[out_at + len(literal) :],
+    )
+
+
+def _json_text(content: str) -> bytes:
+    """``content`` as a JSON string, or as nothing any JSON matches when it would need an
+    escape (the fast path is for text that needs none)."""
+    literal = b'"' + content.encode("utf-8", "replace") + b'"'
+    return literal if _PLAIN_STRING.fullmatch(literal) else b"\x00"
 
 
 class OpenAIAdapter(HTTPAdapter):
@@ -256,6 +320,7 @@ try:
     from orjson import loads as _relay_loads
 except ImportError:  # pragma: no cover - the core install (which has no relay: no pool)
     _relay_loads = _loads  # type: ignore[assignment]
+
 
 def without_extra_content(messages: list[Any]) -> list[Any]:
     """``messages`` without the ``extra_content`` of assistant tool calls: Gemini's thought
