@@ -330,7 +330,7 @@ def profile(args: argparse.Namespace) -> None:
 
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
-        sys.exit("needs py-spy: pip install py-spy (it is in the dev extra)")
+        sys.exit("needs py-spy: pip install py-spy")
     with procs.Procs(Path(tempfile.mkdtemp(prefix="lunar-instr-"))) as ps:
         emu = procs.start_emulator(ps, chunks=args.chunks, pacing_ms=args.pacing_ms)
         raw = ps.workdir / "samples.txt"

@@ -62,7 +62,7 @@ def main() -> None:
     args = ap.parse_args()
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
-        sys.exit("needs py-spy: pip install py-spy (it is in the dev extra)")
+        sys.exit("needs py-spy: pip install py-spy")
     work = Path(tempfile.mkdtemp(prefix="lunar-profile-"))
     raw = work / "samples.txt"
     with procs.Procs(work) as ps:

@@ -887,3 +887,48 @@ def test_standalone_process(tmp_path: Path) -> None:
                 proc.kill()
                 proc.wait()
         assert proc.returncode == 0  # SIGTERM is a clean shutdown
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads /proc")
+def test_the_emulator_served_from_the_command_line_keeps_no_requests() -> None:
+    # `python -m lunar.testing` (and `lunar mock`) run until stopped, often under load: they
+    # must not keep what they received. 400 requests of 400 KB each (160 MB) are sent.
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lunar.testing", "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        base = line.strip().rsplit(" ", 1)[-1]
+        assert base.startswith("http://127.0.0.1:"), line
+        body = {
+            "model": "gpt-4o-mini",
+            "messages": [{"role": "user", "content": "word " * 80_000}],
+            "max_tokens": 1,
+        }
+        with httpx.Client(timeout=10) as http:
+            http.post(f"{base}/chat/completions", json=body).raise_for_status()
+            before = _rss_kb(proc.pid)
+            for _ in range(400):
+                http.post(f"{base}/chat/completions", json=body).raise_for_status()
+            grown_mb = (_rss_kb(proc.pid) - before) / 1024
+        assert grown_mb < 40, f"the emulator grew by {grown_mb:.0f} MB"
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def test_a_mock_server_that_records_nothing() -> None:
+    with MockServer(record=False) as quiet, httpx.Client(base_url=quiet.base_url) as http:
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        assert http.post("/chat/completions", json=body).status_code == 200
+        assert quiet.requests == []

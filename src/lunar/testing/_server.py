@@ -129,9 +129,16 @@ class _State:
     """Script, recordings and counters shared by the connections of one server."""
 
     def __init__(
-        self, default: Reply, require_api_key: str | None, models: Iterable[str] | None
+        self,
+        default: Reply,
+        require_api_key: str | None,
+        models: Iterable[str] | None,
+        record: bool = True,
     ) -> None:
         self.lock = threading.Lock()
+        #: Whether requests are kept (``MockServer.requests``): not by ``serve``, which
+        #: nobody can ask, and which would keep every request until it stops.
+        self.record = record
         self.default = default
         self.queue: deque[Reply] = deque()
         self.model_queues: dict[str, deque[Reply]] = {}
@@ -180,8 +187,9 @@ class _State:
                 parsed = json.loads(body)
             except ValueError:
                 parsed = None
-        with self.lock:
-            self.requests.append(RecordedRequest(method, path, headers, body, parsed, query))
+        if self.record:
+            with self.lock:
+                self.requests.append(RecordedRequest(method, path, headers, body, parsed, query))
         number = next(self.counter)
         conn.request_id = f"req_mock_{number}"
 
@@ -742,6 +750,10 @@ class MockServer:
     ``cache_read_input_tokens``)/``output_tokens``, Gemini
     ``promptTokenCount``/``candidatesTokenCount``.
 
+    ``requests`` keeps every request received (until ``reset()``); ``record=False`` keeps
+    none, for a long run under load (``serve``, behind ``python -m lunar.testing`` and
+    ``lunar mock``, keeps none).
+
     ``disconnects`` counts responses the client abandoned while the emulator was still
     producing them (during ``delay``, ``stall``, ``pacing``, slow reading): a small reply
     without pacing is handed to the kernel at once and cannot be abandoned.
@@ -754,10 +766,11 @@ class MockServer:
         require_api_key: str | None = None,
         *,
         models: Iterable[str] | None = None,
+        record: bool = True,
     ) -> None:
         self.host = host
         self._requested_port = port
-        self._state = _State(Reply(), require_api_key, models)
+        self._state = _State(Reply(), require_api_key, models, record)
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -951,7 +964,9 @@ def serve(
     """
     loop = _new_loop(prefer_uvloop=True)
     asyncio.set_event_loop(loop)
-    state = _State(default if default is not None else Reply(), require_api_key, models)
+    state = _State(
+        default if default is not None else Reply(), require_api_key, models, record=False
+    )
 
     async def main() -> None:
         server = await loop.create_server(lambda: _Conn(state, loop), host, port, backlog=2048)
