@@ -30,7 +30,7 @@ request lasts: the ledger's writer ticks every 10 ms while rows are recent, so L
 at 10 ms pacing is 10 % above its count at 3 ms (2.58M vs 2.34M with 16 deltas; asgi-relay,
 which has no ledger, 511k vs 509k). Compare counts taken at the same pacing.
 
-``--profile`` shows where that work goes instead: py-spy (the ``dev`` extra) samples the same
+``--profile`` shows where that work goes instead: py-spy (``pip install py-spy``) samples the same
 in-process driver, and the functions with the most samples under the app are printed.
 ``--opcodes`` counts instead the bytecodes each Python function runs per request (a trace
 function with opcode events, after the warm-up): exact and repeatable, and blind to C
