@@ -50,6 +50,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -131,7 +132,7 @@ async def _one(
 
     # What lunar serve's uvicorn protocol gives the app (lunar.server.relay): the gateway
     # relays plain stream events to its transport, past send (older revisions ignore it).
-    scope["extensions"] = {"lunar.uvicorn_cycle": cycle}
+    scope["extensions"] = {"lunar.uvicorn_cycle": weakref.ref(cycle)}
     await app(scope, receive, send)
     return status
 

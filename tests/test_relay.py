@@ -33,6 +33,8 @@ from lunar.providers import openai as openai_wire
 from lunar.server.dialects import ChatWriter
 from lunar.testing import MockServer, Reply
 
+from .conftest import cyclic_garbage
+
 CATALOG = Catalog.load()
 TARGET = Target(
     CATALOG.resolve("gpt-4o-mini")[0], CATALOG.providers["openai"], "http://127.0.0.1:9/v1", "k"
@@ -523,3 +525,27 @@ async def test_a_stream_of_tool_calls_is_offered_to_the_relay_once(relay_count, 
             plain_events = await stream(base)
     assert len(relayed_events) > 5
     assert comparable(relayed_events) == comparable(plain_events)
+
+
+async def test_the_served_requests_leave_no_reference_cycle_of_their_uvicorn_cycle():
+    # The scope reaches its cycle weakly: a strong reference (the cycle holds the scope)
+    # made every request a cycle for the cyclic GC, whose collections paused the gateway
+    # (lane 1's p99.9 went from ~2 ms to ~8 ms).
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    with MockServer() as mock:
+        async with gateway(mock) as (base, _, _):
+            body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+            headers = {"authorization": f"Bearer {MASTER}"}
+            async with httpx.AsyncClient(timeout=10) as client:
+                await client.post(f"{base}/v1/chat/completions", json=body, headers=headers)
+                with cyclic_garbage(only_lunar=False) as left:
+                    for _ in range(5):
+                        r = await client.post(
+                            f"{base}/v1/chat/completions", json=body, headers=headers
+                        )
+                        assert r.status_code == 200
+                    mock.enqueue(Reply(chunks=8, pacing=0.002))
+                    await stream(base)
+                    await asyncio.sleep(0.05)
+    assert not [o for o in left if isinstance(o, RequestResponseCycle)]

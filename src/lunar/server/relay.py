@@ -4,10 +4,11 @@ connection of the request's uvicorn cycle, written to directly.
 ASGI's ``send`` costs each event a coroutine, a message dict and uvicorn's checks, and the
 relay runs in the upstream's ``data_received``, where nothing can be awaited. Lunar's own
 uvicorn protocol (``serving.bounded_head_protocol``) gives the app the request's cycle under
-``CYCLE_EXTENSION``; the relay writes a body chunk as the cycle's ``send`` would (chunked,
-after the head that ``send`` wrote), only while the cycle would write at once, and leaves
-the rest (the last events, the end of the body) to ``send``. Under any other server there
-is no cycle, and every event goes through ``send``.
+``CYCLE_EXTENSION``, by a weak reference (the cycle holds the scope). The relay writes a
+body chunk as the cycle's ``send`` would (chunked, after the head that ``send`` wrote), only
+while the cycle would write at once, and leaves the rest (the last events, the end of the
+body) to ``send``. Under any other server there is no cycle, and every event goes through
+``send``.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ class ClientSink:
 def client_sink(scope: Mapping[str, Any]) -> ClientSink | None:
     """The sink of a streamed response whose head was sent chunked, when the server gave
     the app its cycle; else ``None``."""
-    cycle = scope.get("extensions", {}).get(CYCLE_EXTENSION)
+    ref = scope.get("extensions", {}).get(CYCLE_EXTENSION)
+    cycle = None if ref is None else ref()
     if cycle is None or cycle.chunked_encoding is not True or not cycle.response_started:
         return None
     return ClientSink(cycle)

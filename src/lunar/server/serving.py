@@ -20,6 +20,7 @@ import asyncio
 import errno
 import logging
 import socket
+import weakref
 from typing import Any
 
 import uvicorn
@@ -89,8 +90,10 @@ def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]
             if cycle is not None:
                 # The request's own cycle, for the gateway's relay of stream events past
                 # ASGI's send (``relay.client_sink``); the app task has not started yet.
+                # Weakly: the cycle holds the scope, and a scope holding the cycle would
+                # leave every request a reference cycle for the cyclic GC.
                 extensions: dict[str, Any] = cycle.scope.setdefault("extensions", {})
-                extensions[CYCLE_EXTENSION] = cycle
+                extensions[CYCLE_EXTENSION] = weakref.ref(cycle)
 
         def data_received(self, data: bytes) -> None:
             self._began = False
