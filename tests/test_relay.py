@@ -34,6 +34,7 @@ from lunar.server.dialects import ChatWriter
 from lunar.testing import MockServer, Reply
 
 from .conftest import cyclic_garbage
+from .test_serving import serving_in_this_loop
 
 CATALOG = Catalog.load()
 TARGET = Target(
@@ -306,18 +307,8 @@ async def gateway(mock: MockServer, **env: str) -> AsyncIterator[tuple[str, Path
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     config = uvicorn.Config(app, lifespan="on", log_level="warning", timeout_graceful_shutdown=2)
-    server = serving.GatewayServer(config, sock)
-    task = asyncio.create_task(server.serve())
-    try:
-        for _ in range(500):
-            if server.started or task.done():
-                break
-            await asyncio.sleep(0.01)
-        assert server.started
+    async with serving_in_this_loop(serving.GatewayServer(config, sock)) as server:
         yield f"http://127.0.0.1:{port}", work / "ledger.db", server
-    finally:
-        server.should_exit = True
-        await task
 
 
 @pytest.fixture

@@ -39,10 +39,11 @@ def new_server() -> serving.GatewayServer:
 
 
 @contextlib.asynccontextmanager
-async def running_server() -> AsyncIterator[serving.GatewayServer]:
-    """A GatewayServer on a free port, run as `lunar serve` runs it (``serve()``)."""
-    server = new_server()
-    sock = server.sock
+async def serving_in_this_loop(
+    server: serving.GatewayServer,
+) -> AsyncIterator[serving.GatewayServer]:
+    """``server`` run as `lunar serve` runs it (``serve()``), in this event loop, until the
+    block ends."""
     task = asyncio.create_task(server.serve())
     try:
         for _ in range(500):
@@ -54,6 +55,15 @@ async def running_server() -> AsyncIterator[serving.GatewayServer]:
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.asynccontextmanager
+async def running_server() -> AsyncIterator[serving.GatewayServer]:
+    """A GatewayServer for ``hello`` on a free port, run as `lunar serve` runs it."""
+    server = new_server()
+    sock = server.sock
+    async with serving_in_this_loop(server):
+        yield server
     assert sock.fileno() == -1  # the listening socket is closed at shutdown
 
 

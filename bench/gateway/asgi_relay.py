@@ -19,6 +19,16 @@ import uvicorn
 from lunar._http import AsyncPool
 
 
+async def read_body(receive: Any) -> bytes:
+    """An ASGI request's whole body."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
 def app_for(upstream: str) -> Any:
     pool: AsyncPool | None = None
 
@@ -36,12 +46,7 @@ def app_for(upstream: str) -> Any:
                     await send({"type": "lifespan.shutdown.complete"})
                     return
         assert pool is not None
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         resp = await pool.send(
             scope["method"],
             upstream + scope["path"],
@@ -65,7 +70,8 @@ def granian_app() -> Any:
     return app_for(os.environ["RELAY_UPSTREAM"].rstrip("/"))
 
 
-def main() -> None:
+def main(app_for: Any = app_for) -> None:
+    """Serve ``app_for(upstream)`` as ``lunar serve`` serves its app (uvloop, httptools)."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--upstream", required=True, help="http://host:port")

@@ -15,14 +15,13 @@ is a floor to measure and not how Lunar's gateway runs.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from typing import Any
 from urllib.parse import urlsplit
 
 import httptools
 import orjson
-import uvicorn
+from asgi_relay import read_body  # run as a script: its folder is on sys.path
 
 _EVENT_END = b"\n\n"
 
@@ -112,12 +111,7 @@ def app_for(upstream: str) -> Any:
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b"ok"})
             return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         orjson.loads(body)
         up = await connection()
         loop = asyncio.get_running_loop()
@@ -147,22 +141,7 @@ def app_for(upstream: str) -> Any:
     return app
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--port", type=int, required=True)
-    ap.add_argument("--upstream", required=True, help="http://host:port")
-    args = ap.parse_args()
-    uvicorn.run(
-        app_for(args.upstream.rstrip("/")),
-        host="127.0.0.1",
-        port=args.port,
-        loop="uvloop",
-        http="httptools",
-        log_level="warning",
-        access_log=False,
-        backlog=4096,
-    )
-
-
 if __name__ == "__main__":
-    main()
+    from asgi_relay import main  # the same serving as the floor it is measured beside
+
+    main(app_for)
