@@ -174,15 +174,17 @@ def relayed(pieces: list[bytes], sink: Sink) -> tuple[bytes, StreamFinisher, int
 
 
 def stream_bytes(
-    events: list[Any], crlf: bool, comment_at: int | None, compact: bool = False
+    events: list[Any], crlf: str, comment_at: int | None, compact: bool = False
 ) -> bytes:
+    """The stream's bytes; ``crlf``: which events end in CRLF ("none", "last", "all")."""
     out = b""
     for i, event in enumerate(events):
         if i == comment_at:
             out += b": keep-alive\n\n"
         data = event if isinstance(event, bytes) else dumps(event, compact)
-        out += b"data: " + data + (b"\r\n\r\n" if crlf and i == len(events) - 1 else b"\n\n")
-    return out + b"data: [DONE]\n\n"
+        cr = crlf == "all" or (crlf == "last" and i == len(events) - 1)
+        out += b"data: " + data + (b"\r\n\r\n" if cr else b"\n\n")
+    return out + (b"data: [DONE]\r\n\r\n" if crlf == "all" else b"data: [DONE]\n\n")
 
 
 def content_event(text: Any, **extra: Any) -> dict[str, Any]:
@@ -201,7 +203,7 @@ plain_events = st.lists(
 @given(
     head=st.text(min_size=1, max_size=5),
     middle=st.lists(plain_events | st.lists(events_st, max_size=2), max_size=3),
-    crlf=st.booleans(),
+    crlf=st.sampled_from(["none", "last", "all"]),
     comment_at=st.none() | st.integers(0, 20),
     cuts=st.lists(st.integers(0, 10_000), max_size=20),
     broken=st.sampled_from([None, b"{not json", b'"text"', b"\xff\xfe"]),
@@ -260,7 +262,7 @@ def test_the_relay_takes_the_plain_events_and_leaves_the_last_ones(monkeypatch):
     events = [content_event("Once"), content_event(" upon"), content_event(" a time")]
     last = content_event(None)
     last["choices"][0]["finish_reason"] = "stop"
-    wire = stream_bytes([*events, last], False, None)
+    wire = stream_bytes([*events, last], "none", None)
     cut = wire.index(b"data: ", 1)  # the first event alone, then the rest in one read
     sink = Sink()
     monkeypatch.setattr(engine, "_now", lambda: 1.0)
@@ -269,6 +271,25 @@ def test_the_relay_takes_the_plain_events_and_leaves_the_last_ones(monkeypatch):
     assert out == translated(wire, [wire[:cut], wire[cut:]])[0]
     assert out.count(b'"finish_reason":"stop"') == 1  # once, last, with the usage
     assert out.rindex(b'"finish_reason":"stop"') > out.rindex(b'"content":" a time"')
+
+
+@pytest.mark.parametrize("crlf", ["none", "last", "all"])
+@pytest.mark.parametrize("per_read", [1, 2, 7])
+def test_a_stream_read_event_by_event_or_in_pieces_gives_the_translators_bytes(
+    crlf, per_read, monkeypatch
+):
+    monkeypatch.setattr(engine, "_now", lambda: 1.0)
+    events = [content_event(w) for w in ["Once", " upon", " a", " time", ",", " é", ' "x"']]
+    last = content_event(None)
+    last["choices"][0]["finish_reason"] = "stop"
+    wire = stream_bytes([*events, last], crlf, None, compact=True)
+    reads = wire.split(b"data: ")[1:]
+    pieces = [b"data: " + r for r in reads]  # one read per event
+    if per_read > 1:  # several events a read, and reads that end inside an event
+        pieces = [wire[i : i + 37 * per_read] for i in range(0, len(wire), 37 * per_read)]
+    out, fin, _ = relayed(pieces, Sink())
+    want, want_fin = translated(wire, pieces)
+    assert out == want and fin.chars == want_fin.chars
 
 
 def test_no_relay_for_a_gateway_upstream_or_a_stream_checked_as_json():
@@ -540,3 +561,19 @@ async def test_the_served_requests_leave_no_reference_cycle_of_their_uvicorn_cyc
                     await stream(base)
                     await asyncio.sleep(0.05)
     assert not [o for o in left if isinstance(o, RequestResponseCycle)]
+
+
+async def test_a_stream_framed_with_crlf_reads_whole_through_the_relay(relay_count, monkeypatch):
+    # No "\n\n" ends its events: the relay takes none, and keeps none of its bytes.
+    from lunar.server import app as app_module
+
+    with MockServer() as mock:
+        async with gateway(mock) as (base, _, _):
+            mock.enqueue(Reply(chunks=12, pacing=0.005, crlf=True))
+            relayed_events = await stream(base)
+            assert relay_count[0] >= 1
+            monkeypatch.setattr(app_module, "client_sink", lambda scope: None)
+            mock.enqueue(Reply(chunks=12, pacing=0.005, crlf=True))
+            plain_events = await stream(base)
+    assert relayed_events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert comparable(relayed_events) == comparable(plain_events)

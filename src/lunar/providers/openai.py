@@ -108,14 +108,14 @@ class PlainRelay:
     returns ``b""``. A plain event is one ``data:`` line of a JSON object with one choice,
     no usage, no tool call, no logprobs and no ``finish_reason``: the events between a
     stream's first and its last. At the first other one (the last ones, usage, tool calls,
-    an error, ``[DONE]``, other SSE framing, anything misshapen), or when the client pushes
-    back, it returns the bytes from that event on, for the translator (which says what is
-    wrong, if anything), and is done.
+    an error, ``[DONE]``, other SSE framing, anything misshapen), at a piece that ends
+    inside an event, or when the client pushes back, it returns the bytes from there on,
+    for the translator (which says what is wrong, if anything), and is done.
 
     Nothing is built per event but its dict and its text, and no coroutine wakes: at lane
     3's load that was most of what an event cost the gateway."""
 
-    __slots__ = ("_pending", "_provider", "_seen", "_shape", "_sink", "_text", "missed")
+    __slots__ = ("_provider", "_seen", "_shape", "_sink", "_text", "missed")
 
     def __init__(
         self, provider: str, encoder: ChunkEncoder, sink: RelaySink, seen: RelayCount
@@ -124,48 +124,43 @@ class PlainRelay:
         self._text = encoder.text
         self._sink = sink
         self._seen = seen
-        self._pending = b""
         #: The last event around its text, and what it was written as around its text: an
         #: event the same but for its text (as nearly all of a stream's are) is written from
         #: these, without its JSON parsed (``_same_shape``).
         self._shape: tuple[bytes, bytes, bytes, bytes] | None = None
-        #: It left the first event it met: no plain one came (a stream of tool calls, or of
-        #: several choices), and another relay would most likely leave the next one too.
+        #: It left the first event it met: no plain one came (a stream of tool calls, of
+        #: several choices, or framed with CR), and another relay would most likely leave
+        #: the next one too.
         self.missed = False
 
     def __call__(self, body: bytes) -> bytes:
-        if self._pending:
-            data = self._pending + body
-            self._pending = b""
-        else:
-            data = body
         sink = self._sink
         if not sink.ready():
-            return data
-        end = data.find(b"\n\n")
-        if end == len(data) - 2 and end >= 0:  # one whole event: a paced stream's read
-            line = self._line(data, 0, end)
+            return body
+        end = body.find(b"\n\n")
+        if end == len(body) - 2 and end >= 0:  # one whole event: a paced stream's read
+            line = self._line(body, 0, end)
             if line is None:
                 self.missed = True
-                return data
+                return body
             sink.write(line)
             return b""
         out: list[bytes] = []
         start = 0
-        while (end := data.find(b"\n\n", start)) >= 0:
-            line = self._line(data, start, end)
+        while end >= 0:
+            line = self._line(body, start, end)
             if line is None:
-                if out:
-                    sink.write(b"".join(out))
-                elif start == 0:
-                    self.missed = True
-                return data[start:]
+                break
             out.append(line)
             start = end + 2
-        self._pending = data[start:]
+            end = body.find(b"\n\n", start)
         if out:
             sink.write(out[0] if len(out) == 1 else b"".join(out))
-        return b""
+        elif b"\r" in body or end >= 0:
+            self.missed = True  # not plain, or framed with CR or CRLF: never plain here
+        # What is left (an event not plain, or one not whole yet) is the reader's: the relay
+        # keeps no byte, so whatever way the body ends, the translator has all of it.
+        return body[start:]
 
     def _line(self, data: bytes, start: int, end: int) -> bytes | None:
         """The event at ``data[start:end]`` as the gateway writes it, counted as seen, when
