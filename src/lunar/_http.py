@@ -342,8 +342,9 @@ class Response:
 
     def tap(self, tap: Callable[[bytes], bytes]) -> bool:
         """Have ``tap`` take the body's bytes as they arrive, from now until it leaves some
-        (``aiter_bytes`` then reads those) or ``untap()``: whether it was set. It is not
-        when bytes are waiting to be read, or the body is compressed, complete or failed."""
+        (``aiter_bytes`` then reads those) or the response is closed: whether it was set.
+        It is not when bytes are waiting to be read, or the body is compressed, complete or
+        failed."""
         conn = self._conn
         if (
             conn is None
@@ -355,10 +356,6 @@ class Response:
             return False
         conn.tap = tap
         return True
-
-    def untap(self) -> None:
-        if self._conn is not None:
-            self._conn.tap = None
 
     async def aiter_bytes(self) -> AsyncIterator[bytes]:
         conn = self._conn
