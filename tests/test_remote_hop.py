@@ -427,3 +427,21 @@ async def test_a_callers_http_client_timeout_is_the_deadline_sent(upstream, flav
     (request,) = upstream.requests
     assert request.headers["x-lunar-timeout-ms"] == "6300"
     assert request.headers["x-lunar-max-retries"] == "2"
+
+
+@pytest.mark.parametrize(("own", "expected"), [(float("inf"), None), (1e300, "999999999000")])
+async def test_a_callers_http_client_without_a_finite_timeout_sends_a_sane_deadline(
+    upstream, own, expected
+):
+    """A caller's ``http_client`` keeps its timeout unvalidated: an infinite one is no
+    deadline (the client's construction raised OverflowError), a huge one is capped as
+    Lunar's own are (it sent a 301-digit header)."""
+    mine = httpx.AsyncClient(timeout=own)
+    client = lunar.AsyncLunar(base_url=upstream.base_url, api_key="lk-x", http_client=mine)
+    try:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    finally:
+        await client.close()
+        await mine.aclose()
+    (request,) = upstream.requests
+    assert request.headers.get("x-lunar-timeout-ms") == expected
