@@ -427,3 +427,51 @@ async def test_a_callers_http_client_timeout_is_the_deadline_sent(upstream, flav
     (request,) = upstream.requests
     assert request.headers["x-lunar-timeout-ms"] == "6300"
     assert request.headers["x-lunar-max-retries"] == "2"
+
+
+@pytest.mark.parametrize(("own", "expected"), [(float("inf"), None), (1e300, "999999999000")])
+async def test_a_callers_http_client_without_a_finite_timeout_sends_a_sane_deadline(
+    upstream, own, expected
+):
+    """A caller's ``http_client`` keeps its timeout unvalidated: an infinite one is no
+    deadline (the client's construction raised OverflowError), a huge one is capped as
+    Lunar's own are (it sent a 301-digit header)."""
+    mine = httpx.AsyncClient(timeout=own)
+    client = lunar.AsyncLunar(base_url=upstream.base_url, api_key="lk-x", http_client=mine)
+    try:
+        await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    finally:
+        await client.close()
+        await mine.aclose()
+    (request,) = upstream.requests
+    assert request.headers.get("x-lunar-timeout-ms") == expected
+
+
+async def test_a_relayed_attempt_whose_type_is_no_string_is_no_crash(upstream, flavor):
+    """An attempt in a gateway's answer whose ``type`` was not a string (and whose status
+    was no number) raised a ``TypeError`` (unhashable) in place of the gateway's error; its
+    type is now ignored, as a wrong status is (502)."""
+    weird = {"model": "m", "provider": "p", "status": "bad", "type": [1], "message": "x"}
+    fine = {"model": "openai/gpt-4o-mini", "provider": "openai", "status": 503,
+            "type": "server_error", "message": "down"}  # fmt: skip
+    body = {"error": {"message": "gave up", "type": "api_error"}, "attempts": [weird, fine]}
+    upstream.enqueue(Reply(status=502, should_retry=False, body=body), model="gpt-4o-mini")
+    client = remote_to(upstream, flavor)
+    try:
+        err = await raised(
+            lambda: client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        )
+    finally:
+        await call(client.close())
+    assert isinstance(err, lunar.APIError), err
+    assert (err.status_code, str(err)) == (502, "[502] gave up")
+    assert [(a.model, a.provider, a.error.status_code) for a in err.attempts] == [
+        ("m", "p", 502),
+        ("openai/gpt-4o-mini", "openai", 503),
+    ]
+
+
+def remote_to(upstream: MockServer, flavor: str) -> Any:
+    """A remote-mode client of the emulator standing in for a gateway."""
+    cls = lunar.Lunar if flavor == "sync" else lunar.AsyncLunar
+    return cls(base_url=upstream.base_url, api_key="lk-x", max_retries=0)

@@ -332,6 +332,46 @@ def test_an_older_ledger_is_upgraded_in_place_keeping_its_rows(tmp_path):
         assert names == [r[1] for r in db.execute("PRAGMA table_info(usage)")]
 
 
+
+def _unprivileged() -> list[str]:
+    """A command prefix that runs without the power to write a file its mode forbids: none
+    when not root; as root, without the capabilities that override file modes."""
+    import os
+    import shutil
+
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("root without setpriv: a read-only file is writable")
+    return [setpriv, "--bounding-set=-dac_override,-dac_read_search,-fowner"]
+
+
+def test_an_older_ledger_the_reader_may_not_write_is_still_reported(tmp_path):
+    """`lunar usage --db` on an older ledger it may not write (another user's, a backup's):
+    it read it before the cache-write columns; then it failed with 'attempt to write a
+    readonly database' (the upgrade). It reports it, the new columns 0, file unchanged."""
+    import os
+
+    path = tmp_path / "old.db"
+    old_ledger(path)
+    with contextlib.closing(sqlite3.connect(path)) as db:  # as a gateway leaves it
+        db.execute("PRAGMA journal_mode=WAL")
+    path.chmod(0o444)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [*_unprivileged(), sys.executable, "-m", "lunar.cli", "usage", "--db", str(path),
+         "--group-by", "none", "--json"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (item,) = json.loads(done.stdout)["data"]
+    assert {k: item[k] for k in OLD_LEDGER_ROW} == {**OLD_LEDGER_ROW, "stream": False}
+    assert (item["cache_write_tokens"], item["cache_write_1h_tokens"]) == (0, 0)
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        names = {r[1] for r in db.execute("PRAGMA table_info(usage)")}
+    assert "cache_write_tokens" not in names
+
 def test_the_ledger_keeps_whether_a_request_streamed(tmp_path):
     """``stream`` goes to SQLite as the integer it stores (sqlite3 binds a bool only after
     two adapter lookups that fail) and comes back a bool."""

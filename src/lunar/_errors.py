@@ -365,6 +365,8 @@ def _describe(parsed: Any) -> tuple[str, str | None, str | None, Any]:
     if not isinstance(message, str):
         message = json.dumps(message)
     etype = err.get("type") or err.get("status")
+    if not isinstance(etype, str):  # a type of another shape: none (it is a lookup key)
+        etype = None
     return message, etype, err.get("param"), err.get("code")
 
 

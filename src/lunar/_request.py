@@ -129,10 +129,15 @@ TIMEOUT_HEADER = "x-lunar-timeout-ms"
 _LONGEST_TIMEOUT_MS = 10**12
 
 
-def timeout_ms(read: float) -> str:
+def timeout_ms(read: float | None) -> str | None:
     """The ``x-lunar-timeout-ms`` a client that waits ``read`` seconds for the gateway's
     answer sends: a tenth less, at most a second less, so the gateway's answer (its 504
-    and attempts included) has time to come back before the client stops waiting."""
+    and attempts included) has time to come back before the client stops waiting. None
+    (no header) for no timeout: ``None``, or a caller's ``http_client``'s infinite one,
+    which Lunar does not validate; one beyond ``LONGEST_TIMEOUT`` is taken as that."""
+    if read is None or not math.isfinite(read):
+        return None
+    read = min(read, LONGEST_TIMEOUT)
     return str(max(1, int(read * 1000.0 - min(read * 100.0, 1000.0))))
 
 
@@ -147,16 +152,13 @@ class Remote:
     ) -> None:
         self.fallbacks = fallbacks
         self._max_retries = str(max_retries)
-        self._default_timeout = None if read_timeout is None else timeout_ms(read_timeout)
+        self._default_timeout = timeout_ms(read_timeout)
 
     def headers(self, timeout: httpx.Timeout | None, extra: Mapping[str, str]) -> Mapping[str, str]:
         """The request's headers for the gateway: the client's ``max_retries`` and the read
         timeout it waits with (the request's, else the client's; none: no deadline), under
         the caller's ``extra_headers``, which win whatever their case."""
-        if timeout is None:
-            ms = self._default_timeout
-        else:
-            ms = None if timeout.read is None else timeout_ms(timeout.read)
+        ms = self._default_timeout if timeout is None else timeout_ms(timeout.read)
         out = {MAX_RETRIES_HEADER: self._max_retries}
         if ms is not None:
             out[TIMEOUT_HEADER] = ms

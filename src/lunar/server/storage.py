@@ -278,14 +278,34 @@ def _upgrade(conn: sqlite3.Connection) -> None:
 
     if not missing():
         return
-    conn.execute("BEGIN IMMEDIATE")
     try:
-        for name, sql in missing():  # again, under the lock: another may have added them
-            conn.execute(f"ALTER TABLE usage ADD COLUMN {name} {sql}")
-        conn.commit()
-    except BaseException:
-        conn.rollback()
-        raise
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for name, sql in missing():  # again, under the lock: another may have added them
+                conn.execute(f"ALTER TABLE usage ADD COLUMN {name} {sql}")
+            conn.commit()
+        except BaseException:
+            conn.rollback()
+            raise
+    except sqlite3.OperationalError as exc:
+        if not _read_only(exc):
+            raise
+        # A file this process may not write (``lunar usage --db`` on another user's or a
+        # backup's ledger): read it as upgraded, through a view of this connection's own
+        # (TEMP comes before the file's tables) that gives the missing columns as 0.
+        zeros = ", ".join(f"0 AS {name}" for name, _ in missing())
+        conn.execute(f"CREATE TEMP VIEW usage AS SELECT *, {zeros} FROM main.usage")
+
+
+#: SQLite's primary result code for a write to a database opened read-only.
+_SQLITE_READONLY = 8
+
+
+def _read_only(exc: sqlite3.Error) -> bool:
+    code = getattr(exc, "sqlite_errorcode", None)  # Python 3.11+: the extended code
+    if code is None:
+        return "readonly" in str(exc)
+    return bool(code & 0xFF == _SQLITE_READONLY)
 
 
 def _key_from_row(r: Sequence[Any]) -> KeyRecord:
