@@ -1400,16 +1400,14 @@ class AsyncEngine(_Closable):
     def _relay(
         self, stream: AsyncOpenStream, resp: Any, translator: Any, finisher: StreamFinisher
     ) -> PlainRelay | None:
-        """Hand the stream's next plain events to the gateway's relay, when the translator
-        has one (OpenAI's) and nothing is pending in it, the finisher or the response: the
-        relay, if it was."""
-        relay_for = getattr(translator, "relay", None)
-        tap = getattr(resp, "tap", None)
-        if relay_for is None or tap is None or self.closed or not finisher.relayable():
+        """Hand the stream's next plain events to the gateway's relay (the translator has
+        one, OpenAI's, and the response a tap: checked once per stream), when nothing is
+        pending in it, the finisher or the response: the relay, if it was."""
+        if self.closed or not finisher.relayable():
             return None
         encoder, sink = stream.relay  # type: ignore[misc]
-        relay: PlainRelay | None = relay_for(encoder, sink, finisher)
-        if relay is None or not tap(relay):
+        relay: PlainRelay | None = translator.relay(encoder, sink, finisher)
+        if relay is None or not resp.tap(relay):
             return None
         return relay
 
@@ -1436,7 +1434,10 @@ class AsyncEngine(_Closable):
             else:
                 relay = None
                 if stream.relay is not None:
-                    relay = self._relay(stream, closer, translator, finisher)
+                    if hasattr(translator, "relay") and hasattr(closer, "tap"):
+                        relay = self._relay(stream, closer, translator, finisher)
+                    else:
+                        stream.relay = None  # a wire without a relay, or httpx's response
                 async for data in raw:
                     if self.closed:  # with a caller's http_client, still open
                         raise client_closed()
