@@ -985,6 +985,44 @@ def test_a_head_past_64_kib_pipelined_behind_a_request_in_flight_closes_cleanly(
     assert "internal error" not in new_logs and "Traceback" not in new_logs, new_logs
 
 
+@pytest.mark.parametrize(
+    "garbage",
+    [
+        b"NOT HTTP AT ALL\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nbad header\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: x\r\n\r\n",
+    ],
+)
+def test_bytes_that_are_not_http_get_a_400_in_openais_error_shape(gw, key, garbage):
+    """uvicorn answers them with text/plain, which a client reading OpenAI's error shape
+    cannot parse; the gateway answers JSON, closes that connection, and serves others."""
+    answer = _raw_exchange(gw, garbage, iter(()))
+    status, _, rest = answer.partition(b"\r\n")
+    assert status == b"HTTP/1.1 400 Bad Request", answer[:200]
+    head_lines, _, body = rest.partition(b"\r\n\r\n")
+    lines = head_lines.lower().split(b"\r\n")
+    assert b"content-type: application/json" in lines and b"connection: close" in lines
+    error = json.loads(body)["error"]
+    assert error["type"] == "invalid_request_error" and error["code"] == "invalid_http_request"
+    assert _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES}).status_code == 200
+
+
+def test_bytes_that_are_not_http_behind_a_request_in_flight_close_without_an_answer(gw, key):
+    """An answer written while an earlier (pipelined) request is answered would cut into
+    it: the connection is closed, and nothing fails inside the gateway."""
+    body = json.dumps({"model": "gpt-4o-mini", "messages": MESSAGES}).encode()
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-api-key: %s\r\n"
+        b"content-length: %d\r\n\r\n%s" % (key.encode(), len(body), body)
+    )
+    before = gw.logs()
+    answer = _raw_exchange(gw, request + b"NOT HTTP\r\n\r\n", iter(()))
+    assert b"400 Bad Request" not in answer, answer[:300]
+    assert _post(gw, key, json={"model": "gpt-4o-mini", "messages": MESSAGES}).status_code == 200
+    new_logs = gw.logs()[len(before) :]
+    assert "internal error" not in new_logs and "Traceback" not in new_logs, new_logs
+
+
 def test_unknown_routes_and_methods(gw, key):
     assert _error(gw.http.get("/v1/nothing"), 404)["code"] == "unknown_route"
     r = gw.http.get("/v1/chat/completions", headers={"x-api-key": key})

@@ -11,7 +11,8 @@ same on either loop, and hands each connection to uvicorn's protocol with
 ``loop.connect_accepted_socket``.
 
 Each connection's protocol is uvicorn's, with one bound added (``bounded_head_protocol``): a
-request head larger than ``MAX_HEAD_BYTES`` is refused with a 431.
+request head larger than ``MAX_HEAD_BYTES`` is refused with a 431; and bytes that are not
+HTTP get a 400 in OpenAI's error shape instead of uvicorn's plain text.
 """
 
 from __future__ import annotations
@@ -109,19 +110,36 @@ def bounded_head_protocol(cls: type[asyncio.Protocol]) -> type[asyncio.Protocol]
         def _refuse_head(self) -> None:
             self._in_head = False
             self._refused = True
+            self._refuse(
+                b"431 Request Header Fields Too Large",
+                f"Request headers larger than {MAX_HEAD_BYTES // 1024} KiB: "
+                "send large data in the request body",
+                "header_too_large",
+            )
+
+        def send_400_response(self, msg: str) -> None:
+            # uvicorn's answer to bytes that are not HTTP: a text/plain 400, which clients
+            # that read OpenAI's error shape cannot parse.
+            self._refuse(
+                b"400 Bad Request",
+                "Invalid HTTP request: the bytes received are not an HTTP/1.1 request",
+                "invalid_http_request",
+            )
+
+        def _refuse(self, status: bytes, message: str, code: str) -> None:
+            """Answer ``status`` with an error in OpenAI's shape, then close. While an earlier
+            (pipelined) request is answered, an answer written now would cut into it: the
+            connection is closed without one."""
             cycle = self.cycle
-            # While an earlier (pipelined) request is answered, an answer written now would
-            # cut into it: the connection is closed without one.
             if cycle is None or cycle.response_complete:
                 error = {
-                    "message": f"Request headers larger than {MAX_HEAD_BYTES // 1024} KiB: "
-                    "send large data in the request body",
+                    "message": message,
                     "type": "invalid_request_error",
                     "param": None,
-                    "code": "header_too_large",
+                    "code": code,
                 }
                 body = dumps({"error": error})
-                head = [b"HTTP/1.1 431 Request Header Fields Too Large\r\n"]
+                head = [b"HTTP/1.1 %s\r\n" % status]
                 for name, value in self.server_state.default_headers:
                     head.append(b"%s: %s\r\n" % (name, value))
                 head.append(
