@@ -396,8 +396,15 @@ def lane3_latency(
 
 
 def lane3_sustained(
-    ts: Sequence[targets.Target], steps: Sequence[int], seconds: float, ref: str | None
+    ts: Sequence[targets.Target],
+    steps: Sequence[int],
+    seconds: float,
+    ref: str | None,
+    upstream_pid: int,
 ) -> dict[str, Any]:
+    """Each step, each target: N concurrent streams for ``seconds``. Besides the gateway's
+    CPU, the load core's (this process, the stream client, and the upstream's): a step
+    whose load core is near 100 % measures the harness, not the gateway."""
     out: dict[str, list[dict[str, Any]]] = {t.name: [] for t in ts}
     failed: set[str] = set()
     for i, n in enumerate(steps):
@@ -405,6 +412,7 @@ def lane3_sustained(
             if t.name in failed:
                 continue
             cpu0 = procs.cpu_seconds(t.pid) if t.pid else 0.0
+            load0 = time.process_time() + procs.cpu_seconds(upstream_pid)
             t0 = time.perf_counter()
             raws = streams.run(
                 t,
@@ -415,6 +423,7 @@ def lane3_sustained(
             )
             wall = time.perf_counter() - t0
             cpu = (procs.cpu_seconds(t.pid) - cpu0) / wall if t.pid else math.nan
+            load = (time.process_time() + procs.cpu_seconds(upstream_pid) - load0) / wall
             ss = decode_all(raws)
             gaps = [g for s in ss for g in s.gaps_ms]
             ttft = [s.ttft_ms for s in ss if s.ttft_ms is not None]
@@ -451,6 +460,7 @@ def lane3_sustained(
                 "ttft_p50": pct(ttft, 50),
                 "ttft_p99": pct(ttft, 99),
                 "cpu": cpu,
+                "load_cpu": load,
                 "errors": errors,
                 "wall": wall,
             }
@@ -458,7 +468,8 @@ def lane3_sustained(
             log(
                 f"lane 3 sustained {t.name} {n}: {len(ss)} streams, lost {len(lost)}, "
                 f"stalls {stalls}, gap p99 {row['gap_p99']:.1f} max {row['gap_max']:.1f}, "
-                f"cpu {cpu:.2f} {'PASS' if passed else 'FAIL'} {errors or ''}"
+                f"cpu {cpu:.2f} load core {load:.2f} {'PASS' if passed else 'FAIL'} "
+                f"{errors or ''}"
             )
             if not passed:
                 failed.add(t.name)
@@ -541,6 +552,7 @@ def lane3_md(lat: dict[str, Any], sus: dict[str, Any] | None) -> tuple[str, dict
                         fmt(r["gap_max"]),
                         fmt(r["ttft_p99"]),
                         "–" if math.isnan(r["cpu"]) else f"{100 * r['cpu']:.0f} %",
+                        f"{100 * r['load_cpu']:.0f} %" if "load_cpu" in r else "–",
                         "yes" if r["passed"] else f"**no** {errs}",
                     ]
                 )
@@ -551,7 +563,9 @@ def lane3_md(lat: dict[str, Any], sus: dict[str, Any] | None) -> tuple[str, dict
             f"content equal to the reference, `[DONE]`; a stall = a gap > {10 * PACING_MS:g} ms "
             "between deltas, or a first delta later than that after the request. "
             "A target stops at its first failing step. One run per step; gateway CPU = its "
-            "process's CPU time / wall time (100 % = its whole core).",
+            "process's CPU time / wall time (100 % = its whole core); load core = the stream "
+            "client's and the upstream's, the same way (near 100 %, the step measures the "
+            "harness).",
             "",
             table(
                 [
@@ -565,6 +579,7 @@ def lane3_md(lat: dict[str, Any], sus: dict[str, Any] | None) -> tuple[str, dict
                     "gap max",
                     "TTFT p99",
                     "gateway CPU",
+                    "load core",
                     "no loss, no stall",
                 ],
                 srows,
@@ -718,7 +733,7 @@ def run(
                 )
                 log("lane 3: sustained")
                 sus = lane3_sustained(
-                    ts, profile["l3_steps"], profile["l3_seconds"], lat["reference"]
+                    ts, profile["l3_steps"], profile["l3_seconds"], lat["reference"], up.proc.pid
                 )
                 l3 = {"latency": lat, "sustained": sus}
     elapsed = time.monotonic() - t_start
