@@ -4,8 +4,11 @@ chunks in, Anthropic event bytes out."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from lunar import BadRequestError, RateLimitError
 from lunar._types import (
@@ -24,7 +27,9 @@ from lunar.server.anthropic_compat import (
     MessageStreamEncoder,
     error_body,
     message_from_completion,
+    signed_tool_id,
     to_chat_body,
+    unsigned_tool_id,
 )
 
 
@@ -399,3 +404,105 @@ def test_cache_reads_and_writes_come_back_where_anthropic_puts_them():
     out += enc.feed(chunk(finish="stop", usage=usage)) + enc.end()
     [delta] = [e for k, e in events(out) if k == "message_delta"]
     assert {k: delta["usage"][k] for k in expected} == expected
+
+
+# -- Gemini's thought signatures, carried in the tool_use id ------------------------------
+
+SIG = "CiQB+/x=="  # base64, as Gemini's: every character that needs a stand-in in an id
+SIGNED = {"google": {"thought_signature": SIG}}
+ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+def tool_turns(use_id: str, result_id: str | None = None) -> dict:
+    return {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [
+            {"role": "user", "content": "weather?"},
+            {
+                "role": "assistant",
+                "content": [{"type": "tool_use", "id": use_id, "name": "look", "input": {}}],
+            },
+            {
+                "role": "user",
+                "content": [
+                    {"type": "tool_result", "tool_use_id": result_id or use_id, "content": "21"}
+                ],
+            },
+        ],
+    }
+
+
+def test_a_signed_call_round_trips_through_its_tool_use_id_streamed_and_not():
+    completion = ChatCompletion(
+        "chatcmpl-1",
+        1,
+        "gemini-3-pro-preview",
+        [
+            Choice(
+                0,
+                ChatCompletionMessage(
+                    tool_calls=[
+                        ToolCall("call_1", Function("look", "{}"), extra_content=SIGNED),
+                        ToolCall("call_2", Function("look", "{}")),
+                    ]
+                ),
+                "tool_calls",
+            )
+        ],
+        provider="gemini",
+    )
+    first, second = message_from_completion(completion)["content"]
+    assert second["id"] == "call_2"  # no signature: the id as it was
+    enc = MessageStreamEncoder("m")
+    piece = ChoiceDeltaToolCall(0, "call_1", "function", Function("look", "{}"), SIGNED)
+    streamed = [e for k, e in events(enc.feed(chunk(tool_calls=[piece]))) if k.endswith("start")]
+    assert streamed[-1]["content_block"]["id"] == first["id"]
+    assert ANTHROPIC_ID.fullmatch(first["id"]) and first["id"].startswith("call_1__lsig_")
+    body, _ = to_chat_body(tool_turns(first["id"]))
+    [call] = body["messages"][1]["tool_calls"]
+    assert call["id"] == body["messages"][2]["tool_call_id"] == "call_1"
+    assert call["extra_content"] == SIGNED
+
+
+def test_a_call_without_a_signature_reads_as_today():
+    body, _ = to_chat_body(tool_turns("toolu_01A"))
+    assert body["messages"][1]["tool_calls"] == [
+        {"id": "toolu_01A", "type": "function", "function": {"name": "look", "arguments": "{}"}}
+    ]
+    assert body["messages"][2]["tool_call_id"] == "toolu_01A"
+
+
+@pytest.mark.parametrize(
+    ("use_id", "result_id", "param"),
+    [
+        ("call_1__lsig_a+b", None, "messages[1].content[0].id"),
+        ("call_1", "call_1__lsig_a_xb", "messages[2].content[0].tool_use_id"),
+    ],
+)
+def test_a_changed_signature_in_an_id_is_refused_naming_the_field(use_id, result_id, param):
+    with pytest.raises(BadRequestError) as info:
+        to_chat_body(tool_turns(use_id, result_id))
+    assert info.value.param == param
+    assert "__lsig_" in info.value.message
+
+
+# Any text, often holding the marker and the pieces of an encoded signature.
+CALL_IDS = st.lists(
+    st.one_of(st.sampled_from(["__lsig_", "_", "_s", "_p", "-"]), st.text(max_size=4))
+).map("".join)
+
+
+@settings(max_examples=300)
+@given(
+    CALL_IDS,
+    st.one_of(st.none(), st.from_regex(r"[A-Za-z0-9+/=]+", fullmatch=True)),
+)
+def test_signed_tool_ids_round_trip(call_id, signature):
+    extra = None if signature is None else {"google": {"thought_signature": signature}}
+    tool_id = signed_tool_id(call_id, extra)
+    assert unsigned_tool_id(tool_id, "id") == (call_id, signature)
+    if ANTHROPIC_ID.fullmatch(call_id):
+        assert ANTHROPIC_ID.fullmatch(tool_id)
+    if signature is None and "__lsig_" not in call_id:
+        assert tool_id == call_id  # byte for byte what the gateway wrote before

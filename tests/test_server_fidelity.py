@@ -6,6 +6,7 @@ the openai SDK."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -173,3 +174,79 @@ def test_lunar_remote_mode_carries_the_signature_both_ways(gw, key, upstream, st
     )
     assert done.choices[0].finish_reason == "stop"
     assert upstream.requests[-1].json["contents"][-2]["parts"][0]["thoughtSignature"] == SIGNATURE
+
+
+# -- … and for Anthropic clients, in the tool_use id --------------------------------------
+
+CLAUDE_TOOLS = [
+    {
+        "name": "get_weather",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}},
+    }
+]
+ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]+")
+
+
+def anthropic_turn(client: Any, model: str, messages: list[Any], stream: bool) -> Any:
+    kw: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 50,
+        "messages": messages,
+        "tools": CLAUDE_TOOLS,
+    }
+    if not stream:
+        return client.messages.create(**kw)
+    with client.messages.stream(**kw) as events:
+        return events.get_final_message()
+
+
+def gemini_3_tool_use(gw: GatewayProcess, key: str, stream: bool) -> tuple[Any, list[Any]]:
+    """(the Anthropic client, the conversation after Gemini 3's call and its result)."""
+    client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    message = anthropic_turn(client, GEMINI_3, HI, stream)
+    assert message.stop_reason == "tool_use"
+    [use] = [b for b in message.content if b.type == "tool_use"]
+    assert ANTHROPIC_ID.fullmatch(use.id)  # the SDK and Anthropic's API take it back
+    result = {"type": "tool_result", "tool_use_id": use.id, "content": '{"temp_c": 21}'}
+    messages = [
+        *HI,
+        {"role": "assistant", "content": message.content},
+        {"role": "user", "content": [result]},
+    ]
+    return client, messages
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_anthropic_sdk_tool_use_with_gemini_3_through_the_gateway(gw, key, upstream, stream):
+    """Anthropic's tool_use block has no field for the signature: the gateway carries it in
+    the block's id and puts it back on the call's functionCall part when the id returns."""
+    client, messages = gemini_3_tool_use(gw, key, stream)
+    done = anthropic_turn(client, GEMINI_3, messages, stream)
+    assert done.stop_reason == "end_turn"
+    call, response = upstream.requests[-1].json["contents"][-2:]
+    assert call["parts"][0]["thoughtSignature"] == SIGNATURE
+    assert call["parts"][0]["functionCall"]["name"] == "get_weather"
+    # The result's id paired with the call's: Gemini names a response after its call.
+    assert response["parts"][0]["functionResponse"]["name"] == "get_weather"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-haiku"])
+def test_other_upstreams_get_the_call_id_without_the_signature(gw, key, upstream, model, stream):
+    """The same conversation continued with another provider (a fallback, or the client's
+    choice): the call's own id, paired with its result, and no trace of the signature."""
+    client, messages = gemini_3_tool_use(gw, key, stream)
+    signed = messages[-1]["content"][0]["tool_use_id"]
+    done = anthropic_turn(client, model, messages, stream)
+    assert done.stop_reason == "end_turn"
+    raw = upstream.requests[-1].body
+    sent = upstream.requests[-1].json["messages"]
+    if model.startswith("gpt"):
+        call_id, result_id = sent[1]["tool_calls"][0]["id"], sent[2]["tool_call_id"]
+        assert "extra_content" not in sent[1]["tool_calls"][0]
+    else:
+        call_id, result_id = sent[1]["content"][0]["id"], sent[2]["content"][0]["tool_use_id"]
+    assert call_id == result_id
+    assert signed.startswith(call_id) and len(signed) > len(call_id)
+    assert b"__lsig_" not in raw and b"thought_signature" not in raw
+    assert SIGNATURE.encode() not in raw

@@ -7,6 +7,8 @@
   (``message_start``, ``content_block_start/delta/stop``, ``message_delta``,
   ``message_stop``, or ``error``), as bytes ready to write.
 * ``error_body``: an ``APIError`` in Anthropic's error shape.
+* ``signed_tool_id`` / ``unsigned_tool_id``: a Gemini thought signature in a ``tool_use`` id
+  and back (Anthropic's block has no field for it).
 
 No sockets and no event loop here: tests feed objects and compare what comes out.
 """
@@ -14,6 +16,7 @@ No sockets and no event loop here: tests feed objects and compare what comes out
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -30,7 +33,9 @@ __all__ = [
     "error_body",
     "error_type",
     "message_from_completion",
+    "signed_tool_id",
     "to_chat_body",
+    "unsigned_tool_id",
 ]
 
 # OpenAI finish_reason -> Anthropic stop_reason
@@ -135,6 +140,52 @@ def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
     return text
 
 
+# Gemini's thought signatures in tool-use ids. Gemini 3 refuses a function call sent back
+# without the signature it gave it, and Anthropic's ``tool_use`` block has no field for one:
+# the gateway writes a signed call's id as ``<call id>__lsig_<signature>`` and reads it back
+# the same way (LiteLLM carries Gemini's signatures in the call id too). A signature is
+# base64 text; in the id ``+`` is ``-``, ``/`` is ``_s`` and ``=`` is ``_p``, so the id keeps
+# to Anthropic's alphabet (``[a-zA-Z0-9_-]``), the encoded signature never holds ``__``, and
+# the last marker splits any id exactly. An id without a signature is written as it is —
+# unless it holds the marker itself, when an empty signature follows it, so it reads back
+# unchanged.
+_SIG_MARK = "__lsig_"
+_SIG_ENCODE = str.maketrans({"+": "-", "/": "_s", "=": "_p"})
+_BASE64_TEXT = re.compile(r"[A-Za-z0-9+/=]+")
+_SIG_ENCODED = re.compile(r"(?:[A-Za-z0-9-]|_[sp])*")
+
+
+def signed_tool_id(call_id: str, extra_content: Mapping[str, Any] | None) -> str:
+    """The ``tool_use`` id of a call: its id, with the call's Gemini thought signature
+    (``extra_content.google.thought_signature``) when it has one."""
+    google = extra_content.get("google") if extra_content is not None else None
+    sig = google.get("thought_signature") if isinstance(google, Mapping) else None
+    if isinstance(sig, str) and _BASE64_TEXT.fullmatch(sig):
+        return call_id + _SIG_MARK + sig.translate(_SIG_ENCODE)
+    # Gemini's signatures are base64: anything else is not carried (as no signature).
+    return call_id + _SIG_MARK if _SIG_MARK in call_id else call_id
+
+
+def unsigned_tool_id(tool_id: str, where: str) -> tuple[str, str | None]:
+    """``(call id, thought signature or None)`` of a ``tool_use`` id (``signed_tool_id``'s
+    inverse). Raises ``BadRequestError`` naming ``where`` for a marker not followed by a
+    signature Lunar wrote: the id was changed on its way back."""
+    at = tool_id.rfind(_SIG_MARK)
+    if at < 0:
+        return tool_id, None
+    encoded = tool_id[at + len(_SIG_MARK) :]
+    if not _SIG_ENCODED.fullmatch(encoded):
+        raise bad(
+            f"'{where}' holds '{_SIG_MARK}' but no thought signature the gateway wrote after "
+            "it: send the tool_use id back as the answer had it",
+            where,
+        )
+    if not encoded:
+        return tool_id[:at], None
+    sig = encoded.replace("-", "+").replace("_s", "/").replace("_p", "=")
+    return tool_id[:at], sig
+
+
 def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
@@ -179,17 +230,21 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 if not isinstance(tid, str) or not isinstance(name, str) or not name:
                     raise bad(f"'{bw}' needs string 'id' and 'name'", bw)
                 tool_input = block.get("input", {})
-                tool_calls.append(
-                    {
-                        "id": tid,
-                        "type": "function",
-                        "function": {"name": name, "arguments": compact_json(tool_input)},
-                    }
-                )
+                tid, sig = unsigned_tool_id(tid, f"{bw}.id")
+                call: dict[str, Any] = {
+                    "id": tid,
+                    "type": "function",
+                    "function": {"name": name, "arguments": compact_json(tool_input)},
+                }
+                if sig is not None:
+                    # Where the Gemini adapter sends it from; other providers drop it.
+                    call["extra_content"] = {"google": {"thought_signature": sig}}
+                tool_calls.append(call)
             elif kind == "tool_result" and role == "user":
                 tid = block.get("tool_use_id")
                 if not isinstance(tid, str):
                     raise bad(f"'{bw}.tool_use_id' must be a string", f"{bw}.tool_use_id")
+                tid = unsigned_tool_id(tid, f"{bw}.tool_use_id")[0]
                 tool_results.append(
                     {"role": "tool", "tool_call_id": tid, "content": _tool_result_text(block, bw)}
                 )
@@ -470,7 +525,7 @@ def message_from_completion(completion: ChatCompletion) -> dict[str, Any]:
             content.append(
                 {
                     "type": "tool_use",
-                    "id": call.id,
+                    "id": signed_tool_id(call.id, call.extra_content),
                     "name": call.function.name or "",
                     "input": _tool_input(call.function.arguments),
                 }
@@ -573,7 +628,9 @@ class MessageStreamEncoder:
                         key,
                         {
                             "type": "tool_use",
-                            "id": call.id or f"toolu_{call.index}",
+                            "id": signed_tool_id(
+                                call.id or f"toolu_{call.index}", call.extra_content
+                            ),
                             "name": (fn.name if fn else None) or "",
                             "input": {},
                         },
