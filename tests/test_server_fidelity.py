@@ -43,20 +43,25 @@ def key(gw: GatewayProcess) -> str:
     return gw.new_key()[0]
 
 
+def anthropic_call(client: Any, stream: bool, **kw: Any) -> tuple[Any, list[Any]]:
+    """(the final message, the streamed events: none when not streamed)."""
+    if not stream:
+        return client.messages.create(**kw), []
+    with client.messages.stream(**kw) as events:
+        seen = list(events)
+        return events.get_final_message(), seen
+
+
 def ask_anthropic(gw: GatewayProcess, key: str, model: str, stream: bool) -> tuple[Any, Any]:
     """(the final message, the streamed ``message_delta`` event or None)."""
     client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
-    kw: dict[str, Any] = {
-        "model": model,
-        "max_tokens": 50,
-        "messages": HI,
-        "stop_sequences": STOPS,
-    }
+    message, seen = anthropic_call(
+        client, stream, model=model, max_tokens=50, messages=HI, stop_sequences=STOPS
+    )
     if not stream:
-        return client.messages.create(**kw), None
-    with client.messages.stream(**kw) as events:
-        [delta] = [e for e in events if e.type == "message_delta"]
-        return events.get_final_message(), delta
+        return message, None
+    [delta] = [e for e in seen if e.type == "message_delta"]
+    return message, delta
 
 
 # -- the stop sequence that matched -------------------------------------------------------
@@ -188,16 +193,9 @@ ANTHROPIC_ID = re.compile(r"[a-zA-Z0-9_-]+")
 
 
 def anthropic_turn(client: Any, model: str, messages: list[Any], stream: bool) -> Any:
-    kw: dict[str, Any] = {
-        "model": model,
-        "max_tokens": 50,
-        "messages": messages,
-        "tools": CLAUDE_TOOLS,
-    }
-    if not stream:
-        return client.messages.create(**kw)
-    with client.messages.stream(**kw) as events:
-        return events.get_final_message()
+    return anthropic_call(
+        client, stream, model=model, max_tokens=50, messages=messages, tools=CLAUDE_TOOLS
+    )[0]
 
 
 def gemini_3_tool_use(gw: GatewayProcess, key: str, stream: bool) -> tuple[Any, list[Any]]:
