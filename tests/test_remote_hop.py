@@ -4,8 +4,11 @@ emulator, counting the requests the upstream received."""
 
 from __future__ import annotations
 
+import asyncio
+import select
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import httpx
@@ -14,6 +17,8 @@ import pytest
 import lunar
 from lunar.testing import MockServer, Reply
 
+from .test_relay import MASTER as IN_PROCESS_MASTER
+from .test_relay import gateway
 from .test_remote_parity import call, collect, raised
 from .test_server import CONFIG, MESSAGES, GatewayProcess
 
@@ -353,6 +358,62 @@ async def test_a_deadline_cut_does_not_count_against_the_provider(mock):
     (_, target), *_ = router.chain(RequestOptions("openai/cut-often"))
     assert not router.health.cooling_down(target.deployment)  # type: ignore[union-attr]
     assert received(mock, "cut-often") == ["cut-often"] * 4
+
+
+def in_loop(kind: str, work: Coroutine[Any, Any, None]) -> None:
+    """``work`` run in a new event loop of ``kind``: asyncio's, or uvloop (`lunar serve`'s)."""
+    if kind == "uvloop":
+        loop = pytest.importorskip("uvloop").new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(work)
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_first_chunk_in_when_the_deadline_comes_is_served(upstream, loop):
+    """The deadline came in the same turn of the event loop as the bytes that completed the
+    attempt (a stream's first chunk; a whole answer goes the same way): the deadline's
+    timer cancelled the attempt before it could take what had arrived, and the client got
+    a 504 ``deadline_exceeded`` for an answer the gateway had. Here the gateway's loop is
+    held while the upstream's first chunk arrives (after a stall) and the deadline passes,
+    so the loop finds both at once: the attempt that has its answer is served."""
+
+    async def work() -> None:
+        async with gateway(upstream) as (base, _, server):
+            pool = server.config.app._http
+            upstream.enqueue(Reply(stall_after=0, stall=0.3, chunks=3), model="gpt-4o-mini")
+            waiting = []
+
+            async def hold_the_loop_past_the_deadline() -> None:
+                while not pool._streaming:  # the upstream's head and role chunk came
+                    await asyncio.sleep(0.001)
+                (conn,) = pool._streaming
+                began = time.perf_counter()  # the request came before: its deadline too
+                waiting.append(conn.waiter is not None and not conn.waiter.done())
+                select.select([conn.transport.get_extra_info("socket")], [], [], 10)
+                while time.perf_counter() < began + 1.05:  # past the 1000 ms deadline
+                    time.sleep(0.01)
+
+            holder = asyncio.ensure_future(hold_the_loop_past_the_deadline())
+            async with httpx.AsyncClient(timeout=30) as http:
+                r = await http.post(
+                    f"{base}/v1/chat/completions",
+                    headers={
+                        "authorization": f"Bearer {IN_PROCESS_MASTER}",
+                        "x-lunar-timeout-ms": "1000",
+                    },
+                    json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+                )
+            await holder
+            assert waiting == [True]  # the chunk came while the attempt waited for it
+            assert r.status_code == 200, r.text
+            assert '"error"' not in r.text
+            assert r.text.endswith("data: [DONE]\n\n")
+
+    in_loop(loop, work())
 
 
 @pytest.mark.parametrize(
