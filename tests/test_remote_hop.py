@@ -179,6 +179,36 @@ async def test_the_sdk_still_retries_a_gateway_it_could_not_reach(flavor):
     ] * 2
 
 
+async def test_a_provider_cooling_down_is_still_tried_so_no_give_up_comes_untried(upstream):
+    """Every deployment of the request cooling down (its breaker open) does not make the
+    gateway give up without trying, which would say ``x-should-retry: false`` for nothing
+    sent: a deployment cooling down is tried last, never skipped. It fails again: the
+    give-up lists the attempts it made; it has recovered: it serves."""
+    async with gateway(upstream) as (base, _, server):
+        app = server.config.app
+        (dep,) = app.catalog.resolve("openai/cooling")
+        headers = {"authorization": f"Bearer {IN_PROCESS_MASTER}"}
+        body = {"model": "openai/cooling", "messages": MESSAGES}
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
+            upstream.enqueue(*[FAILING] * 3, model="cooling")
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 503
+            assert app.router.health.cooling_down(dep)
+
+            upstream.enqueue(*[FAILING] * 3, model="cooling")
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 503
+            assert r.headers["x-should-retry"] == "false"
+            assert [(a["provider"], a["status"]) for a in r.json()["attempts"]] == [
+                ("openai", 503)
+            ] * 3
+            assert len(received(upstream, "cooling")) == 6
+
+            assert app.router.health.cooling_down(dep)
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200
+            assert len(received(upstream, "cooling")) == 7
+
+
 # ---------------------------------------------------------------------------------------------
 # 2. e.attempts shows what the gateway did
 
