@@ -446,6 +446,58 @@ def test_a_first_chunk_in_when_the_deadline_comes_is_served(upstream, loop):
     in_loop(loop, work())
 
 
+@pytest.mark.parametrize("mode", ["direct", "remote"])
+async def test_a_stream_may_outlast_the_timeout_while_its_pauses_do_not(gw, upstream, flavor, mode):
+    """The timeout bounds each wait, not a stream's length, in direct mode (as in the
+    openai SDK) and through the gateway alike: its deadline stops at the first chunk. Each
+    pause (0.3 s) is within the timeout (1 s), the whole stream (at least 1.2 s) is not."""
+    client = remote(gw, flavor) if mode == "remote" else direct(flavor)
+    upstream.enqueue(Reply(chunks=4, pacing=0.3), model="long-stream")
+    try:
+        stream = await call(
+            client.chat.completions.create(
+                model="openai/long-stream", messages=MESSAGES, stream=True, timeout=1.0
+            )
+        )
+        chunks = await collect(stream)
+    finally:
+        await call(client.close())
+    assert chunks[-1].usage is not None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+@pytest.mark.parametrize("mode", ["direct", "remote"])
+async def test_a_pause_mid_stream_past_the_timeout_raises_in_the_loop(gw, upstream, flavor, mode):
+    """After the first chunk, a pause longer than the timeout is a timeout in the caller's
+    loop, in direct mode and through the gateway alike (there the client's own read
+    timeout, and it hangs up: the gateway closes the upstream connection)."""
+    client = remote(gw, flavor) if mode == "remote" else direct(flavor)
+    upstream.enqueue(Reply(chunks=4, stall_after=2, stall=5), model="paused")
+    got = []
+    try:
+        stream = await call(
+            client.chat.completions.create(
+                model="openai/paused", messages=MESSAGES, stream=True, timeout=1.0
+            )
+        )
+        with pytest.raises(lunar.APITimeoutError):
+            if hasattr(stream, "__aiter__"):
+                async for chunk in stream:
+                    got.append(chunk)
+            else:
+                for chunk in stream:
+                    got.append(chunk)
+    finally:
+        await call(client.close())
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices)
+    assert received(upstream, "paused") == ["paused"]
+    for _ in range(300):  # the event loop runs meanwhile (an async client closes in it)
+        if upstream.disconnects:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.disconnects == 1  # in the stall, not after it
+
+
 @pytest.mark.parametrize(
     ("name", "value"),
     [
