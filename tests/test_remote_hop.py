@@ -4,8 +4,11 @@ emulator, counting the requests the upstream received."""
 
 from __future__ import annotations
 
+import asyncio
+import select
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Coroutine, Iterator
 from typing import Any
 
 import httpx
@@ -14,6 +17,8 @@ import pytest
 import lunar
 from lunar.testing import MockServer, Reply
 
+from .test_relay import MASTER as IN_PROCESS_MASTER
+from .test_relay import gateway
 from .test_remote_parity import call, collect, raised
 from .test_server import CONFIG, MESSAGES, GatewayProcess
 
@@ -172,6 +177,36 @@ async def test_the_sdk_still_retries_a_gateway_it_could_not_reach(flavor):
     assert [(a.provider, type(a.error).__name__) for a in err.attempts] == [
         ("lunar", "APIConnectionError")
     ] * 2
+
+
+async def test_a_provider_cooling_down_is_still_tried_so_no_give_up_comes_untried(upstream):
+    """Every deployment of the request cooling down (its breaker open) does not make the
+    gateway give up without trying, which would say ``x-should-retry: false`` for nothing
+    sent: a deployment cooling down is tried last, never skipped. It fails again: the
+    give-up lists the attempts it made; it has recovered: it serves."""
+    async with gateway(upstream) as (base, _, server):
+        app = server.config.app
+        (dep,) = app.catalog.resolve("openai/cooling")
+        headers = {"authorization": f"Bearer {IN_PROCESS_MASTER}"}
+        body = {"model": "openai/cooling", "messages": MESSAGES}
+        async with httpx.AsyncClient(base_url=base, headers=headers, timeout=30) as http:
+            upstream.enqueue(*[FAILING] * 3, model="cooling")
+            assert (await http.post("/v1/chat/completions", json=body)).status_code == 503
+            assert app.router.health.cooling_down(dep)
+
+            upstream.enqueue(*[FAILING] * 3, model="cooling")
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 503
+            assert r.headers["x-should-retry"] == "false"
+            assert [(a["provider"], a["status"]) for a in r.json()["attempts"]] == [
+                ("openai", 503)
+            ] * 3
+            assert len(received(upstream, "cooling")) == 6
+
+            assert app.router.health.cooling_down(dep)
+            r = await http.post("/v1/chat/completions", json=body)
+            assert r.status_code == 200
+            assert len(received(upstream, "cooling")) == 7
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +388,114 @@ async def test_a_deadline_cut_does_not_count_against_the_provider(mock):
     (_, target), *_ = router.chain(RequestOptions("openai/cut-often"))
     assert not router.health.cooling_down(target.deployment)  # type: ignore[union-attr]
     assert received(mock, "cut-often") == ["cut-often"] * 4
+
+
+def in_loop(kind: str, work: Coroutine[Any, Any, None]) -> None:
+    """``work`` run in a new event loop of ``kind``: asyncio's, or uvloop (`lunar serve`'s)."""
+    if kind == "uvloop":
+        loop = pytest.importorskip("uvloop").new_event_loop()
+    else:
+        loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(work)
+    finally:
+        loop.close()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_first_chunk_in_when_the_deadline_comes_is_served(upstream, loop):
+    """The deadline came in the same turn of the event loop as the bytes that completed the
+    attempt (a stream's first chunk; a whole answer goes the same way): the deadline's
+    timer cancelled the attempt before it could take what had arrived, and the client got
+    a 504 ``deadline_exceeded`` for an answer the gateway had. Here the gateway's loop is
+    held while the upstream's first chunk arrives (after a stall) and the deadline passes,
+    so the loop finds both at once: the attempt that has its answer is served."""
+
+    async def work() -> None:
+        async with gateway(upstream) as (base, _, server):
+            pool = server.config.app._http
+            upstream.enqueue(Reply(stall_after=0, stall=0.3, chunks=3), model="gpt-4o-mini")
+            waiting = []
+
+            async def hold_the_loop_past_the_deadline() -> None:
+                while not pool._streaming:  # the upstream's head and role chunk came
+                    await asyncio.sleep(0.001)
+                (conn,) = pool._streaming
+                began = time.perf_counter()  # the request came before: its deadline too
+                waiting.append(conn.waiter is not None and not conn.waiter.done())
+                select.select([conn.transport.get_extra_info("socket")], [], [], 10)
+                while time.perf_counter() < began + 1.05:  # past the 1000 ms deadline
+                    time.sleep(0.01)
+
+            holder = asyncio.ensure_future(hold_the_loop_past_the_deadline())
+            async with httpx.AsyncClient(timeout=30) as http:
+                r = await http.post(
+                    f"{base}/v1/chat/completions",
+                    headers={
+                        "authorization": f"Bearer {IN_PROCESS_MASTER}",
+                        "x-lunar-timeout-ms": "1000",
+                    },
+                    json={"model": "gpt-4o-mini", "messages": MESSAGES, "stream": True},
+                )
+            await holder
+            assert waiting == [True]  # the chunk came while the attempt waited for it
+            assert r.status_code == 200, r.text
+            assert '"error"' not in r.text
+            assert r.text.endswith("data: [DONE]\n\n")
+
+    in_loop(loop, work())
+
+
+@pytest.mark.parametrize("mode", ["direct", "remote"])
+async def test_a_stream_may_outlast_the_timeout_while_its_pauses_do_not(gw, upstream, flavor, mode):
+    """The timeout bounds each wait, not a stream's length, in direct mode (as in the
+    openai SDK) and through the gateway alike: its deadline stops at the first chunk. Each
+    pause (0.3 s) is within the timeout (1 s), the whole stream (at least 1.2 s) is not."""
+    client = remote(gw, flavor) if mode == "remote" else direct(flavor)
+    upstream.enqueue(Reply(chunks=4, pacing=0.3), model="long-stream")
+    try:
+        stream = await call(
+            client.chat.completions.create(
+                model="openai/long-stream", messages=MESSAGES, stream=True, timeout=1.0
+            )
+        )
+        chunks = await collect(stream)
+    finally:
+        await call(client.close())
+    assert chunks[-1].usage is not None
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+@pytest.mark.parametrize("mode", ["direct", "remote"])
+async def test_a_pause_mid_stream_past_the_timeout_raises_in_the_loop(gw, upstream, flavor, mode):
+    """After the first chunk, a pause longer than the timeout is a timeout in the caller's
+    loop, in direct mode and through the gateway alike (there the client's own read
+    timeout, and it hangs up: the gateway closes the upstream connection)."""
+    client = remote(gw, flavor) if mode == "remote" else direct(flavor)
+    upstream.enqueue(Reply(chunks=4, stall_after=2, stall=5), model="paused")
+    got = []
+    try:
+        stream = await call(
+            client.chat.completions.create(
+                model="openai/paused", messages=MESSAGES, stream=True, timeout=1.0
+            )
+        )
+        with pytest.raises(lunar.APITimeoutError):
+            if hasattr(stream, "__aiter__"):
+                async for chunk in stream:
+                    got.append(chunk)
+            else:
+                for chunk in stream:
+                    got.append(chunk)
+    finally:
+        await call(client.close())
+    assert "".join(c.choices[0].delta.content or "" for c in got if c.choices)
+    assert received(upstream, "paused") == ["paused"]
+    for _ in range(300):  # the event loop runs meanwhile (an async client closes in it)
+        if upstream.disconnects:
+            break
+        await asyncio.sleep(0.01)
+    assert upstream.disconnects == 1  # in the stall, not after it
 
 
 @pytest.mark.parametrize(

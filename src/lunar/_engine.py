@@ -935,21 +935,40 @@ _T = TypeVar("_T")
 
 async def within(attempt: Awaitable[_T], deadline: float, step: Step) -> _T:
     """``attempt``'s result, or the request's deadline error when it runs out first (the
-    attempt is cancelled, which closes its upstream connection)."""
+    attempt is cancelled, which closes its upstream connection).
+
+    An answer that is in when the deadline comes wins. The bytes that complete it wake the
+    attempt through the event loop's queue of ready callbacks: cancelling the task in the
+    deadline's own timer callback (as ``asyncio.timeout`` does) overrode a wake-up already
+    queued, in the same turn of the loop or the one before, and threw the answer away for a
+    504. So the cut is queued behind what is ready at the deadline: an attempt that finishes
+    with it is not cut (``timer.reschedule`` to a time already past queues the cut)."""
     left = deadline - _now()
     if _asyncio_timeout is None:  # Python 3.10
+        # wait_for runs the attempt as a task of its own, and when its time is up, takes
+        # the task's result if it is done by then: a wake-up queued first has run.
         try:
             return await asyncio.wait_for(attempt, left)
         except asyncio.TimeoutError:
             raise deadline_error(step.model, step.target, tried=True) from None
-    timer = _asyncio_timeout(left)
+    loop = asyncio.get_running_loop()
+    timer = _asyncio_timeout(None)
     try:
         async with timer:
-            return await attempt
+            cut = loop.call_later(left, _cut_soon, timer, loop)
+            try:
+                return await attempt
+            finally:
+                cut.cancel()
     except TimeoutError:
         if not timer.expired():
             raise
         raise deadline_error(step.model, step.target, tried=True) from None
+
+
+def _cut_soon(timer: Any, loop: asyncio.AbstractEventLoop) -> None:
+    """The deadline came: the cut goes behind the callbacks ready now."""
+    timer.reschedule(loop.time())
 
 
 _asyncio_timeout = getattr(asyncio, "timeout", None)

@@ -115,7 +115,8 @@ class RequestOptions:
     max_retries: int | None = None
     #: ``perf_counter()`` time by which the answer (a stream's first chunk) must be there:
     #: no retry, backoff or fallback starts past it, and the async engine cuts an attempt
-    #: still running at it. The gateway sets it from ``x-lunar-timeout-ms``.
+    #: still running at it (the sync engine cannot: an httpx read in progress cannot be
+    #: cut). The gateway sets it from ``x-lunar-timeout-ms``; the SDK never does.
     deadline: float | None = None
 
 
