@@ -47,6 +47,22 @@ CHAT_PARAMS = (
     "logprobs",
     "top_logprobs",
     "logit_bias",
+    # The rest of OpenAI's: for OpenAI-compatible providers as given; Anthropic and Gemini
+    # have no such thing (their adapters leave them out).
+    "reasoning_effort",
+    "verbosity",
+    "metadata",
+    "store",
+    "service_tier",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "functions",
+    "function_call",
 )
 
 
@@ -72,6 +88,20 @@ class ChatParams(TypedDict, total=False):
     logprobs: bool | None
     top_logprobs: int | None
     logit_bias: dict[str, float] | None
+    reasoning_effort: str | None
+    verbosity: str | None
+    metadata: dict[str, str] | None
+    store: bool | None
+    service_tier: str | None
+    modalities: list[str] | None
+    audio: dict[str, Any] | None
+    prediction: dict[str, Any] | None
+    web_search_options: dict[str, Any] | None
+    safety_identifier: str | None
+    prompt_cache_key: str | None
+    prompt_cache_retention: str | None
+    functions: list[dict[str, Any]] | None
+    function_call: Any
     provider: str | None
     timeout: float | httpx.Timeout | None
     extra_headers: Mapping[str, str] | None
@@ -420,9 +450,26 @@ def _response_format(rf: Any, name: str) -> None:
         raise bad(f"'{param}' must be a JSON Schema object", param)
 
 
-def _stream_options(so: Any, name: str) -> None:
-    if not isinstance(so, Mapping):
-        raise bad("'stream_options' must be an object", "stream_options")
+def _object(value: Any, name: str) -> None:
+    if not isinstance(value, Mapping):
+        raise bad(f"'{name}' must be an object, got {type(value).__name__}", name)
+
+
+def _string(value: Any, name: str) -> None:
+    if not isinstance(value, str):
+        raise bad(f"'{name}' must be a string, got {type(value).__name__}", name)
+
+
+def _strings(value: Any, name: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad(f"'{name}' must be a list of strings", name)
+
+
+def _metadata(value: Any, name: str) -> None:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise bad(f"'{name}' must be an object of string keys and string values", name)
 
 
 def _range(lo: float, hi: float) -> Callable[[Any, str], None]:
@@ -446,7 +493,19 @@ _PARAM_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "logprobs": _bool,
     "top_logprobs": _top_logprobs,
     "response_format": _response_format,
-    "stream_options": _stream_options,
+    "stream_options": _object,
+    "reasoning_effort": _string,
+    "verbosity": _string,
+    "metadata": _metadata,
+    "store": _bool,
+    "service_tier": _string,
+    "modalities": _strings,
+    "audio": _object,
+    "prediction": _object,
+    "web_search_options": _object,
+    "safety_identifier": _string,
+    "prompt_cache_key": _string,
+    "prompt_cache_retention": _string,
 }
 
 

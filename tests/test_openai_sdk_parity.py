@@ -1,0 +1,70 @@
+"""Code written against the official ``openai`` SDK, ported to Lunar by changing the
+import: the arguments it passes, the attributes it reads and the errors it catches behave
+as they do there (against the emulator, over real sockets)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from lunar import BadRequestError, Lunar
+from lunar.testing import Reply
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+#: OpenAI's chat parameters beyond the sampling ones, each with a value it takes.
+OPENAI_PARAMS: dict[str, Any] = {
+    "reasoning_effort": "low",
+    "verbosity": "low",
+    "metadata": {"run": "7"},
+    "store": True,
+    "service_tier": "auto",
+    "modalities": ["text"],
+    "audio": {"voice": "alloy", "format": "wav"},
+    "prediction": {"type": "content", "content": "Hello"},
+    "web_search_options": {"search_context_size": "low"},
+    "safety_identifier": "user-1",
+    "prompt_cache_key": "k1",
+    "prompt_cache_retention": "24h",
+    "functions": [{"name": "f", "parameters": {"type": "object"}}],
+    "function_call": "auto",
+    "max_completion_tokens": 50,
+    "parallel_tool_calls": False,
+}
+
+
+def test_openais_chat_parameters_reach_an_openai_provider(mock):
+    """They were a TypeError (unexpected keyword argument), though the gateway took them."""
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **OPENAI_PARAMS)
+    sent = mock.requests[-1].json
+    for name, value in OPENAI_PARAMS.items():
+        assert sent[name] == value, name
+
+
+def test_openais_chat_parameters_are_left_out_for_anthropic(mock, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-a")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", mock.url)
+    params = {k: v for k, v in OPENAI_PARAMS.items() if not k.startswith("function")}
+    answer = Lunar().chat.completions.create(model="claude-3-haiku", messages=MESSAGES, **params)
+    assert answer.choices[0].message.content
+    sent = mock.requests[-1].json
+    assert not set(params) & set(sent), sorted(set(params) & set(sent))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("reasoning_effort", 3),
+        ("store", "yes"),
+        ("metadata", {"k": 1}),
+        ("modalities", "text"),
+        ("prediction", "Hello"),
+        ("service_tier", ["auto"]),
+    ],
+)
+def test_a_bad_openai_parameter_is_refused_naming_it(mock, name, value):
+    with pytest.raises(BadRequestError) as info:
+        Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **{name: value})
+    assert info.value.param == name
+    assert not mock.requests
