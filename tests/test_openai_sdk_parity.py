@@ -68,3 +68,39 @@ def test_a_bad_openai_parameter_is_refused_naming_it(mock, name, value):
         Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **{name: value})
     assert info.value.param == name
     assert not mock.requests
+
+
+@pytest.mark.parametrize(
+    ("status", "openai_name"),
+    [
+        (400, "BadRequestError"),
+        (401, "AuthenticationError"),
+        (404, "NotFoundError"),
+        (429, "RateLimitError"),
+        (500, "InternalServerError"),
+        (503, "InternalServerError"),
+    ],
+)
+def test_errors_are_caught_and_read_as_with_the_openai_sdk(mock, status, openai_name):
+    """The openai SDK's ``except`` clauses and attributes: its class names (``APIStatusError``
+    and ``InternalServerError`` were missing) and ``e.body``, which is the answer's
+    ``error`` object there (``e.body["code"]``), not the whole JSON."""
+    import openai
+
+    import lunar
+
+    reply = Reply.status_error(status, "No.", type="some_type", code="some_code")
+    mock.enqueue(reply, reply, model="gpt-4o-mini")
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as expected:
+        theirs.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    with pytest.raises(lunar.APIStatusError) as got:
+        Lunar(max_retries=0).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    err, want = got.value, expected.value
+    assert isinstance(want, getattr(openai, openai_name))
+    assert isinstance(err, getattr(lunar, openai_name))
+    assert isinstance(err, lunar.APIError)
+    for name in ("status_code", "body", "code", "param", "type"):
+        assert getattr(err, name) == getattr(want, name), name
+    assert err.body["message"] == "No."
+    assert err.request_id is not None and err.request_id.startswith("req_mock_")
