@@ -104,3 +104,44 @@ def test_errors_are_caught_and_read_as_with_the_openai_sdk(mock, status, openai_
         assert getattr(err, name) == getattr(want, name), name
     assert err.body["message"] == "No."
     assert err.request_id is not None and err.request_id.startswith("req_mock_")
+
+
+def _logprob_paths(choice_logprobs: Any) -> list[Any]:
+    """What code written for the openai SDK reads of a choice's logprobs."""
+    return [
+        (t.token, t.logprob, t.bytes, [(a.token, a.logprob, a.bytes) for a in t.top_logprobs])
+        for t in choice_logprobs.content
+    ]
+
+
+def test_logprobs_are_objects_as_in_the_openai_sdk(mock):
+    """``choice.logprobs.content[0].logprob``: they were the raw dict (an AttributeError),
+    whole and streamed; and their JSON is OpenAI's."""
+    import openai
+
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    ours = Lunar()
+    kw: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES, "logprobs": True}
+    want = theirs.chat.completions.create(**kw, top_logprobs=2).choices[0]
+    got = ours.chat.completions.create(**kw, top_logprobs=2).choices[0]
+    assert want.logprobs is not None and got.logprobs is not None
+    assert len(got.logprobs.content) == 8
+    assert _logprob_paths(got.logprobs) == _logprob_paths(want.logprobs)
+    assert got.logprobs.refusal is None
+    assert got.model_dump()["logprobs"] == want.model_dump()["logprobs"]
+
+    want_chunks = [
+        _logprob_paths(c.choices[0].logprobs)
+        for c in theirs.chat.completions.create(**kw, stream=True)
+        if c.choices and c.choices[0].logprobs
+    ]
+    got_chunks = [
+        _logprob_paths(c.choices[0].logprobs)
+        for c in ours.chat.completions.create(**kw, stream=True)
+        if c.choices and c.choices[0].logprobs
+    ]
+    assert len(got_chunks) == 8 and got_chunks == want_chunks
+    # Not asked: none, as before.
+    assert ours.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[
+        0
+    ].logprobs is None

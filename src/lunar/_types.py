@@ -351,6 +351,86 @@ class ToolCall(_Obj):
         )
 
 
+class TopLogprob(_Obj):
+    """One of the likeliest tokens at a position (``top_logprobs``)."""
+
+    __slots__ = ("bytes", "logprob", "token")
+
+    def __init__(self, token: str, logprob: float, bytes: list[int] | None = None) -> None:
+        self.token = token
+        self.bytes = bytes
+        self.logprob = logprob
+
+
+class ChatCompletionTokenLogprob(_Obj):
+    """A token of the answer with its log probability, and the likeliest alternatives."""
+
+    __slots__ = ("bytes", "logprob", "token", "top_logprobs")
+
+    def __init__(
+        self,
+        token: str,
+        logprob: float,
+        bytes: list[int] | None = None,
+        top_logprobs: list[TopLogprob] | None = None,
+    ) -> None:
+        self.token = token
+        self.bytes = bytes
+        self.logprob = logprob
+        self.top_logprobs = [] if top_logprobs is None else top_logprobs
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Any:
+        if type(d) is not dict:
+            return d  # not OpenAI's shape: as it came
+        top = d.get("top_logprobs")
+        return cls(
+            d.get("token", ""),
+            d.get("logprob", 0.0),
+            d.get("bytes"),
+            [
+                TopLogprob(t.get("token", ""), t.get("logprob", 0.0), t.get("bytes"))
+                if type(t) is dict
+                else t
+                for t in top
+            ]
+            if type(top) is list
+            else [],
+        )
+
+
+class ChoiceLogprobs(_Obj):
+    """``choice.logprobs`` (asked with ``logprobs=True``): the answer's tokens (``content``)
+    or its refusal's, each a ``ChatCompletionTokenLogprob``, as the openai SDK reads them
+    (``choice.logprobs.content[0].logprob``)."""
+
+    __slots__ = ("content", "refusal")
+
+    def __init__(
+        self,
+        content: list[ChatCompletionTokenLogprob] | None = None,
+        refusal: list[ChatCompletionTokenLogprob] | None = None,
+    ) -> None:
+        self.content = content
+        self.refusal = refusal
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Any:
+        """Called only for a choice that has logprobs; a value not of OpenAI's shape is
+        kept as it came."""
+        if type(d) is not dict:
+            return d
+        content, refusal = d.get("content"), d.get("refusal")
+        return cls(
+            [ChatCompletionTokenLogprob.from_dict(t) for t in content]
+            if type(content) is list
+            else None,
+            [ChatCompletionTokenLogprob.from_dict(t) for t in refusal]
+            if type(refusal) is list
+            else None,
+        )
+
+
 class ChoiceDeltaToolCall(_Obj):
     """A piece of a streamed tool call: ``id`` and ``name`` arrive once, ``arguments`` in
     pieces to concatenate by ``index``; ``extra_content`` (see ``ToolCall``) with the
@@ -431,7 +511,7 @@ class ChunkChoice(_Obj):
         index: int = 0,
         delta: ChoiceDelta | None = None,
         finish_reason: str | None = None,
-        logprobs: Any = None,
+        logprobs: ChoiceLogprobs | None = None,
         stop_sequence: str | None = None,
     ) -> None:
         self.index = index
@@ -516,6 +596,7 @@ class ChatCompletionChunk(_Obj):
             delta = c.get("delta") or {}
             tcs = delta.get("tool_calls")
             finish = c.get("finish_reason")
+            logprobs = c.get("logprobs")
             choices.append(
                 ChunkChoice(
                     c.get("index", 0),
@@ -526,7 +607,7 @@ class ChatCompletionChunk(_Obj):
                         delta.get("refusal"),
                     ),
                     finish,
-                    c.get("logprobs"),
+                    None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),
                 )
             )
@@ -653,7 +734,7 @@ class Choice(_Obj):
         index: int,
         message: ChatCompletionMessage,
         finish_reason: str | None,
-        logprobs: Any = None,
+        logprobs: ChoiceLogprobs | None = None,
         stop_sequence: str | None = None,
     ) -> None:
         self.index = index
@@ -702,6 +783,7 @@ class ChatCompletion(_Obj):
             m = c.get("message") or {}
             tcs = m.get("tool_calls")
             finish = c.get("finish_reason")
+            logprobs = c.get("logprobs")
             choices.append(
                 Choice(
                     c.get("index", 0),
@@ -712,7 +794,7 @@ class ChatCompletion(_Obj):
                         m.get("refusal"),
                     ),
                     finish,
-                    c.get("logprobs"),
+                    None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),
                 )
             )
