@@ -142,6 +142,7 @@ def test_logprobs_are_objects_as_in_the_openai_sdk(mock):
     ]
     assert len(got_chunks) == 8 and got_chunks == want_chunks
     # Not asked: none, as before.
-    assert ours.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[
-        0
-    ].logprobs is None
+    assert (
+        ours.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[0].logprobs
+        is None
+    )

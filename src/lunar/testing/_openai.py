@@ -240,9 +240,7 @@ class OpenAIWire(Wire):
 
         if job.kind == "chat":
 
-            def event(
-                i: int, delta: str, finish_json: str = "null", logprobs: str = "null"
-            ) -> str:
+            def event(i: int, delta: str, finish_json: str = "null", logprobs: str = "null") -> str:
                 return (
                     f'{prefix}{{"index":{i},"delta":{delta},"logprobs":{logprobs},'
                     f'"finish_reason":{finish_json}}}{suffix}'
