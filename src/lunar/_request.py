@@ -48,7 +48,9 @@ CHAT_PARAMS = (
     "top_logprobs",
     "logit_bias",
     # The rest of OpenAI's: for OpenAI-compatible providers as given; Anthropic and Gemini
-    # have no such thing (their adapters leave them out).
+    # have no such thing (their adapters leave them out). Those whose answer Lunar's objects
+    # would not carry (audio; the deprecated functions' ``message.function_call``) are
+    # refused by their checks, never sent to be dropped from the answer.
     "reasoning_effort",
     "verbosity",
     "metadata",
@@ -465,6 +467,25 @@ def _strings(value: Any, name: str) -> None:
         raise bad(f"'{name}' must be a list of strings", name)
 
 
+def _modalities(value: Any, name: str) -> None:
+    _strings(value, name)
+    if "audio" in value:
+        raise bad(
+            "'modalities' may not ask for 'audio': Lunar's answers carry text, not audio "
+            "(leave it out, or ask ['text'])",
+            name,
+        )
+
+
+def _refused(hint: str) -> Callable[[Any, str], None]:
+    """A check for a parameter whose answer Lunar would not carry: refused, saying why."""
+
+    def check(value: Any, name: str) -> None:
+        raise bad(f"'{name}' is not supported: {hint}", name)
+
+    return check
+
+
 def _metadata(value: Any, name: str) -> None:
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -499,8 +520,10 @@ _PARAM_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "metadata": _metadata,
     "store": _bool,
     "service_tier": _string,
-    "modalities": _strings,
-    "audio": _object,
+    "modalities": _modalities,
+    "audio": _refused("Lunar's answers carry text, not audio"),
+    "functions": _refused("use 'tools' (OpenAI's replacement for 'functions')"),
+    "function_call": _refused("use 'tool_choice' (OpenAI's replacement for 'function_call')"),
     "prediction": _object,
     "web_search_options": _object,
     "safety_identifier": _string,
