@@ -4,6 +4,7 @@ as they do there (against the emulator, over real sockets)."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -149,3 +150,43 @@ def test_logprobs_are_objects_as_in_the_openai_sdk(mock):
         ours.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[0].logprobs
         is None
     )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"exclude_unset": True},
+        {"exclude_none": True},
+        {"include": {"id", "choices"}},
+        {"exclude": {"usage", "created"}},
+        {"include": {"choices": {0: {"message": {"content", "role"}}}}},
+        {"include": {"choices": {"__all__": {"finish_reason"}}}},
+        {"exclude": {"choices": {0: {"message": ...}}, "usage": True}},
+    ],
+)
+def test_model_dump_takes_the_openai_sdks_arguments(mock, kwargs):
+    """``model_dump(exclude_unset=True)``, ``include=`` and ``exclude=`` were a TypeError;
+    they keep what pydantic keeps of the same answer (Lunar's own fields aside)."""
+    import openai
+
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    want = theirs.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    got = Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    dumped, expected = got.model_dump(**kwargs), want.model_dump(**kwargs)
+
+    def common(ours: Any, reference: Any) -> Any:
+        """``ours`` where ``reference`` has it: Lunar's additions (provider, costs) and the
+        openai SDK's (annotations, audio, ...) aside, and the id (one per request)."""
+        if isinstance(ours, dict) and isinstance(reference, dict):
+            return {k: common(v, reference[k]) for k, v in ours.items() if k in reference}
+        if isinstance(ours, list):
+            return [common(a, b) for a, b in zip(ours, reference, strict=True)]
+        return ours
+
+    mine = common(dumped, expected)
+    theirs_common = common(expected, dumped)
+    for side in (mine, theirs_common):
+        side.pop("id", None)
+    assert mine == theirs_common
+    assert set(dumped) - set(expected) <= {"provider"}
+    assert got.model_dump_json(**kwargs) == json.dumps(dumped, separators=(",", ":"))
