@@ -749,7 +749,7 @@ async def test_errors_carry_body_and_request_id_as_the_openai_sdks_do(mock):
         with pytest.raises(BadRequestError) as async_info:
             await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
     for err in (info.value, async_info.value):
-        assert err.body == err.response_body and err.body["error"]["type"]
+        assert err.body == err.response_body["error"] and err.body["type"]
         assert err.request_id is not None and err.request_id.startswith("req_mock_")
     assert info.value.request_id != async_info.value.request_id
     assert BadRequestError("refused before sending").request_id is None

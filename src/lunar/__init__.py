@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 from ._errors import (
     APIConnectionError,
     APIError,
+    APIStatusError,
     APITimeoutError,
     Attempt,
     AuthenticationError,
@@ -23,6 +24,7 @@ from ._errors import (
     ConflictError,
     ConnectionError,
     GatewayTimeoutError,
+    InternalServerError,
     LunarError,
     NotFoundError,
     PermissionDeniedError,
@@ -61,6 +63,7 @@ def __getattr__(name: str) -> Any:
 __all__ = [
     "APIConnectionError",
     "APIError",
+    "APIStatusError",
     "APITimeoutError",
     "AsyncLunar",
     "AsyncStream",
@@ -76,6 +79,7 @@ __all__ = [
     "ConflictError",
     "ConnectionError",
     "GatewayTimeoutError",
+    "InternalServerError",
     "Lunar",
     "LunarError",
     "Model",

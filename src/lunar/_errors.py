@@ -88,8 +88,11 @@ class APIError(LunarError):
     # As on the openai SDK's errors.
     @property
     def body(self) -> Any:
-        """The error answer's body (parsed JSON when it was JSON): ``response_body``."""
-        return self.response_body
+        """As the openai SDK's ``e.body``: the answer's ``error`` object when its JSON has
+        one (``e.body["code"]``), else the whole body (parsed JSON when it was JSON, the text
+        when not). ``response_body`` is always the whole body."""
+        body = self.response_body
+        return body.get("error", body) if isinstance(body, dict) else body
 
     @property
     def request_id(self) -> str | None:
@@ -149,7 +152,8 @@ class RateLimitError(APIError):
 
 
 class ServerError(APIError):
-    """5xx, and overloads such as Anthropic's 529."""
+    """5xx, and overloads such as Anthropic's 529 (``InternalServerError``, the openai
+    SDK's name, is this class)."""
 
     status_code = 500
 
@@ -204,6 +208,11 @@ class ClientClosedError(LunarError, RuntimeError):
 # The names WIRE-FORMATS.md documents; they shadow the builtins only where imported.
 ConnectionError = APIConnectionError
 TimeoutError = APITimeoutError
+# The openai SDK's names for the same classes, so its users' ``except`` clauses port as
+# they are: its ``APIStatusError`` is the base of the errors with a status, as ``APIError``
+# is here, and its ``InternalServerError`` is any 5xx.
+APIStatusError = APIError
+InternalServerError = ServerError
 
 _BY_STATUS: dict[int, type[APIError]] = {
     400: BadRequestError,

@@ -47,6 +47,24 @@ CHAT_PARAMS = (
     "logprobs",
     "top_logprobs",
     "logit_bias",
+    # The rest of OpenAI's: for OpenAI-compatible providers as given; Anthropic and Gemini
+    # have no such thing (their adapters leave them out). Those whose answer Lunar's objects
+    # would not carry (audio; the deprecated functions' ``message.function_call``) are
+    # refused by their checks, never sent to be dropped from the answer.
+    "reasoning_effort",
+    "verbosity",
+    "metadata",
+    "store",
+    "service_tier",
+    "modalities",
+    "audio",
+    "prediction",
+    "web_search_options",
+    "safety_identifier",
+    "prompt_cache_key",
+    "prompt_cache_retention",
+    "functions",
+    "function_call",
 )
 
 
@@ -72,6 +90,20 @@ class ChatParams(TypedDict, total=False):
     logprobs: bool | None
     top_logprobs: int | None
     logit_bias: dict[str, float] | None
+    reasoning_effort: str | None
+    verbosity: str | None
+    metadata: dict[str, str] | None
+    store: bool | None
+    service_tier: str | None
+    modalities: list[str] | None
+    audio: dict[str, Any] | None
+    prediction: dict[str, Any] | None
+    web_search_options: dict[str, Any] | None
+    safety_identifier: str | None
+    prompt_cache_key: str | None
+    prompt_cache_retention: str | None
+    functions: list[dict[str, Any]] | None
+    function_call: Any
     provider: str | None
     timeout: float | httpx.Timeout | None
     extra_headers: Mapping[str, str] | None
@@ -421,9 +453,45 @@ def _response_format(rf: Any, name: str) -> None:
         raise bad(f"'{param}' must be a JSON Schema object", param)
 
 
-def _stream_options(so: Any, name: str) -> None:
-    if not isinstance(so, Mapping):
-        raise bad("'stream_options' must be an object", "stream_options")
+def _object(value: Any, name: str) -> None:
+    if not isinstance(value, Mapping):
+        raise bad(f"'{name}' must be an object, got {type(value).__name__}", name)
+
+
+def _string(value: Any, name: str) -> None:
+    if not isinstance(value, str):
+        raise bad(f"'{name}' must be a string, got {type(value).__name__}", name)
+
+
+def _strings(value: Any, name: str) -> None:
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise bad(f"'{name}' must be a list of strings", name)
+
+
+def _modalities(value: Any, name: str) -> None:
+    _strings(value, name)
+    if "audio" in value:
+        raise bad(
+            "'modalities' may not ask for 'audio': Lunar's answers carry text, not audio "
+            "(leave it out, or ask ['text'])",
+            name,
+        )
+
+
+def _refused(hint: str) -> Callable[[Any, str], None]:
+    """A check for a parameter whose answer Lunar would not carry: refused, saying why."""
+
+    def check(value: Any, name: str) -> None:
+        raise bad(f"'{name}' is not supported: {hint}", name)
+
+    return check
+
+
+def _metadata(value: Any, name: str) -> None:
+    if not isinstance(value, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+    ):
+        raise bad(f"'{name}' must be an object of string keys and string values", name)
 
 
 def _range(lo: float, hi: float) -> Callable[[Any, str], None]:
@@ -447,7 +515,21 @@ _PARAM_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "logprobs": _bool,
     "top_logprobs": _top_logprobs,
     "response_format": _response_format,
-    "stream_options": _stream_options,
+    "stream_options": _object,
+    "reasoning_effort": _string,
+    "verbosity": _string,
+    "metadata": _metadata,
+    "store": _bool,
+    "service_tier": _string,
+    "modalities": _modalities,
+    "audio": _refused("Lunar's answers carry text, not audio"),
+    "functions": _refused("use 'tools' (OpenAI's replacement for 'functions')"),
+    "function_call": _refused("use 'tool_choice' (OpenAI's replacement for 'function_call')"),
+    "prediction": _object,
+    "web_search_options": _object,
+    "safety_identifier": _string,
+    "prompt_cache_key": _string,
+    "prompt_cache_retention": _string,
 }
 
 

@@ -52,18 +52,52 @@ class _Obj:
 
     # The names openai (pydantic) users reach for, with the arguments they pass most.
     def model_dump(
-        self, *, mode: str = "python", exclude_none: bool = False, by_alias: bool = False
+        self,
+        *,
+        mode: str = "python",
+        include: Any = None,
+        exclude: Any = None,
+        by_alias: bool = False,
+        exclude_unset: bool = False,
+        exclude_defaults: bool = False,
+        exclude_none: bool = False,
     ) -> dict[str, Any]:
         """``to_dict()``; ``exclude_none`` leaves out the fields that are None, at every
-        depth. ``mode`` ("python" or "json") and ``by_alias`` change nothing: every field
-        is JSON already, under its wire name."""
+        depth, and so do ``exclude_unset`` and ``exclude_defaults`` (a field Lunar's objects
+        leave unset, or at its default, is None). ``include`` / ``exclude``: the fields to
+        keep / leave out, a set of names or pydantic's dict of them (``{"choices": {0:
+        {"message"}}}``, ``...`` or True for the whole field). ``mode`` ("python" or
+        "json") and ``by_alias`` change nothing: every field is JSON already, under its
+        wire name."""
         if mode not in ("python", "json"):
             raise ValueError(f"mode must be 'python' or 'json', got {mode!r}")
         out = self.to_dict()
-        return _without_none(out) if exclude_none else out
+        if include is not None:
+            out = _pick(out, include, keep=True)
+        if exclude is not None:
+            out = _pick(out, exclude, keep=False)
+        if exclude_none or exclude_unset or exclude_defaults:
+            out = _without_none(out)
+        return out
 
-    def model_dump_json(self, *, indent: int | None = None, exclude_none: bool = False) -> str:
-        out = self.model_dump(exclude_none=exclude_none)
+    def model_dump_json(
+        self,
+        *,
+        indent: int | None = None,
+        include: Any = None,
+        exclude: Any = None,
+        by_alias: bool = False,
+        exclude_unset: bool = False,
+        exclude_defaults: bool = False,
+        exclude_none: bool = False,
+    ) -> str:
+        out = self.model_dump(
+            include=include,
+            exclude=exclude,
+            exclude_unset=exclude_unset,
+            exclude_defaults=exclude_defaults,
+            exclude_none=exclude_none,
+        )
         if indent is None:
             return json.dumps(out, separators=(",", ":"), ensure_ascii=False)
         return json.dumps(out, indent=indent, ensure_ascii=False)
@@ -99,6 +133,40 @@ def _without_none(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_none(v) for v in value]
     return value
+
+
+def _pick(value: Any, spec: Any, keep: bool) -> Any:
+    """pydantic's ``include`` (``keep``) or ``exclude`` on a dumped value: ``spec`` a set
+    of keys (list indexes for a list), or a dict of them to a nested spec (``...`` or True:
+    all of it); ``"__all__"`` stands for every index or key."""
+    if isinstance(spec, (set, frozenset, list, tuple)):
+        spec = dict.fromkeys(spec, True)
+    if not isinstance(spec, dict):
+        raise TypeError(f"include/exclude must be a set or a dict, got {type(spec).__name__}")
+    every = spec.get("__all__")
+
+    def nested(key: Any) -> Any:
+        sub = spec.get(key, every)
+        return None if sub is None else (True if sub is ... else sub)
+
+    if isinstance(value, dict):
+        items: list[tuple[Any, Any]] = list(value.items())
+    elif isinstance(value, list):
+        items = list(enumerate(value))
+    else:
+        return value
+    out = []
+    for key, item in items:
+        sub = nested(key)
+        if keep:
+            if sub is None:
+                continue
+            out.append((key, item if sub is True else _pick(item, sub, keep)))
+        elif sub is True:
+            continue
+        else:
+            out.append((key, item if sub is None else _pick(item, sub, keep)))
+    return dict(out) if isinstance(value, dict) else [item for _, item in out]
 
 
 def _to_dict_for(cls: type[_Obj]) -> Callable[[Any], dict[str, Any]]:
@@ -351,6 +419,86 @@ class ToolCall(_Obj):
         )
 
 
+class TopLogprob(_Obj):
+    """One of the likeliest tokens at a position (``top_logprobs``)."""
+
+    __slots__ = ("bytes", "logprob", "token")
+
+    def __init__(self, token: str, logprob: float, bytes: list[int] | None = None) -> None:
+        self.token = token
+        self.bytes = bytes
+        self.logprob = logprob
+
+
+class ChatCompletionTokenLogprob(_Obj):
+    """A token of the answer with its log probability, and the likeliest alternatives."""
+
+    __slots__ = ("bytes", "logprob", "token", "top_logprobs")
+
+    def __init__(
+        self,
+        token: str,
+        logprob: float,
+        bytes: list[int] | None = None,
+        top_logprobs: list[TopLogprob] | None = None,
+    ) -> None:
+        self.token = token
+        self.bytes = bytes
+        self.logprob = logprob
+        self.top_logprobs = [] if top_logprobs is None else top_logprobs
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Any:
+        if type(d) is not dict:
+            return d  # not OpenAI's shape: as it came
+        top = d.get("top_logprobs")
+        return cls(
+            d.get("token", ""),
+            d.get("logprob", 0.0),
+            d.get("bytes"),
+            [
+                TopLogprob(t.get("token", ""), t.get("logprob", 0.0), t.get("bytes"))
+                if type(t) is dict
+                else t
+                for t in top
+            ]
+            if type(top) is list
+            else [],
+        )
+
+
+class ChoiceLogprobs(_Obj):
+    """``choice.logprobs`` (asked with ``logprobs=True``): the answer's tokens (``content``)
+    or its refusal's, each a ``ChatCompletionTokenLogprob``, as the openai SDK reads them
+    (``choice.logprobs.content[0].logprob``)."""
+
+    __slots__ = ("content", "refusal")
+
+    def __init__(
+        self,
+        content: list[ChatCompletionTokenLogprob] | None = None,
+        refusal: list[ChatCompletionTokenLogprob] | None = None,
+    ) -> None:
+        self.content = content
+        self.refusal = refusal
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Any:
+        """Called only for a choice that has logprobs; a value not of OpenAI's shape is
+        kept as it came."""
+        if type(d) is not dict:
+            return d
+        content, refusal = d.get("content"), d.get("refusal")
+        return cls(
+            [ChatCompletionTokenLogprob.from_dict(t) for t in content]
+            if type(content) is list
+            else None,
+            [ChatCompletionTokenLogprob.from_dict(t) for t in refusal]
+            if type(refusal) is list
+            else None,
+        )
+
+
 class ChoiceDeltaToolCall(_Obj):
     """A piece of a streamed tool call: ``id`` and ``name`` arrive once, ``arguments`` in
     pieces to concatenate by ``index``; ``extra_content`` (see ``ToolCall``) with the
@@ -431,7 +579,7 @@ class ChunkChoice(_Obj):
         index: int = 0,
         delta: ChoiceDelta | None = None,
         finish_reason: str | None = None,
-        logprobs: Any = None,
+        logprobs: ChoiceLogprobs | None = None,
         stop_sequence: str | None = None,
     ) -> None:
         self.index = index
@@ -516,6 +664,7 @@ class ChatCompletionChunk(_Obj):
             delta = c.get("delta") or {}
             tcs = delta.get("tool_calls")
             finish = c.get("finish_reason")
+            logprobs = c.get("logprobs")
             choices.append(
                 ChunkChoice(
                     c.get("index", 0),
@@ -526,7 +675,7 @@ class ChatCompletionChunk(_Obj):
                         delta.get("refusal"),
                     ),
                     finish,
-                    c.get("logprobs"),
+                    None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),
                 )
             )
@@ -653,7 +802,7 @@ class Choice(_Obj):
         index: int,
         message: ChatCompletionMessage,
         finish_reason: str | None,
-        logprobs: Any = None,
+        logprobs: ChoiceLogprobs | None = None,
         stop_sequence: str | None = None,
     ) -> None:
         self.index = index
@@ -702,6 +851,7 @@ class ChatCompletion(_Obj):
             m = c.get("message") or {}
             tcs = m.get("tool_calls")
             finish = c.get("finish_reason")
+            logprobs = c.get("logprobs")
             choices.append(
                 Choice(
                     c.get("index", 0),
@@ -712,7 +862,7 @@ class ChatCompletion(_Obj):
                         m.get("refusal"),
                     ),
                     finish,
-                    c.get("logprobs"),
+                    None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),
                 )
             )

@@ -145,27 +145,7 @@ def tool_arguments_object(arguments: Any) -> dict[str, Any]:
 
 #: The fields of an OpenAI Chat Completions request: what adapters of other wires translate
 #: (or leave out, when the wire has no such thing).
-OPENAI_FIELDS = frozenset(
-    {
-        "model",
-        "messages",
-        "stream",
-        *CHAT_PARAMS,  # those Lunar checks and passes on
-        "functions",
-        "function_call",
-        "metadata",
-        "store",
-        "service_tier",
-        "modalities",
-        "audio",
-        "prediction",
-        "reasoning_effort",
-        "verbosity",
-        "web_search_options",
-        "safety_identifier",
-        "prompt_cache_key",
-    }
-)
+OPENAI_FIELDS = frozenset({"model", "messages", "stream", *CHAT_PARAMS})
 
 
 def merge_extra(payload: dict[str, Any], body: Mapping[str, Any]) -> None:

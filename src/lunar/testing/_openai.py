@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Any
 
@@ -183,7 +184,7 @@ class OpenAIWire(Wire):
         else:
             calls = []
             prompt_tokens = prompt_tokens_completion(request["prompt"])
-        return make_job(
+        job = make_job(
             self.kind,
             incoming.model,
             reply,
@@ -194,6 +195,11 @@ class OpenAIWire(Wire):
             n=n,
             include_usage=include_usage,
         )
+        if self.kind == "chat" and request.get("logprobs") is True:
+            top = request.get("top_logprobs")
+            top = top if isinstance(top, int) and not isinstance(top, bool) else 0
+            job = dataclasses.replace(job, top_logprobs=max(0, min(top, 20)))
+        return job
 
     def response_id(self, number: int, job: Job) -> str:
         return f"chatcmpl-{number}" if self.kind == "chat" else f"cmpl-{number}"
@@ -234,9 +240,9 @@ class OpenAIWire(Wire):
 
         if job.kind == "chat":
 
-            def event(i: int, delta: str, finish_json: str = "null") -> str:
+            def event(i: int, delta: str, finish_json: str = "null", logprobs: str = "null") -> str:
                 return (
-                    f'{prefix}{{"index":{i},"delta":{delta},"logprobs":null,'
+                    f'{prefix}{{"index":{i},"delta":{delta},"logprobs":{logprobs},'
                     f'"finish_reason":{finish_json}}}{suffix}'
                 )
 
@@ -267,7 +273,8 @@ class OpenAIWire(Wire):
                 pre = [event(i, '{"role":"assistant","content":""}') for i in range(n)]
                 for piece in job.pieces:
                     delta = f'{{"content":{dumps(piece)}}}'
-                    positions.append([event(i, delta) for i in range(n)])
+                    lp = _logprobs(job, (piece,))
+                    positions.append([event(i, delta, logprobs=lp) for i in range(n)])
             post = [event(i, "{}", finish) for i in range(n)]
         else:
 
@@ -310,9 +317,10 @@ class OpenAIWire(Wire):
             else:
                 message = {"role": "assistant", "content": text, "refusal": None}
             message_json = dumps(message)
+            logprobs = _logprobs(job, () if job.tool_calls else job.pieces)
             for i in range(job.n):
                 choices.append(
-                    f'{{"index":{i},"message":{message_json},"logprobs":null,'
+                    f'{{"index":{i},"message":{message_json},"logprobs":{logprobs},'
                     f'"finish_reason":{finish}}}'
                 )
             obj = "chat.completion"
@@ -328,6 +336,30 @@ class OpenAIWire(Wire):
             f'"system_fingerprint":"{FINGERPRINT}","choices":[{",".join(choices)}],'
             f'"usage":{dumps(job.usage())}}}'
         )
+
+
+def _logprobs(job: Job, pieces: tuple[str, ...]) -> str:
+    """A choice's ``logprobs`` for its content ``pieces``, as OpenAI gives them when asked
+    (``null`` when not): each piece a token of log probability -0.25, its alternatives
+    (``top_logprobs`` of them) the token itself then ``alt1``, ``alt2`` … at -1, -2 …"""
+    top = job.top_logprobs
+    if top is None:
+        return "null"
+
+    def token(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+    content = [
+        {
+            **token(piece, -0.25),
+            "top_logprobs": [token(piece, -0.25)]
+            + [token(f"alt{j}", -float(j)) for j in range(1, top)]
+            if top
+            else [],
+        }
+        for piece in pieces
+    ]
+    return dumps({"content": content, "refusal": None})
 
 
 def _tool_header(index: int, call: ToolCall) -> str:

@@ -249,6 +249,9 @@ class Job:
     """Anthropic: the ``stop_sequence`` reported with a ``stop_sequence`` finish."""
     sse: bool = True
     """Gemini: False for ``streamGenerateContent`` without ``alt=sse`` (a JSON array)."""
+    top_logprobs: int | None = None
+    """OpenAI chat: when the request asked ``logprobs``, how many alternatives each token
+    lists (its ``top_logprobs``, 0 when not given); None: no logprobs."""
 
     @property
     def completion_tokens(self) -> int:
@@ -290,6 +293,7 @@ class Job:
             self.cache_write_1h_tokens,
             self.stop_sequence,
             self.sse,
+            self.top_logprobs,
         )
 
 

@@ -1,0 +1,194 @@
+"""Code written against the official ``openai`` SDK, ported to Lunar by changing the
+import: the arguments it passes, the attributes it reads and the errors it catches behave
+as they do there (against the emulator, over real sockets)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from lunar import BadRequestError, Lunar
+from lunar.testing import Reply
+
+MESSAGES = [{"role": "user", "content": "Hi"}]
+
+#: OpenAI's chat parameters beyond the sampling ones, each with a value it takes.
+OPENAI_PARAMS: dict[str, Any] = {
+    "reasoning_effort": "low",
+    "verbosity": "low",
+    "metadata": {"run": "7"},
+    "store": True,
+    "service_tier": "auto",
+    "modalities": ["text"],
+    "prediction": {"type": "content", "content": "Hello"},
+    "web_search_options": {"search_context_size": "low"},
+    "safety_identifier": "user-1",
+    "prompt_cache_key": "k1",
+    "prompt_cache_retention": "24h",
+    "max_completion_tokens": 50,
+    "parallel_tool_calls": False,
+}
+
+
+def test_openais_chat_parameters_reach_an_openai_provider(mock):
+    """They were a TypeError (unexpected keyword argument), though the gateway took them."""
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **OPENAI_PARAMS)
+    sent = mock.requests[-1].json
+    for name, value in OPENAI_PARAMS.items():
+        assert sent[name] == value, name
+
+
+def test_openais_chat_parameters_are_left_out_for_anthropic(mock, monkeypatch):
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-a")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", mock.url)
+    answer = Lunar().chat.completions.create(
+        model="claude-3-haiku", messages=MESSAGES, **OPENAI_PARAMS
+    )
+    assert answer.choices[0].message.content
+    sent = mock.requests[-1].json
+    assert not set(OPENAI_PARAMS) & set(sent), sorted(set(OPENAI_PARAMS) & set(sent))
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("reasoning_effort", 3),
+        ("store", "yes"),
+        ("metadata", {"k": 1}),
+        ("modalities", "text"),
+        ("prediction", "Hello"),
+        ("service_tier", ["auto"]),
+        # Answers Lunar's objects would not carry: refused, not sent to be dropped.
+        ("modalities", ["text", "audio"]),
+        ("audio", {"voice": "alloy", "format": "wav"}),
+        ("functions", [{"name": "f", "parameters": {"type": "object"}}]),
+        ("function_call", "auto"),
+    ],
+)
+def test_a_bad_openai_parameter_is_refused_naming_it(mock, name, value):
+    with pytest.raises(BadRequestError) as info:
+        Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **{name: value})
+    assert info.value.param == name
+    assert not mock.requests
+
+
+@pytest.mark.parametrize(
+    ("status", "openai_name"),
+    [
+        (400, "BadRequestError"),
+        (401, "AuthenticationError"),
+        (404, "NotFoundError"),
+        (429, "RateLimitError"),
+        (500, "InternalServerError"),
+        (503, "InternalServerError"),
+    ],
+)
+def test_errors_are_caught_and_read_as_with_the_openai_sdk(mock, status, openai_name):
+    """The openai SDK's ``except`` clauses and attributes: its class names (``APIStatusError``
+    and ``InternalServerError`` were missing) and ``e.body``, which is the answer's
+    ``error`` object there (``e.body["code"]``), not the whole JSON."""
+    import openai
+
+    import lunar
+
+    reply = Reply.status_error(status, "No.", type="some_type", code="some_code")
+    mock.enqueue(reply, reply, model="gpt-4o-mini")
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    with pytest.raises(openai.APIStatusError) as expected:
+        theirs.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    with pytest.raises(lunar.APIStatusError) as got:
+        Lunar(max_retries=0).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    err, want = got.value, expected.value
+    assert isinstance(want, getattr(openai, openai_name))
+    assert isinstance(err, getattr(lunar, openai_name))
+    assert isinstance(err, lunar.APIError)
+    for name in ("status_code", "body", "code", "param", "type"):
+        assert getattr(err, name) == getattr(want, name), name
+    assert err.body["message"] == "No."
+    assert err.request_id is not None and err.request_id.startswith("req_mock_")
+
+
+def _logprob_paths(choice_logprobs: Any) -> list[Any]:
+    """What code written for the openai SDK reads of a choice's logprobs."""
+    return [
+        (t.token, t.logprob, t.bytes, [(a.token, a.logprob, a.bytes) for a in t.top_logprobs])
+        for t in choice_logprobs.content
+    ]
+
+
+def test_logprobs_are_objects_as_in_the_openai_sdk(mock):
+    """``choice.logprobs.content[0].logprob``: they were the raw dict (an AttributeError),
+    whole and streamed; and their JSON is OpenAI's."""
+    import openai
+
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    ours = Lunar()
+    kw: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES, "logprobs": True}
+    want = theirs.chat.completions.create(**kw, top_logprobs=2).choices[0]
+    got = ours.chat.completions.create(**kw, top_logprobs=2).choices[0]
+    assert want.logprobs is not None and got.logprobs is not None
+    assert len(got.logprobs.content) == 8
+    assert _logprob_paths(got.logprobs) == _logprob_paths(want.logprobs)
+    assert got.logprobs.refusal is None
+    assert got.model_dump()["logprobs"] == want.model_dump()["logprobs"]
+
+    want_chunks = [
+        _logprob_paths(c.choices[0].logprobs)
+        for c in theirs.chat.completions.create(**kw, stream=True)
+        if c.choices and c.choices[0].logprobs
+    ]
+    got_chunks = [
+        _logprob_paths(c.choices[0].logprobs)
+        for c in ours.chat.completions.create(**kw, stream=True)
+        if c.choices and c.choices[0].logprobs
+    ]
+    assert len(got_chunks) == 8 and got_chunks == want_chunks
+    # Not asked: none, as before.
+    assert (
+        ours.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES).choices[0].logprobs
+        is None
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"exclude_unset": True},
+        {"exclude_none": True},
+        {"include": {"id", "choices"}},
+        {"exclude": {"usage", "created"}},
+        {"include": {"choices": {0: {"message": {"content", "role"}}}}},
+        {"include": {"choices": {"__all__": {"finish_reason"}}}},
+        {"exclude": {"choices": {0: {"message": ...}}, "usage": True}},
+    ],
+)
+def test_model_dump_takes_the_openai_sdks_arguments(mock, kwargs):
+    """``model_dump(exclude_unset=True)``, ``include=`` and ``exclude=`` were a TypeError;
+    they keep what pydantic keeps of the same answer (Lunar's own fields aside)."""
+    import openai
+
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    want = theirs.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    got = Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    dumped, expected = got.model_dump(**kwargs), want.model_dump(**kwargs)
+
+    def common(ours: Any, reference: Any) -> Any:
+        """``ours`` where ``reference`` has it: Lunar's additions (provider, costs) and the
+        openai SDK's (annotations, audio, ...) aside; the id and the time (one per request)
+        are left out below."""
+        if isinstance(ours, dict) and isinstance(reference, dict):
+            return {k: common(v, reference[k]) for k, v in ours.items() if k in reference}
+        if isinstance(ours, list):
+            return [common(a, b) for a, b in zip(ours, reference, strict=True)]
+        return ours
+
+    mine = common(dumped, expected)
+    theirs_common = common(expected, dumped)
+    for side in (mine, theirs_common):
+        side.pop("id", None)
+        side.pop("created", None)
+    assert mine == theirs_common
+    assert set(dumped) - set(expected) <= {"provider"}
+    assert got.model_dump_json(**kwargs) == json.dumps(dumped, separators=(",", ":"))
