@@ -301,6 +301,29 @@ class _Watches:
 # ---------------------------------------------------------------------------------------------
 # The application
 
+#: The ledger writer's trouble, as counters: ``(metric, the storage's attribute, help)``.
+_LEDGER_COUNTERS = (
+    (
+        "lunar_ledger_write_errors_total",
+        "write_errors",
+        "Failed ledger inserts and commits (a busy, locked or failing database; each retry).",
+    ),
+    (
+        "lunar_ledger_spilled_rows_total",
+        "rows_spilled",
+        "Ledger rows that could not be written, appended to <db>.unwritten.jsonl.",
+    ),
+    (
+        "lunar_ledger_recovered_rows_total",
+        "rows_recovered",
+        "Ledger rows written from <db>.unwritten.jsonl once the database took rows again.",
+    ),
+)
+
+
+def _count(storage: Storage, attr: str) -> float:
+    return float(getattr(storage, attr, 0))  # a backend without the counter: 0
+
 
 class Gateway:
     """The ASGI application (``create_app(config)`` builds one)."""
@@ -333,6 +356,8 @@ class Gateway:
         self.metrics.gauge(
             "lunar_keys", "Virtual keys known (active or revoked).", lambda: float(len(self.keys))
         )
+        for name, attr, help in _LEDGER_COUNTERS:
+            self.metrics.gauge(name, help, partial(_count, self.storage, attr), "counter")
         self.engine: AsyncEngine | None = None
         self._http: AsyncPool | None = None
         self._started = False

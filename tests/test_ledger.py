@@ -1,0 +1,184 @@
+"""The gateway's ledger and accounting in trouble and at scale: a database another process
+locks, rows spilled and recovered, large ledgers, reports taken while rows are written."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from lunar.server import SQLiteStorage, UsageRow, create_app, load_config
+from lunar.testing import MockServer
+
+
+def row(i: int, **kw: Any) -> UsageRow:
+    base: dict[str, Any] = dict(
+        ts=1000.0 + i,
+        request_id=f"r{i}",
+        key_id="k1",
+        route="chat",
+        model="gpt-4o-mini",
+        served_model="gpt-4o-mini",
+        provider="openai",
+        attempts=1,
+        prompt_tokens=10,
+        completion_tokens=5,
+        total_cost_usd=0.25,
+    )
+    base.update(kw)
+    return UsageRow(**base)
+
+
+@contextlib.contextmanager
+def write_locked(path: Path) -> Iterator[sqlite3.Connection]:
+    """Another process's write transaction on the ledger (``BEGIN IMMEDIATE``: what any
+    writer holds while it writes), held for the block."""
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")
+        yield other
+        other.execute("ROLLBACK")
+    finally:
+        other.close()
+
+
+def ledger_ids(path: Path) -> list[str]:
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        return [r[0] for r in db.execute("SELECT request_id FROM usage ORDER BY ts")]
+
+
+def spilled_ids(path: Path) -> list[str]:
+    spill = Path(str(path) + ".unwritten.jsonl")
+    if not spill.exists():
+        return []
+    return [json.loads(line)["request_id"] for line in spill.read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Spilled rows come back
+
+
+def test_rows_spilled_while_the_database_was_locked_are_written_once_it_is_free(tmp_path):
+    db = tmp_path / "l.db"
+    st = SQLiteStorage(db, busy_timeout=0.01)
+    st.open()
+    try:
+        with write_locked(db):
+            st.record(row(1))
+            st.record(row(2))
+            assert st.flush(30)
+            assert spilled_ids(db) == ["r1", "r2"]  # kept, not dropped
+            assert st.rows_spilled == 2 and st.write_errors >= 5
+        st.record(row(3))  # the next commit takes the spilled rows along
+        assert st.flush(30)
+        assert sorted(ledger_ids(db)) == ["r1", "r2", "r3"]
+        assert spilled_ids(db) == []
+        assert st.rows_recovered == 2
+    finally:
+        st.close()
+
+
+def test_a_reopened_ledger_writes_the_rows_spilled_before_and_counts_their_spend(tmp_path):
+    db = tmp_path / "l.db"
+    st = SQLiteStorage(db, busy_timeout=0.01)
+    st.open()
+    st.record(row(1))
+    assert st.flush(30)
+    with write_locked(db):
+        st.record(row(2))
+        st.record(row(3))
+        assert st.flush(30)
+    st.close()  # stopped before another row came: the two are only in the spill file
+    assert spilled_ids(db) == ["r2", "r3"]
+    spill = Path(str(db) + ".unwritten.jsonl")
+    with spill.open("a") as f:
+        f.write(json.dumps({"request_id": "cut sho"}) + "\n")  # not a row: kept as it is
+        f.write('{"ts": 1001.0, "request_id": "r1", "key_id": "k1", "route": "ch')
+
+    # `lunar keys|usage --db` read the ledger as it is and leave the file to the gateway.
+    reader = SQLiteStorage(db, recover=False)
+    reader.open()
+    assert reader.spend_by_key() == {"k1": 0.25}
+    reader.close()
+    assert len(spill.read_text().splitlines()) == 4
+
+    again = SQLiteStorage(db)
+    again.open()
+    try:
+        assert again.spend_by_key() == {"k1": 0.75}  # what a restarted gateway's budgets see
+        assert ledger_ids(db) == ["r1", "r2", "r3"]
+        assert again.rows_recovered == 2
+        left = spill.read_text().splitlines()
+        assert len(left) == 2 and "cut sho" in left[0] and left[1].endswith('"ch')
+    finally:
+        again.close()
+
+
+def test_a_recovery_cut_short_after_its_commit_writes_no_row_twice(tmp_path):
+    db = tmp_path / "l.db"
+    st = SQLiteStorage(db)
+    st.open()
+    st.record(row(1))
+    st.close()
+    spill = Path(str(db) + ".unwritten.jsonl")
+    # r1 is in the ledger and still in the file (the file was not rewritten), r2 only there.
+    lines = []
+    for r in (row(1), row(2)):
+        d = {f: getattr(r, f) for f in r.__slots__}
+        lines.append(json.dumps(d))
+    spill.write_text("\n".join(lines) + "\n")
+    again = SQLiteStorage(db)
+    again.open()
+    again.close()
+    assert ledger_ids(db) == ["r1", "r2"]
+    assert not spill.exists()
+
+
+MASTER = "m" * 32
+
+
+def metric(text: str, name: str) -> float:
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name))
+
+
+async def test_a_gateway_keeps_serving_while_its_ledger_is_locked_and_catches_up(tmp_path):
+    db = tmp_path / "g.db"
+    with MockServer() as upstream:
+        env = {"OPENAI_API_KEY": "sk-x", "OPENAI_BASE_URL": upstream.base_url}
+        env["LUNAR_MASTER_KEY"] = MASTER
+        storage = SQLiteStorage(db, busy_timeout=0.01)
+        app = create_app(load_config(None, env, db=str(db)), storage=storage)
+        auth = {"authorization": f"Bearer {MASTER}"}
+        body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+        transport = httpx.ASGITransport(app=app)
+        try:
+            async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+
+                async def chat() -> None:
+                    r = await client.post("/v1/chat/completions", json=body, headers=auth)
+                    assert r.status_code == 200, r.text
+
+                await chat()
+                assert await asyncio.to_thread(storage.flush, 30)
+                with write_locked(db):  # `sqlite3 lunar.db` left in a write, say
+                    await chat()
+                    await chat()
+                    assert await asyncio.to_thread(storage.flush, 30)
+                    text = (await client.get("/metrics")).text
+                    assert metric(text, "lunar_ledger_spilled_rows_total") == 2
+                    assert metric(text, "lunar_ledger_write_errors_total") >= 5
+                    assert "# TYPE lunar_ledger_spilled_rows_total counter" in text
+                await chat()
+                usage = await client.get("/admin/usage", headers=auth)
+                assert usage.json()["totals"]["requests"] == 4  # none lost
+                text = (await client.get("/metrics")).text
+                assert metric(text, "lunar_ledger_recovered_rows_total") == 2
+        finally:
+            await app.shutdown()
+    assert len(ledger_ids(db)) == 4 and spilled_ids(db) == []
