@@ -7,13 +7,13 @@ import asyncio
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 
-from lunar.server import SQLiteStorage, UsageRow, create_app, load_config
+from lunar.server import SQLiteStorage, UsageQuery, UsageRow, create_app, load_config
 from lunar.testing import MockServer
 
 
@@ -182,3 +182,63 @@ async def test_a_gateway_keeps_serving_while_its_ledger_is_locked_and_catches_up
         finally:
             await app.shutdown()
     assert len(ledger_ids(db)) == 4 and spilled_ids(db) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports on a large ledger: how SQLite reads it
+
+
+def query_plans(st: SQLiteStorage, call: Callable[[], Any]) -> list[str]:
+    """The plan (EXPLAIN QUERY PLAN, one line per step) of each SELECT ``call`` runs on the
+    storage's connection, as SQLite would run it (parameters in)."""
+    statements: list[str] = []
+    conn = st._admin
+    assert conn is not None
+    conn.set_trace_callback(statements.append)
+    try:
+        call()
+    finally:
+        conn.set_trace_callback(None)
+    plans = []
+    with contextlib.closing(sqlite3.connect(st.path)) as db:
+        for sql in statements:
+            if sql.lstrip().upper().startswith("SELECT"):
+                steps = db.execute("EXPLAIN QUERY PLAN " + sql).fetchall()
+                plans.append("\n".join(step[3] for step in steps))
+    return plans
+
+
+def test_reports_and_start_up_spend_scan_the_ledger_rather_than_walk_the_key_index(tmp_path):
+    """Walking the (key_id, ts) index to have groups in key order reads the table a row
+    lookup at a time: on 2 M rows `lunar usage` took 7.6 s and a gateway's start-up spend
+    3.1 s instead of 4.2 s and 0.9 s, and `--since 1h` scanned every key's entries."""
+    st = SQLiteStorage(tmp_path / "l.db")
+    st.open()
+    try:
+        for i in range(50):
+            st.record(row(i, key_id=f"k{i % 5}", ts=1000.0 + i * 3600))
+        assert st.flush(10)
+        whole_index = "SCAN u USING INDEX usage_key_ts"
+
+        (spend,) = query_plans(st, st.spend_by_key)
+        assert "usage_key_ts" not in spend, spend
+
+        totals, groups = query_plans(st, lambda: st.usage(UsageQuery()))
+        assert whole_index not in totals and whole_index not in groups, groups
+
+        recent = UsageQuery(since=1000.0 + 48 * 3600)
+        for plan in query_plans(st, lambda: st.usage(recent)):
+            assert "SEARCH u USING INDEX usage_ts (ts>?)" in plan, plan
+
+        one_key = UsageQuery(key="k1")
+        for plan in query_plans(st, lambda: st.usage(one_key)):
+            assert "SEARCH u USING INDEX usage_key_ts (key_id=?)" in plan, plan
+
+        report = st.usage(UsageQuery(group_by=("key",)))
+        assert sorted((g["key_id"], g["requests"]) for g in report["data"]) == [
+            (f"k{i}", 10) for i in range(5)
+        ]
+        assert report["totals"]["requests"] == 50
+        assert st.spend_by_key() == {f"k{i}": 2.5 for i in range(5)}
+    finally:
+        st.close()

@@ -122,9 +122,13 @@ class UsageRow:
 
 _ROW_FIELDS = tuple(f.name for f in fields(UsageRow))
 
-# What ``/admin/usage`` can group by, and the SQL for each.
+# What ``/admin/usage`` can group by, and the SQL for each. ``+`` (a no-op on any value)
+# keeps SQLite from walking the whole ``(key_id, ts)`` index to have the groups in order:
+# that reads the table in index order, a row lookup per row (4x slower than a scan on 2 M
+# rows in the page cache, far worse from disk), and ignores a ``since`` the ``ts`` index
+# would narrow to. A key filter still uses the index.
 GROUP_BY = {
-    "key": "u.key_id",
+    "key": "+u.key_id",
     "model": "u.model",
     "served_model": "u.served_model",
     "provider": "u.provider",
@@ -534,7 +538,8 @@ class SQLiteStorage:
         with self._lock:
             rows = (
                 self._db()
-                .execute("SELECT key_id, SUM(total_cost_usd) FROM usage GROUP BY key_id")
+                # A scan, not the (key_id, ts) index's order (see GROUP_BY): start-up reads it.
+                .execute("SELECT key_id, SUM(total_cost_usd) FROM usage GROUP BY +key_id")
                 .fetchall()
             )
         return {k: float(v or 0.0) for k, v in rows}
