@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from lunar.server import SQLiteStorage, UsageQuery, UsageRow, create_app, load_config
 from lunar.testing import MockServer
@@ -241,4 +243,36 @@ def test_reports_and_start_up_spend_scan_the_ledger_rather_than_walk_the_key_ind
         assert report["totals"]["requests"] == 50
         assert st.spend_by_key() == {f"k{i}": 2.5 for i in range(5)}
     finally:
+        st.close()
+
+
+@pytest.mark.parametrize("group_by", [("key",), ()])
+def test_a_reports_totals_and_rows_are_of_one_moment_while_rows_keep_coming(tmp_path, group_by):
+    """Rows committed between the report's two statements (the totals, then the groups or
+    rows) made the totals disagree with what the report listed."""
+    st = SQLiteStorage(tmp_path / "l.db")
+    st.open()
+    other = sqlite3.connect(tmp_path / "l.db", isolation_level=None)
+    try:
+        for i in range(5):
+            st.record(row(i))
+        assert st.flush(10)
+        late = iter(range(100, 103))
+
+        def meanwhile(sql: str) -> None:  # the gateway's writer commits as the report runs
+            if sql.lstrip().startswith("SELECT") and "ORDER BY" in sql:
+                values = dataclasses.astuple(row(next(late)))
+                marks = ", ".join("?" for _ in values)
+                names = ", ".join(f.name for f in dataclasses.fields(UsageRow))
+                other.execute(f"INSERT INTO usage ({names}) VALUES ({marks})", values)
+
+        assert st._admin is not None
+        st._admin.set_trace_callback(meanwhile)
+        report = st.usage(UsageQuery(group_by=group_by))
+        st._admin.set_trace_callback(None)
+        listed = sum(g["requests"] for g in report["data"]) if group_by else len(report["data"])
+        assert listed == report["totals"]["requests"] == 5
+        assert st.usage(UsageQuery())["totals"]["requests"] == 6  # the next report has it
+    finally:
+        other.close()
         st.close()

@@ -801,41 +801,47 @@ class SQLiteStorage:
         src = "FROM usage u LEFT JOIN keys k ON k.id = u.key_id"
         with self._lock:
             db = self._db()
-            totals = db.execute(f"SELECT {sums} {src}{cond}", params).fetchone()
-            if query.group_by:
-                cols = [GROUP_BY[g] for g in query.group_by]
-                names = list(query.group_by)
-                if "key" in names:
-                    cols.append("k.name")
-                sql = (
-                    f"SELECT {', '.join(cols)}, {sums} {src}{cond} GROUP BY "
-                    f"{', '.join(GROUP_BY[g] for g in query.group_by)} "
-                    "ORDER BY SUM(u.total_cost_usd) DESC, COUNT(*) DESC LIMIT ?"
-                )
-                rows = db.execute(sql, [*params, query.limit]).fetchall()
-                data = []
-                for r in rows:
-                    item: dict[str, Any] = {}
-                    for i, g in enumerate(names):
-                        item["key_id" if g == "key" else g] = r[i]
-                    n = len(names)
+            # One snapshot for both statements: rows committed meanwhile would make the
+            # totals disagree with the groups.
+            db.execute("BEGIN")
+            try:
+                totals = db.execute(f"SELECT {sums} {src}{cond}", params).fetchone()
+                if query.group_by:
+                    cols = [GROUP_BY[g] for g in query.group_by]
+                    names = list(query.group_by)
                     if "key" in names:
-                        item["key_name"] = r[n]
-                        n += 1
-                    item.update(_sums(r[n:]))
-                    data.append(item)
-            else:
-                sql = (
-                    f"SELECT {', '.join('u.' + f for f in _ROW_FIELDS)}, k.name {src}{cond} "
-                    "ORDER BY u.ts DESC, u.id DESC LIMIT ?"
-                )
-                rows = db.execute(sql, [*params, query.limit]).fetchall()
-                data = []
-                for r in rows:
-                    item = dict(zip(_ROW_FIELDS, r))
-                    item["stream"] = bool(item["stream"])
-                    item["key_name"] = r[-1]
-                    data.append(item)
+                        cols.append("k.name")
+                    sql = (
+                        f"SELECT {', '.join(cols)}, {sums} {src}{cond} GROUP BY "
+                        f"{', '.join(GROUP_BY[g] for g in query.group_by)} "
+                        "ORDER BY SUM(u.total_cost_usd) DESC, COUNT(*) DESC LIMIT ?"
+                    )
+                    rows = db.execute(sql, [*params, query.limit]).fetchall()
+                    data = []
+                    for r in rows:
+                        item: dict[str, Any] = {}
+                        for i, g in enumerate(names):
+                            item["key_id" if g == "key" else g] = r[i]
+                        n = len(names)
+                        if "key" in names:
+                            item["key_name"] = r[n]
+                            n += 1
+                        item.update(_sums(r[n:]))
+                        data.append(item)
+                else:
+                    sql = (
+                        f"SELECT {', '.join('u.' + f for f in _ROW_FIELDS)}, k.name {src}{cond} "
+                        "ORDER BY u.ts DESC, u.id DESC LIMIT ?"
+                    )
+                    rows = db.execute(sql, [*params, query.limit]).fetchall()
+                    data = []
+                    for r in rows:
+                        item = dict(zip(_ROW_FIELDS, r))
+                        item["stream"] = bool(item["stream"])
+                        item["key_name"] = r[-1]
+                        data.append(item)
+            finally:
+                db.rollback()
         return {
             "object": "usage",
             "filters": {
