@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import json
 import sqlite3
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -276,3 +277,48 @@ def test_a_reports_totals_and_rows_are_of_one_moment_while_rows_keep_coming(tmp_
     finally:
         other.close()
         st.close()
+
+
+async def test_a_large_usage_report_is_encoded_off_the_event_loop(tmp_path, monkeypatch):
+    """100,000 raw rows are ~50 MB of JSON: encoded on the event loop they stalled every
+    request in flight. Here the encoding of the report's rows waits until a /health sent
+    meanwhile has been answered, which only a loop left free can do."""
+    from lunar.server import app as app_module
+
+    db = tmp_path / "g.db"
+    st = SQLiteStorage(db)
+    st.open()
+    for i in range(2500):
+        st.record(row(i, key_id="master"))
+    st.close()
+    encoding, health_answered = threading.Event(), threading.Event()
+    real_dumps = app_module.dumps
+
+    def gated_dumps(obj: Any) -> bytes:
+        if isinstance(obj, list) and obj and isinstance(obj[0], dict) and "request_id" in obj[0]:
+            encoding.set()  # the report's rows
+            if not health_answered.wait(10):
+                raise RuntimeError("the event loop was blocked while the report was encoded")
+        return real_dumps(obj)
+
+    monkeypatch.setattr(app_module, "dumps", gated_dumps)
+    env = {"LUNAR_MASTER_KEY": MASTER}
+    app = create_app(load_config(None, env, db=str(db)))
+    auth = {"authorization": f"Bearer {MASTER}"}
+    transport = httpx.ASGITransport(app=app)
+    try:
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw") as client:
+            params = {"group_by": "none", "limit": "100000"}
+            report = asyncio.ensure_future(client.get("/admin/usage", params=params, headers=auth))
+            assert await asyncio.to_thread(encoding.wait, 10)
+            assert (await client.get("/health")).status_code == 200
+            health_answered.set()
+            r = await report
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert len(body["data"]) == 2500 and body["totals"]["requests"] == 2500
+        assert [d["request_id"] for d in body["data"][:2]] == ["r2499", "r2498"]
+        assert r.content == real_dumps(body)  # the same bytes, encoded in slices
+    finally:
+        health_answered.set()
+        await app.shutdown()
