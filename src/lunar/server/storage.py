@@ -617,6 +617,7 @@ class SQLiteStorage:
         release whoever waits for them. True when ``_STOP`` was among them."""
         rows = self._rows
         stop = False
+        failing = False  # the database failed a batch: spill the rest queued now, untried
         while rows:
             batch: list[tuple[Any, ...]] = []
             waiting: list[_Flush | Callable[[], None]] = []
@@ -633,9 +634,14 @@ class SQLiteStorage:
                     batch.append(_row_values(item))
             if batch:
                 self._writing = len(batch)
-                if self._write(conn, batch) and self._retry_spill:
-                    self._retry_spill = False  # the database takes rows again
-                    self._recover(conn)
+                if failing:
+                    self._spill(batch, trouble=True)
+                elif self._write(conn, batch):
+                    if self._retry_spill:
+                        self._retry_spill = False  # the database takes rows again
+                        self._recover(conn)
+                else:
+                    failing = self._retry_spill
                 self._writing = 0
             for w in waiting:
                 if isinstance(w, _Flush):
@@ -653,7 +659,10 @@ class SQLiteStorage:
         the others with it. What cannot be written goes to the spill file. True when the
         whole batch was committed in one transaction."""
         self.rows_written += len(batch)
-        for attempt in range(5):
+        # While the database is failing (rows spilled since its last commit), one attempt:
+        # retrying every batch would hold the rows queued behind it in memory for minutes.
+        attempts = 1 if self._retry_spill else 5
+        for attempt in range(attempts):
             try:
                 conn.executemany(_INSERT, batch)
                 conn.commit()
@@ -663,7 +672,8 @@ class SQLiteStorage:
                 with contextlib.suppress(sqlite3.Error):
                     conn.rollback()
                 log.error("ledger write failed (attempt %d): %s", attempt + 1, exc)
-                time.sleep(0.05 * 2**attempt)
+                if attempt + 1 < attempts:
+                    time.sleep(0.05 * 2**attempt)
             except (sqlite3.Error, ValueError, OverflowError):
                 self.write_errors += 1
                 with contextlib.suppress(sqlite3.Error):
