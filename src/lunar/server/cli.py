@@ -288,7 +288,7 @@ class _Target:
 
         assert self.db is not None
         try:
-            storage = SQLiteStorage(self.db)
+            storage = SQLiteStorage(self.db, recover=False)  # the gateway recovers its spill
         except ValueError as e:  # e.g. ':memory:', which would be an empty database
             raise _Fail(f"--db {self.db!r}: {e}") from None
         if not os.path.exists(self.db):

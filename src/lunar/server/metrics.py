@@ -132,7 +132,7 @@ class Metrics:
             ("reason",),
         )
         self.in_flight = 0
-        self.gauges: list[tuple[str, str, Callable[[], float]]] = []
+        self.gauges: list[tuple[str, str, Callable[[], float], str]] = []
 
     def observe(self, row: UsageRow, model: str, served: str) -> None:
         """Count a finished request. ``model`` and ``served`` are label values the caller
@@ -158,8 +158,10 @@ class Metrics:
         if row.latency_ms is not None:
             self.latency.observe((row.route, model, provider), row.latency_ms / 1000)
 
-    def gauge(self, name: str, help: str, read: Callable[[], float]) -> None:
-        self.gauges.append((name, help, read))
+    def gauge(self, name: str, help: str, read: Callable[[], float], kind: str = "gauge") -> None:
+        """A value read when metrics are rendered (``kind="counter"``: a total kept
+        elsewhere, such as the ledger writer's)."""
+        self.gauges.append((name, help, read, kind))
 
     def render(self) -> bytes:
         lines: list[str] = []
@@ -170,9 +172,9 @@ class Metrics:
         lines.append("# HELP lunar_in_flight_requests Inference requests being served.")
         lines.append("# TYPE lunar_in_flight_requests gauge")
         lines.append(f"lunar_in_flight_requests {self.in_flight}")
-        for name, help, read in self.gauges:
+        for name, help, read, kind in self.gauges:
             lines.append(f"# HELP {name} {help}")
-            lines.append(f"# TYPE {name} gauge")
+            lines.append(f"# TYPE {name} {kind}")
             lines.append(f"{name} {_num(read())}")
         lines.extend(_gc_lines())
         return ("\n".join(lines) + "\n").encode()
