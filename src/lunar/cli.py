@@ -40,6 +40,7 @@ class _Out:
     """rich when installed (``lunar[cli]``), plain text otherwise."""
 
     def __init__(self) -> None:
+        self.mid_line = False  # stdout's last text did not end its line
         try:
             from rich.console import Console
 
@@ -49,8 +50,16 @@ class _Out:
             self.console = self.err = None
 
     def text(self, s: str) -> None:
+        if s:
+            self.mid_line = not s.endswith("\n")
         sys.stdout.write(s)
         sys.stdout.flush()
+
+    def end_line(self) -> None:
+        """End a streamed answer cut short; write nothing when none was written, so that
+        `lunar chat ... > answer.txt` holds no empty line for an error."""
+        if self.mid_line:
+            self.text("\n")
 
     def dim(self, s: str) -> None:
         if self.err is not None:
@@ -132,13 +141,13 @@ def cmd_chat(args: argparse.Namespace) -> int:
                 out.dim(_summary(last.model, last.provider, last.usage))
             return 0
     except LunarError as err:
-        out.text("\n")
+        out.end_line()
         out.error(f"Error: {err}")
         for attempt in err.attempts:
             out.dim(f"  tried {attempt.model} via {attempt.provider}: {attempt.error}")
         return 1
     except KeyboardInterrupt:
-        out.text("\n")
+        out.end_line()
         return 130
 
 
@@ -234,13 +243,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["mock"]:  # everything after it is the emulator's to read
         return cmd_mock(argparse.Namespace(options=argv[1:]))
-    args = build_parser().parse_args(argv)
-    try:
-        result: int = args.func(args)
-    except BrokenPipeError:  # `lunar models | head`: the reader left; that is not an error
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 0
-    return result
+    from .server.cli import dispatch  # Ctrl-C and `lunar models | head`, as for `serve`
+
+    return dispatch(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import gc
 import json
 import logging
+import math
 import os
 import socket
 import sqlite3
@@ -53,7 +54,9 @@ def add_server_commands(subparsers: Any) -> None:
         default=1,
         help="worker processes (only 1: limits and budgets are in-process)",
     )
-    serve.add_argument("--log-level", default=None, choices=LOG_LEVELS, help="default warning")
+    serve.add_argument(
+        "--log-level", default=None, type=str.lower, choices=LOG_LEVELS, help="default warning"
+    )
     serve.set_defaults(func=cmd_serve)
 
     keys = subparsers.add_parser("keys", help="create, list, update and revoke the gateway's keys")
@@ -62,7 +65,7 @@ def add_server_commands(subparsers: Any) -> None:
     create.add_argument("--name", required=True)
     create.add_argument("--rpm", type=int, default=None, help="requests per minute")
     create.add_argument("--tpm", type=int, default=None, help="tokens per minute")
-    create.add_argument("--budget-usd", type=float, default=None, help="budget in USD")
+    create.add_argument("--budget-usd", type=_usd, default=None, help="budget in USD")
     create.add_argument("--models", default=None, help="allowed models, comma-separated")
     create.set_defaults(func=cmd_keys_create)
     lst = ksub.add_parser("list", help="list keys with their limits and spend")
@@ -78,7 +81,7 @@ def add_server_commands(subparsers: Any) -> None:
     update.add_argument("--rpm", type=_or_none(int), default=argparse.SUPPRESS, metavar="N|none")
     update.add_argument("--tpm", type=_or_none(int), default=argparse.SUPPRESS, metavar="N|none")
     update.add_argument(
-        "--budget-usd", type=_or_none(float), default=argparse.SUPPRESS, metavar="X|none"
+        "--budget-usd", type=_or_none(_usd), default=argparse.SUPPRESS, metavar="X|none"
     )
     update.add_argument(
         "--models", type=_or_none(str), default=argparse.SUPPRESS, metavar="a,b|none"
@@ -198,6 +201,22 @@ def cmd_serve(args: argparse.Namespace) -> int:
             len(cfg.master_key),
         )
     app = create_app(cfg)
+    # The database is opened (created, directories and all, when there is none) before
+    # anything listens: a path it cannot be made at ('/proc/x.db', under a file, a device)
+    # is said here, not by uvicorn once 'listening on' was printed.
+    try:
+        app.storage.open()
+    except (OSError, sqlite3.Error) as e:
+        where = getattr(e, "filename", None)
+        if isinstance(e, FileExistsError):  # a file where a directory of the path should be
+            reason = f"{where!r} is a file, not a directory"
+        elif isinstance(e, OSError):
+            reason = f"{e.strerror or e}" + (f" ({where})" if where and where != cfg.db else "")
+        else:
+            reason = str(e)
+        _err(f"{cfg.setting('db')} {cfg.db!r}: cannot open or create the database: {reason}")
+        app.close()
+        return 2
     family = socket.AF_INET6 if ":" in cfg.host else socket.AF_INET
     # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY on accepted connections only when the
     # listening socket's proto is IPPROTO_TCP; without it (no uvloop) every response waits
@@ -209,6 +228,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except OSError as e:
         _err(f"Cannot listen on {cfg.host}:{cfg.port}: {e.strerror or e}")
         sock.close()
+        app.close()
         return 2
     sock.set_inheritable(True)
     port = sock.getsockname()[1]
@@ -246,7 +266,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 class _Target:
     def __init__(self, args: argparse.Namespace) -> None:
-        self.db: str | None = args.db
+        # '~' as a shell would (`--db=~/lunar.db` reaches no shell's expansion).
+        self.db: str | None = None if args.db is None else os.path.expanduser(args.db)
         self.url = (args.url or os.environ.get("LUNAR_GATEWAY_URL") or DEFAULT_URL).rstrip("/")
         self.args = args
 
@@ -421,6 +442,17 @@ def _keys_list(args: argparse.Namespace) -> int:
         rows,
     )
     return 0
+
+
+def _usd(text: str) -> float:
+    """An amount of USD: a number, and a finite one (JSON has no NaN or infinity to send)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number of USD, got {text!r}")
+    return value
 
 
 def _or_none(kind: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -615,6 +647,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m lunar.server", description="The Lunar gateway's commands."
     )
     add_server_commands(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    result: int = args.func(args)
-    return result
+    return dispatch(parser.parse_args(argv))
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Run the command ``args`` names, as both ``lunar`` and ``python -m lunar.server`` do:
+    Ctrl-C is exit code 130 without a traceback (``lunar serve`` has shut down gracefully by
+    then), and a reader that left (``lunar usage | head``) is no error."""
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

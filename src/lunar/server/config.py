@@ -224,7 +224,9 @@ class ServerConfig:
             if key_src:
                 key = f"set (from ${key_src}, masked)"
             elif spec.key_required:
-                key = f"not set (set ${spec.api_key_env})"
+                named = self.providers[name].api_key_env if name in self.providers else None
+                either = [v for v in (named, spec.api_key_env) if v]
+                key = f"not set (set {' or '.join('$' + v for v in dict.fromkeys(either))})"
             else:
                 key = "not needed"
             providers[name] = {"protocol": spec.protocol, "base_url": base_url, "api_key": key}
@@ -303,6 +305,10 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
             data: dict[str, Any] = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"Config file not found: {path}") from None
+    except OSError as e:  # a directory, a file it may not read
+        raise ConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:  # TOML is UTF-8
+        raise ConfigError(f"{path}: invalid TOML: not UTF-8 text ({e.reason})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: invalid TOML: {e}") from None
     return data
@@ -518,10 +524,16 @@ def load_config(
     env = os.environ if environ is None else environ
     cfg = ServerConfig(environ=env)
     data: dict[str, Any] = {}
-    if path is None and env.get("LUNAR_CONFIG"):
+    from_env = path is None and bool(env.get("LUNAR_CONFIG"))
+    if from_env:
         path = env["LUNAR_CONFIG"]
     if path is not None:
-        data = read_toml(path)
+        try:
+            data = read_toml(path)
+        except ConfigError as e:
+            if from_env:  # say where the path came from, as for any other setting
+                raise ConfigError(f"$LUNAR_CONFIG: {e}") from None
+            raise
         cfg.source = str(path)
         unknown = set(data) - _SECTIONS
         if unknown:
@@ -566,6 +578,13 @@ def load_config(
         if value is not None:
             setattr(cfg, name, value)
             cfg.origins[name] = origin
+    if not cfg.host.strip():
+        # An empty host is every interface to the socket: a gateway open to the network
+        # that its operator did not ask for.
+        raise ConfigError(
+            f"{cfg.setting('host')} is empty: give an interface (127.0.0.1; 0.0.0.0 for every "
+            "IPv4 interface, :: for every IPv6 one)"
+        )
     if not 0 <= cfg.port <= 65535:
         raise ConfigError(f"{cfg.setting('port')} must be between 0 and 65535, got {cfg.port}")
     if cfg.max_retries < 0:
@@ -573,6 +592,8 @@ def load_config(
     problem = unusable_path(cfg.db)
     if problem:
         raise ConfigError(f"db = {cfg.db!r}: {problem}")
+    # '~' as a shell would (the file and $LUNAR_DB are read by no shell).
+    cfg.db = os.path.expanduser(cfg.db)
     if cfg.max_age_seconds < 0:
         raise ConfigError(
             f"{cfg.setting('max_age_seconds')} must be >= 0, got {cfg.max_age_seconds}"
@@ -582,7 +603,7 @@ def load_config(
 
     catalog = data.get("catalog")
     if catalog is not None:
-        cfg.catalog = _check(f"{src}: catalog", catalog, str)
+        cfg.catalog = os.path.expanduser(_check(f"{src}: catalog", catalog, str))
 
     providers = data.get("providers", {})
     if not isinstance(providers, dict):
