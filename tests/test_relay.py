@@ -88,6 +88,12 @@ class Sink:
     def write(self, data: bytes) -> None:
         self.out += data
 
+    def offer(self, data: bytes) -> bool:
+        if not self.ready():
+            return False
+        self.write(data)
+        return True
+
 
 def dumps(event: Any, compact: bool) -> bytes:
     """As OpenAI writes its events (compact, UTF-8), or as json.dumps does by default."""

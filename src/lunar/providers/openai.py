@@ -88,15 +88,20 @@ class OpenAIStreamTranslator(SSETranslator):
 class RelaySink(Protocol):
     """Where a ``PlainRelay`` writes: the client's connection."""
 
-    def ready(self) -> bool:
-        """Whether a write now would go out (the client is there and not pushing back)."""
+    def offer(self, data: bytes) -> bool:
+        """Write ``data`` if it would go out now (the client is there and not pushing
+        back); whether it was written."""
         ...
-
-    def write(self, data: bytes) -> None: ...
 
 
 class RelayCount(Protocol):
-    """What a ``PlainRelay`` tells of the events it took (the engine's ``StreamFinisher``)."""
+    """What a ``PlainRelay`` tells of the events it took (the engine's ``StreamFinisher``).
+    ``chars`` and ``first_at`` are read and ``chars`` added to directly for an event like
+    the last but for its text, which most are: ``relayed(None, n)`` is what that does once
+    ``first_at`` is set."""
+
+    chars: int
+    first_at: float | None
 
     def relayed(self, event: dict[str, Any] | None, chars: int) -> None: ...
 
@@ -115,7 +120,19 @@ class PlainRelay:
     Nothing is built per event but its dict and its text, and no coroutine wakes: at lane
     3's load that was most of what an event cost the gateway."""
 
-    __slots__ = ("_provider", "_seen", "_shape", "_sink", "_text", "missed")
+    __slots__ = (
+        "_cut",
+        "_frame",
+        "_head",
+        "_out_head",
+        "_out_tail",
+        "_provider",
+        "_seen",
+        "_sink",
+        "_tail",
+        "_text",
+        "missed",
+    )
 
     def __init__(
         self, provider: str, encoder: ChunkEncoder, sink: RelaySink, seen: RelayCount
@@ -124,52 +141,70 @@ class PlainRelay:
         self._text = encoder.text
         self._sink = sink
         self._seen = seen
-        #: The last event around its text, and what it was written as around its text: an
-        #: event the same but for its text (as nearly all of a stream's are) is written from
-        #: these, without its JSON parsed (``_same_shape``).
-        self._shape: tuple[bytes, bytes, bytes, bytes] | None = None
+        #: The last event (``data: ...`` and its blank line) around its text, and what it
+        #: was written as around its text: an event the same but for its text (as nearly
+        #: all of a stream's are) is written from these, without its JSON parsed
+        #: (``_same_shape``). ``_cut`` slices the text out of such an event; ``_frame`` is
+        #: how much of a line written from them is not the text. Until an event sets them,
+        #: a head no event starts with.
+        self._head = b"\x00"
+        self._tail = b""
+        self._out_head = self._out_tail = b""
+        self._cut = slice(0)
+        self._frame = 0
         #: It left the first event it met: no plain one came (a stream of tool calls, of
         #: several choices, or framed with CR), and another relay would most likely leave
         #: the next one too.
         self.missed = False
 
     def __call__(self, body: bytes) -> bytes:
-        sink = self._sink
-        if not sink.ready():
-            return body
-        end = body.find(b"\n\n")
-        if end == len(body) - 2 and end >= 0:  # one whole event: a paced stream's read
-            line = self._line(body, 0, end)
-            if line is None:
-                self.missed = True
-                return body
-            sink.write(line)
-            return b""
-        out: list[bytes] = []
+        # The read most events come in: one event, the last one's but for its text (as
+        # ``_same_shape``, inline: this runs for nearly every event of a relayed stream).
+        if body.startswith(self._head) and body.endswith(self._tail):
+            literal = body[self._cut]
+            if _plain_string(literal) is not None:
+                if not self._sink.offer(self._out_head + literal + self._out_tail):
+                    return body
+                seen = self._seen  # as ``relayed(None, n)`` does, inline
+                if seen.first_at is None:
+                    seen.relayed(None, len(literal) - 2)
+                else:
+                    seen.chars += len(literal) - 2
+                return b""
+        taken: list[tuple[bytes, dict[str, Any] | None, int]] = []
         start = 0
+        end = body.find(b"\n\n")
         while end >= 0:
-            line = self._line(body, start, end)
-            if line is None:
+            event = self._line(body, start, end)
+            if event is None:
                 break
-            out.append(line)
+            taken.append(event)
             start = end + 2
             end = body.find(b"\n\n", start)
-        if out:
-            sink.write(out[0] if len(out) == 1 else b"".join(out))
+        if taken:
+            lines = taken[0][0] if len(taken) == 1 else b"".join(t[0] for t in taken)
+            if not self._sink.offer(lines):
+                return body
+            for _, event_dict, chars in taken:
+                self._seen.relayed(event_dict, chars)
         elif b"\r" in body or end >= 0:
             self.missed = True  # not plain, or framed with CR or CRLF: never plain here
         # What is left (an event not plain, or one not whole yet) is the reader's: the relay
         # keeps no byte, so whatever way the body ends, the translator has all of it.
         return body[start:]
 
-    def _line(self, data: bytes, start: int, end: int) -> bytes | None:
-        """The event at ``data[start:end]`` as the gateway writes it, counted as seen, when
-        it is plain; else ``None``."""
+    def _line(
+        self, data: bytes, start: int, end: int
+    ) -> tuple[bytes, dict[str, Any] | None, int] | None:
+        """The event at ``data[start:end]`` when it is plain: as the gateway writes it, and
+        what ``relayed`` is told of it once written (its dict, or None when it is the last
+        one's but for its text; its characters of text); else ``None``."""
         if not data.startswith(b"data: ", start):
             return None
+        line = self._same_shape(data[start : end + 2])
+        if line is not None:
+            return line, None, len(line) - self._frame
         payload = data[start + 6 : end]
-        if self._shape is not None and (line := self._same_shape(payload)) is not None:
-            return line
         # One line, nothing else: what the SSE decoder would give as it is ([DONE] and
         # anything else that is not a JSON object fail below).
         if b"\n" in payload or b"\r" in payload:
@@ -213,47 +248,49 @@ class PlainRelay:
             line = ("data: " + text + "\n\n").encode()
         except UnicodeEncodeError:  # a lone surrogate: the writer's own escape for it
             return None
-        self._seen.relayed(event, len(content) if content else 0)
-        self._shape = _shape(payload, line, content) if type(content) is str else None
-        return line
+        self._shape(payload, line, content)
+        return line, event, len(content) if content else 0
 
-    def _same_shape(self, payload: bytes) -> bytes | None:
-        """The event written from ``_shape`` when it is the last one but for its text, and
-        that text is a JSON string of printable ASCII with no escape (the writer writes it
-        as it is); else ``None``. Equal around the text, the event has the last one's fields
-        and values, so it is plain and is written as that one was."""
-        head, tail, out_head, out_tail = self._shape  # type: ignore[misc]
-        if not (payload.startswith(head) and payload.endswith(tail)):
-            return None
-        literal = payload[len(head) : len(payload) - len(tail)]
-        if len(head) + len(tail) > len(payload) or _PLAIN_STRING.fullmatch(literal) is None:
-            return None
-        self._seen.relayed(None, len(literal) - 2)
-        return out_head + literal + out_tail
+    def _same_shape(self, event: bytes) -> bytes | None:
+        """The event (``data: ...`` and its blank line) written from the last one's shape
+        when it is that one but for its text, and that text is a JSON string of printable
+        ASCII with no escape (the writer writes it as it is); else ``None``. Equal around
+        the text, the event has the last one's fields and values, so it is plain and is
+        written as that one was; and as the text holds no line break, it is one event. (An
+        event shorter than the head and tail together slices to no string.)"""
+        if event.startswith(self._head) and event.endswith(self._tail):
+            literal = event[self._cut]
+            if _plain_string(literal) is not None:
+                return self._out_head + literal + self._out_tail
+        return None
 
+    def _shape(self, payload: bytes, line: bytes, content: Any) -> None:
+        """Keep the shape of the event of ``payload`` and of the ``line`` it was written as,
+        each cut around its text (``content``), for ``_same_shape``: when the text's key
+        appears once in each and the text is written the same in both; else a head no event
+        starts with."""
+        literal = _json_text(content) if type(content) is str else b"\x00"
+        at = payload.find(_CONTENT_KEY) + len(_CONTENT_KEY)
+        out_at = line.find(_CONTENT_KEY) + len(_CONTENT_KEY)
+        if (
+            payload.count(_CONTENT_KEY) != 1
+            or line.count(_CONTENT_KEY) != 1
+            or not payload.startswith(literal, at)
+            or not line.startswith(literal, out_at)
+        ):
+            self._head = b"\x00"
+            return
+        self._head = b"data: " + payload[:at]
+        self._tail = payload[at + len(literal) :] + b"\n\n"
+        self._cut = slice(len(self._head), -len(self._tail))
+        self._out_head = line[:out_at]
+        self._out_tail = line[out_at + len(literal) :]
+        self._frame = len(line) - len(literal) + 2  # the text's quotes are not its characters
 
 #: A JSON string of printable ASCII without quote or backslash: its text as it is.
 _PLAIN_STRING = re.compile(rb'"[ !#-\[\]-~]*"')
+_plain_string = _PLAIN_STRING.fullmatch
 _CONTENT_KEY = b'"content":'
-
-
-def _shape(payload: bytes, line: bytes, content: str) -> tuple[bytes, bytes, bytes, bytes] | None:
-    """``payload`` and the ``line`` it was written as, each cut around its text
-    (``content``): where the text's key appears once in each, and the text is written the
-    same in both (``PlainRelay._same_shape``); else ``None``."""
-    literal = _json_text(content)
-    if payload.count(_CONTENT_KEY) != 1 or line.count(_CONTENT_KEY) != 1:
-        return None
-    at = payload.index(_CONTENT_KEY) + len(_CONTENT_KEY)
-    out_at = line.index(_CONTENT_KEY) + len(_CONTENT_KEY)
-    if not (payload.startswith(literal, at) and line.startswith(literal, out_at)):
-        return None
-    return (
-        payload[:at],
-        payload[at + len(literal) :],
-        line[:out_at],
-        line[out_at + len(literal) :],
-    )
 
 
 def _json_text(content: str) -> bytes:

@@ -29,19 +29,20 @@ class ClientSink:
         self._flow = cycle.flow
         self._transport = cycle.transport
 
-    def ready(self) -> bool:
-        """As the cycle's ``send`` would write at once: the client is there, its head was
-        sent and the body is not ended, and the transport is not pushing back."""
+    def offer(self, data: bytes) -> bool:
+        """Write ``data`` as the cycle's ``send`` would, if it would write at once: the
+        client is there, its head was sent and the body is not ended, and the transport
+        is not pushing back. Whether it was written."""
         cycle = self._cycle
-        return not (
+        if (
             cycle.disconnected
             or cycle.response_complete
             or self._flow.write_paused
             or self._transport.is_closing()
-        )
-
-    def write(self, data: bytes) -> None:
+        ):
+            return False
         self._transport.write(b"%x\r\n%s\r\n" % (len(data), data))
+        return True
 
 
 def client_sink(scope: Mapping[str, Any]) -> ClientSink | None:
