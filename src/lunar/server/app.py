@@ -171,6 +171,17 @@ def _unpriced(key: KeyRecord, model: str, primary: str) -> PermissionDeniedError
     )
 
 
+def _file_model(name: str, param: str) -> NotFoundError:
+    """``local/<path>``, a file on the gateway's host, asked by a client: never loaded (any
+    file could be probed, or loaded into memory), only the local models the config names."""
+    return NotFoundError(
+        f"Model '{name}' is not served by this gateway: a local model file is served only "
+        "when the gateway's config names it ([local.models])",
+        param=param,
+        code="model_not_found",
+    )
+
+
 def _refused(refusal: Refusal) -> RateLimitError:
     headers = (
         {"x-should-retry": "false"}
@@ -368,6 +379,11 @@ class Gateway:
         self._counter = 0
         self._prefix = os.urandom(4).hex()
         self._models_all = [m.to_dict() for m in self.catalog.list_models()]
+        # Providers whose model id is a file on this host (the embedded llama.cpp runtime):
+        # a client may use only the models the catalogue or the config names on them.
+        self._file_providers = frozenset(
+            name for name, spec in self.catalog.providers.items() if spec.protocol == "local"
+        )
         self._pricing = dumps(self._pricing_document())
         self._openapi = dumps(openapi_document(__version__))
         self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
@@ -907,6 +923,8 @@ class Gateway:
         fallbacks (403). Returns the ``(model, provider)`` candidates for the estimate and
         the model's metrics label."""
         deps = self.catalog.resolve(opts.model, opts.provider)
+        if deps and not deps[0].catalogued and deps[0].provider in self._file_providers:
+            raise _file_model(opts.model, "model")
         label = model_label(deps[0]) if deps else ""
         if label == deps[0].model and label != opts.model:
             label = opts.model  # an alias keeps its own name
@@ -916,6 +934,9 @@ class Gateway:
             explicit: list[str] = []
         else:
             explicit = fallbacks
+        for i, name in enumerate(explicit):
+            if name.partition("/")[0] in self._file_providers and self._file_model(name):
+                raise _file_model(name, f"fallbacks[{i}]")
         for name in [opts.model, *explicit]:
             if not self.keys.allows(key, name):
                 raise PermissionDeniedError(
@@ -925,6 +946,14 @@ class Gateway:
                     code="model_not_allowed",
                 )
         return [(opts.model, opts.provider), *((f, None) for f in fallbacks)], label
+
+    def _file_model(self, name: str) -> bool:
+        """Whether ``name`` is a ``local/<path>`` the catalogue does not name: a file path."""
+        try:
+            deps = self.catalog.resolve(name)
+        except NotFoundError:
+            return False  # the router says so, as for any unknown fallback
+        return bool(deps) and not deps[0].catalogued
 
     @staticmethod
     def _served(row: UsageRow, trace: Trace) -> None:
