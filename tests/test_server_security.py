@@ -91,3 +91,69 @@ def test_a_local_model_the_config_names_is_still_served(gw, key):
         r = chat(gw, key, model=model)
         assert r.status_code in (404, 502), r.text
         assert "/nonexistent/house.gguf" in _error(r)["message"], r.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep JSON
+
+
+def _nested(depth: int) -> str:
+    """A JSON object ``depth`` levels deep, as text (the client's encoder would recurse)."""
+    return '{"a":' * depth + '"x"' + "}" * depth
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("where", ["tools", "response_format", "messages_route"])
+def test_a_schema_nested_too_deep_for_an_adapter_is_a_400_sent_nowhere(
+    gw, key, upstream, where, stream
+):
+    """Deep enough for Gemini's schema translation to recurse past Python's limit, not for
+    the JSON parser (~1,000): was a 500 and ~100 kB of traceback in the log per request."""
+    deep = _nested(900)
+    schema = '{"type":"object","properties":{"a":' + deep + "}}"
+    path = "/v1/chat/completions"
+    if where == "tools":
+        extra = '"tools":[{"type":"function","function":{"name":"f","parameters":' + schema + "}}]"
+    elif where == "response_format":
+        extra = (
+            '"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":'
+            + schema
+            + "}}"
+        )
+    else:
+        path = "/v1/messages"
+        extra = '"max_tokens":5,"tools":[{"name":"f","input_schema":' + schema + "}]"
+    body = (
+        '{"model":"gemini-2.0-flash","stream":' + ("true" if stream else "false") + ","
+        '"messages":[{"role":"user","content":"Hi"}],' + extra + "}"
+    )
+    before = len(gw.logs())
+    r = gw.http.post(
+        path, content=body, headers={"x-api-key": key, "content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text[:300]
+    assert "nested too deeply" in r.text
+    assert upstream.requests == []
+    assert len(gw.logs()) == before  # a client's bad input is not the gateway's error
+
+
+def test_a_logged_traceback_keeps_its_ends_only():
+    from lunar.server.app import _LOGGED_FRAMES, _frames
+
+    # Two functions in turn, as a recursive translation goes (Python's traceback folds only
+    # a line repeated as it is).
+    def down(n: int) -> None:
+        if n == 0:
+            raise ValueError("bottom")
+        across(n - 1)
+
+    def across(n: int) -> None:
+        down(n)
+
+    try:
+        down(200)
+    except ValueError as exc:
+        text = _frames(exc)
+    assert "frames ..." in text and "test_a_logged_traceback_keeps_its_ends_only" in text
+    assert 'raise ValueError("bottom")' in text
+    assert len(text.splitlines()) <= 2 * (2 * _LOGGED_FRAMES) + 1

@@ -101,6 +101,26 @@ _SSE_HEADERS = [
 # Small HTTP helpers
 
 
+#: Frames of a traceback logged, at each end: a deep recursion's would be thousands of
+#: lines for one request, and a client could fill the disk with a few small bodies.
+_LOGGED_FRAMES = 12
+
+
+def _frames(exc: BaseException) -> str:
+    """The traceback of ``exc`` for the log: its first and last ``_LOGGED_FRAMES`` frames."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if len(frames) > 2 * _LOGGED_FRAMES:
+        skipped = len(frames) - 2 * _LOGGED_FRAMES
+        lines = [
+            *traceback.format_list(frames[:_LOGGED_FRAMES]),
+            f"  ... {skipped} frames ...\n",
+            *traceback.format_list(frames[-_LOGGED_FRAMES:]),
+        ]
+    else:
+        lines = traceback.format_list(frames)
+    return "".join(lines).rstrip()
+
+
 class _ClientGone(Exception):
     """The client disconnected while its request body was being read."""
 
@@ -533,7 +553,7 @@ class Gateway:
                 "internal error in %s: %s\n%s",
                 path,
                 type(exc).__name__,
-                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+                _frames(exc),
             )
             error = {
                 "message": "Internal error in the gateway",
@@ -865,7 +885,7 @@ class Gateway:
                 dialect.route,
                 request_id,
                 type(exc).__name__,
-                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+                _frames(exc),
             )
             if not call.recorded:
                 row.status = "error"
