@@ -5,13 +5,15 @@ the upstream received."""
 
 from __future__ import annotations
 
+import json
+import socket
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from lunar.testing import MockServer
+from lunar.testing import MockServer, Reply
 
 from .test_server import CONFIG, GatewayProcess, every_wire
 
@@ -157,3 +159,67 @@ def test_a_logged_traceback_keeps_its_ends_only():
     assert "frames ..." in text and "test_a_logged_traceback_keeps_its_ends_only" in text
     assert 'raise ValueError("bottom")' in text
     assert len(text.splitlines()) <= 2 * (2 * _LOGGED_FRAMES) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients that stop reading
+
+
+@pytest.fixture(scope="module")
+def small_pool(
+    upstream: MockServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """A gateway with two upstream connections in all (``max_connections``), so that two
+    stalled streams would hold every one."""
+    config = CONFIG.replace(
+        "connect_timeout_seconds = 2.0", "connect_timeout_seconds = 2.0\nmax_connections = 2", 1
+    )
+    proc = GatewayProcess(tmp_path_factory.mktemp("small-pool"), upstream, config)
+    yield proc
+    proc.stop()
+
+
+def _stream_and_never_read(gw: GatewayProcess, key: str) -> socket.socket:
+    host, port = gw.url.split("//")[1].rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": HI}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_streams_a_client_never_reads_cannot_hold_the_upstream_pool(small_pool, upstream):
+    """A client that opens streams and never reads them made the gateway wait on it for
+    ever, each holding an upstream connection of the pool every key shares: with the pool
+    taken, every other client's request timed out (504). Now a stream whose client takes
+    nothing for ``timeout_seconds`` ends, its connections closed."""
+    gw = small_pool
+    staller, staller_id = gw.new_key("staller")
+    other = gw.new_key("other")[0]
+    big = Reply(text="word " * 2_000_000, chunks=4000)  # far more than the socket buffers
+    upstream.enqueue(big, big, model="gpt-4o-mini")
+    socks = [_stream_and_never_read(gw, staller) for _ in range(2)]
+    try:
+        answers = []
+        for _ in range(20):  # each try waits up to the gateway's 2 s for a connection
+            r = gw.http.post(
+                "/v1/chat/completions",
+                json={"model": "gpt-4.1-nano", "messages": HI},
+                headers={"x-api-key": other},
+            )
+            answers.append(r.status_code)
+            if r.status_code == 200:
+                break
+        assert answers[-1] == 200, answers
+        rows = gw.rows(staller_id, expected=2)
+        assert [(row["status"], row["error_type"]) for row in rows] == [
+            ("cancelled", "client_stalled")
+        ] * 2
+    finally:
+        for sock in socks:
+            sock.close()

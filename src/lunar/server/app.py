@@ -78,7 +78,7 @@ from .keys import (
 from .limits import UNUSED, InMemoryLimiter, Limiter, Refusal, Ticket, estimate, needs_estimate
 from .metrics import Metrics, model_label
 from .openapi import openapi_document
-from .relay import client_sink
+from .relay import ClientSink, client_sink
 from .storage import GROUP_BY, KeyRecord, SQLiteStorage, Storage, UsageQuery, UsageRow, parse_time
 
 log = logging.getLogger("lunar.server")
@@ -123,6 +123,21 @@ def _frames(exc: BaseException) -> str:
 
 class _ClientGone(Exception):
     """The client disconnected while its request body was being read."""
+
+
+class _ClientStalled(Exception):
+    """The client took none of a stream's bytes for the gateway's ``timeout_seconds``."""
+
+
+async def _send_within(send: Send, message: Message, sink: ClientSink, timeout: float) -> None:
+    """``send`` to a client that is not reading now: given up after ``timeout`` seconds, and
+    the connection dropped, so a client that never reads cannot hold an upstream connection
+    (of a pool every key shares) for ever."""
+    try:
+        await asyncio.wait_for(send(message), timeout)
+    except TimeoutError:
+        sink.abort()
+        raise _ClientStalled from None
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -839,12 +854,17 @@ class Gateway:
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
                 )
-                if writer.encoder is not None and (sink := client_sink(scope)) is not None:
+                sink = client_sink(scope)
+                if writer.encoder is not None and sink is not None:
                     it.relay_to(writer.encoder, sink)
                 async for batch in it.batches():
                     data = writer.chunks(batch)  # what one upstream read brought: one write
                     if data:
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                        message = {"type": "http.response.body", "body": data, "more_body": True}
+                        if sink is not None and sink.paused():
+                            await _send_within(send, message, sink, self.config.timeout_seconds)
+                        else:
+                            await send(message)
                 tail = writer.done()
             except LunarError as err:
                 # After the first byte: an error event, then the end — never a clean finish.
@@ -861,6 +881,9 @@ class Gateway:
             row.status = "cancelled"
             row.http_status = 499
             row.error_type = "client_disconnected"
+        except _ClientStalled:  # stopped reading the stream (its connection is dropped)
+            row.status = "cancelled"
+            row.error_type = "client_stalled"
         except asyncio.CancelledError:
             disconnected = watch is not None and watch.disconnected
             if not call.recorded:
