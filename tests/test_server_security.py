@@ -33,7 +33,11 @@ house = "/nonexistent/house.gguf"
 @pytest.fixture(scope="module")
 def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     proc = GatewayProcess(
-        tmp_path_factory.mktemp("gateway"), upstream, SECURITY_CONFIG, **every_wire(upstream)
+        tmp_path_factory.mktemp("gateway"),
+        upstream,
+        SECURITY_CONFIG,
+        VLLM_BASE_URL=upstream.base_url,  # vLLM set up; Ollama not
+        **every_wire(upstream),
     )
     yield proc
     proc.stop()
@@ -93,6 +97,64 @@ def test_a_local_model_the_config_names_is_still_served(gw, key):
         r = chat(gw, key, model=model)
         assert r.status_code in (404, 502), r.text
         assert "/nonexistent/house.gguf" in _error(r)["message"], r.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Where requests go
+
+
+def test_a_keyless_provider_nothing_set_up_is_not_served(gw, key, upstream):
+    """Ollama and vLLM need no key, and the catalogue puts them on loopback ports of the
+    gateway's host: any client could have the gateway post to whatever listens there.
+    A gateway serves them only when its operator set them up."""
+    for body in (
+        {"model": "ollama/llama3"},
+        {"model": "gpt-4.1-nano", "fallbacks": ["ollama/llama3"]},
+    ):
+        upstream.enqueue(Reply.status_error(503), model="gpt-4.1-nano")
+        r = chat(gw, key, **body)
+        attempts = r.json().get("attempts", [])
+        tried = [a for a in attempts if a["provider"] == "ollama"]
+        assert tried, r.text
+        assert {(a["status"], a["code"]) for a in tried} == {(404, "provider_not_configured")}
+        assert "OLLAMA_BASE_URL" in tried[0]["message"]
+    # vLLM, whose base URL the operator set, is served (here by the emulator).
+    r = chat(gw, key, model="vllm/meta-llama/Llama-3.1-8B-Instruct")
+    assert r.status_code == 200, r.text
+    assert upstream.requests[-1].json["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(
+    gw, key, upstream
+):
+    """Body fields named like routing settings are not read by the gateway, and none of
+    the client's headers reach the upstream: it sees the gateway's own key."""
+    headers = {
+        "x-api-key": key,
+        "authorization": "Bearer sk-client",
+        "api-key": "sk-client",
+        "x-goog-api-key": "sk-client",
+        "anthropic-version": "1999-01-01",
+        "x-lunar-base-url": "http://169.254.169.254",
+    }
+    for model in ("gpt-4o-mini", "claude-3-5-haiku", "gemini-2.0-flash"):
+        upstream.reset()
+        body = {"model": model, "messages": HI, "max_tokens": 5}
+        r = gw.http.post(
+            "/v1/chat/completions",
+            json={**body, "base_url": "http://169.254.169.254", "api_base": "http://x"},
+            headers=headers,
+        )
+        # The routing-like fields go on as body fields (providers refuse what they do not
+        # know: the emulator as Gemini does); the request went to the configured upstream.
+        assert len(upstream.requests) == 1, r.text
+        sent = upstream.requests[0].headers
+        assert "sk-client" not in str(sent) and "1999-01-01" not in str(sent)
+        assert {sent.get("authorization"), sent.get("x-api-key"), sent.get("x-goog-api-key")} & {
+            "Bearer sk-openai",
+            "sk-ant",
+            "sk-gem",
+        }
 
 
 # ---------------------------------------------------------------------------------------------

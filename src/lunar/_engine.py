@@ -202,6 +202,11 @@ class Router:
                 f"Unknown provider '{dep.provider}' for model '{dep.model}'", param="provider"
             )
         override = self.overrides.get(spec.name, {})
+        unset = override.get("unset")  # the gateway's: a provider nothing set up
+        if unset is not None:
+            return NotFoundError(
+                unset, param="model", code="provider_not_configured", provider=spec.name
+            )
         env = self._environ
         api_key = override.get("api_key")
         if api_key is None and spec.api_key_env:

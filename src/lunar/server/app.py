@@ -382,9 +382,12 @@ class Gateway:
     ) -> None:
         self.config = config
         self.catalog: Catalog = config.build_catalog()
+        overrides = config.provider_overrides(self.catalog)
+        for name, why in config.unset_providers(self.catalog).items():
+            overrides[name] = {**overrides.get(name, {}), "unset": why}
         self.router = Router(
             self.catalog,
-            providers=config.provider_overrides(self.catalog),
+            providers=overrides,
             fallbacks=config.fallbacks,
             environ=config.environ,
         )
