@@ -202,6 +202,11 @@ class Router:
                 f"Unknown provider '{dep.provider}' for model '{dep.model}'", param="provider"
             )
         override = self.overrides.get(spec.name, {})
+        unset = override.get("unset")  # the gateway's: a provider nothing set up
+        if unset is not None:
+            return NotFoundError(
+                unset, param="model", code="provider_not_configured", provider=spec.name
+            )
         env = self._environ
         api_key = override.get("api_key")
         if api_key is None and spec.api_key_env:
@@ -974,6 +979,23 @@ def _cut_soon(timer: Any, loop: asyncio.AbstractEventLoop) -> None:
 _asyncio_timeout = getattr(asyncio, "timeout", None)
 
 
+def build_request(
+    adapter: Adapter, body: Mapping[str, Any], target: Target, stream: bool
+) -> HTTPRequest:
+    """The adapter's request for ``body``. A body nested deeper than the adapter's
+    translation can recurse (a JSON Schema or tool arguments some hundreds of levels deep)
+    is the caller's bad input, a 400, not a ``RecursionError``."""
+    try:
+        return adapter.build_request(body, target, stream=stream)
+    except RecursionError:
+        raise BadRequestError(
+            f"The request is nested too deeply to be sent to provider '{target.provider}' "
+            "(a schema, tool arguments or content hundreds of levels deep)",
+            param=None,
+            code="invalid_request",
+        ) from None
+
+
 def _in_process(adapter: Adapter) -> Any:
     """Adapters that run a model in this process (the local one) instead of sending HTTP."""
     return getattr(adapter, "in_process", None)
@@ -1134,7 +1156,7 @@ class SyncEngine(_Closable):
         if local is not None:
             result: ChatCompletion = local.complete(body, target, self._wait(opts))
             return result
-        req = adapter.build_request(body, target, stream=False)
+        req = build_request(adapter, body, target, False)
         try:
             resp = self.send(req, opts, stream=False)
         except NETWORK_ERRORS as exc:
@@ -1183,7 +1205,7 @@ class SyncEngine(_Closable):
                 batches.close()  # type: ignore[attr-defined]
                 raise
             return batches, batches, None, head
-        req = adapter.build_request(body, target, stream=True)
+        req = build_request(adapter, body, target, True)
         resp = None
         try:
             resp = self.send(req, opts, stream=True)
@@ -1328,7 +1350,7 @@ class AsyncEngine(_Closable):
         if local is not None:
             result: ChatCompletion = await local.acomplete(body, target, self._wait(opts))
             return result
-        req = adapter.build_request(body, target, stream=False)
+        req = build_request(adapter, body, target, False)
         try:
             resp = await self.send(req, opts, stream=False)
         except NETWORK_ERRORS as exc:
@@ -1381,7 +1403,7 @@ class AsyncEngine(_Closable):
                 await batches.aclose()  # type: ignore[attr-defined]
                 raise
             return batches, batches, None, head
-        req = adapter.build_request(body, target, stream=True)
+        req = build_request(adapter, body, target, True)
         resp = None
         try:
             resp = await self.send(req, opts, stream=True)

@@ -78,7 +78,7 @@ from .keys import (
 from .limits import UNUSED, InMemoryLimiter, Limiter, Refusal, Ticket, estimate, needs_estimate
 from .metrics import Metrics, model_label
 from .openapi import openapi_document
-from .relay import client_sink
+from .relay import ClientSink, client_sink
 from .storage import GROUP_BY, KeyRecord, SQLiteStorage, Storage, UsageQuery, UsageRow, parse_time
 
 log = logging.getLogger("lunar.server")
@@ -101,8 +101,43 @@ _SSE_HEADERS = [
 # Small HTTP helpers
 
 
+#: Frames of a traceback logged, at each end: a deep recursion's would be thousands of
+#: lines for one request, and a client could fill the disk with a few small bodies.
+_LOGGED_FRAMES = 12
+
+
+def _frames(exc: BaseException) -> str:
+    """The traceback of ``exc`` for the log: its first and last ``_LOGGED_FRAMES`` frames."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if len(frames) > 2 * _LOGGED_FRAMES:
+        skipped = len(frames) - 2 * _LOGGED_FRAMES
+        lines = [
+            *traceback.format_list(frames[:_LOGGED_FRAMES]),
+            f"  ... {skipped} frames ...\n",
+            *traceback.format_list(frames[-_LOGGED_FRAMES:]),
+        ]
+    else:
+        lines = traceback.format_list(frames)
+    return "".join(lines).rstrip()
+
+
 class _ClientGone(Exception):
     """The client disconnected while its request body was being read."""
+
+
+class _ClientStalled(Exception):
+    """The client took none of a stream's bytes for the gateway's ``timeout_seconds``."""
+
+
+async def _send_within(send: Send, message: Message, sink: ClientSink, timeout: float) -> None:
+    """``send`` to a client that is not reading now: given up after ``timeout`` seconds, and
+    the connection dropped, so a client that never reads cannot hold an upstream connection
+    (of a pool every key shares) for ever."""
+    try:
+        await asyncio.wait_for(send(message), timeout)
+    except TimeoutError:
+        sink.abort()
+        raise _ClientStalled from None
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -168,6 +203,17 @@ def _unpriced(key: KeyRecord, model: str, primary: str) -> PermissionDeniedError
         "([models.<name>] with input and output per 1M tokens)",
         param="model" if model == primary else "fallbacks",
         code="model_not_priced",
+    )
+
+
+def _file_model(name: str, param: str) -> NotFoundError:
+    """``local/<path>``, a file on the gateway's host, asked by a client: never loaded (any
+    file could be probed, or loaded into memory), only the local models the config names."""
+    return NotFoundError(
+        f"Model '{name}' is not served by this gateway: a local model file is served only "
+        "when the gateway's config names it ([local.models])",
+        param=param,
+        code="model_not_found",
     )
 
 
@@ -336,9 +382,12 @@ class Gateway:
     ) -> None:
         self.config = config
         self.catalog: Catalog = config.build_catalog()
+        overrides = config.provider_overrides(self.catalog)
+        for name, why in config.unset_providers(self.catalog).items():
+            overrides[name] = {**overrides.get(name, {}), "unset": why}
         self.router = Router(
             self.catalog,
-            providers=config.provider_overrides(self.catalog),
+            providers=overrides,
             fallbacks=config.fallbacks,
             environ=config.environ,
         )
@@ -368,6 +417,11 @@ class Gateway:
         self._counter = 0
         self._prefix = os.urandom(4).hex()
         self._models_all = [m.to_dict() for m in self.catalog.list_models()]
+        # Providers whose model id is a file on this host (the embedded llama.cpp runtime):
+        # a client may use only the models the catalogue or the config names on them.
+        self._file_providers = frozenset(
+            name for name, spec in self.catalog.providers.items() if spec.protocol == "local"
+        )
         self._pricing = dumps(self._pricing_document())
         self._openapi = dumps(openapi_document(__version__))
         self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
@@ -517,7 +571,7 @@ class Gateway:
                 "internal error in %s: %s\n%s",
                 path,
                 type(exc).__name__,
-                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+                _frames(exc),
             )
             error = {
                 "message": "Internal error in the gateway",
@@ -803,12 +857,17 @@ class Gateway:
                 await send(
                     {"type": "http.response.start", "status": 200, "headers": [*_SSE_HEADERS, rid]}
                 )
-                if writer.encoder is not None and (sink := client_sink(scope)) is not None:
+                sink = client_sink(scope)
+                if writer.encoder is not None and sink is not None:
                     it.relay_to(writer.encoder, sink)
                 async for batch in it.batches():
                     data = writer.chunks(batch)  # what one upstream read brought: one write
                     if data:
-                        await send({"type": "http.response.body", "body": data, "more_body": True})
+                        message = {"type": "http.response.body", "body": data, "more_body": True}
+                        if sink is not None and sink.paused():
+                            await _send_within(send, message, sink, self.config.timeout_seconds)
+                        else:
+                            await send(message)
                 tail = writer.done()
             except LunarError as err:
                 # After the first byte: an error event, then the end — never a clean finish.
@@ -825,6 +884,9 @@ class Gateway:
             row.status = "cancelled"
             row.http_status = 499
             row.error_type = "client_disconnected"
+        except _ClientStalled:  # stopped reading the stream (its connection is dropped)
+            row.status = "cancelled"
+            row.error_type = "client_stalled"
         except asyncio.CancelledError:
             disconnected = watch is not None and watch.disconnected
             if not call.recorded:
@@ -849,7 +911,7 @@ class Gateway:
                 dialect.route,
                 request_id,
                 type(exc).__name__,
-                "".join(traceback.format_tb(exc.__traceback__)).rstrip(),
+                _frames(exc),
             )
             if not call.recorded:
                 row.status = "error"
@@ -907,6 +969,8 @@ class Gateway:
         fallbacks (403). Returns the ``(model, provider)`` candidates for the estimate and
         the model's metrics label."""
         deps = self.catalog.resolve(opts.model, opts.provider)
+        if deps and not deps[0].catalogued and deps[0].provider in self._file_providers:
+            raise _file_model(opts.model, "model")
         label = model_label(deps[0]) if deps else ""
         if label == deps[0].model and label != opts.model:
             label = opts.model  # an alias keeps its own name
@@ -916,6 +980,9 @@ class Gateway:
             explicit: list[str] = []
         else:
             explicit = fallbacks
+        for i, name in enumerate(explicit):
+            if name.partition("/")[0] in self._file_providers and self._file_model(name):
+                raise _file_model(name, f"fallbacks[{i}]")
         for name in [opts.model, *explicit]:
             if not self.keys.allows(key, name):
                 raise PermissionDeniedError(
@@ -925,6 +992,14 @@ class Gateway:
                     code="model_not_allowed",
                 )
         return [(opts.model, opts.provider), *((f, None) for f in fallbacks)], label
+
+    def _file_model(self, name: str) -> bool:
+        """Whether ``name`` is a ``local/<path>`` the catalogue does not name: a file path."""
+        try:
+            deps = self.catalog.resolve(name)
+        except NotFoundError:
+            return False  # the router says so, as for any unknown fallback
+        return bool(deps) and not deps[0].catalogued
 
     @staticmethod
     def _served(row: UsageRow, trace: Trace) -> None:

@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._catalog import _BUILTIN as BUILTIN_CATALOG
 from .._catalog import CAPABILITIES, DEPLOYMENT_KEYS, MODEL_KEYS, Catalog
 from .._errors import NotFoundError
 from . import cors
@@ -200,6 +201,34 @@ class ServerConfig:
                     o["api_key"] = value
             if o:
                 out[name] = o
+        return out
+
+    def unset_providers(self, catalog: Catalog) -> dict[str, str]:
+        """Providers that need no key and that nothing here sets up (Ollama and vLLM at
+        their default loopback addresses): ``{name: why}``. The gateway serves none of them,
+        or any client could send requests to whatever listens on those ports of its host."""
+        env = self.environ
+        # The built-in catalogue's own (not LUNAR_CATALOG's, which may set a base URL).
+        builtin: dict[str, Any] = json.loads(BUILTIN_CATALOG.read_text())["providers"]
+        used = {d.get("provider") for m in self.models.values() for d in m.get("deployments", ())}
+        out = {}
+        for name, spec in catalog.providers.items():
+            known = builtin.get(name)
+            if (
+                spec.key_required
+                or spec.protocol == "local"
+                or known is None
+                or spec.base_url != known.get("base_url")  # a catalogue file set it
+                or name in self.providers
+                or name in used
+                or env.get(spec.base_url_env)
+                or (spec.api_key_env and env.get(spec.api_key_env))
+            ):
+                continue
+            out[name] = (
+                f"Provider '{name}' is not set up on this gateway: set {spec.base_url_env} "
+                f"or [providers.{name}] base_url in its config to serve it"
+            )
         return out
 
     # -- presentation --------------------------------------------------------------------

@@ -44,6 +44,16 @@ class ClientSink:
         self._transport.write(b"%x\r\n%s\r\n" % (len(data), data))
         return True
 
+    def paused(self) -> bool:
+        """Whether the transport is pushing back: the client is not taking what it was sent,
+        so the cycle's ``send`` would wait for it."""
+        return self._flow.write_paused  # type: ignore[no-any-return]
+
+    def abort(self) -> None:
+        """Drop the connection of a client that stopped reading (its buffer is not sent)."""
+        self._cycle.disconnected = True  # so the cycle does not log an unfinished response
+        self._transport.abort()
+
 
 def client_sink(scope: Mapping[str, Any]) -> ClientSink | None:
     """The sink of a streamed response whose head was sent chunked, when the server gave

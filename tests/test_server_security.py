@@ -1,0 +1,287 @@
+"""The gateway from the side of an operator who hands virtual keys to clients it does not
+trust: what a client can make the gateway do on its host, send upstream, or tell back.
+A real `lunar serve` process, real HTTP, the emulator as every provider, which shows what
+the upstream received."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from lunar.testing import MockServer, Reply
+
+from .test_server import CONFIG, GatewayProcess, every_wire
+
+pytest.importorskip("uvicorn")
+
+HI = [{"role": "user", "content": "Hi"}]
+
+SECURITY_CONFIG = (
+    CONFIG
+    + """
+[local.models]
+house = "/nonexistent/house.gguf"
+"""
+)
+
+
+@pytest.fixture(scope="module")
+def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    proc = GatewayProcess(
+        tmp_path_factory.mktemp("gateway"),
+        upstream,
+        SECURITY_CONFIG,
+        VLLM_BASE_URL=upstream.base_url,  # vLLM set up; Ollama not
+        **every_wire(upstream),
+    )
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh(upstream: MockServer) -> None:
+    upstream.reset()
+
+
+@pytest.fixture
+def key(gw: GatewayProcess) -> str:
+    return gw.new_key("untrusted")[0]
+
+
+def chat(gw: GatewayProcess, key: str, path: str = "/v1/chat/completions", **body: Any) -> Any:
+    payload = {"model": "gpt-4o-mini", "messages": HI, **body}
+    return gw.http.post(path, json=payload, headers={"x-api-key": key})
+
+
+def _error(r: httpx.Response) -> dict[str, Any]:
+    return r.json()["error"]  # type: ignore[no-any-return]
+
+
+# ---------------------------------------------------------------------------------------------
+# Files on the gateway's host
+
+
+def test_a_client_cannot_make_the_gateway_open_a_file_as_a_local_model(gw, key, tmp_path):
+    """``local/<path>`` is a GGUF path in direct mode; through the gateway any client could
+    have the gateway load any file on its host (into memory) and tell from the answer
+    whether it exists. Both are refused alike, before anything is opened."""
+    existing = tmp_path / "secret.txt"
+    existing.write_text("not a model")
+    answers = []
+    for path in (str(existing), str(tmp_path / "missing.gguf"), "~/.bashrc"):
+        r = chat(gw, key, model=f"local/{path}")
+        assert r.status_code == 404, r.text
+        err = _error(r)
+        assert (err["code"], err["param"]) == ("model_not_found", "model")
+        answers.append(err["message"].replace(path, "PATH"))
+        assert "attempts" not in r.json()  # nothing was tried
+    assert len(set(answers)) == 1  # an existing file and a missing one: the same answer
+    # ... nor as a fallback, nor under provider= (the same name, forced).
+    r = chat(gw, key, fallbacks=[f"local/{existing}"])
+    assert r.status_code == 404 and _error(r)["param"] == "fallbacks[0]", r.text
+    r = chat(gw, key, model=f"local/{existing}", provider="local")
+    assert r.status_code == 404 and _error(r)["code"] == "model_not_found", r.text
+    r = chat(gw, key, path="/v1/messages", model=f"local/{existing}", max_tokens=5)
+    assert r.status_code == 404, r.text
+
+
+def test_a_local_model_the_config_names_is_still_served(gw, key):
+    """The names [local.models] gives (and their file's id) reach the local runtime: here
+    its own 'file not found', since the configured file does not exist in the test."""
+    for model in ("house", "local//nonexistent/house.gguf"):
+        r = chat(gw, key, model=model)
+        assert r.status_code in (404, 502), r.text
+        assert "/nonexistent/house.gguf" in _error(r)["message"], r.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Where requests go
+
+
+def test_a_keyless_provider_nothing_set_up_is_not_served(gw, key, upstream):
+    """Ollama and vLLM need no key, and the catalogue puts them on loopback ports of the
+    gateway's host: any client could have the gateway post to whatever listens there.
+    A gateway serves them only when its operator set them up."""
+    for body in (
+        {"model": "ollama/llama3"},
+        {"model": "gpt-4.1-nano", "fallbacks": ["ollama/llama3"]},
+    ):
+        upstream.enqueue(Reply.status_error(503), model="gpt-4.1-nano")
+        r = chat(gw, key, **body)
+        attempts = r.json().get("attempts", [])
+        tried = [a for a in attempts if a["provider"] == "ollama"]
+        assert tried, r.text
+        assert {(a["status"], a["code"]) for a in tried} == {(404, "provider_not_configured")}
+        assert "OLLAMA_BASE_URL" in tried[0]["message"]
+    # vLLM, whose base URL the operator set, is served (here by the emulator).
+    r = chat(gw, key, model="vllm/meta-llama/Llama-3.1-8B-Instruct")
+    assert r.status_code == 200, r.text
+    assert upstream.requests[-1].json["model"] == "meta-llama/Llama-3.1-8B-Instruct"
+
+
+def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(
+    gw, key, upstream
+):
+    """Body fields named like routing settings are not read by the gateway, and none of
+    the client's headers reach the upstream: it sees the gateway's own key."""
+    headers = {
+        "x-api-key": key,
+        "authorization": "Bearer sk-client",
+        "api-key": "sk-client",
+        "x-goog-api-key": "sk-client",
+        "anthropic-version": "1999-01-01",
+        "x-lunar-base-url": "http://169.254.169.254",
+    }
+    for model in ("gpt-4o-mini", "claude-3-5-haiku", "gemini-2.0-flash"):
+        upstream.reset()
+        body = {"model": model, "messages": HI, "max_tokens": 5}
+        r = gw.http.post(
+            "/v1/chat/completions",
+            json={**body, "base_url": "http://169.254.169.254", "api_base": "http://x"},
+            headers=headers,
+        )
+        # The routing-like fields go on as body fields (providers refuse what they do not
+        # know: the emulator as Gemini does); the request went to the configured upstream.
+        assert len(upstream.requests) == 1, r.text
+        sent = upstream.requests[0].headers
+        assert "sk-client" not in str(sent) and "1999-01-01" not in str(sent)
+        assert {sent.get("authorization"), sent.get("x-api-key"), sent.get("x-goog-api-key")} & {
+            "Bearer sk-openai",
+            "sk-ant",
+            "sk-gem",
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Deep JSON
+
+
+def _nested(depth: int) -> str:
+    """A JSON object ``depth`` levels deep, as text (the client's encoder would recurse)."""
+    return '{"a":' * depth + '"x"' + "}" * depth
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("where", ["tools", "response_format", "messages_route"])
+def test_a_schema_nested_too_deep_for_an_adapter_is_a_400_sent_nowhere(
+    gw, key, upstream, where, stream
+):
+    """Deep enough for Gemini's schema translation to recurse past Python's limit, not for
+    the JSON parser (~1,000): was a 500 and ~100 kB of traceback in the log per request."""
+    deep = _nested(900)
+    schema = '{"type":"object","properties":{"a":' + deep + "}}"
+    path = "/v1/chat/completions"
+    if where == "tools":
+        extra = '"tools":[{"type":"function","function":{"name":"f","parameters":' + schema + "}}]"
+    elif where == "response_format":
+        extra = (
+            '"response_format":{"type":"json_schema","json_schema":{"name":"x","schema":'
+            + schema
+            + "}}"
+        )
+    else:
+        path = "/v1/messages"
+        extra = '"max_tokens":5,"tools":[{"name":"f","input_schema":' + schema + "}]"
+    body = (
+        '{"model":"gemini-2.0-flash","stream":' + ("true" if stream else "false") + ","
+        '"messages":[{"role":"user","content":"Hi"}],' + extra + "}"
+    )
+    before = len(gw.logs())
+    r = gw.http.post(
+        path, content=body, headers={"x-api-key": key, "content-type": "application/json"}
+    )
+    assert r.status_code == 400, r.text[:300]
+    assert "nested too deeply" in r.text
+    assert upstream.requests == []
+    assert len(gw.logs()) == before  # a client's bad input is not the gateway's error
+
+
+def test_a_logged_traceback_keeps_its_ends_only():
+    from lunar.server.app import _LOGGED_FRAMES, _frames
+
+    # Two functions in turn, as a recursive translation goes (Python's traceback folds only
+    # a line repeated as it is).
+    def down(n: int) -> None:
+        if n == 0:
+            raise ValueError("bottom")
+        across(n - 1)
+
+    def across(n: int) -> None:
+        down(n)
+
+    try:
+        down(200)
+    except ValueError as exc:
+        text = _frames(exc)
+    assert "frames ..." in text and "test_a_logged_traceback_keeps_its_ends_only" in text
+    assert 'raise ValueError("bottom")' in text
+    assert len(text.splitlines()) <= 2 * (2 * _LOGGED_FRAMES) + 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Clients that stop reading
+
+
+@pytest.fixture(scope="module")
+def small_pool(
+    upstream: MockServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[GatewayProcess]:
+    """A gateway with two upstream connections in all (``max_connections``), so that two
+    stalled streams would hold every one."""
+    config = CONFIG.replace(
+        "connect_timeout_seconds = 2.0", "connect_timeout_seconds = 2.0\nmax_connections = 2", 1
+    )
+    proc = GatewayProcess(tmp_path_factory.mktemp("small-pool"), upstream, config)
+    yield proc
+    proc.stop()
+
+
+def _stream_and_never_read(gw: GatewayProcess, key: str) -> socket.socket:
+    host, port = gw.url.split("//")[1].rsplit(":", 1)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    body = json.dumps({"model": "gpt-4o-mini", "stream": True, "messages": HI}).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\nx-api-key: {key}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    )
+    sock.sendall(head.encode() + body)
+    return sock
+
+
+def test_streams_a_client_never_reads_cannot_hold_the_upstream_pool(small_pool, upstream):
+    """A client that opens streams and never reads them made the gateway wait on it for
+    ever, each holding an upstream connection of the pool every key shares: with the pool
+    taken, every other client's request timed out (504). Now a stream whose client takes
+    nothing for ``timeout_seconds`` ends, its connections closed."""
+    gw = small_pool
+    staller, staller_id = gw.new_key("staller")
+    other = gw.new_key("other")[0]
+    big = Reply(text="word " * 2_000_000, chunks=4000)  # far more than the socket buffers
+    upstream.enqueue(big, big, model="gpt-4o-mini")
+    socks = [_stream_and_never_read(gw, staller) for _ in range(2)]
+    try:
+        answers = []
+        for _ in range(20):  # each try waits up to the gateway's 2 s for a connection
+            r = gw.http.post(
+                "/v1/chat/completions",
+                json={"model": "gpt-4.1-nano", "messages": HI},
+                headers={"x-api-key": other},
+            )
+            answers.append(r.status_code)
+            if r.status_code == 200:
+                break
+        assert answers[-1] == 200, answers
+        rows = gw.rows(staller_id, expected=2)
+        assert [(row["status"], row["error_type"]) for row in rows] == [
+            ("cancelled", "client_stalled")
+        ] * 2
+    finally:
+        for sock in socks:
+            sock.close()
