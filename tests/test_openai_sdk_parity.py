@@ -192,3 +192,79 @@ def test_model_dump_takes_the_openai_sdks_arguments(mock, kwargs):
     assert mine == theirs_common
     assert set(dumped) - set(expected) <= {"provider"}
     assert got.model_dump_json(**kwargs) == json.dumps(dumped, separators=(",", ":"))
+
+
+# -- extra_query ------------------------------------------------------------------------------
+
+QUERY = {"api-version": "2024-06-01", "flag": True, "n": 2, "skip": None, "q": "a b&c"}
+
+
+def test_extra_query_goes_on_the_url_as_the_openai_sdk_sends_it(mock):
+    """``extra_query=`` was a TypeError; Azure-style ``api-version`` is its common use."""
+    import openai
+
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    theirs.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query=QUERY)
+    want = mock.requests[-1].query
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query=QUERY)
+    got = mock.requests[-1]
+    assert got.path == "/v1/chat/completions"
+    assert sorted(got.query.split("&")) == sorted(want.split("&"))
+    assert got.query == "api-version=2024-06-01&flag=true&n=2&q=a+b%26c"
+    # Streamed, and through the legacy completions, too.
+    list(
+        Lunar().chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_query={"v": "1"}
+        )
+    )
+    assert mock.requests[-1].query == "v=1"
+    Lunar().completions.create(model="gpt-4o-mini", prompt="Hi", extra_query={"v": "2"})
+    assert mock.requests[-1].query == "v=2"
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].query == ""
+
+
+async def test_extra_query_on_async_pool_and_after_a_urls_own_query(mock, monkeypatch):
+    """Lunar's own pool sends it too; a provider URL with a query of its own (Gemini's
+    streams: ``?alt=sse``) gets it after that."""
+    from lunar import AsyncLunar
+
+    monkeypatch.setenv("GEMINI_API_KEY", "gk")
+    monkeypatch.setenv("GEMINI_BASE_URL", mock.url)
+    client = AsyncLunar()
+    await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_query={"api-version": "1"}
+    )
+    assert mock.requests[-1].query == "api-version=1"
+    stream = await client.chat.completions.create(
+        model="gemini-2.0-flash", messages=MESSAGES, stream=True, extra_query={"v": "2"}
+    )
+    assert [c async for c in stream]
+    assert mock.requests[-1].query == "alt=sse&v=2"
+    await client.close()
+
+
+def test_extra_query_goes_to_the_gateway_in_remote_mode(mock):
+    """As ``extra_headers``: to the gateway's URL, as the openai SDK pointed at it sends it."""
+    client = Lunar(base_url=mock.base_url, api_key="lk")
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query={"a": 1})
+    assert mock.requests[-1].query == "a=1"
+    assert mock.requests[-1].path == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("api-version=1", "extra_query"),
+        ({1: "x"}, "extra_query"),
+        ({"": "x"}, "extra_query"),
+        ({"v": ["1", "2"]}, "extra_query.v"),
+        ({"v": {"a": 1}}, "extra_query.v"),
+        ({"v": float("nan")}, "extra_query.v"),
+    ],
+)
+def test_a_bad_extra_query_is_refused_naming_it(mock, query, param):
+    with pytest.raises(BadRequestError) as info:
+        Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query=query)
+    assert info.value.param == param
+    assert not mock.requests

@@ -826,6 +826,11 @@ def _headers(
     return headers
 
 
+def with_query(url: str, query: str) -> str:
+    """The URL with a request's ``extra_query`` (encoded already) appended to its own."""
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
 def _httpx_request(
     http: httpx.Client | httpx.AsyncClient,
     req: HTTPRequest,
@@ -841,7 +846,7 @@ def _httpx_request(
     headers = _headers(req.headers, opts, defaults)
     request = http.build_request(
         req.method,
-        req.url,
+        req.url if opts.extra_query is None else with_query(req.url, opts.extra_query),
         headers=headers,
         content=req.content,
         timeout=_timeout(opts, timeout),
@@ -1327,7 +1332,7 @@ class AsyncEngine(_Closable):
             timeout = opts.timeout
             return await self.http.send(
                 req.method,
-                req.url,
+                req.url if opts.extra_query is None else with_query(req.url, opts.extra_query),
                 _headers(req.headers, opts),
                 req.content,
                 stream=stream,
