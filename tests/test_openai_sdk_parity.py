@@ -268,3 +268,97 @@ def test_a_bad_extra_query_is_refused_naming_it(mock, query, param):
         Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query=query)
     assert info.value.param == param
     assert not mock.requests
+
+
+# -- service_tier, annotations, audio, function_call -------------------------------------------
+
+CITED = {
+    "id": "chatcmpl-cited",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "gpt-4o-mini",
+    "service_tier": "default",
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {
+                "role": "assistant",
+                "content": "The moon is far [1].",
+                "refusal": None,
+                "annotations": [
+                    {
+                        "type": "url_citation",
+                        "url_citation": {
+                            "start_index": 16,
+                            "end_index": 19,
+                            "title": "Moon",
+                            "url": "https://example.org/moon",
+                        },
+                    }
+                ],
+            },
+        }
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+}
+
+
+def _read_as_openai_code_does(answer: Any) -> Any:
+    message = answer.choices[0].message
+    return (
+        answer.service_tier,
+        [
+            (
+                a.type,
+                a.url_citation.url,
+                a.url_citation.title,
+                a.url_citation.start_index,
+                a.url_citation.end_index,
+            )
+            for a in message.annotations or []
+        ],
+        message.audio,
+        message.function_call,
+    )
+
+
+def test_service_tier_and_annotations_read_as_with_the_openai_sdk(mock):
+    """``answer.service_tier`` and ``message.annotations`` (web-search citations), and the
+    ``audio`` / ``function_call`` openai code reads, were AttributeErrors."""
+    import openai
+
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    mock.enqueue(Reply(body=CITED), Reply(body=CITED), model="gpt-4o-mini")
+    kw: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    want = theirs.chat.completions.create(**kw, web_search_options={})
+    got = Lunar().chat.completions.create(**kw, web_search_options={})
+    assert _read_as_openai_code_does(got) == _read_as_openai_code_does(want)
+    assert got.service_tier == "default" and len(got.choices[0].message.annotations) == 1
+    dumped = got.model_dump()
+    assert dumped["service_tier"] == "default"
+    assert (
+        dumped["choices"][0]["message"]["annotations"]
+        == (want.model_dump()["choices"][0]["message"]["annotations"])
+    )
+    # Put back in the conversation, the message goes as the openai SDK sends it.
+    sent = []
+    for sdk in (theirs, Lunar()):
+        answer = want if sdk is theirs else got
+        sdk.chat.completions.create(**(kw | {"messages": [*MESSAGES, answer.choices[0].message]}))
+        sent.append(mock.requests[-1].json["messages"][-1]["annotations"])
+    assert sent[0] == sent[1] == CITED["choices"][0]["message"]["annotations"]
+
+
+def test_without_them_they_are_none_and_not_in_the_json(mock):
+    answer = Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    message = answer.choices[0].message
+    assert answer.service_tier is None and message.annotations is None
+    assert message.audio is None and message.function_call is None
+    assert "service_tier" not in answer.to_dict() and "annotations" not in message.to_dict()
+    for chunk in Lunar().chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    ):
+        assert chunk.service_tier is None
+        for choice in chunk.choices:
+            assert choice.delta.function_call is None
