@@ -362,3 +362,87 @@ def test_without_them_they_are_none_and_not_in_the_json(mock):
         assert chunk.service_tier is None
         for choice in chunk.choices:
             assert choice.delta.function_call is None
+
+
+# -- the error hierarchy ----------------------------------------------------------------------
+
+ERROR_NAMES = [
+    "APIError",
+    "APIStatusError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+]
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_the_error_classes_nest_as_the_openai_sdks(name):
+    """``APIConnectionError`` and ``APITimeoutError`` were not ``APIError``s (they are in
+    the openai SDK), and ``APIStatusError`` was ``APIError`` itself (so it caught them)."""
+    import openai
+
+    import lunar
+
+    for base in ERROR_NAMES:
+        want = issubclass(getattr(openai, name), getattr(openai, base))
+        assert issubclass(getattr(lunar, name), getattr(lunar, base)) == want, base
+
+
+async def test_connection_errors_are_caught_as_with_the_openai_sdk(mock):
+    """Nothing listening, then a timeout: ``except APIError`` catches them and ``except
+    APIStatusError`` does not, in both SDKs; status-less, not retried past ``max_retries``."""
+    import socket
+
+    import openai
+
+    import lunar
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    theirs = openai.OpenAI(base_url=dead, api_key="sk", max_retries=0)
+    ours = Lunar(providers={"openai": {"base_url": dead, "api_key": "sk"}}, max_retries=0)
+    for sdk, mod in ((theirs, openai), (ours, lunar)):
+        with pytest.raises(mod.APIError) as info:
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        err = info.value
+        assert type(err) is mod.APIConnectionError
+        assert not isinstance(err, mod.APIStatusError)
+        assert getattr(err, "status_code", None) is None and err.body is None
+
+    mock.enqueue(Reply(delay=0.5), Reply(delay=0.5), model="gpt-4o-mini")
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0, timeout=0.05)
+    for sdk, mod in ((theirs, openai), (Lunar(max_retries=0, timeout=0.05), lunar)):
+        with pytest.raises(mod.APIError) as info:
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert type(info.value) is mod.APITimeoutError
+    assert isinstance(info.value, lunar.APIConnectionError)
+    assert info.value.retryable and info.value.type == "timeout_error"
+
+
+def test_status_errors_and_gateway_errors_keep_their_places():
+    """What Lunar adds stays as it was: a 502/504 from a gateway that could not reach the
+    provider is a status error and a connection error at once, and retries as its status
+    and ``x-should-retry`` say (the gateway's ``false`` is honoured)."""
+    import lunar
+    from lunar._errors import error_from_response
+
+    body = b'{"error": {"message": "down", "type": "api_connection_error"}}'
+    gone = error_from_response(502, {"x-should-retry": "false"}, body)
+    assert type(gone) is lunar.BadGatewayError
+    assert isinstance(gone, lunar.APIStatusError) and isinstance(gone, lunar.APIConnectionError)
+    assert not gone.retryable and gone.status_code == 502
+    late = error_from_response(504, {}, b"")
+    assert isinstance(late, lunar.APITimeoutError) and isinstance(late, lunar.APIStatusError)
+    assert late.retryable
+    odd = error_from_response(418, {}, b"")
+    assert type(odd) is lunar.APIStatusError and isinstance(odd, lunar.APIError)
+    assert not isinstance(odd, lunar.APIConnectionError)
+    assert not issubclass(lunar.StreamError, lunar.APIStatusError)

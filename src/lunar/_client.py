@@ -18,7 +18,7 @@ import httpx
 from . import __version__, _http
 from ._catalog import Catalog, Deployment, ProviderSpec
 from ._engine import NETWORK_ERRORS, AsyncEngine, Router, SyncEngine, connection_error
-from ._errors import APIError, AuthenticationError, error_from_response
+from ._errors import APIStatusError, AuthenticationError, error_from_response
 from ._request import (
     ChatParams,
     CompletionParams,
@@ -250,7 +250,7 @@ def _model(response: Any) -> Model:
 
 def _gateway_json(response: Any) -> dict[str, Any]:
     """A Lunar gateway's JSON object, or its error; anything else (a web page from a wrong
-    ``base_url``) is an APIError that says so, not a parser's exception."""
+    ``base_url``) is an APIStatusError that says so, not a parser's exception."""
     if response.status_code >= 400:
         raise error_from_response(response.status_code, response.headers, response.content)
     try:
@@ -262,8 +262,8 @@ def _gateway_json(response: Any) -> dict[str, Any]:
     return obj
 
 
-def _not_a_gateway(response: Any) -> APIError:
-    return APIError(
+def _not_a_gateway(response: Any) -> APIStatusError:
+    return APIStatusError(
         f"The answer is not a Lunar gateway's JSON ({bytes(response.content[:80])!r}): "
         "check base_url",
         response.status_code,
