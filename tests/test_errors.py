@@ -8,7 +8,7 @@ import pytest
 
 from lunar import (
     APIConnectionError,
-    APIError,
+    APIStatusError,
     AuthenticationError,
     BadRequestError,
     GatewayTimeoutError,
@@ -44,7 +44,7 @@ OPENAI_BODY = (
         (503, ServiceUnavailableError),
         (504, GatewayTimeoutError),
         (529, ServerError),
-        (418, APIError),
+        (418, APIStatusError),
     ],
 )
 def test_status_maps_to_class(status, cls):

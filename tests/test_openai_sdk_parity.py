@@ -192,3 +192,257 @@ def test_model_dump_takes_the_openai_sdks_arguments(mock, kwargs):
     assert mine == theirs_common
     assert set(dumped) - set(expected) <= {"provider"}
     assert got.model_dump_json(**kwargs) == json.dumps(dumped, separators=(",", ":"))
+
+
+# -- extra_query ------------------------------------------------------------------------------
+
+QUERY = {"api-version": "2024-06-01", "flag": True, "n": 2, "skip": None, "q": "a b&c"}
+
+
+def test_extra_query_goes_on_the_url_as_the_openai_sdk_sends_it(mock):
+    """``extra_query=`` was a TypeError; Azure-style ``api-version`` is its common use."""
+    import openai
+
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    theirs.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query=QUERY)
+    want = mock.requests[-1].query
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query=QUERY)
+    got = mock.requests[-1]
+    assert got.path == "/v1/chat/completions"
+    assert sorted(got.query.split("&")) == sorted(want.split("&"))
+    assert got.query == "api-version=2024-06-01&flag=true&n=2&q=a+b%26c"
+    # Streamed, and through the legacy completions, too.
+    list(
+        Lunar().chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_query={"v": "1"}
+        )
+    )
+    assert mock.requests[-1].query == "v=1"
+    Lunar().completions.create(model="gpt-4o-mini", prompt="Hi", extra_query={"v": "2"})
+    assert mock.requests[-1].query == "v=2"
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].query == ""
+
+
+async def test_extra_query_on_async_pool_and_after_a_urls_own_query(mock, monkeypatch):
+    """Lunar's own pool sends it too; a provider URL with a query of its own (Gemini's
+    streams: ``?alt=sse``) gets it after that."""
+    from lunar import AsyncLunar
+
+    monkeypatch.setenv("GEMINI_API_KEY", "gk")
+    monkeypatch.setenv("GEMINI_BASE_URL", mock.url)
+    client = AsyncLunar()
+    await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_query={"api-version": "1"}
+    )
+    assert mock.requests[-1].query == "api-version=1"
+    stream = await client.chat.completions.create(
+        model="gemini-2.0-flash", messages=MESSAGES, stream=True, extra_query={"v": "2"}
+    )
+    assert [c async for c in stream]
+    assert mock.requests[-1].query == "alt=sse&v=2"
+    await client.close()
+
+
+def test_extra_query_goes_to_the_gateway_in_remote_mode(mock):
+    """As ``extra_headers``: to the gateway's URL, as the openai SDK pointed at it sends it."""
+    client = Lunar(base_url=mock.base_url, api_key="lk")
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query={"a": 1})
+    assert mock.requests[-1].query == "a=1"
+    assert mock.requests[-1].path == "/v1/chat/completions"
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("api-version=1", "extra_query"),
+        ({1: "x"}, "extra_query"),
+        ({"": "x"}, "extra_query"),
+        ({"v": ["1", "2"]}, "extra_query.v"),
+        ({"v": {"a": 1}}, "extra_query.v"),
+        ({"v": float("nan")}, "extra_query.v"),
+    ],
+)
+def test_a_bad_extra_query_is_refused_naming_it(mock, query, param):
+    with pytest.raises(BadRequestError) as info:
+        Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, extra_query=query)
+    assert info.value.param == param
+    assert not mock.requests
+
+
+# -- service_tier, annotations, audio, function_call -------------------------------------------
+
+CITED = {
+    "id": "chatcmpl-cited",
+    "object": "chat.completion",
+    "created": 1700000000,
+    "model": "gpt-4o-mini",
+    "service_tier": "default",
+    "choices": [
+        {
+            "index": 0,
+            "finish_reason": "stop",
+            "message": {
+                "role": "assistant",
+                "content": "The moon is far [1].",
+                "refusal": None,
+                "annotations": [
+                    {
+                        "type": "url_citation",
+                        "url_citation": {
+                            "start_index": 16,
+                            "end_index": 19,
+                            "title": "Moon",
+                            "url": "https://example.org/moon",
+                        },
+                    }
+                ],
+            },
+        }
+    ],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 6, "total_tokens": 11},
+}
+
+
+def _read_as_openai_code_does(answer: Any) -> Any:
+    message = answer.choices[0].message
+    return (
+        answer.service_tier,
+        [
+            (
+                a.type,
+                a.url_citation.url,
+                a.url_citation.title,
+                a.url_citation.start_index,
+                a.url_citation.end_index,
+            )
+            for a in message.annotations or []
+        ],
+        message.audio,
+        message.function_call,
+    )
+
+
+def test_service_tier_and_annotations_read_as_with_the_openai_sdk(mock):
+    """``answer.service_tier`` and ``message.annotations`` (web-search citations), and the
+    ``audio`` / ``function_call`` openai code reads, were AttributeErrors."""
+    import openai
+
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    mock.enqueue(Reply(body=CITED), Reply(body=CITED), model="gpt-4o-mini")
+    kw: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    want = theirs.chat.completions.create(**kw, web_search_options={})
+    got = Lunar().chat.completions.create(**kw, web_search_options={})
+    assert _read_as_openai_code_does(got) == _read_as_openai_code_does(want)
+    assert got.service_tier == "default" and len(got.choices[0].message.annotations) == 1
+    dumped = got.model_dump()
+    assert dumped["service_tier"] == "default"
+    assert (
+        dumped["choices"][0]["message"]["annotations"]
+        == (want.model_dump()["choices"][0]["message"]["annotations"])
+    )
+    # Put back in the conversation, the message goes as the openai SDK sends it.
+    sent = []
+    for sdk in (theirs, Lunar()):
+        answer = want if sdk is theirs else got
+        sdk.chat.completions.create(**(kw | {"messages": [*MESSAGES, answer.choices[0].message]}))
+        sent.append(mock.requests[-1].json["messages"][-1]["annotations"])
+    assert sent[0] == sent[1] == CITED["choices"][0]["message"]["annotations"]
+
+
+def test_without_them_they_are_none_and_not_in_the_json(mock):
+    answer = Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    message = answer.choices[0].message
+    assert answer.service_tier is None and message.annotations is None
+    assert message.audio is None and message.function_call is None
+    assert "service_tier" not in answer.to_dict() and "annotations" not in message.to_dict()
+    for chunk in Lunar().chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True
+    ):
+        assert chunk.service_tier is None
+        for choice in chunk.choices:
+            assert choice.delta.function_call is None
+
+
+# -- the error hierarchy ----------------------------------------------------------------------
+
+ERROR_NAMES = [
+    "APIError",
+    "APIStatusError",
+    "APIConnectionError",
+    "APITimeoutError",
+    "BadRequestError",
+    "AuthenticationError",
+    "PermissionDeniedError",
+    "NotFoundError",
+    "ConflictError",
+    "UnprocessableEntityError",
+    "RateLimitError",
+    "InternalServerError",
+]
+
+
+@pytest.mark.parametrize("name", ERROR_NAMES)
+def test_the_error_classes_nest_as_the_openai_sdks(name):
+    """``APIConnectionError`` and ``APITimeoutError`` were not ``APIError``s (they are in
+    the openai SDK), and ``APIStatusError`` was ``APIError`` itself (so it caught them)."""
+    import openai
+
+    import lunar
+
+    for base in ERROR_NAMES:
+        want = issubclass(getattr(openai, name), getattr(openai, base))
+        assert issubclass(getattr(lunar, name), getattr(lunar, base)) == want, base
+
+
+async def test_connection_errors_are_caught_as_with_the_openai_sdk(mock):
+    """Nothing listening, then a timeout: ``except APIError`` catches them and ``except
+    APIStatusError`` does not, in both SDKs; status-less, not retried past ``max_retries``."""
+    import socket
+
+    import openai
+
+    import lunar
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    theirs = openai.OpenAI(base_url=dead, api_key="sk", max_retries=0)
+    ours = Lunar(providers={"openai": {"base_url": dead, "api_key": "sk"}}, max_retries=0)
+    for sdk, mod in ((theirs, openai), (ours, lunar)):
+        with pytest.raises(mod.APIError) as info:
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        err = info.value
+        assert type(err) is mod.APIConnectionError
+        assert not isinstance(err, mod.APIStatusError)
+        assert getattr(err, "status_code", None) is None and err.body is None
+
+    mock.enqueue(Reply(delay=0.5), Reply(delay=0.5), model="gpt-4o-mini")
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0, timeout=0.05)
+    for sdk, mod in ((theirs, openai), (Lunar(max_retries=0, timeout=0.05), lunar)):
+        with pytest.raises(mod.APIError) as info:
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+        assert type(info.value) is mod.APITimeoutError
+    assert isinstance(info.value, lunar.APIConnectionError)
+    assert info.value.retryable and info.value.type == "timeout_error"
+
+
+def test_status_errors_and_gateway_errors_keep_their_places():
+    """What Lunar adds stays as it was: a 502/504 from a gateway that could not reach the
+    provider is a status error and a connection error at once, and retries as its status
+    and ``x-should-retry`` say (the gateway's ``false`` is honoured)."""
+    import lunar
+    from lunar._errors import error_from_response
+
+    body = b'{"error": {"message": "down", "type": "api_connection_error"}}'
+    gone = error_from_response(502, {"x-should-retry": "false"}, body)
+    assert type(gone) is lunar.BadGatewayError
+    assert isinstance(gone, lunar.APIStatusError) and isinstance(gone, lunar.APIConnectionError)
+    assert not gone.retryable and gone.status_code == 502
+    late = error_from_response(504, {}, b"")
+    assert isinstance(late, lunar.APITimeoutError) and isinstance(late, lunar.APIStatusError)
+    assert late.retryable
+    odd = error_from_response(418, {}, b"")
+    assert type(odd) is lunar.APIStatusError and isinstance(odd, lunar.APIError)
+    assert not isinstance(odd, lunar.APIConnectionError)
+    assert not issubclass(lunar.StreamError, lunar.APIStatusError)

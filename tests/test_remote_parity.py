@@ -429,3 +429,19 @@ async def test_the_local_model_through_the_gateway_is_the_same_answer(pair):
         direct, remote = await p.run(fn)
         assert remote == direct
         assert direct["provider"] == "local" and direct["usage"]["total_cost_usd"] == 0
+
+
+async def test_service_tier_and_annotations_come_through_a_gateway(pair):
+    """A whole answer's ``service_tier`` and its message's ``annotations`` are the provider's
+    in both modes: the gateway passes them on, remote mode reads them back."""
+    from .test_openai_sdk_parity import CITED
+
+    p = pair()
+
+    async def read(client: Any) -> Any:
+        done = await call(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES))
+        message = done.choices[0].message
+        return done.service_tier, [a.to_dict() for a in message.annotations], message.audio
+
+    direct, remote = await p.run(read, Reply(body=CITED))
+    assert direct == remote == ("default", CITED["choices"][0]["message"]["annotations"], None)

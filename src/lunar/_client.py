@@ -6,10 +6,11 @@ that validates lives in ``_request``. The two clients differ only in awaiting.
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Literal, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 from urllib.parse import quote
 
 import httpx
@@ -17,7 +18,7 @@ import httpx
 from . import __version__, _http
 from ._catalog import Catalog, Deployment, ProviderSpec
 from ._engine import NETWORK_ERRORS, AsyncEngine, Router, SyncEngine, connection_error
-from ._errors import APIError, AuthenticationError, error_from_response
+from ._errors import APIStatusError, AuthenticationError, error_from_response
 from ._request import (
     ChatParams,
     CompletionParams,
@@ -45,6 +46,38 @@ _HTTPX_DEFAULT_TIMEOUT = httpx.Timeout(5.0)  # what an httpx client has when not
 _LIMITS = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
 
 
+class _NotGiven:
+    """An argument of ``with_options()`` left out: the client's own value stays."""
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+NOT_GIVEN: Any = _NotGiven()
+
+
+def _validate_max_retries(max_retries: Any) -> int:
+    if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
+        raise ValueError("max_retries must be a non-negative integer")
+    return max_retries
+
+
+def _validate_headers(headers: Any, name: str) -> Mapping[str, str]:
+    if headers is None:
+        return {}
+    if not isinstance(headers, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in headers.items()
+    ):
+        raise ValueError(f"{name} must be a mapping of header names to values (str to str)")
+    return headers
+
+
+def _merged(headers: Mapping[str, str], more: Mapping[str, str]) -> dict[str, str]:
+    """``headers`` with ``more`` over them, names compared without case (as HTTP does)."""
+    given = {k.lower() for k in more}
+    return {**{k: v for k, v in headers.items() if k.lower() not in given}, **more}
+
+
 class _Settings:
     """What both clients derive from their arguments and the environment."""
 
@@ -60,12 +93,10 @@ class _Settings:
         providers: Mapping[str, Mapping[str, Any]] | None,
         catalog: Any,
     ) -> None:
-        if isinstance(max_retries, bool) or not isinstance(max_retries, int) or max_retries < 0:
-            raise ValueError("max_retries must be a non-negative integer")
+        self.max_retries = _validate_max_retries(max_retries)
         base_url = base_url or os.environ.get("LUNAR_BASE_URL") or None
         self.catalog = Catalog.load(catalog)
-        self.max_retries = max_retries
-        self.headers = {"user-agent": f"lunar-python/{__version__}", **(default_headers or {})}
+        self.headers = _merged(_USER_AGENT, _validate_headers(default_headers, "default_headers"))
         # None is no timeout, as in the openai SDK; a bad one fails here, as max_retries does.
         self.timeout = parse_timeout(timeout, lambda message, param: ValueError(message))
         self.timeout_given = timeout is not DEFAULT_TIMEOUT
@@ -90,6 +121,35 @@ class _Settings:
         self.remote = remote
         self.router = Router(self.catalog, providers, validate_fallback_map(fallbacks), remote)
 
+    def derive(
+        self,
+        timeout: Any,
+        max_retries: Any,
+        default_headers: Mapping[str, str] | None,
+        set_default_headers: Mapping[str, str] | None,
+        fallbacks: Any,
+    ) -> _Settings:
+        """The settings of a ``with_options()`` copy: these options changed (each checked as
+        the constructor checks it), the catalogue, the routes' health and the gateway the
+        same objects."""
+        if default_headers is not None and set_default_headers is not None:
+            raise ValueError("default_headers and set_default_headers are mutually exclusive")
+        new = copy.copy(self)
+        if max_retries is not NOT_GIVEN:
+            new.max_retries = _validate_max_retries(max_retries)
+        if timeout is not NOT_GIVEN:
+            new.timeout = parse_timeout(timeout, lambda message, param: ValueError(message))
+            new.timeout_given = timeout is not DEFAULT_TIMEOUT
+        if default_headers is not None:
+            given = _validate_headers(default_headers, "default_headers")
+            new.headers = _merged(self.headers, given)
+        elif set_default_headers is not None:
+            given = _validate_headers(set_default_headers, "set_default_headers")
+            new.headers = _merged(_USER_AGENT, given)
+        if fallbacks is not NOT_GIVEN:
+            new.router = self.router.with_fallbacks(validate_fallback_map(fallbacks))
+        return new
+
     def models_request(self, model: str | None = None) -> HTTPRequest:
         """``GET /models``, or the gateway's ``GET /models/{model}`` (the id one path
         segment, whatever it holds)."""
@@ -99,27 +159,67 @@ class _Settings:
             url += "/" + quote(model, safe="")
         return HTTPRequest("GET", url, dict(self.remote.headers), b"")
 
-    def for_http_client(self, http: httpx.Client | httpx.AsyncClient | None) -> dict[str, Any]:
+    def for_http_client(
+        self, http: httpx.Client | httpx.AsyncClient | None, own: _Own | None = None
+    ) -> dict[str, Any]:
         """What the engine sends with every request when the HTTP client is the caller's:
         the headers and the timeout Lunar's own client would carry (the caller's client
         adds its own headers under them), so ``http_client=`` changes how requests are sent,
         not what is sent. As in the openai SDK, a timeout left out defers to the caller's
-        client when that has one of its own (not httpx's 5 s default)."""
+        client when that has one of its own (not httpx's 5 s default).
+        ``own``: the HTTP client is Lunar's, made with these headers and timeout (by the
+        client this one is a ``with_options()`` copy of): only what differs from them."""
+        if own is not None:
+            out: dict[str, Any] = {}
+            if self.headers != own.headers:
+                names = {k.lower() for k in self.headers}
+                out["headers"] = self.headers
+                out["dropped"] = [k.lower() for k in own.headers if k.lower() not in names]
+            if self.timeout != own.timeout:
+                out["timeout"] = self.timeout
+            return out
         if http is None:
             return {}
         keep_theirs = not self.timeout_given and http.timeout != _HTTPX_DEFAULT_TIMEOUT
         return {"headers": self.headers, "timeout": None if keep_theirs else self.timeout}
 
-    def for_remote(self, http: httpx.Client | httpx.AsyncClient | None) -> Remote | None:
+    def for_remote(
+        self, http: httpx.Client | httpx.AsyncClient | None, own: _Own | None = None
+    ) -> Remote | None:
         """Remote mode's additions to each request: the client's fallbacks (in the body),
         its ``max_retries`` and the read timeout it waits with (as headers: the gateway
         retries, falls back and answers within them). The timeout is the one requests go
         with: Lunar's, or the caller's ``http_client``'s own when it keeps it."""
         if self.remote is None:
             return None
+        if own is not None:
+            return Remote(self.router.fallbacks, self.max_retries, self.timeout.read)
         timeout = self.for_http_client(http).get("timeout", self.timeout)
         read = (http.timeout if timeout is None and http is not None else timeout).read
         return Remote(self.router.fallbacks, self.max_retries, read)
+
+    def engine_options(
+        self, http: httpx.Client | httpx.AsyncClient | None, own: _Own | None
+    ) -> dict[str, Any]:
+        """The engine's arguments besides the router and the HTTP client."""
+        return {
+            "max_retries": self.max_retries,
+            "local_wait": self.timeout.read,
+            **self.for_http_client(http, own),
+        }
+
+
+_USER_AGENT = {"user-agent": f"lunar-python/{__version__}"}
+
+
+class _Own:
+    """The headers and timeout Lunar's own HTTP client (its pool) was made with."""
+
+    __slots__ = ("headers", "timeout")
+
+    def __init__(self, settings: _Settings) -> None:
+        self.headers = settings.headers
+        self.timeout = settings.timeout
 
 
 def validate_fallback_map(fallbacks: Mapping[str, Any] | None) -> dict[str, list[str]]:
@@ -150,7 +250,7 @@ def _model(response: Any) -> Model:
 
 def _gateway_json(response: Any) -> dict[str, Any]:
     """A Lunar gateway's JSON object, or its error; anything else (a web page from a wrong
-    ``base_url``) is an APIError that says so, not a parser's exception."""
+    ``base_url``) is an APIStatusError that says so, not a parser's exception."""
     if response.status_code >= 400:
         raise error_from_response(response.status_code, response.headers, response.content)
     try:
@@ -162,8 +262,8 @@ def _gateway_json(response: Any) -> dict[str, Any]:
     return obj
 
 
-def _not_a_gateway(response: Any) -> APIError:
-    return APIError(
+def _not_a_gateway(response: Any) -> APIStatusError:
+    return APIStatusError(
         f"The answer is not a Lunar gateway's JSON ({bytes(response.content[:80])!r}): "
         "check base_url",
         response.status_code,
@@ -201,10 +301,84 @@ def _async_http(settings: _Settings) -> _http.AsyncPool | httpx.AsyncClient:
 
 # --------------------------------------------------------------------------------------------
 
+_C = TypeVar("_C", bound="_Client")
 
-class Lunar:
+
+class _Client:
+    """What ``Lunar`` and ``AsyncLunar`` share: their settings, HTTP client and engine, and
+    ``with_options()``."""
+
+    _settings: _Settings
+    _http: Any
+    _engine: SyncEngine | AsyncEngine
+    _engine_class: type[SyncEngine] | type[AsyncEngine]
+
+    def _start(
+        self, settings: _Settings, http: Any, own: _Own | None, owns: bool, borrowed: bool
+    ) -> None:
+        """``own``: the HTTP client is Lunar's, made with these headers and timeout.
+        ``owns``: this client closes it. ``borrowed``: another client does (this one is its
+        ``with_options()`` copy)."""
+        self._settings = settings
+        self._http = http
+        self._own = own
+        self._owns_http = owns
+        self._remote = settings.for_remote(http, own)
+        self._engine = self._engine_class(
+            settings.router, http, **settings.engine_options(http, own)
+        )
+        self._engine.borrowed = borrowed
+        self._resources()
+
+    def _resources(self) -> None:
+        raise NotImplementedError
+
+    @property
+    def catalog(self) -> Catalog:
+        return self._settings.catalog
+
+    @property
+    def max_retries(self) -> int:
+        return self._settings.max_retries
+
+    @property
+    def timeout(self) -> httpx.Timeout:
+        return self._settings.timeout
+
+    def copy(
+        self: _C,
+        *,
+        timeout: float | httpx.Timeout | None = NOT_GIVEN,
+        max_retries: int = NOT_GIVEN,
+        default_headers: Mapping[str, str] | None = None,
+        set_default_headers: Mapping[str, str] | None = None,
+        fallbacks: Mapping[str, list[str]] | None = NOT_GIVEN,
+    ) -> _C:
+        """A client with these options changed (as the openai SDK's ``copy()``, also
+        ``with_options()``): ``default_headers`` are added to this client's,
+        ``set_default_headers`` replace them; ``fallbacks`` replace the client's map. It
+        shares this client's connections, catalogue and routes' health, and checks its
+        options as the constructor does. Closing it (or dropping it) ends its own use and
+        streams, never the connections it shares; closing this client closes them for both.
+        Remote mode: its ``max_retries`` and timeout go to the gateway as its hop headers."""
+        settings = self._settings.derive(
+            timeout, max_retries, default_headers, set_default_headers, fallbacks
+        )
+        client = object.__new__(type(self))
+        borrowed = self._owns_http or self._engine.borrowed
+        client._start(settings, self._http, self._own, owns=False, borrowed=borrowed)
+        return client
+
+    #: ``client.with_options(timeout=5).chat.completions.create(...)``, as in the openai SDK.
+    with_options = copy
+
+
+class Lunar(_Client):
     """The synchronous client. With no ``base_url`` (and no ``LUNAR_BASE_URL``) it routes
     in-process to providers (direct mode); with one it talks to a Lunar gateway."""
+
+    _engine: SyncEngine
+    _engine_class = SyncEngine
 
     def __init__(
         self,
@@ -220,7 +394,7 @@ class Lunar:
         providers: Mapping[str, Mapping[str, Any]] | None = None,
         catalog: Any = None,
     ) -> None:
-        self._settings = _Settings(
+        settings = _Settings(
             api_key,
             jwt,
             base_url,
@@ -231,25 +405,16 @@ class Lunar:
             providers,
             catalog,
         )
-        self._owns_http = http_client is None
-        self._http = http_client or httpx.Client(
-            timeout=self._settings.timeout, limits=_LIMITS, headers=self._settings.headers
-        )
-        self._remote = self._settings.for_remote(http_client)
-        self._engine = SyncEngine(
-            self._settings.router,
-            self._http,
-            max_retries,
-            local_wait=self._settings.timeout.read,
-            **self._settings.for_http_client(http_client),
-        )
+        if http_client is not None:
+            self._start(settings, http_client, None, owns=False, borrowed=False)
+            return
+        http = httpx.Client(timeout=settings.timeout, limits=_LIMITS, headers=settings.headers)
+        self._start(settings, http, _Own(settings), owns=True, borrowed=False)
+
+    def _resources(self) -> None:
         self.chat = Chat(self)
         self.completions = Completions(self)
         self.models = Models(self)
-
-    @property
-    def catalog(self) -> Catalog:
-        return self._settings.catalog
 
     def close(self) -> None:
         """Releases the connections (those of an ``http_client`` you gave stay yours to
@@ -388,8 +553,11 @@ class Models:
 # --------------------------------------------------------------------------------------------
 
 
-class AsyncLunar:
+class AsyncLunar(_Client):
     """The asynchronous client: the same arguments and objects as ``Lunar``, awaited."""
+
+    _engine: AsyncEngine
+    _engine_class = AsyncEngine
 
     def __init__(
         self,
@@ -405,7 +573,7 @@ class AsyncLunar:
         providers: Mapping[str, Mapping[str, Any]] | None = None,
         catalog: Any = None,
     ) -> None:
-        self._settings = _Settings(
+        settings = _Settings(
             api_key,
             jwt,
             base_url,
@@ -416,23 +584,15 @@ class AsyncLunar:
             providers,
             catalog,
         )
-        self._owns_http = http_client is None
-        self._http = http_client or _async_http(self._settings)
-        self._remote = self._settings.for_remote(http_client)
-        self._engine = AsyncEngine(
-            self._settings.router,
-            self._http,
-            max_retries,
-            local_wait=self._settings.timeout.read,
-            **self._settings.for_http_client(http_client),
-        )
+        if http_client is not None:
+            self._start(settings, http_client, None, owns=False, borrowed=False)
+            return
+        self._start(settings, _async_http(settings), _Own(settings), owns=True, borrowed=False)
+
+    def _resources(self) -> None:
         self.chat = AsyncChat(self)
         self.completions = AsyncCompletions(self)
         self.models = AsyncModels(self)
-
-    @property
-    def catalog(self) -> Catalog:
-        return self._settings.catalog
 
     async def close(self) -> None:
         """As ``Lunar.close()``."""

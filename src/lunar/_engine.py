@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import copy
 import json
 import os
 import random
@@ -37,7 +38,7 @@ from ._errors import (
     retry_after_seconds,
 )
 from ._health import Health
-from ._http import AsyncPool, Timeouts, TransportError, TransportTimeout
+from ._http import AsyncPool, HeaderDefaults, Timeouts, TransportError, TransportTimeout
 from ._json import loads
 from ._request import TIMEOUT_HEADER, RequestOptions
 from ._types import (
@@ -85,6 +86,13 @@ class Router:
         #: Per provider, its adapter's ``refusal`` hook, or None (only the local one has one).
         self._refusal_hooks: dict[str, Callable[[Mapping[str, Any]], LunarError | None] | None]
         self._refusal_hooks = {}
+
+    def with_fallbacks(self, fallbacks: Mapping[str, list[str]]) -> Router:
+        """A router with these fallbacks instead, sharing this one's catalogue, health and
+        everything else (a client's ``with_options(fallbacks=...)``)."""
+        router = copy.copy(self)
+        router.fallbacks = {k: list(v) for k, v in fallbacks.items()}
+        return router
 
     def chain(
         self, opts: RequestOptions, body: Mapping[str, Any] | None = None
@@ -770,14 +778,20 @@ def client_closed() -> ClientClosedError:
     )
 
 
-def closed_error(closed: bool, http: Any) -> ClientClosedError | None:
+def closed_error(closed: bool, http: Any, borrowed: bool = False) -> ClientClosedError | None:
     """What to raise for a request on a closed client (``closed``: ``close()`` was called),
     or on one whose HTTP client is closed (the caller's ``http_client``, closed by its
-    owner); ``None`` while both are open. Checked before anything is tried, so a closed
-    client costs no attempt, no backoff and no provider's health."""
+    owner; ``borrowed``: the pool of the client this one is a ``with_options()`` copy of,
+    closed with it); ``None`` while both are open. Checked before anything is tried, so a
+    closed client costs no attempt, no backoff and no provider's health."""
     if closed:
         return client_closed()
     if getattr(http, "is_closed", False):
+        if borrowed:
+            return ClientClosedError(
+                "The Lunar client this one was copied from (with_options() or copy()) is "
+                "closed, and with it the connections they share: create a new client"
+            )
         return ClientClosedError(
             "The http_client given to this Lunar client is closed: keep it open while the "
             "client is in use, or create the client with an open one"
@@ -817,22 +831,35 @@ def _headers(
     return headers
 
 
+def with_query(url: str, query: str) -> str:
+    """The URL with a request's ``extra_query`` (encoded already) appended to its own."""
+    return f"{url}{'&' if '?' in url else '?'}{query}"
+
+
 def _httpx_request(
     http: httpx.Client | httpx.AsyncClient,
     req: HTTPRequest,
     opts: RequestOptions,
     defaults: Mapping[str, str] | None,
     timeout: httpx.Timeout | None,
+    dropped: tuple[str, ...] = (),
 ) -> httpx.Request:
     """The request for an httpx client (the caller's, or Lunar's own sync one), with the
-    engine's headers and timeout: they go with every request, as in the openai SDK."""
-    return http.build_request(
+    engine's headers and timeout: they go with every request, as in the openai SDK.
+    ``dropped``: default headers of the client's own that the engine's leave out (a
+    ``with_options(set_default_headers=...)`` copy), unless the request sets them."""
+    headers = _headers(req.headers, opts, defaults)
+    request = http.build_request(
         req.method,
-        req.url,
-        headers=_headers(req.headers, opts, defaults),
+        req.url if opts.extra_query is None else with_query(req.url, opts.extra_query),
+        headers=headers,
         content=req.content,
         timeout=_timeout(opts, timeout),
     )
+    for name in dropped:
+        if name not in headers:
+            request.headers.pop(name, None)
+    return request
 
 
 def parse_answer(adapter: Adapter, content: bytes, target: Target) -> ChatCompletion:
@@ -1078,14 +1105,32 @@ class _Closable:
     http: Any
     #: Set by the client's ``close()``: every request then raises ``ClientClosedError``.
     closed = False
+    #: ``http`` is the pool of another client (this one is its ``with_options()`` copy).
+    borrowed = False
+    headers: Mapping[str, str] | None
+    timeout: httpx.Timeout | None
+    #: Default headers of ``http``'s own that ``headers`` leave out (see ``_httpx_request``).
+    dropped: tuple[str, ...]
+
+    def _transport(
+        self,
+        headers: Mapping[str, str] | None,
+        timeout: httpx.Timeout | None,
+        dropped: Iterable[str],
+        local_wait: float | None,
+    ) -> None:
+        self.headers = headers
+        self.timeout = timeout
+        self.dropped = tuple(dropped)
+        self.local_wait = local_wait
 
     def ensure_open(self) -> None:
-        if (err := closed_error(self.closed, self.http)) is not None:
+        if (err := closed_error(self.closed, self.http, self.borrowed)) is not None:
             raise err
 
     def _network_error(self, exc: Exception, target: Target) -> LunarError:
         """A failed exchange: the client closed under it, or the provider's connection."""
-        return closed_error(self.closed, self.http) or connection_error(exc, target)
+        return closed_error(self.closed, self.http, self.borrowed) or connection_error(exc, target)
 
     #: The client's read timeout, for the local model (which has no HTTP client to hold it).
     local_wait: float | None
@@ -1098,7 +1143,8 @@ class _Closable:
 
 class SyncEngine(_Closable):
     """``http`` is an ``httpx.Client``. ``headers`` and ``timeout``, when given, go with every
-    request: what a caller's own client does not carry that Lunar's would."""
+    request: what a caller's own client does not carry that Lunar's would (or what a
+    ``with_options()`` copy changes of the client whose pool it shares)."""
 
     http: httpx.Client
 
@@ -1110,19 +1156,18 @@ class SyncEngine(_Closable):
         *,
         headers: Mapping[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        dropped: Iterable[str] = (),
         local_wait: float | None = None,
     ) -> None:
         self.router = router
         self.http = http
         self.max_retries = max_retries
-        self.headers = headers
-        self.timeout = timeout
-        self.local_wait = local_wait
+        self._transport(headers, timeout, dropped, local_wait)
 
     def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> httpx.Response:
         """The response (its body read unless ``stream``)."""
         self.ensure_open()
-        request = _httpx_request(self.http, req, opts, self.headers, self.timeout)
+        request = _httpx_request(self.http, req, opts, self.headers, self.timeout, self.dropped)
         return self.http.send(request, stream=stream)
 
     def complete(
@@ -1290,29 +1335,33 @@ class AsyncEngine(_Closable):
         *,
         headers: Mapping[str, str] | None = None,
         timeout: httpx.Timeout | None = None,
+        dropped: Iterable[str] = (),
         local_wait: float | None = None,
     ) -> None:
         self.router = router
         self.http = http
         self.max_retries = max_retries
-        self.headers = headers
-        self.timeout = timeout
-        self.local_wait = local_wait
+        self._transport(headers, timeout, dropped, local_wait)
+        # Lunar's own pool has its headers and timeouts: these replace them when given.
+        self._pool_defaults = None if headers is None else HeaderDefaults(headers)
+        self._pool_timeouts = pool_timeouts(timeout)
 
     async def send(self, req: HTTPRequest, opts: RequestOptions, stream: bool) -> Any:
         """The response (its body read unless ``stream``): ``status_code``, ``headers``,
         ``content``, ``aread()``, ``aiter_bytes()``, ``aclose()`` from either client."""
         self.ensure_open()
         if isinstance(self.http, AsyncPool):  # Lunar's own: its headers and timeouts set
+            timeout = opts.timeout
             return await self.http.send(
                 req.method,
-                req.url,
+                req.url if opts.extra_query is None else with_query(req.url, opts.extra_query),
                 _headers(req.headers, opts),
                 req.content,
                 stream=stream,
-                timeout=pool_timeouts(opts.timeout),
+                timeout=self._pool_timeouts if timeout is None else pool_timeouts(timeout),
+                defaults=self._pool_defaults,
             )
-        request = _httpx_request(self.http, req, opts, self.headers, self.timeout)
+        request = _httpx_request(self.http, req, opts, self.headers, self.timeout, self.dropped)
         return await self.http.send(request, stream=stream)
 
     async def complete(

@@ -48,9 +48,13 @@ class Attempt:
 
 
 class APIError(LunarError):
-    """An error answer from a provider or gateway (or a request refused before sending)."""
+    """The base of the errors of a request, as in the openai SDK: an answer with an error
+    status (``APIStatusError``), no answer at all (``APIConnectionError``), or a broken or
+    misshapen answer (``StreamError``; ``status_code`` None unless it says one)."""
 
     status_code: int | None = None
+    #: ``type`` when neither the answer nor the status says one.
+    _default_type = "api_error"
 
     def __init__(
         self,
@@ -73,7 +77,7 @@ class APIError(LunarError):
         self.headers: Mapping[str, str] = headers or {}
         self.param = param
         self.code = code
-        self.type = type or _DEFAULT_TYPES.get(self.status_code or 0, "api_error")
+        self.type = type or _DEFAULT_TYPES.get(self.status_code or 0, self._default_type)
         self.provider = provider
 
     @property
@@ -113,35 +117,45 @@ class APIError(LunarError):
         }
 
 
-class BadRequestError(APIError):
+class APIStatusError(APIError):
+    """An error answer with a status (from a provider, a gateway, or Lunar refusing a
+    request before sending it), as the openai SDK's ``APIStatusError``: the base of the
+    classes by status below."""
+
+    # Its own, not APIConnectionError's: an error that is both (BadGatewayError) retries as
+    # its status and ``x-should-retry`` say.
+    retryable = APIError.retryable
+
+
+class BadRequestError(APIStatusError):
     status_code = 400
 
 
-class AuthenticationError(APIError):
+class AuthenticationError(APIStatusError):
     status_code = 401
 
 
-class PermissionDeniedError(APIError):
+class PermissionDeniedError(APIStatusError):
     status_code = 403
 
 
-class NotFoundError(APIError):
+class NotFoundError(APIStatusError):
     status_code = 404
 
 
-class ConflictError(APIError):
+class ConflictError(APIStatusError):
     status_code = 409
 
 
-class RequestEntityTooLargeError(APIError):
+class RequestEntityTooLargeError(APIStatusError):
     status_code = 413
 
 
-class UnprocessableEntityError(APIError):
+class UnprocessableEntityError(APIStatusError):
     status_code = 422
 
 
-class RateLimitError(APIError):
+class RateLimitError(APIStatusError):
     """429. ``retry_after`` is the server's requested wait in seconds, when it gave one."""
 
     status_code = 429
@@ -151,7 +165,7 @@ class RateLimitError(APIError):
         self.retry_after: float | None = retry_after_seconds(self.headers)
 
 
-class ServerError(APIError):
+class ServerError(APIStatusError):
     """5xx, and overloads such as Anthropic's 529 (``InternalServerError``, the openai
     SDK's name, is this class)."""
 
@@ -163,7 +177,9 @@ class ServiceUnavailableError(ServerError):
 
 
 class StreamError(APIError):
-    """The upstream sent an error event in a stream, or broke the stream's framing."""
+    """The upstream sent an error event in a stream, or broke the stream's framing (an
+    ``APIError``, not an ``APIStatusError``, as the openai SDK raises for an error event;
+    an event that says its status raises that status's class instead)."""
 
     @property
     def retryable(self) -> bool:
@@ -172,8 +188,11 @@ class StreamError(APIError):
         return True
 
 
-class APIConnectionError(LunarError):
-    """The request never got an answer: refused, reset, cut mid-stream, DNS …"""
+class APIConnectionError(APIError):
+    """The request never got an answer: refused, reset, cut mid-stream, DNS … An
+    ``APIError`` without a status (``status_code`` None), as in the openai SDK."""
+
+    _default_type = "api_connection_error"
 
     @property
     def retryable(self) -> bool:
@@ -182,6 +201,8 @@ class APIConnectionError(LunarError):
 
 class APITimeoutError(APIConnectionError):
     """No byte came within the timeout (before the answer, or between two stream events)."""
+
+    _default_type = "timeout_error"
 
 
 class BadGatewayError(ServerError, APIConnectionError):
@@ -208,13 +229,11 @@ class ClientClosedError(LunarError, RuntimeError):
 # The names WIRE-FORMATS.md documents; they shadow the builtins only where imported.
 ConnectionError = APIConnectionError
 TimeoutError = APITimeoutError
-# The openai SDK's names for the same classes, so its users' ``except`` clauses port as
-# they are: its ``APIStatusError`` is the base of the errors with a status, as ``APIError``
-# is here, and its ``InternalServerError`` is any 5xx.
-APIStatusError = APIError
+# The openai SDK's name for the same class, so its users' ``except`` clauses port as they
+# are: its ``InternalServerError`` is any 5xx.
 InternalServerError = ServerError
 
-_BY_STATUS: dict[int, type[APIError]] = {
+_BY_STATUS: dict[int, type[APIStatusError]] = {
     400: BadRequestError,
     401: AuthenticationError,
     403: PermissionDeniedError,
@@ -279,7 +298,7 @@ def retry_after_seconds(headers: Mapping[str, str], now: float | None = None) ->
     return max(0.0, when.timestamp() - (time.time() if now is None else now))
 
 
-def error_class_for(status: int, etype: str | None = None) -> type[APIError]:
+def error_class_for(status: int, etype: str | None = None) -> type[APIStatusError]:
     if etype == "api_connection_error" and status == 502:
         return BadGatewayError  # a gateway that could not reach the provider
     cls = _BY_STATUS.get(status)
@@ -287,7 +306,7 @@ def error_class_for(status: int, etype: str | None = None) -> type[APIError]:
         return cls
     if status >= 500:
         return ServerError
-    return APIError
+    return APIStatusError
 
 
 def error_from_response(
@@ -296,7 +315,7 @@ def error_from_response(
     body: bytes | str | Any,
     provider: str | None = None,
     relayed: bool = False,
-) -> APIError:
+) -> APIStatusError:
     """Map an HTTP error answer (any provider's JSON shape, or text) to the right exception.
     ``relayed``: the answer of a Lunar gateway, whose message already says which provider
     failed (or that the gateway refused): kept as it is, so it reads as in direct mode."""

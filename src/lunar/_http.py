@@ -49,6 +49,20 @@ class TransportTimeout(TransportError):
     """Nothing arrived (or the connection did not open) within the timeout."""
 
 
+class HeaderDefaults:
+    """Headers written with every request that does not set them itself, and the header
+    blocks written with them (kept per set of request headers: a target sends the same
+    ones request after request). A pool has its own; ``AsyncPool.send(defaults=...)`` takes
+    others for some requests (a client's ``with_options()`` copy sharing the pool)."""
+
+    __slots__ = ("block", "blocks", "lines")
+
+    def __init__(self, headers: Mapping[str, str] | None = None) -> None:
+        self.lines = {k.lower(): _header_line(k, v) for k, v in (headers or {}).items()}
+        self.block = b"".join(self.lines.values())
+        self.blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
+
+
 class Timeouts(NamedTuple):
     """One request's timeouts for ``AsyncPool.send``, in seconds; ``None`` is no limit.
     ``read`` bounds every wait for bytes (a pause mid-stream too), ``connect`` the opening of
@@ -438,14 +452,12 @@ class AsyncPool:
         self.max_connections = max(1, max_connections)
         self.max_idle_per_origin = max_idle_per_origin
         self.keepalive_expiry = keepalive_expiry
-        self._defaults = {k.lower(): _header_line(k, v) for k, v in (headers or {}).items()}
-        self._default_headers = b"".join(self._defaults.values())
+        self.defaults = HeaderDefaults(headers)
         self._ssl = ssl_context
         self._idle: dict[tuple[str, str, int], collections.deque[_Connection]] = {}
         self._open = 0
         self._queue: collections.deque[asyncio.Future[None]] = collections.deque()
         self._urls: dict[str, tuple[tuple[str, str, int], bytes]] = {}
-        self._header_blocks: dict[tuple[tuple[str, str], ...], bytes] = {}
         self._closed = False
         # The connections carrying a stream now: closing the pool ends them too, as closing
         # an httpx client does (a response read whole is left to finish).
@@ -479,10 +491,12 @@ class AsyncPool:
         *,
         stream: bool = False,
         timeout: Timeouts | float | None = None,
+        defaults: HeaderDefaults | None = None,
     ) -> Response:
         """Send one request; the response once its head has arrived (and, unless ``stream``,
         its whole body). ``timeout``: ``None`` keeps the pool's timeouts; a number replaces
-        its read and pool timeouts for this request; ``Timeouts`` replaces all three."""
+        its read and pool timeouts for this request; ``Timeouts`` replaces all three.
+        ``defaults``: the default headers for this request instead of the pool's."""
         if self._closed:
             raise TransportError("The HTTP pool is closed")
         if timeout is None:
@@ -500,7 +514,7 @@ class AsyncPool:
             (
                 method.encode("ascii"),
                 head,
-                self._header_block(headers),
+                self._header_block(headers, self.defaults if defaults is None else defaults),
                 b"content-length: %d\r\n\r\n" % len(content),
                 content,
             )
@@ -648,32 +662,27 @@ class AsyncPool:
             self._ssl = default_ssl_context()
         return self._ssl
 
-    def _header_block(self, headers: Mapping[str, str]) -> bytes:
+    @staticmethod
+    def _header_block(headers: Mapping[str, str], defaults: HeaderDefaults) -> bytes:
         """The header lines of a request: the defaults it does not set, then its own. Kept
-        per set of headers (a target sends the same ones request after request), when
-        every name and value is a str: 1, 1.0 and True are equal keys but not equal text."""
+        per set of headers (in ``defaults``), when every name and value is a str: 1, 1.0
+        and True are equal keys but not equal text."""
+        blocks = defaults.blocks
         try:
             key: tuple[tuple[str, str], ...] | None = tuple(headers.items())
-            block = self._header_blocks.get(key)  # type: ignore[arg-type]
+            block = blocks.get(key)  # type: ignore[arg-type]
         except TypeError:  # an unhashable value: written, not kept
             key, block = None, None
         if block is None:
             lines = [_header_line(k, v) for k, v in headers.items()]
-            block = self._defaults_besides(headers) + b"".join(lines)
+            block = _defaults_besides(headers, defaults) + b"".join(lines)
             if (
                 key is not None
-                and len(self._header_blocks) < _MAX_CACHED
+                and len(blocks) < _MAX_CACHED
                 and all(type(k) is str and type(v) is str for k, v in key)
             ):
-                self._header_blocks[key] = block
+                blocks[key] = block
         return block
-
-    def _defaults_besides(self, headers: Mapping[str, str]) -> bytes:
-        """The default header lines a request does not set itself (its own value wins)."""
-        names = {k.lower() for k in headers}
-        if names.isdisjoint(self._defaults):
-            return self._default_headers
-        return b"".join(line for k, line in self._defaults.items() if k not in names)
 
     def _release(self, conn: _Connection) -> None:
         """The response is done with ``conn``: keep it idle when it can serve another."""
@@ -715,6 +724,14 @@ class AsyncPool:
         conn.close()
         self._open -= 1
         return True
+
+
+def _defaults_besides(headers: Mapping[str, str], defaults: HeaderDefaults) -> bytes:
+    """The default header lines a request does not set itself (its own value wins)."""
+    names = {k.lower() for k in headers}
+    if names.isdisjoint(defaults.lines):
+        return defaults.block
+    return b"".join(line for k, line in defaults.lines.items() if k not in names)
 
 
 def _header_line(name: str, value: str) -> bytes:

@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
+from urllib.parse import urlencode
 
 import httpx
 
@@ -107,6 +108,7 @@ class ChatParams(TypedDict, total=False):
     provider: str | None
     timeout: float | httpx.Timeout | None
     extra_headers: Mapping[str, str] | None
+    extra_query: Mapping[str, object] | None
     extra_body: Mapping[str, Any] | None
 
 
@@ -126,10 +128,13 @@ class CompletionParams(TypedDict, total=False):
     provider: str | None
     timeout: float | httpx.Timeout | None
     extra_headers: Mapping[str, str] | None
+    extra_query: Mapping[str, object] | None
     extra_body: Mapping[str, Any] | None
 
 
-_OPTION_NAMES = frozenset({"fallbacks", "provider", "timeout", "extra_headers", "extra_body"})
+_OPTION_NAMES = frozenset(
+    {"fallbacks", "provider", "timeout", "extra_headers", "extra_query", "extra_body"}
+)
 _COMPLETION_PARAMS = frozenset(CompletionParams.__annotations__) - _OPTION_NAMES
 
 
@@ -143,6 +148,8 @@ class RequestOptions:
     #: ``None``: the client's timeout (``httpx.Timeout(None)`` is no timeout at all).
     timeout: httpx.Timeout | None = None
     extra_headers: Mapping[str, str] = field(default_factory=dict)
+    #: ``extra_query`` encoded (``a=1&b=x``), appended to the request's URL; None: none.
+    extra_query: str | None = None
     #: ``None``: the engine's. The gateway sets it from ``x-lunar-max-retries``.
     max_retries: int | None = None
     #: ``perf_counter()`` time by which the answer (a stream's first chunk) must be there:
@@ -585,6 +592,40 @@ def validate_extra_headers(headers: Any) -> Mapping[str, str]:
     return headers
 
 
+def validate_extra_query(query: Any) -> str | None:
+    """``extra_query``: query parameters appended to the provider's URL (the gateway's, in
+    remote mode), as the openai SDK appends them (Azure's ``api-version``). A mapping of
+    names to strings, numbers or booleans (``true``/``false``, as the openai SDK writes
+    them); a ``None`` value is left out. Encoded once, here: the engine only appends it."""
+    if query is None:
+        return None
+    if not isinstance(query, Mapping):
+        raise bad(
+            "'extra_query' must be a mapping of query parameter names to values, "
+            f"got {type(query).__name__}",
+            "extra_query",
+        )
+    pairs = []
+    for name, value in query.items():
+        if not isinstance(name, str) or not name:
+            raise bad(f"'extra_query' names must be non-empty strings, got {name!r}", "extra_query")
+        if value is None:
+            continue
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, float) and not math.isfinite(value):
+            param = f"extra_query.{name}"
+            raise bad(f"'{param}' must be a finite number, got {value!r}", param)
+        elif not isinstance(value, (str, int, float)):
+            param = f"extra_query.{name}"
+            raise bad(
+                f"'{param}' must be a string, a number or a boolean, got {type(value).__name__}",
+                param,
+            )
+        pairs.append((name, str(value)))
+    return urlencode(pairs) or None
+
+
 #: Keys ``extra_body`` may not set: ``create()``'s own arguments. Merged in, they would be
 #: overwritten (``model``), skip validation (``messages``), or mean one thing in direct mode
 #: and another through a gateway (``stream``, ``fallbacks``, ``provider``).
@@ -701,6 +742,7 @@ def prepare(
     fallbacks = validate_fallbacks(kwargs.get("fallbacks"))
     provider = validate_provider(kwargs.get("provider"))
     extra_headers = validate_extra_headers(kwargs.get("extra_headers"))
+    extra_query = validate_extra_query(kwargs.get("extra_query"))
     # Absent: the client's timeout. Given, even as None (no timeout, as in the openai SDK).
     timeout = parse_timeout(kwargs["timeout"]) if "timeout" in kwargs else None
     if remote is not None:
@@ -713,7 +755,7 @@ def prepare(
         if provider is not None:
             body["provider"] = provider
         extra_headers = remote.headers(timeout, extra_headers)
-    opts = RequestOptions(model, fallbacks, provider, timeout, extra_headers)
+    opts = RequestOptions(model, fallbacks, provider, timeout, extra_headers, extra_query)
     return body, opts
 
 

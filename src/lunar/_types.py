@@ -554,6 +554,8 @@ class ChoiceDeltaToolCall(_Obj):
 
 class ChoiceDelta(_Obj):
     __slots__ = ("content", "refusal", "role", "tool_calls")
+    #: As on the openai SDK's deltas; None always (Lunar refuses ``functions``).
+    function_call: None = None
 
     def __init__(
         self,
@@ -614,7 +616,10 @@ def _envelope(
 
 
 class ChatCompletionChunk(_Obj):
-    """One streamed event, as the OpenAI API shapes it, plus ``provider`` (who answered)."""
+    """One streamed event, as the OpenAI API shapes it, plus ``provider`` (who answered).
+    ``service_tier`` is None (not read per event: the whole answer's has it)."""
+
+    service_tier: None = None
 
     __slots__ = (
         "choices",
@@ -772,8 +777,56 @@ class ChunkEncoder:
         )
 
 
+class URLCitation(_Obj):
+    """Where a web-search answer's text cites a page: its characters ``start_index`` to
+    ``end_index`` of the message's content, and the page's ``url`` and ``title``."""
+
+    __slots__ = ("end_index", "start_index", "title", "url")
+
+    def __init__(self, end_index: Any, start_index: Any, title: Any, url: Any) -> None:
+        self.end_index = end_index
+        self.start_index = start_index
+        self.title = title
+        self.url = url
+
+
+class Annotation(_Obj):
+    """One of a message's ``annotations`` (OpenAI's web search): ``type`` is
+    ``"url_citation"``, ``url_citation`` its ``URLCitation``."""
+
+    __slots__ = ("type", "url_citation")
+
+    def __init__(self, type: str, url_citation: URLCitation | None = None) -> None:
+        self.type = type
+        self.url_citation = url_citation
+
+    @classmethod
+    def from_dict(cls, d: Any) -> Annotation:
+        if not isinstance(d, dict):
+            return cls("")
+        c = d.get("url_citation")
+        citation = None
+        if isinstance(c, dict):
+            get = c.get
+            citation = URLCitation(get("end_index"), get("start_index"), get("title"), get("url"))
+        kind = d.get("type")
+        return cls(kind if isinstance(kind, str) else "", citation)
+
+
+def _annotations(value: Any) -> list[Annotation] | None:
+    return [Annotation.from_dict(a) for a in value] if type(value) is list else None
+
+
 class ChatCompletionMessage(_Obj):
-    __slots__ = ("content", "refusal", "role", "tool_calls")
+    """A whole answer's message. ``annotations``: the provider's citations (OpenAI's web
+    search), else None (and not in the JSON). ``audio`` and ``function_call`` are None
+    always, as the openai SDK's are for what Lunar asks (it refuses audio output and the
+    deprecated ``functions``): there for code that reads them."""
+
+    __slots__ = ("annotations", "content", "refusal", "role", "tool_calls")
+    _omit_none = ("annotations",)
+    audio: None = None
+    function_call: None = None
 
     def __init__(
         self,
@@ -781,11 +834,13 @@ class ChatCompletionMessage(_Obj):
         content: str | None = None,
         tool_calls: list[ToolCall] | None = None,
         refusal: str | None = None,
+        annotations: list[Annotation] | None = None,
     ) -> None:
         self.role = role
         self.content = content
         self.tool_calls = tool_calls
         self.refusal = refusal
+        self.annotations = annotations
 
 
 class Choice(_Obj):
@@ -813,6 +868,9 @@ class Choice(_Obj):
 
 
 class ChatCompletion(_Obj):
+    """A whole answer. ``service_tier``: the tier that served it, when the provider says
+    (OpenAI does), else None (and not in the JSON)."""
+
     __slots__ = (
         "choices",
         "created",
@@ -820,9 +878,11 @@ class ChatCompletion(_Obj):
         "model",
         "object",
         "provider",
+        "service_tier",
         "system_fingerprint",
         "usage",
     )
+    _omit_none = ("service_tier",)
 
     def __init__(
         self,
@@ -834,6 +894,7 @@ class ChatCompletion(_Obj):
         system_fingerprint: str | None = None,
         provider: str | None = None,
         object: str = "chat.completion",
+        service_tier: str | None = None,
     ) -> None:
         self.id = id
         self.object = object
@@ -843,6 +904,7 @@ class ChatCompletion(_Obj):
         self.choices = choices
         self.usage = usage
         self.provider = provider
+        self.service_tier = service_tier
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], provider: str | None = None) -> ChatCompletion:
@@ -860,13 +922,18 @@ class ChatCompletion(_Obj):
                         m.get("content"),
                         [ToolCall.from_dict(t) for t in tcs] if tcs else None,
                         m.get("refusal"),
+                        _annotations(m.get("annotations")),
                     ),
                     finish,
                     None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),
                 )
             )
-        return _envelope(cls, d, choices, provider)
+        out = _envelope(cls, d, choices, provider)
+        tier = d.get("service_tier")
+        if type(tier) is str:
+            out.service_tier = tier
+        return out
 
 
 class CompletionChoice(_Obj):

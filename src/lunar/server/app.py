@@ -31,6 +31,7 @@ from .._catalog import Catalog
 from .._engine import AsyncEngine, Router, Trace, estimate_tokens, ms, prompt_chars
 from .._errors import (
     APIError,
+    APIStatusError,
     AuthenticationError,
     BadRequestError,
     LunarError,
@@ -182,10 +183,12 @@ def _unknown_route(method: str, path: str) -> NotFoundError:
     )
 
 
-def _not_allowed(method: str, path: str, methods: Iterable[str]) -> tuple[APIError, Headers]:
+def _not_allowed(
+    method: str, path: str, methods: Iterable[str]
+) -> tuple[APIStatusError, Headers]:
     """The 405 for ``method`` on a route taking ``methods``, and its ``Allow`` header."""
     allow = ", ".join(sorted(methods))
-    refused = APIError(
+    refused = APIStatusError(
         f"Method {method} not allowed on {path} (allowed: {allow})",
         405,
         code="method_not_allowed",
@@ -694,7 +697,7 @@ class Gateway:
         """A gzip- or deflate-encoded body, decoded up to ``limit`` bytes (413 past it)."""
         name = encoding.decode("latin-1")
         if encoding not in (b"gzip", b"x-gzip", b"deflate"):
-            raise APIError(
+            raise APIStatusError(
                 f"Content-Encoding '{name}' is not supported: send the body uncompressed, "
                 "or gzip- or deflate-encoded",
                 415,
@@ -917,7 +920,7 @@ class Gateway:
                 row.status = "error"
                 row.error_type = "internal_error"
                 row.http_status = 500
-            internal = APIError(
+            internal = APIStatusError(
                 f"Internal error in the gateway (request {request_id})", 500, code="internal_error"
             )
             with contextlib.suppress(Exception):

@@ -14,7 +14,6 @@ from typing import Any
 
 from .._engine import estimate_tokens, prompt_chars
 from .._errors import (
-    APIConnectionError,
     APIError,
     APITimeoutError,
     BadRequestError,
@@ -73,7 +72,8 @@ def openai_error(err: LunarError) -> tuple[int, dict[str, Any], Headers]:
 def _shaped(err: LunarError) -> tuple[int, dict[str, Any], Headers]:
     headers: Headers = []
     if isinstance(err, APIError):
-        status = err.status_code or 502
+        # No status: no answer (a timeout is the gateway's 504), or a broken one.
+        status = err.status_code or (504 if isinstance(err, APITimeoutError) else 502)
         payload = err.to_openai_dict()
         if isinstance(err, RateLimitError) and err.retry_after is not None:
             headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after))).encode()))
@@ -81,14 +81,8 @@ def _shaped(err: LunarError) -> tuple[int, dict[str, Any], Headers]:
         if should in ("true", "false"):
             headers.append((b"x-should-retry", should.encode()))
         return status, payload, headers
-    if isinstance(err, APITimeoutError):
-        status, etype = 504, "timeout_error"
-    elif isinstance(err, APIConnectionError):
-        status, etype = 502, "api_connection_error"
-    else:
-        status, etype = 502, "api_error"
-    payload = {"error": {"message": err.message, "type": etype, "param": None, "code": None}}
-    return status, payload, headers
+    payload = {"error": {"message": err.message, "type": "api_error", "param": None, "code": None}}
+    return 502, payload, headers
 
 
 def attempts_json(err: LunarError) -> list[dict[str, Any]]:
@@ -109,11 +103,7 @@ def error_type(err: LunarError) -> str:
     if isinstance(err, APIError):
         if err.code in ("budget_exceeded", "model_not_found", "deadline_exceeded"):
             return err.code
-        return err.type
-    if isinstance(err, APITimeoutError):
-        return "timeout_error"
-    if isinstance(err, APIConnectionError):
-        return "api_connection_error"
+        return err.type  # a connection error's: api_connection_error, timeout_error
     return "api_error"
 
 
