@@ -33,6 +33,7 @@ test: $(VENV)/.dev
 
 lint: $(VENV)/.dev
 	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 	$(BIN)/mypy
 
 # Lanes 1-4 need wrk (apt-get install -y wrk); they install the LiteLLM proxy into

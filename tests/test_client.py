@@ -274,9 +274,7 @@ async def test_async_break_and_close_release_the_connection(mock):
 
 
 async def open_async_stream(client: AsyncLunar):
-    return await client.chat.completions.create(
-        model="gpt-4o-mini", messages=MESSAGES, stream=True
-    )
+    return await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, stream=True)
 
 
 async def test_an_async_stream_gives_nothing_after_close(mock):
@@ -552,9 +550,7 @@ async def test_bad_options_name_the_argument_before_any_network_call(
     kw = {"base_url": mock.base_url, "api_key": "k"} if remote else {}
     client = (Lunar if mode == "sync" else AsyncLunar)(**kw)
     with pytest.raises(BadRequestError, match=says) as info:
-        await call(
-            client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **kwargs)
-        )
+        await call(client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **kwargs))
     assert info.value.param == param
     if param == "extra_body.messages":  # the legacy endpoint names its own argument
         says = "pass prompt="

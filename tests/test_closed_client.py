@@ -188,9 +188,7 @@ async def test_closing_a_client_ends_its_local_streams_and_frees_the_model(mode,
     # The generation stopped: the next local request is served (not after 1,500 tokens).
     fresh = client_for(mode, monkeypatch)
     answer = await call(
-        fresh.chat.completions.create(
-            model="smollm2", messages=MESSAGES, max_tokens=3, timeout=30
-        )
+        fresh.chat.completions.create(model="smollm2", messages=MESSAGES, max_tokens=3, timeout=30)
     )
     assert answer.choices[0].message.content
     await _close(fresh)

@@ -165,7 +165,7 @@ def _leaves(value: Any) -> list[Any]:
 
 
 def test_dumps_is_compact_utf8() -> None:
-    value = {"a": [1, 2.5, None, True], "é": "snow ☃ \n \" \\"}
+    value = {"a": [1, 2.5, None, True], "é": 'snow ☃ \n " \\'}
     std = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
     assert _json.dumps(value) == std.encode()
 

@@ -282,7 +282,7 @@ def test_stop_reasons(finish, stop_reason):
 
 
 def test_the_stop_sequence_that_matched_is_named_whole_and_streamed():
-    """"stop_sequence" only with the sequence the upstream named; a bare "stop" (OpenAI's,
+    """ "stop_sequence" only with the sequence the upstream named; a bare "stop" (OpenAI's,
     Gemini's: a natural end or a stop sequence, unknown which) reads "end_turn"."""
     for sequence, expected in (("END", ("stop_sequence", "END")), (None, ("end_turn", None))):
         choice = Choice(0, ChatCompletionMessage(content="x"), "stop", None, sequence)

@@ -176,17 +176,13 @@ def test_empty_tool_names_on_messages_name_the_anthropic_field(gw, key, upstream
         ({"output_config": {"format": {"type": "json_schema"}}}, "output_config.format"),
     ],
 )
-def test_messages_refuses_what_anthropic_refuses_naming_the_field(
-    gw, key, upstream, fields, param
-):
+def test_messages_refuses_what_anthropic_refuses_naming_the_field(gw, key, upstream, fields, param):
     """An OpenAI parameter sent to the Anthropic route, or an Anthropic feature the answer
     depends on, is a 400 naming it (as Anthropic's API answers a field it does not have):
     dropped without a word, the answer was not what was asked."""
     client = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
     with pytest.raises(anthropic.BadRequestError) as info:
-        client.messages.create(
-            model="gpt-4o-mini", max_tokens=5, messages=HI, extra_body=fields
-        )
+        client.messages.create(model="gpt-4o-mini", max_tokens=5, messages=HI, extra_body=fields)
     error = info.value.body["error"]
     assert error["type"] == "invalid_request_error"
     assert f"(param: {param})" in error["message"]

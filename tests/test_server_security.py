@@ -124,9 +124,7 @@ def test_a_keyless_provider_nothing_set_up_is_not_served(gw, key, upstream):
     assert upstream.requests[-1].json["model"] == "meta-llama/Llama-3.1-8B-Instruct"
 
 
-def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(
-    gw, key, upstream
-):
+def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(gw, key, upstream):
     """Body fields named like routing settings are not read by the gateway, and none of
     the client's headers reach the upstream: it sees the gateway's own key."""
     headers = {

@@ -332,7 +332,6 @@ def test_an_older_ledger_is_upgraded_in_place_keeping_its_rows(tmp_path):
         assert names == [r[1] for r in db.execute("PRAGMA table_info(usage)")]
 
 
-
 def _unprivileged() -> list[str]:
     """A command prefix that runs without the power to write a file its mode forbids: none
     when not root; as root, without the capabilities that override file modes."""
@@ -371,6 +370,7 @@ def test_an_older_ledger_the_reader_may_not_write_is_still_reported(tmp_path):
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
         names = {r[1] for r in db.execute("PRAGMA table_info(usage)")}
     assert "cache_write_tokens" not in names
+
 
 def test_the_ledger_keeps_whether_a_request_streamed(tmp_path):
     """``stream`` goes to SQLite as the integer it stores (sqlite3 binds a bool only after

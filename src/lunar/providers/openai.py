@@ -287,6 +287,7 @@ class PlainRelay:
         self._out_tail = line[out_at + len(literal) :]
         self._frame = len(line) - len(literal) + 2  # the text's quotes are not its characters
 
+
 #: A JSON string of printable ASCII without quote or backslash: its text as it is.
 _PLAIN_STRING = re.compile(rb'"[ !#-\[\]-~]*"')
 _plain_string = _PLAIN_STRING.fullmatch

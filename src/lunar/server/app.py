@@ -183,9 +183,7 @@ def _unknown_route(method: str, path: str) -> NotFoundError:
     )
 
 
-def _not_allowed(
-    method: str, path: str, methods: Iterable[str]
-) -> tuple[APIStatusError, Headers]:
+def _not_allowed(method: str, path: str, methods: Iterable[str]) -> tuple[APIStatusError, Headers]:
     """The 405 for ``method`` on a route taking ``methods``, and its ``Allow`` header."""
     allow = ", ".join(sorted(methods))
     refused = APIStatusError(
