@@ -19,23 +19,12 @@ import pytest
 from lunar.server import SQLiteStorage, UsageQuery, UsageRow, create_app, load_config
 from lunar.testing import MockServer
 
+from .test_server_units import row as units_row
+
 
 def row(i: int, **kw: Any) -> UsageRow:
-    base: dict[str, Any] = dict(
-        ts=1000.0 + i,
-        request_id=f"r{i}",
-        key_id="k1",
-        route="chat",
-        model="gpt-4o-mini",
-        served_model="gpt-4o-mini",
-        provider="openai",
-        attempts=1,
-        prompt_tokens=10,
-        completion_tokens=5,
-        total_cost_usd=0.25,
-    )
-    base.update(kw)
-    return UsageRow(**base)
+    """``test_server_units``' ledger row, costing 0.25 unless told."""
+    return units_row(i, **{"total_cost_usd": 0.25, **kw})
 
 
 @contextlib.contextmanager
