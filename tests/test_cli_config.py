@@ -185,3 +185,39 @@ def test_chat_that_fails_before_any_text_writes_nothing_to_stdout(mock, capsys):
     assert main(["chat", "-m", "gpt-4o-mini", "hi"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "Error: [401]" in err
+
+
+def test_a_provider_base_url_that_is_no_url_stops_the_gateway_at_start_up(upstream, tmp_path):
+    """`OPENAI_BASE_URL=127.0.0.1:9000/v1` started the gateway, and every request to OpenAI's
+    models was then a connection error, retried `max_retries` times."""
+    db = tmp_path / "gw.db"
+    bare = upstream.base_url.removeprefix("http://")
+    env = gateway_env(upstream, OPENAI_BASE_URL=bare)
+    for args in (["--print-config"], ["--port", "0", "--db", str(db)]):
+        out = _cli("serve", *args, env=env)
+        _refused(out, f"OPENAI_BASE_URL = '{bare}' is not a usable base URL: it has no scheme")
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text('[providers.vllm]\nbase_url = "localhost:8000/v1"\n')
+    out = _cli("serve", "--config", str(cfg), "--port", "0", "--db", str(db),
+               env=gateway_env(upstream))  # fmt: skip
+    _refused(out, f"{cfg}: [providers.vllm] base_url = 'localhost:8000/v1' is not a usable")
+    cfg.write_text('[providers.acme]\nprotocol = "openai"\nkey_required = false\n')
+    out = _cli("serve", "--config", str(cfg), "--port", "0", "--db", str(db),
+               env=gateway_env(upstream))  # fmt: skip
+    _refused(out, "Provider 'acme' has no base URL: set ACME_BASE_URL or [providers.acme] base_url")
+    assert not db.exists()
+
+
+def test_the_gateway_drops_spaces_around_a_base_url(upstream, tmp_path):
+    gw = GatewayProcess(tmp_path, upstream, OPENAI_BASE_URL=f" {upstream.base_url} ")
+    try:
+        key = gw.new_key()[0]
+        r = gw.http.post(
+            "/v1/chat/completions",
+            headers={"x-api-key": key},
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+        )
+        assert r.status_code == 200, r.text
+        assert upstream.requests[-1].path == "/v1/chat/completions"
+    finally:
+        gw.stop()

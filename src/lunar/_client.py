@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from . import __version__, _http
-from ._catalog import Catalog, Deployment, ProviderSpec
+from ._catalog import Catalog, Deployment, ProviderSpec, checked_base_url
 from ._engine import NETWORK_ERRORS, AsyncEngine, Router, SyncEngine, connection_error
 from ._errors import APIStatusError, AuthenticationError, error_from_response
 from ._request import (
@@ -94,7 +94,7 @@ class _Settings:
         catalog: Any,
     ) -> None:
         self.max_retries = _validate_max_retries(max_retries)
-        base_url = base_url or os.environ.get("LUNAR_BASE_URL") or None
+        base_url = _gateway_url(base_url)
         self.catalog = Catalog.load(catalog)
         self.headers = _merged(_USER_AGENT, _validate_headers(default_headers, "default_headers"))
         # None is no timeout, as in the openai SDK; a bad one fails here, as max_retries does.
@@ -210,6 +210,18 @@ class _Settings:
 
 
 _USER_AGENT = {"user-agent": f"lunar-python/{__version__}"}
+
+
+def _gateway_url(base_url: str | None) -> str | None:
+    """The Lunar gateway's URL (``base_url=``, else ``LUNAR_BASE_URL``; spaces around it
+    dropped), or None for direct mode. One that is no URL (``127.0.0.1:4000/v1``) is a
+    ``ValueError`` naming where it came from, not connection errors retried later."""
+    if base_url:
+        if not isinstance(base_url, str):
+            raise ValueError(f"base_url must be a string, got {base_url!r}")
+        return checked_base_url(base_url, "base_url")
+    env = os.environ.get("LUNAR_BASE_URL", "").strip()
+    return checked_base_url(env, "LUNAR_BASE_URL") if env else None
 
 
 class _Own:

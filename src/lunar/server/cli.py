@@ -156,10 +156,10 @@ def tune_gc() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args, host=args.host, port=args.port, db=args.db, log_level=args.log_level)
+        cfg.check_base_urls(cfg.build_catalog())
         if args.print_config:
             sys.stdout.write(cfg.render())
             return 0
-        cfg.build_catalog()
     except ConfigError as e:
         _err(str(e))
         return 2
