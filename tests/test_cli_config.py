@@ -221,3 +221,27 @@ def test_the_gateway_drops_spaces_around_a_base_url(upstream, tmp_path):
         assert upstream.requests[-1].path == "/v1/chat/completions"
     finally:
         gw.stop()
+
+
+def test_keys_and_usage_take_the_sdks_gateway_url_ending_in_v1(upstream, tmp_path):
+    """`--url http://host:4000/v1` (what LUNAR_BASE_URL holds) was a 404 'Unknown route GET
+    /v1/admin/keys'; a URL without a scheme was 'Cannot reach the gateway'."""
+    gw = GatewayProcess(tmp_path, upstream)
+    try:
+        key_id = gw.new_key("v1-team")[1]
+        env = gateway_env(upstream)
+        for url in (gw.url + "/v1", gw.url + "/v1/"):
+            out = _cli("keys", "list", "--url", url, env=env)
+            assert out.returncode == 0 and "v1-team" in out.stdout, out.stderr
+        out = _cli("usage", "--json", env={**env, "LUNAR_GATEWAY_URL": gw.url + "/v1"})
+        assert out.returncode == 0 and '"totals"' in out.stdout, out.stderr
+        out = _cli("keys", "revoke", key_id, "--url", gw.url + "/v1", env=env)
+        assert out.returncode == 0 and "revoked" in out.stdout, out.stderr
+    finally:
+        gw.stop()
+    bare = gw.url.removeprefix("http://")
+    out = _cli("keys", "list", "--url", bare, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"Error: --url = '{bare}' is not a usable base URL: it has no")
+    out = _cli("usage", env={**env, "LUNAR_GATEWAY_URL": bare})
+    assert out.returncode == 1 and f"$LUNAR_GATEWAY_URL = '{bare}'" in out.stderr, out.stderr

@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._catalog import checked_base_url
 from .config import LOG_LEVELS, ConfigError, ServerConfig, load_config
 
 DEFAULT_URL = "http://127.0.0.1:4000"
@@ -268,7 +269,7 @@ class _Target:
     def __init__(self, args: argparse.Namespace) -> None:
         # '~' as a shell would (`--db=~/lunar.db` reaches no shell's expansion).
         self.db: str | None = None if args.db is None else os.path.expanduser(args.db)
-        self.url = (args.url or os.environ.get("LUNAR_GATEWAY_URL") or DEFAULT_URL).rstrip("/")
+        self.url = "" if self.db is not None else gateway_url(args.url)
         self.args = args
 
     def http(self, method: str, path: str, **kw: Any) -> Any:
@@ -326,6 +327,20 @@ class _Target:
 
 class _Fail(Exception):
     pass
+
+
+def gateway_url(flag: str | None, environ: Any = os.environ) -> str:
+    """The gateway's root URL, from ``--url``, else ``$LUNAR_GATEWAY_URL``, else the default.
+    The SDK's form of it (``LUNAR_BASE_URL``, ending in ``/v1``) is taken too: the admin API
+    is at the root. One that is no URL is refused, naming where it came from."""
+    url, setting = flag, "--url"
+    if not url:
+        url, setting = environ.get("LUNAR_GATEWAY_URL", "").strip(), "$LUNAR_GATEWAY_URL"
+    try:
+        url = checked_base_url(url or DEFAULT_URL, setting).rstrip("/")
+    except ValueError as e:
+        raise _Fail(str(e)) from None
+    return url.removesuffix("/v1")
 
 
 def _run(fn: Any, args: argparse.Namespace) -> int:
