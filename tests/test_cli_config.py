@@ -245,3 +245,21 @@ def test_keys_and_usage_take_the_sdks_gateway_url_ending_in_v1(upstream, tmp_pat
     assert out.stderr.startswith(f"Error: --url = '{bare}' is not a usable base URL: it has no")
     out = _cli("usage", env={**env, "LUNAR_GATEWAY_URL": bare})
     assert out.returncode == 1 and f"$LUNAR_GATEWAY_URL = '{bare}'" in out.stderr, out.stderr
+
+
+def test_config_is_a_flag_only_of_the_commands_that_read_it(upstream, tmp_path):
+    """`keys list`, `keys revoke` and `usage` took a --config they never read; `keys create`
+    and `keys update` read it with --db, to check the models --models names."""
+    env = gateway_env(upstream)
+    for args in (["keys", "list"], ["keys", "revoke", "key_1"], ["usage"]):
+        out = _cli(*args, "--config", "lunar.toml", env=env)
+        assert out.returncode == 2 and "unrecognized arguments: --config" in out.stderr, args
+    cfg = tmp_path / "team.toml"
+    cfg.write_text('[aliases]\nteam-model = "gpt-4o-mini"\n')
+    GatewayProcess(tmp_path, upstream).stop()  # a gateway's database
+    db = str(tmp_path / "lunar.db")
+    out = _cli("keys", "create", "--name", "t", "--models", "team-model", "--db", db, env=env)
+    assert out.returncode == 1 and "team-model" in out.stderr, out.stderr
+    out = _cli("keys", "create", "--name", "t", "--models", "team-model", "--db", db,
+               "--config", str(cfg), "--json", env=env)  # fmt: skip
+    assert out.returncode == 0 and '"team-model"' in out.stdout, out.stderr

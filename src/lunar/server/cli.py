@@ -93,6 +93,13 @@ def add_server_commands(subparsers: Any) -> None:
     revoke.set_defaults(func=cmd_keys_revoke)
     for p in (create, lst, update, revoke):
         _target_args(p)
+    for p in (create, update):  # what --models may name, checked here with --db
+        p.add_argument(
+            "--config",
+            default=None,
+            help="lunar.toml whose models and aliases --models may name (with --db; "
+            "default $LUNAR_CONFIG; over HTTP the gateway checks them)",
+        )
 
     usage = subparsers.add_parser("usage", help="print usage and cost from the ledger")
     usage.add_argument("--key", default=None, help="a key id or name")
@@ -115,7 +122,6 @@ def _target_args(p: argparse.ArgumentParser) -> None:
         "--url", default=None, help=f"gateway URL (default $LUNAR_GATEWAY_URL or {DEFAULT_URL})"
     )
     p.add_argument("--db", default=None, help="work on this database file directly")
-    p.add_argument("--config", default=None, help="lunar.toml (for models and aliases)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
