@@ -808,3 +808,36 @@ def test_a_base_url_argument_that_is_no_url_is_refused_by_the_constructor(
             cls(**kwargs)
         assert named in str(info.value)
     assert mock.requests == []
+
+
+def test_api_key_without_base_url_is_openais_key(mock, monkeypatch):
+    """As with the openai SDK, `Lunar(api_key="sk-...")` is OpenAI's key (it beats
+    OPENAI_API_KEY); it was silently ignored."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    Lunar(api_key="sk-given").chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-given"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    done = Lunar(api_key="sk-given").chat.completions.create(
+        model="llama-3.1-8b", messages=MESSAGES
+    )
+    assert done.provider == "groq"  # other providers keep their own keys
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-groq"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"api_key": "lk-abc"}, "is a Lunar gateway key"),
+        ({"jwt": "eyJ.token"}, "jwt= is a Lunar gateway's credential"),
+        (
+            {"api_key": "sk-a", "providers": {"openai": {"api_key": "sk-b"}}},
+            "both give OpenAI's key",
+        ),
+    ],
+)
+def test_a_credential_direct_mode_cannot_use_is_refused(mock, kwargs, message):
+    """A gateway's key without the gateway is never sent to OpenAI."""
+    for cls in (Lunar, AsyncLunar):
+        with pytest.raises(ValueError, match=message):
+            cls(**kwargs)
+    assert mock.requests == []
