@@ -163,3 +163,12 @@ def test_an_unreadable_lunar_catalog_is_an_error_naming_it(content, tmp_path, mo
         out, err = capsys.readouterr()
         assert err.startswith(f"Error: LUNAR_CATALOG='{path}' cannot be read")
         assert "unset LUNAR_CATALOG" in err and out == ""
+
+
+def test_version_prints_the_packages_version():
+    import lunar
+
+    out = subprocess.run(
+        [sys.executable, "-m", "lunar.cli", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (out.returncode, out.stdout, out.stderr) == (0, f"lunar {lunar.__version__}\n", "")

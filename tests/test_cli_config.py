@@ -185,3 +185,81 @@ def test_chat_that_fails_before_any_text_writes_nothing_to_stdout(mock, capsys):
     assert main(["chat", "-m", "gpt-4o-mini", "hi"]) == 1
     out, err = capsys.readouterr()
     assert out == "" and "Error: [401]" in err
+
+
+def test_a_provider_base_url_that_is_no_url_stops_the_gateway_at_start_up(upstream, tmp_path):
+    """`OPENAI_BASE_URL=127.0.0.1:9000/v1` started the gateway, and every request to OpenAI's
+    models was then a connection error, retried `max_retries` times."""
+    db = tmp_path / "gw.db"
+    bare = upstream.base_url.removeprefix("http://")
+    env = gateway_env(upstream, OPENAI_BASE_URL=bare)
+    for args in (["--print-config"], ["--port", "0", "--db", str(db)]):
+        out = _cli("serve", *args, env=env)
+        _refused(out, f"OPENAI_BASE_URL = '{bare}' is not a usable base URL: it has no scheme")
+    cfg = tmp_path / "lunar.toml"
+    cfg.write_text('[providers.vllm]\nbase_url = "localhost:8000/v1"\n')
+    out = _cli("serve", "--config", str(cfg), "--port", "0", "--db", str(db),
+               env=gateway_env(upstream))  # fmt: skip
+    _refused(out, f"{cfg}: [providers.vllm] base_url = 'localhost:8000/v1' is not a usable")
+    cfg.write_text('[providers.acme]\nprotocol = "openai"\nkey_required = false\n')
+    out = _cli("serve", "--config", str(cfg), "--port", "0", "--db", str(db),
+               env=gateway_env(upstream))  # fmt: skip
+    _refused(out, "Provider 'acme' has no base URL: set ACME_BASE_URL or [providers.acme] base_url")
+    assert not db.exists()
+
+
+def test_the_gateway_drops_spaces_around_a_base_url(upstream, tmp_path):
+    gw = GatewayProcess(tmp_path, upstream, OPENAI_BASE_URL=f" {upstream.base_url} ")
+    try:
+        key = gw.new_key()[0]
+        r = gw.http.post(
+            "/v1/chat/completions",
+            headers={"x-api-key": key},
+            json={"model": "gpt-4o-mini", "messages": MESSAGES},
+        )
+        assert r.status_code == 200, r.text
+        assert upstream.requests[-1].path == "/v1/chat/completions"
+    finally:
+        gw.stop()
+
+
+def test_keys_and_usage_take_the_sdks_gateway_url_ending_in_v1(upstream, tmp_path):
+    """`--url http://host:4000/v1` (what LUNAR_BASE_URL holds) was a 404 'Unknown route GET
+    /v1/admin/keys'; a URL without a scheme was 'Cannot reach the gateway'."""
+    gw = GatewayProcess(tmp_path, upstream)
+    try:
+        key_id = gw.new_key("v1-team")[1]
+        env = gateway_env(upstream)
+        for url in (gw.url + "/v1", gw.url + "/v1/"):
+            out = _cli("keys", "list", "--url", url, env=env)
+            assert out.returncode == 0 and "v1-team" in out.stdout, out.stderr
+        out = _cli("usage", "--json", env={**env, "LUNAR_GATEWAY_URL": gw.url + "/v1"})
+        assert out.returncode == 0 and '"totals"' in out.stdout, out.stderr
+        out = _cli("keys", "revoke", key_id, "--url", gw.url + "/v1", env=env)
+        assert out.returncode == 0 and "revoked" in out.stdout, out.stderr
+    finally:
+        gw.stop()
+    bare = gw.url.removeprefix("http://")
+    out = _cli("keys", "list", "--url", bare, env=env)
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.startswith(f"Error: --url = '{bare}' is not a usable base URL: it has no")
+    out = _cli("usage", env={**env, "LUNAR_GATEWAY_URL": bare})
+    assert out.returncode == 1 and f"$LUNAR_GATEWAY_URL = '{bare}'" in out.stderr, out.stderr
+
+
+def test_config_is_a_flag_only_of_the_commands_that_read_it(upstream, tmp_path):
+    """`keys list`, `keys revoke` and `usage` took a --config they never read; `keys create`
+    and `keys update` read it with --db, to check the models --models names."""
+    env = gateway_env(upstream)
+    for args in (["keys", "list"], ["keys", "revoke", "key_1"], ["usage"]):
+        out = _cli(*args, "--config", "lunar.toml", env=env)
+        assert out.returncode == 2 and "unrecognized arguments: --config" in out.stderr, args
+    cfg = tmp_path / "team.toml"
+    cfg.write_text('[aliases]\nteam-model = "gpt-4o-mini"\n')
+    GatewayProcess(tmp_path, upstream).stop()  # a gateway's database
+    db = str(tmp_path / "lunar.db")
+    out = _cli("keys", "create", "--name", "t", "--models", "team-model", "--db", db, env=env)
+    assert out.returncode == 1 and "team-model" in out.stderr, out.stderr
+    out = _cli("keys", "create", "--name", "t", "--models", "team-model", "--db", db,
+               "--config", str(cfg), "--json", env=env)  # fmt: skip
+    assert out.returncode == 0 and '"team-model"' in out.stdout, out.stderr

@@ -749,3 +749,95 @@ async def test_errors_carry_body_and_request_id_as_the_openai_sdks_do(mock):
         assert err.request_id is not None and err.request_id.startswith("req_mock_")
     assert info.value.request_id != async_info.value.request_id
     assert BadRequestError("refused before sending").request_id is None
+
+
+def test_a_base_url_without_a_scheme_fails_at_once_naming_the_variable(mock, monkeypatch):
+    """`OPENAI_BASE_URL=127.0.0.1:9000/v1` was a connection error, retried `max_retries`
+    times (with backoff) as if OpenAI were down, and never said what was wrong."""
+    bare = mock.base_url.removeprefix("http://")
+    monkeypatch.setenv("OPENAI_BASE_URL", bare)
+    with pytest.raises(APIError, match="OPENAI_BASE_URL") as info:
+        Lunar(max_retries=3).chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    err = info.value
+    assert err.code == "invalid_base_url" and err.provider == "openai"
+    assert f"write 'http://{bare}'" in err.message
+    assert len(err.attempts) == 1 and mock.requests == []
+    # Only that provider: a fallback on another one serves.
+    done = Lunar().chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, fallbacks=["llama-3.1-8b"]
+    )
+    assert done.provider == "groq" and len(mock.requests) == 1
+
+
+async def test_async_client_says_the_same_of_a_base_url_without_a_scheme(mock, monkeypatch):
+    monkeypatch.setenv("OPENAI_BASE_URL", "localhost:9/v1")
+    async with AsyncLunar(max_retries=3) as client:
+        with pytest.raises(APIError, match="OPENAI_BASE_URL = 'localhost:9/v1'") as info:
+            await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert info.value.code == "invalid_base_url" and len(info.value.attempts) == 1
+
+
+def test_spaces_around_a_base_url_are_dropped(mock, monkeypatch):
+    """A value pasted with a space before or after it is the URL the user meant."""
+    monkeypatch.setenv("OPENAI_BASE_URL", f"  {mock.base_url} \n")
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    client = Lunar(providers={"openai": {"base_url": f" {mock.base_url} "}})
+    client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert len(mock.requests) == 2
+    monkeypatch.setenv("LUNAR_BASE_URL", f" {mock.base_url} ")
+    Lunar(api_key="lk-team").models.list()
+    assert mock.requests[-1].path == "/v1/models"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "env", "named"),
+    [
+        ({"providers": {"openai": {"base_url": "127.0.0.1:9/v1"}}}, {}, "providers['openai']"),
+        ({"base_url": "127.0.0.1:4000/v1", "api_key": "lk-x"}, {}, "base_url = "),
+        ({}, {"LUNAR_BASE_URL": "localhost:4000", "LUNAR_API_KEY": "lk-x"}, "LUNAR_BASE_URL"),
+        ({"providers": {"openai": {"base_url": "ftp://host/v1"}}}, {}, "http:// or https://"),
+    ],
+)
+def test_a_base_url_argument_that_is_no_url_is_refused_by_the_constructor(
+    mock, monkeypatch, kwargs, env, named
+):
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for cls in (Lunar, AsyncLunar):
+        with pytest.raises(ValueError, match="is not a usable base URL") as info:
+            cls(**kwargs)
+        assert named in str(info.value)
+    assert mock.requests == []
+
+
+def test_api_key_without_base_url_is_openais_key(mock, monkeypatch):
+    """As with the openai SDK, `Lunar(api_key="sk-...")` is OpenAI's key (it beats
+    OPENAI_API_KEY); it was silently ignored."""
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-from-env")
+    Lunar(api_key="sk-given").chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-given"
+    monkeypatch.delenv("OPENAI_API_KEY")
+    done = Lunar(api_key="sk-given").chat.completions.create(
+        model="llama-3.1-8b", messages=MESSAGES
+    )
+    assert done.provider == "groq"  # other providers keep their own keys
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-groq"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"api_key": "lk-abc"}, "is a Lunar gateway key"),
+        ({"jwt": "eyJ.token"}, "jwt= is a Lunar gateway's credential"),
+        (
+            {"api_key": "sk-a", "providers": {"openai": {"api_key": "sk-b"}}},
+            "both give OpenAI's key",
+        ),
+    ],
+)
+def test_a_credential_direct_mode_cannot_use_is_refused(mock, kwargs, message):
+    """A gateway's key without the gateway is never sent to OpenAI."""
+    for cls in (Lunar, AsyncLunar):
+        with pytest.raises(ValueError, match=message):
+            cls(**kwargs)
+    assert mock.requests == []

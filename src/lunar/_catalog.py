@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from ._errors import NotFoundError
 from ._types import Model, Usage
@@ -34,6 +35,34 @@ class ProviderSpec:
     @property
     def base_url_env(self) -> str:
         return f"{self.name.upper()}_BASE_URL"
+
+
+def checked_base_url(url: str, setting: str) -> str:
+    """``url`` without the spaces around it (a value pasted with them), once it is a URL
+    requests can go to: ``http://`` or ``https://`` and a host. Else ``ValueError`` naming
+    ``setting`` (an environment variable, an argument, a config key): without a scheme
+    (``127.0.0.1:9000/v1``) every request would fail to connect and be retried, as if the
+    provider were down. Called where a target or client is made, never per request."""
+    url = url.strip()
+    problem = _url_problem(url)
+    if problem:
+        raise ValueError(f"{setting} = {url!r} is not a usable base URL: {problem}")
+    return url
+
+
+def _url_problem(url: str) -> str | None:
+    if not url:
+        return "it is empty"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (a port that is not a number raises)
+    except ValueError as e:
+        return f"not a URL ({e})"
+    if parts.scheme.lower() not in ("http", "https"):
+        if "://" in url:
+            return "the scheme must be http:// or https://"
+        return f"it has no scheme (write 'http://{url}', or https://)"
+    return None if parts.hostname else "it has no host"
 
 
 #: What Anthropic bills a token written to its 1-hour prompt cache, in input prices: the

@@ -16,7 +16,7 @@ from urllib.parse import quote
 import httpx
 
 from . import __version__, _http
-from ._catalog import Catalog, Deployment, ProviderSpec
+from ._catalog import Catalog, Deployment, ProviderSpec, checked_base_url
 from ._engine import NETWORK_ERRORS, AsyncEngine, Router, SyncEngine, connection_error
 from ._errors import APIStatusError, AuthenticationError, error_from_response
 from ._request import (
@@ -94,7 +94,7 @@ class _Settings:
         catalog: Any,
     ) -> None:
         self.max_retries = _validate_max_retries(max_retries)
-        base_url = base_url or os.environ.get("LUNAR_BASE_URL") or None
+        base_url = _gateway_url(base_url)
         self.catalog = Catalog.load(catalog)
         self.headers = _merged(_USER_AGENT, _validate_headers(default_headers, "default_headers"))
         # None is no timeout, as in the openai SDK; a bad one fails here, as max_retries does.
@@ -118,6 +118,8 @@ class _Settings:
             remote = Target(
                 Deployment("", "lunar", "", None), spec, base_url.rstrip("/"), None, auth
             )
+        else:
+            providers = _direct_keys(api_key, jwt, providers)
         self.remote = remote
         self.router = Router(self.catalog, providers, validate_fallback_map(fallbacks), remote)
 
@@ -210,6 +212,51 @@ class _Settings:
 
 
 _USER_AGENT = {"user-agent": f"lunar-python/{__version__}"}
+
+
+def _gateway_url(base_url: str | None) -> str | None:
+    """The Lunar gateway's URL (``base_url=``, else ``LUNAR_BASE_URL``; spaces around it
+    dropped), or None for direct mode. One that is no URL (``127.0.0.1:4000/v1``) is a
+    ``ValueError`` naming where it came from, not connection errors retried later."""
+    if base_url:
+        if not isinstance(base_url, str):
+            raise ValueError(f"base_url must be a string, got {base_url!r}")
+        return checked_base_url(base_url, "base_url")
+    env = os.environ.get("LUNAR_BASE_URL", "").strip()
+    return checked_base_url(env, "LUNAR_BASE_URL") if env else None
+
+
+def _direct_keys(
+    api_key: str | None, jwt: str | None, providers: Mapping[str, Mapping[str, Any]] | None
+) -> Mapping[str, Mapping[str, Any]] | None:
+    """Direct mode's ``providers=``, with ``api_key=`` as OpenAI's key (what code written
+    for the openai SDK means by it; it beats ``OPENAI_API_KEY``, as there). A gateway's
+    credential given without the gateway is refused, never sent to OpenAI."""
+    if jwt:
+        raise ValueError(
+            "jwt= is a Lunar gateway's credential: pass base_url= (or set LUNAR_BASE_URL) too"
+        )
+    if not api_key:
+        return providers
+    if not isinstance(api_key, str):
+        raise ValueError(f"api_key must be a string, got {type(api_key).__name__}")
+    if api_key.startswith(LUNAR_KEY_PREFIX):
+        raise ValueError(
+            f"api_key= is a Lunar gateway key ('{LUNAR_KEY_PREFIX}…'): pass base_url= (or set "
+            "LUNAR_BASE_URL) to use the gateway. Without one Lunar calls providers directly, "
+            "with keys from {PROVIDER}_API_KEY or providers="
+        )
+    openai = dict((providers or {}).get("openai") or {})
+    if openai.get("api_key") is not None:
+        raise ValueError(
+            "api_key= and providers['openai']['api_key'] both give OpenAI's key: pass one"
+        )
+    openai["api_key"] = api_key
+    return {**(providers or {}), "openai": openai}
+
+
+#: How the gateway's virtual keys begin (``lunar.server.keys`` mints them).
+LUNAR_KEY_PREFIX = "lk-"
 
 
 class _Own:
@@ -375,7 +422,8 @@ class _Client:
 
 class Lunar(_Client):
     """The synchronous client. With no ``base_url`` (and no ``LUNAR_BASE_URL``) it routes
-    in-process to providers (direct mode); with one it talks to a Lunar gateway."""
+    in-process to providers (direct mode), where ``api_key`` is OpenAI's key (as in the
+    openai SDK); with one it talks to a Lunar gateway, and ``api_key`` is the gateway's."""
 
     _engine: SyncEngine
     _engine_class = SyncEngine

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import httpx
 
-from ._catalog import Catalog, Deployment, ProviderSpec, cost, scaled_round
+from ._catalog import Catalog, Deployment, ProviderSpec, checked_base_url, cost, scaled_round
 from ._errors import (
     MAX_RETRY_AFTER_SECONDS,
     APIConnectionError,
@@ -65,7 +65,9 @@ _now = time.perf_counter
 class Router:
     """Turns a model name plus fallbacks into the ordered targets to try, with credentials
     and endpoints from explicit overrides first, then ``{PROVIDER}_API_KEY`` /
-    ``{PROVIDER}_BASE_URL`` from the environment, then the catalogue's defaults."""
+    ``{PROVIDER}_BASE_URL`` from the environment, then the catalogue's defaults. A base URL
+    of ``providers=`` that is no URL raises ``ValueError`` here; one of the environment or
+    the catalogue is the error of the provider's targets (see ``base_url``)."""
 
     def __init__(
         self,
@@ -79,6 +81,13 @@ class Router:
         self.catalog = catalog
         self.health = health or Health()
         self.overrides = {k: dict(v) for k, v in (providers or {}).items()}
+        for name, override in self.overrides.items():
+            url = override.get("base_url")
+            if url:  # (None and "" leave it to the environment, then the catalogue)
+                setting = f"providers['{name}']['base_url']"
+                if not isinstance(url, str):
+                    raise ValueError(f"{setting} must be a string, got {url!r}")
+                override["base_url"] = checked_base_url(url, setting)
         self.fallbacks = {k: list(v) for k, v in (fallbacks or {}).items()}
         self.remote = remote
         self._environ = os.environ if environ is None else environ
@@ -221,11 +230,44 @@ class Router:
             api_key = env.get(spec.api_key_env)
             for alt in spec.api_key_env_alt:
                 api_key = api_key or env.get(alt)
-        base_url = override.get("base_url") or env.get(spec.base_url_env) or spec.base_url
         if spec.key_required and not api_key:
             return missing_key_error(spec)
+        base_url = self.base_url(spec)
+        if not isinstance(base_url, str):
+            return base_url
         headers = dict(override.get("headers") or {})
-        return Target(dep, spec, base_url or "", api_key, headers)
+        return Target(dep, spec, base_url, api_key, headers)
+
+    def base_url(self, spec: ProviderSpec) -> str | APIError:
+        """Where requests to ``spec``'s provider go (``""`` for the local model, which needs
+        none): ``providers=`` (checked by the constructor), else ``{NAME}_BASE_URL`` (the
+        spaces around it dropped), else the catalogue's. Or the error naming the setting
+        that is no URL to send to: said at once, where a request would fail to connect and
+        be retried as if the provider were down."""
+        if spec.protocol == "local":
+            return ""
+        url = self.overrides.get(spec.name, {}).get("base_url")
+        if url:
+            return str(url)
+        setting = spec.base_url_env
+        url = self._environ.get(setting, "").strip()
+        if not url:
+            if not spec.base_url:
+                return APIError(
+                    f"No base URL for provider '{spec.name}': set {setting} or pass "
+                    f"providers={{'{spec.name}': {{'base_url': ...}}}}",
+                    code=NO_BASE_URL,
+                    provider=spec.name,
+                )
+            url, setting = spec.base_url, f"the catalogue's base_url of provider '{spec.name}'"
+        try:
+            return checked_base_url(url, setting)
+        except ValueError as e:
+            return APIError(str(e), code="invalid_base_url", provider=spec.name)
+
+
+#: The code of the error of a provider with no base URL at all (``Router.base_url``).
+NO_BASE_URL = "missing_base_url"
 
 
 def requirements(body: Mapping[str, Any]) -> frozenset[str]:

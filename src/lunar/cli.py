@@ -198,7 +198,10 @@ def cmd_mock(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="lunar", description="Lunar: one LLM inference layer.")
+    p.add_argument("--version", action="version", version=f"lunar {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
     chat = sub.add_parser("chat", help="ask a model; the answer streams to the terminal")

@@ -383,6 +383,7 @@ class Gateway:
     ) -> None:
         self.config = config
         self.catalog: Catalog = config.build_catalog()
+        config.check_base_urls(self.catalog)
         overrides = config.provider_overrides(self.catalog)
         for name, why in config.unset_providers(self.catalog).items():
             overrides[name] = {**overrides.get(name, {}), "unset": why}

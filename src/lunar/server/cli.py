@@ -22,6 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._catalog import checked_base_url
 from .config import LOG_LEVELS, ConfigError, ServerConfig, load_config
 
 DEFAULT_URL = "http://127.0.0.1:4000"
@@ -92,6 +93,13 @@ def add_server_commands(subparsers: Any) -> None:
     revoke.set_defaults(func=cmd_keys_revoke)
     for p in (create, lst, update, revoke):
         _target_args(p)
+    for p in (create, update):  # what --models may name, checked here with --db
+        p.add_argument(
+            "--config",
+            default=None,
+            help="lunar.toml whose models and aliases --models may name (with --db; "
+            "default $LUNAR_CONFIG; over HTTP the gateway checks them)",
+        )
 
     usage = subparsers.add_parser("usage", help="print usage and cost from the ledger")
     usage.add_argument("--key", default=None, help="a key id or name")
@@ -114,7 +122,6 @@ def _target_args(p: argparse.ArgumentParser) -> None:
         "--url", default=None, help=f"gateway URL (default $LUNAR_GATEWAY_URL or {DEFAULT_URL})"
     )
     p.add_argument("--db", default=None, help="work on this database file directly")
-    p.add_argument("--config", default=None, help="lunar.toml (for models and aliases)")
     p.add_argument("--json", action="store_true", help="print JSON")
 
 
@@ -156,10 +163,10 @@ def tune_gc() -> None:
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = _config(args, host=args.host, port=args.port, db=args.db, log_level=args.log_level)
+        cfg.check_base_urls(cfg.build_catalog())
         if args.print_config:
             sys.stdout.write(cfg.render())
             return 0
-        cfg.build_catalog()
     except ConfigError as e:
         _err(str(e))
         return 2
@@ -268,7 +275,7 @@ class _Target:
     def __init__(self, args: argparse.Namespace) -> None:
         # '~' as a shell would (`--db=~/lunar.db` reaches no shell's expansion).
         self.db: str | None = None if args.db is None else os.path.expanduser(args.db)
-        self.url = (args.url or os.environ.get("LUNAR_GATEWAY_URL") or DEFAULT_URL).rstrip("/")
+        self.url = "" if self.db is not None else gateway_url(args.url)
         self.args = args
 
     def http(self, method: str, path: str, **kw: Any) -> Any:
@@ -326,6 +333,20 @@ class _Target:
 
 class _Fail(Exception):
     pass
+
+
+def gateway_url(flag: str | None, environ: Any = os.environ) -> str:
+    """The gateway's root URL, from ``--url``, else ``$LUNAR_GATEWAY_URL``, else the default.
+    The SDK's form of it (``LUNAR_BASE_URL``, ending in ``/v1``) is taken too: the admin API
+    is at the root. One that is no URL is refused, naming where it came from."""
+    url, setting = flag, "--url"
+    if not url:
+        url, setting = environ.get("LUNAR_GATEWAY_URL", "").strip(), "$LUNAR_GATEWAY_URL"
+    try:
+        url = checked_base_url(url or DEFAULT_URL, setting).rstrip("/")
+    except ValueError as e:
+        raise _Fail(str(e)) from None
+    return url.removesuffix("/v1")
 
 
 def _run(fn: Any, args: argparse.Namespace) -> int:

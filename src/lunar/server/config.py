@@ -43,7 +43,8 @@ from pathlib import Path
 from typing import Any
 
 from .._catalog import _BUILTIN as BUILTIN_CATALOG
-from .._catalog import CAPABILITIES, DEPLOYMENT_KEYS, MODEL_KEYS, Catalog
+from .._catalog import CAPABILITIES, DEPLOYMENT_KEYS, MODEL_KEYS, Catalog, checked_base_url
+from .._engine import NO_BASE_URL, Router
 from .._errors import NotFoundError
 from . import cors
 from .storage import unusable_path
@@ -193,7 +194,7 @@ class ServerConfig:
                 if o:
                     out[name] = o
                 continue
-            if p.base_url and not env.get(spec.base_url_env):
+            if p.base_url and not env.get(spec.base_url_env, "").strip():
                 o["base_url"] = p.base_url
             if p.api_key_env and not (spec.api_key_env and env.get(spec.api_key_env)):
                 value = env.get(p.api_key_env)
@@ -202,6 +203,22 @@ class ServerConfig:
             if o:
                 out[name] = o
         return out
+
+    def check_base_urls(self, catalog: Catalog) -> None:
+        """Every provider's base URL is one requests can go to (``{NAME}_BASE_URL`` in the
+        environment, a catalogue file's; this file's were checked as it was read): else a
+        ``ConfigError`` naming it, at start-up, not an error on each request to it."""
+        router = Router(catalog, self.provider_overrides(catalog), environ=self.environ)
+        for name, spec in catalog.providers.items():
+            url = router.base_url(spec)
+            if isinstance(url, str):
+                continue
+            if url.code == NO_BASE_URL:
+                raise ConfigError(
+                    f"Provider '{name}' has no base URL: set {spec.base_url_env} or "
+                    f"[providers.{name}] base_url"
+                )
+            raise ConfigError(url.message)
 
     def unset_providers(self, catalog: Catalog) -> dict[str, str]:
         """Providers that need no key and that nothing here sets up (Ollama and vLLM at
@@ -221,7 +238,7 @@ class ServerConfig:
                 or spec.base_url != known.get("base_url")  # a catalogue file set it
                 or name in self.providers
                 or name in used
-                or env.get(spec.base_url_env)
+                or env.get(spec.base_url_env, "").strip()
                 or (spec.api_key_env and env.get(spec.api_key_env))
             ):
                 continue
@@ -242,7 +259,9 @@ class ServerConfig:
         providers: dict[str, Any] = {}
         for name, spec in catalog.providers.items():
             o = overrides.get(name, {})
-            base_url = o.get("base_url") or env.get(spec.base_url_env) or spec.base_url or ""
+            base_url = (
+                o.get("base_url") or env.get(spec.base_url_env, "").strip() or spec.base_url or ""
+            )
             key_src = None
             if "api_key" in o:
                 key_src = self.providers[name].api_key_env
@@ -666,10 +685,16 @@ def load_config(
             raise ConfigError(
                 f"{where} protocol must be one of {', '.join(PROTOCOLS)}, got {protocol!r}"
             )
+        base_url = _opt(table, "base_url", str, where)
+        if base_url is not None:
+            try:
+                base_url = checked_base_url(base_url, f"{where} base_url")
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
         pc = ProviderConfig(
             name=name,
             protocol=protocol,
-            base_url=_opt(table, "base_url", str, where),
+            base_url=base_url,
             api_key_env=_opt(table, "api_key_env", str, where),
             api_key_env_alt=alt,
             key_required=_opt(table, "key_required", bool, where),

@@ -16,10 +16,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from .._catalog import Catalog
+from .._client import LUNAR_KEY_PREFIX as KEY_PREFIX
 from .._errors import AuthenticationError, BadRequestError, ConflictError, NotFoundError
 from .storage import KEY_FIELDS, KeyRecord, Storage
 
-KEY_PREFIX = "lk-"
 KEY_BODY_CHARS = 32
 KEY_LENGTH = len(KEY_PREFIX) + KEY_BODY_CHARS
 _KEY_RE = re.compile(r"^lk-[A-Za-z0-9_-]{32}$")
