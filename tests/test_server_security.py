@@ -15,7 +15,7 @@ import pytest
 
 from lunar.testing import MockServer, Reply
 
-from .test_server import CONFIG, GatewayProcess, every_wire
+from .test_server import CONFIG, MASTER, GatewayProcess, every_wire
 
 pytest.importorskip("uvicorn")
 
@@ -124,11 +124,12 @@ def test_a_keyless_provider_nothing_set_up_is_not_served(gw, key, upstream):
     assert upstream.requests[-1].json["model"] == "meta-llama/Llama-3.1-8B-Instruct"
 
 
-def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(gw, key, upstream):
-    """Body fields named like routing settings are not read by the gateway, and none of
-    the client's headers reach the upstream: it sees the gateway's own key."""
+def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(gw, upstream):
+    """Body fields named like routing settings are not read by the gateway (a virtual key may
+    not even send them: see below; here the master key's), and none of the client's
+    headers reach the upstream: it sees the gateway's own key."""
     headers = {
-        "x-api-key": key,
+        "x-api-key": MASTER,
         "authorization": "Bearer sk-client",
         "api-key": "sk-client",
         "x-goog-api-key": "sk-client",
@@ -153,6 +154,104 @@ def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(
             "sk-ant",
             "sk-gem",
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Body fields passed on to the provider
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["models", "route", "transforms", "base_url", "api_base", "api_key", "safetySettings",
+     "cachedContent"],
+)  # fmt: skip
+def test_a_virtual_key_may_not_send_fields_that_pick_a_model_route_or_credential(
+    gw, upstream, field
+):
+    """Unknown body fields go on to the provider as its own: with an OpenRouter-style
+    upstream `"models": [...]` (or `"route"`) had any model answer a key allowed one cheap
+    model, billed at that model's price; Gemini's `cachedContent` and `safetySettings`, a
+    LiteLLM-style upstream's `api_base` / `api_key` are the operator's. A virtual key's
+    request carries OpenAI's chat fields and those `extra_body_fields` allows; any other
+    is a 400 naming it, sent nowhere, and in the ledger."""
+    key, key_id = gw.new_key("restricted", models=["gpt-4o-mini"])
+    for stream in (False, True):
+        r = chat(gw, key, stream=stream, **{field: ["openai/gpt-4o"]})
+        assert r.status_code == 400, r.text
+        err = _error(r)
+        assert (err["code"], err["param"], err["type"]) == (
+            "field_not_allowed",
+            field,
+            "invalid_request_error",
+        )
+        assert f"'{field}'" in err["message"] and "top_k" in err["message"]
+    assert upstream.requests == []
+    rows = gw.rows(key_id, expected=2)
+    assert [(row["http_status"], row["status"]) for row in rows] == [(400, "error")] * 2
+
+
+def test_sampling_fields_pass_by_default_and_the_master_key_passes_any(gw, key, upstream):
+    """The default `extra_body_fields` are open-model servers' sampling settings (vLLM,
+    Together, OpenRouter …); the operator's own master key is not restricted."""
+    sampling = {"top_k": 5, "min_p": 0.1, "top_a": 0.2, "repetition_penalty": 1.1}
+    r = chat(gw, key, model="vllm/meta-llama/Llama-3.1-8B-Instruct", **sampling)
+    assert r.status_code == 200, r.text
+    sent = upstream.requests[-1].json
+    assert {k: sent[k] for k in sampling} == sampling
+    r = chat(gw, MASTER, models=["openai/gpt-4o"], route="fallback")
+    assert r.status_code == 200, r.text
+    sent = upstream.requests[-1].json
+    assert (sent["models"], sent["route"]) == (["openai/gpt-4o"], "fallback")
+
+
+def test_the_operator_chooses_the_fields(upstream, tmp_path):
+    """`extra_body_fields` (here `LUNAR_EXTRA_BODY_FIELDS`) replaces the default list; `*`
+    alone lets any field through, as before."""
+    proc = GatewayProcess(tmp_path, upstream, CONFIG, LUNAR_EXTRA_BODY_FIELDS="models, top_k")
+    try:
+        key = proc.new_key("router")[0]
+        r = chat(proc, key, models=["openai/gpt-4o"], top_k=3)
+        assert r.status_code == 200, r.text
+        assert upstream.requests[-1].json["models"] == ["openai/gpt-4o"]
+        r = chat(proc, key, min_p=0.1)
+        assert r.status_code == 400 and _error(r)["param"] == "min_p", r.text
+        assert "(extra_body_fields: models, top_k)" in _error(r)["message"]
+    finally:
+        proc.stop()
+
+
+def test_extra_body_fields_in_the_config_file_and_its_mistakes(tmp_path):
+    from lunar.server.config import EXTRA_BODY_FIELDS, ConfigError, load_config
+
+    assert load_config(environ={}).extra_body_fields == list(EXTRA_BODY_FIELDS)
+    path = tmp_path / "lunar.toml"
+    path.write_text('[server]\nextra_body_fields = ["*"]\n')
+    assert load_config(path, environ={}).extra_body_fields == ["*"]
+    path.write_text("[server]\nextra_body_fields = []\n")
+    assert load_config(path, environ={}).extra_body_fields == []
+    for bad, message in (
+        ('["*", "top_k"]', "'*' (any field) stands alone"),
+        ('[" top_k"]', "is not a field name"),
+        ('"top_k"', "must be a list of strings"),
+    ):
+        path.write_text(f"[server]\nextra_body_fields = {bad}\n")
+        with pytest.raises(ConfigError, match="extra_body_fields") as info:
+            load_config(path, environ={})
+        assert message in str(info.value)
+
+
+def test_direct_mode_passes_any_field(upstream, monkeypatch):
+    """The restriction is the gateway's, for its clients: the SDK with the user's own keys
+    sends what it is given."""
+    import lunar
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-own")
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream.base_url)
+    client = lunar.Lunar(max_retries=0)
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=HI, extra_body={"models": ["x/y"], "route": "fallback"}
+    )
+    assert upstream.requests[-1].json["models"] == ["x/y"]
 
 
 # ---------------------------------------------------------------------------------------------

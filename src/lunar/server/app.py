@@ -54,6 +54,7 @@ from .._request import (
     validate_provider,
 )
 from .._types import Usage
+from ..providers._shared import OPENAI_FIELDS
 from .config import ServerConfig
 from .cors import Cors
 from .dialects import (
@@ -215,6 +216,24 @@ def _file_model(name: str, param: str) -> NotFoundError:
         "when the gateway's config names it ([local.models])",
         param=param,
         code="model_not_found",
+    )
+
+
+def _body_fields(allowed: list[str]) -> frozenset[str] | None:
+    """The fields a virtual key's chat body may have: OpenAI's and ``allowed`` (the config's
+    ``extra_body_fields``); ``None`` when ``*`` allows any."""
+    return None if "*" in allowed else OPENAI_FIELDS.union(allowed)
+
+
+def _field_refused(name: str, allowed: list[str]) -> BadRequestError:
+    """A body field a virtual key may not send: it could pick another model, route,
+    endpoint or credential at the provider, which the key's limits and prices do not see."""
+    extra = ", ".join(allowed) or "none"
+    return BadRequestError(
+        f"Field '{name}' is not accepted by this gateway: besides OpenAI's chat parameters, "
+        f"it passes on only the fields its operator allows (extra_body_fields: {extra})",
+        param=name,
+        code="field_not_allowed",
     )
 
 
@@ -423,6 +442,8 @@ class Gateway:
         self._file_providers = frozenset(
             name for name, spec in self.catalog.providers.items() if spec.protocol == "local"
         )
+        # A virtual key's chat body may carry these fields only (None: any).
+        self._body_fields = _body_fields(config.extra_body_fields)
         self._pricing = dumps(self._pricing_document())
         self._openapi = dumps(openapi_document(__version__))
         self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
@@ -795,6 +816,11 @@ class Gateway:
                     row.model = raw["model"][:200]
                 body, lunar = parse_request(dialect, raw)
                 call.body = body
+                allowed = self._body_fields
+                if allowed is not None and key is not MASTER_KEY:
+                    for name in body:
+                        if name not in allowed:
+                            raise _field_refused(name, self.config.extra_body_fields)
                 model = validate_model(lunar["model"])
                 stream = lunar["stream"]
                 if stream is not None and not isinstance(stream, bool):
