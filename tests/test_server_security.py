@@ -21,11 +21,30 @@ pytest.importorskip("uvicorn")
 
 HI = [{"role": "user", "content": "Hi"}]
 
+# An internal host (nothing listens on port 9 of the loopback) and a provider whose key
+# variable is not set: what their errors say is the operator's business.
+INTERNAL = "127.0.0.1:9"
 SECURITY_CONFIG = (
     CONFIG
-    + """
+    + f"""
 [local.models]
 house = "/nonexistent/house.gguf"
+
+[providers.internal]
+protocol = "openai"
+base_url = "http://{INTERNAL}/v1"
+key_required = false
+
+[providers.nokey]
+protocol = "openai"
+base_url = "http://{INTERNAL}/v1"
+api_key_env = "NOKEY_SECRET_VAR"
+
+[models.internal-llama]
+deployments = [{{provider = "internal", id = "llama"}}]
+
+[models.nokey-llama]
+deployments = [{{provider = "nokey", id = "llama"}}]
 """
 )
 
@@ -117,7 +136,11 @@ def test_a_keyless_provider_nothing_set_up_is_not_served(gw, key, upstream):
         tried = [a for a in attempts if a["provider"] == "ollama"]
         assert tried, r.text
         assert {(a["status"], a["code"]) for a in tried} == {(404, "provider_not_configured")}
-        assert "OLLAMA_BASE_URL" in tried[0]["message"]
+        # How to set it up is the operator's to read (the master key's answer), not a client's.
+        assert "OLLAMA_BASE_URL" not in tried[0]["message"], tried
+        upstream.enqueue(Reply.status_error(503), model="gpt-4.1-nano")
+        r = chat(gw, MASTER, **body)
+        assert "OLLAMA_BASE_URL" in r.json()["attempts"][-1]["message"], r.text
     # vLLM, whose base URL the operator set, is served (here by the emulator).
     r = chat(gw, key, model="vllm/meta-llama/Llama-3.1-8B-Instruct")
     assert r.status_code == 200, r.text
@@ -252,6 +275,115 @@ def test_direct_mode_passes_any_field(upstream, monkeypatch):
         model="gpt-4o-mini", messages=HI, extra_body={"models": ["x/y"], "route": "fallback"}
     )
     assert upstream.requests[-1].json["models"] == ["x/y"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What errors tell a client
+
+
+def _both(gw: GatewayProcess, upstream: MockServer, reply: Reply | None, **body: Any) -> Any:
+    """The same failing request with a virtual key and with the master key: (the virtual
+    key's answer, the master key's, the virtual key's ledger row)."""
+    key, key_id = gw.new_key("client")
+    answers = []
+    for credential in (key, MASTER):
+        if reply is not None:
+            upstream.enqueue(reply, model=body.get("model", "gpt-4o-mini"))
+        answers.append(chat(gw, credential, **body))
+    (row,) = gw.rows(key_id, expected=1)
+    return answers[0], answers[1], row
+
+
+def _same_but_the_words(r: httpx.Response, full: httpx.Response) -> dict[str, Any]:
+    """A virtual key's error answer: the master key's, message aside."""
+    assert r.status_code == full.status_code, (r.text, full.text)
+    assert r.headers.get("x-should-retry") == full.headers.get("x-should-retry")
+    assert r.headers.get("retry-after") == full.headers.get("retry-after")
+    assert r.headers["x-request-id"] != full.headers["x-request-id"]
+    told, whole = r.json(), full.json()
+    for name in ("type", "code", "param"):
+        assert told["error"][name] == whole["error"][name]
+    strip = lambda a: {k: v for k, v in a.items() if k != "message"}  # noqa: E731
+    assert [strip(a) for a in told.get("attempts", [])] == [
+        strip(a) for a in whole.get("attempts", [])
+    ]
+    return told  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("model", "leak"),
+    [("internal-llama", INTERNAL), ("nokey-llama", "NOKEY_SECRET_VAR")],
+    ids=["internal-host", "key-variable"],
+)
+def test_a_virtual_key_is_not_told_internal_hosts_or_key_variables(gw, upstream, model, leak):
+    """A connection error named the upstream's base URL (an internal host), a missing key
+    the variable it is read from: the master key is told as before, a virtual key what
+    failed and where, its status, type, code and attempts the same; the log has it all."""
+    before = len(gw.logs())
+    r, full, row = _both(gw, upstream, None, model=model)
+    told = _same_but_the_words(r, full)
+    assert leak in full.json()["error"]["message"], full.text
+    assert leak not in r.text, r.text
+    provider = model.split("-")[0]
+    assert f"rovider '{provider}'" in told["error"]["message"], r.text
+    assert "gateway's log" in told["error"]["message"]
+    logged = gw.logs()[before:]
+    assert r.headers["x-request-id"] in logged and leak in logged
+    assert (row["http_status"], row["status"]) == (full.status_code, "error")
+    assert row["error_type"] == {"internal-llama": "api_connection_error"}.get(
+        model, "authentication_error"
+    )
+
+
+def test_an_upstream_401_quoting_the_gateways_key_is_not_relayed(gw, upstream):
+    """An upstream's 401 is about the gateway's own key, and may quote it: a virtual key
+    is told the provider refused the gateway's credentials; the log keeps the message
+    without the key's fragment."""
+    quoted = "sk-open****************1234"
+    reply = Reply(
+        status=401,
+        error_message=f"Incorrect API key provided: {quoted}. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+    )
+    before = len(gw.logs())
+    r, full, row = _both(gw, upstream, reply)
+    told = _same_but_the_words(r, full)
+    assert quoted in full.text
+    assert quoted not in r.text and "platform.openai.com" not in r.text
+    assert told["error"]["message"].startswith("Provider 'openai' refused the gateway's")
+    logged = gw.logs()[before:]
+    assert "Incorrect API key provided" in logged and quoted not in logged
+    assert (row["http_status"], row["error_type"]) == (401, "authentication_error")
+
+
+def test_an_upstream_400_still_tells_the_client_what_was_wrong(gw, upstream):
+    """A 400 is about the client's request: its message stays, hosts and key-like tokens
+    taken out."""
+    reply = Reply(status=400, error_message="Invalid 'top_p': see http://10.1.2.3:8080/docs")
+    r, full, _ = _both(gw, upstream, reply)
+    told = _same_but_the_words(r, full)
+    assert told["error"]["message"].startswith("Invalid 'top_p': see <url>"), r.text
+    assert "10.1.2.3" not in r.text and "10.1.2.3" in full.text
+
+
+def test_a_mid_stream_error_event_is_told_as_an_answer_is(gw, upstream):
+    reply = Reply(chunks=5, error_after=2, error_message="worker http://10.0.0.7:8000 died")
+    events = []
+    for credential in (gw.new_key("client")[0], MASTER):
+        upstream.enqueue(reply, model="gpt-4o-mini")
+        r = chat(gw, credential, stream=True)
+        assert r.status_code == 200
+        (event,) = [
+            json.loads(line[6:])
+            for line in r.text.splitlines()
+            if line.startswith("data: {") and '"error"' in line
+        ]
+        events.append(event)
+    told, whole = events
+    assert "10.0.0.7" in whole["error"]["message"]
+    assert "10.0.0.7" not in json.dumps(told)
+    assert (told["status"], told["error"]["type"]) == (whole["status"], whole["error"]["type"])
+    assert told["error"]["message"].startswith("Provider 'openai'")
 
 
 # ---------------------------------------------------------------------------------------------

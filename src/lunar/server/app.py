@@ -80,6 +80,7 @@ from .keys import (
 from .limits import UNUSED, InMemoryLimiter, Limiter, Refusal, Ticket, estimate, needs_estimate
 from .metrics import Metrics, model_label
 from .openapi import openapi_document
+from .redact import log_detail, public_error
 from .relay import ClientSink, client_sink
 from .storage import GROUP_BY, KeyRecord, SQLiteStorage, Storage, UsageQuery, UsageRow, parse_time
 
@@ -857,7 +858,8 @@ class Gateway:
             except LunarError as err:
                 if row.status != "rejected":
                     row.status = "rejected" if isinstance(err, PermissionDeniedError) else "error"
-                status, payload, extra = dialect.error(err)
+                shown = err if key is MASTER_KEY else self._public(err, request_id)
+                status, payload, extra = dialect.error(shown)
                 row.http_status = status
                 row.error_type = error_type(err)
                 row.attempts = len(err.attempts)
@@ -901,7 +903,8 @@ class Gateway:
                 row.status = "error"
                 row.error_type = error_type(err)
                 row.attempts = len(err.attempts)
-                tail = writer.error(err, request_id)
+                shown = err if key is MASTER_KEY else self._public(err, request_id)
+                tail = writer.error(shown, request_id)
             finally:
                 await it.aclose()
             watch.stop()
@@ -964,6 +967,15 @@ class Gateway:
             plan = call.trace.plan
             if plan is not None and plan.attempts:  # a failed attempt's error, recorded
                 plan.release()
+
+    @staticmethod
+    def _public(err: LunarError, request_id: str) -> LunarError:
+        """``err`` as a virtual key's client is told it (see ``redact``); when that leaves
+        something out, the whole of it goes to the log under the request's id."""
+        shown = public_error(err)
+        if shown is not err:
+            log.warning("request %s failed: %s", request_id, log_detail(err))
+        return shown
 
     async def _stopping(
         self,
