@@ -20,7 +20,7 @@ from lunar.testing import MockServer, Reply
 from .test_relay import MASTER as IN_PROCESS_MASTER
 from .test_relay import gateway
 from .test_remote_parity import call, collect, raised
-from .test_server import CONFIG, MESSAGES, GatewayProcess
+from .test_server import CONFIG, MASTER, MESSAGES, GatewayProcess
 
 pytest.importorskip("uvicorn")
 
@@ -218,33 +218,43 @@ async def test_attempts_show_the_gateways_upstream_attempts_as_direct_mode_does(
 ):
     """``e.attempts`` in remote mode held one entry, the hop ("lunar"); the gateway now
     reports its attempts (model, provider, status, error) and they read as direct mode's."""
-    model, fallback = f"openai/att-{flavor}", f"openai/attf-{flavor}"
     views = []
-    for client in (
-        direct(flavor),
-        remote(gw, flavor),
+    for run, client in enumerate(
+        (
+            direct(flavor),
+            remote(gw, flavor, key=MASTER),  # told in full: the same words too
+            remote(gw, flavor),  # a virtual key: the same attempts, the gateway's words
+        )
     ):
+        # Models of each run's own: the gateway's health learns from the run before.
+        model, fallback = f"openai/att{run}-{flavor}", f"openai/attf{run}-{flavor}"
         upstream.reset()
         upstream.enqueue(FAILING, Reply(status=502), FAILING, model=model[7:])
         upstream.enqueue(Reply(status=429, retry_after=90), model=fallback[7:])
         try:
             err = await raised(
-                lambda c=client: c.chat.completions.create(
-                    model=model, messages=MESSAGES, fallbacks=[fallback, "no-such-model"]
+                lambda c=client, m=model, f=fallback: c.chat.completions.create(
+                    model=m, messages=MESSAGES, fallbacks=[f, "no-such-model"]
                 )
             )
         finally:
             await call(client.close())
-        views.append(([(a.model, a.provider, a.error.status_code) for a in err.attempts], str(err)))
-    direct_view, remote_view = views
+        names = {model: "model", fallback: "fallback"}
+        attempts = [
+            (names.get(a.model, a.model), a.provider, a.error.status_code) for a in err.attempts
+        ]
+        views.append((attempts, str(err).replace(model, "model").replace(fallback, "fallback")))
+    direct_view, master_view, remote_view = views
     assert direct_view[0] == [
-        (model, "openai", 503),
-        (model, "openai", 502),
-        (model, "openai", 503),
-        (fallback, "openai", 429),
+        ("model", "openai", 503),
+        ("model", "openai", 502),
+        ("model", "openai", 503),
+        ("fallback", "openai", 429),
         ("no-such-model", "?", 404),
     ]
-    assert remote_view == direct_view
+    assert master_view == direct_view
+    assert remote_view[0] == direct_view[0]
+    assert "sk-" not in remote_view[1] and "http" not in remote_view[1]
 
 
 async def test_a_mid_stream_failure_shows_the_gateways_attempts(gw, upstream, flavor):

@@ -12,7 +12,7 @@ import pytest
 import lunar
 from lunar.testing import MockServer, Reply
 
-from .test_server import CONFIG, MESSAGES, GatewayProcess, every_wire
+from .test_server import CONFIG, MASTER, MESSAGES, GatewayProcess, every_wire
 
 pytest.importorskip("uvicorn")
 
@@ -70,14 +70,19 @@ async def raised(fn: Callable[[], Any]) -> lunar.LunarError:
 
 
 class Pair:
-    """A direct client and a remote one, of one flavour, with the same arguments."""
+    """A direct client and a remote one, of one flavour, with the same arguments. The remote
+    one holds a virtual key, or with ``master`` the gateway's master key (told every error
+    in full, as direct mode is)."""
 
-    def __init__(self, gw: GatewayProcess, upstream: MockServer, flavor: str, **kw: Any) -> None:
+    def __init__(
+        self, gw: GatewayProcess, upstream: MockServer, flavor: str, master: bool = False, **kw: Any
+    ) -> None:
         cls = lunar.Lunar if flavor == "sync" else lunar.AsyncLunar
         kw.setdefault("max_retries", 0)
         self.upstream = upstream
         self.direct = cls(**kw)
-        self.remote = cls(base_url=gw.url + "/v1", api_key=gw.new_key()[0], **kw)
+        key = MASTER if master else gw.new_key()[0]
+        self.remote = cls(base_url=gw.url + "/v1", api_key=key, **kw)
 
     async def run(self, fn: Callable[[Any], Any], *replies: Reply) -> tuple[Any, Any]:
         """``fn(client)`` (a coroutine) against each client, the emulator scripted the same
@@ -107,9 +112,10 @@ async def pair(gw: GatewayProcess, upstream: MockServer, flavor: str) -> Any:
         await p.close()
 
 
-def error_view(e: lunar.LunarError) -> dict[str, Any]:
-    """What a user reads off an error, the same in both modes."""
-    return {
+def error_view(e: lunar.LunarError, attempts: bool = False) -> dict[str, Any]:
+    """What a user reads off an error, the same in both modes (with ``attempts``: each
+    attempt's model, provider, class and status too)."""
+    view = {
         "class": type(e).__name__,
         "str": str(e),
         "status_code": getattr(e, "status_code", None),
@@ -118,6 +124,18 @@ def error_view(e: lunar.LunarError) -> dict[str, Any]:
         "type": getattr(e, "type", None),
         "retry_after": getattr(e, "retry_after", None),
     }
+    if attempts:
+        view["attempts"] = [
+            (a.model, a.provider, type(a.error).__name__, getattr(a.error, "status_code", None))
+            for a in e.attempts
+        ]
+    return view
+
+
+def same_but_the_words(direct: dict[str, Any], remote: dict[str, Any]) -> None:
+    """A virtual key's error: what code reads off it (class, status, type, code, param,
+    wait, attempts) as in direct mode; its message may be the gateway's generic one."""
+    assert {**remote, "str": ""} == {**direct, "str": ""}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,7 +183,6 @@ async def test_client_level_fallbacks_are_honoured_in_remote_mode(pair, flavor):
 async def test_an_upstream_error_reads_the_same_in_both_modes(pair, status, model):
     """The gateway's error message already names the provider at fault; remote mode added
     ``(provider: lunar)`` after it, so ``str(e)`` differed from direct mode's."""
-    p = pair()
 
     async def fails(client: Any) -> dict[str, Any]:
         err = await raised(
@@ -173,10 +190,11 @@ async def test_an_upstream_error_reads_the_same_in_both_modes(pair, status, mode
                 model=model, messages=MESSAGES, max_tokens=5, fallbacks=[]
             )
         )
-        return error_view(err)
+        return error_view(err, attempts=True)
 
-    direct, remote = await p.run(fails, Reply(status=status, retry_after=3))
+    direct, remote = await pair(master=True).run(fails, Reply(status=status, retry_after=3))
     assert remote == direct
+    same_but_the_words(*await pair().run(fails, Reply(status=status, retry_after=3)))
     provider = {"openai/errs": "openai", "claude-3-5-haiku": "anthropic"}.get(model, "gemini")
     assert direct["str"].endswith(f"(provider: {provider})")
 
@@ -197,7 +215,6 @@ async def test_a_mid_stream_error_reads_the_same_in_both_modes(pair, reply, mode
     ``RESOURCE_EXHAUSTED``): remote mode raised a bare ``StreamError`` where direct mode
     raises ``ServiceUnavailableError`` / ``RateLimitError``; the event now says its
     ``status``."""
-    p = pair()
 
     async def fails(client: Any) -> dict[str, Any]:
         err = await raised(
@@ -205,10 +222,11 @@ async def test_a_mid_stream_error_reads_the_same_in_both_modes(pair, reply, mode
                 model=model, messages=MESSAGES, stream=True, max_tokens=50
             )
         )
-        return error_view(err)
+        return error_view(err, attempts=True)
 
-    direct, remote = await p.run(fails, reply)
+    direct, remote = await pair(master=True).run(fails, reply)
     assert remote == direct
+    same_but_the_words(*await pair().run(fails, reply))
 
 
 async def test_a_request_the_gateway_refuses_reads_as_direct_mode_refuses_it(pair):
@@ -352,7 +370,6 @@ async def test_a_malformed_upstream_stream_is_the_gateways_502_in_remote_mode(pa
     """By design: direct mode raises ``StreamError`` (no status) for a malformed event in an
     upstream stream; the gateway answers every failure with a status, here 502 in its error
     event, and remote mode raises that status's class (both are ``APIError``)."""
-    p = pair()
 
     async def fails(client: Any) -> dict[str, Any]:
         err = await raised(
@@ -363,10 +380,17 @@ async def test_a_malformed_upstream_stream_is_the_gateways_502_in_remote_mode(pa
         assert isinstance(err, lunar.APIError)
         return error_view(err)
 
-    direct, remote = await p.run(fails, Reply(chunks=5, malformed_after=2))
-    assert direct["class"] == "StreamError" and direct["status_code"] is None
-    assert (remote["class"], remote["status_code"]) == ("ServerError", 502)
-    assert remote["str"] == "[502] " + direct["str"]
+    for master in (True, False):
+        direct, remote = await pair(master=master).run(fails, Reply(chunks=5, malformed_after=2))
+        assert direct["class"] == "StreamError" and direct["status_code"] is None
+        assert (remote["class"], remote["status_code"]) == ("ServerError", 502)
+        if master:
+            assert remote["str"] == "[502] " + direct["str"]
+        else:  # what the broken event was is the operator's to read
+            assert (
+                remote["str"] == "[502] Provider 'openai' failed to answer (details are in "
+                "the gateway's log)"
+            )
 
 
 async def test_a_mid_stream_error_names_the_request_id_of_who_answered(pair, gw):

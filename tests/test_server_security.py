@@ -15,17 +15,36 @@ import pytest
 
 from lunar.testing import MockServer, Reply
 
-from .test_server import CONFIG, GatewayProcess, every_wire
+from .test_server import CONFIG, MASTER, GatewayProcess, every_wire
 
 pytest.importorskip("uvicorn")
 
 HI = [{"role": "user", "content": "Hi"}]
 
+# An internal host (nothing listens on port 9 of the loopback) and a provider whose key
+# variable is not set: what their errors say is the operator's business.
+INTERNAL = "127.0.0.1:9"
 SECURITY_CONFIG = (
     CONFIG
-    + """
+    + f"""
 [local.models]
 house = "/nonexistent/house.gguf"
+
+[providers.internal]
+protocol = "openai"
+base_url = "http://{INTERNAL}/v1"
+key_required = false
+
+[providers.nokey]
+protocol = "openai"
+base_url = "http://{INTERNAL}/v1"
+api_key_env = "NOKEY_SECRET_VAR"
+
+[models.internal-llama]
+deployments = [{{provider = "internal", id = "llama"}}]
+
+[models.nokey-llama]
+deployments = [{{provider = "nokey", id = "llama"}}]
 """
 )
 
@@ -117,18 +136,23 @@ def test_a_keyless_provider_nothing_set_up_is_not_served(gw, key, upstream):
         tried = [a for a in attempts if a["provider"] == "ollama"]
         assert tried, r.text
         assert {(a["status"], a["code"]) for a in tried} == {(404, "provider_not_configured")}
-        assert "OLLAMA_BASE_URL" in tried[0]["message"]
+        # How to set it up is the operator's to read (the master key's answer), not a client's.
+        assert "OLLAMA_BASE_URL" not in tried[0]["message"], tried
+        upstream.enqueue(Reply.status_error(503), model="gpt-4.1-nano")
+        r = chat(gw, MASTER, **body)
+        assert "OLLAMA_BASE_URL" in r.json()["attempts"][-1]["message"], r.text
     # vLLM, whose base URL the operator set, is served (here by the emulator).
     r = chat(gw, key, model="vllm/meta-llama/Llama-3.1-8B-Instruct")
     assert r.status_code == 200, r.text
     assert upstream.requests[-1].json["model"] == "meta-llama/Llama-3.1-8B-Instruct"
 
 
-def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(gw, key, upstream):
-    """Body fields named like routing settings are not read by the gateway, and none of
-    the client's headers reach the upstream: it sees the gateway's own key."""
+def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(gw, upstream):
+    """Body fields named like routing settings are not read by the gateway (a virtual key may
+    not even send them: see below; here the master key's), and none of the client's
+    headers reach the upstream: it sees the gateway's own key."""
     headers = {
-        "x-api-key": key,
+        "x-api-key": MASTER,
         "authorization": "Bearer sk-client",
         "api-key": "sk-client",
         "x-goog-api-key": "sk-client",
@@ -153,6 +177,213 @@ def test_client_fields_and_headers_never_change_where_a_request_goes_or_its_key(
             "sk-ant",
             "sk-gem",
         }
+
+
+# ---------------------------------------------------------------------------------------------
+# Body fields passed on to the provider
+
+
+@pytest.mark.parametrize(
+    "field",
+    ["models", "route", "transforms", "base_url", "api_base", "api_key", "safetySettings",
+     "cachedContent"],
+)  # fmt: skip
+def test_a_virtual_key_may_not_send_fields_that_pick_a_model_route_or_credential(
+    gw, upstream, field
+):
+    """Unknown body fields go on to the provider as its own: with an OpenRouter-style
+    upstream `"models": [...]` (or `"route"`) had any model answer a key allowed one cheap
+    model, billed at that model's price; Gemini's `cachedContent` and `safetySettings`, a
+    LiteLLM-style upstream's `api_base` / `api_key` are the operator's. A virtual key's
+    request carries OpenAI's chat fields and those `extra_body_fields` allows; any other
+    is a 400 naming it, sent nowhere, and in the ledger."""
+    key, key_id = gw.new_key("restricted", models=["gpt-4o-mini"])
+    for stream in (False, True):
+        r = chat(gw, key, stream=stream, **{field: ["openai/gpt-4o"]})
+        assert r.status_code == 400, r.text
+        err = _error(r)
+        assert (err["code"], err["param"], err["type"]) == (
+            "field_not_allowed",
+            field,
+            "invalid_request_error",
+        )
+        assert f"'{field}'" in err["message"] and "top_k" in err["message"]
+    assert upstream.requests == []
+    rows = gw.rows(key_id, expected=2)
+    assert [(row["http_status"], row["status"]) for row in rows] == [(400, "error")] * 2
+
+
+def test_sampling_fields_pass_by_default_and_the_master_key_passes_any(gw, key, upstream):
+    """The default `extra_body_fields` are open-model servers' sampling settings (vLLM,
+    Together, OpenRouter …); the operator's own master key is not restricted."""
+    sampling = {"top_k": 5, "min_p": 0.1, "top_a": 0.2, "repetition_penalty": 1.1}
+    r = chat(gw, key, model="vllm/meta-llama/Llama-3.1-8B-Instruct", **sampling)
+    assert r.status_code == 200, r.text
+    sent = upstream.requests[-1].json
+    assert {k: sent[k] for k in sampling} == sampling
+    r = chat(gw, MASTER, models=["openai/gpt-4o"], route="fallback")
+    assert r.status_code == 200, r.text
+    sent = upstream.requests[-1].json
+    assert (sent["models"], sent["route"]) == (["openai/gpt-4o"], "fallback")
+
+
+def test_the_operator_chooses_the_fields(upstream, tmp_path):
+    """`extra_body_fields` (here `LUNAR_EXTRA_BODY_FIELDS`) replaces the default list; `*`
+    alone lets any field through, as before."""
+    proc = GatewayProcess(tmp_path, upstream, CONFIG, LUNAR_EXTRA_BODY_FIELDS="models, top_k")
+    try:
+        key = proc.new_key("router")[0]
+        r = chat(proc, key, models=["openai/gpt-4o"], top_k=3)
+        assert r.status_code == 200, r.text
+        assert upstream.requests[-1].json["models"] == ["openai/gpt-4o"]
+        r = chat(proc, key, min_p=0.1)
+        assert r.status_code == 400 and _error(r)["param"] == "min_p", r.text
+        assert "(extra_body_fields: models, top_k)" in _error(r)["message"]
+    finally:
+        proc.stop()
+
+
+def test_extra_body_fields_in_the_config_file_and_its_mistakes(tmp_path):
+    from lunar.server.config import EXTRA_BODY_FIELDS, ConfigError, load_config
+
+    assert load_config(environ={}).extra_body_fields == list(EXTRA_BODY_FIELDS)
+    path = tmp_path / "lunar.toml"
+    path.write_text('[server]\nextra_body_fields = ["*"]\n')
+    assert load_config(path, environ={}).extra_body_fields == ["*"]
+    path.write_text("[server]\nextra_body_fields = []\n")
+    assert load_config(path, environ={}).extra_body_fields == []
+    for bad, message in (
+        ('["*", "top_k"]', "'*' (any field) stands alone"),
+        ('[" top_k"]', "is not a field name"),
+        ('"top_k"', "must be a list of strings"),
+    ):
+        path.write_text(f"[server]\nextra_body_fields = {bad}\n")
+        with pytest.raises(ConfigError, match="extra_body_fields") as info:
+            load_config(path, environ={})
+        assert message in str(info.value)
+
+
+def test_direct_mode_passes_any_field(upstream, monkeypatch):
+    """The restriction is the gateway's, for its clients: the SDK with the user's own keys
+    sends what it is given."""
+    import lunar
+
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-own")
+    monkeypatch.setenv("OPENAI_BASE_URL", upstream.base_url)
+    client = lunar.Lunar(max_retries=0)
+    client.chat.completions.create(
+        model="gpt-4o-mini", messages=HI, extra_body={"models": ["x/y"], "route": "fallback"}
+    )
+    assert upstream.requests[-1].json["models"] == ["x/y"]
+
+
+# ---------------------------------------------------------------------------------------------
+# What errors tell a client
+
+
+def _both(gw: GatewayProcess, upstream: MockServer, reply: Reply | None, **body: Any) -> Any:
+    """The same failing request with a virtual key and with the master key: (the virtual
+    key's answer, the master key's, the virtual key's ledger row)."""
+    key, key_id = gw.new_key("client")
+    answers = []
+    for credential in (key, MASTER):
+        if reply is not None:
+            upstream.enqueue(reply, model=body.get("model", "gpt-4o-mini"))
+        answers.append(chat(gw, credential, **body))
+    (row,) = gw.rows(key_id, expected=1)
+    return answers[0], answers[1], row
+
+
+def _same_but_the_words(r: httpx.Response, full: httpx.Response) -> dict[str, Any]:
+    """A virtual key's error answer: the master key's, message aside."""
+    assert r.status_code == full.status_code, (r.text, full.text)
+    assert r.headers.get("x-should-retry") == full.headers.get("x-should-retry")
+    assert r.headers.get("retry-after") == full.headers.get("retry-after")
+    assert r.headers["x-request-id"] != full.headers["x-request-id"]
+    told, whole = r.json(), full.json()
+    for name in ("type", "code", "param"):
+        assert told["error"][name] == whole["error"][name]
+    strip = lambda a: {k: v for k, v in a.items() if k != "message"}  # noqa: E731
+    assert [strip(a) for a in told.get("attempts", [])] == [
+        strip(a) for a in whole.get("attempts", [])
+    ]
+    return told  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("model", "leak"),
+    [("internal-llama", INTERNAL), ("nokey-llama", "NOKEY_SECRET_VAR")],
+    ids=["internal-host", "key-variable"],
+)
+def test_a_virtual_key_is_not_told_internal_hosts_or_key_variables(gw, upstream, model, leak):
+    """A connection error named the upstream's base URL (an internal host), a missing key
+    the variable it is read from: the master key is told as before, a virtual key what
+    failed and where, its status, type, code and attempts the same; the log has it all."""
+    before = len(gw.logs())
+    r, full, row = _both(gw, upstream, None, model=model)
+    told = _same_but_the_words(r, full)
+    assert leak in full.json()["error"]["message"], full.text
+    assert leak not in r.text, r.text
+    provider = model.split("-")[0]
+    assert f"rovider '{provider}'" in told["error"]["message"], r.text
+    assert "gateway's log" in told["error"]["message"]
+    logged = gw.logs()[before:]
+    assert r.headers["x-request-id"] in logged and leak in logged
+    assert (row["http_status"], row["status"]) == (full.status_code, "error")
+    assert row["error_type"] == {"internal-llama": "api_connection_error"}.get(
+        model, "authentication_error"
+    )
+
+
+def test_an_upstream_401_quoting_the_gateways_key_is_not_relayed(gw, upstream):
+    """An upstream's 401 is about the gateway's own key, and may quote it: a virtual key
+    is told the provider refused the gateway's credentials; the log keeps the message
+    without the key's fragment."""
+    quoted = "sk-open****************1234"
+    reply = Reply(
+        status=401,
+        error_message=f"Incorrect API key provided: {quoted}. You can find your API key at "
+        "https://platform.openai.com/account/api-keys.",
+    )
+    before = len(gw.logs())
+    r, full, row = _both(gw, upstream, reply)
+    told = _same_but_the_words(r, full)
+    assert quoted in full.text
+    assert quoted not in r.text and "platform.openai.com" not in r.text
+    assert told["error"]["message"].startswith("Provider 'openai' refused the gateway's")
+    logged = gw.logs()[before:]
+    assert "Incorrect API key provided" in logged and quoted not in logged
+    assert (row["http_status"], row["error_type"]) == (401, "authentication_error")
+
+
+def test_an_upstream_400_still_tells_the_client_what_was_wrong(gw, upstream):
+    """A 400 is about the client's request: its message stays, hosts and key-like tokens
+    taken out."""
+    reply = Reply(status=400, error_message="Invalid 'top_p': see http://10.1.2.3:8080/docs")
+    r, full, _ = _both(gw, upstream, reply)
+    told = _same_but_the_words(r, full)
+    assert told["error"]["message"].startswith("Invalid 'top_p': see <url>"), r.text
+    assert "10.1.2.3" not in r.text and "10.1.2.3" in full.text
+
+
+def test_a_mid_stream_error_event_is_told_as_an_answer_is(gw, upstream):
+    reply = Reply(chunks=5, error_after=2, error_message="worker http://10.0.0.7:8000 died")
+    events = []
+    for credential in (gw.new_key("client")[0], MASTER):
+        upstream.enqueue(reply, model="gpt-4o-mini")
+        r = chat(gw, credential, stream=True)
+        assert r.status_code == 200
+        (event,) = [
+            json.loads(line[6:])
+            for line in r.text.splitlines()
+            if line.startswith("data: {") and '"error"' in line
+        ]
+        events.append(event)
+    told, whole = events
+    assert "10.0.0.7" in whole["error"]["message"]
+    assert "10.0.0.7" not in json.dumps(told)
+    assert (told["status"], told["error"]["type"]) == (whole["status"], whole["error"]["type"])
+    assert told["error"]["message"].startswith("Provider 'openai'")
 
 
 # ---------------------------------------------------------------------------------------------

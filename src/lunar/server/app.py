@@ -54,6 +54,7 @@ from .._request import (
     validate_provider,
 )
 from .._types import Usage
+from ..providers._shared import OPENAI_FIELDS
 from .config import ServerConfig
 from .cors import Cors
 from .dialects import (
@@ -79,6 +80,7 @@ from .keys import (
 from .limits import UNUSED, InMemoryLimiter, Limiter, Refusal, Ticket, estimate, needs_estimate
 from .metrics import Metrics, model_label
 from .openapi import openapi_document
+from .redact import log_detail, public_error
 from .relay import ClientSink, client_sink
 from .storage import GROUP_BY, KeyRecord, SQLiteStorage, Storage, UsageQuery, UsageRow, parse_time
 
@@ -215,6 +217,24 @@ def _file_model(name: str, param: str) -> NotFoundError:
         "when the gateway's config names it ([local.models])",
         param=param,
         code="model_not_found",
+    )
+
+
+def _body_fields(allowed: list[str]) -> frozenset[str] | None:
+    """The fields a virtual key's chat body may have: OpenAI's and ``allowed`` (the config's
+    ``extra_body_fields``); ``None`` when ``*`` allows any."""
+    return None if "*" in allowed else OPENAI_FIELDS.union(allowed)
+
+
+def _field_refused(name: str, allowed: list[str]) -> BadRequestError:
+    """A body field a virtual key may not send: it could pick another model, route,
+    endpoint or credential at the provider, which the key's limits and prices do not see."""
+    extra = ", ".join(allowed) or "none"
+    return BadRequestError(
+        f"Field '{name}' is not accepted by this gateway: besides OpenAI's chat parameters, "
+        f"it passes on only the fields its operator allows (extra_body_fields: {extra})",
+        param=name,
+        code="field_not_allowed",
     )
 
 
@@ -424,6 +444,8 @@ class Gateway:
         self._file_providers = frozenset(
             name for name, spec in self.catalog.providers.items() if spec.protocol == "local"
         )
+        # A virtual key's chat body may carry these fields only (None: any).
+        self._body_fields = _body_fields(config.extra_body_fields)
         self._pricing = dumps(self._pricing_document())
         self._openapi = dumps(openapi_document(__version__))
         self._routes: dict[str, dict[str, Callable[..., Awaitable[None]]]] = {
@@ -796,6 +818,11 @@ class Gateway:
                     row.model = raw["model"][:200]
                 body, lunar = parse_request(dialect, raw)
                 call.body = body
+                allowed = self._body_fields
+                if allowed is not None and key is not MASTER_KEY:
+                    for name in body:
+                        if name not in allowed:
+                            raise _field_refused(name, self.config.extra_body_fields)
                 model = validate_model(lunar["model"])
                 stream = lunar["stream"]
                 if stream is not None and not isinstance(stream, bool):
@@ -832,7 +859,8 @@ class Gateway:
             except LunarError as err:
                 if row.status != "rejected":
                     row.status = "rejected" if isinstance(err, PermissionDeniedError) else "error"
-                status, payload, extra = dialect.error(err)
+                shown = err if key is MASTER_KEY else self._public(err, request_id)
+                status, payload, extra = dialect.error(shown)
                 row.http_status = status
                 row.error_type = error_type(err)
                 row.attempts = len(err.attempts)
@@ -876,7 +904,8 @@ class Gateway:
                 row.status = "error"
                 row.error_type = error_type(err)
                 row.attempts = len(err.attempts)
-                tail = writer.error(err, request_id)
+                shown = err if key is MASTER_KEY else self._public(err, request_id)
+                tail = writer.error(shown, request_id)
             finally:
                 await it.aclose()
             watch.stop()
@@ -939,6 +968,15 @@ class Gateway:
             plan = call.trace.plan
             if plan is not None and plan.attempts:  # a failed attempt's error, recorded
                 plan.release()
+
+    @staticmethod
+    def _public(err: LunarError, request_id: str) -> LunarError:
+        """``err`` as a virtual key's client is told it (see ``redact``); when that leaves
+        something out, the whole of it goes to the log under the request's id."""
+        shown = public_error(err)
+        if shown is not err:
+            log.warning("request %s failed: %s", request_id, log_detail(err))
+        return shown
 
     async def _stopping(
         self,

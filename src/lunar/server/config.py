@@ -54,6 +54,14 @@ __all__ = ["ConfigError", "ProviderConfig", "ServerConfig", "load_config", "read
 # What `log_level` takes (`--log-level`'s choices too); any case from the file or environment.
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
+#: The body fields beyond OpenAI's chat parameters that a virtual key's request may pass on to
+#: providers by default: sampling settings of open-model servers (vLLM, Together, Fireworks,
+#: OpenRouter …). Nothing that picks another model or route (OpenRouter's ``models`` and
+#: ``route``, ``provider``), another endpoint or credential (``base_url``, ``api_key`` for a
+#: LiteLLM-style upstream), or a provider-side resource (Gemini's ``cachedContent``) or policy
+#: (``safetySettings``): the operator adds those it wants to ``extra_body_fields``.
+EXTRA_BODY_FIELDS = ("top_k", "min_p", "top_a", "repetition_penalty", "min_tokens")
+
 
 class ConfigError(ValueError):
     """A setting that cannot be used; the message names it and where it came from."""
@@ -81,6 +89,7 @@ class ServerConfig:
     keys_refresh_seconds: float = 5.0
     metrics_public: bool = True
     log_level: str = "warning"
+    extra_body_fields: list[str] = field(default_factory=lambda: list(EXTRA_BODY_FIELDS))
     # [engine]
     max_retries: int = 2
     timeout_seconds: float = 600.0
@@ -290,6 +299,7 @@ class ServerConfig:
                 "keys_refresh_seconds": self.keys_refresh_seconds,
                 "metrics_public": self.metrics_public,
                 "log_level": self.log_level,
+                "extra_body_fields": list(self.extra_body_fields),
             },
             "engine": {
                 "max_retries": self.max_retries,
@@ -402,6 +412,7 @@ _SETTINGS: dict[str, tuple[str, type, bool, str | None]] = {
     "keys_refresh_seconds": ("server", float, True, "LUNAR_KEYS_REFRESH_SECONDS"),
     "metrics_public": ("server", bool, False, "LUNAR_METRICS_PUBLIC"),
     "log_level": ("server", str, False, "LUNAR_LOG_LEVEL"),
+    "extra_body_fields": ("server", list, False, "LUNAR_EXTRA_BODY_FIELDS"),
     "max_retries": ("engine", int, False, "LUNAR_MAX_RETRIES"),
     "timeout_seconds": ("engine", float, True, "LUNAR_TIMEOUT_SECONDS"),
     "connect_timeout_seconds": ("engine", float, True, "LUNAR_CONNECT_TIMEOUT_SECONDS"),
@@ -648,6 +659,7 @@ def load_config(
         )
     cfg.allow_origins = _cors_list(cfg, "allow_origins", cors.origin)
     cfg.allow_headers = _cors_list(cfg, "allow_headers", cors.header_name)
+    cfg.extra_body_fields = _body_fields(cfg)
 
     catalog = data.get("catalog")
     if catalog is not None:
@@ -738,6 +750,19 @@ def _cors_list(cfg: ServerConfig, name: str, check: Callable[[str], str]) -> lis
     except ValueError as e:
         raise ConfigError(f"{cfg.setting(name)}: {e}") from None
     return values
+
+
+def _body_fields(cfg: ServerConfig) -> list[str]:
+    """``extra_body_fields``: field names (``*`` alone: any field), without repeats."""
+    names = list(dict.fromkeys(cfg.extra_body_fields))
+    for name in names:
+        if not name.strip() or name != name.strip():
+            raise ConfigError(f"{cfg.setting('extra_body_fields')}: {name!r} is not a field name")
+    if "*" in names and len(names) > 1:
+        raise ConfigError(
+            f"{cfg.setting('extra_body_fields')}: '*' (any field) stands alone, got {names!r}"
+        )
+    return names
 
 
 def _opt(table: Mapping[str, Any], name: str, kind: type, where: str) -> Any:
