@@ -819,10 +819,9 @@ class Gateway:
                 body, lunar = parse_request(dialect, raw)
                 call.body = body
                 allowed = self._body_fields
-                if allowed is not None and key is not MASTER_KEY:
-                    for name in body:
-                        if name not in allowed:
-                            raise _field_refused(name, self.config.extra_body_fields)
+                if allowed is not None and key is not MASTER_KEY and not allowed.issuperset(body):
+                    refused = next(name for name in body if name not in allowed)
+                    raise _field_refused(refused, self.config.extra_body_fields)
                 model = validate_model(lunar["model"])
                 stream = lunar["stream"]
                 if stream is not None and not isinstance(stream, bool):
