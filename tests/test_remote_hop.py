@@ -19,7 +19,7 @@ from lunar.testing import MockServer, Reply
 
 from .test_relay import MASTER as IN_PROCESS_MASTER
 from .test_relay import gateway
-from .test_remote_parity import call, collect, raised
+from .test_remote_parity import call, collect, direct_env, raised
 from .test_server import CONFIG, MASTER, MESSAGES, GatewayProcess
 
 pytest.importorskip("uvicorn")
@@ -43,10 +43,7 @@ def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
 @pytest.fixture(autouse=True)
 def _fresh(upstream: MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
     """Direct mode (for the parity checks) sees the emulator the gateway sees."""
-    upstream.reset()
-    for p in ("OPENAI", "GROQ", "TOGETHER", "FIREWORKS"):
-        monkeypatch.setenv(f"{p}_API_KEY", f"sk-{p.lower()}")
-        monkeypatch.setenv(f"{p}_BASE_URL", upstream.base_url)
+    direct_env(upstream, monkeypatch, native=False)
 
 
 @pytest.fixture(params=["sync", "async"])

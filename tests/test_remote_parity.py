@@ -32,16 +32,22 @@ def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     proc.stop()
 
 
-@pytest.fixture(autouse=True)
-def _direct_env(upstream: MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Direct mode sees the providers the gateway sees (the gateway's own environment)."""
+def direct_env(upstream: MockServer, monkeypatch: pytest.MonkeyPatch, *, native: bool) -> None:
+    """Direct mode sees the emulator the gateway sees: the OpenAI-compatible providers, and
+    with ``native`` Anthropic's and Gemini's wires too (a fresh emulator each test)."""
     upstream.reset()
     for p in ("OPENAI", "GROQ", "TOGETHER", "FIREWORKS"):
         monkeypatch.setenv(f"{p}_API_KEY", f"sk-{p.lower()}")
         monkeypatch.setenv(f"{p}_BASE_URL", upstream.base_url)
-    for p in ("ANTHROPIC", "GEMINI"):
+    for p in ("ANTHROPIC", "GEMINI") if native else ():
         monkeypatch.setenv(f"{p}_API_KEY", f"sk-{p.lower()}")
         monkeypatch.setenv(f"{p}_BASE_URL", upstream.url)
+
+
+@pytest.fixture(autouse=True)
+def _direct_env(upstream: MockServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Direct mode sees the providers the gateway sees (the gateway's own environment)."""
+    direct_env(upstream, monkeypatch, native=True)
 
 
 @pytest.fixture(params=["sync", "async"])
