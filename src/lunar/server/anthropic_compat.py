@@ -112,7 +112,9 @@ def _image_part(block: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
+def _tool_result_text(block: Mapping[str, Any], where: str, images: list[dict[str, Any]]) -> str:
+    """A ``tool_result``'s text; its images go to ``images`` (an OpenAI tool message holds
+    text only: they follow the tool messages in a user message, as parts)."""
     content = block.get("content")
     if content is None:
         text = ""
@@ -131,7 +133,14 @@ def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
                         f"{where}.content[{i}].text",
                     )
                 parts.append(t)
-            # images inside tool results have no OpenAI equivalent: left out
+            elif part.get("type") == "image":
+                images.append(_image_part(part, f"{where}.content[{i}]"))
+            else:
+                raise bad(
+                    f"'{where}.content[{i}].type' {part.get('type')!r} is not supported in a "
+                    "tool_result here (text, image)",
+                    f"{where}.content[{i}].type",
+                )
         text = "".join(parts)
     else:
         raise bad(f"'{where}.content' must be a string or a list of blocks", f"{where}.content")
@@ -213,6 +222,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = []
         tool_calls: list[dict[str, Any]] = []
         tool_results: list[dict[str, Any]] = []
+        result_images: list[dict[str, Any]] = []
         for j, block in enumerate(content):
             bw = f"{where}.content[{j}]"
             if not isinstance(block, Mapping):
@@ -246,7 +256,11 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                     raise bad(f"'{bw}.tool_use_id' must be a string", f"{bw}.tool_use_id")
                 tid = unsigned_tool_id(tid, f"{bw}.tool_use_id")[0]
                 tool_results.append(
-                    {"role": "tool", "tool_call_id": tid, "content": _tool_result_text(block, bw)}
+                    {
+                        "role": "tool",
+                        "tool_call_id": tid,
+                        "content": _tool_result_text(block, bw, result_images),
+                    }
                 )
             elif kind in ("thinking", "redacted_thinking"):
                 continue  # the model's own reasoning: not sent back to other providers
@@ -257,6 +271,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                     f"{bw}.type",
                 )
         out.extend(tool_results)  # tool results answer the previous assistant turn first
+        if result_images:
+            parts[:0] = result_images  # what the tools showed, then what the user adds
         if role == "assistant":
             text = "".join(p["text"] for p in parts if p["type"] == "text")
             turn: dict[str, Any] = {"role": "assistant", "content": text or None}
