@@ -17,7 +17,8 @@ pytest.importorskip("uvicorn")
 
 MODELS = ["gpt-4o-mini", "claude-3-haiku", "gemini-2.0-flash"]
 PNG = (
-    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk"
+    "+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
 )
 
 
@@ -106,3 +107,25 @@ def test_a_tool_result_block_the_gateway_cannot_carry_is_refused_naming_it(clien
         client.messages.create(model="gpt-4o-mini", max_tokens=20, messages=history, tools=READ)
     assert "(param: messages[2].content[0].content[0].type)" in info.value.body["error"]["message"]
     assert upstream.requests == []
+
+
+def test_count_tokens_counts_the_tools_and_the_calls_in_the_history(client):
+    """An agent's prompt is mostly its tool definitions and its calls' arguments: an estimate
+    that left them out said a nearly full context was nearly empty."""
+    hello = [{"role": "user", "content": "hello"}]
+    bare = client.messages.count_tokens(model="gpt-4o-mini", messages=hello).input_tokens
+    schema = {
+        "type": "object",
+        "properties": {"path": {"type": "string", "description": "x" * 400}},
+    }
+    tools = [{"name": "Write", "description": "Writes a file. " * 20, "input_schema": schema}]
+    with_tools = client.messages.count_tokens(model="gpt-4o-mini", messages=hello, tools=tools)
+    assert with_tools.input_tokens >= bare + (400 + 280) // 4
+    use = {"type": "tool_use", "id": "toolu_1", "name": "Write", "input": {"text": "y" * 4000}}
+    history = [
+        *hello,
+        {"role": "assistant", "content": [use]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1"}]},
+    ]
+    counted = client.messages.count_tokens(model="claude-3-haiku", messages=history)
+    assert counted.input_tokens >= bare + 1000
