@@ -95,7 +95,7 @@ def test_an_image_a_tool_returned_reaches_the_model(client, upstream, model):
 
 
 def test_a_tool_result_block_the_gateway_cannot_carry_is_refused_naming_it(client, upstream):
-    doc = {"type": "document", "source": {"type": "text", "media_type": "text/plain", "data": "x"}}
+    doc = {"type": "search_result", "source": "s", "title": "t", "content": []}
     history = [
         *SCREENSHOT[:2],
         {
@@ -129,3 +129,43 @@ def test_count_tokens_counts_the_tools_and_the_calls_in_the_history(client):
     ]
     counted = client.messages.count_tokens(model="claude-3-haiku", messages=history)
     assert counted.input_tokens >= bare + 1000
+
+
+PDF = "JVBERi0xLjQK"  # "%PDF-1.4\n"
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_documents_reach_the_model_in_a_user_turn_and_a_tool_result(client, upstream, model):
+    """Claude Code sends a PDF it reads as a base64 ``document`` block, and text as a text
+    ``document``: both were refused (400), though every provider takes a PDF."""
+    pdf = {
+        "type": "document",
+        "source": {"type": "base64", "media_type": "application/pdf", "data": PDF},
+        "title": "spec.pdf",
+    }
+    note = {
+        "type": "document",
+        "source": {"type": "text", "media_type": "text/plain", "data": "NB"},
+    }
+    history = [
+        {"role": "user", "content": [pdf, {"type": "text", "text": "summarise"}]},
+        SCREENSHOT[1],
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [note]}],
+        },
+    ]
+    client.messages.create(model=model, max_tokens=20, messages=history, tools=READ)
+    [request] = upstream.requests
+    sent = str(request.json)
+    assert PDF in sent and "NB" in sent
+
+
+def test_a_document_by_url_is_refused_naming_its_source(client, upstream):
+    doc = {"type": "document", "source": {"type": "url", "url": "https://example.com/a.pdf"}}
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(
+            model="gpt-4o-mini", max_tokens=20, messages=[{"role": "user", "content": [doc]}]
+        )
+    assert "(param: messages[0].content[0].source)" in info.value.body["error"]["message"]
+    assert upstream.requests == []
