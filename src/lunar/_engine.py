@@ -586,6 +586,12 @@ def prompt_chars(body: Mapping[str, Any]) -> int:
             total += len(content)
         elif isinstance(content, list):
             total += sum(len(p.get("text", "")) for p in content if isinstance(p, Mapping))
+        calls = msg.get("tool_calls")
+        if calls:  # an agent's history is mostly its calls' arguments and their results
+            for call in calls:
+                fn = call.get("function") if isinstance(call, Mapping) else None
+                if isinstance(fn, Mapping) and isinstance(fn.get("arguments"), str):
+                    total += len(fn["arguments"])
     return total
 
 

@@ -112,7 +112,45 @@ def _image_part(block: Mapping[str, Any], where: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
+def _document_part(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A ``document`` block: base64 data (a PDF) as an OpenAI ``file`` part, which every
+    provider takes; plain text as a text part."""
+    source = block.get("source")
+    if not isinstance(source, Mapping):
+        raise bad(f"'{where}.source' must be an object", f"{where}.source")
+    kind, data = source.get("type"), source.get("data")
+    if kind == "text" and isinstance(data, str):
+        return {"type": "text", "text": data}
+    if kind == "base64" and isinstance(data, str) and data:
+        media = source.get("media_type")
+        if not isinstance(media, str):
+            raise bad(f"'{where}.source.media_type' must be a string", f"{where}.source.media_type")
+        title = block.get("title")
+        name = title if isinstance(title, str) and title else "document.pdf"
+        return {
+            "type": "file",
+            "file": {"file_data": f"data:{media};base64,{data}", "filename": name},
+        }
+    raise bad(
+        f"'{where}.source' must be base64 data or text here (a URL or content source is not "
+        "supported)",
+        f"{where}.source",
+    )
+
+
+def _media_part(block: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+    """An ``image`` or ``document`` block as an OpenAI part; None for another type."""
+    kind = block.get("type")
+    if kind == "image":
+        return _image_part(block, where)
+    if kind == "document":
+        return _document_part(block, where)
+    return None
+
+
+def _tool_result_text(block: Mapping[str, Any], where: str, media: list[dict[str, Any]]) -> str:
+    """A ``tool_result``'s text; its images and documents go to ``media`` (an OpenAI tool
+    message holds text only: they follow the tool messages in a user message, as parts)."""
     content = block.get("content")
     if content is None:
         text = ""
@@ -131,7 +169,14 @@ def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
                         f"{where}.content[{i}].text",
                     )
                 parts.append(t)
-            # images inside tool results have no OpenAI equivalent: left out
+            elif (shown := _media_part(part, f"{where}.content[{i}]")) is not None:
+                media.append(shown)
+            else:
+                raise bad(
+                    f"'{where}.content[{i}].type' {part.get('type')!r} is not supported in a "
+                    "tool_result here (text, image, document)",
+                    f"{where}.content[{i}].type",
+                )
         text = "".join(parts)
     else:
         raise bad(f"'{where}.content' must be a string or a list of blocks", f"{where}.content")
@@ -213,6 +258,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         parts: list[dict[str, Any]] = []
         tool_calls: list[dict[str, Any]] = []
         tool_results: list[dict[str, Any]] = []
+        result_media: list[dict[str, Any]] = []
         for j, block in enumerate(content):
             bw = f"{where}.content[{j}]"
             if not isinstance(block, Mapping):
@@ -223,8 +269,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 if not isinstance(text, str):
                     raise bad(f"'{bw}.text' must be a string", f"{bw}.text")
                 parts.append({"type": "text", "text": text})
-            elif kind == "image":
-                parts.append(_image_part(block, bw))
+            elif role == "user" and (media := _media_part(block, bw)) is not None:
+                parts.append(media)
             elif kind == "tool_use" and role == "assistant":
                 tid, name = block.get("id"), block.get("name")
                 if not isinstance(tid, str) or not isinstance(name, str) or not name:
@@ -246,17 +292,23 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                     raise bad(f"'{bw}.tool_use_id' must be a string", f"{bw}.tool_use_id")
                 tid = unsigned_tool_id(tid, f"{bw}.tool_use_id")[0]
                 tool_results.append(
-                    {"role": "tool", "tool_call_id": tid, "content": _tool_result_text(block, bw)}
+                    {
+                        "role": "tool",
+                        "tool_call_id": tid,
+                        "content": _tool_result_text(block, bw, result_media),
+                    }
                 )
             elif kind in ("thinking", "redacted_thinking"):
                 continue  # the model's own reasoning: not sent back to other providers
             else:
                 raise bad(
-                    f"'{bw}.type' {kind!r} is not supported here (text, image, tool_use in "
-                    "assistant turns, tool_result in user turns)",
+                    f"'{bw}.type' {kind!r} is not supported here (text, image and document in "
+                    "user turns, tool_use in assistant turns, tool_result in user turns)",
                     f"{bw}.type",
                 )
         out.extend(tool_results)  # tool results answer the previous assistant turn first
+        if result_media:
+            parts[:0] = result_media  # what the tools showed, then what the user adds
         if role == "assistant":
             text = "".join(p["text"] for p in parts if p["type"] == "text")
             turn: dict[str, Any] = {"role": "assistant", "content": text or None}

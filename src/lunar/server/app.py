@@ -1131,7 +1131,10 @@ class Gateway:
         except LunarError as err:
             await _send_error(send, err, MESSAGES.error)
             return
-        await _send_json(send, 200, {"input_tokens": estimate_tokens(prompt_chars(body))})
+        chars = prompt_chars(body)
+        if body.get("tools"):  # the tools' definitions are part of the prompt too
+            chars += len(dumps(body["tools"]))
+        await _send_json(send, 200, {"input_tokens": estimate_tokens(chars)})
 
     # -- models and pricing ---------------------------------------------------------------
 
