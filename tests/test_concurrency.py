@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from lunar import AsyncLunar, Lunar, LunarError
-from lunar.testing import Reply
+from lunar.testing import MockServer, Reply
 
 from .conftest import busy_connections
 
@@ -28,27 +28,29 @@ def settles(check: object, tries: int = 200) -> bool:
     return False
 
 
-def test_an_async_client_across_two_event_loops_leaves_no_socket_of_the_first_open(mock):
+def test_an_async_client_across_two_event_loops_leaves_no_socket_of_the_first_open():
     """The first ``asyncio.run``'s kept-alive connections cannot serve the second loop: they
     are dropped, and their sockets closed then, not left open (to the server too) until a
     garbage collection."""
-    client = AsyncLunar(max_retries=0)
-
-    async def burst(n: int) -> None:
-        await asyncio.gather(
-            *(
-                client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-                for _ in range(n)
-            )
+    with MockServer() as mock:  # its own: no other test's connections counted
+        client = AsyncLunar(
+            max_retries=0, providers={"openai": {"api_key": "sk", "base_url": mock.base_url}}
         )
 
-    asyncio.run(burst(20))
-    assert client._http.idle_connections == mock.open_connections == 20
-    asyncio.run(burst(1))  # drops the first loop's 20
-    assert client._http.connections == 1
-    assert settles(lambda: mock.open_connections == 1), mock.open_connections
-    asyncio.run(client.close())
-    assert settles(lambda: mock.open_connections == 0), mock.open_connections
+        async def burst(n: int) -> None:
+            create = client.chat.completions.create
+            await asyncio.gather(
+                *(create(model="gpt-4o-mini", messages=MESSAGES) for _ in range(n))
+            )
+
+        asyncio.run(burst(20))
+        assert client._http.idle_connections == 20
+        assert settles(lambda: mock.open_connections == 20), mock.open_connections
+        asyncio.run(burst(1))  # drops the first loop's 20
+        assert client._http.connections == 1
+        assert settles(lambda: mock.open_connections == 1), mock.open_connections
+        asyncio.run(client.close())
+        assert settles(lambda: mock.open_connections == 0), mock.open_connections
 
 
 #: The fault mix: 429 with Retry-After, 500, a cut and a stall mid-stream, slow streams.
