@@ -25,6 +25,7 @@ import collections
 import contextlib
 import math
 import os
+import socket
 import ssl
 import time
 import zlib
@@ -301,9 +302,20 @@ class _Connection(asyncio.Protocol):
         self.lost = True  # never reused, even before connection_lost says so
         self.closed_here = True  # so a close-delimited body is not taken as whole
         self._disarm()
-        if self.transport is not None:
-            with contextlib.suppress(RuntimeError):  # its event loop is already closed
-                self.transport.close()
+        transport = self.transport
+        if transport is not None:
+            try:
+                transport.close()
+            except RuntimeError:  # its event loop is closed (a client kept across two
+                # asyncio.run calls): the transport cannot end the connection there, and
+                # with this protocol it is a cycle the cyclic GC alone would free, the
+                # socket open till then. Shut the socket down (the server sees it end now)
+                # and let go of the transport, which closes the socket when freed.
+                self.transport = None
+                sock = transport.get_extra_info("socket")
+                if sock is not None:
+                    with contextlib.suppress(OSError):
+                        sock.shutdown(socket.SHUT_RDWR)
 
 
 # ---------------------------------------------------------------------------------------------
