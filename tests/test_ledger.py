@@ -112,6 +112,28 @@ def test_a_reopened_ledger_writes_the_rows_spilled_before_and_counts_their_spend
         again.close()
 
 
+def test_a_row_spilled_after_a_line_cut_short_is_not_glued_to_it(tmp_path):
+    """A spill write cut short (a full disk) leaves a line without its end; the next row
+    spilled starts a line of its own, so it is written back and not lost with the cut one."""
+    db = tmp_path / "l.db"
+    spill = Path(str(db) + ".unwritten.jsonl")
+    st = SQLiteStorage(db, busy_timeout=0.01)
+    st.open()
+    try:
+        spill.write_text('{"ts": 1001.0, "request_id": "r0", "key_id": "k1", "route": "ch')
+        with write_locked(db):
+            st.record(row(1))
+            assert st.flush(30)
+        st.record(row(2))
+        assert st.flush(30)
+        assert sorted(ledger_ids(db)) == ["r1", "r2"]
+        assert (
+            spill.read_text() == '{"ts": 1001.0, "request_id": "r0", "key_id": "k1", "route": "ch\n'
+        )
+    finally:
+        st.close()
+
+
 def test_a_recovery_cut_short_after_its_commit_writes_no_row_twice(tmp_path):
     db = tmp_path / "l.db"
     st = SQLiteStorage(db)

@@ -704,11 +704,18 @@ class SQLiteStorage:
     def _spill(self, batch: list[tuple[Any, ...]], trouble: bool = False) -> None:
         spill = self.spill_path
         try:
-            with open(spill, "a", encoding="utf-8") as f:
+            with open(spill, "a+b") as f:
+                # A write cut short (a full disk) leaves a line without its end: end it, or
+                # the next row would be glued to it and both be unreadable.
+                end = f.seek(0, os.SEEK_END)
+                if end:
+                    f.seek(end - 1)
+                    if f.read(1) != b"\n":
+                        f.write(b"\n")  # ("a" mode: writes go to the end wherever we read)
                 for values in batch:
                     spilled = dict(zip(_ROW_FIELDS, values))
                     spilled["stream"] = bool(spilled["stream"])  # (a row's own field)
-                    f.write(json.dumps(spilled) + "\n")
+                    f.write(json.dumps(spilled).encode() + b"\n")
             self.rows_spilled += len(batch)
             if trouble:
                 self._retry_spill = True
