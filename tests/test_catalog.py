@@ -35,7 +35,9 @@ def test_provider_prefix_forces_provider(catalog):
     assert dep.provider == "together"
     assert dep.prices is not None
     [dep] = catalog.resolve("openai/gpt-4o-mini")
-    assert dep.prices == Prices(0.15, 0.60, 0.075)
+    assert dep.prices is not None and dep.prices.at(None) == Prices(
+        0.15, 0.60, 0.075, tiers=dep.prices.tiers
+    )
 
 
 def test_provider_prefix_passes_unknown_models_through_unpriced(catalog):
@@ -196,6 +198,10 @@ def test_an_unreadable_lunar_catalog_names_the_variable(tmp_path, monkeypatch):
         Catalog.load()
 
 
+PRICED = {"provider": "openai", "id": "x", "input": 1, "output": 2}
+TIER = {"input": 2, "output": 4}
+
+
 @pytest.mark.parametrize(
     ("entry", "says"),
     [
@@ -220,6 +226,23 @@ def test_an_unreadable_lunar_catalog_names_the_variable(tmp_path, monkeypatch):
         ({"capabilities": "tools", "deployments": []}, "'capabilities'"),
         ({"full_name": 3, "deployments": []}, "'full_name'"),
         ([{"provider": "openai", "id": "x"}], "must be an object"),
+        (
+            {"deployments": [{"provider": "openai", "id": "x", "service_tiers": {}}]},
+            "'service_tiers' but no 'input' and 'output'",
+        ),
+        (
+            {"deployments": [{**PRICED, "service_tiers": {"priority": {"input": 2}}}]},
+            r"service_tiers\.priority must be an object with 'input' and 'output'",
+        ),
+        (
+            {"deployments": [{**PRICED, "service_tiers": {"flex": {**TIER, "cache": 1}}}]},
+            r"service_tiers\.flex has an unknown field 'cache'",
+        ),
+        (
+            {"deployments": [{**PRICED, "service_tiers": {"flex": {**TIER, "output": -1}}}]},
+            r"'service_tiers\.flex\.output' must be a finite price",
+        ),
+        ({"deployments": [{**PRICED, "service_tiers": [TIER]}]}, "must be an object"),
     ],
 )
 def test_a_malformed_catalogue_entry_fails_at_load_naming_the_model_and_field(entry, says):
@@ -303,3 +326,17 @@ def test_1h_cache_writes_cost_their_price_else_twice_the_input_price():
                   cache_write_1h_tokens=90)  # fmt: skip
     cost(usage, Prices(input=1.0, output=1.0, cached_input=0.1, cache_write=1.25))
     assert usage.input_cost_usd == round(20 * 2.0 / 1e6, 10)
+
+
+def test_a_service_tiers_prices_are_its_own_and_other_tiers_bill_the_standard_ones(catalog):
+    prices = catalog.resolve("gpt-4o")[0].prices
+    assert prices is not None
+    assert (prices.at("priority").input, prices.at("priority").output) == (4.25, 17.0)
+    assert prices.at("priority").cached_input == 2.125
+    for tier in ("default", "scale", None):
+        assert prices.at(tier) is prices
+    mine = Catalog.load(
+        {"models": {"m": {"deployments": [{**PRICED, "service_tiers": {"flex": TIER}}]}}}
+    )
+    flex = mine.resolve("m")[0].prices.at("flex")
+    assert (flex.input, flex.output, flex.cached_input) == (2, 4, None)

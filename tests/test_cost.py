@@ -293,3 +293,25 @@ def test_a_cut_gemini_stream_whose_first_event_counts_no_prompt_bills_what_strea
         usage = finisher.seen()  # cut here
         assert usage is not None and usage.prompt_tokens == 12
         assert usage.completion_tokens >= 100, first_prompt
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize(
+    ("asked", "prices"),
+    [("priority", (4.25, 17.0)), ("auto", (2.50, 10.0)), (None, (2.50, 10.0))],
+)
+def test_an_answer_is_billed_at_the_prices_of_the_service_tier_that_served_it(
+    mock, stream, asked, prices
+):
+    """OpenAI bills a ``priority`` answer at its own prices (gpt-4o: 1.7x); the answer's
+    ``service_tier`` (in a stream, on the usage chunk) says which tier served it."""
+    extra = {} if asked is None else {"service_tier": asked}
+    with Lunar(max_retries=0) as client:
+        result = client.chat.completions.create(
+            model="gpt-4o", messages=MESSAGES, stream=stream, **extra
+        )
+        usage = list(result)[-1].usage if stream else result.usage
+    assert mock.requests[-1].json.get("service_tier") == asked
+    assert usage.prompt_tokens and usage.completion_tokens
+    assert usage.input_cost_usd == cost(usage.prompt_tokens, prices[0])
+    assert usage.output_cost_usd == cost(usage.completion_tokens, prices[1])

@@ -1182,6 +1182,24 @@ def test_budget_burst_cannot_double_spend(gw, upstream):
     assert refused.headers["x-should-retry"] == "false"
 
 
+def test_a_priority_answer_is_estimated_and_billed_at_priority_prices(gw, upstream):
+    body = {"model": "gpt-4o", "messages": MESSAGES, "max_tokens": 8}
+    standard = estimate(body, [("gpt-4o", None)], Catalog.load(), 64).cost_usd
+    asked = {**body, "service_tier": "priority"}
+    assert estimate(asked, [("gpt-4o", None)], Catalog.load(), 64).cost_usd == pytest.approx(
+        standard * 1.7
+    )
+    key, key_id = gw.new_key(budget_usd=1.0)
+    upstream.default = Reply(chunks=4)
+    answer = oai(gw, key).chat.completions.create(**asked)
+    usage = answer.usage
+    billed = (usage.prompt_tokens * 4.25 + usage.completion_tokens * 17.0) / 1e6
+    assert answer.service_tier == "priority"
+    assert usage.total_cost_usd == pytest.approx(billed)
+    spent = gw.admin("GET", f"/admin/keys/{key_id}").json()["spent_usd"]
+    assert spent == pytest.approx(billed)
+
+
 def test_budget_refuses_once_spent_with_a_clear_message(gw, upstream):
     long_word = "x" * 80  # estimated at 20 tokens; the emulator counts it as 1 word (+3)
     body = {

@@ -83,6 +83,17 @@ class Prices:
     cached_input: float | None = None
     cache_write: float | None = None
     cache_write_1h: float | None = None
+    #: Other prices by the service tier that answered (OpenAI's ``priority``, ``flex``):
+    #: ``(tier, prices)`` pairs, so that the prices stay hashable.
+    tiers: tuple[tuple[str, Prices], ...] = ()
+
+    def at(self, tier: str | None) -> Prices:
+        """The prices of an answer served at ``tier`` (the answer's ``service_tier``): its
+        own when the catalogue gives them, else these."""
+        for name, prices in self.tiers:
+            if name == tier:
+                return prices
+        return self
 
 
 #: The prices a priced deployment may leave out (each has a default: see ``Prices``).
@@ -174,8 +185,10 @@ MODEL_KEYS = frozenset(
     {"deployments", "context_window", "max_output_tokens", "capabilities", "full_name"}
 )
 DEPLOYMENT_KEYS = frozenset(
-    {"provider", "id", "input", "output", *OPTIONAL_PRICES, "context_window"}
+    {"provider", "id", "input", "output", *OPTIONAL_PRICES, "context_window", "service_tiers"}
 )
+#: What a deployment's ``service_tiers`` entry may say: the prices its tier bills.
+TIER_KEYS = frozenset({"input", "output", "cached_input"})
 CAPABILITIES = ("tools", "vision", "json")
 
 
@@ -223,6 +236,20 @@ def _check_model(name: str, m: Any) -> None:
         for key in OPTIONAL_PRICES:
             if not priced and d.get(key) is not None:
                 raise bad(f"deployments[{i}] has '{key}' but no 'input' and 'output' prices")
+        tiers = d.get("service_tiers")
+        if tiers is None:
+            continue
+        if not priced:
+            raise bad(f"deployments[{i}] has 'service_tiers' but no 'input' and 'output' prices")
+        if not isinstance(tiers, Mapping):
+            raise bad(f"deployments[{i}].service_tiers must be an object, got {tiers!r}")
+        for tier, t in tiers.items():
+            where = f"deployments[{i}].service_tiers.{tier}"
+            if not isinstance(t, Mapping) or t.get("input") is None or t.get("output") is None:
+                raise bad(f"{where} must be an object with 'input' and 'output' prices")
+            if extra := set(t) - TIER_KEYS:
+                known = ", ".join(sorted(TIER_KEYS))
+                raise bad(f"{where} has an unknown field '{sorted(extra)[0]}' (known: {known})")
 
 
 def _merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
@@ -264,12 +291,19 @@ class Catalog:
                 if d.get("input") is not None and d.get("output") is not None:
                     for field in ("input", "output", *OPTIONAL_PRICES):
                         _check_price(d.get(field), name, d, field)
+                    tiers = []
+                    for tier, t in (d.get("service_tiers") or {}).items():
+                        for field, value in t.items():  # (input and output are there)
+                            if value is not None:
+                                _check_price(value, name, d, f"service_tiers.{tier}.{field}")
+                        tiers.append((tier, Prices(t["input"], t["output"], t.get("cached_input"))))
                     prices = Prices(
                         d["input"],
                         d["output"],
                         d.get("cached_input"),
                         d.get("cache_write"),
                         d.get("cache_write_1h"),
+                        tuple(tiers),
                     )
                 dep = Deployment(
                     model=name,

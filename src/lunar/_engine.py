@@ -600,11 +600,14 @@ def ms(seconds: float) -> float:
     return scaled_round(seconds * 1000, 1000)
 
 
-def account(usage: Usage, target: Target, started: float, ttft: float | None) -> None:
-    """Put cost (when the catalogue prices the deployment) and timing on ``usage``."""
+def account(
+    usage: Usage, target: Target, started: float, ttft: float | None, tier: str | None = None
+) -> None:
+    """Put cost (when the catalogue prices the deployment, at the prices of the service
+    ``tier`` that answered) and timing on ``usage``."""
     prices = target.deployment.prices
     if prices is not None:
-        cost(usage, prices)
+        cost(usage, prices.at(tier) if tier else prices)
     elapsed = _now() - started
     usage.latency_ms = ms(elapsed)
     usage.ttft_ms = ms(elapsed if ttft is None else ttft)
@@ -638,7 +641,7 @@ def finish_completion(
             estimate_tokens(prompt_chars(body)), estimate_tokens(chars)
         )
     completion.provider = completion.provider or target.provider
-    account(usage, target, started, None)
+    account(usage, target, started, None, completion.service_tier)
     return completion
 
 
@@ -655,6 +658,7 @@ class StreamFinisher:
         "_provisional",
         "_target",
         "_text",
+        "_tier",
         "_tools",
         "_usage",
         "chars",
@@ -677,6 +681,7 @@ class StreamFinisher:
         #: event's dict when the gateway relayed it (``relayed``) without building it.
         self._last: ChatCompletionChunk | dict[str, Any] | None = None
         self._usage: Usage | None = None  # the provider's, when it sends one
+        self._tier: str | None = None  # the service tier that answered, when it says
         #: ``_usage`` is what the provider told before any content (Anthropic's
         #: message_start, Gemini's first event): its prompt is exact, its output not yet.
         self._provisional = False
@@ -692,6 +697,7 @@ class StreamFinisher:
         for chunk in chunks:
             if chunk.usage is not None:
                 self._usage = chunk.usage
+                self._tier = chunk.service_tier
                 if not chunk.choices:
                     self._provisional = type(chunk) is PromptCount
                     continue
@@ -786,7 +792,7 @@ class StreamFinisher:
         if usage is None:
             usage = Usage(estimate_tokens(prompt_chars(self._body)), estimate_tokens(self.chars))
         ttft = None if self.first_at is None else self.first_at - self.started
-        account(usage, self._target, self.started, ttft)
+        account(usage, self._target, self.started, ttft, self._tier)
         self.usage = usage
         return usage
 

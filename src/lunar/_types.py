@@ -617,9 +617,8 @@ def _envelope(
 
 class ChatCompletionChunk(_Obj):
     """One streamed event, as the OpenAI API shapes it, plus ``provider`` (who answered).
-    ``service_tier`` is None (not read per event: the whole answer's has it)."""
-
-    service_tier: None = None
+    ``service_tier`` is read only on the chunk with usage (the tier the answer is billed
+    at): not per event."""
 
     __slots__ = (
         "choices",
@@ -628,9 +627,11 @@ class ChatCompletionChunk(_Obj):
         "model",
         "object",
         "provider",
+        "service_tier",
         "system_fingerprint",
         "usage",
     )
+    _omit_none = ("service_tier",)
 
     def __init__(
         self,
@@ -651,6 +652,7 @@ class ChatCompletionChunk(_Obj):
         self.choices = choices
         self.usage = usage
         self.provider = provider
+        self.service_tier: str | None = None
 
     def compact_json(self) -> str:
         """``compact_json(self.to_dict())``."""
@@ -684,7 +686,12 @@ class ChatCompletionChunk(_Obj):
                     None if finish is None else _stop_sequence(c),
                 )
             )
-        return _envelope(cls, d, choices, provider)
+        out = _envelope(cls, d, choices, provider)
+        if out.usage is not None:
+            tier = d.get("service_tier")
+            if type(tier) is str:
+                out.service_tier = tier
+        return out
 
 
 class ChunkEncoder:

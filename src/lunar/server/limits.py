@@ -75,6 +75,9 @@ def estimate(
     if not isinstance(out, int) or isinstance(out, bool):
         out = default_output_tokens
     out *= choices_asked(body)
+    tier = body.get("service_tier")  # what it is billed at if that tier serves it
+    if type(tier) is not str:
+        tier = None
     dearest = 0.0
     unpriced = None
     for name, provider in candidates:
@@ -84,7 +87,7 @@ def estimate(
             continue
         for dep in deployments:
             if dep.prices is not None:
-                dearest = max(dearest, _cost(dep.prices, prompt, out))
+                dearest = max(dearest, _cost(dep.prices.at(tier), prompt, out))
             elif unpriced is None:
                 unpriced = name
     return Estimate(prompt, out, dearest, unpriced)

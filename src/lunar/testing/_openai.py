@@ -199,6 +199,9 @@ class OpenAIWire(Wire):
             top = request.get("top_logprobs")
             top = top if isinstance(top, int) and not isinstance(top, bool) else 0
             job = dataclasses.replace(job, top_logprobs=max(0, min(top, 20)))
+        tier = request.get("service_tier")
+        if self.kind == "chat" and isinstance(tier, str):
+            job = dataclasses.replace(job, service_tier="default" if tier == "auto" else tier)
         return job
 
     def response_id(self, number: int, job: Job) -> str:
@@ -225,7 +228,7 @@ class OpenAIWire(Wire):
         if job.kind == "chat":
             prefix = (
                 f'{{"id":"{id_}","object":"chat.completion.chunk","created":{created},'
-                f'"model":{model},"system_fingerprint":"{FINGERPRINT}","choices":['
+                f'"model":{model},{_tier(job)}"system_fingerprint":"{FINGERPRINT}","choices":['
             )
         else:
             prefix = (
@@ -333,9 +336,14 @@ class OpenAIWire(Wire):
             obj = "text_completion"
         return (
             f'{{"id":"{id_}","object":"{obj}","created":{created},"model":{dumps(job.model)},'
-            f'"system_fingerprint":"{FINGERPRINT}","choices":[{",".join(choices)}],'
+            f'{_tier(job)}"system_fingerprint":"{FINGERPRINT}","choices":[{",".join(choices)}],'
             f'"usage":{dumps(job.usage())}}}'
         )
+
+
+def _tier(job: Job) -> str:
+    """The answer's ``service_tier`` member, with its comma, when it has one."""
+    return "" if job.service_tier is None else f'"service_tier":{dumps(job.service_tier)},'
 
 
 def _logprobs(job: Job, pieces: tuple[str, ...]) -> str:

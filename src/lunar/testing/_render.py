@@ -252,6 +252,9 @@ class Job:
     top_logprobs: int | None = None
     """OpenAI chat: when the request asked ``logprobs``, how many alternatives each token
     lists (its ``top_logprobs``, 0 when not given); None: no logprobs."""
+    service_tier: str | None = None
+    """The tier that answered (OpenAI's ``service_tier``, in the answer and every chunk):
+    what the request asked, ``auto`` answered as ``default``; None: not in the answer."""
 
     @property
     def completion_tokens(self) -> int:
@@ -294,6 +297,7 @@ class Job:
             self.stop_sequence,
             self.sse,
             self.top_logprobs,
+            self.service_tier,
         )
 
 
