@@ -152,6 +152,40 @@ def test_logprobs_are_objects_as_in_the_openai_sdk(mock):
     )
 
 
+async def test_final_completion_of_a_stream_gathers_its_logprobs(mock):
+    """``get_final_completion()`` had ``logprobs`` None though every chunk carried them; the
+    openai SDK's stream helper joins the chunks' token lists, and so does Lunar now, in
+    both clients (the whole answer's, the same tokens)."""
+    import openai
+
+    from lunar import AsyncLunar
+
+    kw: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    with theirs.chat.completions.stream(**kw) as helper:
+        want = helper.get_final_completion().choices[0].logprobs
+    whole = Lunar().chat.completions.create(**kw).choices[0].logprobs
+    got = Lunar().chat.completions.create(**kw, stream=True).get_final_completion()
+    client = AsyncLunar()
+    stream = await client.chat.completions.create(**kw, stream=True)
+    got_async = await stream.get_final_completion()
+    await client.close()
+    for final in (got, got_async):
+        logprobs = final.choices[0].logprobs
+        assert logprobs is not None and len(logprobs.content) == 8
+        assert _logprob_paths(logprobs) == _logprob_paths(want) == _logprob_paths(whole)
+        assert logprobs.refusal is None
+        assert final.model_dump()["choices"][0]["logprobs"] == want.model_dump()
+    # Not asked: none, as before.
+    final = Lunar().chat.completions.create(**kw | {"logprobs": None}, stream=True)
+    assert final.get_final_completion().choices[0].logprobs is None
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
