@@ -396,6 +396,47 @@ def test_without_them_they_are_none_and_not_in_the_json(mock):
         assert chunk.service_tier is None
         for choice in chunk.choices:
             assert choice.delta.function_call is None
+            assert choice.delta.annotations is None
+            assert "annotations" not in choice.delta.to_dict()
+
+
+CITATIONS = CITED["choices"][0]["message"]["annotations"]
+
+
+async def test_streamed_annotations_reach_the_deltas_and_the_final_completion(mock):
+    """A web-search model streams its citations in a delta of their own; Lunar dropped
+    them (``delta.annotations`` did not exist, ``get_final_completion()`` had none). Now
+    the delta has them as objects, and the final message has them as the openai SDK's
+    stream helper gathers them (and as the whole answer has them), in both clients."""
+    import openai
+
+    from lunar import AsyncLunar
+
+    reply = Reply(annotations=CITATIONS)
+    mock.enqueue(*[reply] * 4, model="gpt-4o-mini")
+    kw: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    with theirs.chat.completions.stream(**kw) as helper:
+        want = helper.get_final_completion()
+    assert want.choices[0].message.annotations  # the emulator streams them as OpenAI does
+    whole = Lunar().chat.completions.create(**kw)
+    stream = Lunar().chat.completions.create(**kw, stream=True)
+    cited = [c.choices[0].delta for c in stream if c.choices and c.choices[0].delta.annotations]
+    assert len(cited) == 1 and cited[0].content is None
+    assert cited[0].annotations[0].url_citation.url == "https://example.org/moon"
+    assert cited[0].to_dict()["annotations"] == CITATIONS
+    client = AsyncLunar()
+    astream = await client.chat.completions.create(**kw, stream=True)
+    finals = [stream.get_final_completion(), await astream.get_final_completion()]
+    await client.close()
+    for final in finals:
+        message = final.choices[0].message
+        assert _read_as_openai_code_does(final)[1] == _read_as_openai_code_does(want)[1]
+        assert _read_as_openai_code_does(final)[1] == _read_as_openai_code_does(whole)[1]
+        text = message.content
+        assert text == want.choices[0].message.content == whole.choices[0].message.content
+        dumped = final.model_dump()["choices"][0]["message"]["annotations"]
+        assert dumped == want.model_dump()["choices"][0]["message"]["annotations"] == CITATIONS
 
 
 # -- the error hierarchy ----------------------------------------------------------------------

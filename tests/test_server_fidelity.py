@@ -301,3 +301,39 @@ def test_without_include_usage_the_finishing_chunk_carries_it(gw, key):
     chunks = list(lunar.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True))
     assert _shape(chunks)[-1] == (1, "stop", True) and all(c.choices for c in chunks)
     assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.total_cost_usd > 0
+
+
+# -- streamed citations -----------------------------------------------------------------------
+
+CITATIONS = [
+    {
+        "type": "url_citation",
+        "url_citation": {
+            "start_index": 0,
+            "end_index": 3,
+            "title": "Moon",
+            "url": "https://example.org/moon",
+        },
+    }
+]
+
+
+def test_streamed_annotations_come_through_the_gateway(gw, key, upstream):
+    """A web-search model's citations, streamed in a delta of their own: the gateway's relay
+    of plain events wrote only the text fields of a delta, and the chunk had no place for
+    them; now the openai SDK's users and Lunar's (remote mode) get them, on the delta and
+    on the final message."""
+    # Paced: each event its own read, as the relay takes them (it starts after the first).
+    upstream.enqueue(*[Reply(annotations=CITATIONS, pacing=0.005)] * 3, model="gpt-4o-mini")
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    chunks = list(sdk.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True))
+    cited = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.model_extra]
+    assert [d.model_extra for d in cited] == [{"annotations": CITATIONS}]
+    with sdk.chat.completions.stream(model="gpt-4o-mini", messages=HI) as helper:
+        final = helper.get_final_completion()
+    assert [a.model_dump() for a in final.choices[0].message.annotations] == CITATIONS
+    lunar = Lunar(base_url=gw.url, api_key=key, max_retries=0)
+    stream = lunar.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)
+    message = stream.get_final_completion().choices[0].message
+    assert [a.to_dict() for a in message.annotations] == CITATIONS
+    assert message.content == final.choices[0].message.content

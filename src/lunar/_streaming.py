@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, TypeVar, overload
 
 from ._types import (
+    Annotation,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
@@ -24,6 +25,7 @@ T = TypeVar("T")
 
 class _ChoiceState:
     __slots__ = (
+        "annotations",
         "finish_reason",
         "logprobs",
         "parts",
@@ -37,6 +39,7 @@ class _ChoiceState:
         self.role = "assistant"
         self.parts: list[str] = []
         self.refusal: list[str] = []
+        self.annotations: list[Annotation] = []
         # index -> [id, name, [argument pieces], extra_content]
         self.tools: dict[int, list[Any]] = {}
         self.finish_reason: str | None = None
@@ -92,6 +95,8 @@ class ChatAccumulator:
                 state.role = delta.role
             if delta.refusal:
                 state.refusal.append(delta.refusal)
+            if delta.annotations:
+                state.annotations.extend(delta.annotations)
             if delta.tool_calls:
                 for tc in delta.tool_calls:
                     entry = state.tools.get(tc.index)
@@ -126,6 +131,7 @@ class ChatAccumulator:
                 content="".join(s.parts) if s.parts or not tool_calls else None,
                 tool_calls=tool_calls,
                 refusal="".join(s.refusal) or None,
+                annotations=s.annotations or None,
             )
             choices.append(Choice(index, message, s.finish_reason, s.logprobs, s.stop_sequence))
         return ChatCompletion(

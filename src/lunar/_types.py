@@ -553,7 +553,12 @@ class ChoiceDeltaToolCall(_Obj):
 
 
 class ChoiceDelta(_Obj):
-    __slots__ = ("content", "refusal", "role", "tool_calls")
+    """A piece of a streamed message. ``annotations``: citations the provider streams
+    (OpenAI's web search sends them in a delta of their own, near the end), as
+    ``Annotation`` objects; else None (and not in the JSON)."""
+
+    __slots__ = ("annotations", "content", "refusal", "role", "tool_calls")
+    _omit_none = ("annotations",)
     #: As on the openai SDK's deltas; None always (Lunar refuses ``functions``).
     function_call: None = None
 
@@ -563,11 +568,13 @@ class ChoiceDelta(_Obj):
         content: str | None = None,
         tool_calls: list[ChoiceDeltaToolCall] | None = None,
         refusal: str | None = None,
+        annotations: list[Annotation] | None = None,
     ) -> None:
         self.role = role
         self.content = content
         self.tool_calls = tool_calls
         self.refusal = refusal
+        self.annotations = annotations
 
 
 class ChunkChoice(_Obj):
@@ -670,6 +677,7 @@ class ChatCompletionChunk(_Obj):
             tcs = delta.get("tool_calls")
             finish = c.get("finish_reason")
             logprobs = c.get("logprobs")
+            cited = delta.get("annotations")
             choices.append(
                 ChunkChoice(
                     c.get("index", 0),
@@ -678,6 +686,7 @@ class ChatCompletionChunk(_Obj):
                         delta.get("content"),
                         None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
                         delta.get("refusal"),
+                        None if cited is None else _annotations(cited),
                     ),
                     finish,
                     None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
@@ -713,6 +722,7 @@ class ChunkEncoder:
             delta.tool_calls is not None
             or choice.logprobs is not None
             or choice.stop_sequence is not None
+            or delta.annotations is not None
         ):
             return None
         return self.text(

@@ -252,6 +252,8 @@ class Job:
     top_logprobs: int | None = None
     """OpenAI chat: when the request asked ``logprobs``, how many alternatives each token
     lists (its ``top_logprobs``, 0 when not given); None: no logprobs."""
+    annotations: str | None = None
+    """OpenAI chat: the JSON text of the answer's ``annotations`` (``Reply.annotations``)."""
 
     @property
     def completion_tokens(self) -> int:
@@ -294,6 +296,7 @@ class Job:
             self.stop_sequence,
             self.sse,
             self.top_logprobs,
+            self.annotations,
         )
 
 
