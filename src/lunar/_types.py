@@ -677,7 +677,6 @@ class ChatCompletionChunk(_Obj):
             tcs = delta.get("tool_calls")
             finish = c.get("finish_reason")
             logprobs = c.get("logprobs")
-            cited = delta.get("annotations")
             choices.append(
                 ChunkChoice(
                     c.get("index", 0),
@@ -686,7 +685,8 @@ class ChatCompletionChunk(_Obj):
                         delta.get("content"),
                         None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
                         delta.get("refusal"),
-                        None if cited is None else _annotations(cited),
+                        # (``in``: no call, for the deltas, nearly all, that have none)
+                        _annotations(delta["annotations"]) if "annotations" in delta else None,
                     ),
                     finish,
                     None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
