@@ -5,6 +5,7 @@ as they do there (against the emulator, over real sockets)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -276,6 +277,76 @@ async def test_extra_query_on_async_pool_and_after_a_urls_own_query(mock, monkey
     assert [c async for c in stream]
     assert mock.requests[-1].query == "alt=sse&v=2"
     await client.close()
+
+
+def test_default_query_goes_with_every_request_under_extra_query(mock):
+    """``Lunar(default_query=...)``, as the openai SDK's (Azure's ``api-version``): it was a
+    TypeError. Every request's URL carries it; a request's ``extra_query`` goes over it name
+    by name, as there (the same query strings from both SDKs); a ``None`` leaves one out."""
+    import openai
+
+    default = {"api-version": "2024-06-01", "deployment": "a"}
+    theirs = openai.OpenAI(
+        base_url=mock.base_url, api_key="sk", max_retries=0, default_query=default
+    )
+    ours = Lunar(default_query=default)
+    for extra in (None, {"api-version": "2025-01-01", "x": 1}):
+        sent = []
+        for sdk in (theirs, ours):
+            kw = {} if extra is None else {"extra_query": extra}
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **kw)
+            sent.append(mock.requests[-1].query)
+        assert sent[0] == sent[1], extra
+    assert sent[1] == "api-version=2025-01-01&deployment=a&x=1"
+    ours.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_query={"deployment": None}
+    )
+    assert mock.requests[-1].query == "api-version=2024-06-01"
+    ours.completions.create(model="gpt-4o-mini", prompt="Hi")
+    assert mock.requests[-1].query == "api-version=2024-06-01&deployment=a"
+    # A copy adds to them (default_query) or replaces them (set_default_query).
+    ours.with_options(default_query={"deployment": "b"}).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES
+    )
+    assert mock.requests[-1].query == "api-version=2024-06-01&deployment=b"
+    ours.with_options(set_default_query={"v": True}).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES
+    )
+    assert mock.requests[-1].query == "v=true"
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].query == ""
+
+
+async def test_default_query_in_remote_mode_and_on_the_async_client(mock):
+    """To the gateway's URL, as the openai SDK pointed at it sends it: chat and the model
+    list alike."""
+    from lunar import AsyncLunar
+
+    client = AsyncLunar(base_url=mock.base_url, api_key="lk", default_query={"team": "t1"})
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].query == "team=t1"
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_query={"run": 2}
+    )
+    assert [c async for c in stream]
+    assert mock.requests[-1].query == "team=t1&run=2"
+    await client.models.list()
+    assert (mock.requests[-1].path, mock.requests[-1].query) == ("/v1/models", "team=t1")
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("api-version=1", "default_query"),
+        ({"": "1"}, "default_query"),
+        ({"v": [1]}, "default_query.v"),
+        ({"v": float("nan")}, "default_query.v"),
+    ],
+)
+def test_a_bad_default_query_fails_at_construction_naming_it(query, param):
+    with pytest.raises(ValueError, match=re.escape(f"'{param}'")):
+        Lunar(default_query=query)
 
 
 def test_extra_query_goes_to_the_gateway_in_remote_mode(mock):
