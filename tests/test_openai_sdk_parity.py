@@ -5,6 +5,7 @@ as they do there (against the emulator, over real sockets)."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -152,6 +153,40 @@ def test_logprobs_are_objects_as_in_the_openai_sdk(mock):
     )
 
 
+async def test_final_completion_of_a_stream_gathers_its_logprobs(mock):
+    """``get_final_completion()`` had ``logprobs`` None though every chunk carried them; the
+    openai SDK's stream helper joins the chunks' token lists, and so does Lunar now, in
+    both clients (the whole answer's, the same tokens)."""
+    import openai
+
+    from lunar import AsyncLunar
+
+    kw: dict[str, Any] = {
+        "model": "gpt-4o-mini",
+        "messages": MESSAGES,
+        "logprobs": True,
+        "top_logprobs": 2,
+    }
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    with theirs.chat.completions.stream(**kw) as helper:
+        want = helper.get_final_completion().choices[0].logprobs
+    whole = Lunar().chat.completions.create(**kw).choices[0].logprobs
+    got = Lunar().chat.completions.create(**kw, stream=True).get_final_completion()
+    client = AsyncLunar()
+    stream = await client.chat.completions.create(**kw, stream=True)
+    got_async = await stream.get_final_completion()
+    await client.close()
+    for final in (got, got_async):
+        logprobs = final.choices[0].logprobs
+        assert logprobs is not None and len(logprobs.content) == 8
+        assert _logprob_paths(logprobs) == _logprob_paths(want) == _logprob_paths(whole)
+        assert logprobs.refusal is None
+        assert final.model_dump()["choices"][0]["logprobs"] == want.model_dump()
+    # Not asked: none, as before.
+    final = Lunar().chat.completions.create(**kw | {"logprobs": None}, stream=True)
+    assert final.get_final_completion().choices[0].logprobs is None
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -242,6 +277,76 @@ async def test_extra_query_on_async_pool_and_after_a_urls_own_query(mock, monkey
     assert [c async for c in stream]
     assert mock.requests[-1].query == "alt=sse&v=2"
     await client.close()
+
+
+def test_default_query_goes_with_every_request_under_extra_query(mock):
+    """``Lunar(default_query=...)``, as the openai SDK's (Azure's ``api-version``): it was a
+    TypeError. Every request's URL carries it; a request's ``extra_query`` goes over it name
+    by name, as there (the same query strings from both SDKs); a ``None`` leaves one out."""
+    import openai
+
+    default = {"api-version": "2024-06-01", "deployment": "a"}
+    theirs = openai.OpenAI(
+        base_url=mock.base_url, api_key="sk", max_retries=0, default_query=default
+    )
+    ours = Lunar(default_query=default)
+    for extra in (None, {"api-version": "2025-01-01", "x": 1}):
+        sent = []
+        for sdk in (theirs, ours):
+            kw = {} if extra is None else {"extra_query": extra}
+            sdk.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES, **kw)
+            sent.append(mock.requests[-1].query)
+        assert sent[0] == sent[1], extra
+    assert sent[1] == "api-version=2025-01-01&deployment=a&x=1"
+    ours.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, extra_query={"deployment": None}
+    )
+    assert mock.requests[-1].query == "api-version=2024-06-01"
+    ours.completions.create(model="gpt-4o-mini", prompt="Hi")
+    assert mock.requests[-1].query == "api-version=2024-06-01&deployment=a"
+    # A copy adds to them (default_query) or replaces them (set_default_query).
+    ours.with_options(default_query={"deployment": "b"}).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES
+    )
+    assert mock.requests[-1].query == "api-version=2024-06-01&deployment=b"
+    ours.with_options(set_default_query={"v": True}).chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES
+    )
+    assert mock.requests[-1].query == "v=true"
+    Lunar().chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].query == ""
+
+
+async def test_default_query_in_remote_mode_and_on_the_async_client(mock):
+    """To the gateway's URL, as the openai SDK pointed at it sends it: chat and the model
+    list alike."""
+    from lunar import AsyncLunar
+
+    client = AsyncLunar(base_url=mock.base_url, api_key="lk", default_query={"team": "t1"})
+    await client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
+    assert mock.requests[-1].query == "team=t1"
+    stream = await client.chat.completions.create(
+        model="gpt-4o-mini", messages=MESSAGES, stream=True, extra_query={"run": 2}
+    )
+    assert [c async for c in stream]
+    assert mock.requests[-1].query == "team=t1&run=2"
+    await client.models.list()
+    assert (mock.requests[-1].path, mock.requests[-1].query) == ("/v1/models", "team=t1")
+    await client.close()
+
+
+@pytest.mark.parametrize(
+    ("query", "param"),
+    [
+        ("api-version=1", "default_query"),
+        ({"": "1"}, "default_query"),
+        ({"v": [1]}, "default_query.v"),
+        ({"v": float("nan")}, "default_query.v"),
+    ],
+)
+def test_a_bad_default_query_fails_at_construction_naming_it(query, param):
+    with pytest.raises(ValueError, match=re.escape(f"'{param}'")):
+        Lunar(default_query=query)
 
 
 def test_extra_query_goes_to_the_gateway_in_remote_mode(mock):
@@ -362,6 +467,47 @@ def test_without_them_they_are_none_and_not_in_the_json(mock):
         assert chunk.service_tier is None
         for choice in chunk.choices:
             assert choice.delta.function_call is None
+            assert choice.delta.annotations is None
+            assert "annotations" not in choice.delta.to_dict()
+
+
+CITATIONS = CITED["choices"][0]["message"]["annotations"]
+
+
+async def test_streamed_annotations_reach_the_deltas_and_the_final_completion(mock):
+    """A web-search model streams its citations in a delta of their own; Lunar dropped
+    them (``delta.annotations`` did not exist, ``get_final_completion()`` had none). Now
+    the delta has them as objects, and the final message has them as the openai SDK's
+    stream helper gathers them (and as the whole answer has them), in both clients."""
+    import openai
+
+    from lunar import AsyncLunar
+
+    reply = Reply(annotations=CITATIONS)
+    mock.enqueue(*[reply] * 4, model="gpt-4o-mini")
+    kw: dict[str, Any] = {"model": "gpt-4o-mini", "messages": MESSAGES}
+    theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk", max_retries=0)
+    with theirs.chat.completions.stream(**kw) as helper:
+        want = helper.get_final_completion()
+    assert want.choices[0].message.annotations  # the emulator streams them as OpenAI does
+    whole = Lunar().chat.completions.create(**kw)
+    stream = Lunar().chat.completions.create(**kw, stream=True)
+    cited = [c.choices[0].delta for c in stream if c.choices and c.choices[0].delta.annotations]
+    assert len(cited) == 1 and cited[0].content is None
+    assert cited[0].annotations[0].url_citation.url == "https://example.org/moon"
+    assert cited[0].to_dict()["annotations"] == CITATIONS
+    client = AsyncLunar()
+    astream = await client.chat.completions.create(**kw, stream=True)
+    finals = [stream.get_final_completion(), await astream.get_final_completion()]
+    await client.close()
+    for final in finals:
+        message = final.choices[0].message
+        assert _read_as_openai_code_does(final)[1] == _read_as_openai_code_does(want)[1]
+        assert _read_as_openai_code_does(final)[1] == _read_as_openai_code_does(whole)[1]
+        text = message.content
+        assert text == want.choices[0].message.content == whole.choices[0].message.content
+        dumped = final.model_dump()["choices"][0]["message"]["annotations"]
+        assert dumped == want.model_dump()["choices"][0]["message"]["annotations"] == CITATIONS
 
 
 # -- the error hierarchy ----------------------------------------------------------------------

@@ -54,6 +54,9 @@ deltas = st.none() | st.fixed_dictionaries(
         "refusal": st.none() | st.text(max_size=5),
         "tool_calls": st.none()
         | st.just([{"index": 0, "id": "c1", "function": {"name": "f", "arguments": "{"}}]),
+        # A web-search model's citations: a delta the relay must not write as text alone.
+        "annotations": st.none()
+        | st.just([{"type": "url_citation", "url_citation": {"url": "u", "title": "t"}}]),
     },
 )
 choices_st = st.fixed_dictionaries(
@@ -140,7 +143,25 @@ def test_the_relay_writes_an_event_as_its_chunk_would_be_written_or_leaves_it(gr
         # Only the events between a stream's first and last: nothing the finisher holds.
         (choice,) = chunk.choices
         assert chunk.usage is None and choice.finish_reason is None
-        assert choice.delta.tool_calls is None
+        assert choice.delta.tool_calls is None and choice.delta.annotations is None
+
+
+def test_an_event_with_annotations_is_left_to_the_translator():
+    """A web-search model's citations come in a delta without text: the relay wrote such an
+    event as its text fields alone, and the client never saw them. It leaves it now (after
+    a plain event it took), and the chunk written for it carries them."""
+    finisher = StreamFinisher(TARGET, BODY, 0.0)
+    writer, sink = ChatWriter(), Sink()
+    relay = openai_wire.PlainRelay("openai", writer.encoder, sink, finisher)
+    assert relay(b"data: " + dumps(content_event("Hi"), True) + b"\n\n") == b""
+    citation = {"end_index": 2, "start_index": 0, "title": "E", "url": "https://e.org"}
+    cited = [{"type": "url_citation", "url_citation": citation}]
+    event = content_event(None)
+    event["choices"][0]["delta"] = {"annotations": cited}
+    line = b"data: " + dumps(event, True) + b"\n\n"
+    assert relay(line) == line
+    chunk = ChatCompletionChunk.from_dict(event, "openai")
+    assert json.loads(writer.chunk(chunk)[6:])["choices"][0]["delta"]["annotations"] == cited
 
 
 def translated(wire: bytes, pieces: list[bytes]) -> tuple[bytes, StreamFinisher]:

@@ -248,3 +248,92 @@ def test_other_upstreams_get_the_call_id_without_the_signature(gw, key, upstream
     assert signed.startswith(call_id) and len(signed) > len(call_id)
     assert b"__lsig_" not in raw and b"thought_signature" not in raw
     assert SIGNATURE.encode() not in raw
+
+
+# -- usage on a stream, as OpenAI sends it when asked ---------------------------------------
+
+
+def _shape(chunks: list[Any]) -> list[tuple[int, str | None, bool]]:
+    """Each chunk as openai code sees it: its number of choices, the first's finish reason,
+    whether it has usage."""
+    return [
+        (len(c.choices), c.choices[0].finish_reason if c.choices else None, c.usage is not None)
+        for c in chunks
+    ]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-haiku", "gemini-2.0-flash"])
+def test_openai_client_asking_usage_gets_it_on_a_chunk_of_its_own(gw, key, upstream, model):
+    """``stream_options={"include_usage": True}``: OpenAI sends the usage on one more chunk,
+    after the finishing one, with ``choices: []`` (every other chunk has ``usage: null``);
+    the gateway had it on the finishing chunk. Whatever the provider behind, the openai SDK
+    now sees the chunks it sees from OpenAI (here, the emulator speaking OpenAI's wire)."""
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    direct = openai.OpenAI(base_url=upstream.base_url, api_key="sk", max_retries=0)
+    kw: dict[str, Any] = {"messages": HI, "stream": True, "stream_options": {"include_usage": True}}
+    got = list(sdk.chat.completions.create(model=model, **kw))
+    want = list(direct.chat.completions.create(model="gpt-4o-mini", **kw))
+    assert _shape(got) == _shape(want)
+    assert _shape(got)[-2:] == [(1, "stop", False), (0, None, True)]
+    usage = got[-1].usage
+    assert usage.prompt_tokens > 0 and usage.completion_tokens == 8
+    assert usage.total_cost_usd > 0  # Lunar's fields ride along, as on the whole answer
+    assert got[-1].id == got[0].id and got[-1].model == got[0].model
+    # The openai SDK's stream helper gathers it; the legacy endpoint sends it so too.
+    with sdk.chat.completions.stream(model=model, messages=HI) as helper:
+        assert helper.get_final_completion().usage.completion_tokens == 8
+    legacy = list(
+        sdk.completions.create(
+            model=model, prompt="Hi", stream=True, stream_options={"include_usage": True}
+        )
+    )
+    assert [(len(c.choices), c.usage is not None) for c in legacy[-2:]] == [(1, False), (0, True)]
+
+
+def test_without_include_usage_the_finishing_chunk_carries_it(gw, key):
+    """Not asked: Lunar's own shape, kept (the usage on the chunk with ``finish_reason``, so
+    a ``choices[0]`` loop never meets an empty list); and Lunar's SDK through the gateway,
+    which asks for it, gets the same shape as in direct mode."""
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    got = list(sdk.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True))
+    assert _shape(got)[-1] == (1, "stop", True)
+    lunar = Lunar(base_url=gw.url, api_key=key, max_retries=0)
+    chunks = list(lunar.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True))
+    assert _shape(chunks)[-1] == (1, "stop", True) and all(c.choices for c in chunks)
+    assert chunks[-1].usage.completion_tokens == 8 and chunks[-1].usage.total_cost_usd > 0
+
+
+# -- streamed citations -----------------------------------------------------------------------
+
+CITATIONS = [
+    {
+        "type": "url_citation",
+        "url_citation": {
+            "start_index": 0,
+            "end_index": 3,
+            "title": "Moon",
+            "url": "https://example.org/moon",
+        },
+    }
+]
+
+
+def test_streamed_annotations_come_through_the_gateway(gw, key, upstream):
+    """A web-search model's citations, streamed in a delta of their own: the gateway's relay
+    of plain events wrote only the text fields of a delta, and the chunk had no place for
+    them; now the openai SDK's users and Lunar's (remote mode) get them, on the delta and
+    on the final message."""
+    # Paced: each event its own read, as the relay takes them (it starts after the first).
+    upstream.enqueue(*[Reply(annotations=CITATIONS, pacing=0.005)] * 3, model="gpt-4o-mini")
+    sdk = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+    chunks = list(sdk.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True))
+    cited = [c.choices[0].delta for c in chunks if c.choices and c.choices[0].delta.model_extra]
+    assert [d.model_extra for d in cited] == [{"annotations": CITATIONS}]
+    with sdk.chat.completions.stream(model="gpt-4o-mini", messages=HI) as helper:
+        final = helper.get_final_completion()
+    assert [a.model_dump() for a in final.choices[0].message.annotations] == CITATIONS
+    lunar = Lunar(base_url=gw.url, api_key=key, max_retries=0)
+    stream = lunar.chat.completions.create(model="gpt-4o-mini", messages=HI, stream=True)
+    message = stream.get_final_completion().choices[0].message
+    assert [a.to_dict() for a in message.annotations] == CITATIONS
+    assert message.content == final.choices[0].message.content

@@ -514,3 +514,57 @@ def test_streams_a_client_never_reads_cannot_hold_the_upstream_pool(small_pool, 
     finally:
         for sock in socks:
             sock.close()
+
+
+# -- a client's query string ------------------------------------------------------------------
+
+#: What an Azure-shaped client sends (``api-version``), and what would change an upstream's
+#: answer or credentials if passed on: Gemini takes its API key as ``key=`` and the shape of
+#: its answer as ``alt=``; Anthropic's SDK adds ``beta=true`` for its beta endpoints.
+CLIENT_QUERY = {"api-version": "2024-06-01", "key": "attacker-key", "alt": "json", "beta": "true"}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "claude-3-haiku", "gemini-2.0-flash"])
+def test_a_clients_query_string_never_reaches_an_upstream(gw, key, upstream, model, stream):
+    """The gateway answers with the operator's credentials, on the route it picks (a
+    fallback's provider too): a virtual key's query parameters are not passed on, so they
+    can neither swap the credential (Gemini's ``key=``) nor the answer's shape (``alt=``);
+    the request is served as without them (an Azure-shaped client's ``api-version`` means
+    nothing to Lunar's upstreams)."""
+    r = gw.http.post(
+        "/v1/chat/completions",
+        params=CLIENT_QUERY,
+        json={"model": model, "messages": HI, "stream": stream},
+        headers={"x-api-key": key},
+    )
+    assert r.status_code == 200, r.text
+    assert "[DONE]" in r.text if stream else r.json()["choices"][0]["message"]["content"]
+    sent = upstream.requests[-1]
+    if model.startswith("gemini"):
+        assert sent.query == ("alt=sse" if stream else "")
+        assert sent.headers["x-goog-api-key"] == "sk-gem"
+    else:
+        assert sent.query == ""
+    assert b"attacker" not in sent.body
+
+
+def test_sdks_sending_a_query_are_served(gw, key, upstream):
+    """The openai SDK with ``default_query`` (an Azure-shaped client), Lunar's remote mode
+    with ``default_query`` / ``extra_query``, and Anthropic's beta endpoints
+    (``/v1/messages?beta=true``): all answered, nothing of their query upstream."""
+    openai = pytest.importorskip("openai")
+    anthropic = pytest.importorskip("anthropic")
+    from lunar import Lunar
+
+    sdk = openai.OpenAI(
+        base_url=gw.url + "/v1", api_key=key, max_retries=0, default_query=CLIENT_QUERY
+    )
+    assert sdk.chat.completions.create(model="gpt-4o-mini", messages=HI).choices
+    lunar = Lunar(base_url=gw.url, api_key=key, max_retries=0, default_query=CLIENT_QUERY)
+    answer = lunar.chat.completions.create(model="gpt-4o-mini", messages=HI, extra_query={"x": 1})
+    assert answer.choices
+    claude = anthropic.Anthropic(base_url=gw.url, api_key=key, max_retries=0)
+    message = claude.beta.messages.create(model="claude-3-haiku", max_tokens=20, messages=HI)
+    assert message.content
+    assert [r.query for r in upstream.requests] == ["", "", ""]

@@ -188,17 +188,22 @@ def test_copy_shares_catalogue_and_health_and_can_change_fallbacks(mock, monkeyp
         ({"set_default_headers": "x"}, "set_default_headers"),
         ({"default_headers": {"a": "1"}, "set_default_headers": {"b": "2"}}, "set_default_headers"),
         ({"fallbacks": ["x"]}, "fallbacks"),
+        ({"default_query": {"v": [1]}}, "default_query.v"),
+        ({"set_default_query": "x"}, "set_default_query"),
+        ({"default_query": {"a": "1"}, "set_default_query": {"b": "2"}}, "set_default_query"),
+        ({"base_url": "127.0.0.1:4000/v1"}, "base_url"),
+        ({"api_key": "lk-1"}, "gateway key"),
     ],
 )
 def test_with_options_checks_its_options_as_the_constructor_does(kwargs, names):
     client = Lunar()
     with pytest.raises(ValueError, match=names):
         client.with_options(**kwargs)
-    if "set_default_headers" not in kwargs and "fallbacks" not in kwargs:
+    if not {"set_default_headers", "set_default_query", "fallbacks"} & set(kwargs):
         with pytest.raises(ValueError, match=names):
             Lunar(**kwargs)
     with pytest.raises(TypeError):
-        client.with_options(api_key="x")  # type: ignore[call-arg]
+        client.with_options(providers={})  # type: ignore[call-arg]
 
 
 @pytest.mark.parametrize("mode", ["sync", "async", "async-httpx"])
@@ -242,3 +247,107 @@ async def test_a_copy_keeps_a_caller_http_clients_own_timeout(mock):
     mock.enqueue(Reply(delay=0.2), model="gpt-4o-mini")
     assert (await create(client.with_options(timeout=30))).choices
     await http.aclose()
+
+
+# -- api_key, base_url, http_client ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["sync", "async", "async-httpx"])
+async def test_a_copy_with_another_base_url_or_key_sends_there_with_it(mock, monkeypatch, mode):
+    """``with_options(base_url=..., api_key=...)``, as the openai SDK's: they were a
+    TypeError. The copy's requests go to its gateway with its key; the original's stay as
+    they were. The pool is the same object (it keeps connections per host, so the new
+    gateway gets connections of its own); the routes and their health are the copy's own."""
+    from lunar.testing import MockServer
+
+    client = client_for(mode, monkeypatch, base_url=mock.base_url, api_key="lk-a")
+    with MockServer() as other:
+        moved = client.with_options(base_url=other.base_url)
+        rekeyed = client.with_options(api_key="lk-b", max_retries=0)
+        for copy in (moved, rekeyed):
+            assert copy._http is client._http
+            assert copy._settings.router.health is not client._settings.router.health
+        await create(moved)
+        assert len(other.requests) == 1 and not mock.requests
+        sent = other.requests[-1]
+        assert (sent.path, sent.headers["x-api-key"]) == ("/v1/chat/completions", "lk-a")
+        await call(moved.models.list())
+        assert len(other.requests) == 2 and not mock.requests
+        await create(rekeyed)
+        assert mock.requests[-1].headers["x-api-key"] == "lk-b"
+        assert mock.requests[-1].headers["x-lunar-max-retries"] == "0"
+        await create(client)  # the original's, as before
+        assert mock.requests[-1].headers["x-api-key"] == "lk-a" and len(other.requests) == 2
+        # Both at once, and a copy of a copy.
+        both = rekeyed.with_options(base_url=other.base_url, api_key="lk-c")
+        await create(both)
+        assert other.requests[-1].headers["x-api-key"] == "lk-c"
+    await close(client)
+
+
+def test_a_copy_into_another_mode_never_carries_the_other_sides_key(mock, monkeypatch):
+    """Direct mode's ``api_key`` is OpenAI's and a gateway's key is no provider's: a copy
+    that moves between the two takes the credential of its own side (given, or from the
+    environment), never the original's."""
+    from lunar import AuthenticationError
+
+    direct = Lunar(api_key="sk-mine")
+    with pytest.raises(AuthenticationError, match="LUNAR_API_KEY"):
+        direct.with_options(base_url=mock.base_url)
+    remote = direct.with_options(base_url=mock.base_url, api_key="lk-a")
+    create_sync(remote)
+    sent = mock.requests[-1].headers
+    assert sent["x-api-key"] == "lk-a" and "authorization" not in sent
+    create_sync(remote.with_options(base_url=None))  # back to direct: OPENAI_API_KEY
+    sent = mock.requests[-1].headers
+    assert sent["authorization"] == "Bearer sk-openai" and "x-api-key" not in sent
+    assert "x-lunar-max-retries" not in sent
+    create_sync(direct.with_options(api_key="sk-other"))  # direct: OpenAI's key
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-other"
+    create_sync(direct)
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-mine"
+    # A key given in providers= is replaced by the copy's, the rest of OpenAI's settings kept.
+    given = Lunar(providers={"openai": {"api_key": "sk-1", "base_url": mock.base_url}})
+    create_sync(given.with_options(api_key="sk-2"))
+    assert mock.requests[-1].headers["authorization"] == "Bearer sk-2"
+
+
+def test_a_copy_with_its_own_http_client_sends_with_it(mock):
+    client = Lunar(default_headers={"x-team": "a"})
+    http = httpx.Client(headers={"x-mine": "1"})
+    copy = client.with_options(http_client=http)
+    assert copy._http is http
+    create_sync(copy)
+    sent = mock.requests[-1].headers
+    assert (sent["x-mine"], sent["x-team"]) == ("1", "a")
+    copy.close()
+    assert not http.is_closed  # the caller's, as a client given one leaves it
+    create_sync(client)
+    assert "x-mine" not in mock.requests[-1].headers
+    client.close()
+    assert not http.is_closed
+    http.close()
+
+
+def test_the_copy_with_another_base_url_matches_the_openai_sdks(mock):
+    """The same ``with_options(base_url=..., api_key=...)`` on both SDKs: the same server,
+    the same path, each SDK's credential header carrying the new key."""
+    import openai
+
+    from lunar.testing import MockServer
+
+    with MockServer() as other:
+        theirs = openai.OpenAI(base_url=mock.base_url, api_key="sk-a", max_retries=0)
+        ours = Lunar(base_url=mock.base_url, api_key="lk-a", max_retries=0)
+        theirs.with_options(base_url=other.base_url, api_key="sk-b").chat.completions.create(
+            model="gpt-4o-mini", messages=MESSAGES
+        )
+        create_sync(ours.with_options(base_url=other.base_url, api_key="lk-b"))
+        want, got = other.requests
+        assert want.path == got.path == "/v1/chat/completions"
+        assert (want.headers["authorization"], got.headers["x-api-key"]) == ("Bearer sk-b", "lk-b")
+    assert not mock.requests
+
+
+def create_sync(client: Any) -> Any:
+    return client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)

@@ -22,6 +22,7 @@ from ._errors import APIStatusError, AuthenticationError, error_from_response
 from ._request import (
     ChatParams,
     CompletionParams,
+    DefaultQuery,
     Remote,
     RequestOptions,
     completion_from_chat,
@@ -92,14 +93,30 @@ class _Settings:
         default_headers: Mapping[str, str] | None,
         providers: Mapping[str, Mapping[str, Any]] | None,
         catalog: Any,
+        default_query: Mapping[str, object] | None = None,
     ) -> None:
         self.max_retries = _validate_max_retries(max_retries)
-        base_url = _gateway_url(base_url)
         self.catalog = Catalog.load(catalog)
         self.headers = _merged(_USER_AGENT, _validate_headers(default_headers, "default_headers"))
         # None is no timeout, as in the openai SDK; a bad one fails here, as max_retries does.
         self.timeout = parse_timeout(timeout, lambda message, param: ValueError(message))
         self.timeout_given = timeout is not DEFAULT_TIMEOUT
+        self.query = DefaultQuery.of(default_query)
+        self._route(api_key, jwt, base_url, providers, validate_fallback_map(fallbacks))
+
+    def _route(
+        self,
+        api_key: str | None,
+        jwt: str | None,
+        base_url: str | None,
+        providers: Mapping[str, Mapping[str, Any]] | None,
+        fallbacks: dict[str, list[str]],
+    ) -> None:
+        """Where requests go and with which credentials: a gateway (``base_url``, else
+        ``LUNAR_BASE_URL``) or the providers (direct mode). The arguments are kept, for a
+        ``copy()`` that changes some of them."""
+        self._given = (api_key, jwt, base_url, providers)
+        base_url = _gateway_url(base_url)
         remote = None
         if base_url:
             api_key = api_key or os.environ.get("LUNAR_API_KEY")
@@ -121,7 +138,7 @@ class _Settings:
         else:
             providers = _direct_keys(api_key, jwt, providers)
         self.remote = remote
-        self.router = Router(self.catalog, providers, validate_fallback_map(fallbacks), remote)
+        self.router = Router(self.catalog, providers, fallbacks, remote)
 
     def derive(
         self,
@@ -130,13 +147,42 @@ class _Settings:
         default_headers: Mapping[str, str] | None,
         set_default_headers: Mapping[str, str] | None,
         fallbacks: Any,
+        api_key: str | None = None,
+        base_url: Any = NOT_GIVEN,
+        default_query: Mapping[str, object] | None = None,
+        set_default_query: Mapping[str, object] | None = None,
     ) -> _Settings:
         """The settings of a ``with_options()`` copy: these options changed (each checked as
-        the constructor checks it), the catalogue, the routes' health and the gateway the
-        same objects."""
+        the constructor checks it), the catalogue the same object; the routes' health and
+        the gateway too unless ``api_key`` or ``base_url`` is given: then the routes are
+        made again, as the constructor makes them, with a health of their own."""
         if default_headers is not None and set_default_headers is not None:
             raise ValueError("default_headers and set_default_headers are mutually exclusive")
+        if default_query is not None and set_default_query is not None:
+            raise ValueError("default_query and set_default_query are mutually exclusive")
         new = copy.copy(self)
+        if default_query is not None:
+            more = DefaultQuery.of(default_query)
+            if more is not None:
+                new.query = DefaultQuery({**(self.query.pairs if self.query else {}), **more.pairs})
+        elif set_default_query is not None:
+            new.query = DefaultQuery.of(set_default_query, "set_default_query")
+        if api_key is not None or base_url is not NOT_GIVEN:
+            old_key, jwt, old_url, providers = self._given
+            if base_url is NOT_GIVEN:
+                base_url = old_url
+            remote = _gateway_url(base_url) is not None
+            if api_key is not None:
+                jwt = None  # the key given replaces the credential, whichever it was
+                if not remote:
+                    providers = _without_openai_key(providers)
+            elif remote == (self.remote is not None):
+                api_key = old_key
+            else:
+                # Another mode: the credential was for the other side (a gateway's key is
+                # no provider's, OpenAI's key no gateway's): never sent there.
+                jwt = None
+            new._route(api_key, jwt, base_url, providers, self.router.fallbacks)
         if max_retries is not NOT_GIVEN:
             new.max_retries = _validate_max_retries(max_retries)
         if timeout is not NOT_GIVEN:
@@ -149,7 +195,7 @@ class _Settings:
             given = _validate_headers(set_default_headers, "set_default_headers")
             new.headers = _merged(_USER_AGENT, given)
         if fallbacks is not NOT_GIVEN:
-            new.router = self.router.with_fallbacks(validate_fallback_map(fallbacks))
+            new.router = new.router.with_fallbacks(validate_fallback_map(fallbacks))
         return new
 
     def models_request(self, model: str | None = None) -> HTTPRequest:
@@ -159,6 +205,8 @@ class _Settings:
         url = self.remote.base_url + "/models"
         if model is not None:
             url += "/" + quote(model, safe="")
+        if self.query is not None and self.query.text:
+            url += "?" + self.query.text
         return HTTPRequest("GET", url, dict(self.remote.headers), b"")
 
     def for_http_client(
@@ -224,6 +272,20 @@ def _gateway_url(base_url: str | None) -> str | None:
         return checked_base_url(base_url, "base_url")
     env = os.environ.get("LUNAR_BASE_URL", "").strip()
     return checked_base_url(env, "LUNAR_BASE_URL") if env else None
+
+
+def _without_openai_key(
+    providers: Mapping[str, Mapping[str, Any]] | None,
+) -> Mapping[str, Mapping[str, Any]] | None:
+    """``providers=`` without OpenAI's key: a ``copy(api_key=...)`` in direct mode gives
+    another (the rest of OpenAI's settings, its ``base_url`` say, stay)."""
+    openai = (providers or {}).get("openai")
+    if not openai or "api_key" not in openai:
+        return providers
+    return {
+        **(providers or {}),
+        "openai": {k: v for k, v in openai.items() if k != "api_key"},
+    }
 
 
 def _direct_keys(
@@ -371,6 +433,7 @@ class _Client:
         self._own = own
         self._owns_http = owns
         self._remote = settings.for_remote(http, own)
+        self._query = settings.query
         self._engine = self._engine_class(
             settings.router, http, **settings.engine_options(http, own)
         )
@@ -395,23 +458,45 @@ class _Client:
     def copy(
         self: _C,
         *,
+        api_key: str | None = None,
+        base_url: str | None = NOT_GIVEN,
         timeout: float | httpx.Timeout | None = NOT_GIVEN,
+        http_client: httpx.Client | httpx.AsyncClient | None = None,
         max_retries: int = NOT_GIVEN,
         default_headers: Mapping[str, str] | None = None,
         set_default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
+        set_default_query: Mapping[str, object] | None = None,
         fallbacks: Mapping[str, list[str]] | None = NOT_GIVEN,
     ) -> _C:
         """A client with these options changed (as the openai SDK's ``copy()``, also
-        ``with_options()``): ``default_headers`` are added to this client's,
-        ``set_default_headers`` replace them; ``fallbacks`` replace the client's map. It
-        shares this client's connections, catalogue and routes' health, and checks its
-        options as the constructor does. Closing it (or dropping it) ends its own use and
-        streams, never the connections it shares; closing this client closes them for both.
-        Remote mode: its ``max_retries`` and timeout go to the gateway as its hop headers."""
+        ``with_options()``): ``default_headers`` / ``default_query`` are added to this
+        client's, ``set_default_headers`` / ``set_default_query`` replace them;
+        ``fallbacks`` replace the client's map. ``api_key`` and ``base_url`` mean what
+        they mean to the constructor (``base_url=None``: ``LUNAR_BASE_URL``, else direct
+        mode); the copy's routes are then its own (their health too), its connections
+        still this client's pool (which keeps them per host: another ``base_url`` opens
+        its own). ``http_client``: the copy sends with it, as a client given one does. It
+        shares this client's connections, catalogue and routes' health otherwise, and checks
+        its options as the constructor does. Closing it (or dropping it) ends its own use
+        and streams, never the connections it shares; closing this client closes them for
+        both. Remote mode: its ``max_retries`` and timeout go to the gateway as its hop
+        headers."""
         settings = self._settings.derive(
-            timeout, max_retries, default_headers, set_default_headers, fallbacks
+            timeout,
+            max_retries,
+            default_headers,
+            set_default_headers,
+            fallbacks,
+            api_key,
+            base_url,
+            default_query,
+            set_default_query,
         )
         client = object.__new__(type(self))
+        if http_client is not None:
+            client._start(settings, http_client, None, owns=False, borrowed=False)
+            return client
         borrowed = self._owns_http or self._engine.borrowed
         client._start(settings, self._http, self._own, owns=False, borrowed=borrowed)
         return client
@@ -438,6 +523,7 @@ class Lunar(_Client):
         max_retries: int = 2,
         fallbacks: Mapping[str, list[str]] | None = None,
         default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
         http_client: httpx.Client | None = None,
         providers: Mapping[str, Mapping[str, Any]] | None = None,
         catalog: Any = None,
@@ -452,6 +538,7 @@ class Lunar(_Client):
             default_headers,
             providers,
             catalog,
+            default_query,
         )
         if http_client is not None:
             self._start(settings, http_client, None, owns=False, borrowed=False)
@@ -521,7 +608,9 @@ class ChatCompletions:
         """A chat completion; ``stream=True`` gives a ``Stream`` of chunks. Arguments as in
         the OpenAI API, plus ``fallbacks`` (models to try in order) and ``provider``."""
         client = self._client
-        body, opts = prepare("create", model, messages, kwargs, remote=client._remote)
+        body, opts = prepare(
+            "create", model, messages, kwargs, remote=client._remote, query=client._query
+        )
         if stream:
             return Stream(client._engine.stream(body, opts))
         return client._engine.complete(body, opts)
@@ -562,7 +651,13 @@ class Completions:
     ) -> Completion | Stream[Completion]:
         client = self._client
         body, opts = prepare(
-            "create", model, prompt_messages(prompt), kwargs, legacy=True, remote=client._remote
+            "create",
+            model,
+            prompt_messages(prompt),
+            kwargs,
+            legacy=True,
+            remote=client._remote,
+            query=client._query,
         )
         if stream:
             return Stream(
@@ -617,6 +712,7 @@ class AsyncLunar(_Client):
         max_retries: int = 2,
         fallbacks: Mapping[str, list[str]] | None = None,
         default_headers: Mapping[str, str] | None = None,
+        default_query: Mapping[str, object] | None = None,
         http_client: httpx.AsyncClient | None = None,
         providers: Mapping[str, Mapping[str, Any]] | None = None,
         catalog: Any = None,
@@ -631,6 +727,7 @@ class AsyncLunar(_Client):
             default_headers,
             providers,
             catalog,
+            default_query,
         )
         if http_client is not None:
             self._start(settings, http_client, None, owns=False, borrowed=False)
@@ -701,7 +798,9 @@ class AsyncChatCompletions:
         **kwargs: Unpack[ChatParams],
     ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
         client = self._client
-        body, opts = prepare("create", model, messages, kwargs, remote=client._remote)
+        body, opts = prepare(
+            "create", model, messages, kwargs, remote=client._remote, query=client._query
+        )
         if stream:
             return AsyncStream(await client._engine.stream(body, opts))
         return await client._engine.complete(body, opts)
@@ -740,7 +839,13 @@ class AsyncCompletions:
     ) -> Completion | AsyncStream[Completion]:
         client = self._client
         body, opts = prepare(
-            "create", model, prompt_messages(prompt), kwargs, legacy=True, remote=client._remote
+            "create",
+            model,
+            prompt_messages(prompt),
+            kwargs,
+            legacy=True,
+            remote=client._remote,
+            query=client._query,
         )
         if stream:
             return AsyncStream(

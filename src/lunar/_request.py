@@ -592,38 +592,78 @@ def validate_extra_headers(headers: Any) -> Mapping[str, str]:
     return headers
 
 
-def validate_extra_query(query: Any) -> str | None:
+def validate_extra_query(query: Any, default: DefaultQuery | None = None) -> str | None:
     """``extra_query``: query parameters appended to the provider's URL (the gateway's, in
     remote mode), as the openai SDK appends them (Azure's ``api-version``). A mapping of
     names to strings, numbers or booleans (``true``/``false``, as the openai SDK writes
-    them); a ``None`` value is left out. Encoded once, here: the engine only appends it."""
+    them); a ``None`` value is left out. Over the client's ``default_query`` (``default``),
+    name by name, as in the openai SDK (a ``None`` leaves a default out). Encoded once,
+    here: the engine only appends it."""
     if query is None:
-        return None
+        return None if default is None else default.text
+    pairs = query_pairs(query, "extra_query", bad)
+    if default is not None:
+        pairs = {**default.pairs, **pairs}
+    return urlencode([(k, v) for k, v in pairs.items() if v is not None]) or None
+
+
+def query_pairs(
+    query: Any, name: str, error: Callable[[str, str], Exception]
+) -> dict[str, str | None]:
+    """A mapping of query parameters checked (``error(message, param)`` for what is wrong)
+    and written as the openai SDK writes them; None values kept as None."""
     if not isinstance(query, Mapping):
-        raise bad(
-            "'extra_query' must be a mapping of query parameter names to values, "
+        raise error(
+            f"'{name}' must be a mapping of query parameter names to values, "
             f"got {type(query).__name__}",
-            "extra_query",
+            name,
         )
-    pairs = []
-    for name, value in query.items():
-        if not isinstance(name, str) or not name:
-            raise bad(f"'extra_query' names must be non-empty strings, got {name!r}", "extra_query")
+    pairs: dict[str, str | None] = {}
+    for key, value in query.items():
+        if not isinstance(key, str) or not key:
+            raise error(f"'{name}' names must be non-empty strings, got {key!r}", name)
         if value is None:
+            pairs[key] = None
             continue
         if isinstance(value, bool):
             value = "true" if value else "false"
         elif isinstance(value, float) and not math.isfinite(value):
-            param = f"extra_query.{name}"
-            raise bad(f"'{param}' must be a finite number, got {value!r}", param)
+            param = f"{name}.{key}"
+            raise error(f"'{param}' must be a finite number, got {value!r}", param)
         elif not isinstance(value, (str, int, float)):
-            param = f"extra_query.{name}"
-            raise bad(
+            param = f"{name}.{key}"
+            raise error(
                 f"'{param}' must be a string, a number or a boolean, got {type(value).__name__}",
                 param,
             )
-        pairs.append((name, str(value)))
-    return urlencode(pairs) or None
+        pairs[key] = str(value)
+    return pairs
+
+
+class DefaultQuery:
+    """A client's ``default_query``: query parameters every request's URL carries, under
+    its ``extra_query`` (checked as ``extra_query`` is; a ``ValueError`` naming
+    ``default_query`` for what is wrong). ``text``: them encoded, for requests without
+    ``extra_query`` (most: nothing is done per request)."""
+
+    __slots__ = ("pairs", "text")
+
+    def __init__(self, pairs: Mapping[str, str | None]) -> None:
+        self.pairs = {k: v for k, v in pairs.items() if v is not None}
+        self.text = urlencode(list(self.pairs.items())) or None
+
+    @classmethod
+    def of(cls, query: Any, name: str = "default_query") -> DefaultQuery | None:
+        """``default_query=`` (or the argument ``name``) checked; None for none (or an
+        empty mapping)."""
+        if query is None:
+            return None
+        out = cls(query_pairs(query, name, _value_error))
+        return out if out.pairs else None
+
+
+def _value_error(message: str, param: str) -> ValueError:
+    return ValueError(message)
 
 
 #: Keys ``extra_body`` may not set: ``create()``'s own arguments. Merged in, they would be
@@ -725,10 +765,12 @@ def prepare(
     kwargs: Mapping[str, Any],
     legacy: bool = False,
     remote: Remote | None = None,
+    query: DefaultQuery | None = None,
 ) -> tuple[dict[str, Any], RequestOptions]:
     """``create()``'s arguments -> (validated body, options). Unknown keywords are a
     ``TypeError``, as for any Python function. ``remote``: in remote mode, what the client
-    adds for the gateway (its fallbacks, its retry budget and deadline)."""
+    adds for the gateway (its fallbacks, its retry budget and deadline). ``query``: the
+    client's ``default_query``."""
     allowed = _COMPLETION_PARAMS if legacy else CHAT_PARAMS
     params: dict[str, Any] = {}
     for name, value in kwargs.items():
@@ -742,7 +784,7 @@ def prepare(
     fallbacks = validate_fallbacks(kwargs.get("fallbacks"))
     provider = validate_provider(kwargs.get("provider"))
     extra_headers = validate_extra_headers(kwargs.get("extra_headers"))
-    extra_query = validate_extra_query(kwargs.get("extra_query"))
+    extra_query = validate_extra_query(kwargs.get("extra_query"), query)
     # Absent: the client's timeout. Given, even as None (no timeout, as in the openai SDK).
     timeout = parse_timeout(kwargs["timeout"]) if "timeout" in kwargs else None
     if remote is not None:

@@ -8,10 +8,12 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, Generic, TypeVar, overload
 
 from ._types import (
+    Annotation,
     ChatCompletion,
     ChatCompletionChunk,
     ChatCompletionMessage,
     Choice,
+    ChoiceLogprobs,
     Completion,
     Function,
     ToolCall,
@@ -22,16 +24,48 @@ T = TypeVar("T")
 
 
 class _ChoiceState:
-    __slots__ = ("finish_reason", "parts", "refusal", "role", "stop_sequence", "tools")
+    __slots__ = (
+        "annotations",
+        "finish_reason",
+        "logprobs",
+        "parts",
+        "refusal",
+        "role",
+        "stop_sequence",
+        "tools",
+    )
 
     def __init__(self) -> None:
         self.role = "assistant"
         self.parts: list[str] = []
         self.refusal: list[str] = []
+        self.annotations: list[Annotation] = []
         # index -> [id, name, [argument pieces], extra_content]
         self.tools: dict[int, list[Any]] = {}
         self.finish_reason: str | None = None
         self.stop_sequence: str | None = None
+        #: The chunks' ``logprobs`` gathered (their token lists concatenated), from the
+        #: first chunk that has them, as the openai SDK's stream helper gathers them.
+        self.logprobs: ChoiceLogprobs | None = None
+
+    def add_logprobs(self, logprobs: Any) -> None:
+        if type(logprobs) is not ChoiceLogprobs:
+            return  # not OpenAI's shape (kept as it came on the chunk): nothing to join
+        mine = self.logprobs
+        if mine is None:
+            self.logprobs = ChoiceLogprobs(
+                None if logprobs.content is None else list(logprobs.content),
+                None if logprobs.refusal is None else list(logprobs.refusal),
+            )
+            return
+        if logprobs.content:
+            if mine.content is None:
+                mine.content = []
+            mine.content.extend(logprobs.content)
+        if logprobs.refusal:
+            if mine.refusal is None:
+                mine.refusal = []
+            mine.refusal.extend(logprobs.refusal)
 
 
 class ChatAccumulator:
@@ -61,6 +95,8 @@ class ChatAccumulator:
                 state.role = delta.role
             if delta.refusal:
                 state.refusal.append(delta.refusal)
+            if delta.annotations:
+                state.annotations.extend(delta.annotations)
             if delta.tool_calls:
                 for tc in delta.tool_calls:
                     entry = state.tools.get(tc.index)
@@ -75,6 +111,8 @@ class ChatAccumulator:
                             entry[1] = tc.function.name
                         if tc.function.arguments:
                             entry[2].append(tc.function.arguments)
+            if c.logprobs is not None:
+                state.add_logprobs(c.logprobs)
             if c.finish_reason is not None:
                 state.finish_reason = c.finish_reason
                 state.stop_sequence = c.stop_sequence
@@ -93,8 +131,9 @@ class ChatAccumulator:
                 content="".join(s.parts) if s.parts or not tool_calls else None,
                 tool_calls=tool_calls,
                 refusal="".join(s.refusal) or None,
+                annotations=s.annotations or None,
             )
-            choices.append(Choice(index, message, s.finish_reason, None, s.stop_sequence))
+            choices.append(Choice(index, message, s.finish_reason, s.logprobs, s.stop_sequence))
         return ChatCompletion(
             id=first.id if first else "",
             created=first.created if first else 0,

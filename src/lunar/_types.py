@@ -553,7 +553,12 @@ class ChoiceDeltaToolCall(_Obj):
 
 
 class ChoiceDelta(_Obj):
-    __slots__ = ("content", "refusal", "role", "tool_calls")
+    """A piece of a streamed message. ``annotations``: citations the provider streams
+    (OpenAI's web search sends them in a delta of their own, near the end), as
+    ``Annotation`` objects; else None (and not in the JSON)."""
+
+    __slots__ = ("annotations", "content", "refusal", "role", "tool_calls")
+    _omit_none = ("annotations",)
     #: As on the openai SDK's deltas; None always (Lunar refuses ``functions``).
     function_call: None = None
 
@@ -563,11 +568,13 @@ class ChoiceDelta(_Obj):
         content: str | None = None,
         tool_calls: list[ChoiceDeltaToolCall] | None = None,
         refusal: str | None = None,
+        annotations: list[Annotation] | None = None,
     ) -> None:
         self.role = role
         self.content = content
         self.tool_calls = tool_calls
         self.refusal = refusal
+        self.annotations = annotations
 
 
 class ChunkChoice(_Obj):
@@ -680,6 +687,8 @@ class ChatCompletionChunk(_Obj):
                         delta.get("content"),
                         None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
                         delta.get("refusal"),
+                        # (``in``: no call, for the deltas, nearly all, that have none)
+                        _annotations(delta["annotations"]) if "annotations" in delta else None,
                     ),
                     finish,
                     None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
@@ -720,6 +729,7 @@ class ChunkEncoder:
             delta.tool_calls is not None
             or choice.logprobs is not None
             or choice.stop_sequence is not None
+            or delta.annotations is not None
         ):
             return None
         return self.text(

@@ -111,11 +111,11 @@ class PlainRelay:
     the client: called with each piece of the body as it arrives (``_http``'s tap), it
     writes each event as its chunk object would have been written (``ChunkEncoder``) and
     returns ``b""``. A plain event is one ``data:`` line of a JSON object with one choice,
-    no usage, no tool call, no logprobs and no ``finish_reason``: the events between a
-    stream's first and its last. At the first other one (the last ones, usage, tool calls,
-    an error, ``[DONE]``, other SSE framing, anything misshapen), at a piece that ends
-    inside an event, or when the client pushes back, it returns the bytes from there on,
-    for the translator (which says what is wrong, if anything), and is done.
+    no usage, no tool call, no annotations, no logprobs and no ``finish_reason``: the events
+    between a stream's first and its last. At the first other one (the last ones, usage, tool
+    calls, annotations, an error, ``[DONE]``, other SSE framing, anything misshapen), at a
+    piece that ends inside an event, or when the client pushes back, it returns the bytes
+    from there on, for the translator (which says what is wrong, if anything), and is done.
 
     Nothing is built per event but its dict and its text, and no coroutine wakes: at lane
     3's load that was most of what an event cost the gateway."""
@@ -223,7 +223,11 @@ class PlainRelay:
         if type(choice) is not dict or choice.get("finish_reason") is not None:
             return None
         delta = choice.get("delta") or {}
-        if type(delta) is not dict or delta.get("tool_calls") is not None:
+        if (
+            type(delta) is not dict
+            or delta.get("tool_calls") is not None
+            or delta.get("annotations") is not None
+        ):
             return None
         if choice.get("logprobs") is not None:
             return None

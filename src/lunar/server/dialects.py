@@ -161,10 +161,46 @@ class ChatWriter(StreamWriter):
         return b"data: " + data + b"\n\n"
 
 
+class UsageChunkChatWriter(ChatWriter):
+    """A ``ChatWriter`` for a client that asked ``stream_options.include_usage``: the usage
+    goes in one more chunk after the finishing one, with ``choices: []``, as OpenAI sends
+    it (the finishing chunk has ``usage: null``, as every other does)."""
+
+    def chunk(self, chunk: ChatCompletionChunk) -> bytes:
+        if chunk.usage is None:
+            return ChatWriter.chunk(self, chunk)
+        self.last_id = chunk.id
+        return usage_apart(chunk.to_dict())
+
+
+def usage_apart(chunk: dict[str, Any]) -> bytes:
+    """The events of a chunk (its dict) that carries the stream's usage, as OpenAI sends
+    them when asked for usage: the chunk with ``usage: null`` (unless it has no choices),
+    then the usage on a chunk of its own with ``choices: []``."""
+    usage = chunk["usage"]
+    chunk["usage"] = None
+    out = b"data: " + dumps(chunk) + b"\n\n" if chunk["choices"] else b""
+    chunk["choices"] = []
+    chunk["usage"] = usage
+    return out + b"data: " + dumps(chunk) + b"\n\n"
+
+
+def asks_usage(body: Mapping[str, Any]) -> bool:
+    """Whether the client asked for usage as a chunk of its own (OpenAI's
+    ``stream_options: {"include_usage": true}``)."""
+    options = body.get("stream_options")
+    return type(options) is dict and options.get("include_usage") is True
+
+
 class CompletionWriter(StreamWriter):
+    def __init__(self, usage_apart: bool = False) -> None:
+        self._usage_apart = usage_apart
+
     def chunk(self, chunk: ChatCompletionChunk) -> bytes:
         piece = completion_from_chunk(chunk)
         self.last_id = piece.id
+        if self._usage_apart and piece.usage is not None:
+            return usage_apart(piece.to_dict())
         return b"data: " + dumps(piece.to_dict()) + b"\n\n"
 
 
@@ -221,7 +257,7 @@ class Chat(Dialect):
         return completion.to_dict()
 
     def stream(self, model: str, body: Mapping[str, Any]) -> StreamWriter:
-        return ChatWriter()
+        return UsageChunkChatWriter() if asks_usage(body) else ChatWriter()
 
 
 class Completions(Dialect):
@@ -242,7 +278,7 @@ class Completions(Dialect):
         return completion_from_chat(completion).to_dict()
 
     def stream(self, model: str, body: Mapping[str, Any]) -> StreamWriter:
-        return CompletionWriter()
+        return CompletionWriter(asks_usage(body))
 
 
 class Messages(Dialect):

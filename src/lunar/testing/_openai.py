@@ -202,6 +202,8 @@ class OpenAIWire(Wire):
         tier = request.get("service_tier")
         if self.kind == "chat" and isinstance(tier, str):
             job = dataclasses.replace(job, service_tier="default" if tier == "auto" else tier)
+        if self.kind == "chat" and reply.annotations is not None:
+            job = dataclasses.replace(job, annotations=dumps(reply.annotations))
         return job
 
     def response_id(self, number: int, job: Job) -> str:
@@ -279,6 +281,9 @@ class OpenAIWire(Wire):
                     lp = _logprobs(job, (piece,))
                     positions.append([event(i, delta, logprobs=lp) for i in range(n)])
             post = [event(i, "{}", finish) for i in range(n)]
+            if job.annotations is not None:
+                cited = f'{{"annotations":{job.annotations}}}'
+                post[:0] = [event(i, cited) for i in range(n)]
         else:
 
             def tevent(i: int, text: str, finish_json: str = "null") -> str:
@@ -319,6 +324,8 @@ class OpenAIWire(Wire):
                 }
             else:
                 message = {"role": "assistant", "content": text, "refusal": None}
+            if job.annotations is not None:
+                message["annotations"] = json.loads(job.annotations)
             message_json = dumps(message)
             logprobs = _logprobs(job, () if job.tool_calls else job.pieces)
             for i in range(job.n):

@@ -255,6 +255,8 @@ class Job:
     service_tier: str | None = None
     """The tier that answered (OpenAI's ``service_tier``, in the answer and every chunk):
     what the request asked, ``auto`` answered as ``default``; None: not in the answer."""
+    annotations: str | None = None
+    """OpenAI chat: the JSON text of the answer's ``annotations`` (``Reply.annotations``)."""
 
     @property
     def completion_tokens(self) -> int:
@@ -298,6 +300,7 @@ class Job:
             self.sse,
             self.top_logprobs,
             self.service_tier,
+            self.annotations,
         )
 
 

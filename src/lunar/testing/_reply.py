@@ -102,6 +102,11 @@ class Reply:
     cache_write_1h_tokens: int = 0
     """Anthropic: how many of the ``cache_write_tokens`` went to the 1-hour cache
     (``cache_creation.ephemeral_1h_input_tokens``; the rest are ``ephemeral_5m``)."""
+    annotations: list[dict[str, Any]] | None = None
+    """OpenAI chat: the answer's citations, as a web-search model gives them (``[{"type":
+    "url_citation", "url_citation": {"start_index", "end_index", "title", "url"}}]``): on
+    the whole answer's message; streamed, in a delta of their own (``{"annotations": [...]}``)
+    after the last piece, before the finishing chunk. The other wires ignore them."""
 
     def __post_init__(self) -> None:
         if not 100 <= int(self.status) <= 599:  # 529 (Anthropic's "overloaded") included
