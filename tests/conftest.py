@@ -3,9 +3,14 @@ from __future__ import annotations
 import contextlib
 import gc
 import inspect
+import json
 import os
+import select
+import signal
 import sqlite3
-from collections.abc import Iterator
+import time
+import traceback
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -205,3 +210,58 @@ def old_ledger(path: Any) -> None:
         marks = ", ".join("?" for _ in OLD_LEDGER_ROW)
         db.execute(f"INSERT INTO usage ({columns}) VALUES ({marks})", list(OLD_LEDGER_ROW.values()))
         db.commit()
+
+
+#: A forked child that takes longer than this is stuck: it ends, and its test fails.
+CHILD_SECONDS = 30
+
+
+def _hung(signum: int, frame: Any) -> None:
+    raise TimeoutError(f"the forked child was stuck for {CHILD_SECONDS} s")
+
+
+class Forked:
+    """A forked child (``os.fork``) running ``work()``: its result (JSON) comes back
+    through a pipe, and ``result()`` fails the test if the child failed or hung."""
+
+    def __init__(self, work: Callable[[], Any]) -> None:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: whatever happens, it ends here, by os._exit
+            code = 1
+            try:
+                signal.signal(signal.SIGALRM, _hung)  # a hang ends the child, not the suite
+                signal.alarm(CHILD_SECONDS)
+                os.close(read)
+                try:
+                    payload = {"result": work()}
+                    code = 0
+                except BaseException:
+                    payload = {"error": traceback.format_exc()}
+                os.write(write, json.dumps(payload).encode())
+            finally:
+                os._exit(code)
+        os.close(write)
+        self.pid, self._read = pid, read
+
+    def result(self) -> Any:
+        """The child's result; fails the test if it failed, or was not done in time."""
+        data = b""
+        deadline = time.monotonic() + CHILD_SECONDS + 5
+        try:
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0 or not select.select([self._read], [], [], left)[0]:
+                    os.kill(self.pid, signal.SIGKILL)
+                    pytest.fail("the forked child did not finish")
+                more = os.read(self._read, 65536)
+                if not more:
+                    break
+                data += more
+        finally:
+            os.close(self._read)
+            _, status = os.waitpid(self.pid, 0)
+        answer = json.loads(data) if data else {"error": f"no answer (wait status {status})"}
+        assert "error" not in answer, answer["error"]
+        assert os.waitstatus_to_exitcode(status) == 0
+        return answer["result"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import re
 import socket
 import sys
@@ -26,7 +27,7 @@ from lunar._types import ChatCompletionChunk
 from lunar.providers import local
 from lunar.server import create_app, load_config
 
-from .conftest import cyclic_garbage
+from .conftest import Forked, cyclic_garbage
 
 pytestmark = pytest.mark.local
 
@@ -483,6 +484,37 @@ def test_threads_share_the_model(client: Lunar) -> None:
     assert not errors and len(results) == 3
     for chunks in results:
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 8
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_mid_generation_gets_a_worker_and_a_model_of_its_own(
+    client: Lunar,
+) -> None:
+    """Forked while the parent's worker thread is inside llama.cpp: the child has no such
+    thread, and that model's state is half-changed there (llama.cpp's own locks perhaps
+    held), so the child loads the model anew; the parent's generation goes on."""
+    expected = client.chat.completions.create(
+        model="smollm2", messages=HELLO, max_tokens=8, temperature=0
+    )
+    stream = client.chat.completions.create(model="smollm2", stream=True, **LONG)
+    with stream:
+        for i, _ in enumerate(stream):
+            if i == 2:
+                break
+        running = local._worker.running
+        assert running is not None
+
+        def child() -> list[Any]:
+            reply = client.chat.completions.create(
+                model="smollm2", messages=HELLO, max_tokens=8, temperature=0
+            )
+            return [reply.choices[0].message.content, running in local._models.values()]
+
+        forked = Forked(child)
+        more = [chunk for _, chunk in zip(range(5), stream)]  # the parent's stream goes on
+        assert len(more) == 5
+    assert forked.result() == [expected.choices[0].message.content, False]
+    assert running in local._models.values()  # the parent's own model is still its own
 
 
 def test_fallback_from_unreachable_cloud_model() -> None:

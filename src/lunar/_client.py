@@ -15,7 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
-from . import __version__, _http
+from . import __version__, _fork, _http
 from ._catalog import Catalog, Deployment, ProviderSpec, checked_base_url
 from ._engine import NETWORK_ERRORS, AsyncEngine, Router, SyncEngine, connection_error
 from ._errors import APIStatusError, AuthenticationError, error_from_response
@@ -405,7 +405,10 @@ def _async_http(settings: _Settings) -> _http.AsyncPool | httpx.AsyncClient:
             max_idle_per_origin=_LIMITS.max_keepalive_connections or 100,
             headers=settings.headers,
         )
-    return httpx.AsyncClient(timeout=settings.timeout, limits=_LIMITS, headers=settings.headers)
+    return _fork.track(
+        httpx.AsyncClient(timeout=settings.timeout, limits=_LIMITS, headers=settings.headers),
+        _fork.reset_httpx,
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -544,6 +547,7 @@ class Lunar(_Client):
             self._start(settings, http_client, None, owns=False, borrowed=False)
             return
         http = httpx.Client(timeout=settings.timeout, limits=_LIMITS, headers=settings.headers)
+        _fork.track(http, _fork.reset_httpx)  # a forked child opens connections of its own
         self._start(settings, http, _Own(settings), owns=True, borrowed=False)
 
     def _resources(self) -> None:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from statistics import median
 from typing import TypeVar
 
+from . import _fork
 from ._catalog import Deployment
 
 T = TypeVar("T")
@@ -98,6 +99,16 @@ class Health:
         self._stats: dict[tuple[str, str], _Stats] = {}
         # One Health serves every thread of a sync client shared across threads, and the
         # summaries are several fields that must change together.
+        self._lock = threading.Lock()
+        _fork.track(self, Health._forked)
+
+    def _forked(self) -> None:
+        """In a forked child (``lunar._fork``): what the parent learned stays (it is only
+        data, and true of the providers for the child too), under a lock of the child's own.
+        If one of the parent's threads held the lock at the fork, the books may be half
+        changed: then the child starts with none."""
+        if self._lock.locked():
+            self._stats = {}
         self._lock = threading.Lock()
 
     def _get(self, dep: Deployment) -> _Stats:

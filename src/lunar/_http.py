@@ -33,6 +33,8 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from . import _fork
+
 try:
     import httptools
 except ImportError:  # without it there is no pool: AsyncLunar then uses httpx
@@ -474,6 +476,7 @@ class AsyncPool:
         # The connections carrying a stream now: closing the pool ends them too, as closing
         # an httpx client does (a response read whole is left to finish).
         self._streaming: set[_Connection] = set()
+        _fork.track(self, AsyncPool._forked)
 
     @property
     def is_closed(self) -> bool:
@@ -570,6 +573,23 @@ class AsyncPool:
             fut = self._queue.popleft()
             if not fut.done():
                 fut.set_exception(TransportError("The HTTP pool is closed"))
+
+    def _forked(self) -> None:
+        """In a child process (``lunar._fork``): the parent's connections stay the parent's.
+        The idle ones and those carrying a stream are disowned (never written to or closed
+        here); the books start empty, so the child opens connections of its own, under
+        whichever event loop it runs. (The parent's loop does not run in the child: the
+        requests it had in flight never resume here.)"""
+        inherited = [conn for queue in self._idle.values() for conn in queue]
+        inherited += self._streaming
+        self._idle = {}
+        self._streaming = set()
+        self._queue = collections.deque()
+        self._open = 0
+        _fork.disown(
+            inherited,
+            (c.transport.get_extra_info("socket") for c in inherited if c.transport is not None),
+        )
 
     # -- internals ----------------------------------------------------------------------------
 

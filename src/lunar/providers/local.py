@@ -69,6 +69,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeAlias
 
+from .. import _fork
 from .._errors import APIError, APITimeoutError, BadRequestError, LunarError, NotFoundError
 from .._types import (
     ChatCompletion,
@@ -364,6 +365,7 @@ class _Worker:
         self._jobs: queue.SimpleQueue[tuple[LocalModel, _Job] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._start = threading.Lock()
+        self.running: LocalModel | None = None  # the model serving a job now
 
     def submit(self, model: LocalModel, job: _Job) -> None:
         with self._start:
@@ -388,10 +390,37 @@ class _Worker:
                 return
             model, job = entry
             if not job.cancelled:
-                model.run(job)
+                self.running = model
+                try:
+                    model.run(job)
+                finally:
+                    self.running = None
 
 
 _worker = _Worker()
+
+
+def _forked(worker: _Worker) -> None:
+    """In a forked child (``lunar._fork``): the parent's worker thread is not here, nor are
+    the callers of the jobs it had queued. The child gets an empty queue and locks of its
+    own, and starts a worker thread of its own on its first job. Models the parent loaded are
+    used as they are (their memory is the child's copy), but for one llama.cpp was running at
+    the fork: its state is half-changed, its own locks perhaps held, so the child loads that
+    model anew and never touches (nor frees) the copy."""
+    global _models_lock
+    worker._jobs = queue.SimpleQueue()
+    worker._start = threading.Lock()
+    worker._thread = None
+    running, worker.running = worker.running, None
+    _models_lock = threading.Lock()
+    if running is not None:
+        for key, model in list(_models.items()):
+            if model is running:
+                del _models[key]
+        _fork.disown(running, ())
+
+
+_fork.track(_worker, _forked)
 
 
 class LocalModel:

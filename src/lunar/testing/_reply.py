@@ -235,6 +235,8 @@ class RecordedRequest:
     """The parsed JSON body, or None (no body or not JSON)."""
     query: str = ""
     """The query string (without "?"), "" if none."""
+    peer: tuple[str, int] | None = None
+    """The client's address (host, port): the requests of one connection share it."""
 
     @property
     def model(self) -> str | None:

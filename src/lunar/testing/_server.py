@@ -189,7 +189,9 @@ class _State:
                 parsed = None
         if self.record:
             with self.lock:
-                self.requests.append(RecordedRequest(method, path, headers, body, parsed, query))
+                self.requests.append(
+                    RecordedRequest(method, path, headers, body, parsed, query, conn.peer)
+                )
         number = next(self.counter)
         conn.request_id = f"req_mock_{number}"
 
@@ -486,12 +488,15 @@ class _Conn(asyncio.Protocol):
         self.keep_alive = True
         self.chunked = True
         self.request_id = ""
+        self.peer: tuple[str, int] | None = None
 
     # -- asyncio callbacks --------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TCP transport is not always an asyncio.Transport instance: cast, don't check.
         self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = (peer[0], peer[1]) if isinstance(peer, tuple) else None
         self.state.open_connections += 1
         self.state.total_connections += 1
         self.state.conns.add(self)
@@ -843,6 +848,12 @@ class MockServer:
     def open_connections(self) -> int:
         """TCP connections currently open on the server side."""
         return self._state.open_connections
+
+    @property
+    def open_peers(self) -> set[tuple[str, int]]:
+        """The clients' addresses (host, port) of the connections open now, as
+        ``RecordedRequest.peer`` has them."""
+        return {c.peer for c in list(self._state.conns) if c.peer is not None}
 
     @property
     def total_connections(self) -> int:
