@@ -553,7 +553,15 @@ class ChoiceDeltaToolCall(_Obj):
 
 
 class ChoiceDelta(_Obj):
-    __slots__ = ("content", "refusal", "role", "tool_calls")
+    """A piece of a streamed choice. ``reasoning_content``: a piece of the model's reasoning
+    (Anthropic's thinking, Gemini's thoughts, an OpenAI-compatible server's
+    ``reasoning_content`` / ``reasoning``), as DeepSeek streams it. ``thinking_blocks``: an
+    Anthropic thinking block's end, ``[{"type": "thinking", "signature": ...}]`` (its text
+    came in the ``reasoning_content`` pieces before), or a whole ``redacted_thinking``
+    block. Both None (and not in the JSON) when the piece has none."""
+
+    __slots__ = ("content", "reasoning_content", "refusal", "role", "thinking_blocks", "tool_calls")
+    _omit_none = ("reasoning_content", "thinking_blocks")
     #: As on the openai SDK's deltas; None always (Lunar refuses ``functions``).
     function_call: None = None
 
@@ -563,11 +571,15 @@ class ChoiceDelta(_Obj):
         content: str | None = None,
         tool_calls: list[ChoiceDeltaToolCall] | None = None,
         refusal: str | None = None,
+        reasoning_content: str | None = None,
+        thinking_blocks: list[dict[str, Any]] | None = None,
     ) -> None:
         self.role = role
         self.content = content
         self.tool_calls = tool_calls
         self.refusal = refusal
+        self.reasoning_content = reasoning_content
+        self.thinking_blocks = thinking_blocks
 
 
 class ChunkChoice(_Obj):
@@ -589,6 +601,21 @@ class ChunkChoice(_Obj):
         self.finish_reason = finish_reason
         self.logprobs = logprobs
         self.stop_sequence = stop_sequence
+
+
+def _reasoning(d: dict[str, Any], into: ChoiceDelta | ChatCompletionMessage) -> None:
+    """A message's or a delta's reasoning, as OpenAI-compatible servers give it, onto
+    ``into``: its text under ``reasoning_content`` (DeepSeek, vLLM, Lunar) or ``reasoning``
+    (OpenRouter, Groq, Ollama), and a Lunar gateway's ``thinking_blocks`` (Anthropic's
+    signed blocks, for the next turn)."""
+    text = d.get("reasoning_content")
+    if type(text) is not str:
+        text = d.get("reasoning")
+    if type(text) is str:
+        into.reasoning_content = text
+    blocks = d.get("thinking_blocks")
+    if type(blocks) is list:
+        into.thinking_blocks = [b for b in blocks if type(b) is dict]
 
 
 def _stop_sequence(c: dict[str, Any]) -> str | None:
@@ -670,15 +697,18 @@ class ChatCompletionChunk(_Obj):
             tcs = delta.get("tool_calls")
             finish = c.get("finish_reason")
             logprobs = c.get("logprobs")
+            out = ChoiceDelta(
+                delta.get("role"),
+                delta.get("content"),
+                None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
+                delta.get("refusal"),
+            )
+            if "reasoning_content" in delta or "reasoning" in delta or "thinking_blocks" in delta:
+                _reasoning(delta, out)
             choices.append(
                 ChunkChoice(
                     c.get("index", 0),
-                    ChoiceDelta(
-                        delta.get("role"),
-                        delta.get("content"),
-                        None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
-                        delta.get("refusal"),
-                    ),
+                    out,
                     finish,
                     None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),
@@ -713,6 +743,8 @@ class ChunkEncoder:
             delta.tool_calls is not None
             or choice.logprobs is not None
             or choice.stop_sequence is not None
+            or delta.reasoning_content is not None
+            or delta.thinking_blocks is not None
         ):
             return None
         return self.text(
@@ -819,12 +851,26 @@ def _annotations(value: Any) -> list[Annotation] | None:
 
 class ChatCompletionMessage(_Obj):
     """A whole answer's message. ``annotations``: the provider's citations (OpenAI's web
-    search), else None (and not in the JSON). ``audio`` and ``function_call`` are None
+    search), else None (and not in the JSON). ``reasoning_content``: the model's reasoning
+    (Anthropic's thinking, Gemini's thoughts, an OpenAI-compatible server's
+    ``reasoning_content`` or ``reasoning``), where DeepSeek puts it; ``thinking_blocks``:
+    Anthropic's thinking blocks with their signatures (``{"type": "thinking", "thinking",
+    "signature"}``, ``{"type": "redacted_thinking", "data"}``), which must go back with the
+    message in a tool-use conversation (send the message back as it came). Both None (and
+    not in the JSON) when the answer has none. ``audio`` and ``function_call`` are None
     always, as the openai SDK's are for what Lunar asks (it refuses audio output and the
     deprecated ``functions``): there for code that reads them."""
 
-    __slots__ = ("annotations", "content", "refusal", "role", "tool_calls")
-    _omit_none = ("annotations",)
+    __slots__ = (
+        "annotations",
+        "content",
+        "reasoning_content",
+        "refusal",
+        "role",
+        "thinking_blocks",
+        "tool_calls",
+    )
+    _omit_none = ("annotations", "reasoning_content", "thinking_blocks")
     audio: None = None
     function_call: None = None
 
@@ -835,12 +881,16 @@ class ChatCompletionMessage(_Obj):
         tool_calls: list[ToolCall] | None = None,
         refusal: str | None = None,
         annotations: list[Annotation] | None = None,
+        reasoning_content: str | None = None,
+        thinking_blocks: list[dict[str, Any]] | None = None,
     ) -> None:
         self.role = role
         self.content = content
         self.tool_calls = tool_calls
         self.refusal = refusal
         self.annotations = annotations
+        self.reasoning_content = reasoning_content
+        self.thinking_blocks = thinking_blocks
 
 
 class Choice(_Obj):
@@ -914,16 +964,18 @@ class ChatCompletion(_Obj):
             tcs = m.get("tool_calls")
             finish = c.get("finish_reason")
             logprobs = c.get("logprobs")
+            message = ChatCompletionMessage(
+                m.get("role") or "assistant",
+                m.get("content"),
+                [ToolCall.from_dict(t) for t in tcs] if tcs else None,
+                m.get("refusal"),
+                _annotations(m.get("annotations")),
+            )
+            _reasoning(m, message)
             choices.append(
                 Choice(
                     c.get("index", 0),
-                    ChatCompletionMessage(
-                        m.get("role") or "assistant",
-                        m.get("content"),
-                        [ToolCall.from_dict(t) for t in tcs] if tcs else None,
-                        m.get("refusal"),
-                        _annotations(m.get("annotations")),
-                    ),
+                    message,
                     finish,
                     None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),
