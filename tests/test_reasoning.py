@@ -289,3 +289,13 @@ def test_gemini_thinking_budget_and_none(mock: MockServer) -> None:
     # Nothing asked: no thinkingConfig (the model's default), no thoughts.
     client.chat.completions.create(model="gemini-2.5-flash", messages=QUESTION)
     assert "thinkingConfig" not in mock.requests[-1].json.get("generationConfig", {})
+
+
+@STREAMS
+def test_reasoning_counts_in_an_estimated_output(mock: MockServer, stream: bool) -> None:
+    """No usage on the wire: the estimate counts the reasoning too (it is billed output)."""
+    mock.enqueue(Reply(chunks=3, reasoning=THOUGHT, usage=False), model="gemini-2.5-flash")
+    done, _ = answer(stream, model="gemini-2.5-flash", reasoning_effort="low")
+    text = done.choices[0].message.content
+    assert done.choices[0].message.reasoning_content == THOUGHT
+    assert done.usage.completion_tokens == (len(THOUGHT) + len(text) + 3) // 4

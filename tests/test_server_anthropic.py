@@ -20,6 +20,7 @@ from lunar._types import (
     ChoiceDeltaToolCall,
     ChunkChoice,
     Function,
+    ReasoningDelta,
     ToolCall,
     Usage,
 )
@@ -511,7 +512,7 @@ def test_signed_tool_ids_round_trip(call_id, signature):
 
 
 def reasoning(text=None, blocks=None):
-    delta = ChoiceDelta(reasoning_content=text, thinking_blocks=blocks)
+    delta = ReasoningDelta(reasoning_content=text, thinking_blocks=blocks)
     return ChatCompletionChunk("msg_7", 1, "m", [ChunkChoice(0, delta, None)], provider="x")
 
 

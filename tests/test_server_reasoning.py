@@ -10,6 +10,8 @@ from typing import Any
 
 import pytest
 
+import lunar
+from lunar._streaming import ChatAccumulator
 from lunar.testing import MockServer, Reply
 from lunar.testing._anthropic import thinking_signature
 
@@ -188,3 +190,39 @@ def test_chat_completions_reasoning_tokens(oai: Any, upstream: MockServer) -> No
     done = oai.chat.completions.create(model="deepseek-reasoner", messages=QUESTION)
     assert done.usage.completion_tokens_details.reasoning_tokens == 10
     assert done.usage.completion_tokens == 14
+
+
+@STREAMS
+def test_remote_mode_tool_use_with_thinking_round_trips(
+    gw: GatewayProcess, upstream: MockServer, stream: bool
+) -> None:
+    """The SDK through the gateway: the answer's thinking_blocks come back from the gateway,
+    and the message sent back as it came reaches Claude with its signed thinking first."""
+    client = lunar.Lunar(base_url=gw.url + "/v1", api_key=gw.new_key()[0], max_retries=0)
+    tools = [
+        {"type": "function", "function": {"name": w["name"], "parameters": w["input_schema"]}}
+        for w in WEATHER
+    ]
+    kw: dict[str, Any] = {"model": CLAUDE, "tools": tools, "thinking": THINKING, "max_tokens": 6000}
+
+    def ask(messages: list[Any]) -> Any:
+        result = client.chat.completions.create(messages=messages, stream=stream, **kw)
+        if not stream:
+            return result
+        acc = ChatAccumulator()
+        for chunk in result:
+            acc.add(chunk)
+        return acc.completion()
+
+    upstream.enqueue(Reply(reasoning=THOUGHT), model=CLAUDE_ID)
+    first = ask(QUESTION).choices[0].message
+    assert first.reasoning_content == THOUGHT and first.tool_calls
+    assert first.thinking_blocks == [
+        {"type": "thinking", "thinking": THOUGHT, "signature": thinking_signature(THOUGHT)}
+    ]
+    result = {"role": "tool", "tool_call_id": first.tool_calls[0].id, "content": "sunny"}
+    upstream.enqueue(Reply(chunks=2), model=CLAUDE_ID)
+    second = ask([*QUESTION, first, result])
+    assert second.choices[0].message.content == "Once upon"
+    sent = upstream.requests[-1].json["messages"][1]["content"]
+    assert sent[0]["signature"] == thinking_signature(THOUGHT) and sent[1]["type"] == "tool_use"

@@ -14,6 +14,7 @@ from ._types import (
     Choice,
     Completion,
     Function,
+    ReasoningDelta,
     ToolCall,
     Usage,
 )
@@ -75,7 +76,7 @@ class ChatAccumulator:
                 state.role = delta.role
             if delta.refusal:
                 state.refusal.append(delta.refusal)
-            if delta.reasoning_content or delta.thinking_blocks:
+            if delta.__class__ is ReasoningDelta:
                 _add_reasoning(state, delta.reasoning_content, delta.thinking_blocks)
             if delta.tool_calls:
                 for tc in delta.tool_calls:

@@ -553,17 +553,42 @@ class ChoiceDeltaToolCall(_Obj):
 
 
 class ChoiceDelta(_Obj):
-    """A piece of a streamed choice. ``reasoning_content``: a piece of the model's reasoning
+    """A piece of a streamed choice. ``reasoning_content`` and ``thinking_blocks`` are None
+    here: a piece of the model's reasoning is a ``ReasoningDelta``, which carries them (a
+    delta of text stores and writes nothing more for them)."""
+
+    __slots__ = ("content", "refusal", "role", "tool_calls")
+    #: As on the openai SDK's deltas; None always (Lunar refuses ``functions``).
+    function_call: None = None
+    reasoning_content: str | None = None
+    thinking_blocks: list[dict[str, Any]] | None = None
+
+    def __init__(
+        self,
+        role: str | None = None,
+        content: str | None = None,
+        tool_calls: list[ChoiceDeltaToolCall] | None = None,
+        refusal: str | None = None,
+    ) -> None:
+        self.role = role
+        self.content = content
+        self.tool_calls = tool_calls
+        self.refusal = refusal
+
+
+_delta_fields = _to_dict_for(ChoiceDelta)
+
+
+class ReasoningDelta(ChoiceDelta):
+    """A ``ChoiceDelta`` with the model's reasoning. ``reasoning_content``: a piece of it
     (Anthropic's thinking, Gemini's thoughts, an OpenAI-compatible server's
     ``reasoning_content`` / ``reasoning``), as DeepSeek streams it. ``thinking_blocks``: an
     Anthropic thinking block's end, ``[{"type": "thinking", "signature": ...}]`` (its text
     came in the ``reasoning_content`` pieces before), or a whole ``redacted_thinking``
-    block. Both None (and not in the JSON) when the piece has none."""
+    block. Each is left out of the JSON while None."""
 
-    __slots__ = ("content", "reasoning_content", "refusal", "role", "thinking_blocks", "tool_calls")
-    _omit_none = ("reasoning_content", "thinking_blocks")
-    #: As on the openai SDK's deltas; None always (Lunar refuses ``functions``).
-    function_call: None = None
+    __slots__ = ("reasoning_content", "thinking_blocks")
+    _fields = (*ChoiceDelta.__slots__, *__slots__)
 
     def __init__(
         self,
@@ -574,12 +599,32 @@ class ChoiceDelta(_Obj):
         reasoning_content: str | None = None,
         thinking_blocks: list[dict[str, Any]] | None = None,
     ) -> None:
-        self.role = role
-        self.content = content
-        self.tool_calls = tool_calls
-        self.refusal = refusal
+        super().__init__(role, content, tool_calls, refusal)
         self.reasoning_content = reasoning_content
         self.thinking_blocks = thinking_blocks
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _delta_fields(self)
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        if self.thinking_blocks is not None:
+            out["thinking_blocks"] = self.thinking_blocks
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+
+#: The fields that make a message or a delta one with reasoning (``_reasoning``).
+_REASONING_KEYS = frozenset(("reasoning_content", "reasoning", "thinking_blocks"))
 
 
 class ChunkChoice(_Obj):
@@ -603,7 +648,7 @@ class ChunkChoice(_Obj):
         self.stop_sequence = stop_sequence
 
 
-def _reasoning(d: dict[str, Any], into: ChoiceDelta | ChatCompletionMessage) -> None:
+def _reasoning(d: dict[str, Any], into: ReasoningDelta | ChatCompletionMessage) -> None:
     """A message's or a delta's reasoning, as OpenAI-compatible servers give it, onto
     ``into``: its text under ``reasoning_content`` (DeepSeek, vLLM, Lunar) or ``reasoning``
     (OpenRouter, Groq, Ollama), and a Lunar gateway's ``thinking_blocks`` (Anthropic's
@@ -703,7 +748,8 @@ class ChatCompletionChunk(_Obj):
                 None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
                 delta.get("refusal"),
             )
-            if "reasoning_content" in delta or "reasoning" in delta or "thinking_blocks" in delta:
+            if not _REASONING_KEYS.isdisjoint(delta):  # (one C call for a delta without)
+                out = ReasoningDelta(out.role, out.content, out.tool_calls, out.refusal)
                 _reasoning(delta, out)
             choices.append(
                 ChunkChoice(
@@ -743,8 +789,7 @@ class ChunkEncoder:
             delta.tool_calls is not None
             or choice.logprobs is not None
             or choice.stop_sequence is not None
-            or delta.reasoning_content is not None
-            or delta.thinking_blocks is not None
+            or delta.__class__ is ReasoningDelta
         ):
             return None
         return self.text(

@@ -19,6 +19,7 @@ from .._types import (
     ChoiceDelta,
     ChoiceDeltaToolCall,
     Function,
+    ReasoningDelta,
     ToolCall,
     Usage,
     tokens,
@@ -248,10 +249,10 @@ class AnthropicStreamTranslator(ChunkMaker):
                 elif dtype == "thinking_delta":
                     text = delta.get("thinking", "")
                     if text:
-                        out.append(self._chunk(ChoiceDelta(reasoning_content=text)))
+                        out.append(self._chunk(ReasoningDelta(reasoning_content=text)))
                 elif dtype == "signature_delta":
                     block = {"type": "thinking", "signature": delta.get("signature", "")}
-                    out.append(self._chunk(ChoiceDelta(thinking_blocks=[block])))
+                    out.append(self._chunk(ReasoningDelta(thinking_blocks=[block])))
                 elif dtype == "input_json_delta":
                     block_index = obj.get("index", 0)
                     index = self._tool_index.get(block_index)
@@ -273,10 +274,10 @@ class AnthropicStreamTranslator(ChunkMaker):
                 elif block.get("type") == "text" and block.get("text"):
                     out.append(self._chunk(ChoiceDelta(content=block["text"])))
                 elif block.get("type") == "thinking" and block.get("thinking"):
-                    out.append(self._chunk(ChoiceDelta(reasoning_content=block["thinking"])))
+                    out.append(self._chunk(ReasoningDelta(reasoning_content=block["thinking"])))
                 elif block.get("type") == "redacted_thinking":
                     thought = [_answer_thinking(block)]
-                    out.append(self._chunk(ChoiceDelta(thinking_blocks=thought)))
+                    out.append(self._chunk(ReasoningDelta(thinking_blocks=thought)))
             elif kind == "content_block_stop":
                 block_index = obj.get("index", 0)
                 if block_index in self._no_args:

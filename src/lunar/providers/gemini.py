@@ -23,6 +23,7 @@ from .._types import (
     ChoiceDelta,
     ChoiceDeltaToolCall,
     Function,
+    ReasoningDelta,
     ToolCall,
     Usage,
     tokens,
@@ -272,7 +273,7 @@ class GeminiStreamTranslator(ChunkMaker):
                         text = part["text"]
                         if part.get("thought"):  # a summary of the model's thoughts
                             if text:
-                                delta = ChoiceDelta(reasoning_content=text)
+                                delta = ReasoningDelta(reasoning_content=text)
                                 out.append(self._chunk(delta, index=index))
                             continue
                         out.append(self._chunk(ChoiceDelta(content=text), index=index))

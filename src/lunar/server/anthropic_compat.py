@@ -24,7 +24,7 @@ from typing import Any
 from .._errors import APIError, BadRequestError, LunarError
 from .._json import dumps
 from .._request import bad
-from .._types import ChatCompletion, ChatCompletionChunk, Usage, compact_json
+from .._types import ChatCompletion, ChatCompletionChunk, ReasoningDelta, Usage, compact_json
 
 __all__ = [
     "ERROR_TYPES",
@@ -696,7 +696,7 @@ class MessageStreamEncoder:
             if choice.index != 0:
                 continue  # Anthropic messages have one choice
             delta = choice.delta
-            if delta.reasoning_content is not None or delta.thinking_blocks is not None:
+            if delta.__class__ is ReasoningDelta:
                 out += self._thinking(delta.reasoning_content, delta.thinking_blocks)
             text = delta.content or delta.refusal
             if text:
