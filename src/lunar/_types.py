@@ -1016,7 +1016,8 @@ class ChatCompletion(_Obj):
                 m.get("refusal"),
                 _annotations(m.get("annotations")),
             )
-            _reasoning(m, message)
+            if not _REASONING_KEYS.isdisjoint(m):
+                _reasoning(m, message)
             choices.append(
                 Choice(
                     c.get("index", 0),
