@@ -44,9 +44,9 @@ def test_openais_chat_parameters_reach_an_openai_provider(mock):
 def test_openais_chat_parameters_are_left_out_for_anthropic(mock, monkeypatch):
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-a")
     monkeypatch.setenv("ANTHROPIC_BASE_URL", mock.url)
-    answer = Lunar().chat.completions.create(
-        model="claude-3-haiku", messages=MESSAGES, **OPENAI_PARAMS
-    )
+    # All but reasoning_effort, which is Anthropic's thinking (tests/test_reasoning.py).
+    params = {k: v for k, v in OPENAI_PARAMS.items() if k != "reasoning_effort"}
+    answer = Lunar().chat.completions.create(model="claude-3-haiku", messages=MESSAGES, **params)
     assert answer.choices[0].message.content
     sent = mock.requests[-1].json
     assert not set(OPENAI_PARAMS) & set(sent), sorted(set(OPENAI_PARAMS) & set(sent))

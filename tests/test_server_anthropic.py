@@ -20,6 +20,7 @@ from lunar._types import (
     ChoiceDeltaToolCall,
     ChunkChoice,
     Function,
+    ReasoningDelta,
     ToolCall,
     Usage,
 )
@@ -130,6 +131,8 @@ def test_request_translates_system_blocks_tools_and_options():
                     "function": {"name": "look", "arguments": '{"x":1}'},
                 },
             ],
+            # Claude's signed thinking, for an Anthropic upstream (the others drop it).
+            "thinking_blocks": [{"type": "thinking", "thinking": "hmm", "signature": "x"}],
         },
         {"role": "tool", "tool_call_id": "toolu_1", "content": "a cat"},
         {"role": "user", "content": [{"type": "text", "text": "So?"}]},
@@ -506,3 +509,55 @@ def test_signed_tool_ids_round_trip(call_id, signature):
         assert ANTHROPIC_ID.fullmatch(tool_id)
     if signature is None and "__lsig_" not in call_id:
         assert tool_id == call_id  # byte for byte what the gateway wrote before
+
+
+def reasoning(text=None, blocks=None):
+    delta = ReasoningDelta(reasoning_content=text, thinking_blocks=blocks)
+    return ChatCompletionChunk("msg_7", 1, "m", [ChunkChoice(0, delta, None)], provider="x")
+
+
+def test_reasoning_streams_as_thinking_blocks_signed_redacted_and_unsigned():
+    enc = MessageStreamEncoder("m")
+    out = enc.feed(reasoning("Let me "))
+    out += enc.feed(reasoning("think."))
+    out += enc.feed(reasoning(blocks=[{"type": "thinking", "signature": "SIG"}]))
+    out += enc.feed(reasoning(blocks=[{"type": "redacted_thinking", "data": "ENC"}]))
+    out += enc.feed(reasoning("Unsigned"))  # another provider's: closed by the text
+    out += enc.feed(chunk(content="Hi"))
+    out += enc.feed(chunk(finish="stop"))
+    got = events(out + enc.end())
+    blocks = [(e["index"], e["content_block"]) for k, e in got if k == "content_block_start"]
+    assert blocks == [
+        (0, {"type": "thinking", "thinking": "", "signature": ""}),
+        (1, {"type": "redacted_thinking", "data": "ENC"}),
+        (2, {"type": "thinking", "thinking": "", "signature": ""}),
+        (3, {"type": "text", "text": ""}),
+    ]
+    deltas = [(e["index"], e["delta"]) for k, e in got if k == "content_block_delta"]
+    assert deltas == [
+        (0, {"type": "thinking_delta", "thinking": "Let me "}),
+        (0, {"type": "thinking_delta", "thinking": "think."}),
+        (0, {"type": "signature_delta", "signature": "SIG"}),
+        (2, {"type": "thinking_delta", "thinking": "Unsigned"}),
+        (3, {"type": "text_delta", "text": "Hi"}),
+    ]
+    stops = [e["index"] for k, e in got if k == "content_block_stop"]
+    assert stops == [0, 1, 2, 3]
+
+
+def test_reasoning_in_a_whole_message_comes_first():
+    signed = ChatCompletionMessage(
+        content="Hi",
+        reasoning_content="hmm",
+        thinking_blocks=[{"type": "thinking", "thinking": "hmm", "signature": "S"}],
+    )
+    other = ChatCompletionMessage(content="Hi", reasoning_content="hmm")
+    for message, first in (
+        (signed, {"type": "thinking", "thinking": "hmm", "signature": "S"}),
+        (other, {"type": "thinking", "thinking": "hmm", "signature": ""}),
+    ):
+        completion = ChatCompletion("c", 1, "m", [Choice(0, message, "stop")])
+        assert message_from_completion(completion)["content"] == [
+            first,
+            {"type": "text", "text": "Hi"},
+        ]

@@ -82,7 +82,7 @@ def test_model_dump_takes_what_openai_users_pass():
 
 
 #: All but the hand-written ones (a streamed tool call's piece leaves out what it lacks;
-#: usage adds OpenAI's prompt_tokens_details).
+#: usage adds OpenAI's prompt_tokens_details; a reasoning delta adds its fields to a delta's).
 FROM_SLOTS = [c for c in CLASSES if getattr(c.to_dict, "_from_slots", False)]
 
 
@@ -96,7 +96,8 @@ def test_a_streamed_tool_calls_piece_leaves_out_what_it_does_not_carry():
         "type": "function",
         "function": {"name": "f", "arguments": ""},
     }
-    assert set(FROM_SLOTS) == set(CLASSES) - {types.ChoiceDeltaToolCall, types.Usage}
+    hand_written = {types.ChoiceDeltaToolCall, types.Usage, types.ReasoningDelta}
+    assert set(FROM_SLOTS) == set(CLASSES) - hand_written
 
 
 def test_usage_also_puts_cached_tokens_where_openai_does():
@@ -218,3 +219,26 @@ def test_any_usage_json_from_any_wire_prices_to_finite_costs(d):
         assert all(
             math.isfinite(x) and x >= 0 for x in (usage.total_cost_usd, usage.input_cost_usd)
         )
+
+
+def test_a_reasoning_delta_is_a_delta_with_its_reasoning():
+    plain = types.ChoiceDelta(content="x")
+    assert plain.reasoning_content is None and plain.thinking_blocks is None
+    assert "reasoning_content" not in plain.to_dict()
+    piece = types.ReasoningDelta(reasoning_content="hmm")
+    assert isinstance(piece, types.ChoiceDelta)
+    assert piece.to_dict() == {
+        "content": None,
+        "refusal": None,
+        "role": None,
+        "tool_calls": None,
+        "reasoning_content": "hmm",
+    }
+    assert piece == types.ReasoningDelta(reasoning_content="hmm")
+    assert piece != types.ReasoningDelta(reasoning_content="other")
+    assert "reasoning_content='hmm'" in repr(piece)
+    chunk = types.ChatCompletionChunk(
+        "c", 1, "m", [types.ChunkChoice(0, piece)], provider="deepseek"
+    )
+    again = types.ChatCompletionChunk.from_dict(json.loads(chunk.compact_json()))
+    assert again.choices[0].delta == piece

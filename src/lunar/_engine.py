@@ -620,7 +620,12 @@ def _arguments_chars(calls: Iterable[Any]) -> int:
 
 
 def _answer_chars(message: ChatCompletionMessage) -> int:
-    return len(message.content or "") + _arguments_chars(message.tool_calls or ())
+    """What an estimate of the output counts: text, tool arguments and reasoning."""
+    return (
+        len(message.content or "")
+        + _arguments_chars(message.tool_calls or ())
+        + len(message.reasoning_content or "")
+    )
 
 
 def finish_completion(
@@ -713,6 +718,11 @@ class StreamFinisher:
                     self.chars += len(delta.content)
                     if self._text is not None and choice.index == 0:
                         self._text.append(delta.content)
+                    if self.first_at is None:
+                        self.first_at = _now()
+                elif delta.reasoning_content:  # (looked at only when there is no text)
+                    # Reasoning is output: billed, and the first token of the answer.
+                    self.chars += len(delta.reasoning_content)
                     if self.first_at is None:
                         self.first_at = _now()
                 if delta.tool_calls:

@@ -66,6 +66,8 @@ CHAT_PARAMS = (
     "prompt_cache_retention",
     "functions",
     "function_call",
+    # Lunar's: reasoning asked with an explicit budget, in Anthropic's shape (docs/gateway.md).
+    "thinking",
 )
 
 
@@ -105,6 +107,7 @@ class ChatParams(TypedDict, total=False):
     prompt_cache_retention: str | None
     functions: list[dict[str, Any]] | None
     function_call: Any
+    thinking: dict[str, Any] | None
     provider: str | None
     timeout: float | httpx.Timeout | None
     extra_headers: Mapping[str, str] | None
@@ -373,8 +376,12 @@ def validate_messages(messages: Any) -> None:
             )
         content = msg.get("content")
         calls = msg.get("tool_calls")
-        if calls is not None and role == "assistant":
-            _validate_tool_calls(calls, f"messages[{i}].tool_calls")
+        if role == "assistant":
+            if calls is not None:
+                _validate_tool_calls(calls, f"messages[{i}].tool_calls")
+            blocks = msg.get("thinking_blocks")
+            if blocks is not None:
+                _thinking_blocks(blocks, f"messages[{i}].thinking_blocks")
         if type(content) is not str:
             has_tool_calls = role == "assistant" and bool(calls)
             _validate_content(content, f"messages[{i}].content", role, has_tool_calls)
@@ -494,6 +501,48 @@ def _refused(hint: str) -> Callable[[Any, str], None]:
     return check
 
 
+#: ``thinking``'s types: Anthropic's (``adaptive``: the model chooses how much).
+THINKING_TYPES = ("enabled", "disabled", "adaptive")
+
+
+def _thinking(value: Any, name: str) -> None:
+    """``{"type": "enabled", "budget_tokens": N}``, ``{"type": "disabled"}`` or
+    ``{"type": "adaptive"}``: Anthropic's ``thinking``, which Lunar takes for every provider."""
+    if not isinstance(value, Mapping):
+        raise bad(f"'{name}' must be an object with a 'type', got {type(value).__name__}", name)
+    kind = value.get("type")
+    if kind not in THINKING_TYPES:
+        raise bad(
+            f"'{name}.type' must be one of {', '.join(THINKING_TYPES)}, got {kind!r}",
+            f"{name}.type",
+        )
+    budget = value.get("budget_tokens")
+    if kind == "enabled" or budget is not None:
+        _positive_int(budget, f"{name}.budget_tokens")
+
+
+def _thinking_blocks(blocks: Any, where: str) -> None:
+    """An assistant turn's ``thinking_blocks``, as answers carry them (Anthropic's signed
+    thinking, sent back to it unchanged)."""
+    if not isinstance(blocks, list):
+        raise bad(f"'{where}' must be a list of thinking blocks", where)
+    for j, block in enumerate(blocks):
+        p = f"{where}[{j}]"
+        kind = block.get("type") if isinstance(block, Mapping) else None
+        if kind == "thinking":
+            for key in ("thinking", "signature"):
+                if not isinstance(block.get(key), str):
+                    raise bad(f"'{p}.{key}' must be a string, as the answer gave it", f"{p}.{key}")
+        elif kind == "redacted_thinking":
+            if not isinstance(block.get("data"), str):
+                raise bad(f"'{p}.data' must be a string, as the answer gave it", f"{p}.data")
+        else:
+            raise bad(
+                f"'{p}' must be a 'thinking' or 'redacted_thinking' block, as the answer gave it",
+                p,
+            )
+
+
 def _metadata(value: Any, name: str) -> None:
     if not isinstance(value, Mapping) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in value.items()
@@ -537,6 +586,7 @@ _PARAM_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "safety_identifier": _string,
     "prompt_cache_key": _string,
     "prompt_cache_retention": _string,
+    "thinking": _thinking,
 }
 
 

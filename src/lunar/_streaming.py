@@ -16,6 +16,7 @@ from ._types import (
     ChoiceLogprobs,
     Completion,
     Function,
+    ReasoningDelta,
     ToolCall,
     Usage,
 )
@@ -26,12 +27,15 @@ T = TypeVar("T")
 class _ChoiceState:
     __slots__ = (
         "annotations",
+        "blocks",
         "finish_reason",
         "logprobs",
         "parts",
+        "reasoning",
         "refusal",
         "role",
         "stop_sequence",
+        "thought",
         "tools",
     )
 
@@ -40,6 +44,10 @@ class _ChoiceState:
         self.parts: list[str] = []
         self.refusal: list[str] = []
         self.annotations: list[Annotation] = []
+        self.reasoning: list[str] = []
+        #: Anthropic's thinking blocks; ``thought``: where in ``reasoning`` the next begins.
+        self.blocks: list[dict[str, Any]] = []
+        self.thought = 0
         # index -> [id, name, [argument pieces], extra_content]
         self.tools: dict[int, list[Any]] = {}
         self.finish_reason: str | None = None
@@ -97,6 +105,8 @@ class ChatAccumulator:
                 state.refusal.append(delta.refusal)
             if delta.annotations:
                 state.annotations.extend(delta.annotations)
+            if delta.__class__ is ReasoningDelta:
+                _add_reasoning(state, delta.reasoning_content, delta.thinking_blocks)
             if delta.tool_calls:
                 for tc in delta.tool_calls:
                     entry = state.tools.get(tc.index)
@@ -132,6 +142,8 @@ class ChatAccumulator:
                 tool_calls=tool_calls,
                 refusal="".join(s.refusal) or None,
                 annotations=s.annotations or None,
+                reasoning_content="".join(s.reasoning) if s.reasoning else None,
+                thinking_blocks=s.blocks or None,
             )
             choices.append(Choice(index, message, s.finish_reason, s.logprobs, s.stop_sequence))
         return ChatCompletion(
@@ -143,6 +155,24 @@ class ChatAccumulator:
             system_fingerprint=first.system_fingerprint if first else None,
             provider=first.provider if first else None,
         )
+
+
+def _add_reasoning(
+    state: _ChoiceState, text: str | None, blocks: list[dict[str, Any]] | None
+) -> None:
+    """A delta's reasoning: its text, and the thinking blocks it ends (a ``thinking`` block's
+    signature closes the text since the last block, which is that block's)."""
+    if text:
+        state.reasoning.append(text)
+    for block in blocks or ():
+        if block.get("type") == "thinking" and "thinking" not in block:
+            block = {
+                "type": "thinking",
+                "thinking": "".join(state.reasoning[state.thought :]),
+                "signature": block.get("signature", ""),
+            }
+            state.thought = len(state.reasoning)
+        state.blocks.append(block)
 
 
 def tool_arguments(call: ToolCall) -> Any:

@@ -555,12 +555,17 @@ class ChoiceDeltaToolCall(_Obj):
 class ChoiceDelta(_Obj):
     """A piece of a streamed message. ``annotations``: citations the provider streams
     (OpenAI's web search sends them in a delta of their own, near the end), as
-    ``Annotation`` objects; else None (and not in the JSON)."""
+    ``Annotation`` objects; else None (and not in the JSON). ``reasoning_content`` and
+    ``thinking_blocks`` are None here: a piece of the model's reasoning is a
+    ``ReasoningDelta``, which carries them (a delta of text stores and writes nothing more
+    for them)."""
 
     __slots__ = ("annotations", "content", "refusal", "role", "tool_calls")
     _omit_none = ("annotations",)
     #: As on the openai SDK's deltas; None always (Lunar refuses ``functions``).
     function_call: None = None
+    reasoning_content: str | None = None
+    thinking_blocks: list[dict[str, Any]] | None = None
 
     def __init__(
         self,
@@ -575,6 +580,57 @@ class ChoiceDelta(_Obj):
         self.tool_calls = tool_calls
         self.refusal = refusal
         self.annotations = annotations
+
+
+_delta_fields = _to_dict_for(ChoiceDelta)
+
+
+class ReasoningDelta(ChoiceDelta):
+    """A ``ChoiceDelta`` with the model's reasoning. ``reasoning_content``: a piece of it
+    (Anthropic's thinking, Gemini's thoughts, an OpenAI-compatible server's
+    ``reasoning_content`` / ``reasoning``), as DeepSeek streams it. ``thinking_blocks``: an
+    Anthropic thinking block's end, ``[{"type": "thinking", "signature": ...}]`` (its text
+    came in the ``reasoning_content`` pieces before), or a whole ``redacted_thinking``
+    block. Each is left out of the JSON while None."""
+
+    __slots__ = ("reasoning_content", "thinking_blocks")
+    _fields = (*ChoiceDelta.__slots__, *__slots__)
+
+    def __init__(
+        self,
+        role: str | None = None,
+        content: str | None = None,
+        tool_calls: list[ChoiceDeltaToolCall] | None = None,
+        refusal: str | None = None,
+        reasoning_content: str | None = None,
+        thinking_blocks: list[dict[str, Any]] | None = None,
+    ) -> None:
+        super().__init__(role, content, tool_calls, refusal)
+        self.reasoning_content = reasoning_content
+        self.thinking_blocks = thinking_blocks
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _delta_fields(self)
+        if self.reasoning_content is not None:
+            out["reasoning_content"] = self.reasoning_content
+        if self.thinking_blocks is not None:
+            out["thinking_blocks"] = self.thinking_blocks
+        return out
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
+        return f"{type(self).__name__}({fields})"
+
+
+#: The fields that make a message or a delta one with reasoning (``_reasoning``).
+_REASONING_KEYS = frozenset(("reasoning_content", "reasoning", "thinking_blocks"))
 
 
 class ChunkChoice(_Obj):
@@ -596,6 +652,21 @@ class ChunkChoice(_Obj):
         self.finish_reason = finish_reason
         self.logprobs = logprobs
         self.stop_sequence = stop_sequence
+
+
+def _reasoning(d: dict[str, Any], into: ReasoningDelta | ChatCompletionMessage) -> None:
+    """A message's or a delta's reasoning, as OpenAI-compatible servers give it, onto
+    ``into``: its text under ``reasoning_content`` (DeepSeek, vLLM, Lunar) or ``reasoning``
+    (OpenRouter, Groq, Ollama), and a Lunar gateway's ``thinking_blocks`` (Anthropic's
+    signed blocks, for the next turn)."""
+    text = d.get("reasoning_content")
+    if type(text) is not str:
+        text = d.get("reasoning")
+    if type(text) is str:
+        into.reasoning_content = text
+    blocks = d.get("thinking_blocks")
+    if type(blocks) is list:
+        into.thinking_blocks = [b for b in blocks if type(b) is dict]
 
 
 def _stop_sequence(c: dict[str, Any]) -> str | None:
@@ -679,17 +750,25 @@ class ChatCompletionChunk(_Obj):
             tcs = delta.get("tool_calls")
             finish = c.get("finish_reason")
             logprobs = c.get("logprobs")
+            piece = ChoiceDelta(
+                delta.get("role"),
+                delta.get("content"),
+                None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
+                delta.get("refusal"),
+                # (``in``: no call, for the deltas, nearly all, that have none)
+                _annotations(delta["annotations"]) if "annotations" in delta else None,
+            )
+            if not _REASONING_KEYS.isdisjoint(delta):  # (one C call for a delta without)
+                reasoning = ReasoningDelta(
+                    piece.role, piece.content, piece.tool_calls, piece.refusal
+                )
+                reasoning.annotations = piece.annotations
+                _reasoning(delta, reasoning)
+                piece = reasoning
             choices.append(
                 ChunkChoice(
                     c.get("index", 0),
-                    ChoiceDelta(
-                        delta.get("role"),
-                        delta.get("content"),
-                        None if tcs is None else [ChoiceDeltaToolCall.from_dict(t) for t in tcs],
-                        delta.get("refusal"),
-                        # (``in``: no call, for the deltas, nearly all, that have none)
-                        _annotations(delta["annotations"]) if "annotations" in delta else None,
-                    ),
+                    piece,
                     finish,
                     None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),
@@ -730,6 +809,7 @@ class ChunkEncoder:
             or choice.logprobs is not None
             or choice.stop_sequence is not None
             or delta.annotations is not None
+            or delta.__class__ is ReasoningDelta
         ):
             return None
         return self.text(
@@ -836,12 +916,26 @@ def _annotations(value: Any) -> list[Annotation] | None:
 
 class ChatCompletionMessage(_Obj):
     """A whole answer's message. ``annotations``: the provider's citations (OpenAI's web
-    search), else None (and not in the JSON). ``audio`` and ``function_call`` are None
+    search), else None (and not in the JSON). ``reasoning_content``: the model's reasoning
+    (Anthropic's thinking, Gemini's thoughts, an OpenAI-compatible server's
+    ``reasoning_content`` or ``reasoning``), where DeepSeek puts it; ``thinking_blocks``:
+    Anthropic's thinking blocks with their signatures (``{"type": "thinking", "thinking",
+    "signature"}``, ``{"type": "redacted_thinking", "data"}``), which must go back with the
+    message in a tool-use conversation (send the message back as it came). Both None (and
+    not in the JSON) when the answer has none. ``audio`` and ``function_call`` are None
     always, as the openai SDK's are for what Lunar asks (it refuses audio output and the
     deprecated ``functions``): there for code that reads them."""
 
-    __slots__ = ("annotations", "content", "refusal", "role", "tool_calls")
-    _omit_none = ("annotations",)
+    __slots__ = (
+        "annotations",
+        "content",
+        "reasoning_content",
+        "refusal",
+        "role",
+        "thinking_blocks",
+        "tool_calls",
+    )
+    _omit_none = ("annotations", "reasoning_content", "thinking_blocks")
     audio: None = None
     function_call: None = None
 
@@ -852,12 +946,16 @@ class ChatCompletionMessage(_Obj):
         tool_calls: list[ToolCall] | None = None,
         refusal: str | None = None,
         annotations: list[Annotation] | None = None,
+        reasoning_content: str | None = None,
+        thinking_blocks: list[dict[str, Any]] | None = None,
     ) -> None:
         self.role = role
         self.content = content
         self.tool_calls = tool_calls
         self.refusal = refusal
         self.annotations = annotations
+        self.reasoning_content = reasoning_content
+        self.thinking_blocks = thinking_blocks
 
 
 class Choice(_Obj):
@@ -931,16 +1029,19 @@ class ChatCompletion(_Obj):
             tcs = m.get("tool_calls")
             finish = c.get("finish_reason")
             logprobs = c.get("logprobs")
+            message = ChatCompletionMessage(
+                m.get("role") or "assistant",
+                m.get("content"),
+                [ToolCall.from_dict(t) for t in tcs] if tcs else None,
+                m.get("refusal"),
+                _annotations(m.get("annotations")),
+            )
+            if not _REASONING_KEYS.isdisjoint(m):
+                _reasoning(m, message)
             choices.append(
                 Choice(
                     c.get("index", 0),
-                    ChatCompletionMessage(
-                        m.get("role") or "assistant",
-                        m.get("content"),
-                        [ToolCall.from_dict(t) for t in tcs] if tcs else None,
-                        m.get("refusal"),
-                        _annotations(m.get("annotations")),
-                    ),
+                    message,
                     finish,
                     None if logprobs is None else ChoiceLogprobs.from_dict(logprobs),
                     None if finish is None else _stop_sequence(c),

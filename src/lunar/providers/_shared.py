@@ -161,6 +161,44 @@ def merge_extra(payload: dict[str, Any], body: Mapping[str, Any]) -> None:
             payload[key] = value
 
 
+#: ``reasoning_effort`` as a thinking budget in tokens, for the wires that take a budget
+#: (Anthropic's ``thinking.budget_tokens``, Gemini's ``thinkingBudget``): Google's mapping
+#: for its own OpenAI-compatible endpoint (low 1024, medium 8192, high 24576); "minimal" is
+#: Anthropic's least budget, "xhigh" Gemini Pro's most. "none" asks for no thinking.
+EFFORT_BUDGETS = {"minimal": 1024, "low": 1024, "medium": 8192, "high": 24576, "xhigh": 32768}
+
+
+class ThinkingAsked(NamedTuple):
+    """What a body asks of the model's reasoning: ``kind`` "enabled", "disabled" or
+    "adaptive" (the model chooses), ``budget`` in tokens (for "enabled"), and ``param``,
+    the field that asked it (for errors)."""
+
+    kind: str
+    budget: int | None
+    param: str
+
+
+def thinking_asked(body: Mapping[str, Any]) -> ThinkingAsked | None:
+    """Lunar's ``thinking`` (Anthropic's shape, validated), else ``reasoning_effort`` mapped
+    by ``EFFORT_BUDGETS``; None when the body asks neither (the model's own default)."""
+    thinking = body.get("thinking")
+    if thinking is not None:
+        return ThinkingAsked(thinking["type"], thinking.get("budget_tokens"), "thinking")
+    effort = body.get("reasoning_effort")
+    if effort is None:
+        return None
+    if effort == "none":
+        return ThinkingAsked("disabled", None, "reasoning_effort")
+    budget = EFFORT_BUDGETS.get(effort)
+    if budget is None:
+        raise BadRequestError(
+            f"'reasoning_effort' must be one of none, {', '.join(EFFORT_BUDGETS)}, "
+            f"got {effort!r} (param: reasoning_effort)",
+            param="reasoning_effort",
+        )
+    return ThinkingAsked("enabled", budget, "reasoning_effort")
+
+
 def json_object(content: bytes | str, provider: str) -> dict[str, Any]:
     """A response body or event that must be a JSON object, or the provider misbehaved."""
     try:

@@ -19,6 +19,7 @@ from .._types import (
     ChoiceDelta,
     ChoiceDeltaToolCall,
     Function,
+    ReasoningDelta,
     ToolCall,
     Usage,
     tokens,
@@ -35,11 +36,14 @@ from ._shared import (
     merge_extra,
     system_text,
     text_of,
+    thinking_asked,
     tool_arguments_object,
 )
 
 API_VERSION = "2023-06-01"
 DEFAULT_MAX_TOKENS = 4096
+#: The least ``thinking.budget_tokens`` Anthropic takes.
+MIN_THINKING_BUDGET = 1024
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -102,6 +106,11 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
             ]
         else:
             blocks = _content_blocks(msg.get("content"))
+            thought = msg.get("thinking_blocks") if role == "assistant" else None
+            if thought:
+                # Claude's signed thinking, first in its turn as it gave it: a tool-use
+                # conversation with thinking needs it back on the turn of the calls.
+                blocks[:0] = [_thinking_block(b) for b in thought]
             for call in msg.get("tool_calls") or ():
                 fn = call.get("function", {})
                 blocks.append(
@@ -119,6 +128,59 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
         else:
             out.append({"role": role, "content": blocks})
     return out
+
+
+def _thinking_block(block: Mapping[str, Any]) -> dict[str, Any]:
+    """A thinking block as the answer had it (validated), with only Anthropic's fields."""
+    if block["type"] == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": block["data"]}
+    return {"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]}
+
+
+def _answer_thinking(block: Mapping[str, Any]) -> dict[str, Any]:
+    """An answer's thinking block for ``message.thinking_blocks``."""
+    if block.get("type") == "redacted_thinking":
+        return {"type": "redacted_thinking", "data": block.get("data", "")}
+    return {
+        "type": "thinking",
+        "thinking": block.get("thinking", ""),
+        "signature": block.get("signature", ""),
+    }
+
+
+def _thinking(body: Mapping[str, Any], given: Any, default: int) -> tuple[Any, int]:
+    """``(thinking field or None, max_tokens)``: what the body asks of reasoning (``thinking``
+    or ``reasoning_effort``), and ``max_tokens``, which must exceed the budget. Given
+    (``given``), an explicit budget must fit under it; an effort's budget is lowered to
+    half of it. Not given, it is raised above the budget by ``DEFAULT_MAX_TOKENS``."""
+    asked = thinking_asked(body)
+    limit = given or default
+    if asked is None:
+        return None, limit
+    if asked.kind != "enabled":
+        return {"type": asked.kind}, limit
+    budget = asked.budget
+    assert budget is not None
+    explicit = asked.param == "thinking"
+    param = "thinking.budget_tokens" if explicit else "reasoning_effort"
+    if budget < MIN_THINKING_BUDGET:
+        raise BadRequestError(
+            f"'{param}' must be at least {MIN_THINKING_BUDGET} for Anthropic models, got "
+            f"{budget} (param: {param})",
+            param=param,
+        )
+    if not given:
+        limit = max(limit, budget + DEFAULT_MAX_TOKENS)
+    elif budget >= given:
+        if explicit or given < 2 * MIN_THINKING_BUDGET:
+            raise BadRequestError(
+                f"'{param}' asks a thinking budget of {budget} tokens, which must be less than "
+                f"max_tokens ({given}) for Anthropic models: raise max_tokens or lower the "
+                f"budget (param: {param})",
+                param=param,
+            )
+        budget = given // 2
+    return {"type": "enabled", "budget_tokens": budget}, limit
 
 
 def _stop_sequence(reason: Any, holder: Mapping[str, Any]) -> str | None:
@@ -184,6 +246,13 @@ class AnthropicStreamTranslator(ChunkMaker):
                 dtype = delta.get("type")
                 if dtype == "text_delta":
                     out.append(self._chunk(ChoiceDelta(content=delta.get("text", ""))))
+                elif dtype == "thinking_delta":
+                    text = delta.get("thinking", "")
+                    if text:
+                        out.append(self._chunk(ReasoningDelta(reasoning_content=text)))
+                elif dtype == "signature_delta":
+                    block = {"type": "thinking", "signature": delta.get("signature", "")}
+                    out.append(self._chunk(ReasoningDelta(thinking_blocks=[block])))
                 elif dtype == "input_json_delta":
                     block_index = obj.get("index", 0)
                     index = self._tool_index.get(block_index)
@@ -204,6 +273,11 @@ class AnthropicStreamTranslator(ChunkMaker):
                     out.append(self._chunk(ChoiceDelta(tool_calls=[call])))
                 elif block.get("type") == "text" and block.get("text"):
                     out.append(self._chunk(ChoiceDelta(content=block["text"])))
+                elif block.get("type") == "thinking" and block.get("thinking"):
+                    out.append(self._chunk(ReasoningDelta(reasoning_content=block["thinking"])))
+                elif block.get("type") == "redacted_thinking":
+                    thought = [_answer_thinking(block)]
+                    out.append(self._chunk(ReasoningDelta(thinking_blocks=thought)))
             elif kind == "content_block_stop":
                 block_index = obj.get("index", 0)
                 if block_index in self._no_args:
@@ -246,7 +320,7 @@ class AnthropicStreamTranslator(ChunkMaker):
                 self._stopped = True
             elif kind == "error":
                 raise error_from_stream_event(obj.get("error") or obj, self._provider)
-            # ping, thinking and unknown events carry nothing for callers
+            # ping and unknown events carry nothing for callers
 
     def _end(self) -> list[ChatCompletionChunk]:
         if not (self._finished or self._stopped):
@@ -263,14 +337,18 @@ class AnthropicAdapter(HTTPAdapter):
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         messages = body["messages"]
         dep = target.deployment
+        thinking, max_tokens = _thinking(
+            body,
+            body.get("max_completion_tokens") or body.get("max_tokens"),
+            dep.max_output_tokens or DEFAULT_MAX_TOKENS,
+        )
         payload: dict[str, Any] = {
             "model": dep.provider_model,
             "messages": _messages(messages),
-            "max_tokens": body.get("max_completion_tokens")
-            or body.get("max_tokens")
-            or dep.max_output_tokens
-            or DEFAULT_MAX_TOKENS,
+            "max_tokens": max_tokens,
         }
+        if thinking is not None:
+            payload["thinking"] = thinking
         system = system_text(messages)
         if system:
             payload["system"] = system
@@ -317,19 +395,26 @@ class AnthropicAdapter(HTTPAdapter):
         if obj.get("type") == "error":
             raise error_from_stream_event(obj.get("error"), target.provider)
         texts, calls = [], []
+        thoughts: list[dict[str, Any]] = []
         for block in obj.get("content") or ():
-            if block.get("type") == "text":
+            kind = block.get("type")
+            if kind == "text":
                 texts.append(block.get("text", ""))
-            elif block.get("type") == "tool_use":
+            elif kind == "tool_use":
                 calls.append(
                     ToolCall(
                         block.get("id", ""),
                         Function(block.get("name"), dumps(block.get("input") or {})),
                     )
                 )
+            elif kind in ("thinking", "redacted_thinking"):
+                thoughts.append(_answer_thinking(block))
         message = ChatCompletionMessage(
             content="".join(texts) if texts or not calls else None, tool_calls=calls or None
         )
+        if thoughts:
+            message.reasoning_content = "".join(b.get("thinking", "") for b in thoughts)
+            message.thinking_blocks = thoughts
         stop_reason = obj.get("stop_reason")
         reason = FINISH_REASONS.get(stop_reason or "end_turn", "stop")
         return ChatCompletion(

@@ -23,6 +23,7 @@ from .._types import (
     ChoiceDelta,
     ChoiceDeltaToolCall,
     Function,
+    ReasoningDelta,
     ToolCall,
     Usage,
     tokens,
@@ -41,6 +42,7 @@ from ._shared import (
     merge_extra,
     system_text,
     text_of,
+    thinking_asked,
     tool_arguments_object,
 )
 
@@ -201,6 +203,19 @@ def _usage(meta: Mapping[str, Any]) -> Usage:
     )
 
 
+def _thinking_config(body: Mapping[str, Any]) -> dict[str, Any] | None:
+    """``generationConfig.thinkingConfig`` for what the body asks (``thinking`` or
+    ``reasoning_effort``): a budget of 0 for none, -1 (the model chooses) for "adaptive",
+    and the thoughts' summaries in the answer whenever the model thinks."""
+    asked = thinking_asked(body)
+    if asked is None:
+        return None
+    if asked.kind == "disabled":
+        return {"thinkingBudget": 0}
+    budget = -1 if asked.kind == "adaptive" else asked.budget
+    return {"thinkingBudget": budget, "includeThoughts": True}
+
+
 def _finish(reason: str | None, made_calls: bool) -> str:
     mapped = FINISH_REASONS.get(reason or "STOP", "stop")
     return "tool_calls" if mapped == "stop" and made_calls else mapped
@@ -254,10 +269,14 @@ class GeminiStreamTranslator(ChunkMaker):
                 if index not in self._calls:
                     self._begin(index, out)
                 for part in (cand.get("content") or {}).get("parts") or ():
-                    if part.get("thought"):
-                        continue
                     if "text" in part:
-                        out.append(self._chunk(ChoiceDelta(content=part["text"]), index=index))
+                        text = part["text"]
+                        if part.get("thought"):  # a summary of the model's thoughts
+                            if text:
+                                delta = ReasoningDelta(reasoning_content=text)
+                                out.append(self._chunk(delta, index=index))
+                            continue
+                        out.append(self._chunk(ChoiceDelta(content=text), index=index))
                     elif "functionCall" in part:
                         call = part["functionCall"]
                         number = self._calls[index]
@@ -324,6 +343,9 @@ class GeminiAdapter(HTTPAdapter):
             schema = (fmt.get("json_schema") or {}).get("schema")
             if schema:
                 config["responseSchema"] = _schema(schema)
+        thinking = _thinking_config(body)
+        if thinking is not None:
+            config["thinkingConfig"] = thinking
         if config:
             payload["generationConfig"] = config
         tools = body.get("tools")
@@ -364,9 +386,12 @@ class GeminiAdapter(HTTPAdapter):
         choices = []
         for i, cand in enumerate(obj.get("candidates") or ()):
             texts: list[str] = []
+            thoughts: list[str] = []
             calls: list[ToolCall] = []
             for part in (cand.get("content") or {}).get("parts") or ():
                 if part.get("thought"):
+                    if isinstance(part.get("text"), str):
+                        thoughts.append(part["text"])
                     continue
                 if "text" in part:
                     texts.append(part["text"])
@@ -382,6 +407,7 @@ class GeminiAdapter(HTTPAdapter):
             message = ChatCompletionMessage(
                 content="".join(texts) if texts or not calls else None,
                 tool_calls=calls or None,
+                reasoning_content="".join(thoughts) if thoughts else None,
             )
             choices.append(Choice(i, message, _finish(cand.get("finishReason"), bool(calls))))
         if not choices:  # the prompt itself was blocked

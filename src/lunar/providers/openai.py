@@ -229,6 +229,12 @@ class PlainRelay:
             or delta.get("annotations") is not None
         ):
             return None
+        if (
+            delta.get("reasoning_content") is not None
+            or delta.get("reasoning") is not None
+            or delta.get("thinking_blocks") is not None
+        ):
+            return None  # the model's reasoning: the writer's, which carries it on
         if choice.get("logprobs") is not None:
             return None
         content = delta.get("content")
@@ -317,6 +323,8 @@ class OpenAIAdapter(HTTPAdapter):
         payload["model"] = target.deployment.provider_model
         if target.spec.name != REMOTE:
             payload["messages"] = without_extra_content(body["messages"])
+            if target.spec.name == OPENAI and "thinking" in payload:
+                _effort_for_openai(payload)
         if stream:
             payload["stream"] = True
             options = dict(payload.get("stream_options") or {})
@@ -359,29 +367,60 @@ except ImportError:  # pragma: no cover - the core install (which has no relay: 
     _relay_loads = _loads  # type: ignore[assignment]
 
 
+#: OpenAI's own API, which takes ``reasoning_effort`` and refuses Lunar's ``thinking``.
+OPENAI = "openai"
+
+
+def _effort_for_openai(payload: dict[str, Any]) -> None:
+    """Lunar's ``thinking`` as OpenAI's ``reasoning_effort`` (unless one is given): a budget
+    up to 1024 tokens is "low", up to 8192 "medium", more "high"; "disabled" is "minimal"
+    and "adaptive" the model's default. Other OpenAI-compatible servers get ``thinking`` as
+    given (DeepSeek, GLM and Kimi take it)."""
+    thinking = payload.pop("thinking")
+    if payload.get("reasoning_effort") is not None:
+        return
+    kind = thinking.get("type")
+    if kind == "disabled":
+        payload["reasoning_effort"] = "minimal"
+    elif kind == "enabled":
+        budget = thinking.get("budget_tokens") or 0
+        payload["reasoning_effort"] = (
+            "low" if budget <= 1024 else "medium" if budget <= 8192 else "high"
+        )
+
+
+#: What an assistant turn may carry that only Lunar reads: Gemini's thought signatures on
+#: tool calls (``extra_content``), and the reasoning of an answer sent back with it.
+_REASONING_KEYS = ("reasoning_content", "thinking_blocks")
+
+
 def without_extra_content(messages: list[Any]) -> list[Any]:
-    """``messages`` without the ``extra_content`` of assistant tool calls: Gemini's thought
-    signatures (``ToolCall.extra_content``) mean nothing to another provider, and OpenAI and
-    other strict servers refuse a call with a field they do not know. Only a Lunar gateway
-    takes them, for the Gemini model behind it. The caller's list and dicts stay as they were;
-    without any such call, the same list."""
+    """``messages`` without the ``extra_content`` of assistant tool calls, nor the
+    ``reasoning_content`` and ``thinking_blocks`` of an answer sent back: Gemini's thought
+    signatures (``ToolCall.extra_content``) and Anthropic's signed thinking mean nothing to
+    another provider, and OpenAI and other strict servers refuse a field they do not know
+    (DeepSeek refuses its own ``reasoning_content`` in a request). Only a Lunar gateway takes
+    them, for the model behind it. The caller's list and dicts stay as they were; without any
+    such field, the same list."""
     out: list[Any] | None = None
     for i, msg in enumerate(messages):
         calls = msg.get("tool_calls")
-        if type(calls) is list and any(
+        signed = type(calls) is list and any(
             isinstance(c, Mapping) and "extra_content" in c for c in calls
-        ):
+        )
+        reasoned = "reasoning_content" in msg or "thinking_blocks" in msg
+        if signed or reasoned:
             if out is None:
                 out = list(messages)
-            out[i] = {
-                **msg,
-                "tool_calls": [
+            turn = {k: v for k, v in msg.items() if k not in _REASONING_KEYS}
+            if signed:
+                turn["tool_calls"] = [
                     {k: v for k, v in c.items() if k != "extra_content"}
                     if isinstance(c, Mapping)
                     else c
                     for c in calls
-                ],
-            }
+                ]
+            out[i] = turn
     return messages if out is None else out
 
 

@@ -24,7 +24,7 @@ from typing import Any
 from .._errors import APIError, BadRequestError, LunarError
 from .._json import dumps
 from .._request import bad
-from .._types import ChatCompletion, ChatCompletionChunk, Usage, compact_json
+from .._types import ChatCompletion, ChatCompletionChunk, ReasoningDelta, Usage, compact_json
 
 __all__ = [
     "ERROR_TYPES",
@@ -231,6 +231,25 @@ def unsigned_tool_id(tool_id: str, where: str) -> tuple[str, str | None]:
     return tool_id[:at], sig
 
 
+def _thought(block: Mapping[str, Any], where: str) -> dict[str, Any] | None:
+    """A ``thinking`` or ``redacted_thinking`` block of an assistant turn, for the turn's
+    ``thinking_blocks``; None for one without a signature (another model's reasoning, as
+    the gateway wrote it: nothing Anthropic would take back)."""
+    if block.get("type") == "redacted_thinking":
+        data = block.get("data")
+        if not isinstance(data, str):
+            raise bad(f"'{where}.data' must be a string", f"{where}.data")
+        return {"type": "redacted_thinking", "data": data}
+    text, signature = block.get("thinking"), block.get("signature")
+    if not isinstance(text, str):
+        raise bad(f"'{where}.thinking' must be a string", f"{where}.thinking")
+    if signature is not None and not isinstance(signature, str):
+        raise bad(f"'{where}.signature' must be a string", f"{where}.signature")
+    if not signature:
+        return None
+    return {"type": "thinking", "thinking": text, "signature": signature}
+
+
 def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
@@ -259,6 +278,7 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         tool_calls: list[dict[str, Any]] = []
         tool_results: list[dict[str, Any]] = []
         result_media: list[dict[str, Any]] = []
+        thoughts: list[dict[str, Any]] = []
         for j, block in enumerate(content):
             bw = f"{where}.content[{j}]"
             if not isinstance(block, Mapping):
@@ -299,7 +319,10 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                     }
                 )
             elif kind in ("thinking", "redacted_thinking"):
-                continue  # the model's own reasoning: not sent back to other providers
+                if role == "assistant":
+                    thought = _thought(block, bw)
+                    if thought is not None:
+                        thoughts.append(thought)
             else:
                 raise bad(
                     f"'{bw}.type' {kind!r} is not supported here (text, image and document in "
@@ -316,6 +339,9 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 turn["tool_calls"] = tool_calls
             elif not text:
                 turn["content"] = ""
+            if thoughts:
+                # Claude's signed thinking, back to it (other providers' adapters drop it).
+                turn["thinking_blocks"] = thoughts
             out.append(turn)
         elif parts or not tool_results:
             out.append({"role": "user", "content": parts})
@@ -407,10 +433,11 @@ _LUNAR = ("model", "stream", "fallbacks", "provider")
 
 def _check_fields(raw: Mapping[str, Any]) -> None:
     """Refuse, naming it, a field this route would otherwise drop although the answer
-    depends on it. Anthropic's other fields (``top_k``, ``thinking``, ``cache_control``,
+    depends on it. Anthropic's other fields (``top_k``, ``cache_control``,
     ``context_management``, ``service_tier`` and newer ones) tune how or where an answer is
     made, not what it is: accepted, and left out, since the model answering may not be
-    Anthropic's (clients such as Claude Code send some of them on every request)."""
+    Anthropic's (clients such as Claude Code send some of them on every request).
+    ``thinking`` is honoured (``to_chat_body``)."""
     for name in raw:
         if name in _OPENAI_ONLY:
             raise bad(
@@ -423,11 +450,6 @@ def _check_fields(raw: Mapping[str, Any]) -> None:
     top_k = raw.get("top_k")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
         raise bad(f"'top_k' must be a non-negative integer, got {top_k!r}", "top_k")
-    thinking = raw.get("thinking")
-    if thinking is not None and not (
-        isinstance(thinking, Mapping) and isinstance(thinking.get("type"), str)
-    ):
-        raise bad("'thinking' must be an object with a 'type'", "thinking")
     output = raw.get("output_config")
     if output is not None:
         if not isinstance(output, Mapping):
@@ -495,6 +517,11 @@ def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             body["tool_choice"] = tc
             if parallel is not None:
                 body["parallel_tool_calls"] = parallel
+    thinking = raw.get("thinking")
+    if thinking is not None:
+        # Lunar's own field, in Anthropic's shape: to Anthropic as it is, to other providers
+        # as their reasoning budget or effort (checked with the other parameters).
+        body["thinking"] = thinking
     lunar = {name: raw.get(name) for name in _LUNAR}
     return body, lunar
 
@@ -569,6 +596,12 @@ def message_from_completion(completion: ChatCompletion) -> dict[str, Any]:
     if completion.choices:
         choice = completion.choices[0]
         msg = choice.message
+        if msg.thinking_blocks:
+            content.extend(msg.thinking_blocks)
+        elif msg.reasoning_content:
+            # Another provider's reasoning: a thinking block without a signature (one sent
+            # back is not passed on: no model but the one that wrote it would take it).
+            content.append({"type": "thinking", "thinking": msg.reasoning_content, "signature": ""})
         if msg.content:
             content.append({"type": "text", "text": msg.content})
         elif msg.refusal:
@@ -603,10 +636,13 @@ def _event(kind: str, data: Mapping[str, Any]) -> bytes:
 class MessageStreamEncoder:
     """OpenAI-shaped chunks -> Anthropic stream events (bytes).
 
-    Text opens a ``text`` block; each tool call (by its OpenAI ``index``) opens a
-    ``tool_use`` block whose argument pieces become ``input_json_delta``; a new kind of
-    content closes the open block. ``end()`` closes it and sends ``message_delta`` (stop
-    reason and usage, cumulative, including Lunar's cost fields) and ``message_stop``."""
+    Reasoning opens a ``thinking`` block whose pieces become ``thinking_delta``, closed by
+    its signature (``signature_delta``, from a ``delta.thinking_blocks``) or by the content
+    after it; a ``redacted_thinking`` block comes whole. Text opens a ``text`` block; each
+    tool call (by its OpenAI ``index``) opens a ``tool_use`` block whose argument pieces
+    become ``input_json_delta``; a new kind of content closes the open block. ``end()``
+    closes it and sends ``message_delta`` (stop reason and usage, cumulative, including
+    Lunar's cost fields) and ``message_stop``."""
 
     def __init__(self, model: str, input_tokens_estimate: int = 0) -> None:
         self._model = model
@@ -660,6 +696,8 @@ class MessageStreamEncoder:
             if choice.index != 0:
                 continue  # Anthropic messages have one choice
             delta = choice.delta
+            if delta.__class__ is ReasoningDelta:
+                out += self._thinking(delta.reasoning_content, delta.thinking_blocks)
             text = delta.content or delta.refusal
             if text:
                 if self._open != ("text", 0):
@@ -703,6 +741,42 @@ class MessageStreamEncoder:
             if choice.finish_reason is not None:
                 self._finish = choice.finish_reason
                 self._stop_sequence = choice.stop_sequence
+        return out
+
+    def _thinking(self, text: str | None, blocks: list[dict[str, Any]] | None) -> bytes:
+        out = b""
+        if text:
+            if self._open != ("thinking", 0):
+                block = {"type": "thinking", "thinking": "", "signature": ""}
+                out += self._open_block(("thinking", 0), block)
+            out += _event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": self._block,
+                    "delta": {"type": "thinking_delta", "thinking": text},
+                },
+            )
+        for block in blocks or ():
+            if block.get("type") == "redacted_thinking":
+                redacted = {"type": "redacted_thinking", "data": block.get("data", "")}
+                out += self._open_block(("redacted", self._block + 1), redacted)
+                continue
+            signature = block.get("signature")
+            if not isinstance(signature, str):
+                continue
+            if self._open != ("thinking", 0):  # a block of no text: opened for its signature
+                start = {"type": "thinking", "thinking": "", "signature": ""}
+                out += self._open_block(("thinking", 0), start)
+            out += _event(
+                "content_block_delta",
+                {
+                    "type": "content_block_delta",
+                    "index": self._block,
+                    "delta": {"type": "signature_delta", "signature": signature},
+                },
+            )
+            out += self._close_block()  # signed: the next thinking is another block
         return out
 
     def end(self) -> bytes:

@@ -9,6 +9,8 @@ every ``tool_result`` answering a ``tool_use`` of the previous (assistant) messa
 
 from __future__ import annotations
 
+import base64
+import hashlib
 from typing import Any
 
 from ._render import (
@@ -156,6 +158,43 @@ def _tool_use_ids(message: Any) -> list[str]:
     ]
 
 
+def thinking_signature(thinking: str) -> str:
+    """The signature the emulator gives a thinking block (base64, as Anthropic's are), and
+    wants back with it: the block's text unchanged."""
+    digest = hashlib.sha256(b"lunar-thinking:" + thinking.encode()).digest()
+    return base64.b64encode(digest).decode()
+
+
+def thinking_enabled(request: dict[str, Any]) -> bool:
+    thinking = request.get("thinking")
+    return isinstance(thinking, dict) and thinking.get("type") in ("enabled", "adaptive")
+
+
+def _check_thinking(request: dict[str, Any]) -> str | None:
+    thinking = request.get("thinking")
+    if thinking is None:
+        return None
+    if not isinstance(thinking, dict) or thinking.get("type") not in (
+        "enabled",
+        "disabled",
+        "adaptive",
+    ):
+        return (
+            "thinking: Input tag found using 'type' does not match any of the expected tags: "
+            "'enabled', 'disabled', 'adaptive'"
+        )
+    if thinking["type"] != "enabled":
+        return None
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int) or isinstance(budget, bool):
+        return "thinking.enabled.budget_tokens: Field required"
+    if budget < 1024:
+        return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+    if request["max_tokens"] <= budget:
+        return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    return None
+
+
 def _check_block(block: Any, where: str, role: str) -> str | None:
     """An error message for a bad content block, or None."""
     if not isinstance(block, dict):
@@ -202,6 +241,17 @@ def _check_block(block: Any, where: str, role: str) -> str | None:
                 return f"{where}.tool_use.{name}: Field required"
         if not isinstance(block.get("input"), dict):
             return f"{where}.tool_use.input: Input should be a valid dictionary"
+    elif kind == "thinking":
+        text, signature = block.get("thinking"), block.get("signature")
+        if not isinstance(text, str):
+            return f"{where}.thinking.thinking: Field required"
+        if not isinstance(signature, str):
+            return f"{where}.thinking.signature: Field required"
+        if signature != thinking_signature(text):
+            return f"{where}: Invalid `signature` in `thinking` block"
+    elif kind == "redacted_thinking":
+        if not isinstance(block.get("data"), str):
+            return f"{where}.redacted_thinking.data: Field required"
     elif kind == "tool_result":
         if role != "user":
             return f"{where}: tool_result blocks can only be in user messages"
@@ -228,6 +278,9 @@ def validate(request: dict[str, Any]) -> str | None:
         return "max_tokens: Input should be a valid integer"
     if limit < 1:
         return "max_tokens: Input should be greater than or equal to 1"
+    error = _check_thinking(request)
+    if error is not None:
+        return error
     for name in ("temperature", "top_p"):
         value = request.get(name)
         if value is None:
@@ -290,6 +343,15 @@ def validate(request: dict[str, Any]) -> str | None:
                     f"messages.{i}.content.{j}: unexpected `tool_use_id` found in "
                     f"`tool_result` blocks: {tool_use_id}. Each `tool_result` block must have "
                     "a corresponding `tool_use` block in the previous message."
+                )
+        if asked and role == "user" and i == len(messages) - 1 and thinking_enabled(request):
+            # The turn of the calls this one answers must give its thinking back, first.
+            first = messages[i - 1]["content"][0]
+            if first.get("type") not in ("thinking", "redacted_thinking"):
+                return (
+                    f"messages.{i - 1}.content.0.type: Expected `thinking` or "
+                    f"`redacted_thinking`, but found `{first.get('type')}`. When `thinking` is "
+                    "enabled, a final `assistant` message must start with a thinking block."
                 )
         if asked and role == "user":
             missing = [t for t in asked if t not in answered]
@@ -398,7 +460,7 @@ class AnthropicWire(Wire):
         """``/v1/messages/count_tokens``: the request of a message, without ``max_tokens``."""
         if not isinstance(request, dict):
             return invalid("There was an error parsing the body of your request")
-        full = {"max_tokens": 1, **request}
+        full = {"max_tokens": 1 << 30, **request}  # (over any thinking budget)
         full.pop("stream", None)
         checked = self.parse(full, headers, "/v1/messages", "")
         if isinstance(checked, Rejection):
@@ -417,6 +479,7 @@ class AnthropicWire(Wire):
             calls=calls,
             limit=request["max_tokens"],
             include_usage=reply.usage,
+            reasoning=thinking_enabled(request),
         )
         if job.finish_reason == "stop_sequence":
             stops = request.get("stop_sequences")
@@ -475,6 +538,11 @@ class AnthropicWire(Wire):
 
     def render_json(self, job: Job, id_: str, created: str) -> str:
         content: list[dict[str, Any]] = []
+        if job.reasoning:
+            text = job.reasoning_text
+            content.append(
+                {"type": "thinking", "thinking": text, "signature": thinking_signature(text)}
+            )
         if self._text_block(job):
             content.append({"type": "text", "text": "".join(job.pieces)})
         for call in job.tool_calls:
@@ -530,27 +598,50 @@ class AnthropicWire(Wire):
             )
 
         index = -1  # of the block open
+        open_kind = ""
+        carry: list[Event] = []  # what opens the block whose first position comes next
+
+        def close() -> list[Event]:
+            if open_kind != "thinking":
+                return [block_stop(index)]
+            signature = dumps(thinking_signature(job.reasoning_text))
+            return [
+                delta(index, f'{{"type":"signature_delta","signature":{signature}}}'),
+                block_stop(index),
+            ]
+
+        def open_block(header: str, kind: str) -> None:
+            nonlocal index, open_kind
+            if index < 0:  # the first block
+                pre.extend([block_start(0, header), PING])
+            else:
+                carry.extend([*close(), block_start(index + 1, header)])
+            index += 1
+            open_kind = kind
+
+        def position(event: Event) -> None:
+            positions.append([*carry, event])
+            carry.clear()
+
+        if job.reasoning:
+            open_block('{"type":"thinking","thinking":""}', "thinking")
+            for piece in job.reasoning:
+                position(delta(index, f'{{"type":"thinking_delta","thinking":{dumps(piece)}}}'))
         if self._text_block(job):
-            index = 0
-            pre += [block_start(0, '{"type":"text","text":""}'), PING]
+            open_block('{"type":"text","text":""}', "text")
             for piece in job.pieces:
-                positions.append([delta(0, f'{{"type":"text_delta","text":{dumps(piece)}}}')])
+                position(delta(index, f'{{"type":"text_delta","text":{dumps(piece)}}}'))
         for call in job.tool_calls:
             header = (
                 f'{{"type":"tool_use","id":{dumps(call.id)},"name":{dumps(call.name)},'
                 '"input":{}}'
             )
-            boundary: list[Event] = []
-            if index < 0:  # the first block
-                pre += [block_start(0, header), PING]
-            else:
-                boundary = [block_stop(index), block_start(index + 1, header)]
-            index += 1
+            open_block(header, "tool")
             # Claude streams a call without arguments as one empty piece, not as "{}".
             no_args = call.arguments.replace(" ", "") == "{}"
-            for j, piece in enumerate(("",) if no_args else call.pieces):
+            for piece in ("",) if no_args else call.pieces:
                 json_delta = f'{{"type":"input_json_delta","partial_json":{dumps(piece)}}}'
-                positions.append([*(boundary if j == 0 else ()), delta(index, json_delta)])
+                position(delta(index, json_delta))
         closing: dict[str, Any] = {
             "type": "message_delta",
             "delta": {
@@ -561,7 +652,8 @@ class AnthropicWire(Wire):
         if job.include_usage:
             closing["usage"] = {"output_tokens": job.completion_tokens}
         post: list[Event] = [
-            block_stop(index),
+            *carry,
+            *close(),
             ("message_delta", dumps(closing)),
             ("message_stop", '{"type":"message_stop"}'),
         ]

@@ -602,6 +602,7 @@ class GeminiWire(Wire):
         request = incoming.request
         config = get(request, "generationConfig") or {}
         count = get(config, "candidateCount")
+        thinking = get(config, "thinkingConfig") or {}
         return make_job(
             "gemini",
             incoming.model,
@@ -613,6 +614,10 @@ class GeminiWire(Wire):
             n=count if isinstance(count, int) and count >= 1 else 1,
             include_usage=reply.usage,
             sse=incoming.sse,
+            # Thoughts' summaries come only when asked (the model thinks either way).
+            reasoning=isinstance(thinking, dict)
+            and get(thinking, "includeThoughts") is True
+            and get(thinking, "thinkingBudget") != 0,
         )
 
     def response_id(self, number: int, job: Job) -> str:
@@ -670,7 +675,10 @@ class GeminiWire(Wire):
             usage["cachedContentTokenCount"] = job.cached_tokens
         completion = job.completion_tokens if output else 0
         if output:
-            usage["candidatesTokenCount"] = completion
+            # Gemini counts the thoughts apart from the candidates' tokens.
+            usage["candidatesTokenCount"] = job.answer_tokens
+            if job.reasoning:
+                usage["thoughtsTokenCount"] = job.reasoning_tokens
         usage["totalTokenCount"] = job.prompt_tokens + completion
         return dumps(usage)
 
@@ -718,13 +726,16 @@ class GeminiWire(Wire):
             parts = ",".join(self._calls(job))
         else:
             parts = dumps({"text": "".join(job.pieces)})
+        if job.reasoning:
+            parts = dumps({"text": job.reasoning_text, "thought": True}) + "," + parts
         return self._response(job, id_, parts, True)
 
     def render_stream(self, job: Job, id_: str, created: str) -> Plan:
+        items = [dumps({"text": piece, "thought": True}) for piece in job.reasoning]
         if job.tool_calls:
-            items = self._calls(job)
+            items += self._calls(job)
         else:
-            items = [dumps({"text": piece}) for piece in job.pieces]
+            items += [dumps({"text": piece}) for piece in job.pieces]
         positions: list[list[Event]] = [[self._response(job, id_, p, False)] for p in items]
         post: list[Event] = [self._response(job, id_, '{"text":""}', True)]
         final: list[Event] | None = [self._response(job, id_, items[-1], True)] if items else None

@@ -194,6 +194,7 @@ class OpenAIWire(Wire):
             limit=limit,
             n=n,
             include_usage=include_usage,
+            reasoning=self.kind == "chat",
         )
         if self.kind == "chat" and request.get("logprobs") is True:
             top = request.get("top_logprobs")
@@ -251,18 +252,31 @@ class OpenAIWire(Wire):
                     f'"finish_reason":{finish_json}}}{suffix}'
                 )
 
+            # The reasoning first, each piece a position, as DeepSeek streams it.
+            thinking: list[list[Event]] = [
+                [
+                    event(i, f'{{"content":null,{dumps(job.reasoning_field)}:{dumps(piece)}}}')
+                    for i in range(n)
+                ]
+                for piece in job.reasoning
+            ]
             if job.tool_calls:
                 for i in range(n):
                     first = job.tool_calls[0]
                     header = _tool_header(0, first)
                     pre.append(
-                        event(i, f'{{"role":"assistant","content":null,"tool_calls":[{header}]}}')
+                        event(i, '{"role":"assistant","content":null}')
+                        if thinking
+                        else event(
+                            i, f'{{"role":"assistant","content":null,"tool_calls":[{header}]}}'
+                        )
                     )
+                positions += thinking
                 for index, call in enumerate(job.tool_calls):
                     for j, piece in enumerate(call.pieces):
                         position: list[Event] = []
                         for i in range(n):
-                            if j == 0 and index > 0:
+                            if j == 0 and (index > 0 or thinking):
                                 position.append(
                                     event(i, f'{{"tool_calls":[{_tool_header(index, call)}]}}')
                                 )
@@ -276,6 +290,7 @@ class OpenAIWire(Wire):
                         positions.append(position)
             else:
                 pre = [event(i, '{"role":"assistant","content":""}') for i in range(n)]
+                positions += thinking
                 for piece in job.pieces:
                     delta = f'{{"content":{dumps(piece)}}}'
                     lp = _logprobs(job, (piece,))
@@ -326,6 +341,8 @@ class OpenAIWire(Wire):
                 message = {"role": "assistant", "content": text, "refusal": None}
             if job.annotations is not None:
                 message["annotations"] = json.loads(job.annotations)
+            if job.reasoning:
+                message[job.reasoning_field] = job.reasoning_text
             message_json = dumps(message)
             logprobs = _logprobs(job, () if job.tool_calls else job.pieces)
             for i in range(job.n):

@@ -257,12 +257,28 @@ class Job:
     what the request asked, ``auto`` answered as ``default``; None: not in the answer."""
     annotations: str | None = None
     """OpenAI chat: the JSON text of the answer's ``annotations`` (``Reply.annotations``)."""
+    reasoning: tuple[str, ...] = ()
+    """The reasoning's pieces (``Reply.reasoning``, when the wire sends it), one a token."""
+    reasoning_field: str = "reasoning_content"
 
     @property
     def completion_tokens(self) -> int:
+        """Every output token: the reasoning's and the answer's."""
+        return self.reasoning_tokens + self.answer_tokens
+
+    @property
+    def reasoning_tokens(self) -> int:
+        return len(self.reasoning) * self.n
+
+    @property
+    def answer_tokens(self) -> int:
         if self.tool_calls:
             return sum(len(c.pieces) for c in self.tool_calls) * self.n
         return len(self.pieces) * self.n
+
+    @property
+    def reasoning_text(self) -> str:
+        return "".join(self.reasoning)
 
     @property
     def event_stream(self) -> bool:
@@ -279,6 +295,8 @@ class Job:
         }
         if self.cached_tokens > 0:
             usage["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        if self.reasoning:
+            usage["completion_tokens_details"] = {"reasoning_tokens": self.reasoning_tokens}
         return usage
 
     def cache_key(self) -> tuple[Any, ...] | None:
@@ -301,6 +319,8 @@ class Job:
             self.top_logprobs,
             self.service_tier,
             self.annotations,
+            self.reasoning,
+            self.reasoning_field,
         )
 
 
@@ -317,6 +337,7 @@ def make_job(
     include_usage: bool = True,
     stop_sequence: str | None = None,
     sse: bool = True,
+    reasoning: bool = True,
 ) -> Job:
     """The pieces and the natural finish: tool calls (no text), or the reply's pieces cut to
     ``limit`` (then ``length``); ``Reply.finish_reason`` overrides the finish."""
@@ -345,6 +366,10 @@ def make_job(
         cache_write_1h_tokens=reply.cache_write_1h_tokens,
         stop_sequence=stop_sequence,
         sse=sse,
+        reasoning=split_text(reply.reasoning, len(reply.reasoning.split()))
+        if reasoning and reply.reasoning
+        else (),
+        reasoning_field=reply.reasoning_field,
     )
 
 

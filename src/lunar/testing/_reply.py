@@ -108,6 +108,18 @@ class Reply:
     the whole answer's message; streamed, in a delta of their own (``{"annotations": [...]}``)
     after the last piece, before the finishing chunk. The other wires ignore them."""
 
+    reasoning: str | None = None
+    """The model's reasoning, before its answer, in each wire's shape: OpenAI
+    ``message.reasoning_content`` / ``delta.reasoning_content`` (``reasoning_field``);
+    Anthropic a ``thinking`` block with a ``signature`` (``thinking_delta`` pieces, then a
+    ``signature_delta``), when the request enables ``thinking``; Gemini parts with
+    ``"thought": true``, when the request asks ``thinkingConfig.includeThoughts``. Each
+    word is a reasoning token, counted in the output (OpenAI
+    ``completion_tokens_details.reasoning_tokens``, Gemini ``thoughtsTokenCount``).
+    Streamed, each word is a content position, before the answer's."""
+    reasoning_field: str = "reasoning_content"
+    """OpenAI: the field the reasoning travels in (``reasoning``: OpenRouter's, Groq's)."""
+
     def __post_init__(self) -> None:
         if not 100 <= int(self.status) <= 599:  # 529 (Anthropic's "overloaded") included
             raise ValueError(f"status must be an HTTP status code, got {self.status!r}")
