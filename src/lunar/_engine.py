@@ -183,6 +183,9 @@ class Router:
         logprobs, no tool messages, ...) refuse in this one, found before anything runs."""
         out: dict[Deployment, LunarError] = {}
         hooks = self._refusal_hooks
+        stops = body.get("stop")
+        # Several stop sequences: more than some providers take (``max_stop_sequences``).
+        many = len(stops) if type(stops) is list and len(stops) > 1 else 0
         for dep in deployments:
             try:
                 refusal = hooks[dep.provider]
@@ -193,7 +196,10 @@ class Router:
                 except ImportError:  # a protocol Lunar lacks: its target() says so, if tried
                     adapter = None
                 refusal = hooks[dep.provider] = getattr(adapter, "refusal", None)
-            if refusal is not None and (err := refusal(body)) is not None:
+            err = refusal(body) if refusal is not None else None
+            if err is None and many:
+                err = too_many_stops(dep, self.catalog.providers.get(dep.provider), many)
+            if err is not None:
                 # Without the traceback of its making: frames up to this one, and ``out``.
                 out[dep] = err.with_traceback(None)
         return out
@@ -293,6 +299,28 @@ def capability_error(model: str, missing: frozenset[str]) -> BadRequestError:
         "(`lunar models` lists capabilities)",
         param="model",
         code="unsupported_capability",
+    )
+
+
+#: The code of ``too_many_stops``'s error (OpenAI's, for the same refusal).
+TOO_MANY_STOPS = "array_above_max_length"
+
+
+def too_many_stops(
+    dep: Deployment, spec: ProviderSpec | None, count: int
+) -> BadRequestError | None:
+    """The error of ``count`` stop sequences sent to a provider that takes fewer (OpenAI 4,
+    Gemini 5; Anthropic has no such small limit), else None."""
+    limit = spec.max_stop_sequences if spec is not None else None
+    if limit is None or count <= limit:
+        return None
+    return BadRequestError(
+        f"'stop' has {count} stop sequences, and provider '{dep.provider}' (model "
+        f"'{dep.model}') takes at most {limit}: send at most {limit}, or choose a model "
+        "whose provider takes more (param: stop)",
+        param="stop",
+        code=TOO_MANY_STOPS,
+        provider=dep.provider,
     )
 
 

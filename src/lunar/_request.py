@@ -388,8 +388,7 @@ def _stop(stop: Any, name: str) -> None:
         return
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise bad("'stop' must be a string or a list of strings", "stop")
-    if len(stop) > 4:
-        raise bad(f"'stop' takes at most 4 sequences, got {len(stop)}", "stop")
+    # How many: each provider's own limit, where the model is known (``too_many_stops``).
 
 
 def _seed(seed: Any, name: str) -> None:

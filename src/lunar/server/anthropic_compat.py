@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from .._engine import TOO_MANY_STOPS
 from .._errors import APIError, BadRequestError, LunarError
 from .._json import dumps
 from .._request import bad
@@ -462,8 +463,7 @@ def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     if stops is not None:
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise bad("'stop_sequences' must be a list of strings", "stop_sequences")
-        if len(stops) > 4:
-            raise bad("'stop_sequences' takes at most 4 sequences here", "stop_sequences")
+        # How many: the limit of the provider of each model tried (none for Anthropic's).
         if stops:
             body["stop"] = stops
     for name in ("temperature", "top_p"):
@@ -736,4 +736,8 @@ def error_type(err: LunarError) -> str:
 def error_body(err: LunarError) -> dict[str, Any]:
     """``{"type": "error", "error": {"type", "message"}}``."""
     message = err.message if isinstance(err, APIError) else str(err)
+    if getattr(err, "code", None) == TOO_MANY_STOPS:  # the engine's: named as here
+        param, name = "stop", "stop_sequences"
+        message = message.replace(f"'{param}'", f"'{name}'")
+        message = message.replace(f"(param: {param})", f"(param: {name})")
     return {"type": "error", "error": {"type": error_type(err), "message": message}}

@@ -53,6 +53,8 @@ FIELDS = frozenset(
         "labels",
     }
 )
+#: The most ``stopSequences`` Gemini takes.
+MAX_STOP_SEQUENCES = 5
 CONFIG_FIELDS = frozenset(
     {
         "temperature",
@@ -414,6 +416,12 @@ def _check_config(config: Any) -> str | None:
     limit = get(config, "maxOutputTokens")
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool)):
         return "Invalid value at 'generation_config.max_output_tokens' (TYPE_INT32)"
+    stops = get(config, "stopSequences")
+    if isinstance(stops, list) and len(stops) > MAX_STOP_SEQUENCES:
+        return (
+            "* GenerateContentRequest.generation_config.stop_sequences: stop_sequences must "
+            f"have at most {MAX_STOP_SEQUENCES} items\n"
+        )
     mime = get(config, "responseMimeType")
     if mime is not None and mime not in MIME_TYPES:
         return (

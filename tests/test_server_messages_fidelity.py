@@ -1,0 +1,112 @@
+"""What ``/v1/messages`` (and the SDK's chat requests) carry to each upstream and back,
+through a real gateway with the official ``anthropic`` SDK and the emulator as Anthropic,
+OpenAI and Gemini: every provider's own limit on stop sequences, ``top_k``, prompt caching
+(``cache_control``) and ``max_tokens`` within each model's maximum output."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from lunar import BadRequestError, Lunar
+from lunar.testing import MockServer, Reply
+
+from .test_server import GatewayProcess, every_wire
+
+anthropic = pytest.importorskip("anthropic")
+pytest.importorskip("uvicorn")
+
+HI = [{"role": "user", "content": "hi"}]
+SIX = ["s1", "s2", "s3", "s4", "s5", "s6"]
+
+
+@pytest.fixture(scope="module")
+def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    proc = GatewayProcess(tmp_path_factory.mktemp("gateway"), upstream, **every_wire(upstream))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(autouse=True)
+def _fresh(upstream: MockServer) -> None:
+    upstream.reset()
+
+
+@pytest.fixture(scope="module")
+def client(gw: GatewayProcess) -> Any:
+    return anthropic.Anthropic(base_url=gw.url, api_key=gw.new_key()[0], max_retries=0)
+
+
+@pytest.fixture
+def direct(mock: MockServer, monkeypatch: pytest.MonkeyPatch) -> Lunar:
+    """The SDK in direct mode, the emulator as OpenAI, Anthropic and Gemini."""
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-test")
+    monkeypatch.setenv("ANTHROPIC_BASE_URL", mock.url)
+    monkeypatch.setenv("GEMINI_API_KEY", "g-test")
+    monkeypatch.setenv("GEMINI_BASE_URL", mock.url)
+    return Lunar(max_retries=0, timeout=10.0)
+
+
+def _sent(upstream: MockServer) -> list[Any]:
+    """The bodies the upstream got, in order."""
+    return [r.json for r in upstream.requests]
+
+
+# ---------------------------------------------------------------------------------------------
+# Stop sequences: each provider's own limit
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_claude_takes_more_than_four_stop_sequences(client, upstream, stream):
+    """4 is OpenAI's limit, not Anthropic's: six reach Claude."""
+    kw: dict[str, Any] = {"model": "claude-3-haiku", "max_tokens": 20, "messages": HI}
+    if stream:
+        with client.messages.stream(stop_sequences=SIX, **kw) as s:
+            msg = s.get_final_message()
+    else:
+        msg = client.messages.create(stop_sequences=SIX, **kw)
+    assert msg.type == "message"
+    assert [b["stop_sequences"] for b in _sent(upstream)] == [SIX]
+
+
+@pytest.mark.parametrize(("model", "limit"), [("gpt-4o-mini", 4), ("gemini-2.0-flash", 5)])
+def test_more_stop_sequences_than_the_provider_takes_is_a_400_naming_the_field(
+    client, upstream, model, limit
+):
+    with pytest.raises(anthropic.BadRequestError) as info:
+        client.messages.create(model=model, max_tokens=20, messages=HI, stop_sequences=SIX)
+    message = info.value.body["error"]["message"]
+    assert "(param: stop_sequences)" in message and f"at most {limit}" in message
+    assert upstream.requests == []
+    # As many as the provider takes: sent.
+    client.messages.create(model=model, max_tokens=20, messages=HI, stop_sequences=SIX[:limit])
+    assert len(upstream.requests) == 1
+
+
+def test_a_fallback_that_takes_fewer_stop_sequences_is_skipped_with_the_reason(client, upstream):
+    """Claude fails; gpt-4o-mini (4 at most) would refuse six: skipped, never sent them,
+    and the error is Claude's, with the skip among the attempts."""
+    upstream.enqueue(Reply.status_error(500), model="claude-3-haiku-20240307")
+    with pytest.raises(anthropic.InternalServerError):
+        client.messages.create(
+            model="claude-3-haiku",
+            max_tokens=20,
+            messages=HI,
+            stop_sequences=SIX,
+            extra_body={"fallbacks": ["gpt-4o-mini", "gemini-2.0-flash"]},
+        )
+    assert [r.model for r in upstream.requests] == ["claude-3-haiku-20240307"]
+
+
+def test_the_sdk_refuses_more_stops_than_the_provider_takes_before_sending(direct, mock):
+    direct.chat.completions.create(model="claude-3-haiku", messages=HI, stop=SIX)
+    assert mock.requests[-1].json["stop_sequences"] == SIX
+    mock.reset()
+    with pytest.raises(BadRequestError) as info:
+        direct.chat.completions.create(model="gemini-2.0-flash", messages=HI, stop=SIX)
+    assert info.value.param == "stop" and "at most 5" in str(info.value)
+    with pytest.raises(BadRequestError, match="at most 4"):
+        direct.chat.completions.create(model="gpt-4o-mini", messages=HI, stop=SIX[:5])
+    assert mock.requests == []
