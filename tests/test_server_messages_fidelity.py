@@ -110,3 +110,67 @@ def test_the_sdk_refuses_more_stops_than_the_provider_takes_before_sending(direc
     with pytest.raises(BadRequestError, match="at most 4"):
         direct.chat.completions.create(model="gpt-4o-mini", messages=HI, stop=SIX[:5])
     assert mock.requests == []
+
+
+# ---------------------------------------------------------------------------------------------
+# top_k: to the providers that take it, in their own form
+
+
+def _top_k_sent(request: Any) -> Any:
+    """The top_k an upstream request carried, whatever its wire (None: none)."""
+    body = request.json
+    if "generationConfig" in body or "contents" in body:
+        return (body.get("generationConfig") or {}).get("topK")
+    return body.get("top_k")
+
+
+@pytest.mark.parametrize(
+    ("model", "sent"),
+    [("claude-3-haiku", 7), ("gemini-2.0-flash", 7), ("gpt-4o-mini", None)],
+)
+def test_messages_top_k_reaches_the_providers_that_take_it(client, upstream, model, sent):
+    """Anthropic's top_k and Gemini's topK; OpenAI's API has none (it refuses the field):
+    left out there, as before."""
+    msg = client.messages.create(model=model, max_tokens=20, messages=HI, extra_body={"top_k": 7})
+    assert msg.type == "message"
+    [request] = upstream.requests
+    assert _top_k_sent(request) == sent
+    assert "top_k" not in request.json or sent is not None
+
+
+@pytest.mark.parametrize(
+    ("model", "sent"),
+    [
+        ("claude-3-haiku", 3),
+        ("gemini-2.0-flash", 3),
+        ("gpt-4o-mini", None),
+        ("together/meta-llama/Llama-3.3-70B-Instruct-Turbo", 3),
+    ],
+)
+def test_chat_completions_top_k_reaches_the_providers_that_take_it(gw, upstream, model, sent):
+    """``top_k`` beside OpenAI's fields (the openai SDK's ``extra_body``) on the gateway's
+    chat route, for a virtual key: translated per provider, never sent where refused."""
+    r = gw.http.post(
+        "/v1/chat/completions",
+        json={"model": model, "messages": HI, "top_k": 3},
+        headers={"authorization": f"Bearer {gw.new_key()[0]}"},
+    )
+    assert r.status_code == 200, r.text
+    [request] = upstream.requests
+    assert _top_k_sent(request) == sent
+
+
+def test_the_sdk_sends_top_k_in_each_providers_form(direct, mock):
+    direct.chat.completions.create(
+        model="gemini-2.0-flash", messages=HI, temperature=0.5, extra_body={"top_k": 4}
+    )
+    assert mock.requests[-1].json["generationConfig"] == {"temperature": 0.5, "topK": 4}
+    direct.chat.completions.create(model="claude-3-haiku", messages=HI, extra_body={"top_k": 4})
+    assert mock.requests[-1].json["top_k"] == 4
+    direct.chat.completions.create(model="gpt-4o-mini", messages=HI, extra_body={"top_k": 4})
+    assert "top_k" not in mock.requests[-1].json
+    with pytest.raises(BadRequestError) as info:
+        direct.chat.completions.create(
+            model="claude-3-haiku", messages=HI, extra_body={"top_k": "4"}
+        )
+    assert info.value.param == "top_k"

@@ -68,6 +68,13 @@ CHAT_PARAMS = (
     "function_call",
 )
 
+#: Fields beyond OpenAI's that Lunar translates for each provider (sent in ``extra_body``, or
+#: by ``/v1/messages``): ``top_k`` is Anthropic's ``top_k``, Gemini's
+#: ``generationConfig.topK``, and the ``top_k`` of the OpenAI-compatible servers that take
+#: it (vLLM, Together, Fireworks, OpenRouter, Ollama); a provider that refuses it (OpenAI's
+#: own API) does not get it (the catalogue's ``drop_params``).
+TRANSLATED_FIELDS = ("top_k",)
+
 
 class ChatParams(TypedDict, total=False):
     """The keyword arguments of ``chat.completions.create`` besides model/messages/stream."""
@@ -391,6 +398,11 @@ def _stop(stop: Any, name: str) -> None:
     # How many: each provider's own limit, where the model is known (``too_many_stops``).
 
 
+def _integer(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"'{name}' must be an integer, got {value!r}", name)
+
+
 def _seed(seed: Any, name: str) -> None:
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise bad("'seed' must be an integer", "seed")
@@ -514,6 +526,7 @@ _PARAM_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "max_tokens": _positive_int,
     "max_completion_tokens": _positive_int,
     "seed": _seed,
+    "top_k": _integer,  # (vLLM takes -1 for "no limit": the range is the provider's)
     "stop": _stop,
     "tools": _tools,
     "tool_choice": _tool_choice,

@@ -279,6 +279,8 @@ class AnthropicAdapter(HTTPAdapter):
             payload["temperature"] = min(float(body["temperature"]), 1.0)
         if body.get("top_p") is not None:
             payload["top_p"] = body["top_p"]
+        if body.get("top_k") is not None:
+            payload["top_k"] = body["top_k"]
         stop = body.get("stop")
         if stop:
             payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop

@@ -311,6 +311,8 @@ class OpenAIAdapter(HTTPAdapter):
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         payload = dict(body)
         payload["model"] = target.deployment.provider_model
+        for name in target.spec.drop_params:  # what this provider refuses (OpenAI: top_k)
+            payload.pop(name, None)
         if target.spec.name != REMOTE:
             payload["messages"] = without_extra_content(body["messages"])
         if stream:

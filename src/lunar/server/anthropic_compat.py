@@ -408,7 +408,7 @@ _LUNAR = ("model", "stream", "fallbacks", "provider")
 
 def _check_fields(raw: Mapping[str, Any]) -> None:
     """Refuse, naming it, a field this route would otherwise drop although the answer
-    depends on it. Anthropic's other fields (``top_k``, ``thinking``, ``cache_control``,
+    depends on it. Anthropic's other fields (``thinking``, ``cache_control``,
     ``context_management``, ``service_tier`` and newer ones) tune how or where an answer is
     made, not what it is: accepted, and left out, since the model answering may not be
     Anthropic's (clients such as Claude Code send some of them on every request)."""
@@ -459,6 +459,8 @@ def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
             messages.insert(0, {"role": "system", "content": text})
     body["messages"] = messages
     body["max_tokens"] = _int(raw.get("max_tokens"), "max_tokens", required=True)
+    if raw.get("top_k") is not None:  # (checked by _check_fields)
+        body["top_k"] = raw["top_k"]
     stops = raw.get("stop_sequences")
     if stops is not None:
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):

@@ -224,7 +224,12 @@ _MESSAGES_REQUEST = {
         "stop_sequences": {"type": "array", "items": {"type": "string"}},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": 0, "description": "accepted, ignored"},
+        "top_k": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "sent to Anthropic and Gemini models and OpenAI-compatible servers "
+            "that take it; left out for OpenAI's own API, which has none",
+        },
         "thinking": {
             "type": "object",
             "required": ["type"],
