@@ -174,3 +174,69 @@ def test_the_sdk_sends_top_k_in_each_providers_form(direct, mock):
             model="claude-3-haiku", messages=HI, extra_body={"top_k": "4"}
         )
     assert info.value.param == "top_k"
+
+
+# ---------------------------------------------------------------------------------------------
+# max_tokens: within each model's maximum output
+
+
+def _budget(request: Any) -> Any:
+    body = request.json
+    if "contents" in body:
+        return body["generationConfig"]["maxOutputTokens"]
+    return body["max_tokens"]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_fallback_gets_max_tokens_within_its_maximum_output(client, upstream, stream):
+    """64000 suits claude-sonnet-4; its fallbacks give at most 8192 (claude-3-5-haiku and
+    gemini-2.0-flash) and 16384 (gpt-4o-mini): each is asked its own maximum, never a 400."""
+    upstream.enqueue(Reply.status_error(500), model="claude-sonnet-4-20250514")
+    upstream.enqueue(Reply.status_error(500), model="claude-3-5-haiku-20241022")
+    upstream.enqueue(Reply.status_error(500), model="gemini-2.0-flash")
+    kw: dict[str, Any] = {
+        "model": "claude-sonnet-4",
+        "max_tokens": 64000,
+        "messages": HI,
+        "extra_body": {"fallbacks": ["claude-3-5-haiku", "gemini-2.0-flash", "gpt-4o-mini"]},
+        "timeout": 30.0,  # (else the SDK refuses so large a budget unstreamed)
+    }
+    if stream:
+        with client.messages.stream(**kw) as s:
+            msg = s.get_final_message()
+    else:
+        msg = client.messages.create(**kw)
+    assert msg.type == "message"
+    assert [(r.model, _budget(r)) for r in upstream.requests] == [
+        ("claude-sonnet-4-20250514", 64000),
+        ("claude-3-5-haiku-20241022", 8192),
+        ("gemini-2.0-flash", 8192),
+        ("gpt-4o-mini", 16384),
+    ]
+
+
+def test_max_tokens_beyond_the_models_maximum_is_asked_as_the_maximum(client, upstream):
+    """The answer cannot be longer than the model's maximum output: asking more is sent as
+    the maximum (the upstream would refuse it), and ``stop_reason`` says when it is reached."""
+    msg = client.messages.create(
+        model="claude-3-haiku", max_tokens=100000, messages=HI, timeout=30.0
+    )
+    assert msg.type == "message"
+    assert [_budget(r) for r in upstream.requests] == [4096]
+
+
+def test_the_sdk_caps_max_tokens_and_max_completion_tokens_per_model(direct, mock):
+    mock.enqueue(Reply.status_error(500), model="gpt-4o-mini")
+    direct.chat.completions.create(
+        model="gpt-4o-mini",
+        messages=HI,
+        max_completion_tokens=50000,
+        fallbacks=["claude-3-5-haiku"],
+    )
+    assert [
+        (r.model, r.json.get("max_completion_tokens"), r.json.get("max_tokens"))
+        for r in mock.requests
+    ] == [
+        ("gpt-4o-mini", 16384, None),
+        ("claude-3-5-haiku-20241022", None, 8192),
+    ]

@@ -350,8 +350,12 @@ def wants_json(body: Mapping[str, Any]) -> bool:
 
 def body_for(body: Mapping[str, Any], target: Target) -> tuple[Mapping[str, Any], bool]:
     """The body to send to ``target``, and whether its output must be checked as JSON:
-    for a model without native JSON mode, the response format becomes an instruction."""
+    for a model without native JSON mode, the response format becomes an instruction; an
+    output budget beyond the model's maximum output is asked as that maximum."""
     dep = target.deployment
+    limit = dep.max_output_tokens
+    if limit is not None:
+        body = within_output(body, limit)
     if not (wants_json(body) and dep.catalogued and "json" not in dep.capabilities):
         return body, False
     fmt = body["response_format"]
@@ -362,6 +366,22 @@ def body_for(body: Mapping[str, Any], target: Target) -> tuple[Mapping[str, Any]
     new = {k: v for k, v in body.items() if k != "response_format"}
     new["messages"] = [{"role": "system", "content": instruction}, *body["messages"]]
     return new, True
+
+
+def within_output(body: Mapping[str, Any], limit: int) -> Mapping[str, Any]:
+    """``body`` with ``max_tokens`` and ``max_completion_tokens`` at most ``limit`` (the
+    model's maximum output, from the catalogue): a budget beyond it is refused upstream (a
+    400 that stopped the chain at a fallback with a smaller maximum), and the answer cannot
+    be longer anyway. The same body when within it."""
+    tokens, completion = body.get("max_tokens"), body.get("max_completion_tokens")
+    if (tokens is None or tokens <= limit) and (completion is None or completion <= limit):
+        return body
+    capped = dict(body)
+    if tokens is not None and tokens > limit:
+        capped["max_tokens"] = limit
+    if completion is not None and completion > limit:
+        capped["max_completion_tokens"] = limit
+    return capped
 
 
 def check_json(text: str, target: Target) -> None:

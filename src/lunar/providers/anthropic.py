@@ -39,7 +39,12 @@ from ._shared import (
 )
 
 API_VERSION = "2023-06-01"
+#: ``max_tokens`` (which Anthropic requires) when the request gives none: the model's
+#: maximum output up to ``DEFAULT_MAX_TOKENS_CAP`` (a larger reservation counts against the
+#: account's output rate limit), or ``DEFAULT_MAX_TOKENS`` for a model the catalogue does
+#: not know.
 DEFAULT_MAX_TOKENS = 4096
+DEFAULT_MAX_TOKENS_CAP = 8192
 
 FINISH_REASONS = {
     "end_turn": "stop",
@@ -268,8 +273,7 @@ class AnthropicAdapter(HTTPAdapter):
             "messages": _messages(messages),
             "max_tokens": body.get("max_completion_tokens")
             or body.get("max_tokens")
-            or dep.max_output_tokens
-            or DEFAULT_MAX_TOKENS,
+            or min(dep.max_output_tokens or DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP),
         }
         system = system_text(messages)
         if system:

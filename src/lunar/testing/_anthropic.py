@@ -24,7 +24,7 @@ from ._render import (
     words,
 )
 from ._reply import Reply, default_error_message
-from ._wire import Incoming, Rejection, Wire
+from ._wire import Incoming, Rejection, Wire, too_many_tokens
 
 FIELDS = frozenset(
     {
@@ -392,7 +392,13 @@ class AnthropicWire(Wire):
         error = validate(request)
         if error is not None:
             return invalid(error)
-        return Incoming(request["model"], request.get("stream") is True, request)
+        model, asked = request["model"], request["max_tokens"]
+        if (limit := too_many_tokens(model, asked)) is not None:
+            return invalid(
+                f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output "
+                f"tokens for {model}"
+            )
+        return Incoming(model, request.get("stream") is True, request)
 
     def count_tokens(self, request: Any, headers: dict[str, str]) -> int | Rejection:
         """``/v1/messages/count_tokens``: the request of a message, without ``max_tokens``."""

@@ -38,7 +38,7 @@ from ._render import (
     words,
 )
 from ._reply import Reply, default_error_message, gemini_model
-from ._wire import Incoming, Rejection, Wire
+from ._wire import Incoming, Rejection, Wire, too_many_tokens
 
 FIELDS = frozenset(
     {
@@ -586,6 +586,13 @@ class GeminiWire(Wire):
             return invalid(error)
         model, _, action = path.rpartition("/")[2].partition(":")
         model = gemini_model(path) or model
+        asked = get(get(request, "generationConfig") or {}, "maxOutputTokens")
+        if (limit := too_many_tokens(model, asked)) is not None:
+            return invalid(
+                f"Unable to submit request because it has a maxOutputTokens value of {asked} "
+                f"but the supported range is from 1 (inclusive) to {limit + 1} (exclusive). "
+                "Update the value and try again."
+            )
         if model.startswith(CHECKING_MODELS):
             error = check_signatures(get(request, "contents"))
             if error is not None:

@@ -27,7 +27,7 @@ from ._reply import (
     default_error_message,
     error_type_for_status,
 )
-from ._wire import Incoming, Rejection, Wire
+from ._wire import Incoming, Rejection, Wire, too_many_tokens
 
 FINGERPRINT = "fp_lunar_mock"
 
@@ -50,7 +50,7 @@ OPENAI_MODELS = ("gpt-", "o1", "o3", "o4", "chatgpt-")
 
 def _openai_refusal(request: dict[str, Any]) -> Rejection | None:
     """What OpenAI's API refuses that other OpenAI-compatible servers take: more than 4
-    stop sequences, and ``top_k`` (not one of its parameters)."""
+    stop sequences, ``top_k`` (not one of its parameters), more output than the model gives."""
     stop = request.get("stop")
     if isinstance(stop, list) and len(stop) > 4:
         message = (
@@ -60,6 +60,14 @@ def _openai_refusal(request: dict[str, Any]) -> Rejection | None:
         return Rejection(400, error_body(400, message, param="stop", code="array_above_max_length"))
     if "top_k" in request:
         return Rejection(400, error_body(400, "Unrecognized request argument supplied: top_k"))
+    for name in ("max_completion_tokens", "max_tokens"):
+        asked = request.get(name)
+        if (limit := too_many_tokens(str(request["model"]), asked)) is not None:
+            message = (
+                f"{name} is too large: {asked}. This model supports at most {limit} completion "
+                f"tokens, whereas you provided {asked}."
+            )
+            return Rejection(400, error_body(400, message, param=name, code="invalid_value"))
     return None
 
 
