@@ -240,3 +240,168 @@ def test_the_sdk_caps_max_tokens_and_max_completion_tokens_per_model(direct, moc
         ("gpt-4o-mini", 16384, None),
         ("claude-3-5-haiku-20241022", None, 8192),
     ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompt caching: cache_control to Anthropic's models, cache usage back
+
+EPHEMERAL = {"type": "ephemeral"}
+LONG_SYSTEM = [
+    {"type": "text", "text": "You are a careful assistant who answers in one line."},
+    {"type": "text", "text": "Here is a long document to cache. " * 20, "cache_control": EPHEMERAL},
+]
+CACHED_TOOLS = [
+    {"name": "Read", "input_schema": {"type": "object"}},
+    {"name": "Write", "input_schema": {"type": "object"}, "cache_control": EPHEMERAL},
+]
+AGENT_TURNS = [
+    {"role": "user", "content": "look at a.txt"},
+    {
+        "role": "assistant",
+        "content": [{"type": "tool_use", "id": "toolu_1", "name": "Read", "input": {"p": "a"}}],
+    },
+    {
+        "role": "user",
+        "content": [
+            {
+                "type": "tool_result",
+                "tool_use_id": "toolu_1",
+                "content": "the file says hello",
+                "cache_control": {"type": "ephemeral", "ttl": "1h"},
+            },
+            {"type": "text", "text": "and so?", "cache_control": EPHEMERAL},
+        ],
+    },
+]
+
+
+def _controls(node: Any) -> list[Any]:
+    """Every cache_control in a request body, in order."""
+    found: list[Any] = []
+    if isinstance(node, dict):
+        for key, value in node.items():
+            if key == "cache_control":
+                found.append(value)
+            else:
+                found += _controls(value)
+    elif isinstance(node, list):
+        for item in node:
+            found += _controls(item)
+    return found
+
+
+def _ask(client: Any, model: str, stream: bool) -> Any:
+    kw: dict[str, Any] = {
+        "model": model,
+        "max_tokens": 20,
+        "system": LONG_SYSTEM,
+        "tools": CACHED_TOOLS,
+        "messages": AGENT_TURNS,
+    }
+    if stream:
+        with client.messages.stream(**kw) as s:
+            return s.get_final_message()
+    return client.messages.create(**kw)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_cache_control_reaches_claude_and_the_cache_usage_comes_back(client, upstream, stream):
+    """System, tool, tool_result and text breakpoints reach Anthropic where they were; the
+    second request reads what the first wrote, and both say so in Anthropic's usage."""
+    first = _ask(client, "claude-3-5-haiku", stream)
+    sent = upstream.requests[0].json
+    assert sent["system"][1]["cache_control"] == EPHEMERAL
+    assert "cache_control" not in sent["system"][0]
+    assert [t.get("cache_control") for t in sent["tools"]] == [None, EPHEMERAL]
+    last = sent["messages"][-1]["content"]
+    assert [b["type"] for b in last] == ["tool_result", "text"]
+    assert [b.get("cache_control") for b in last] == [
+        {"type": "ephemeral", "ttl": "1h"},
+        EPHEMERAL,
+    ]
+    assert len(_controls(sent)) == 4
+    assert first.usage.cache_creation_input_tokens > 0
+    assert first.usage.cache_read_input_tokens == 0
+
+    second = _ask(client, "claude-3-5-haiku", stream)
+    assert second.usage.cache_read_input_tokens == first.usage.cache_creation_input_tokens
+    assert second.usage.cache_creation_input_tokens == 0
+    # Anthropic's input_tokens counts neither: the same uncached rest both times.
+    assert second.usage.input_tokens == first.usage.input_tokens
+
+
+def test_cached_reads_are_priced_as_such_on_the_chat_route(gw, upstream):
+    """OpenAI's shape: ``prompt_tokens_details.cached_tokens``, and the cost of a cached
+    read at the catalogue's cached price (cheaper than the write before it)."""
+    key = gw.new_key()[0]
+    messages = [
+        {
+            "role": "system",
+            "content": [
+                {"type": "text", "text": "A long manual. " * 40, "cache_control": EPHEMERAL}
+            ],
+        },
+        {"role": "user", "content": "hi"},
+    ]
+    usages = []
+    for _ in range(2):
+        r = gw.http.post(
+            "/v1/chat/completions",
+            json={"model": "claude-3-5-haiku", "messages": messages},
+            headers={"authorization": f"Bearer {key}"},
+        )
+        assert r.status_code == 200, r.text
+        usages.append(r.json()["usage"])
+    first, second = usages
+    assert upstream.requests[0].json["system"][0]["cache_control"] == EPHEMERAL
+    assert first["prompt_tokens_details"]["cached_tokens"] == 0
+    assert first["cache_write_tokens"] > 0
+    assert second["prompt_tokens_details"]["cached_tokens"] == first["cache_write_tokens"]
+    assert second["prompt_tokens"] == first["prompt_tokens"]
+    assert second["cached_input_cost_usd"] > 0
+    assert second["total_cost_usd"] < first["total_cost_usd"]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o-mini", "gemini-2.0-flash"])
+def test_other_providers_get_no_cache_control(client, upstream, model):
+    msg = _ask(client, model, False)
+    assert msg.type == "message"
+    [request] = upstream.requests
+    assert _controls(request.json) == []
+
+
+def test_the_sdk_carries_litellm_style_cache_control_to_claude_only(direct, mock):
+    """OpenAI-shaped parts, messages and tools with ``cache_control`` (as LiteLLM takes
+    them) reach Claude as breakpoints; OpenAI's API does not get them; the caller's dicts
+    stay as they were."""
+    messages = [
+        {
+            "role": "system",
+            "content": [{"type": "text", "text": "Rules. " * 30, "cache_control": EPHEMERAL}],
+        },
+        {"role": "user", "content": "question one", "cache_control": EPHEMERAL},
+        {"role": "assistant", "content": "answer one"},
+        {"role": "user", "content": [{"type": "text", "text": "two", "cache_control": EPHEMERAL}]},
+    ]
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "f", "parameters": {"type": "object"}},
+            "cache_control": EPHEMERAL,
+        }
+    ]
+    before = repr((messages, tools))
+    direct.chat.completions.create(model="claude-3-haiku", messages=messages, tools=tools)
+    sent = mock.requests[-1].json
+    assert sent["system"] == [{"type": "text", "text": "Rules. " * 30, "cache_control": EPHEMERAL}]
+    assert sent["messages"][0]["content"] == [
+        {"type": "text", "text": "question one", "cache_control": EPHEMERAL}
+    ]
+    assert sent["messages"][2]["content"][-1]["cache_control"] == EPHEMERAL
+    assert sent["tools"][0]["cache_control"] == EPHEMERAL
+    again = direct.chat.completions.create(model="claude-3-haiku", messages=messages, tools=tools)
+    assert again.usage.cached_tokens > 0
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.cached_tokens
+    direct.chat.completions.create(model="gpt-4o-mini", messages=messages, tools=tools)
+    assert _controls(mock.requests[-1].json) == []
+    assert repr((messages, tools)) == before

@@ -38,6 +38,9 @@ class ProviderSpec:
     #: Fields of Lunar's request this provider refuses, left out of what is sent to it
     #: (``top_k``, which OpenAI's own API does not take): OpenAI-wire providers only.
     drop_params: frozenset[str] = frozenset()
+    #: Whether this OpenAI-wire provider takes Anthropic's ``cache_control`` on content parts,
+    #: messages and tools (OpenRouter, which passes it on to Claude): the others do not get it.
+    cache_control: bool = False
 
     @property
     def base_url_env(self) -> str:
@@ -299,6 +302,7 @@ class Catalog:
                 key_required=p.get("key_required", True),
                 max_stop_sequences=limit,
                 drop_params=frozenset(dropped),
+                cache_control=p.get("cache_control") is True,
             )
         self.models: dict[str, list[Deployment]] = {}
         self._by_provider_id: dict[tuple[str, str], Deployment] = {}

@@ -84,7 +84,45 @@ def _content_blocks(content: Any) -> list[dict[str, Any]]:
                 "or choose a model that takes audio",
                 param="messages.content.input_audio",
             )
+        else:
+            continue
+        control = part.get("cache_control")
+        if control is not None and blocks:  # a prompt-cache breakpoint (LiteLLM's form too)
+            blocks[-1]["cache_control"] = control
     return blocks
+
+
+def _cache_control(msg: Mapping[str, Any]) -> Any:
+    """A breakpoint on a whole message (LiteLLM's ``{"role", "content", "cache_control"}``),
+    or on its last content part: where the message's last block gets it."""
+    control = msg.get("cache_control")
+    if control is None:
+        content = msg.get("content")
+        if type(content) is list and content and isinstance(content[-1], Mapping):
+            control = content[-1].get("cache_control")
+    return control
+
+
+def _system(messages: list[Mapping[str, Any]]) -> str | list[dict[str, Any]]:
+    """The system prompt: one string, or text blocks when it holds prompt-cache
+    breakpoints (each system message's parts, each with its own ``cache_control``)."""
+    turns = [m for m in messages if m.get("role") in ("system", "developer")]
+    if not any(_cache_control(m) is not None or _any_part_cached(m) for m in turns):
+        return system_text(messages)
+    blocks: list[dict[str, Any]] = []
+    for msg in turns:
+        made = _content_blocks(msg.get("content"))
+        if made and msg.get("cache_control") is not None:
+            made[-1]["cache_control"] = msg["cache_control"]
+        blocks.extend(b for b in made if b["type"] == "text")
+    return blocks
+
+
+def _any_part_cached(msg: Mapping[str, Any]) -> bool:
+    content = msg.get("content")
+    return type(content) is list and any(
+        isinstance(p, Mapping) and "cache_control" in p for p in content
+    )
 
 
 def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -98,15 +136,18 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         if role in ("tool", "function"):
             role = "user"
-            blocks = [
-                {
-                    "type": "tool_result",
-                    "tool_use_id": msg.get("tool_call_id", ""),
-                    "content": text_of(msg.get("content")),
-                }
-            ]
+            block: dict[str, Any] = {
+                "type": "tool_result",
+                "tool_use_id": msg.get("tool_call_id", ""),
+                "content": text_of(msg.get("content")),
+            }
+            if (control := _cache_control(msg)) is not None:
+                block["cache_control"] = control
+            blocks = [block]
         else:
             blocks = _content_blocks(msg.get("content"))
+            if blocks and (control := msg.get("cache_control")) is not None:
+                blocks[-1]["cache_control"] = control
             for call in msg.get("tool_calls") or ():
                 fn = call.get("function", {})
                 blocks.append(
@@ -123,6 +164,18 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
             out[-1]["content"].extend(blocks)
         else:
             out.append({"role": role, "content": blocks})
+    return out
+
+
+def _tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    fn = tool["function"]
+    out = {
+        "name": fn["name"],
+        "description": fn.get("description", ""),
+        "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if tool.get("cache_control") is not None:  # a breakpoint after the tools up to here
+        out["cache_control"] = tool["cache_control"]
     return out
 
 
@@ -275,7 +328,7 @@ class AnthropicAdapter(HTTPAdapter):
             or body.get("max_tokens")
             or min(dep.max_output_tokens or DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP),
         }
-        system = system_text(messages)
+        system = _system(messages)
         if system:
             payload["system"] = system
         if body.get("temperature") is not None:
@@ -292,15 +345,7 @@ class AnthropicAdapter(HTTPAdapter):
             payload["metadata"] = {"user_id": body["user"]}
         tools = body.get("tools")
         if tools:
-            payload["tools"] = [
-                {
-                    "name": t["function"]["name"],
-                    "description": t["function"].get("description", ""),
-                    "input_schema": t["function"].get("parameters")
-                    or {"type": "object", "properties": {}},
-                }
-                for t in tools
-            ]
+            payload["tools"] = [_tool(t) for t in tools]
         choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if choice is not None and tools:
             payload["tool_choice"] = choice

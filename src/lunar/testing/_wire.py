@@ -81,6 +81,12 @@ class Wire:
     def job(self, incoming: Incoming, reply: Reply, number: int) -> Job:
         raise NotImplementedError
 
+    def prompt_cache(self, job: Job, incoming: Incoming, cache: set[str]) -> Job:
+        """``job`` with the prompt-cache usage the request's breakpoints give, ``cache``
+        holding the prefixes written so far (the server's, under its lock). Only the
+        Anthropic wire has breakpoints (``cache_control``)."""
+        return job
+
     def response_id(self, number: int, job: Job) -> str:
         raise NotImplementedError
 
