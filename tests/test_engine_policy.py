@@ -222,7 +222,7 @@ def test_validation_errors_name_the_argument():
         ([{"role": "user", "content": "x"}], {"temperature": 3}, "temperature"),
         ([{"role": "user", "content": "x"}], {"n": 0}, "n"),
         ([{"role": "user", "content": "x"}], {"top_p": -1}, "top_p"),
-        ([{"role": "user", "content": "x"}], {"stop": ["a"] * 5}, "stop"),
+        ([{"role": "user", "content": "x"}], {"stop": ["a", 5]}, "stop"),
     ]
     for messages, params, param in cases:
         with pytest.raises(BadRequestError) as info:
@@ -256,7 +256,6 @@ BAD_PARAMS = [
     ("max_tokens", 0),
     ("max_completion_tokens", "5"),
     ("seed", False),
-    ("stop", ["a", "b"] * 3),
     ("stop", [1]),
     ("tools", {"name": "f"}),
     ("tools", [{"type": "function"}]),

@@ -148,7 +148,7 @@ def test_request_translates_system_blocks_tools_and_options():
     assert body["max_tokens"] == 300
     assert body["stop"] == ["END"]
     assert (body["temperature"], body["top_p"], body["user"]) == (0.5, 0.9, "u-1")
-    assert "top_k" not in body
+    assert body["top_k"] == 5
 
 
 @pytest.mark.parametrize(

@@ -31,6 +31,16 @@ class ProviderSpec:
     api_key_env: str | None = None
     api_key_env_alt: tuple[str, ...] = ()
     key_required: bool = True
+    #: The most stop sequences the provider takes (OpenAI's 4, Gemini's 5); None: no limit
+    #: Lunar knows of. A request with more is refused before it is sent there (a fallback
+    #: there is skipped): ``Router.refusals``.
+    max_stop_sequences: int | None = None
+    #: Fields of Lunar's request this provider refuses, left out of what is sent to it
+    #: (``top_k``, which OpenAI's own API does not take): OpenAI-wire providers only.
+    drop_params: frozenset[str] = frozenset()
+    #: Whether this OpenAI-wire provider takes Anthropic's ``cache_control`` on content parts,
+    #: messages and tools (OpenRouter, which passes it on to Claude): the others do not get it.
+    cache_control: bool = False
 
     @property
     def base_url_env(self) -> str:
@@ -271,6 +281,18 @@ class Catalog:
     def __init__(self, data: Mapping[str, Any]) -> None:
         self.providers: dict[str, ProviderSpec] = {}
         for name, p in data.get("providers", {}).items():
+            limit = p.get("max_stop_sequences")
+            if limit is not None and (type(limit) is not int or limit < 1):
+                raise ValueError(
+                    f"Catalogue provider '{name}': 'max_stop_sequences' must be a whole number "
+                    f"above 0, got {limit!r}"
+                )
+            dropped = p.get("drop_params", [])
+            if not isinstance(dropped, list) or not all(isinstance(f, str) for f in dropped):
+                raise ValueError(
+                    f"Catalogue provider '{name}': 'drop_params' must be a list of field "
+                    f"names, got {dropped!r}"
+                )
             self.providers[name] = ProviderSpec(
                 name=name,
                 protocol=p.get("protocol", "openai"),
@@ -278,6 +300,9 @@ class Catalog:
                 api_key_env=p.get("api_key_env"),
                 api_key_env_alt=tuple(p.get("api_key_env_alt", ())),
                 key_required=p.get("key_required", True),
+                max_stop_sequences=limit,
+                drop_params=frozenset(dropped),
+                cache_control=p.get("cache_control") is True,
             )
         self.models: dict[str, list[Deployment]] = {}
         self._by_provider_id: dict[tuple[str, str], Deployment] = {}

@@ -183,6 +183,9 @@ class Router:
         logprobs, no tool messages, ...) refuse in this one, found before anything runs."""
         out: dict[Deployment, LunarError] = {}
         hooks = self._refusal_hooks
+        stops = body.get("stop")
+        # Several stop sequences: more than some providers take (``max_stop_sequences``).
+        many = len(stops) if type(stops) is list and len(stops) > 1 else 0
         for dep in deployments:
             try:
                 refusal = hooks[dep.provider]
@@ -193,7 +196,10 @@ class Router:
                 except ImportError:  # a protocol Lunar lacks: its target() says so, if tried
                     adapter = None
                 refusal = hooks[dep.provider] = getattr(adapter, "refusal", None)
-            if refusal is not None and (err := refusal(body)) is not None:
+            err = refusal(body) if refusal is not None else None
+            if err is None and many:
+                err = too_many_stops(dep, self.catalog.providers.get(dep.provider), many)
+            if err is not None:
                 # Without the traceback of its making: frames up to this one, and ``out``.
                 out[dep] = err.with_traceback(None)
         return out
@@ -296,6 +302,28 @@ def capability_error(model: str, missing: frozenset[str]) -> BadRequestError:
     )
 
 
+#: The code of ``too_many_stops``'s error (OpenAI's, for the same refusal).
+TOO_MANY_STOPS = "array_above_max_length"
+
+
+def too_many_stops(
+    dep: Deployment, spec: ProviderSpec | None, count: int
+) -> BadRequestError | None:
+    """The error of ``count`` stop sequences sent to a provider that takes fewer (OpenAI 4,
+    Gemini 5; Anthropic has no such small limit), else None."""
+    limit = spec.max_stop_sequences if spec is not None else None
+    if limit is None or count <= limit:
+        return None
+    return BadRequestError(
+        f"'stop' has {count} stop sequences, and provider '{dep.provider}' (model "
+        f"'{dep.model}') takes at most {limit}: send at most {limit}, or choose a model "
+        "whose provider takes more (param: stop)",
+        param="stop",
+        code=TOO_MANY_STOPS,
+        provider=dep.provider,
+    )
+
+
 def choices_asked(body: Mapping[str, Any]) -> int:
     """How many choices the request asks for (``n``, 1 when not given)."""
     n = body.get("n")
@@ -322,8 +350,12 @@ def wants_json(body: Mapping[str, Any]) -> bool:
 
 def body_for(body: Mapping[str, Any], target: Target) -> tuple[Mapping[str, Any], bool]:
     """The body to send to ``target``, and whether its output must be checked as JSON:
-    for a model without native JSON mode, the response format becomes an instruction."""
+    for a model without native JSON mode, the response format becomes an instruction; an
+    output budget beyond the model's maximum output is asked as that maximum."""
     dep = target.deployment
+    limit = dep.max_output_tokens
+    if limit is not None:
+        body = within_output(body, limit)
     if not (wants_json(body) and dep.catalogued and "json" not in dep.capabilities):
         return body, False
     fmt = body["response_format"]
@@ -334,6 +366,22 @@ def body_for(body: Mapping[str, Any], target: Target) -> tuple[Mapping[str, Any]
     new = {k: v for k, v in body.items() if k != "response_format"}
     new["messages"] = [{"role": "system", "content": instruction}, *body["messages"]]
     return new, True
+
+
+def within_output(body: Mapping[str, Any], limit: int) -> Mapping[str, Any]:
+    """``body`` with ``max_tokens`` and ``max_completion_tokens`` at most ``limit`` (the
+    model's maximum output, from the catalogue): a budget beyond it is refused upstream (a
+    400 that stopped the chain at a fallback with a smaller maximum), and the answer cannot
+    be longer anyway. The same body when within it."""
+    tokens, completion = body.get("max_tokens"), body.get("max_completion_tokens")
+    if (tokens is None or tokens <= limit) and (completion is None or completion <= limit):
+        return body
+    capped = dict(body)
+    if tokens is not None and tokens > limit:
+        capped["max_tokens"] = limit
+    if completion is not None and completion > limit:
+        capped["max_completion_tokens"] = limit
+    return capped
 
 
 def check_json(text: str, target: Target) -> None:

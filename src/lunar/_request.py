@@ -70,6 +70,13 @@ CHAT_PARAMS = (
     "thinking",
 )
 
+#: Fields beyond OpenAI's that Lunar translates for each provider (sent in ``extra_body``, or
+#: by ``/v1/messages``): ``top_k`` is Anthropic's ``top_k``, Gemini's
+#: ``generationConfig.topK``, and the ``top_k`` of the OpenAI-compatible servers that take
+#: it (vLLM, Together, Fireworks, OpenRouter, Ollama); a provider that refuses it (OpenAI's
+#: own API) does not get it (the catalogue's ``drop_params``).
+TRANSLATED_FIELDS = ("top_k",)
+
 
 class ChatParams(TypedDict, total=False):
     """The keyword arguments of ``chat.completions.create`` besides model/messages/stream."""
@@ -395,8 +402,12 @@ def _stop(stop: Any, name: str) -> None:
         return
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise bad("'stop' must be a string or a list of strings", "stop")
-    if len(stop) > 4:
-        raise bad(f"'stop' takes at most 4 sequences, got {len(stop)}", "stop")
+    # How many: each provider's own limit, where the model is known (``too_many_stops``).
+
+
+def _integer(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise bad(f"'{name}' must be an integer, got {value!r}", name)
 
 
 def _seed(seed: Any, name: str) -> None:
@@ -564,6 +575,7 @@ _PARAM_CHECKS: dict[str, Callable[[Any, str], None]] = {
     "max_tokens": _positive_int,
     "max_completion_tokens": _positive_int,
     "seed": _seed,
+    "top_k": _integer,  # (vLLM takes -1 for "no limit": the range is the provider's)
     "stop": _stop,
     "tools": _tools,
     "tool_choice": _tool_choice,

@@ -17,7 +17,7 @@ from .._errors import (
     error_class_for,
     error_from_response,
 )
-from .._request import CHAT_PARAMS
+from .._request import CHAT_PARAMS, TRANSLATED_FIELDS
 from .._sse import SSEDecoder
 from .._types import ChatCompletionChunk, ChoiceDelta, ChunkChoice, Usage, compact_json
 from ._base import Target
@@ -143,9 +143,10 @@ def tool_arguments_object(arguments: Any) -> dict[str, Any]:
     return value if isinstance(value, dict) else {"value": value}
 
 
-#: The fields of an OpenAI Chat Completions request: what adapters of other wires translate
-#: (or leave out, when the wire has no such thing).
-OPENAI_FIELDS = frozenset({"model", "messages", "stream", *CHAT_PARAMS})
+#: The fields of an OpenAI Chat Completions request, and Lunar's own few beyond them
+#: (``top_k``): what adapters of other wires translate (or leave out, when the wire has no
+#: such thing).
+OPENAI_FIELDS = frozenset({"model", "messages", "stream", *CHAT_PARAMS, *TRANSLATED_FIELDS})
 
 
 def merge_extra(payload: dict[str, Any], body: Mapping[str, Any]) -> None:

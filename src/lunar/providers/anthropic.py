@@ -41,7 +41,12 @@ from ._shared import (
 )
 
 API_VERSION = "2023-06-01"
+#: ``max_tokens`` (which Anthropic requires) when the request gives none: the model's
+#: maximum output up to ``DEFAULT_MAX_TOKENS_CAP`` (a larger reservation counts against the
+#: account's output rate limit), or ``DEFAULT_MAX_TOKENS`` for a model the catalogue does
+#: not know.
 DEFAULT_MAX_TOKENS = 4096
+DEFAULT_MAX_TOKENS_CAP = 8192
 #: The least ``thinking.budget_tokens`` Anthropic takes.
 MIN_THINKING_BUDGET = 1024
 
@@ -83,7 +88,45 @@ def _content_blocks(content: Any) -> list[dict[str, Any]]:
                 "or choose a model that takes audio",
                 param="messages.content.input_audio",
             )
+        else:
+            continue
+        control = part.get("cache_control")
+        if control is not None and blocks:  # a prompt-cache breakpoint (LiteLLM's form too)
+            blocks[-1]["cache_control"] = control
     return blocks
+
+
+def _cache_control(msg: Mapping[str, Any]) -> Any:
+    """A breakpoint on a whole message (LiteLLM's ``{"role", "content", "cache_control"}``),
+    or on its last content part: where the message's last block gets it."""
+    control = msg.get("cache_control")
+    if control is None:
+        content = msg.get("content")
+        if type(content) is list and content and isinstance(content[-1], Mapping):
+            control = content[-1].get("cache_control")
+    return control
+
+
+def _system(messages: list[Mapping[str, Any]]) -> str | list[dict[str, Any]]:
+    """The system prompt: one string, or text blocks when it holds prompt-cache
+    breakpoints (each system message's parts, each with its own ``cache_control``)."""
+    turns = [m for m in messages if m.get("role") in ("system", "developer")]
+    if not any(_cache_control(m) is not None or _any_part_cached(m) for m in turns):
+        return system_text(messages)
+    blocks: list[dict[str, Any]] = []
+    for msg in turns:
+        made = _content_blocks(msg.get("content"))
+        if made and msg.get("cache_control") is not None:
+            made[-1]["cache_control"] = msg["cache_control"]
+        blocks.extend(b for b in made if b["type"] == "text")
+    return blocks
+
+
+def _any_part_cached(msg: Mapping[str, Any]) -> bool:
+    content = msg.get("content")
+    return type(content) is list and any(
+        isinstance(p, Mapping) and "cache_control" in p for p in content
+    )
 
 
 def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -97,15 +140,18 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
             continue
         if role in ("tool", "function"):
             role = "user"
-            blocks = [
-                {
-                    "type": "tool_result",
-                    "tool_use_id": msg.get("tool_call_id", ""),
-                    "content": text_of(msg.get("content")),
-                }
-            ]
+            block: dict[str, Any] = {
+                "type": "tool_result",
+                "tool_use_id": msg.get("tool_call_id", ""),
+                "content": text_of(msg.get("content")),
+            }
+            if (control := _cache_control(msg)) is not None:
+                block["cache_control"] = control
+            blocks = [block]
         else:
             blocks = _content_blocks(msg.get("content"))
+            if blocks and (control := msg.get("cache_control")) is not None:
+                blocks[-1]["cache_control"] = control
             thought = msg.get("thinking_blocks") if role == "assistant" else None
             if thought:
                 # Claude's signed thinking, first in its turn as it gave it: a tool-use
@@ -181,6 +227,18 @@ def _thinking(body: Mapping[str, Any], given: Any, default: int) -> tuple[Any, i
             )
         budget = given // 2
     return {"type": "enabled", "budget_tokens": budget}, limit
+
+
+def _tool(tool: Mapping[str, Any]) -> dict[str, Any]:
+    fn = tool["function"]
+    out = {
+        "name": fn["name"],
+        "description": fn.get("description", ""),
+        "input_schema": fn.get("parameters") or {"type": "object", "properties": {}},
+    }
+    if tool.get("cache_control") is not None:  # a breakpoint after the tools up to here
+        out["cache_control"] = tool["cache_control"]
+    return out
 
 
 def _stop_sequence(reason: Any, holder: Mapping[str, Any]) -> str | None:
@@ -340,7 +398,7 @@ class AnthropicAdapter(HTTPAdapter):
         thinking, max_tokens = _thinking(
             body,
             body.get("max_completion_tokens") or body.get("max_tokens"),
-            dep.max_output_tokens or DEFAULT_MAX_TOKENS,
+            min(dep.max_output_tokens or DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP),
         )
         payload: dict[str, Any] = {
             "model": dep.provider_model,
@@ -349,7 +407,7 @@ class AnthropicAdapter(HTTPAdapter):
         }
         if thinking is not None:
             payload["thinking"] = thinking
-        system = system_text(messages)
+        system = _system(messages)
         if system:
             payload["system"] = system
         if body.get("temperature") is not None:
@@ -357,6 +415,8 @@ class AnthropicAdapter(HTTPAdapter):
             payload["temperature"] = min(float(body["temperature"]), 1.0)
         if body.get("top_p") is not None:
             payload["top_p"] = body["top_p"]
+        if body.get("top_k") is not None:
+            payload["top_k"] = body["top_k"]
         stop = body.get("stop")
         if stop:
             payload["stop_sequences"] = [stop] if isinstance(stop, str) else stop
@@ -364,15 +424,7 @@ class AnthropicAdapter(HTTPAdapter):
             payload["metadata"] = {"user_id": body["user"]}
         tools = body.get("tools")
         if tools:
-            payload["tools"] = [
-                {
-                    "name": t["function"]["name"],
-                    "description": t["function"].get("description", ""),
-                    "input_schema": t["function"].get("parameters")
-                    or {"type": "object", "properties": {}},
-                }
-                for t in tools
-            ]
+            payload["tools"] = [_tool(t) for t in tools]
         choice = _tool_choice(body.get("tool_choice"), body.get("parallel_tool_calls"))
         if choice is not None and tools:
             payload["tool_choice"] = choice

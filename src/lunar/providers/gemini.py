@@ -324,6 +324,7 @@ class GeminiAdapter(HTTPAdapter):
         for src, dst in (
             ("temperature", "temperature"),
             ("top_p", "topP"),
+            ("top_k", "topK"),
             ("n", "candidateCount"),
             ("seed", "seed"),
             ("presence_penalty", "presencePenalty"),

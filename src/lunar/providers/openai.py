@@ -321,9 +321,16 @@ class OpenAIAdapter(HTTPAdapter):
     def build_request(self, body: Mapping[str, Any], target: Target, stream: bool) -> HTTPRequest:
         payload = dict(body)
         payload["model"] = target.deployment.provider_model
-        if target.spec.name != REMOTE:
-            payload["messages"] = without_extra_content(body["messages"])
-            if target.spec.name == OPENAI and "thinking" in payload:
+        for name in target.spec.drop_params:  # what this provider refuses (OpenAI: top_k)
+            payload.pop(name, None)
+        spec = target.spec
+        if spec.name != REMOTE:
+            keep = spec.cache_control
+            payload["messages"] = without_extra_content(body["messages"], keep)
+            tools = payload.get("tools")
+            if tools and not keep and any("cache_control" in t for t in tools):
+                payload["tools"] = [_uncached(t) for t in tools]
+            if spec.name == OPENAI and "thinking" in payload:
                 _effort_for_openai(payload)
         if stream:
             payload["stream"] = True
@@ -394,16 +401,41 @@ def _effort_for_openai(payload: dict[str, Any]) -> None:
 _REASONING_KEYS = ("reasoning_content", "thinking_blocks")
 
 
-def without_extra_content(messages: list[Any]) -> list[Any]:
+def _uncached(obj: Any) -> Any:
+    """``obj`` (a message, part or tool) without its ``cache_control``."""
+    if isinstance(obj, Mapping) and "cache_control" in obj:
+        return {k: v for k, v in obj.items() if k != "cache_control"}
+    return obj
+
+
+def _cached(msg: Mapping[str, Any]) -> bool:
+    """Whether a message holds Anthropic's ``cache_control``, on itself or on a part."""
+    if "cache_control" in msg:
+        return True
+    content = msg.get("content")
+    return type(content) is list and any(
+        isinstance(p, Mapping) and "cache_control" in p for p in content
+    )
+
+
+def without_extra_content(messages: list[Any], keep_cache: bool = True) -> list[Any]:
     """``messages`` without the ``extra_content`` of assistant tool calls, nor the
     ``reasoning_content`` and ``thinking_blocks`` of an answer sent back: Gemini's thought
     signatures (``ToolCall.extra_content``) and Anthropic's signed thinking mean nothing to
     another provider, and OpenAI and other strict servers refuse a field they do not know
     (DeepSeek refuses its own ``reasoning_content`` in a request). Only a Lunar gateway takes
-    them, for the model behind it. The caller's list and dicts stay as they were; without any
-    such field, the same list."""
+    them, for the model behind it. Unless ``keep_cache``, without Anthropic's
+    ``cache_control`` (prompt-cache breakpoints) either, on messages and content parts. The
+    caller's list and dicts stay as they were; without any such field, the same list."""
     out: list[Any] | None = None
     for i, msg in enumerate(messages):
+        if not keep_cache and _cached(msg):
+            if out is None:
+                out = list(messages)
+            bare = {k: v for k, v in msg.items() if k != "cache_control"}  # (a copy)
+            if type(bare.get("content")) is list:
+                bare["content"] = [_uncached(p) for p in bare["content"]]
+            msg = out[i] = bare
         calls = msg.get("tool_calls")
         signed = type(calls) is list and any(
             isinstance(c, Mapping) and "extra_content" in c for c in calls

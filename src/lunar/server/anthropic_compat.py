@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from .._engine import TOO_MANY_STOPS
 from .._errors import APIError, BadRequestError, LunarError
 from .._json import dumps
 from .._request import bad
@@ -250,6 +251,23 @@ def _thought(block: Mapping[str, Any], where: str) -> dict[str, Any] | None:
     return {"type": "thinking", "thinking": text, "signature": signature}
 
 
+def _cached(part: dict[str, Any], block: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """``part`` with ``block``'s ``cache_control`` (a prompt-cache breakpoint), when it has
+    one: it travels in Lunar's request (as LiteLLM carries it in OpenAI-shaped parts) to
+    Anthropic's models, and is left out for the others."""
+    control = block.get("cache_control")
+    if control is not None:
+        if not isinstance(control, Mapping):
+            param = f"{where}.cache_control"
+            raise bad(f"'{param}' must be an object such as {{'type': 'ephemeral'}}", param)
+        part["cache_control"] = control
+    return part
+
+
+def _any_cached(blocks: list[Any]) -> bool:
+    return any(isinstance(b, Mapping) and "cache_control" in b for b in blocks)
+
+
 def _messages(raw: Any) -> list[dict[str, Any]]:
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list of {'role', 'content'} objects", "messages")
@@ -288,9 +306,9 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 text = block.get("text")
                 if not isinstance(text, str):
                     raise bad(f"'{bw}.text' must be a string", f"{bw}.text")
-                parts.append({"type": "text", "text": text})
+                parts.append(_cached({"type": "text", "text": text}, block, bw))
             elif role == "user" and (media := _media_part(block, bw)) is not None:
-                parts.append(media)
+                parts.append(_cached(media, block, bw))
             elif kind == "tool_use" and role == "assistant":
                 tid, name = block.get("id"), block.get("name")
                 if not isinstance(tid, str) or not isinstance(name, str) or not name:
@@ -311,13 +329,10 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
                 if not isinstance(tid, str):
                     raise bad(f"'{bw}.tool_use_id' must be a string", f"{bw}.tool_use_id")
                 tid = unsigned_tool_id(tid, f"{bw}.tool_use_id")[0]
-                tool_results.append(
-                    {
-                        "role": "tool",
-                        "tool_call_id": tid,
-                        "content": _tool_result_text(block, bw, result_media),
-                    }
-                )
+                result: Any = _tool_result_text(block, bw, result_media)
+                if "cache_control" in block:  # a breakpoint: on the result's one text part
+                    result = [_cached({"type": "text", "text": result}, block, bw)]
+                tool_results.append({"role": "tool", "tool_call_id": tid, "content": result})
             elif kind in ("thinking", "redacted_thinking"):
                 if role == "assistant":
                     thought = _thought(block, bw)
@@ -335,6 +350,8 @@ def _messages(raw: Any) -> list[dict[str, Any]]:
         if role == "assistant":
             text = "".join(p["text"] for p in parts if p["type"] == "text")
             turn: dict[str, Any] = {"role": "assistant", "content": text or None}
+            if _any_cached(parts):  # breakpoints: the text parts as they are, with theirs
+                turn["content"] = parts
             if tool_calls:
                 turn["tool_calls"] = tool_calls
             elif not text:
@@ -371,7 +388,7 @@ def _tools(raw: Any) -> list[dict[str, Any]]:
         description = tool.get("description")
         if isinstance(description, str):
             fn["description"] = description
-        out.append({"type": "function", "function": fn})
+        out.append(_cached({"type": "function", "function": fn}, tool, where))
     return out
 
 
@@ -433,7 +450,7 @@ _LUNAR = ("model", "stream", "fallbacks", "provider")
 
 def _check_fields(raw: Mapping[str, Any]) -> None:
     """Refuse, naming it, a field this route would otherwise drop although the answer
-    depends on it. Anthropic's other fields (``top_k``, ``cache_control``,
+    depends on it. Anthropic's other fields (a top-level ``cache_control``,
     ``context_management``, ``service_tier`` and newer ones) tune how or where an answer is
     made, not what it is: accepted, and left out, since the model answering may not be
     Anthropic's (clients such as Claude Code send some of them on every request).
@@ -476,16 +493,24 @@ def to_chat_body(raw: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     system = raw.get("system")
     if system is not None:
         text = _text_blocks(system, "system")
-        if text:
+        if isinstance(system, list) and _any_cached(system):
+            # Prompt-cache breakpoints: the blocks as text parts, each with its own.
+            parts = [
+                _cached({"type": "text", "text": b["text"]}, b, f"system[{i}]")
+                for i, b in enumerate(system)
+            ]
+            messages.insert(0, {"role": "system", "content": parts})
+        elif text:
             messages.insert(0, {"role": "system", "content": text})
     body["messages"] = messages
     body["max_tokens"] = _int(raw.get("max_tokens"), "max_tokens", required=True)
+    if raw.get("top_k") is not None:  # (checked by _check_fields)
+        body["top_k"] = raw["top_k"]
     stops = raw.get("stop_sequences")
     if stops is not None:
         if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
             raise bad("'stop_sequences' must be a list of strings", "stop_sequences")
-        if len(stops) > 4:
-            raise bad("'stop_sequences' takes at most 4 sequences here", "stop_sequences")
+        # How many: the limit of the provider of each model tried (none for Anthropic's).
         if stops:
             body["stop"] = stops
     for name in ("temperature", "top_p"):
@@ -810,4 +835,8 @@ def error_type(err: LunarError) -> str:
 def error_body(err: LunarError) -> dict[str, Any]:
     """``{"type": "error", "error": {"type", "message"}}``."""
     message = err.message if isinstance(err, APIError) else str(err)
+    if getattr(err, "code", None) == TOO_MANY_STOPS:  # the engine's: named as here
+        param, name = "stop", "stop_sequences"
+        message = message.replace(f"'{param}'", f"'{name}'")
+        message = message.replace(f"(param: {param})", f"(param: {name})")
     return {"type": "error", "error": {"type": error_type(err), "message": message}}

@@ -97,7 +97,7 @@ _SAMPLING = {
         "nullable": True,
         "oneOf": [
             {"type": "string"},
-            {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+            {"type": "array", "items": {"type": "string"}},
         ],
     },
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "nullable": True},
@@ -221,10 +221,15 @@ _MESSAGES_REQUEST = {
                 },
             ]
         },
-        "stop_sequences": {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+        "stop_sequences": {"type": "array", "items": {"type": "string"}},
         "temperature": {"type": "number", "minimum": 0, "maximum": 1},
         "top_p": {"type": "number", "minimum": 0, "maximum": 1},
-        "top_k": {"type": "integer", "minimum": 0, "description": "accepted, ignored"},
+        "top_k": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "sent to Anthropic and Gemini models and OpenAI-compatible servers "
+            "that take it; left out for OpenAI's own API, which has none",
+        },
         "thinking": {
             "type": "object",
             "required": ["type"],

@@ -4,13 +4,18 @@ Requests are validated as Anthropic does, with its error messages, so an adapter
 what the real API would refuse is refused here too: ``anthropic-version`` header, required
 ``max_tokens``, no unknown top-level fields, roles ``user``/``assistant`` only, non-empty
 content and text blocks, known block types, ``temperature`` and ``top_p`` in [0, 1], and
-every ``tool_result`` answering a ``tool_use`` of the previous (assistant) message.
+every ``tool_result`` answering a ``tool_use`` of the previous (assistant) message, and at
+most 4 ``cache_control`` breakpoints. Prompt caching is emulated: a breakpoint's prefix is
+written once and read by the requests after it (``cache_read_input_tokens``,
+``cache_creation_input_tokens``), unless a ``Reply`` scripts the cache usage itself.
 """
 
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
+import json
 from typing import Any
 
 from ._render import (
@@ -26,7 +31,7 @@ from ._render import (
     words,
 )
 from ._reply import Reply, default_error_message
-from ._wire import Incoming, Rejection, Wire
+from ._wire import Incoming, Rejection, Wire, too_many_tokens
 
 FIELDS = frozenset(
     {
@@ -145,6 +150,90 @@ def prompt_tokens(request: dict[str, Any]) -> int:
     for message in request.get("messages") or ():
         total += _text_words(message.get("content")) + MESSAGE_OVERHEAD
     return total
+
+
+#: The most ``cache_control`` breakpoints a request may hold.
+MAX_BREAKPOINTS = 4
+
+
+def _bare(blocks: Any) -> Any:
+    """Blocks without their ``cache_control``: the prefix a cache entry is written for."""
+    if not isinstance(blocks, list):
+        return blocks
+    return [
+        {k: v for k, v in b.items() if k != "cache_control"} if isinstance(b, dict) else b
+        for b in blocks
+    ]
+
+
+def _control(block: Any) -> Any:
+    return block.get("cache_control") if isinstance(block, dict) else None
+
+
+def breakpoints(request: dict[str, Any]) -> list[tuple[str, int, bool]]:
+    """``(prefix, its prompt tokens, 1-hour)`` of each ``cache_control`` breakpoint, in the
+    order Anthropic reads a prompt (tools, system, messages). The prefix is everything up to
+    the block, without the breakpoints themselves, and with the model: what a cache entry is
+    written for and found by. Tools count no tokens here (as in ``prompt_tokens``)."""
+    out: list[tuple[str, int, bool]] = []
+    model = request.get("model")
+    given = request.get("tools")
+    tools: list[Any] = given if isinstance(given, list) else []
+    system = request.get("system")
+    blocks = system if isinstance(system, list) else []
+
+    def mark(control: Any, prefix: list[Any], tokens: int) -> None:
+        if isinstance(control, dict):
+            key = json.dumps([model, *prefix], sort_keys=True, default=str)
+            out.append((key, tokens, control.get("ttl") == "1h"))
+
+    for i, tool in enumerate(tools):
+        mark(_control(tool), [_bare(tools[: i + 1])], 0)
+    for i, block in enumerate(blocks):
+        mark(_control(block), [_bare(tools), _bare(blocks[: i + 1])], words_of(blocks[: i + 1]))
+    base = _text_words(system) + MESSAGE_OVERHEAD if system else 0
+    before: list[Any] = []
+    for message in request.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            for j, block in enumerate(content):
+                prefix = [
+                    *before,
+                    {"role": message.get("role"), "content": _bare(content[: j + 1])},
+                ]
+                tokens = base + _text_words(content[: j + 1]) + MESSAGE_OVERHEAD
+                mark(_control(block), [_bare(tools), _bare(system), prefix], tokens)
+        before.append({"role": message.get("role"), "content": _bare(content)})
+        base += _text_words(content) + MESSAGE_OVERHEAD
+    return out
+
+
+def words_of(blocks: list[Any]) -> int:
+    """The prompt tokens of system blocks (as ``prompt_tokens`` counts the system)."""
+    return _text_words(blocks) + MESSAGE_OVERHEAD
+
+
+def _check_breakpoints(request: dict[str, Any]) -> str | None:
+    found = 0
+    system = request.get("system")
+    groups = [request.get("tools"), system if isinstance(system, list) else None]
+    groups += [m.get("content") for m in request.get("messages") or () if isinstance(m, dict)]
+    for group in groups:
+        for block in group if isinstance(group, list) else ():
+            control = _control(block)
+            if control is None:
+                continue
+            if not isinstance(control, dict) or control.get("type") != "ephemeral":
+                return "cache_control.type: Input should be 'ephemeral'"
+            if control.get("ttl", "5m") not in ("5m", "1h"):
+                return "cache_control.ttl: Input should be '5m' or '1h'"
+            found += 1
+    if found > MAX_BREAKPOINTS:
+        return (
+            f"A maximum of {MAX_BREAKPOINTS} blocks with cache_control may be provided. "
+            f"Found {found}."
+        )
+    return None
 
 
 def _tool_use_ids(message: Any) -> list[str]:
@@ -391,7 +480,7 @@ def validate(request: dict[str, Any]) -> str | None:
             )
         if choice["type"] == "tool" and not isinstance(choice.get("name"), str):
             return "tool_choice.tool.name: Field required"
-    return None
+    return _check_breakpoints(request)
 
 
 def tool_offer(request: dict[str, Any]) -> ToolOffer:
@@ -454,7 +543,13 @@ class AnthropicWire(Wire):
         error = validate(request)
         if error is not None:
             return invalid(error)
-        return Incoming(request["model"], request.get("stream") is True, request)
+        model, asked = request["model"], request["max_tokens"]
+        if (limit := too_many_tokens(model, asked)) is not None:
+            return invalid(
+                f"max_tokens: {asked} > {limit}, which is the maximum allowed number of output "
+                f"tokens for {model}"
+            )
+        return Incoming(model, request.get("stream") is True, request)
 
     def count_tokens(self, request: Any, headers: dict[str, str]) -> int | Rejection:
         """``/v1/messages/count_tokens``: the request of a message, without ``max_tokens``."""
@@ -485,6 +580,27 @@ class AnthropicWire(Wire):
             stops = request.get("stop_sequences")
             job.stop_sequence = stops[0] if stops else None
         return job
+
+    def prompt_cache(self, job: Job, incoming: Incoming, cache: set[str]) -> Job:
+        """Prompt caching as Anthropic does it, when the reply scripts no cache usage: the
+        longest prefix up to a breakpoint written before is read from the cache, the rest up
+        to the last breakpoint is written (any length here; Anthropic caches 1024 tokens and
+        more), and every breakpoint's prefix is in the cache from then on."""
+        if job.cached_tokens or job.cache_write_tokens:
+            return job
+        marks = breakpoints(incoming.request)
+        if not marks:
+            return job
+        read = max((tokens for key, tokens, _ in marks if key in cache), default=0)
+        last_key, last_tokens, hour = marks[-1]
+        written = 0 if last_key in cache else max(last_tokens - read, 0)
+        cache.update(key for key, _, _ in marks)
+        return dataclasses.replace(
+            job,
+            cached_tokens=read,
+            cache_write_tokens=written,
+            cache_write_1h_tokens=written if hour else 0,
+        )
 
     def response_id(self, number: int, job: Job) -> str:
         return f"msg_mock_{number}"

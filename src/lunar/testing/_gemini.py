@@ -38,7 +38,7 @@ from ._render import (
     words,
 )
 from ._reply import Reply, default_error_message, gemini_model
-from ._wire import Incoming, Rejection, Wire
+from ._wire import Incoming, Rejection, Wire, too_many_tokens
 
 FIELDS = frozenset(
     {
@@ -53,6 +53,8 @@ FIELDS = frozenset(
         "labels",
     }
 )
+#: The most ``stopSequences`` Gemini takes.
+MAX_STOP_SEQUENCES = 5
 CONFIG_FIELDS = frozenset(
     {
         "temperature",
@@ -414,6 +416,12 @@ def _check_config(config: Any) -> str | None:
     limit = get(config, "maxOutputTokens")
     if limit is not None and not (isinstance(limit, int) and not isinstance(limit, bool)):
         return "Invalid value at 'generation_config.max_output_tokens' (TYPE_INT32)"
+    stops = get(config, "stopSequences")
+    if isinstance(stops, list) and len(stops) > MAX_STOP_SEQUENCES:
+        return (
+            "* GenerateContentRequest.generation_config.stop_sequences: stop_sequences must "
+            f"have at most {MAX_STOP_SEQUENCES} items\n"
+        )
     mime = get(config, "responseMimeType")
     if mime is not None and mime not in MIME_TYPES:
         return (
@@ -578,6 +586,13 @@ class GeminiWire(Wire):
             return invalid(error)
         model, _, action = path.rpartition("/")[2].partition(":")
         model = gemini_model(path) or model
+        asked = get(get(request, "generationConfig") or {}, "maxOutputTokens")
+        if (limit := too_many_tokens(model, asked)) is not None:
+            return invalid(
+                f"Unable to submit request because it has a maxOutputTokens value of {asked} "
+                f"but the supported range is from 1 (inclusive) to {limit + 1} (exclusive). "
+                "Update the value and try again."
+            )
         if model.startswith(CHECKING_MODELS):
             error = check_signatures(get(request, "contents"))
             if error is not None:

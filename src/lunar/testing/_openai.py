@@ -27,7 +27,7 @@ from ._reply import (
     default_error_message,
     error_type_for_status,
 )
-from ._wire import Incoming, Rejection, Wire
+from ._wire import Incoming, Rejection, Wire, too_many_tokens
 
 FINGERPRINT = "fp_lunar_mock"
 
@@ -41,6 +41,34 @@ def error_body(status: int, message: str | None = None, **extra: Any) -> bytes:
         "code": extra.pop("code", None),
     }
     return json.dumps({"error": error}).encode()
+
+
+#: The model ids of OpenAI's own API, whose limits the emulator keeps (as OpenAI-compatible
+#: servers, vLLM, Together, …, it takes what they take: more stop sequences, ``top_k``).
+OPENAI_MODELS = ("gpt-", "o1", "o3", "o4", "chatgpt-")
+
+
+def _openai_refusal(request: dict[str, Any]) -> Rejection | None:
+    """What OpenAI's API refuses that other OpenAI-compatible servers take: more than 4
+    stop sequences, ``top_k`` (not one of its parameters), more output than the model gives."""
+    stop = request.get("stop")
+    if isinstance(stop, list) and len(stop) > 4:
+        message = (
+            "Invalid 'stop': array too long. Expected an array with maximum length 4, but got "
+            f"an array with length {len(stop)} instead."
+        )
+        return Rejection(400, error_body(400, message, param="stop", code="array_above_max_length"))
+    if "top_k" in request:
+        return Rejection(400, error_body(400, "Unrecognized request argument supplied: top_k"))
+    for name in ("max_completion_tokens", "max_tokens"):
+        asked = request.get(name)
+        if (limit := too_many_tokens(str(request["model"]), asked)) is not None:
+            message = (
+                f"{name} is too large: {asked}. This model supports at most {limit} completion "
+                f"tokens, whereas you provided {asked}."
+            )
+            return Rejection(400, error_body(400, message, param=name, code="invalid_value"))
+    return None
 
 
 def error_payload(message: str, type_: str, code: str | None = None) -> str:
@@ -156,6 +184,10 @@ class OpenAIWire(Wire):
                     400, "Invalid type for 'messages': expected an array.", param="messages"
                 ),
             )
+        if self.kind == "chat" and model.startswith(OPENAI_MODELS):
+            refused = _openai_refusal(request)
+            if refused is not None:
+                return refused
         return Incoming(model, bool(request.get("stream")), request)
 
     def job(self, incoming: Incoming, reply: Reply, number: int) -> Job:

@@ -150,6 +150,8 @@ class _State:
         self.require_api_key = require_api_key
         self.models = tuple(models) if models is not None else DEFAULT_MODELS
         self.cache: dict[tuple[Any, ...], _Cached] = {}
+        #: The prompt prefixes written to the (emulated) prompt cache: ``Wire.prompt_cache``.
+        self.prompt_cache: set[str] = set()
         self.conns: set[_Conn] = set()
 
     # -- script -------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class _State:
             self.model_queues.clear()
             self.requests.clear()
             self.disconnects = 0
+            self.prompt_cache.clear()
             self.total_connections = self.open_connections
             self.default = Reply()
 
@@ -298,6 +301,8 @@ class _State:
             return None
 
         job = wire.job(incoming, reply, number)
+        with self.lock:
+            job = wire.prompt_cache(job, incoming, self.prompt_cache)
         id_ = wire.response_id(number, job)
         created = str(int(time.time()))
         sse = job.event_stream

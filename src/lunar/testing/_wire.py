@@ -8,6 +8,40 @@ from typing import Any, NamedTuple
 from ._render import Event, Job, Plan
 from ._reply import Reply
 
+#: The most output tokens a request may ask of a model (its id's start; the first match),
+#: as the real APIs refuse more (Anthropic's and OpenAI's 400, Gemini's out-of-range 400).
+MAX_OUTPUT_TOKENS = (
+    ("claude-3-haiku", 4096),
+    ("claude-3-5-haiku", 8192),
+    ("claude-3-7-sonnet", 64000),
+    ("claude-sonnet-4", 64000),
+    ("claude-haiku-4-5", 64000),
+    ("claude-opus-4", 32000),
+    ("gpt-4o", 16384),
+    ("gpt-4.1", 32768),
+    ("gpt-3.5-turbo", 4096),
+    ("o4-mini", 100000),
+    ("gemini-1.5", 8192),
+    ("gemini-2.0", 8192),
+    ("gemini-2.5", 65536),
+)
+
+
+def max_output_tokens(model: str) -> int | None:
+    """The most output tokens ``model`` takes, when the emulator knows its family."""
+    for prefix, limit in MAX_OUTPUT_TOKENS:
+        if model.startswith(prefix):
+            return limit
+    return None
+
+
+def too_many_tokens(model: str, asked: Any) -> int | None:
+    """``model``'s limit when ``asked`` (a request's output budget) is beyond it, else None."""
+    limit = max_output_tokens(model)
+    if limit is None or not isinstance(asked, int) or isinstance(asked, bool):
+        return None
+    return limit if asked > limit else None
+
 
 class Rejection(NamedTuple):
     """A request refused before any scripted reply is taken: status and JSON body."""
@@ -46,6 +80,12 @@ class Wire:
 
     def job(self, incoming: Incoming, reply: Reply, number: int) -> Job:
         raise NotImplementedError
+
+    def prompt_cache(self, job: Job, incoming: Incoming, cache: set[str]) -> Job:
+        """``job`` with the prompt-cache usage the request's breakpoints give, ``cache``
+        holding the prefixes written so far (the server's, under its lock). Only the
+        Anthropic wire has breakpoints (``cache_control``)."""
+        return job
 
     def response_id(self, number: int, job: Job) -> str:
         raise NotImplementedError
