@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from lunar import BadRequestError, Lunar
+from lunar._catalog import Catalog
 from lunar._streaming import ChatAccumulator
 from lunar.testing import MockServer, Reply
 from lunar.testing._anthropic import thinking_signature
@@ -105,6 +106,44 @@ def test_thinking_to_openai_is_its_reasoning_effort(mock: MockServer) -> None:
     # Another OpenAI-compatible server gets it as given (DeepSeek, GLM and Kimi take it).
     client.chat.completions.create(model="deepseek-chat", messages=QUESTION, thinking=thinking)
     assert mock.requests[-1].json["thinking"] == thinking
+
+
+def test_a_model_that_does_not_reason_is_sent_no_reasoning_fields(mock: MockServer) -> None:
+    """A fallback to a model the catalogue does not mark ``reasoning`` (gpt-4o-mini, Claude
+    3.5 Haiku, Gemini 2.0 Flash) answers without them, as it would have without the field:
+    such models refuse ``reasoning_effort`` / ``thinking``. A model the catalogue does not
+    know is sent them (the caller's choice)."""
+    for primary, fallback, provider_model in (
+        ("o4-mini", "gpt-4o-mini", "gpt-4o-mini"),
+        ("claude-sonnet-4", "claude-3-5-haiku", "claude-3-5-haiku-20241022"),
+        ("gemini-2.5-flash", "gemini-2.0-flash", "gemini-2.0-flash"),
+    ):
+        mock.reset()
+        for asked in (
+            {"reasoning_effort": "low"},
+            {"thinking": {"type": "enabled", "budget_tokens": 2048}},
+        ):
+            mock.enqueue(Reply(status=503), model=mock_model(primary))
+            done = Lunar(**FAST).chat.completions.create(
+                model=primary, fallbacks=[fallback], messages=QUESTION, **asked
+            )
+            assert done.model == provider_model
+            first, sent = mock.requests[-2].json, mock.requests[-1].json
+            assert any(
+                k in first or k in first.get("generationConfig", {})
+                for k in ("reasoning_effort", "thinking", "thinkingConfig")
+            )
+            assert not {"reasoning_effort", "thinking"} & set(sent)
+            assert "thinkingConfig" not in sent.get("generationConfig", {})
+    Lunar(**FAST).chat.completions.create(
+        model="anthropic/claude-next", messages=QUESTION, reasoning_effort="low"
+    )
+    assert mock.requests[-1].json["thinking"] == {"type": "enabled", "budget_tokens": 1024}
+
+
+def mock_model(name: str) -> str:
+    """The provider's id of a catalogue model, as the emulator's script keys it."""
+    return Catalog.load().resolve(name)[0].provider_model
 
 
 # -- Anthropic ---------------------------------------------------------------------------------

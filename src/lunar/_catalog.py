@@ -199,7 +199,10 @@ DEPLOYMENT_KEYS = frozenset(
 )
 #: What a deployment's ``service_tiers`` entry may say: the prices its tier bills.
 TIER_KEYS = frozenset({"input", "output", "cached_input"})
-CAPABILITIES = ("tools", "vision", "json")
+#: ``reasoning``: the model takes reasoning controls (``reasoning_effort``, ``thinking``); a
+#: catalogued model without it is sent neither (a fallback answers without reasoning rather
+#: than refusing the field).
+CAPABILITIES = ("tools", "vision", "json", "reasoning")
 
 
 def _check_model(name: str, m: Any) -> None:

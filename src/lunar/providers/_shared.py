@@ -179,9 +179,25 @@ class ThinkingAsked(NamedTuple):
     param: str
 
 
-def thinking_asked(body: Mapping[str, Any]) -> ThinkingAsked | None:
+def reasons(target: Target) -> bool:
+    """Whether ``target`` is sent reasoning controls (``reasoning_effort``, ``thinking``): a
+    model the catalogue marks ``reasoning``, or one it does not know (the caller's choice).
+    Others would refuse them (OpenAI's gpt-4o, Claude 3.5 Haiku): a fallback to one answers
+    without reasoning, as it would have without the field."""
+    dep = target.deployment
+    return not dep.catalogued or "reasoning" in dep.capabilities
+
+
+#: The fields that ask for reasoning, left out for a model that does not reason.
+REASONING_FIELDS = ("reasoning_effort", "thinking")
+
+
+def thinking_asked(body: Mapping[str, Any], target: Target) -> ThinkingAsked | None:
     """Lunar's ``thinking`` (Anthropic's shape, validated), else ``reasoning_effort`` mapped
-    by ``EFFORT_BUDGETS``; None when the body asks neither (the model's own default)."""
+    by ``EFFORT_BUDGETS``; None when the body asks neither (the model's own default) or
+    ``target`` does not reason (``reasons``)."""
+    if not reasons(target):
+        return None
     thinking = body.get("thinking")
     if thinking is not None:
         return ThinkingAsked(thinking["type"], thinking.get("budget_tokens"), "thinking")

@@ -194,12 +194,12 @@ def _answer_thinking(block: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _thinking(body: Mapping[str, Any], given: Any, default: int) -> tuple[Any, int]:
+def _thinking(body: Mapping[str, Any], target: Target, given: Any, default: int) -> tuple[Any, int]:
     """``(thinking field or None, max_tokens)``: what the body asks of reasoning (``thinking``
     or ``reasoning_effort``), and ``max_tokens``, which must exceed the budget. Given
     (``given``), an explicit budget must fit under it; an effort's budget is lowered to
     half of it. Not given, it is raised above the budget by ``DEFAULT_MAX_TOKENS``."""
-    asked = thinking_asked(body)
+    asked = thinking_asked(body, target)
     limit = given or default
     if asked is None:
         return None, limit
@@ -397,6 +397,7 @@ class AnthropicAdapter(HTTPAdapter):
         dep = target.deployment
         thinking, max_tokens = _thinking(
             body,
+            target,
             body.get("max_completion_tokens") or body.get("max_tokens"),
             min(dep.max_output_tokens or DEFAULT_MAX_TOKENS, DEFAULT_MAX_TOKENS_CAP),
         )

@@ -203,11 +203,11 @@ def _usage(meta: Mapping[str, Any]) -> Usage:
     )
 
 
-def _thinking_config(body: Mapping[str, Any]) -> dict[str, Any] | None:
+def _thinking_config(body: Mapping[str, Any], target: Target) -> dict[str, Any] | None:
     """``generationConfig.thinkingConfig`` for what the body asks (``thinking`` or
     ``reasoning_effort``): a budget of 0 for none, -1 (the model chooses) for "adaptive",
     and the thoughts' summaries in the answer whenever the model thinks."""
-    asked = thinking_asked(body)
+    asked = thinking_asked(body, target)
     if asked is None:
         return None
     if asked.kind == "disabled":
@@ -344,7 +344,7 @@ class GeminiAdapter(HTTPAdapter):
             schema = (fmt.get("json_schema") or {}).get("schema")
             if schema:
                 config["responseSchema"] = _schema(schema)
-        thinking = _thinking_config(body)
+        thinking = _thinking_config(body, target)
         if thinking is not None:
             config["thinkingConfig"] = thinking
         if config:

@@ -16,7 +16,15 @@ from .._errors import (
 )
 from .._types import ChatCompletion, ChatCompletionChunk, ChunkEncoder
 from ._base import HTTPRequest, Target
-from ._shared import HTTPAdapter, SSETranslator, dump_body, invalid_json, json_object
+from ._shared import (
+    REASONING_FIELDS,
+    HTTPAdapter,
+    SSETranslator,
+    dump_body,
+    invalid_json,
+    json_object,
+    reasons,
+)
 from ._shared import loads as _loads
 
 
@@ -323,6 +331,9 @@ class OpenAIAdapter(HTTPAdapter):
         payload["model"] = target.deployment.provider_model
         for name in target.spec.drop_params:  # what this provider refuses (OpenAI: top_k)
             payload.pop(name, None)
+        if not reasons(target):
+            for name in REASONING_FIELDS:
+                payload.pop(name, None)
         spec = target.spec
         if spec.name != REMOTE:
             keep = spec.cache_control
