@@ -213,6 +213,28 @@ def test_a_virtual_key_may_not_send_fields_that_pick_a_model_route_or_credential
     assert [(row["http_status"], row["status"]) for row in rows] == [(400, "error")] * 2
 
 
+def test_the_openapi_document_tells_of_field_not_allowed(gw, upstream):
+    """``/openapi.json`` is what clients read of the gateway's errors: the chat route's 400
+    names ``field_not_allowed`` beside a bad field, and its examples are what a virtual key
+    gets for each."""
+    doc = gw.http.get("/openapi.json").json()
+    documented = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["400"]
+    assert "field_not_allowed" in documented["description"]
+    examples = documented["content"]["application/json"]["examples"]
+    key = gw.new_key("documented")[0]
+    for name, body in (
+        ("field_not_allowed", {"route": "fallback"}),
+        ("invalid_value", {"temperature": "hot"}),
+    ):
+        r = chat(gw, key, **body)
+        assert r.status_code == 400, r.text
+        sent, shown = _error(r), examples[name]["value"]["error"]
+        for field in ("type", "param", "code"):
+            assert shown[field] == sent[field], (name, field, sent)
+        assert shown["message"].split(" ")[:2] == sent["message"].split(" ")[:2], sent
+    assert upstream.requests == []
+
+
 def test_sampling_fields_pass_by_default_and_the_master_key_passes_any(gw, key, upstream):
     """The default `extra_body_fields` are open-model servers' sampling settings (vLLM,
     Together, OpenRouter …); the operator's own master key is not restricted."""
