@@ -69,7 +69,8 @@ def _errors(*statuses: int, anthropic: bool = False) -> dict[str, Any]:
         405: "Method not allowed",
         413: "Request body too large",
         429: "Rate limit (with Retry-After) or budget exhausted",
-        502: "Every provider failed",
+        502: "Every provider failed (to a virtual key, code upstream_auth_error: a provider "
+        "refused the gateway's own credentials; not worth a retry)",
         504: "Provider timed out, or the request's deadline (x-lunar-timeout-ms) ran out",
     }
     return {str(s): _json(ref, text.get(s, "Error")) for s in statuses}
