@@ -67,6 +67,23 @@ def test_models_lists_catalogue_with_prices(capsys):
     assert "gpt-4o-mini" in out and "0.15" in out and "claude-3-haiku" in out
 
 
+def test_models_json_is_the_tables_data_machine_readable(capsys):
+    """`lunar models --json`: /v1/models' shape, one entry per row of the table, with its
+    prices, context window and capabilities as numbers and lists."""
+    import json
+
+    assert main(["models"]) == 0
+    table = capsys.readouterr().out.splitlines()[1:]
+    assert main(["models", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert listed["object"] == "list"
+    assert [m["id"] for m in listed["data"]] == [line.split()[0] for line in table]
+    mini = next(m for m in listed["data"] if m["id"] == "gpt-4o-mini")
+    assert (mini["input_price_per_1m"], mini["output_price_per_1m"]) == (0.15, 0.6)
+    assert mini["context_window"] == 128000 and "tools" in mini["capabilities"]
+    assert mini["providers"] == ["openai"]
+
+
 def test_mock_takes_the_emulators_options(capsys):
     """`lunar mock` and `python -m lunar.testing` read one command line."""
     with pytest.raises(SystemExit) as info:

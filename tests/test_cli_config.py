@@ -247,6 +247,51 @@ def test_keys_and_usage_take_the_sdks_gateway_url_ending_in_v1(upstream, tmp_pat
     assert out.returncode == 1 and f"$LUNAR_GATEWAY_URL = '{bare}'" in out.stderr, out.stderr
 
 
+def test_keys_and_usage_read_the_sdks_variables_when_no_url_is_given(upstream, tmp_path):
+    """With no --url (and no LUNAR_GATEWAY_URL), `keys` and `usage` went to
+    http://127.0.0.1:4000 whatever LUNAR_BASE_URL said, and needed LUNAR_MASTER_KEY even
+    where LUNAR_API_KEY held the master key: they read the SDK's variables as it does."""
+    gw = GatewayProcess(tmp_path, upstream)
+    try:
+        virtual, key_id = gw.new_key("sdk-env")
+        env = gateway_env(upstream)
+        del env["LUNAR_MASTER_KEY"]
+        env["LUNAR_BASE_URL"] = gw.url + "/v1"
+        env["LUNAR_API_KEY"] = MASTER
+        out = _cli("keys", "list", env=env)
+        assert out.returncode == 0 and "sdk-env" in out.stdout, out.stderr
+        out = _cli("usage", "--json", env=env)
+        assert out.returncode == 0 and '"totals"' in out.stdout, out.stderr
+        # LUNAR_GATEWAY_URL, and --url, still come first.
+        out = _cli("keys", "list", env={**env, "LUNAR_GATEWAY_URL": "http://127.0.0.1:9"})
+        assert out.returncode == 1 and "127.0.0.1:9" in out.stderr, out.stderr
+        out = _cli("keys", "list", "--url", gw.url, env={**env, "LUNAR_BASE_URL": "x"})
+        assert out.returncode == 0 and "sdk-env" in out.stdout, out.stderr
+        # A virtual key in LUNAR_API_KEY: the admin API refuses it, and the error says why.
+        out = _cli("keys", "revoke", key_id, env={**env, "LUNAR_API_KEY": virtual})
+        assert out.returncode == 1 and "Traceback" not in out.stderr
+        assert "[401]" in out.stderr and "LUNAR_API_KEY was sent" in out.stderr, out.stderr
+        assert "LUNAR_MASTER_KEY" in out.stderr
+        # LUNAR_MASTER_KEY, when set, is the one sent.
+        out = _cli(
+            "keys", "list", env={**env, "LUNAR_MASTER_KEY": MASTER, "LUNAR_API_KEY": virtual}
+        )
+        assert out.returncode == 0 and "sdk-env" in out.stdout, out.stderr
+        del env["LUNAR_API_KEY"]
+        out = _cli("keys", "list", env=env)
+        assert out.returncode == 1 and "LUNAR_MASTER_KEY is not set" in out.stderr, out.stderr
+        assert "LUNAR_API_KEY" in out.stderr
+    finally:
+        gw.stop()
+
+
+def test_the_server_module_tells_its_version():
+    from lunar import __version__
+
+    out = _cli("--version")
+    assert (out.returncode, out.stdout.strip()) == (0, f"lunar {__version__}"), out.stderr
+
+
 def test_config_is_a_flag_only_of_the_commands_that_read_it(upstream, tmp_path):
     """`keys list`, `keys revoke` and `usage` took a --config they never read; `keys create`
     and `keys update` read it with --db, to check the models --models names."""

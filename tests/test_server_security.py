@@ -213,6 +213,28 @@ def test_a_virtual_key_may_not_send_fields_that_pick_a_model_route_or_credential
     assert [(row["http_status"], row["status"]) for row in rows] == [(400, "error")] * 2
 
 
+def test_the_openapi_document_tells_of_field_not_allowed(gw, upstream):
+    """``/openapi.json`` is what clients read of the gateway's errors: the chat route's 400
+    names ``field_not_allowed`` beside a bad field, and its examples are what a virtual key
+    gets for each."""
+    doc = gw.http.get("/openapi.json").json()
+    documented = doc["paths"]["/v1/chat/completions"]["post"]["responses"]["400"]
+    assert "field_not_allowed" in documented["description"]
+    examples = documented["content"]["application/json"]["examples"]
+    key = gw.new_key("documented")[0]
+    for name, body in (
+        ("field_not_allowed", {"route": "fallback"}),
+        ("invalid_value", {"temperature": "hot"}),
+    ):
+        r = chat(gw, key, **body)
+        assert r.status_code == 400, r.text
+        sent, shown = _error(r), examples[name]["value"]["error"]
+        for field in ("type", "param", "code"):
+            assert shown[field] == sent[field], (name, field, sent)
+        assert shown["message"].split(" ")[:2] == sent["message"].split(" ")[:2], sent
+    assert upstream.requests == []
+
+
 def test_sampling_fields_pass_by_default_and_the_master_key_passes_any(gw, key, upstream):
     """The default `extra_body_fields` are open-model servers' sampling settings (vLLM,
     Together, OpenRouter …); the operator's own master key is not restricted."""
@@ -310,6 +332,24 @@ def _same_but_the_words(r: httpx.Response, full: httpx.Response) -> dict[str, An
     return told  # type: ignore[no-any-return]
 
 
+def _the_gateways_credentials(r: httpx.Response, full: httpx.Response) -> dict[str, Any]:
+    """A virtual key's answer when the upstream refused the gateway's credentials (or it has
+    none): a 502 ``upstream_auth_error`` not to retry, each attempt so too, where the master
+    key sees the upstream's (or the engine's) 401/403."""
+    assert full.status_code in (401, 403), full.text
+    assert r.status_code == 502, r.text
+    assert r.headers.get("x-should-retry") == full.headers.get("x-should-retry") == "false"
+    told, whole = r.json(), full.json()
+    assert (told["error"]["type"], told["error"]["code"]) == ("server_error", "upstream_auth_error")
+    assert [(a["status"], a["code"]) for a in told["attempts"]] == [
+        (502, "upstream_auth_error")
+    ] * len(whole["attempts"])
+    assert [(a["model"], a["provider"]) for a in told["attempts"]] == [
+        (a["model"], a["provider"]) for a in whole["attempts"]
+    ]
+    return told  # type: ignore[no-any-return]
+
+
 @pytest.mark.parametrize(
     ("model", "leak"),
     [("internal-llama", INTERNAL), ("nokey-llama", "NOKEY_SECRET_VAR")],
@@ -321,7 +361,10 @@ def test_a_virtual_key_is_not_told_internal_hosts_or_key_variables(gw, upstream,
     failed and where, its status, type, code and attempts the same; the log has it all."""
     before = len(gw.logs())
     r, full, row = _both(gw, upstream, None, model=model)
-    told = _same_but_the_words(r, full)
+    if model == "nokey-llama":  # no key for the provider: the gateway's credentials
+        told = _the_gateways_credentials(r, full)
+    else:
+        told = _same_but_the_words(r, full)
     assert leak in full.json()["error"]["message"], full.text
     assert leak not in r.text, r.text
     provider = model.split("-")[0]
@@ -329,31 +372,76 @@ def test_a_virtual_key_is_not_told_internal_hosts_or_key_variables(gw, upstream,
     assert "gateway's log" in told["error"]["message"]
     logged = gw.logs()[before:]
     assert r.headers["x-request-id"] in logged and leak in logged
-    assert (row["http_status"], row["status"]) == (full.status_code, "error")
+    assert (row["http_status"], row["status"]) == (r.status_code, "error")
     assert row["error_type"] == {"internal-llama": "api_connection_error"}.get(
         model, "authentication_error"
     )
 
 
-def test_an_upstream_401_quoting_the_gateways_key_is_not_relayed(gw, upstream):
-    """An upstream's 401 is about the gateway's own key, and may quote it: a virtual key
-    is told the provider refused the gateway's credentials; the log keeps the message
-    without the key's fragment."""
+@pytest.mark.parametrize("status", [401, 403])
+def test_an_upstream_401_or_403_is_a_502_not_to_retry_for_a_virtual_key(gw, upstream, status):
+    """An upstream's 401/403 is about the gateway's own key, and may quote it. Relayed as
+    it was, a virtual key's client read it as its own key refused (and no SDK retries a 401
+    either way). It is told the provider refused the gateway's credentials, as a ``502``
+    ``upstream_auth_error`` with ``x-should-retry: false`` (every attempt so too); the
+    master key gets the upstream's status and words; the log keeps the message without the
+    key's fragment, the ledger the cause and the status the client got."""
     quoted = "sk-open****************1234"
     reply = Reply(
-        status=401,
+        status=status,
         error_message=f"Incorrect API key provided: {quoted}. You can find your API key at "
         "https://platform.openai.com/account/api-keys.",
     )
     before = len(gw.logs())
     r, full, row = _both(gw, upstream, reply)
-    told = _same_but_the_words(r, full)
-    assert quoted in full.text
+    told = _the_gateways_credentials(r, full)
+    assert full.status_code == status and quoted in full.text
     assert quoted not in r.text and "platform.openai.com" not in r.text
     assert told["error"]["message"].startswith("Provider 'openai' refused the gateway's")
     logged = gw.logs()[before:]
     assert "Incorrect API key provided" in logged and quoted not in logged
-    assert (row["http_status"], row["error_type"]) == (401, "authentication_error")
+    assert (row["http_status"], row["error_type"]) == (
+        502,
+        {401: "authentication_error", 403: "permission_error"}[status],
+    )
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_sdks_see_a_server_error_they_do_not_retry_when_the_gateways_key_is_refused(
+    gw, upstream, status
+):
+    """The official SDKs, with their default retries, against a virtual key's gateway whose
+    upstream refuses its credentials: a 5xx error (not ``AuthenticationError`` /
+    ``PermissionDeniedError``), raised after one request (``x-should-retry: false``); an
+    SDK retry would have met the emulator's next answer, a success. Lunar's remote mode
+    alike."""
+    import anthropic
+    import openai
+
+    import lunar
+
+    key = gw.new_key("sdk")[0]
+    refused = Reply(status=status, error_message="Incorrect API key provided: sk-op***34")
+    upstream.enqueue(refused, model="gpt-4o-mini")
+    client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key)  # max_retries: the default
+    with pytest.raises(openai.InternalServerError) as oai_err:
+        client.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    assert oai_err.value.status_code == 502 and oai_err.value.code == "upstream_auth_error"
+    upstream.enqueue(refused, model="gpt-4o-mini")
+    ant = anthropic.Anthropic(base_url=gw.url, api_key=key)
+    with pytest.raises(anthropic.InternalServerError) as ant_err:
+        ant.messages.create(model="gpt-4o-mini", max_tokens=5, messages=HI)
+    assert ant_err.value.status_code == 502
+    assert "refused the gateway's credentials" in str(ant_err.value)
+    upstream.enqueue(refused, model="gpt-4o-mini")
+    with (
+        lunar.Lunar(base_url=gw.url, api_key=key) as remote,
+        pytest.raises(lunar.ServerError) as lunar_err,
+    ):
+        remote.chat.completions.create(model="gpt-4o-mini", messages=HI)
+    assert not isinstance(lunar_err.value, (lunar.AuthenticationError, lunar.PermissionDeniedError))
+    assert (lunar_err.value.status_code, lunar_err.value.code) == (502, "upstream_auth_error")
+    assert len(upstream.requests) == 3  # one each: none retried
 
 
 def test_an_upstream_400_still_tells_the_client_what_was_wrong(gw, upstream):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from collections.abc import Sequence
@@ -164,6 +165,10 @@ def cmd_models(args: argparse.Namespace) -> int:
     except LunarError as err:
         out.error(f"Error: {err}")
         return 1
+    if args.json:  # what the table shows, whole: /v1/models' shape
+        data = [m.to_dict() for m in models]
+        print(json.dumps({"object": "list", "data": data}, indent=2))
+        return 0
     rows = [
         (
             m.id,
@@ -225,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.set_defaults(func=cmd_chat)
 
     models = sub.add_parser("models", help="list the catalogue with prices")
+    models.add_argument("--json", action="store_true", help="print JSON (/v1/models' shape)")
     models.set_defaults(func=cmd_models)
 
     # The emulator's own parser reads the options (`lunar mock -h` shows them), so the two

@@ -2,9 +2,10 @@
 
 ``add_server_commands(subparsers)`` adds them to the ``lunar`` command's parser; ``python -m
 lunar.server`` runs them on their own. ``keys`` and ``usage`` talk to a running gateway's
-admin API (``--url``, default ``$LUNAR_GATEWAY_URL`` or http://127.0.0.1:4000, with
-``$LUNAR_MASTER_KEY``) or, with ``--db``, work on the database file directly (a running
-gateway sees such changes within ``keys_refresh_seconds``).
+admin API (``--url``, default ``$LUNAR_GATEWAY_URL``, ``$LUNAR_BASE_URL`` as the SDK reads
+it, or http://127.0.0.1:4000, with ``$LUNAR_MASTER_KEY``, else ``$LUNAR_API_KEY`` holding the
+master key) or, with ``--db``, work on the database file directly (a running gateway sees such
+changes within ``keys_refresh_seconds``).
 """
 
 from __future__ import annotations
@@ -119,7 +120,9 @@ def add_server_commands(subparsers: Any) -> None:
 
 def _target_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--url", default=None, help=f"gateway URL (default $LUNAR_GATEWAY_URL or {DEFAULT_URL})"
+        "--url",
+        default=None,
+        help=f"gateway URL (default $LUNAR_GATEWAY_URL, $LUNAR_BASE_URL or {DEFAULT_URL})",
     )
     p.add_argument("--db", default=None, help="work on this database file directly")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -281,9 +284,12 @@ class _Target:
     def http(self, method: str, path: str, **kw: Any) -> Any:
         import httpx
 
-        master = os.environ.get("LUNAR_MASTER_KEY")
+        master, variable = master_key()
         if not master:
-            raise _Fail("LUNAR_MASTER_KEY is not set (the admin API needs it), or use --db")
+            raise _Fail(
+                "LUNAR_MASTER_KEY is not set (the admin API needs the gateway's master key; "
+                "LUNAR_API_KEY, the SDK's variable, is read too), or use --db"
+            )
         try:
             r = httpx.request(
                 method,
@@ -305,7 +311,13 @@ class _Target:
             message = (
                 (data or {}).get("error", {}).get("message") if isinstance(data, dict) else None
             )
-            raise _Fail(f"[{r.status_code}] {message or r.text[:300]}")
+            hint = ""
+            if r.status_code == 401 and variable != "LUNAR_MASTER_KEY":
+                hint = (
+                    f" ({variable} was sent: the admin API takes only the master key; set "
+                    "LUNAR_MASTER_KEY to it)"
+                )
+            raise _Fail(f"[{r.status_code}] {message or r.text[:300]}{hint}")
         return data
 
     def storage(self) -> Any:
@@ -335,13 +347,26 @@ class _Fail(Exception):
     pass
 
 
+def master_key(environ: Any = os.environ) -> tuple[str | None, str]:
+    """The key the admin API is sent, and the variable it came from: ``$LUNAR_MASTER_KEY``,
+    else ``$LUNAR_API_KEY`` (the SDK's, which an operator may have set to the master key)."""
+    for variable in ("LUNAR_MASTER_KEY", "LUNAR_API_KEY"):
+        value = environ.get(variable, "").strip()
+        if value:
+            return value, variable
+    return None, "LUNAR_MASTER_KEY"
+
+
 def gateway_url(flag: str | None, environ: Any = os.environ) -> str:
-    """The gateway's root URL, from ``--url``, else ``$LUNAR_GATEWAY_URL``, else the default.
-    The SDK's form of it (``LUNAR_BASE_URL``, ending in ``/v1``) is taken too: the admin API
-    is at the root. One that is no URL is refused, naming where it came from."""
+    """The gateway's root URL, from ``--url``, else ``$LUNAR_GATEWAY_URL``, else
+    ``$LUNAR_BASE_URL`` (the SDK's), else the default. The SDK's form (ending in ``/v1``) is
+    taken from any of them: the admin API is at the root. One that is no URL is refused,
+    naming where it came from."""
     url, setting = flag, "--url"
-    if not url:
-        url, setting = environ.get("LUNAR_GATEWAY_URL", "").strip(), "$LUNAR_GATEWAY_URL"
+    for variable in ("LUNAR_GATEWAY_URL", "LUNAR_BASE_URL"):
+        if url:
+            break
+        url, setting = environ.get(variable, "").strip(), f"${variable}"
     try:
         url = checked_base_url(url or DEFAULT_URL, setting).rstrip("/")
     except ValueError as e:
@@ -664,9 +689,12 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from .. import __version__
+
     parser = argparse.ArgumentParser(
         prog="python -m lunar.server", description="The Lunar gateway's commands."
     )
+    parser.add_argument("--version", action="version", version=f"lunar {__version__}")
     add_server_commands(parser.add_subparsers(dest="command", required=True))
     return dispatch(parser.parse_args(argv))
 

@@ -20,6 +20,45 @@ def _body(schema: Any) -> dict[str, Any]:
     return {"required": True, "content": {"application/json": {"schema": schema}}}
 
 
+#: The 400 a virtual key gets on the chat route for a body field its operator did not allow
+#: (docs/gateway.md, Security), besides a field that is invalid: an example of each.
+_CHAT_400 = {
+    "description": "Invalid request (`param` names the field); or, for a virtual key, a body "
+    "field beyond OpenAI's chat parameters that the gateway's `extra_body_fields` does not "
+    "allow: code `field_not_allowed`, `param` the field, sent nowhere",
+    "content": {
+        "application/json": {
+            "schema": _ERROR,
+            "examples": {
+                "invalid_value": {
+                    "value": {
+                        "error": {
+                            "message": "'temperature' must be a number (param: temperature)",
+                            "type": "invalid_request_error",
+                            "param": "temperature",
+                            "code": "invalid_value",
+                        }
+                    }
+                },
+                "field_not_allowed": {
+                    "value": {
+                        "error": {
+                            "message": "Field 'route' is not accepted by this gateway: besides "
+                            "OpenAI's chat parameters, it passes on only the fields its "
+                            "operator allows (extra_body_fields: top_k, min_p, top_a, "
+                            "repetition_penalty, min_tokens)",
+                            "type": "invalid_request_error",
+                            "param": "route",
+                            "code": "field_not_allowed",
+                        }
+                    }
+                },
+            },
+        }
+    },
+}
+
+
 def _errors(*statuses: int, anthropic: bool = False) -> dict[str, Any]:
     ref = {"$ref": "#/components/schemas/AnthropicError"} if anthropic else _ERROR
     text = {
@@ -30,7 +69,8 @@ def _errors(*statuses: int, anthropic: bool = False) -> dict[str, Any]:
         405: "Method not allowed",
         413: "Request body too large",
         429: "Rate limit (with Retry-After) or budget exhausted",
-        502: "Every provider failed",
+        502: "Every provider failed (to a virtual key, code upstream_auth_error: a provider "
+        "refused the gateway's own credentials; not worth a retry)",
         504: "Provider timed out, or the request's deadline (x-lunar-timeout-ms) ran out",
     }
     return {str(s): _json(ref, text.get(s, "Error")) for s in statuses}
@@ -358,6 +398,7 @@ def openapi_document(version: str) -> dict[str, Any]:
                             },
                         },
                         **_errors(*inference_errors),
+                        "400": _CHAT_400,
                     },
                 }
             },

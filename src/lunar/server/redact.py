@@ -9,6 +9,11 @@ what failed and where (the provider's name) and keeps the status, ``type``, ``co
 ``param`` and the attempts' list; the full text goes to the log, secrets scrubbed. The
 gateway's own refusals (a bad field, a model the key may not use, a limit) are about the
 client's request and are told as they are. Only error answers pay for any of this.
+
+An upstream that refuses the gateway's own credentials (401, 403, 407), or a provider the
+gateway has no key for, is not the client's key at fault: a virtual key gets a ``502`` with
+``code`` ``upstream_auth_error`` (and ``x-should-retry: false``: a retry meets the same key),
+never a ``401``/``403`` that its SDK would read as its own key refused.
 """
 
 from __future__ import annotations
@@ -16,7 +21,14 @@ from __future__ import annotations
 import copy
 import re
 
-from .._errors import APIConnectionError, APIError, APITimeoutError, Attempt, LunarError
+from .._errors import (
+    APIConnectionError,
+    APIError,
+    APITimeoutError,
+    Attempt,
+    LunarError,
+    ServerError,
+)
 
 #: Codes of the engine's errors that say how the gateway is set up, not what the request did.
 _SETUP_CODES = frozenset(
@@ -26,6 +38,10 @@ _SETUP_CODES = frozenset(
 _REQUEST_CODES = frozenset({"deadline_exceeded"})
 #: Upstream statuses about the client's own request: its message helps the client (scrubbed).
 _REQUEST_STATUSES = frozenset({400, 404, 409, 413, 422})
+#: Upstream statuses about the gateway's credentials (its key refused or forbidden).
+_AUTH_STATUSES = frozenset({401, 403, 407})
+#: What a virtual key is told for those: the gateway's credentials, not its own key.
+UPSTREAM_AUTH_ERROR = "upstream_auth_error"
 
 _URL = re.compile(r"\b[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"<>()\[\]{}]+")
 # Key-like tokens: the usual prefixes, a masked fragment (`sk-abc***xyz`), a long random run.
@@ -79,7 +95,8 @@ def _public(err: LunarError, provider: str | None) -> LunarError:
             return _told(err, f"Timed out waiting for {name}")
         return _told(err, f"Could not connect to {name}")
     if err.code in _SETUP_CODES:
-        return _told(err, f"{name[0].upper()}{name[1:]} is not available on this gateway")
+        told = _told(err, f"{name[0].upper()}{name[1:]} is not available on this gateway")
+        return _upstream_auth(told) if status in _AUTH_STATUSES else told  # no key set
     if status is None:  # a broken answer, an error event, a local model that cannot run
         return _told(err, f"{name[0].upper()}{name[1:]} failed to answer")
     if err.response_body is None and (err.provider is None or status < 500):
@@ -87,8 +104,10 @@ def _public(err: LunarError, provider: str | None) -> LunarError:
     if status in _REQUEST_STATUSES:
         text = scrub(err.message)
         return err if text == err.message else _told(err, text)
-    if status in (401, 403, 407):
-        return _told(err, f"{name[0].upper()}{name[1:]} refused the gateway's credentials")
+    if status in _AUTH_STATUSES:
+        return _upstream_auth(
+            _told(err, f"{name[0].upper()}{name[1:]} refused the gateway's credentials")
+        )
     if status == 429:
         return _told(err, f"{name[0].upper()}{name[1:]} is rate limiting this gateway")
     return _told(err, f"{name[0].upper()}{name[1:]} failed (HTTP {status})")
@@ -106,6 +125,18 @@ def _told(err: LunarError, sentence: str) -> LunarError:
         out.response_body = None
     out.attempts = []
     return out
+
+
+def _upstream_auth(told: LunarError) -> ServerError:
+    """``told`` (about the gateway's credentials) as a ``502 upstream_auth_error`` that
+    says not to retry: a ``401``/``403`` would read as the client's own key refused."""
+    return ServerError(
+        told.message,
+        502,
+        headers={"x-should-retry": "false"},
+        code=UPSTREAM_AUTH_ERROR,
+        provider=getattr(told, "provider", None),
+    )
 
 
 def log_detail(err: LunarError) -> str:
