@@ -432,6 +432,9 @@ class LocalModel:
         self._llama: Any = None
         self._formatter: Any = None
         self._is_eog: Callable[[int], bool] = lambda token: False
+        #: Tokens generated since the model was made, cancelled answers' included: what a
+        #: cancelled stream still cost (it stops at the next token).
+        self.tokens_generated = 0
 
     def submit(self, job: _Job) -> None:
         _worker.submit(self, job)
@@ -577,6 +580,7 @@ class LocalModel:
                     return
                 if _closing.is_set():
                     raise LocalModelError("The local model is shutting down", provider=PROVIDER)
+                self.tokens_generated += 1
                 if self._is_eog(token):
                     reason = "stop"
                     break
