@@ -59,6 +59,25 @@ def upstream() -> Iterator[MockServer]:
         yield server
 
 
+@pytest.fixture(scope="module")
+def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A module's gateway process (``test_server.GatewayProcess``) in front of ``upstream``
+    on every wire: OpenAI and its kin, Anthropic, Gemini. A module that needs another
+    configuration defines its own."""
+    from .test_server import GatewayProcess, every_wire
+
+    proc = GatewayProcess(tmp_path_factory.mktemp("gateway"), upstream, **every_wire(upstream))
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture
+def fresh_upstream(upstream: MockServer) -> None:
+    """``upstream`` with no script or recorded request left by the module's tests before
+    (``pytestmark = pytest.mark.usefixtures("fresh_upstream")``)."""
+    upstream.reset()
+
+
 @pytest.fixture
 def mock(_server: MockServer, monkeypatch: pytest.MonkeyPatch) -> MockServer:
     """The OpenAI-wire emulator on 127.0.0.1, standing in for OpenAI, Groq, Together and

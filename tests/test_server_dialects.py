@@ -5,16 +5,14 @@ of what the client asked for."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
 from lunar import BadRequestError, Lunar
-from lunar.testing import MockServer
 
-from .test_server import GatewayProcess, every_wire
+from .test_server import GatewayProcess
 
 anthropic = pytest.importorskip("anthropic")
 pytest.importorskip("uvicorn")
@@ -23,20 +21,7 @@ MODELS = ["gpt-4o-mini", "claude-3-haiku", "gemini-2.0-flash"]
 HI = [{"role": "user", "content": "hi"}]
 
 
-@pytest.fixture(scope="module")
-def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    proc = GatewayProcess(
-        tmp_path_factory.mktemp("gateway"),
-        upstream,
-        **every_wire(upstream),
-    )
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh(upstream: MockServer) -> None:
-    upstream.reset()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")

@@ -7,16 +7,15 @@ the openai SDK."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
 from lunar import Lunar
-from lunar.testing import MockServer, Reply
+from lunar.testing import Reply
 from lunar.testing._gemini import thought_signature
 
-from .test_server import GatewayProcess, every_wire
+from .test_server import GatewayProcess
 
 anthropic = pytest.importorskip("anthropic")
 openai = pytest.importorskip("openai")
@@ -26,16 +25,7 @@ HI = [{"role": "user", "content": "Write until END."}]
 STOPS = ["END", "STOP"]
 
 
-@pytest.fixture(scope="module")
-def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    proc = GatewayProcess(tmp_path_factory.mktemp("gateway"), upstream, **every_wire(upstream))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh(upstream: MockServer) -> None:
-    upstream.reset()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,6 @@ OpenAI and Gemini: every provider's own limit on stop sequences, ``top_k``, prom
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from lunar import BadRequestError, Lunar
 from lunar.testing import MockServer, Reply
 
-from .test_server import GatewayProcess, every_wire
+from .test_server import GatewayProcess
 
 anthropic = pytest.importorskip("anthropic")
 pytest.importorskip("uvicorn")
@@ -22,16 +21,7 @@ HI = [{"role": "user", "content": "hi"}]
 SIX = ["s1", "s2", "s3", "s4", "s5", "s6"]
 
 
-@pytest.fixture(scope="module")
-def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    proc = GatewayProcess(tmp_path_factory.mktemp("gateway"), upstream, **every_wire(upstream))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh(upstream: MockServer) -> None:
-    upstream.reset()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")

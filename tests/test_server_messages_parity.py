@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from lunar.testing import MockServer
-
-from .test_server import GatewayProcess, every_wire
+from .test_server import GatewayProcess
 
 anthropic = pytest.importorskip("anthropic")
 pytest.importorskip("uvicorn")
@@ -22,16 +19,7 @@ PNG = (
 )
 
 
-@pytest.fixture(scope="module")
-def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    proc = GatewayProcess(tmp_path_factory.mktemp("gateway"), upstream, **every_wire(upstream))
-    yield proc
-    proc.stop()
-
-
-@pytest.fixture(autouse=True)
-def _fresh(upstream: MockServer) -> None:
-    upstream.reset()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ from typing import Any
 import pytest
 
 import lunar
-from lunar._streaming import ChatAccumulator
 from lunar.testing import MockServer, Reply
 from lunar.testing._anthropic import thinking_signature
 
+from .test_providers_e2e import whole
 from .test_server import GatewayProcess, every_wire
 
 anthropic = pytest.importorskip("anthropic")
@@ -50,9 +50,7 @@ def gw(upstream: MockServer, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     proc.stop()
 
 
-@pytest.fixture(autouse=True)
-def _fresh(upstream: MockServer) -> None:
-    upstream.reset()
+pytestmark = pytest.mark.usefixtures("fresh_upstream")
 
 
 @pytest.fixture(scope="module")
@@ -206,13 +204,7 @@ def test_remote_mode_tool_use_with_thinking_round_trips(
     kw: dict[str, Any] = {"model": CLAUDE, "tools": tools, "thinking": THINKING, "max_tokens": 6000}
 
     def ask(messages: list[Any]) -> Any:
-        result = client.chat.completions.create(messages=messages, stream=stream, **kw)
-        if not stream:
-            return result
-        acc = ChatAccumulator()
-        for chunk in result:
-            acc.add(chunk)
-        return acc.completion()
+        return whole(client.chat.completions.create(messages=messages, stream=stream, **kw), stream)
 
     upstream.enqueue(Reply(reasoning=THOUGHT), model=CLAUDE_ID)
     first = ask(QUESTION).choices[0].message

@@ -446,6 +446,15 @@ class _Client:
     def _resources(self) -> None:
         raise NotImplementedError
 
+    def _prepare(
+        self, model: Any, messages: Any, kwargs: Mapping[str, Any], legacy: bool = False
+    ) -> tuple[dict[str, Any], RequestOptions]:
+        """``create()``'s arguments -> (validated body, options), with what this client adds
+        (in remote mode, for the gateway; its ``default_query``)."""
+        return prepare(
+            "create", model, messages, kwargs, legacy, remote=self._remote, query=self._query
+        )
+
     @property
     def catalog(self) -> Catalog:
         return self._settings.catalog
@@ -612,9 +621,7 @@ class ChatCompletions:
         """A chat completion; ``stream=True`` gives a ``Stream`` of chunks. Arguments as in
         the OpenAI API, plus ``fallbacks`` (models to try in order) and ``provider``."""
         client = self._client
-        body, opts = prepare(
-            "create", model, messages, kwargs, remote=client._remote, query=client._query
-        )
+        body, opts = client._prepare(model, messages, kwargs)
         if stream:
             return Stream(client._engine.stream(body, opts))
         return client._engine.complete(body, opts)
@@ -654,15 +661,7 @@ class Completions:
         **kwargs: Unpack[CompletionParams],
     ) -> Completion | Stream[Completion]:
         client = self._client
-        body, opts = prepare(
-            "create",
-            model,
-            prompt_messages(prompt),
-            kwargs,
-            legacy=True,
-            remote=client._remote,
-            query=client._query,
-        )
+        body, opts = client._prepare(model, prompt_messages(prompt), kwargs, legacy=True)
         if stream:
             return Stream(
                 client._engine.stream(body, opts), completion_from_chunk, completion_from_chat
@@ -802,9 +801,7 @@ class AsyncChatCompletions:
         **kwargs: Unpack[ChatParams],
     ) -> ChatCompletion | AsyncStream[ChatCompletionChunk]:
         client = self._client
-        body, opts = prepare(
-            "create", model, messages, kwargs, remote=client._remote, query=client._query
-        )
+        body, opts = client._prepare(model, messages, kwargs)
         if stream:
             return AsyncStream(await client._engine.stream(body, opts))
         return await client._engine.complete(body, opts)
@@ -842,15 +839,7 @@ class AsyncCompletions:
         **kwargs: Unpack[CompletionParams],
     ) -> Completion | AsyncStream[Completion]:
         client = self._client
-        body, opts = prepare(
-            "create",
-            model,
-            prompt_messages(prompt),
-            kwargs,
-            legacy=True,
-            remote=client._remote,
-            query=client._query,
-        )
+        body, opts = client._prepare(model, prompt_messages(prompt), kwargs, legacy=True)
         if stream:
             return AsyncStream(
                 await client._engine.stream(body, opts), completion_from_chunk, completion_from_chat

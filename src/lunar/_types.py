@@ -33,11 +33,16 @@ class _Obj:
     #: OpenAI shape that most answers do not have (OpenAI's SDK and stricter OpenAI-compatible
     #: servers never see them then, not even as null).
     _omit_none: tuple[str, ...] = ()
+    #: The slots of the class and of its bases: what equality and ``repr`` go by.
+    _fields: tuple[str, ...] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         """Each class gets a ``to_dict`` written for its slots, unless it (or a base
         between it and ``_Obj``) has its own."""
         super().__init_subclass__(**kwargs)
+        cls._fields = tuple(
+            n for c in reversed(cls.__mro__) for n in c.__dict__.get("__slots__", ())
+        )
         inherited = cls.to_dict
         if "to_dict" not in cls.__dict__ and (
             inherited is _Obj.to_dict or getattr(inherited, "_from_slots", False)
@@ -105,12 +110,12 @@ class _Obj:
     def __eq__(self, other: object) -> bool:
         if type(other) is not type(self):
             return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self.__slots__)
+        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
 
     __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self.__slots__)
+        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
         return f"{type(self).__name__}({fields})"
 
 
@@ -594,7 +599,6 @@ class ReasoningDelta(ChoiceDelta):
     block. Each is left out of the JSON while None."""
 
     __slots__ = ("reasoning_content", "thinking_blocks")
-    _fields = (*ChoiceDelta.__slots__, *__slots__)
 
     def __init__(
         self,
@@ -616,17 +620,6 @@ class ReasoningDelta(ChoiceDelta):
         if self.thinking_blocks is not None:
             out["thinking_blocks"] = self.thinking_blocks
         return out
-
-    def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
-            return NotImplemented
-        return all(getattr(self, n) == getattr(other, n) for n in self._fields)
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        fields = ", ".join(f"{n}={getattr(self, n)!r}" for n in self._fields)
-        return f"{type(self).__name__}({fields})"
 
 
 #: The fields that make a message or a delta one with reasoning (``_reasoning``).

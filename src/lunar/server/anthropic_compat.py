@@ -771,17 +771,8 @@ class MessageStreamEncoder:
     def _thinking(self, text: str | None, blocks: list[dict[str, Any]] | None) -> bytes:
         out = b""
         if text:
-            if self._open != ("thinking", 0):
-                block = {"type": "thinking", "thinking": "", "signature": ""}
-                out += self._open_block(("thinking", 0), block)
-            out += _event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": self._block,
-                    "delta": {"type": "thinking_delta", "thinking": text},
-                },
-            )
+            out += self._in_thinking()
+            out += self._block_delta({"type": "thinking_delta", "thinking": text})
         for block in blocks or ():
             if block.get("type") == "redacted_thinking":
                 redacted = {"type": "redacted_thinking", "data": block.get("data", "")}
@@ -790,19 +781,25 @@ class MessageStreamEncoder:
             signature = block.get("signature")
             if not isinstance(signature, str):
                 continue
-            if self._open != ("thinking", 0):  # a block of no text: opened for its signature
-                start = {"type": "thinking", "thinking": "", "signature": ""}
-                out += self._open_block(("thinking", 0), start)
-            out += _event(
-                "content_block_delta",
-                {
-                    "type": "content_block_delta",
-                    "index": self._block,
-                    "delta": {"type": "signature_delta", "signature": signature},
-                },
-            )
+            out += self._in_thinking()  # (a block of no text: opened for its signature)
+            out += self._block_delta({"type": "signature_delta", "signature": signature})
             out += self._close_block()  # signed: the next thinking is another block
         return out
+
+    def _in_thinking(self) -> bytes:
+        """A thinking block's start, unless one is open."""
+        if self._open == ("thinking", 0):
+            return b""
+        return self._open_block(
+            ("thinking", 0), {"type": "thinking", "thinking": "", "signature": ""}
+        )
+
+    def _block_delta(self, delta: dict[str, Any]) -> bytes:
+        """A ``content_block_delta`` event of the open block."""
+        return _event(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": self._block, "delta": delta},
+        )
 
     def end(self) -> bytes:
         out = b"" if self._started else self._start(None)
