@@ -189,7 +189,7 @@ def reasons(target: Target) -> bool:
 
 
 #: The fields that ask for reasoning, left out for a model that does not reason.
-REASONING_FIELDS = ("reasoning_effort", "thinking")
+REASONING_FIELDS = frozenset(("reasoning_effort", "thinking"))
 
 
 def thinking_asked(body: Mapping[str, Any], target: Target) -> ThinkingAsked | None:
