@@ -1112,6 +1112,25 @@ def test_rpm_burst_admits_exactly_the_limit(gw, upstream):
     assert sorted(statuses) == ["ok"] * 5 + ["rejected"] * 15
 
 
+def test_an_estimate_reserves_no_more_output_than_a_model_can_give():
+    """Each model is asked at most its maximum output (the engine caps ``max_tokens``), so
+    a token limit or budget reserves no more: gpt-4o-mini gives 16,384 at most, gpt-4.1
+    32,768; a model the catalogue does not know is taken at its word."""
+    body = {"model": "gpt-4o-mini", "messages": MESSAGES, "max_tokens": 100_000}
+    catalog = Catalog.load()
+    mini = estimate(body, [("gpt-4o-mini", None)], catalog, 64)
+    assert mini.output_tokens == 16_384
+    assert mini.cost_usd == pytest.approx((mini.prompt_tokens * 0.15 + 16_384 * 0.60) / 1e6)
+    both = estimate(body, [("gpt-4o-mini", None), ("gpt-4.1", None)], catalog, 64)
+    assert both.output_tokens == 32_768
+    assert both.cost_usd == pytest.approx((both.prompt_tokens * 2.0 + 32_768 * 8.0) / 1e6)
+    assert estimate({**body, "n": 2}, [("gpt-4o-mini", None)], catalog, 64).output_tokens == (
+        2 * 16_384
+    )
+    unknown = estimate(body, [("openai/gpt-9", None)], catalog, 64)
+    assert unknown.output_tokens == 100_000
+
+
 def test_limits_count_every_choice_asked(gw, upstream):
     """``n`` choices are ``n`` answers: a request's reservation counts ``max_tokens`` for
     each, or a key under a token limit or budget could spend ``n`` times what it holds."""

@@ -67,17 +67,19 @@ def estimate(
     default_output_tokens: int,
 ) -> Estimate:
     """Prompt tokens (~4 characters a token), output tokens (``max_tokens``, else
-    ``default_output_tokens``, for each of the ``n`` choices asked) and the dearest cost
-    among the models that may answer (``candidates``: ``(model, provider)``, the primary
-    and its fallbacks)."""
+    ``default_output_tokens``, for each of the ``n`` choices asked; for each model at most
+    its maximum output, which is all it is asked for) and the dearest cost among the
+    models that may answer (``candidates``: ``(model, provider)``, the primary and its
+    fallbacks)."""
     prompt = estimate_tokens(prompt_chars(body))
-    out = body.get("max_completion_tokens") or body.get("max_tokens") or default_output_tokens
-    if not isinstance(out, int) or isinstance(out, bool):
-        out = default_output_tokens
-    out *= choices_asked(body)
+    asked = body.get("max_completion_tokens") or body.get("max_tokens") or default_output_tokens
+    if not isinstance(asked, int) or isinstance(asked, bool):
+        asked = default_output_tokens
+    n = choices_asked(body)
     tier = body.get("service_tier")  # what it is billed at if that tier serves it
     if type(tier) is not str:
         tier = None
+    most = 0  # the most output any of the models may give, each within its maximum
     dearest = 0.0
     unpriced = None
     for name, provider in candidates:
@@ -86,11 +88,14 @@ def estimate(
         except NotFoundError:
             continue
         for dep in deployments:
+            limit = dep.max_output_tokens
+            out = asked if limit is None or asked <= limit else limit
+            most = max(most, out)
             if dep.prices is not None:
-                dearest = max(dearest, _cost(dep.prices.at(tier), prompt, out))
+                dearest = max(dearest, _cost(dep.prices.at(tier), prompt, out * n))
             elif unpriced is None:
                 unpriced = name
-    return Estimate(prompt, out, dearest, unpriced)
+    return Estimate(prompt, (most or asked) * n, dearest, unpriced)
 
 
 #: What a request is taken to need when its key has no token or budget limit: nothing reads
