@@ -194,6 +194,25 @@ def test_seed_determinism(client: Lunar) -> None:
     assert any(run(seed) != first for seed in (1, 2, 3))
 
 
+def test_top_k_reaches_the_sampler(client: Lunar) -> None:
+    """``top_k=1`` leaves the sampler one token to pick: whatever the seed, the same text
+    (the fixed top_k of 40 it had before gave another text for another seed)."""
+
+    def run(seed: int, **extra: Any) -> str:
+        r = client.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": "Write a haiku about rain."}],
+            max_tokens=24,
+            temperature=1.5,
+            seed=seed,
+            extra_body=extra,
+        )
+        return r.choices[0].message.content or ""
+
+    assert len({run(seed) for seed in (1, 2, 3)}) > 1
+    assert len({run(seed, top_k=1) for seed in (1, 2, 3)}) == 1
+
+
 @pytest.mark.parametrize("seed", [-1, 2**63 - 1])
 def test_every_seed_is_deterministic(client: Lunar, seed: int) -> None:
     # llama.cpp reads its 32-bit seed 0xFFFFFFFF as "pick one at random": a seed that came

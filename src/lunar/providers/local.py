@@ -127,6 +127,7 @@ class GenerationRequest:
     frequency_penalty: float
     json_mode: bool = False
     json_schema: str | None = None  # JSON text of the schema to follow, in JSON mode
+    top_k: int = TOP_K  # the request's ``top_k`` (0 or less: no limit, as llama.cpp reads it)
 
 
 def _unsupported(what: str, param: str) -> BadRequestError:
@@ -202,6 +203,7 @@ def parse_body(body: Mapping[str, Any]) -> GenerationRequest:
         max_tokens = body.get("max_tokens")
     temperature = body.get("temperature")
     top_p = body.get("top_p")
+    top_k = body.get("top_k")  # (an integer: checked with the request)
     return GenerationRequest(
         messages=messages,
         max_tokens=max_tokens,
@@ -213,6 +215,7 @@ def parse_body(body: Mapping[str, Any]) -> GenerationRequest:
         frequency_penalty=float(body.get("frequency_penalty") or 0.0),
         json_mode=rtype in ("json_object", "json_schema"),
         json_schema=json.dumps(schema) if schema else None,
+        top_k=TOP_K if top_k is None else top_k,
     )
 
 
@@ -565,7 +568,7 @@ class LocalModel:
         matched: str | None = None
         tokens = llama.generate(
             prompt,
-            top_k=TOP_K,
+            top_k=req.top_k,
             top_p=req.top_p,
             min_p=MIN_P,
             temp=req.temperature,
