@@ -178,16 +178,22 @@ def test_stop_sequences(client: Lunar) -> None:
     assert text_of(chunks) == full[: full.index(stop)]
 
 
+def haiku(client: Lunar, seed: int, temperature: float = 0.9, **extra: Any) -> str:
+    """A short sampled answer (24 tokens at most) for ``seed``."""
+    r = client.chat.completions.create(
+        model="smollm2",
+        messages=[{"role": "user", "content": "Write a haiku about rain."}],
+        max_tokens=24,
+        temperature=temperature,
+        seed=seed,
+        extra_body=extra,
+    )
+    return r.choices[0].message.content or ""
+
+
 def test_seed_determinism(client: Lunar) -> None:
     def run(seed: int) -> str:
-        r = client.chat.completions.create(
-            model="smollm2",
-            messages=[{"role": "user", "content": "Write a haiku about rain."}],
-            max_tokens=24,
-            temperature=0.9,
-            seed=seed,
-        )
-        return r.choices[0].message.content or ""
+        return haiku(client, seed)
 
     first = run(42)
     assert run(42) == first
@@ -199,15 +205,7 @@ def test_top_k_reaches_the_sampler(client: Lunar) -> None:
     (the fixed top_k of 40 it had before gave another text for another seed)."""
 
     def run(seed: int, **extra: Any) -> str:
-        r = client.chat.completions.create(
-            model="smollm2",
-            messages=[{"role": "user", "content": "Write a haiku about rain."}],
-            max_tokens=24,
-            temperature=1.5,
-            seed=seed,
-            extra_body=extra,
-        )
-        return r.choices[0].message.content or ""
+        return haiku(client, seed, 1.5, **extra)
 
     assert len({run(seed) for seed in (1, 2, 3)}) > 1
     assert len({run(seed, top_k=1) for seed in (1, 2, 3)}) == 1
