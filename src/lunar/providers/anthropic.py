@@ -177,14 +177,8 @@ def _messages(messages: list[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _thinking_block(block: Mapping[str, Any]) -> dict[str, Any]:
-    """A thinking block as the answer had it (validated), with only Anthropic's fields."""
-    if block["type"] == "redacted_thinking":
-        return {"type": "redacted_thinking", "data": block["data"]}
-    return {"type": "thinking", "thinking": block["thinking"], "signature": block["signature"]}
-
-
-def _answer_thinking(block: Mapping[str, Any]) -> dict[str, Any]:
-    """An answer's thinking block for ``message.thinking_blocks``."""
+    """A thinking block with only Anthropic's fields: an answer's, for
+    ``message.thinking_blocks`` (a field it lacks is empty), or one sent back (validated)."""
     if block.get("type") == "redacted_thinking":
         return {"type": "redacted_thinking", "data": block.get("data", "")}
     return {
@@ -334,7 +328,7 @@ class AnthropicStreamTranslator(ChunkMaker):
                 elif block.get("type") == "thinking" and block.get("thinking"):
                     out.append(self._chunk(ReasoningDelta(reasoning_content=block["thinking"])))
                 elif block.get("type") == "redacted_thinking":
-                    thought = [_answer_thinking(block)]
+                    thought = [_thinking_block(block)]
                     out.append(self._chunk(ReasoningDelta(thinking_blocks=thought)))
             elif kind == "content_block_stop":
                 block_index = obj.get("index", 0)
@@ -461,7 +455,7 @@ class AnthropicAdapter(HTTPAdapter):
                     )
                 )
             elif kind in ("thinking", "redacted_thinking"):
-                thoughts.append(_answer_thinking(block))
+                thoughts.append(_thinking_block(block))
         message = ChatCompletionMessage(
             content="".join(texts) if texts or not calls else None, tool_calls=calls or None
         )
